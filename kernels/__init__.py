@@ -1,0 +1,26 @@
+"""Fused Triton kernels for CARN and CaM-HG: entmax-1.5 attention, block-causal attention, top-2 MoE.
+
+Every op dispatches on ``KERNELS_BACKEND`` (see ``kernels.backend``); ``kernels.reference`` holds the
+plain PyTorch references and the reference twins of the modules.
+"""
+from . import reference
+from .backend import use_backend
+from .block_causal_attention import (
+    BlockCausalMultiheadAttention,
+    BlockCausalTransformerLayer,
+    block_causal_attention,
+)
+from .entmax_attention import FusedEntmaxCausalAttention, entmax15_attention
+from .moe import Top2MoE, moe_top2
+
+__all__ = [
+    "BlockCausalMultiheadAttention",
+    "BlockCausalTransformerLayer",
+    "FusedEntmaxCausalAttention",
+    "Top2MoE",
+    "block_causal_attention",
+    "entmax15_attention",
+    "moe_top2",
+    "reference",
+    "use_backend",
+]

@@ -1,0 +1,44 @@
+"""Input validation shared by the ops: clear ``TypeError``/``ValueError`` messages naming the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, value, ndim: int | None = None, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    """``value`` must be a tensor of rank ``ndim`` (if given) and one of ``dtypes``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(value.dtype).replace('torch.', '')}")
+
+
+def check_same_dtype_and_device(**tensors: torch.Tensor) -> None:
+    """All named tensors share the first one's dtype and device."""
+    (first_name, first), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but {first_name} has {first.dtype}; they must match")
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device} but {first_name} is on {first.device}; they must match")
+
+
+def check_nonempty(**tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(tensor.shape)})")
+
+
+def check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (scale == scale) or scale in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {scale}")

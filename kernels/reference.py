@@ -1,0 +1,17 @@
+"""The plain PyTorch references of every op and the reference twins of the fused modules.
+
+Each lives beside its Triton kernels in the op's own file; this module gathers them under one name.
+"""
+from .block_causal_attention import block_causal_attention_reference, block_causal_mask
+from .entmax_attention import EntmaxCausalAttention, entmax15_attention_reference
+from .moe import Top2MoEReference as Top2MoE
+from .moe import moe_top2_reference
+
+__all__ = [
+    "EntmaxCausalAttention",
+    "Top2MoE",
+    "block_causal_attention_reference",
+    "block_causal_mask",
+    "entmax15_attention_reference",
+    "moe_top2_reference",
+]

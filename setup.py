@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="carn-camhg-kernels",
+    version="0.1.0",
+    description="Fused Triton kernels (entmax-1.5 attention, block-causal attention, top-2 MoE) and the "
+    "CARN and CaM-HG models of multimodal emotion recognition with missing modalities",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "mer", "mer.*", "carn", "carn.*", "camhg", "camhg.*"]),
+    # torch is left unpinned so that an installed build (CUDA or CPU) is kept; on a CPU-only machine install a
+    # CPU build first (README), or pip resolves a multi-GB CUDA one.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.2",
+        "entmax>=1.3",
+        "einops>=0.7",
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
+    },
+)
