@@ -1,11 +1,430 @@
-"""Block-causal softmax attention (DESIGN.md sections 2 and 4). PLACEHOLDER: reference only, Triton to come."""
+"""Block-causal softmax attention (DESIGN.md sections 2 and 4): Triton forward and backward, references, modules.
+
+Query i may see key j iff ``j // G <= i // G`` (G = ``group_size``; G = 1 is causal attention). Flash-attention
+style: the forward keeps an online softmax per query row and saves the log-sum-exp (natural log, fp32); the
+backward recomputes the probabilities tile by tile. Key tiles are classified per query tile (and query tiles per
+key tile in the dK/dV kernel) as fully visible (no element mask), partial (element mask) or hidden (outside the
+loop bounds, never loaded).
+
+Two layouts share the kernels: padded ``(B, H, T, D)`` and packed variable-length ``(total, H, D)`` with
+``cu_seqlens``; a runtime flag picks where a sequence starts and how long it is, so one compiled kernel serves both.
+"""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, NamedTuple, Optional
+
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
-from .backend import use_triton
+from .backend import triton_interpreter_enabled, use_triton
+
+#: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels. Layout-neutral: a sequence starts at row `bos` of a (batch, time, head, dim)-strided tensor; padded
+# inputs have bos = 0 and length T, packed inputs stride_b = 0 and bos = cu_seqlens[i_b].
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sequence_bounds(cu_seqlens, i_b, T, is_varlen):
+    """(first row, length) of sequence i_b."""
+    if is_varlen:
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        seqlen = (tl.load(cu_seqlens + i_b + 1) - bos).to(tl.int32)
+    else:
+        bos = tl.zeros([], dtype=tl.int64)
+        # a tensor even when the launcher specialized T == 1 to a constant: both branches must agree in type
+        seqlen = tl.zeros([], dtype=tl.int32) + T
+    return bos, seqlen
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """tl.dot, with inputs upcast to fp32 where Triton's interpreter multiplies bf16 bit patterns as integers
+    (UPCAST_DOTS: bf16 under TRITON_INTERPRET only; GPU launches never set it)."""
+    if UPCAST_DOTS:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def block_causal_attn_fwd_kernel(
+    q, k, v, o, lse, cu_seqlens,
+    scale, T, H, G, D, DV, is_varlen,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+):
+    """One program per (query tile, batch * head): o = softmax(mask(q k^T * scale)) v and the row log-sum-exp."""
+    # heaviest query tiles (they see the most keys) first, so the last wave is short
+    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    bos, seqlen = _sequence_bounds(cu_seqlens, i_b, T, is_varlen)
+    m0 = i_m * BM
+    if m0 >= seqlen:
+        return
+    m1 = tl.minimum(m0 + BM, seqlen)
+    q += i_b * stride_qb + bos * stride_qt + i_h * stride_qh
+    k += i_b * stride_kb + bos * stride_kt + i_h * stride_kh
+    v += i_b * stride_vb + bos * stride_vt + i_h * stride_vh
+    o += i_b * stride_ob + bos * stride_ot + i_h * stride_oh
+    lse += i_b * stride_lb + bos + i_h * stride_lh
+
+    o_m = m0 + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < seqlen
+    m_d, m_dv = o_d < D, o_d < DV
+    b_q = tl.load(q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
+    qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 is the fast path
+    b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_sum = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+
+    # keys below (m0 // G + 1) * G are visible to every row of the tile; keys from the hidden start on to none
+    n_visible_end = (tl.minimum((m0 // G + 1) * G, seqlen) // BN) * BN
+    n_hidden_start = tl.minimum(((m1 - 1) // G + 1) * G, seqlen)
+    # one loop over visible and partial tiles (two loops compile ~1.5x slower): only partial tiles build a mask;
+    # every row sees key 0, in the first tile, so b_max is finite after it and no row gets NaN
+    for n0 in range(0, n_hidden_start, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < seqlen
+        b_kt = tl.load(k + o_n[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+                       other=0.)  # [BD, BN]
+        b_v = tl.load(v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :],
+                      other=0.)  # [BN, BD]
+        b_s = _dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale  # [BM, BN]
+        if n0 >= n_visible_end:
+            m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
+            b_s = tl.where(m_allowed, b_s, float("-inf"))
+        b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_max_new[:, None])
+        b_alpha = tl.exp2(b_max - b_max_new)
+        b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOTS)
+        b_max = b_max_new
+
+    b_o = b_acc / b_sum[:, None]
+    tl.store(o + o_m[:, None] * stride_ot + o_d[None, :], b_o.to(o.dtype.element_ty),
+             mask=m_m[:, None] & m_dv[None, :])
+    tl.store(lse + o_m, (b_max + tl.log2(b_sum)) * 0.6931471805599453, mask=m_m)
+
+
+@triton.jit
+def block_causal_attn_bwd_dq_kernel(
+    q, k, v, o, do, dq, lse, delta, cu_seqlens,
+    scale, T, H, G, D, DV, is_varlen,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+):
+    """One program per (query tile, batch * head): delta = rowsum(dO * O), stored for the dK/dV kernel, and
+    dQ = scale * sum_j P * (dP - delta) k_j over the tile's visible and partial key tiles."""
+    i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    bos, seqlen = _sequence_bounds(cu_seqlens, i_b, T, is_varlen)
+    m0 = i_m * BM
+    if m0 >= seqlen:
+        return
+    m1 = tl.minimum(m0 + BM, seqlen)
+    q += i_b * stride_qb + bos * stride_qt + i_h * stride_qh
+    k += i_b * stride_kb + bos * stride_kt + i_h * stride_kh
+    v += i_b * stride_vb + bos * stride_vt + i_h * stride_vh
+    o += i_b * stride_ob + bos * stride_ot + i_h * stride_oh
+    do += i_b * stride_dob + bos * stride_dot + i_h * stride_doh
+    dq += i_b * stride_dqb + bos * stride_dqt + i_h * stride_dqh
+    lse += i_b * stride_lb + bos + i_h * stride_lh
+    delta += i_b * stride_lb + bos + i_h * stride_lh
+
+    o_m = m0 + tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    m_m = o_m < seqlen
+    m_d, m_dv = o_d < D, o_d < DV
+    b_q = tl.load(q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
+    b_do = tl.load(do + o_m[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
+                   other=0.)  # [BM, BD]
+    b_o = tl.load(o + o_m[:, None] * stride_ot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :], other=0.)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # [BM]
+    tl.store(delta + o_m, b_delta, mask=m_m)
+    # +inf on rows past the end makes their probabilities exactly 0
+    b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    qk_scale = scale * 1.4426950408889634
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+
+    n_visible_end = (tl.minimum((m0 // G + 1) * G, seqlen) // BN) * BN
+    n_hidden_start = tl.minimum(((m1 - 1) // G + 1) * G, seqlen)
+    for n0 in range(0, n_hidden_start, BN):  # visible, then partial key tiles
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < seqlen
+        b_kt = tl.load(k + o_n[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+                       other=0.)  # [BD, BN]
+        b_vt = tl.load(v + o_n[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
+                       other=0.)  # [BD, BN]
+        b_p = tl.exp2(_dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
+        if n0 >= n_visible_end:
+            m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
+            b_p = tl.where(m_allowed, b_p, 0.)
+        b_dp = _dot(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += _dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), DOT_PRECISION, UPCAST_DOTS)
+
+    tl.store(dq + o_m[:, None] * stride_dqt + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+             mask=m_m[:, None] & m_d[None, :])
+
+
+@triton.jit
+def block_causal_attn_bwd_dkdv_kernel(
+    q, k, v, do, dk, dv, lse, delta, cu_seqlens,
+    scale, T, H, G, D, DV, is_varlen,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+):
+    """One program per (key tile, batch * head): dV = sum_i P^T dO_i and dK = scale * sum_i dS^T q_i over the query
+    tiles that see the key tile (query i sees key j iff i >= (j // G) * G)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    bos, seqlen = _sequence_bounds(cu_seqlens, i_b, T, is_varlen)
+    n0 = i_n * BN
+    if n0 >= seqlen:
+        return
+    n1 = tl.minimum(n0 + BN, seqlen)
+    q += i_b * stride_qb + bos * stride_qt + i_h * stride_qh
+    k += i_b * stride_kb + bos * stride_kt + i_h * stride_kh
+    v += i_b * stride_vb + bos * stride_vt + i_h * stride_vh
+    do += i_b * stride_dob + bos * stride_dot + i_h * stride_doh
+    dk += i_b * stride_dkb + bos * stride_dkt + i_h * stride_dkh
+    dv += i_b * stride_dvb + bos * stride_dvt + i_h * stride_dvh
+    lse += i_b * stride_lb + bos + i_h * stride_lh
+    delta += i_b * stride_lb + bos + i_h * stride_lh
+
+    o_n = n0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_n = o_n < seqlen
+    m_d, m_dv = o_d < D, o_d < DV
+    b_k = tl.load(k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.)
+    b_v = tl.load(v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.)
+    qk_scale = scale * 1.4426950408889634
+    b_dk = tl.zeros([BN, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BD], dtype=tl.float32)
+
+    # rows from (n0 // G) * G on see part of the tile; rows from ((n1 - 1) // G) * G on see all of it
+    m_partial_start = (((n0 // G) * G) // BM) * BM
+    m_visible_start = tl.minimum(tl.cdiv(((n1 - 1) // G) * G, BM) * BM, seqlen)
+    # partial, then visible query tiles. Past the end, q = dO = 0 and lse = +inf make a row's contribution
+    # exactly 0, so visible tiles need no element mask
+    for m0 in range(m_partial_start, seqlen, BM):
+        o_m = m0 + tl.arange(0, BM)
+        m_m = o_m < seqlen
+        b_qt = tl.load(q + o_m[None, :] * stride_qt + o_d[:, None], mask=m_d[:, None] & m_m[None, :],
+                       other=0.)  # [BD, BM]
+        b_dot = tl.load(do + o_m[None, :] * stride_dot + o_d[:, None], mask=m_dv[:, None] & m_m[None, :],
+                        other=0.)  # [BD, BM]
+        b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+        b_delta = tl.load(delta + o_m, mask=m_m, other=0.)
+        b_pt = tl.exp2(_dot(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
+        if m0 < m_visible_start:
+            m_allowed = (o_n[:, None] // G) <= (o_m[None, :] // G)
+            b_pt = tl.where(m_allowed, b_pt, 0.)
+        b_dv += _dot(b_pt.to(b_dot.dtype), tl.trans(b_dot), DOT_PRECISION, UPCAST_DOTS)
+        b_dpt = _dot(b_v, b_dot, DOT_PRECISION, UPCAST_DOTS)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += _dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOTS)
+
+    tl.store(dk + o_n[:, None] * stride_dkt + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+             mask=m_n[:, None] & m_d[None, :])
+    tl.store(dv + o_n[:, None] * stride_dvt + o_d[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_n[:, None] & m_dv[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+#: head-dim tile widths the launchers choose from (D and Dv share one tile width, padded up and masked)
+_HEAD_DIM_BLOCKS = (64, 128, 256)
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_forced_tiles: Optional[tuple[int, int]] = None
+
+
+def _head_dim_block(d: int, dv: int) -> int:
+    return next(block for block in _HEAD_DIM_BLOCKS if max(d, dv) <= block)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 takes TF32 tensor cores (like cuBLAS with allow_tf32): tf32x3 and IEEE compiled ~2.5x and ~6x slower
+    # ahead of time (fwd, D 64, sm_90) and run slower; the interpreter computes exactly either way
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _upcast_dots(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+def _tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
+    """Tile sizes and launch options, shared by the three kernels. 64 x 64 tiles compile ~3x faster than 128 x 64
+    (ahead-of-time compile time counts in CI); wide heads take smaller tiles to fit shared memory."""
+    if block_d == 256:
+        return _Tiles(32, 32, 4, 1) if dtype == torch.float32 else _Tiles(64, 32, 4, 2)
+    return _Tiles(64, 64, 4, 2)
+
+
+@contextlib.contextmanager
+def forced_tiles(block_m: int, block_n: int) -> Iterator[None]:
+    """TEST ONLY: run every kernel with (block_m, block_n) tiles, so that tiny inputs span several tiles in the
+    interpreter. Not listed in ``aot_configurations()``: GPU launches never go through it."""
+    global _forced_tiles
+    previous, _forced_tiles = _forced_tiles, (block_m, block_n)
+    try:
+        yield
+    finally:
+        _forced_tiles = previous
+
+
+def _launch_tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
+    tiles = _tiles(dtype, block_d)
+    if _forced_tiles is not None:
+        tiles = tiles._replace(block_m=_forced_tiles[0], block_n=_forced_tiles[1])
+    return tiles
+
+
+def _bth_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, time, head) strides of a (B, H, T, D) tensor, or of a packed (total, H, D) one (batch stride 0).
+    The kernels take unit-stride head dims (see :func:`_unit_stride_last_dim`)."""
+    if varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(2), x.stride(1)
+
+
+def _unit_stride_last_dim(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The kernels index the head dim with unit stride (vectorized loads); the rare tensor whose last dim is
+    strided is copied once. Every other stride pattern (transposed views, slices) is used as is."""
+    return [t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in tensors]
+
+
+class _Layout(NamedTuple):
+    """Where the sequences are: padded (B, H, T, D) or packed (total, H, D) with cu_seqlens."""
+
+    batch: int
+    heads: int
+    rows: int  # T when padded, total when packed: the row count of lse and delta
+    max_seqlen: int  # bounds the grid; programs past a sequence's end return at once
+    cu_seqlens: torch.Tensor  # int32 offsets, or a 1-element placeholder when padded
+    varlen: bool
+
+    def lse_strides(self) -> tuple[int, int]:
+        """(batch, head) strides of lse/delta: (B, H, T) when padded, (H, total) when packed."""
+        return (0, self.rows) if self.varlen else (self.heads * self.rows, self.rows)
+
+    def lse_shape(self) -> tuple[int, ...]:
+        return (self.heads, self.rows) if self.varlen else (self.batch, self.heads, self.rows)
+
+
+def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale: float):
+    """o like v (same strides when v is dense) and lse (float32, ``layout.lse_shape()``)."""
+    varlen = layout.varlen
+    d, dv = q.shape[-1], v.shape[-1]
+    block_d = _head_dim_block(d, dv)
+    tiles = _launch_tiles(q.dtype, block_d)
+    o = torch.empty_like(v)
+    lse = torch.empty(layout.lse_shape(), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(layout.max_seqlen, tiles.block_m), layout.batch * layout.heads)
+    block_causal_attn_fwd_kernel[grid](
+        q, k, v, o, lse, layout.cu_seqlens,
+        scale, layout.rows, layout.heads, group_size, d, dv, int(varlen),
+        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
+        *layout.lse_strides(),
+        BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=_upcast_dots(q.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return o, lse
+
+
+def block_causal_attention_bwd(q, k, v, o, lse, do, layout: _Layout, group_size: int, scale: float):
+    """(dq, dk, dv). The dQ kernel also writes delta = rowsum(dO * O), which the dK/dV kernel then reads."""
+    varlen = layout.varlen
+    (do,) = _unit_stride_last_dim(do)
+    d, dv_dim = q.shape[-1], v.shape[-1]
+    block_d = _head_dim_block(d, dv_dim)
+    precision = _dot_precision(q.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    common = (scale, layout.rows, layout.heads, group_size, d, dv_dim, int(varlen))
+
+    tiles = _launch_tiles(q.dtype, block_d)
+    grid = (triton.cdiv(layout.max_seqlen, tiles.block_m), layout.batch * layout.heads)
+    block_causal_attn_bwd_dq_kernel[grid](
+        q, k, v, o, do, dq, lse, delta, layout.cu_seqlens, *common,
+        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
+        *_bth_strides(do, varlen), *_bth_strides(dq, varlen), *layout.lse_strides(),
+        BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
+        DOT_PRECISION=precision, UPCAST_DOTS=_upcast_dots(q.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    grid = (triton.cdiv(layout.max_seqlen, tiles.block_n), layout.batch * layout.heads)
+    block_causal_attn_bwd_dkdv_kernel[grid](
+        q, k, v, do, dk, dv, lse, delta, layout.cu_seqlens, *common,
+        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(do, varlen),
+        *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *layout.lse_strides(),
+        BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
+        DOT_PRECISION=precision, UPCAST_DOTS=_upcast_dots(q.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return dq, dk, dv
+
+
+class BlockCausalAttentionFunction(torch.autograd.Function):
+    """Autograd over the Triton kernels; saves q, k, v, o and the log-sum-exp (never the T x T matrix)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: _Layout, group_size: int, scale: float):
+        q, k, v = _unit_stride_last_dim(q, k, v)
+        o, lse = block_causal_attention_fwd(q, k, v, layout, group_size, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.layout, ctx.group_size, ctx.scale = layout, group_size, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = block_causal_attention_bwd(q, k, v, o, lse, do, ctx.layout, ctx.group_size, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def block_causal_mask(t: int, group_size: int, device=None) -> torch.Tensor:
@@ -15,68 +434,252 @@ def block_causal_mask(t: int, group_size: int, device=None) -> torch.Tensor:
 
 
 def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
-    """Dense mask + softmax in float32. q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv)."""
+    """Dense mask + softmax, in float64 for float64 inputs and float32 otherwise.
+    q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in v's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~block_causal_mask(q.shape[-2], group_size, q.device), float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+    return (scores.softmax(dim=-1) @ v.to(compute)).to(v.dtype)
+
+
+def block_causal_attention_varlen_reference(q, k, v, cu_seqlens, *, group_size=3, scale=None):
+    """Per-sequence :func:`block_causal_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
+    outputs = []
+    offsets = cu_seqlens.tolist()
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, L, D)
+        out = block_causal_attention_reference(*per_sequence, group_size=group_size, scale=scale)
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_group_size(group_size) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+
+
+def _check_qkv(q, k, v, ndim: int) -> None:
+    """q, k: (..., T, H?, D) alike; v: same leading dims, any Dv; shared dtype/device; head dims <= 256."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=ndim)
+    check_same_dtype_and_device(q=q, k=k, v=v)
+    check_nonempty(q=q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"v must have shape {tuple(q.shape[:-1]) + ('Dv',)}, got {tuple(v.shape)}")
+    for name, t in (("q", q), ("v", v)):
+        if t.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"{name} head dimension must be <= {MAX_HEAD_DIM}, got {t.shape[-1]}")
 
 
 def block_causal_attention(q, k, v, *, group_size=3, scale=None):
-    """Block-causal attention. q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    check_same_dtype_and_device(q=q, k=k, v=v)
-    check_nonempty(q=q, k=k, v=v)
+    """Block-causal attention: query i sees key j iff ``j // group_size <= i // group_size``.
+
+    q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in q's dtype. k and v may come from another sequence
+    of the same length (cross-attention). ``scale`` defaults to ``D ** -0.5``. Any strides; no host sync.
+    """
+    _check_qkv(q, k, v, ndim=4)
+    _check_group_size(group_size)
     check_scale(scale)
-    if use_triton(q, k, v):
-        raise NotImplementedError("Triton block-causal attention not written yet")
-    return block_causal_attention_reference(q, k, v, group_size=group_size, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not use_triton(q, k, v):
+        return block_causal_attention_reference(q, k, v, group_size=group_size, scale=scale)
+    b, h, t, _ = q.shape
+    layout = _Layout(b, h, t, t, q.new_zeros(1, dtype=torch.int32), varlen=False)
+    return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
+
+
+def _check_cu_seqlens(cu_seqlens, total: int, validate: bool) -> None:
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if not validate:
+        return
+    offsets = cu_seqlens.cpu()
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(offsets[0])}")
+    if not bool((offsets[1:] > offsets[:-1]).all()):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets.tolist()}")
+    if offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(offsets[-1])}")
+
+
+def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group_size=3, scale=None, validate=None):
+    """Block-causal attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
+
+    ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends
+    only within itself, with positions counted from its start. ``max_seqlen`` (the longest sequence) sizes the
+    grid; when None it is read from CPU offsets, or taken as ``total`` for GPU offsets (no host sync; programs
+    past a sequence's end return at once). ``validate`` checks the offsets (start at 0, strictly increasing,
+    end at total); None means "when cu_seqlens is on the CPU", since checking GPU offsets syncs with the host.
+    """
+    _check_qkv(q, k, v, ndim=3)
+    _check_group_size(group_size)
+    check_scale(scale)
+    total = q.shape[0]
+    _check_cu_seqlens(cu_seqlens, total, validate=cu_seqlens.device.type == "cpu" if validate is None else validate)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not use_triton(q, k, v):
+        return block_causal_attention_varlen_reference(q, k, v, cu_seqlens, group_size=group_size, scale=scale)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else total
+    layout = _Layout(cu_seqlens.numel() - 1, q.shape[1], total, max_seqlen,
+                     cu_seqlens.to(q.device, non_blocking=True), varlen=True)
+    return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, group_size: int, dropout: float):
+    """Dense fallback for training with attention-weight dropout, which the fused kernels do not do."""
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.tolist()
+        return torch.cat([
+            _block_causal_attention_with_weight_dropout(
+                *(x[start:end].transpose(0, 1)[None] for x in (q, k, v)), None, group_size, dropout
+            )[0].transpose(0, 1)
+            for start, end in zip(offsets[:-1], offsets[1:])
+        ])
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~block_causal_mask(q.shape[-2], group_size, q.device), float("-inf"))
+    return nn.functional.dropout(scores.softmax(dim=-1), p=dropout, training=True) @ v
 
 
 class BlockCausalMultiheadAttention(nn.Module):
-    """PLACEHOLDER with nn.MultiheadAttention's parameter layout; batch-first (B, T, E)."""
+    """Multi-head block-causal attention with ``nn.MultiheadAttention``'s parameters (``in_proj_weight`` (3E, E),
+    ``in_proj_bias`` (3E,), ``out_proj``), so state dicts load both ways with
+    ``nn.MultiheadAttention(E, H, batch_first=True)``; that module given ``attn_mask=~block_causal_mask(T, G)``
+    computes the same output.
+
+    forward(query, key=None, value=None, *, cu_seqlens=None): batch-first (B, T, E), or packed (total, E) with
+    ``cu_seqlens``; key defaults to query and value to key. Returns the attended output only (no weights).
+    ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that runs a dense
+    (non-fused) path, so leave it 0 where speed matters.
+    """
 
     def __init__(self, embed_dim, num_heads, *, group_size=3, dropout=0.0, bias=True):
         super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        _check_group_size(group_size)
         self.embed_dim, self.num_heads, self.group_size, self.dropout = embed_dim, num_heads, group_size, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim)) if bias else None
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        self.reset_parameters()
 
-    def forward(self, query, key=None, value=None):
+    def reset_parameters(self) -> None:
+        """nn.MultiheadAttention's initialization."""
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query, key=None, value=None, *, cu_seqlens=None):
         key = query if key is None else key
         value = key if value is None else value
-        b, t, e = query.shape
-        h = self.num_heads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        split = lambda x: x.view(b, t, h, e // h).transpose(1, 2)
+        h, head_dim = self.num_heads, self.embed_dim // self.num_heads
+        # (B, T, E) -> (B, H, T, Dh) as a strided view, or packed (total, E) -> (total, H, Dh): no copies
+        if cu_seqlens is None:
+            split = lambda x: x.unflatten(-1, (h, head_dim)).transpose(1, 2)
+        else:
+            split = lambda x: x.unflatten(-1, (h, head_dim))
         q = split(nn.functional.linear(query, w_q, b_q))
         k = split(nn.functional.linear(key, w_k, b_k))
         v = split(nn.functional.linear(value, w_v, b_v))
-        out = block_causal_attention(q, k, v, group_size=self.group_size)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, e))
+        if self.training and self.dropout > 0:
+            out = _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, self.group_size, self.dropout)
+        elif cu_seqlens is None:
+            out = block_causal_attention(q, k, v, group_size=self.group_size)
+        else:
+            out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=self.group_size)
+        out = out.transpose(1, 2).flatten(-2) if cu_seqlens is None else out.flatten(-2)
+        return self.out_proj(out)
 
 
 class BlockCausalTransformerLayer(nn.Module):
-    """PLACEHOLDER post-norm Transformer layer over BlockCausalMultiheadAttention: forward(x, context=None)."""
+    """Transformer layer over :class:`BlockCausalMultiheadAttention`: attention, GELU feed-forward, residuals and
+    LayerNorm (post-norm, or pre-norm with ``norm_first``).
 
-    def __init__(self, d_model, nhead, dim_feedforward=None, dropout=0.1, *, group_size=3):
+    forward(x, context=None, *, cu_seqlens=None): x (B, T, d_model) or packed (total, d_model). Self-attention
+    when ``context`` is None; otherwise x's queries attend ``context``'s keys/values (same length: hyperedges
+    attend nodes and back, CaM-HG eq. 10). ``dropout`` applies to the residual branches and inside the
+    feed-forward, not to the attention weights, so training keeps the fused kernel.
+    """
+
+    def __init__(self, d_model, nhead, dim_feedforward=None, dropout=0.1, *, group_size=3, norm_first=False):
         super().__init__()
         dim_feedforward = dim_feedforward or 4 * d_model
+        self.norm_first = norm_first
         self.attn = BlockCausalMultiheadAttention(d_model, nhead, group_size=group_size)
         self.ff = nn.Sequential(nn.Linear(d_model, dim_feedforward), nn.GELU(), nn.Dropout(dropout),
                                 nn.Linear(dim_feedforward, d_model))
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, *, cu_seqlens=None):
+        if self.norm_first:
+            query = self.norm1(x)
+            # keys/values from another sequence get the same pre-norm as the queries
+            context = query if context is None else self.norm1(context)
+            x = x + self.dropout1(self.attn(query, context, context, cu_seqlens=cu_seqlens))
+            return x + self.dropout2(self.ff(self.norm2(x)))
         context = x if context is None else context
-        x = self.norm1(x + self.dropout(self.attn(x, context, context)))
-        return self.norm2(x + self.dropout(self.ff(x)))
+        x = self.norm1(x + self.dropout1(self.attn(x, context, context, cu_seqlens=cu_seqlens)))
+        return self.norm2(x + self.dropout2(self.ff(x)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (kernels.aot)
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def aot_configurations():
-    return []
+    """Every (kernel, dtype, head-dim tile) the launchers choose, with its tile sizes and launch options."""
+    from .aot import AotConfig
+
+    kernels = {
+        "fwd": (block_causal_attn_fwd_kernel, ("q", "k", "v", "o"), ("lse",)),
+        "bwd_dq": (block_causal_attn_bwd_dq_kernel, ("q", "k", "v", "o", "do", "dq"), ("lse", "delta")),
+        "bwd_dkdv": (block_causal_attn_bwd_dkdv_kernel, ("q", "k", "v", "do", "dk", "dv"), ("lse", "delta")),
+    }
+    configs = []
+    for name, (kernel, tensors, fp32_tensors) in kernels.items():
+        for dtype, type_name in _DTYPES.items():
+            for block_d in _HEAD_DIM_BLOCKS:
+                tiles = _tiles(dtype, block_d)
+                signature = {}
+                for arg in kernel.arg_names:
+                    if arg in tensors:
+                        signature[arg] = f"*{type_name}"
+                    elif arg in fp32_tensors:
+                        signature[arg] = "*fp32"
+                    elif arg == "cu_seqlens":
+                        signature[arg] = "*i32"
+                    elif arg == "scale":
+                        signature[arg] = "fp32"
+                    elif arg in ("BM", "BN", "BD", "DOT_PRECISION", "UPCAST_DOTS"):
+                        signature[arg] = "constexpr"
+                    else:
+                        signature[arg] = "i32"
+                constexprs = {"BM": tiles.block_m, "BN": tiles.block_n, "BD": block_d,
+                              "DOT_PRECISION": _dot_precision(dtype), "UPCAST_DOTS": False}
+                configs.append(AotConfig(f"{name}-{type_name}-d{block_d}", kernel, signature, constexprs,
+                                         tiles.num_warps, tiles.num_stages))
+    return configs

@@ -1,58 +1,686 @@
-"""Top-2 mixture-of-experts dispatch (DESIGN.md sections 2 and 5). PLACEHOLDER: reference only, Triton to come."""
+"""Top-2 mixture-of-experts dispatch (DESIGN.md sections 2 and 5), Triton forward and backward.
+
+``moe_top2(x, gate_weight, w1, b1, w2, b2)``: x (N, d), gate_weight (E, d), w1 (E, d, h), b1 (E, h),
+w2 (E, h, d_out), b2 (E, d_out) -> y (N, d_out)::
+
+    logits = x @ gate_weight.T                      # (N, E), float32
+    e_1, e_2 = top-2 experts of each row            # ties: the lower expert index first, like torch.topk
+    alpha = softmax(logits[e_1], logits[e_2])
+    y = sum_k alpha_k * (gelu(x @ w1[e_k] + b1[e_k]) @ w2[e_k] + b2[e_k])     # gelu: exact (erf) form
+
+How the Triton path runs (no host-device synchronization anywhere, no atomics, deterministic):
+
+1. ``_moe_route_kernel``: gate logits with float32 accumulation, top-2 and the softmax over the two.
+2. The 2N (row, slot) pairs are grouped by expert with a stable device sort (``torch.sort``, i.e. CUB's
+   radix sort) and per-expert offsets (``torch.searchsorted``); no capacity, no dropped rows.
+3. ``_moe_grouped_matmul_kernel``: grouped GEMMs over the sorted pairs. The grid is the upper bound
+   ``cdiv(2N, BM) + E`` pair tiles; each program finds its expert from the offsets on the device and programs
+   beyond the last expert's rows exit. The first GEMM gathers x's rows and applies bias + GELU in its
+   epilogue, the second reads the hidden rows in sorted order.
+4. ``_moe_combine_kernel``: y[n] = alpha_1 * Y[pos(n, 1)] + alpha_2 * Y[pos(n, 2)] by a gather.
+
+The backward reuses the grouped GEMM (dH = (alpha * dy) @ w2^T * gelu'(H_pre), dX = dH @ w1^T),
+``_moe_grouped_wgrad_kernel`` for dW1/db1 and dW2/db2 (one program per output tile of one expert reduces over all
+of that expert's pairs: deterministic), and ``_moe_router_grad_kernel`` for the gate:
+``d logit_k = alpha_k * (g_k - sum_l alpha_l g_l)`` with ``g_k = dy . expert_k(x)``, zero for unchosen experts.
+The gate matmuls (N x d x E with E <= 64, a few percent of the experts' work) use torch: ``dx += dlogits @ gate``
+and ``dgate = dlogits^T @ x`` are plain dense GEMMs that cuBLAS already runs at its best.
+
+Float32 inputs use IEEE float32 products in ``tl.dot`` (torch's default for float32 matmul), not TF32.
+"""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
-from .backend import use_triton
+from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
+from .aot import AotConfig
+from .backend import triton_interpreter_enabled, use_triton
+
+#: the router kernel holds all logits of a row in one [BM, MAX_EXPERTS] tile
+MAX_EXPERTS = 64
 
 
-def moe_top2_reference(x, gate_weight, w1, b1, w2, b2):
-    """Per-expert loop. x (N, d) -> y (N, d_out); see DESIGN.md section 2."""
-    logits = x.float() @ gate_weight.float().t()
+class MoERouting(NamedTuple):
+    """What the router chose, returned by ``moe_top2(..., return_routing=True)``.
+
+    experts: (N, 2) long, each row's two experts, the higher logit first (ties: the lower index first).
+    weights: (N, 2) float32, softmax over the two chosen logits (differentiable through the gate).
+    aux_loss: scalar float32, the Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``, with f_e the
+    fraction of the 2N routed (row, expert) pairs that go to expert e and P_e the mean over rows of the
+    softmax over ALL E logits. It is 1 for a perfectly balanced router and up to E / 2 when two experts take
+    every row; add ``coefficient * aux_loss`` to the training loss (gradient flows through P_e only).
+    """
+
+    experts: torch.Tensor
+    weights: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+class MoETiles(NamedTuple):
+    """Tile sizes and launch options of every MoE kernel for one dtype.
+
+    Grouped GEMM: [block_m pairs, block_n outputs] tiles reducing over block_k features. Weight gradient:
+    [block_m, block_n] tiles of dW reducing over block_k pairs. Router: block_m rows, block_k features.
+    Combine and router gradient (memory-bound gathers, no matmul): [block_rows rows, block_n features],
+    one pipeline stage; larger row blocks would only add register pressure.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_rows: int
+    num_warps: int
+    num_stages: int
+
+
+# Triton 3.9's CPU interpreter returns garbage for tl.dot on bfloat16 operands (it multiplies the raw bits);
+# there, and only there, bfloat16 tiles are multiplied in float32. Fixed at import, like the interpreter itself.
+_INTERPRETER_BF16_DOT_WORKAROUND = tl.constexpr(triton_interpreter_enabled())
+
+#: tile sizes per dtype; tests replace this mapping with tiny tiles to exercise several and partial tiles
+TILES = {
+    torch.float16: MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=4, num_stages=3),
+    torch.bfloat16: MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=4, num_stages=3),
+    torch.float32: MoETiles(block_m=64, block_n=64, block_k=32, block_rows=16, num_warps=4, num_stages=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(b_a, b_b, b_acc):
+    # float32 operands: exact IEEE products like torch's float32 matmul (TF32 would lose ~3 digits)
+    if b_a.dtype == tl.float32:
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision="ieee")
+    elif _INTERPRETER_BF16_DOT_WORKAROUND and b_a.dtype == tl.bfloat16:
+        b_acc = tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), b_acc, input_precision="ieee")
+    else:
+        b_acc = tl.dot(b_a, b_b, b_acc)
+    return b_acc
+
+
+@triton.jit
+def _gelu(b_x):
+    return 0.5 * b_x * (1.0 + tl.math.erf(b_x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(b_x):
+    # d/dx [x * Phi(x)] = Phi(x) + x * phi(x)
+    return 0.5 * (1.0 + tl.math.erf(b_x * 0.7071067811865476)) + b_x * 0.3989422804014327 * tl.exp(-0.5 * b_x * b_x)
+
+
+@triton.jit
+def _moe_route_kernel(
+    x, gate, logits, experts, alpha,
+    N, D, E,
+    stride_xn, stride_xd, stride_ge, stride_gd,
+    BM: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+):
+    """Rows [i_m * BM, ...): logits (N, E) fp32, top-2 experts (N, 2) int64, softmax weights (N, 2) fp32."""
+    i_m = tl.program_id(0)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_e = tl.arange(0, BE)
+    m_m = o_m < N
+    m_e = o_e < E
+    b_logits = tl.zeros([BM, BE], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < D
+        p_x = x + o_m[:, None].to(tl.int64) * stride_xn + o_k[None, :] * stride_xd
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        p_g = gate + o_e[None, :] * stride_ge + o_k[:, None] * stride_gd
+        b_g = tl.load(p_g, mask=m_e[None, :] & m_k[:, None], other=0.0)  # [BK, BE]
+        b_logits = _dot(b_x, b_g, b_logits)
+    p_logits = logits + o_m[:, None].to(tl.int64) * E + o_e[None, :]
+    tl.store(p_logits, b_logits, mask=m_m[:, None] & m_e[None, :])
+
+    b_scores = tl.where(m_e[None, :], b_logits, float("-inf"))  # [BM, BE]
+    b_first = tl.argmax(b_scores, axis=1, tie_break_left=True)  # [BM]
+    b_top1 = tl.max(b_scores, axis=1)
+    b_scores = tl.where(o_e[None, :] == b_first[:, None], float("-inf"), b_scores)
+    b_second = tl.argmax(b_scores, axis=1, tie_break_left=True)
+    b_top2 = tl.max(b_scores, axis=1)
+    # softmax over the two logits; top2 <= top1, so the exponent cannot overflow
+    b_ratio = tl.exp(b_top2 - b_top1)
+    b_alpha1 = 1.0 / (1.0 + b_ratio)
+    b_alpha2 = b_ratio / (1.0 + b_ratio)
+    o_pair = o_m.to(tl.int64) * 2
+    tl.store(experts + o_pair, b_first.to(tl.int64), mask=m_m)
+    tl.store(experts + o_pair + 1, b_second.to(tl.int64), mask=m_m)
+    tl.store(alpha + o_pair, b_alpha1, mask=m_m)
+    tl.store(alpha + o_pair + 1, b_alpha2, mask=m_m)
+
+
+# The mode flags of the next kernels are runtime arguments, not constexprs: their branches sit outside the
+# inner loops (or are a select inside), and one compiled kernel per dtype keeps the ahead-of-time compile
+# of every configuration within CI's time budget. do_not_specialize keeps the value 1 from being baked in.
+@triton.jit(do_not_specialize=["gather_a", "scale_rows", "has_bias", "epilogue"])
+def _moe_grouped_matmul_kernel(
+    a, sorted_pairs, pair_weights, w, bias, c, c_pre, expert_offsets,
+    E, K, NC,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_cm, stride_cn,
+    gather_a, scale_rows, has_bias, epilogue,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+):
+    """C[p] = epilogue(A[row(p)] @ W[e(p)] (* weight[p]) (+ bias[e(p)])) for the sorted pairs p of one tile.
+
+    Pairs are sorted by expert; expert e owns sorted pairs [expert_offsets[e], expert_offsets[e + 1]).
+    gather_a: A is indexed by the pair's source row (sorted_pairs[p] // 2), else by p itself.
+    scale_rows: multiply row p by pair_weights[sorted_pairs[p]] (the pair's alpha).
+    epilogue: 0 none; 1 GELU, storing the pre-activation in c_pre; 2 multiply by gelu'(c_pre) (backward).
+    """
+    i_t, i_n = tl.program_id(0), tl.program_id(1)
+    # find this tile's expert: expert e owns tiles [tile_end[e] - cdiv(count_e, BM), tile_end[e])
+    o_e = tl.arange(0, BE)
+    m_e = o_e < E
+    b_start = tl.load(expert_offsets + o_e, mask=m_e, other=0)  # [BE]
+    b_end = tl.load(expert_offsets + o_e + 1, mask=m_e, other=0)
+    b_tiles = tl.cdiv(b_end - b_start, BM)
+    b_tile_end = tl.cumsum(b_tiles, axis=0)
+    i_e = tl.sum((m_e & (b_tile_end <= i_t)).to(tl.int32), axis=0)
+    if i_e >= E:  # the grid is an upper bound on the number of tiles
+        return
+    m_this = o_e == i_e
+    pair_start = tl.sum(tl.where(m_this, b_start, 0), axis=0)
+    pair_end = tl.sum(tl.where(m_this, b_end, 0), axis=0)
+    tile_begin = tl.sum(tl.where(m_this, b_tile_end - b_tiles, 0), axis=0)
+
+    o_p = pair_start + (i_t - tile_begin) * BM + tl.arange(0, BM)  # [BM] sorted pair indices (int64)
+    m_p = o_p < pair_end
+    o_src = tl.load(sorted_pairs + o_p, mask=m_p, other=0)  # [BM] the pairs' (row, slot) indices
+    o_a = tl.where(gather_a != 0, o_src // 2, o_p)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < NC
+    p_w_e = w + i_e.to(tl.int64) * stride_we
+
+    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        b_a = tl.load(a + o_a[:, None] * stride_am + o_k[None, :] * stride_ak,
+                      mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        b_w = tl.load(p_w_e + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
+                      mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        b_acc = _dot(b_a, b_w, b_acc)
+
+    if scale_rows != 0:
+        b_acc *= tl.load(pair_weights + o_src, mask=m_p, other=0.0)[:, None]
+    if has_bias != 0:
+        b_bias = tl.load(bias + i_e.to(tl.int64) * stride_be + o_n * stride_bn, mask=m_n, other=0.0)
+        b_acc += b_bias.to(tl.float32)[None, :]
+    o_c = o_p[:, None] * stride_cm + o_n[None, :] * stride_cn  # [BM, BN]
+    m_c = m_p[:, None] & m_n[None, :]
+    if epilogue == 1:
+        tl.store(c_pre + o_c, b_acc.to(c_pre.dtype.element_ty), mask=m_c)
+        b_acc = _gelu(b_acc)
+    if epilogue == 2:
+        b_pre = tl.load(c_pre + o_c, mask=m_c, other=0.0).to(tl.float32)
+        b_acc *= _gelu_grad(b_pre)
+    tl.store(c + o_c, b_acc.to(c.dtype.element_ty), mask=m_c)
+
+
+@triton.jit(do_not_specialize=["gather_a", "gather_b", "scale_b"])
+def _moe_grouped_wgrad_kernel(
+    a, b, sorted_pairs, pair_weights, dw, db, expert_offsets,
+    K, NC,
+    stride_am, stride_ak, stride_bm, stride_bn, stride_dwe, stride_dwk, stride_dwn, stride_dbe, stride_dbn,
+    gather_a, gather_b, scale_b,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """dW[e] = A[pairs of e]^T @ B[pairs of e] (K, NC) and db[e] = column sums of B[pairs of e].
+
+    One program per (expert, [BM, BN] tile of dW) loops over all of the expert's pairs, BK at a time.
+    gather_a / gather_b: the operand is indexed by the pair's source row, else by the sorted pair index.
+    scale_b: B's rows are multiplied by the pair's alpha (pair_weights[sorted_pairs[p]]).
+    """
+    i_e, i_kn = tl.program_id(0), tl.program_id(1)
+    n_tiles_n = tl.cdiv(NC, BN)
+    i_k, i_n = i_kn // n_tiles_n, i_kn % n_tiles_n
+    o_k = i_k * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_k = o_k < K
+    m_n = o_n < NC
+    pair_start = tl.load(expert_offsets + i_e)
+    pair_end = tl.load(expert_offsets + i_e + 1)
+
+    b_dw = tl.zeros([BM, BN], dtype=tl.float32)
+    b_db = tl.zeros([BN], dtype=tl.float32)
+    for p0 in range(pair_start, pair_end, BK):
+        o_p = p0 + tl.arange(0, BK)  # [BK] sorted pair indices
+        m_p = o_p < pair_end
+        o_src = tl.load(sorted_pairs + o_p, mask=m_p, other=0)
+        o_a = tl.where(gather_a != 0, o_src // 2, o_p)
+        o_b = tl.where(gather_b != 0, o_src // 2, o_p)
+        b_at = tl.load(a + o_a[None, :] * stride_am + o_k[:, None] * stride_ak,
+                       mask=m_p[None, :] & m_k[:, None], other=0.0)  # [BM, BK]: A^T
+        b_b = tl.load(b + o_b[:, None] * stride_bm + o_n[None, :] * stride_bn,
+                      mask=m_p[:, None] & m_n[None, :], other=0.0).to(tl.float32)  # [BK, BN]
+        if scale_b != 0:
+            b_b *= tl.load(pair_weights + o_src, mask=m_p, other=0.0)[:, None]
+        b_db += tl.sum(b_b, axis=0)
+        b_dw = _dot(b_at, b_b.to(b_at.dtype), b_dw)
+
+    p_dw = dw + i_e.to(tl.int64) * stride_dwe + o_k[:, None] * stride_dwk + o_n[None, :] * stride_dwn
+    tl.store(p_dw, b_dw.to(dw.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
+    if i_k == 0:
+        p_db = db + i_e.to(tl.int64) * stride_dbe + o_n * stride_dbn
+        tl.store(p_db, b_db.to(db.dtype.element_ty), mask=m_n)
+
+
+@triton.jit(do_not_specialize=["weighted"])
+def _moe_combine_kernel(
+    src, pair_position, alpha, out,
+    N, C,
+    stride_sm, stride_sc, stride_on, stride_oc,
+    weighted,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """out[n] = w_1 * src[pos(n, 1)] + w_2 * src[pos(n, 2)], w = alpha[n] if weighted else 1 (a gather, no atomics)."""
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_m = o_m < N
+    m_c = m_m[:, None] & (o_n < C)[None, :]
+    o_pair = o_m.to(tl.int64) * 2
+    o_first = tl.load(pair_position + o_pair, mask=m_m, other=0)
+    o_second = tl.load(pair_position + o_pair + 1, mask=m_m, other=0)
+    b_first = tl.load(src + o_first[:, None] * stride_sm + o_n[None, :] * stride_sc, mask=m_c, other=0.0)
+    b_second = tl.load(src + o_second[:, None] * stride_sm + o_n[None, :] * stride_sc, mask=m_c, other=0.0)
+    b_first = b_first.to(tl.float32)  # [BM, BN]
+    b_second = b_second.to(tl.float32)
+    if weighted != 0:
+        b_first *= tl.load(alpha + o_pair, mask=m_m, other=0.0)[:, None]
+        b_second *= tl.load(alpha + o_pair + 1, mask=m_m, other=0.0)[:, None]
+    p_out = out + o_m[:, None].to(tl.int64) * stride_on + o_n[None, :] * stride_oc
+    tl.store(p_out, (b_first + b_second).to(out.dtype.element_ty), mask=m_c)
+
+
+@triton.jit
+def _moe_router_grad_kernel(
+    dy, y_pairs, pair_position, alpha, d_top,
+    N, C,
+    stride_dn, stride_dc, stride_ym, stride_yc,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """d_top[n, k] = d logit of row n's k-th expert = alpha_k * (g_k - sum_l alpha_l g_l), g_k = dy[n] . Y_k[n]."""
+    i_m = tl.program_id(0)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < N
+    o_pair = o_m.to(tl.int64) * 2
+    o_first = tl.load(pair_position + o_pair, mask=m_m, other=0)
+    o_second = tl.load(pair_position + o_pair + 1, mask=m_m, other=0)
+    b_g1 = tl.zeros([BM], dtype=tl.float32)
+    b_g2 = tl.zeros([BM], dtype=tl.float32)
+    for c0 in range(0, C, BN):
+        o_c = c0 + tl.arange(0, BN)
+        m_c = m_m[:, None] & (o_c < C)[None, :]
+        b_dy = tl.load(dy + o_m[:, None].to(tl.int64) * stride_dn + o_c[None, :] * stride_dc,
+                       mask=m_c, other=0.0).to(tl.float32)  # [BM, BN]
+        b_y1 = tl.load(y_pairs + o_first[:, None] * stride_ym + o_c[None, :] * stride_yc, mask=m_c, other=0.0)
+        b_y2 = tl.load(y_pairs + o_second[:, None] * stride_ym + o_c[None, :] * stride_yc, mask=m_c, other=0.0)
+        b_g1 += tl.sum(b_dy * b_y1.to(tl.float32), axis=1)
+        b_g2 += tl.sum(b_dy * b_y2.to(tl.float32), axis=1)
+    b_alpha1 = tl.load(alpha + o_pair, mask=m_m, other=0.0)
+    b_alpha2 = tl.load(alpha + o_pair + 1, mask=m_m, other=0.0)
+    # with two experts, alpha_1 (g_1 - alpha_1 g_1 - alpha_2 g_2) = alpha_1 alpha_2 (g_1 - g_2) = -d_top[n, 2]
+    b_d = b_alpha1 * b_alpha2 * (b_g1 - b_g2)
+    tl.store(d_top + o_pair, b_d, mask=m_m)
+    tl.store(d_top + o_pair + 1, -b_d, mask=m_m)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _route(x, gate_weight, tiles):
+    """logits (N, E) fp32, experts (N, 2) int64, alpha (N, 2) fp32."""
+    n, d = x.shape
+    e = gate_weight.shape[0]
+    logits = torch.empty(n, e, device=x.device, dtype=torch.float32)
+    experts = torch.empty(n, 2, device=x.device, dtype=torch.int64)
+    alpha = torch.empty(n, 2, device=x.device, dtype=torch.float32)
+    _moe_route_kernel[(triton.cdiv(n, tiles.block_m),)](
+        x, gate_weight, logits, experts, alpha, n, d, e,
+        x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1),
+        BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return logits, experts, alpha
+
+
+class _PairGroups(NamedTuple):
+    """The 2N (row, slot) pairs sorted by expert; pair q = 2 * row + slot."""
+
+    sorted_pairs: torch.Tensor  # (2N,) int64: the pair at each sorted position (stable: row order per expert)
+    expert_offsets: torch.Tensor  # (E + 1,) int64: expert e owns sorted positions [offsets[e], offsets[e + 1])
+    pair_position: torch.Tensor  # (2N,) int64: the sorted position of each pair (inverse of sorted_pairs)
+
+
+def _group_pairs(experts, num_experts):
+    flat = experts.reshape(-1)
+    sorted_experts, sorted_pairs = torch.sort(flat, stable=True)
+    boundaries = torch.arange(num_experts + 1, device=flat.device, dtype=flat.dtype)
+    expert_offsets = torch.searchsorted(sorted_experts, boundaries)
+    positions = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    pair_position = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, positions)
+    return _PairGroups(sorted_pairs, expert_offsets, pair_position)
+
+
+def _grouped_matmul(a, groups, w, alpha, *, gather_a, tiles, scale_rows=False, bias=None, epilogue=0, pre=None):
+    """(2N, NC) in sorted pair order: epilogue(A[rows] @ W[e] (* alpha of the pair) (+ bias[e])).
+
+    w: (E, K, NC) view (may be a transposed view of the stored weight). epilogue 1 also fills ``pre`` (the
+    pre-activation, allocated here and returned); epilogue 2 reads ``pre``.
+    """
+    num_pairs = groups.sorted_pairs.numel()
+    num_experts, k, nc = w.shape
+    out = torch.empty(num_pairs, nc, device=a.device, dtype=a.dtype)
+    if epilogue == 1:
+        pre = torch.empty_like(out)
+    # pointers the flags leave unread still need a tensor of the right dtype: w for bias, out for pre
+    bias_or_w = w if bias is None else bias
+    grid = (triton.cdiv(num_pairs, tiles.block_m) + num_experts, triton.cdiv(nc, tiles.block_n))
+    _moe_grouped_matmul_kernel[grid](
+        a, groups.sorted_pairs, alpha, w, bias_or_w, out, out if pre is None else pre, groups.expert_offsets,
+        num_experts, k, nc,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(1),
+        out.stride(0), out.stride(1),
+        int(gather_a), int(scale_rows), int(bias is not None), epilogue,
+        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, BE=MAX_EXPERTS,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return (out, pre) if epilogue == 1 else out
+
+
+def _grouped_wgrad(a, b, groups, alpha, num_experts, *, gather_a, gather_b, scale_b, tiles):
+    """dW (E, K, NC) = per-expert A^T @ B and db (E, NC) = per-expert column sums of B, in A's dtype."""
+    k, nc = a.shape[1], b.shape[1]
+    dw = torch.empty(num_experts, k, nc, device=a.device, dtype=a.dtype)
+    db = torch.empty(num_experts, nc, device=a.device, dtype=a.dtype)
+    grid = (num_experts, triton.cdiv(k, tiles.block_m) * triton.cdiv(nc, tiles.block_n))
+    _moe_grouped_wgrad_kernel[grid](
+        a, b, groups.sorted_pairs, alpha, dw, db, groups.expert_offsets, k, nc,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1),
+        int(gather_a), int(gather_b), int(scale_b),
+        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return dw, db
+
+
+def _combine(src, groups, alpha, *, weighted, tiles):
+    """(N, C): each row's two pair results, weighted by alpha or summed."""
+    n, c = groups.pair_position.numel() // 2, src.shape[1]
+    out = torch.empty(n, c, device=src.device, dtype=src.dtype)
+    grid = (triton.cdiv(n, tiles.block_rows), triton.cdiv(c, tiles.block_n))
+    _moe_combine_kernel[grid](
+        src, groups.pair_position, alpha, out, n, c,
+        src.stride(0), src.stride(1), out.stride(0), out.stride(1),
+        int(weighted), BM=tiles.block_rows, BN=tiles.block_n, num_warps=tiles.num_warps, num_stages=1,
+    )
+    return out
+
+
+def _router_grad(dy, y_pairs, groups, alpha, tiles):
+    """(N, 2) fp32: the gradient of the two chosen logits of every row."""
+    n, c = dy.shape
+    d_top = torch.empty(n, 2, device=dy.device, dtype=torch.float32)
+    _moe_router_grad_kernel[(triton.cdiv(n, tiles.block_rows),)](
+        dy, y_pairs, groups.pair_position, alpha, d_top, n, c,
+        dy.stride(0), dy.stride(1), y_pairs.stride(0), y_pairs.stride(1),
+        BM=tiles.block_rows, BN=tiles.block_n, num_warps=tiles.num_warps, num_stages=1,
+    )
+    return d_top
+
+
+class _MoETop2Function(torch.autograd.Function):
+    """(x, gate_weight, w1, b1, w2, b2) -> (y, logits, experts); logits carry the aux loss's gradient back."""
+
+    @staticmethod
+    def forward(ctx, x, gate_weight, w1, b1, w2, b2):
+        n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
+        ctx.empty = n == 0
+        if ctx.empty:  # nothing to route; the backward returns zero gradients
+            ctx.save_for_backward(x, gate_weight, w1, b1, w2, b2)
+            experts = torch.zeros(0, 2, device=x.device, dtype=torch.int64)
+            ctx.mark_non_differentiable(experts)
+            logits = torch.zeros(0, num_experts, device=x.device, dtype=torch.float32)
+            return x.new_zeros(0, d_out), logits, experts
+        tiles = TILES[x.dtype]
+        logits, experts, alpha = _route(x, gate_weight, tiles)
+        groups = _group_pairs(experts, num_experts)
+        pair_alpha = alpha.reshape(-1)
+        h_act, h_pre = _grouped_matmul(x, groups, w1, pair_alpha, gather_a=True, bias=b1, epilogue=1, tiles=tiles)
+        y_pairs = _grouped_matmul(h_act, groups, w2, pair_alpha, gather_a=False, bias=b2, tiles=tiles)
+        y = _combine(y_pairs, groups, pair_alpha, weighted=True, tiles=tiles)
+        ctx.save_for_backward(x, gate_weight, w1, w2, experts, alpha, *groups, h_pre, h_act, y_pairs)
+        ctx.mark_non_differentiable(experts)
+        return y, logits, experts
+
+    @staticmethod
+    def backward(ctx, dy, d_logits, _d_experts):
+        if ctx.empty:
+            return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
+        x, gate_weight, w1, w2, experts, alpha, *group_tensors, h_pre, h_act, y_pairs = ctx.saved_tensors
+        groups = _PairGroups(*group_tensors)
+        num_experts = gate_weight.shape[0]
+        need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        tiles = TILES[x.dtype]
+        pair_alpha = alpha.reshape(-1)
+        dx = d_gate = dw1 = db1 = dw2 = db2 = None
+
+        d_top = _router_grad(dy, y_pairs, groups, alpha, tiles)
+        # gradient of all E logits: the two chosen ones from the combine, plus what the aux loss sent back
+        d_logits = d_logits.float().scatter_add(1, experts, d_top)
+        if need_gate:
+            d_gate = (d_logits.t().to(x.dtype) @ x).to(gate_weight.dtype)
+        if need_x or need_w1 or need_b1:
+            # d pre-activation of the hidden layer, in sorted pair order: (alpha * dy) @ w2^T * gelu'(h_pre)
+            dh = _grouped_matmul(dy, groups, w2.transpose(1, 2), pair_alpha, gather_a=True, scale_rows=True,
+                                 epilogue=2, pre=h_pre, tiles=tiles)
+            if need_x:
+                dx_pairs = _grouped_matmul(dh, groups, w1.transpose(1, 2), pair_alpha, gather_a=False, tiles=tiles)
+                dx_experts = _combine(dx_pairs, groups, pair_alpha, weighted=False, tiles=tiles)
+                dx = torch.addmm(dx_experts, d_logits.to(x.dtype), gate_weight)
+            if need_w1 or need_b1:
+                dw1, db1 = _grouped_wgrad(x, dh, groups, pair_alpha, num_experts, gather_a=True, gather_b=False,
+                                          scale_b=False, tiles=tiles)
+        if need_w2 or need_b2:
+            dw2, db2 = _grouped_wgrad(h_act, dy, groups, pair_alpha, num_experts, gather_a=False, gather_b=True,
+                                      scale_b=True, tiles=tiles)
+        return dx, d_gate, dw1, db1, dw2, db2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public op and reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes):
+    for name, value, ndim in (("x", x, 2), ("gate_weight", gate_weight, 2), ("w1", w1, 3), ("b1", b1, 2),
+                              ("w2", w2, 3), ("b2", b2, 2)):
+        check_tensor(name, value, ndim=ndim, dtypes=dtypes)
+    check_same_dtype_and_device(x=x, gate_weight=gate_weight, w1=w1, b1=b1, w2=w2, b2=b2)
+    check_nonempty(gate_weight=gate_weight, w1=w1, w2=w2)
+    num_experts, d = gate_weight.shape
+    if not 2 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"gate_weight must have 2 to {MAX_EXPERTS} experts (rows), got {num_experts}")
+    if x.shape[1] != d:
+        raise ValueError(f"x has {x.shape[1]} features but gate_weight expects {d} (shape {tuple(gate_weight.shape)})")
+    h, d_out = w1.shape[2], w2.shape[2]
+    for name, value, shape in (("w1", w1, (num_experts, d, h)), ("b1", b1, (num_experts, h)),
+                               ("w2", w2, (num_experts, h, d_out)), ("b2", b2, (num_experts, d_out))):
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (E, d, h, d_out from gate_weight, w1 and w2), "
+                             f"got {tuple(value.shape)}")
+
+
+def _routing_summary(logits, experts):
+    """MoERouting from the (N, E) float logits and the (N, 2) chosen experts; see MoERouting for the aux loss."""
+    n, num_experts = logits.shape
+    weights = logits.gather(1, experts).softmax(dim=-1)
+    pair_counts = torch.zeros(num_experts, device=logits.device, dtype=torch.int64)
+    pair_counts.scatter_add_(0, experts.reshape(-1), torch.ones_like(experts.reshape(-1)))
+    fraction_routed = pair_counts.to(logits.dtype) / max(2 * n, 1)
+    mean_probability = logits.softmax(dim=-1).sum(dim=0) / max(n, 1)
+    aux_loss = num_experts * (fraction_routed * mean_probability).sum()
+    return MoERouting(experts, weights, aux_loss)
+
+
+def _reference_parts(x, gate_weight, w1, b1, w2, b2):
+    """(y, logits, experts) by a per-expert loop in float32 (float64 for float64 inputs)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_c = x.to(compute)
+    logits = x_c @ gate_weight.to(compute).t()
     top_logits, experts = logits.topk(2, dim=-1)
     alpha = top_logits.softmax(dim=-1)
-    y = x.new_zeros(x.shape[0], w2.shape[-1], dtype=torch.float32)
+    y = x_c.new_zeros(x.shape[0], w2.shape[-1])
     for e in range(gate_weight.shape[0]):
         rows, slot = (experts == e).nonzero(as_tuple=True)
         if rows.numel() == 0:
             continue
-        hidden = nn.functional.gelu(x[rows].float() @ w1[e].float() + b1[e].float())
-        out = hidden @ w2[e].float() + b2[e].float()
+        hidden = nn.functional.gelu(x_c[rows] @ w1[e].to(compute) + b1[e].to(compute))
+        out = hidden @ w2[e].to(compute) + b2[e].to(compute)
         y = y.index_add(0, rows, alpha[rows, slot, None] * out)
-    return y.to(x.dtype)
+    return y.to(x.dtype), logits, experts
 
 
-def moe_top2(x, gate_weight, w1, b1, w2, b2):
-    """Top-2 MoE: x (N, d) -> (N, d_out)."""
+def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
+    """Per-expert loop reference of ``moe_top2`` (float32 math; float64 for float64 inputs). Same signature."""
+    _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2)
+    return (y, _routing_summary(logits, experts)) if return_routing else y
+
+
+def moe_top2(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
+    """Top-2 mixture of experts: x (N, d) -> y (N, d_out); see the module docstring for the math.
+
+    gate_weight (E, d) with 2 <= E <= 64, w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out); float32,
+    float16 or bfloat16, all alike, on one device. Differentiable in every tensor. With ``return_routing=True``
+    returns ``(y, MoERouting(experts, weights, aux_loss))``. N = 0 gives an empty (0, d_out) result.
+    """
+    _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES)
     if use_triton(x, gate_weight, w1, b1, w2, b2):
-        raise NotImplementedError("Triton MoE not written yet")
-    return moe_top2_reference(x, gate_weight, w1, b1, w2, b2)
+        y, logits, experts = _MoETop2Function.apply(x, gate_weight, w1, b1, w2, b2)
+    else:
+        y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2)
+    return (y, _routing_summary(logits, experts)) if return_routing else y
 
 
 class Top2MoE(nn.Module):
-    """PLACEHOLDER: gate + experts' MLP weights; forward(x (..., d)) -> (..., d_out)."""
+    """Gate + E expert MLPs (d_model -> hidden -> d_out, exact GELU) with top-2 routing, on ``moe_top2``.
+
+    ``hidden`` defaults to ``2 * d_model`` (CaM-HG's shape: d = 512, h = 1024) and ``d_out`` to ``d_model``.
+    Parameters: gate_weight (E, d), w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out), initialised like
+    ``nn.Linear``: uniform in +-1/sqrt(fan_in). forward(x (..., d), *, return_routing=False) -> (..., d_out),
+    or (y, MoERouting) with experts/weights shaped (..., 2).
+    """
 
     def __init__(self, d_model, num_experts=4, hidden=None, d_out=None):
         super().__init__()
-        hidden = hidden or 4 * d_model
+        if not 2 <= num_experts <= MAX_EXPERTS:
+            raise ValueError(f"num_experts must be in 2..{MAX_EXPERTS}, got {num_experts}")
+        hidden = hidden or 2 * d_model
         d_out = d_out or d_model
-        self.gate_weight = nn.Parameter(torch.randn(num_experts, d_model) / math.sqrt(d_model))
-        self.w1 = nn.Parameter(torch.randn(num_experts, d_model, hidden) / math.sqrt(d_model))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
-        self.w2 = nn.Parameter(torch.randn(num_experts, hidden, d_out) / math.sqrt(hidden))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, d_out))
+        self.d_model, self.num_experts, self.hidden, self.d_out = d_model, num_experts, hidden, d_out
+        self.gate_weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, d_out))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_out))
+        self.reset_parameters()
 
-    def forward(self, x):
+    def reset_parameters(self):
+        for parameters, fan_in in (((self.gate_weight, self.w1, self.b1), self.d_model), ((self.w2, self.b2), self.hidden)):
+            bound = 1.0 / math.sqrt(fan_in)
+            for parameter in parameters:
+                nn.init.uniform_(parameter, -bound, bound)
+
+    def _op(self, *args, return_routing):
+        return moe_top2(*args, return_routing=return_routing)
+
+    def forward(self, x, *, return_routing=False):
         flat = x.reshape(-1, x.shape[-1])
-        y = moe_top2(flat, self.gate_weight, self.w1, self.b1, self.w2, self.b2)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        result = self._op(flat, self.gate_weight, self.w1, self.b1, self.w2, self.b2, return_routing=return_routing)
+        y, routing = result if return_routing else (result, None)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        if routing is None:
+            return y
+        lead = x.shape[:-1]
+        return y, MoERouting(routing.experts.reshape(*lead, 2), routing.weights.reshape(*lead, 2), routing.aux_loss)
+
+    def extra_repr(self):
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, hidden={self.hidden}, d_out={self.d_out}"
 
 
-Top2MoEReference = Top2MoE
+class Top2MoEReference(Top2MoE):
+    """The reference twin of ``Top2MoE``: same constructor and state_dict, always the per-expert loop."""
+
+    def _op(self, *args, return_routing):
+        return moe_top2_reference(*args, return_routing=return_routing)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation
+# ----------------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def aot_configurations():
-    return []
+    """Every (kernel, dtype, flags, tiles) the launchers above can launch with."""
+    configs = []
+    for dtype, tiles in TILES.items():
+        t = _TRITON_TYPES[dtype]
+        launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        blocks_mnk = dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k)
+        ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
+        configs.append(AotConfig(
+            f"route {t}", _moe_route_kernel,
+            {"x": f"*{t}", "gate": f"*{t}", "logits": "*fp32", "experts": "*i64", "alpha": "*fp32",
+             **ints("N", "D", "E", "stride_xn", "stride_xd", "stride_ge", "stride_gd"),
+             "BM": "constexpr", "BK": "constexpr", "BE": "constexpr"},
+            dict(BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS), **launch))
+        # the mode flags are runtime i32 arguments: one compiled kernel per dtype covers every mode
+        configs.append(AotConfig(
+            f"grouped_matmul {t}", _moe_grouped_matmul_kernel,
+            {"a": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "w": f"*{t}", "bias": f"*{t}",
+             "c": f"*{t}", "c_pre": f"*{t}", "expert_offsets": "*i64",
+             **ints("E", "K", "NC", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wn",
+                    "stride_be", "stride_bn", "stride_cm", "stride_cn", "gather_a", "scale_rows", "has_bias",
+                    "epilogue"),
+             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BE": "constexpr"},
+            dict(**blocks_mnk, BE=MAX_EXPERTS), **launch))
+        configs.append(AotConfig(
+            f"grouped_wgrad {t}", _moe_grouped_wgrad_kernel,
+            {"a": f"*{t}", "b": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "dw": f"*{t}",
+             "db": f"*{t}", "expert_offsets": "*i64",
+             **ints("K", "NC", "stride_am", "stride_ak", "stride_bm", "stride_bn", "stride_dwe", "stride_dwk",
+                    "stride_dwn", "stride_dbe", "stride_dbn", "gather_a", "gather_b", "scale_b"),
+             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
+            dict(blocks_mnk), **launch))
+        configs.append(AotConfig(
+            f"combine {t}", _moe_combine_kernel,
+            {"src": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "out": f"*{t}",
+             **ints("N", "C", "stride_sm", "stride_sc", "stride_on", "stride_oc", "weighted"),
+             "BM": "constexpr", "BN": "constexpr"},
+            dict(BM=tiles.block_rows, BN=tiles.block_n), num_warps=tiles.num_warps, num_stages=1))
+        configs.append(AotConfig(
+            f"router_grad {t}", _moe_router_grad_kernel,
+            {"dy": f"*{t}", "y_pairs": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "d_top": "*fp32",
+             **ints("N", "C", "stride_dn", "stride_dc", "stride_ym", "stride_yc"),
+             "BM": "constexpr", "BN": "constexpr"},
+            dict(BM=tiles.block_rows, BN=tiles.block_n), num_warps=tiles.num_warps, num_stages=1))
+    return configs

@@ -1,0 +1,96 @@
+"""Shared benchmark harness (pytest-benchmark); see bench/README.md.
+
+Bench files use it like this::
+
+    from conftest import bench_call, requires_cuda
+
+    @requires_cuda
+    def test_op_forward_ours(benchmark, device):
+        benchmark.group = "op fwd B4-T256"
+        q = torch.randn(4, 256, 64, device=device)
+        bench_call(benchmark, lambda: op(q))
+
+Every candidate (ours, the reference, peers) at one shape shares one ``benchmark.group``, so
+pytest-benchmark's table compares them side by side.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import time
+from typing import Callable, Optional, TypeVar
+
+import pytest
+import torch
+
+T = TypeVar("T")
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: Triton kernels and GPU peers are timed on the GPU only",
+)
+
+# A GPU case is timed for about this long in total; a round lasts at least _GPU_ROUND_SECONDS so that the
+# timer's resolution and the Python overhead of one round stay small next to what is measured.
+_GPU_TARGET_SECONDS = 1.0
+_GPU_ROUND_SECONDS = 0.01
+_GPU_MAX_ROUNDS = 200
+# On CPU only tiny reference-side cases run, and the whole CPU bench run must stay under a minute.
+_CPU_ROUNDS = 3
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """``cuda`` when a GPU is available, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_call(benchmark, fn: Callable[[], T]) -> T:
+    """Time ``fn()`` with ``benchmark`` and return its result.
+
+    ``fn`` runs once untimed first (Triton compilation, autotuning, cuDNN/cuBLAS heuristics). On CUDA each
+    timed call ends with ``torch.cuda.synchronize()``, so asynchronous launches are not mistaken for speed,
+    and ``benchmark.extra_info["peak_mem_MiB"]`` records ``torch.cuda.max_memory_allocated`` over the timed
+    calls (inputs that are alive included); it is None on a machine without CUDA.
+    """
+    on_cuda = torch.cuda.is_available()
+
+    def timed() -> T:
+        result = fn()
+        if on_cuda:
+            torch.cuda.synchronize()
+        return result
+
+    timed()  # warm-up: compile and autotune outside the timing
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        timed()
+        one_call = max(time.perf_counter() - start, 1e-6)
+        iterations = max(1, round(_GPU_ROUND_SECONDS / one_call))
+        rounds = int(min(_GPU_MAX_ROUNDS, max(3, _GPU_TARGET_SECONDS / (one_call * iterations))))
+    else:
+        iterations, rounds = 1, _CPU_ROUNDS
+
+    result = benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=0)
+    benchmark.extra_info["peak_mem_MiB"] = (
+        round(torch.cuda.max_memory_allocated() / 2**20, 2) if on_cuda else None
+    )
+    return result
+
+
+def _installed_version(distribution: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
+    """Store what the timings depend on with every saved result (``--benchmark-json`` / ``--benchmark-save``)."""
+    machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine_info["cuda"] = torch.version.cuda
+    machine_info["torch"] = torch.__version__
+    for distribution in ("triton", "entmax", "adasplash"):
+        machine_info[distribution] = _installed_version(distribution)
+    machine_info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,304 @@
+"""Block-causal attention (kernels/block_causal_attention.py): Triton forward and gradients against the dense
+reference on fresh random inputs, packed and padded batches, strided inputs, bad input, and the modules.
+
+Tiny tiles (``forced_tiles(16, 16)``) make T <= 40 span several query and key tiles, so fully visible,
+partial and hidden tiles all occur, in the forward and in both backward kernels.
+"""
+import pytest
+import torch
+from torch import nn
+
+from kernels import (
+    BlockCausalMultiheadAttention,
+    BlockCausalTransformerLayer,
+    block_causal_attention,
+    use_backend,
+)
+from kernels.block_causal_attention import (
+    block_causal_attention_reference,
+    block_causal_attention_varlen,
+    block_causal_mask,
+    forced_tiles,
+)
+
+TILE = 16
+
+
+def tolerance(dtype, device):
+    """(atol, rtol) against a float64 reference. fp32 runs TF32 tensor cores on a GPU (exact in the interpreter);
+    fp16/bf16 round P to the input dtype before P @ V and round the output."""
+    if dtype == torch.float32:
+        return (1e-2, 1e-2) if device.type == "cuda" else (2e-5, 2e-5)
+    return {torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}[dtype]
+
+
+def assert_close(actual, expected, dtype, name):
+    atol, rtol = tolerance(dtype, actual.device)
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def random_qkv(b, h, t, d, dv, dtype, device="cpu"):
+    q, k = (torch.randn(b, h, t, d, dtype=dtype, device=device) for _ in range(2))
+    v = torch.randn(b, h, t, dv, dtype=dtype, device=device)
+    return q, k, v
+
+
+def reference_with_grads(q, k, v, do, group_size, scale=None):
+    """float64 reference output and (dq, dk, dv) for the same inputs."""
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out = block_causal_attention_reference(q64, k64, v64, group_size=group_size, scale=scale)
+    return (out, *torch.autograd.grad(out, (q64, k64, v64), do.double()))
+
+
+def check_against_reference(q, k, v, group_size, scale=None):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = block_causal_attention(q, k, v, group_size=group_size, scale=scale)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    expected = reference_with_grads(q, k, v, do, group_size, scale)
+    assert out.dtype == q.dtype and out.shape == v.shape
+    for name, actual, wanted in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert_close(actual, wanted, q.dtype, name)
+
+
+@pytest.mark.parametrize(
+    "b, h, t, d, dv, group_size",
+    [
+        pytest.param(2, 2, 40, 16, 16, 1, id="G1-T40-causal"),
+        pytest.param(2, 2, 33, 16, 24, 2, id="G2-T33-Dv24"),
+        pytest.param(2, 2, 37, 24, 20, 3, id="G3-T37-D24-Dv20"),
+        pytest.param(1, 3, 29, 16, 16, 4, id="G4-T29"),
+        pytest.param(1, 2, 40, 8, 8, 7, id="G7-T40"),
+        pytest.param(2, 1, 1, 16, 16, 3, id="G3-T1"),
+        pytest.param(1, 2, 5, 16, 16, 3, id="G3-T5-one-partial-tile"),
+        pytest.param(1, 1, 34, 16, 16, 40, id="G40-larger-than-T"),
+    ],
+)
+def test_matches_reference_fp32(triton_backend, b, h, t, d, dv, group_size):
+    with forced_tiles(TILE, TILE):
+        check_against_reference(*random_qkv(b, h, t, d, dv, torch.float32), group_size)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
+def test_matches_reference_half_precision(triton_backend, dtype):
+    with forced_tiles(TILE, TILE):
+        check_against_reference(*random_qkv(2, 2, 35, 32, 24, dtype), group_size=3)
+
+
+@pytest.mark.parametrize(
+    "d, dv, dtype",
+    [
+        pytest.param(65, 100, torch.float32, id="D65-Dv100-fp32"),
+        pytest.param(129, 255, torch.float16, id="D129-Dv255-fp16"),
+        pytest.param(256, 256, torch.bfloat16, id="D256-Dv256-bf16"),
+        pytest.param(256, 3, torch.float32, id="D256-Dv3-fp32"),
+    ],
+)
+def test_wide_and_odd_head_dims_with_default_tiles(triton_backend, d, dv, dtype):
+    check_against_reference(*random_qkv(1, 2, 11, d, dv, dtype), group_size=3)
+
+
+def test_default_tiles_at_model_head_dim(triton_backend):
+    """The tiles a GPU launch uses (64 x 64) over several tiles, at the model's head dim."""
+    check_against_reference(*random_qkv(1, 2, 150, 64, 64, torch.float16), group_size=3)
+
+
+def test_hidden_key_tiles_are_never_loaded(triton_backend):
+    """With 16-row tiles and G = 3, query tile [0, 16) sees keys < 18: key tile [32, 40) is hidden from it. NaN
+    there would reach its rows through any load (even a masked score times a NaN value is NaN in P @ V)."""
+    q, k, v = random_qkv(1, 2, 40, 16, 16, torch.float32)
+    k_poisoned, v_poisoned = k.clone(), v.clone()
+    k_poisoned[:, :, 32:], v_poisoned[:, :, 32:] = float("nan"), float("nan")
+    q = q.requires_grad_()
+    with forced_tiles(TILE, TILE):
+        out = block_causal_attention(q, k_poisoned, v_poisoned, group_size=3)
+        do = torch.randn_like(out)
+        (dq,) = torch.autograd.grad(out, q, do)
+    expected, expected_dq, _, _ = reference_with_grads(q, k, v, do, group_size=3)
+    assert_close(out[:, :, :TILE], expected[:, :, :TILE], torch.float32, "out rows of the first tile")
+    assert_close(dq[:, :, :TILE], expected_dq[:, :, :TILE], torch.float32, "dq rows of the first tile")
+
+
+def test_cross_attention_and_custom_scale(triton_backend):
+    """Queries from one sequence (hyperedges), keys and values from another of the same length (nodes)."""
+    edges, nodes = torch.randn(2, 30, 32), torch.randn(2, 30, 32)
+    w_q, w_k, w_v = torch.randn(3, 32, 32) / 32 ** 0.5
+    split = lambda x: x.view(2, 30, 2, 16).transpose(1, 2)
+    q, k, v = split(edges @ w_q), split(nodes @ w_k), split(nodes @ w_v)
+    with forced_tiles(TILE, TILE):
+        check_against_reference(q, k, v, group_size=3, scale=0.7)
+
+
+def test_strided_inputs(triton_backend):
+    """Transposed (B, T, H, D) views, a slice along D and a V whose last dim is not contiguous: no copies needed."""
+    b, t, h = 2, 27, 2
+    q = torch.randn(b, t, h, 16).transpose(1, 2)
+    k = torch.randn(b, h, t, 40)[..., 8:24]
+    v = torch.randn(b, h, 12, t).transpose(-1, -2)
+    assert not any(x.is_contiguous() for x in (q, k, v))
+    with forced_tiles(TILE, TILE):
+        check_against_reference(q, k, v, group_size=3)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_packed_varlen_matches_each_sequence(triton_backend, dtype):
+    """Forward and gradients of the packed form equal the reference run on each sequence alone."""
+    lengths, h, d, dv, group_size = [5, 1, 17, 35], 2, 16, 24, 3
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    q, k = (torch.randn(total, h, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(total, h, dv, dtype=dtype, requires_grad=True)
+    with forced_tiles(TILE, TILE):
+        out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=group_size)
+        out_total_bound = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=total, group_size=group_size)
+    torch.testing.assert_close(out_total_bound, out, atol=0, rtol=0)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]
+        expected = reference_with_grads(*per_sequence, do[start:end].transpose(0, 1)[None], group_size)
+        for name, actual, wanted in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+            assert_close(actual[start:end], wanted[0].transpose(0, 1), dtype, f"{name}[{start}:{end}]")
+
+
+def test_right_padded_batch_needs_no_mask(triton_backend):
+    """Valid rows of a right-padded batch equal the per-sequence result; padded rows stay finite. Lengths are
+    multiples of the group (CaM-HG: 3 nodes per utterance); otherwise a last partial group would see padding."""
+    lengths, t, h, d = [39, 18, 3], 40, 2, 16
+    q, k, v = random_qkv(len(lengths), h, t, d, d, torch.float32)
+    with forced_tiles(TILE, TILE):
+        out = block_causal_attention(q, k, v, group_size=3)
+    assert torch.isfinite(out).all()
+    for i, length in enumerate(lengths):
+        alone = block_causal_attention_reference(*(x[i:i + 1, :, :length].double() for x in (q, k, v)), group_size=3)
+        assert_close(out[i:i + 1, :, :length], alone, torch.float32, f"sequence {i}")
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        pytest.param(lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dimensions", id="q-rank"),
+        pytest.param(lambda q, k, v: (q, k.half(), v), TypeError, "k has dtype", id="k-dtype-mismatch"),
+        pytest.param(lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "q must have dtype",
+                     id="float64"),
+        pytest.param(lambda q, k, v: (q, k[:, :, :-1], v), ValueError, "k must have q's shape", id="k-shape"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :1]), ValueError, "v must have shape", id="v-shape"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :, :0]), ValueError, "v is empty", id="empty"),
+        pytest.param(lambda q, k, v: (q, k, "v"), TypeError, "v must be a torch.Tensor", id="not-a-tensor"),
+        pytest.param(lambda q, k, v: (torch.randn(1, 1, 4, 257),) * 2 + (v[:, :1, :4],), ValueError,
+                     "q head dimension must be <= 256", id="D257"),
+    ],
+)
+def test_bad_tensors_raise(triton_backend, change, error, match):
+    q, k, v = random_qkv(1, 2, 6, 8, 8, torch.float32)
+    with pytest.raises(error, match=match):
+        block_causal_attention(*change(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param({"group_size": 0}, ValueError, "group_size must be >= 1", id="group-0"),
+        pytest.param({"group_size": 1.5}, TypeError, "group_size must be an int", id="group-float"),
+        pytest.param({"scale": float("nan")}, ValueError, "scale must be finite", id="scale-nan"),
+        pytest.param({"scale": "big"}, TypeError, "scale must be a float", id="scale-str"),
+    ],
+)
+def test_bad_options_raise(triton_backend, kwargs, error, match):
+    q, k, v = random_qkv(1, 1, 6, 8, 8, torch.float32)
+    with pytest.raises(error, match=match):
+        block_causal_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "offsets, dtype, error, match",
+    [
+        pytest.param([1, 4, 9], torch.int32, ValueError, "cu_seqlens must start at 0", id="not-from-0"),
+        pytest.param([0, 6, 4, 9], torch.int32, ValueError, "cu_seqlens must be strictly increasing", id="decreasing"),
+        pytest.param([0, 4, 4, 9], torch.int32, ValueError, "cu_seqlens must be strictly increasing", id="empty-seq"),
+        pytest.param([0, 4, 12], torch.int32, ValueError, "cu_seqlens must end at the packed length 9", id="too-long"),
+        pytest.param([0, 4, 8], torch.int32, ValueError, "cu_seqlens must end at the packed length 9", id="too-short"),
+        pytest.param([0], torch.int32, ValueError, "cu_seqlens must hold", id="one-offset"),
+        pytest.param([0, 4, 9], torch.int64, TypeError, "cu_seqlens must have dtype", id="int64"),
+    ],
+)
+def test_bad_offsets_raise(triton_backend, offsets, dtype, error, match):
+    q, k, v = (torch.randn(9, 2, 8) for _ in range(3))
+    with pytest.raises(error, match=match):
+        block_causal_attention_varlen(q, k, v, torch.tensor(offsets, dtype=dtype))
+
+
+def test_varlen_bad_max_seqlen_and_shapes_raise(triton_backend):
+    q, k, v = (torch.randn(9, 2, 8) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen must be a positive int"):
+        block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=0)
+    with pytest.raises(ValueError, match="q must have 3 dimensions"):
+        block_causal_attention_varlen(q[None], k, v, cu_seqlens)
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("bias", [pytest.param(True, id="bias"), pytest.param(False, id="no-bias")])
+def test_module_loads_both_ways_with_nn_multihead_attention(triton_backend, bias):
+    e, h, t, group_size = 32, 2, 13, 3
+    ours = BlockCausalMultiheadAttention(e, h, group_size=group_size, bias=bias)
+    torch_mha = nn.MultiheadAttention(e, h, batch_first=True, bias=bias)
+    assert ours.state_dict().keys() == torch_mha.state_dict().keys()
+    hidden = ~block_causal_mask(t, group_size)
+    x, context = torch.randn(2, t, e), torch.randn(2, t, e)
+    for source, target in ((torch_mha, ours), (ours, torch_mha)):
+        for p in source.parameters():
+            nn.init.normal_(p, std=0.2)
+        target.load_state_dict(source.state_dict())
+        for key_value in (x, context):
+            expected = torch_mha(x, key_value, key_value, attn_mask=hidden, need_weights=False)[0]
+            assert_close(ours(x, key_value), expected, torch.float32, "module output")
+
+
+def test_module_packed_equals_padded(triton_backend):
+    e, h, lengths = 32, 2, [9, 12]  # multiples of the group, as padding needs
+    module = BlockCausalMultiheadAttention(e, h, group_size=3)
+    padded = torch.randn(len(lengths), max(lengths), e)
+    packed = torch.cat([padded[i, :length] for i, length in enumerate(lengths)])
+    cu_seqlens = torch.tensor([0, 9, 21], dtype=torch.int32)
+    out_packed = module(packed, cu_seqlens=cu_seqlens)
+    out_padded = module(padded)
+    for i, (start, length) in enumerate(zip([0, 9], lengths)):
+        assert_close(out_packed[start:start + length], out_padded[i, :length], torch.float32, f"sequence {i}")
+
+
+@pytest.mark.parametrize("norm_first", [pytest.param(False, id="post-norm"), pytest.param(True, id="pre-norm")])
+def test_transformer_layer_matches_reference_backend(triton_backend, norm_first):
+    """Self-attention, cross-attention (eq. 10) and the packed form give the reference backend's outputs and
+    input gradients."""
+    layer = BlockCausalTransformerLayer(32, 2, dim_feedforward=48, dropout=0.0, group_size=3, norm_first=norm_first)
+    x, context = torch.randn(2, 10, 32, requires_grad=True), torch.randn(2, 10, 32)
+    cu_seqlens = torch.tensor([0, 10, 20], dtype=torch.int32)
+    calls = {
+        "self": lambda: layer(x),
+        "cross": lambda: layer(x, context),
+        "packed": lambda: layer(x.flatten(0, 1), context.flatten(0, 1), cu_seqlens=cu_seqlens).view(2, 10, 32),
+    }
+    for name, call in calls.items():
+        out = call()
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        with use_backend("reference"):
+            expected = call()
+            (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+        assert_close(out, expected, torch.float32, f"{name} output")
+        assert_close(grad, expected_grad, torch.float32, f"{name} grad")
+
+
+def test_module_attention_dropout_trains_and_is_off_in_eval(triton_backend):
+    module = BlockCausalMultiheadAttention(16, 2, group_size=3, dropout=0.5)
+    x = torch.randn(1, 9, 16)
+    torch.manual_seed(0)
+    first = module(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, module(x)), "dropout > 0 in training must change the output"
+    module.eval()
+    expected = BlockCausalMultiheadAttention(16, 2, group_size=3)
+    expected.load_state_dict(module.state_dict())
+    assert_close(module(x), expected(x), torch.float32, "eval output")

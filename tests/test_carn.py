@@ -1,0 +1,322 @@
+"""CARN end to end: the model's shapes and masks, causality of the causal-cue encoder, the losses, the two training
+stages, exact resume, the Triton backend against the reference, bad inputs and NaN-loss handling.
+
+Training tests run on the ``reference_backend`` at tiny sizes; only the backend-equivalence test runs the Triton
+interpreter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from carn.config import ABLATIONS, ModelConfig, TrainConfig, model_config_for
+from carn.losses import causal_self_supervised_loss, reconstruction_loss, stage_losses
+from carn.model import CARN
+from carn.train import DataSpec, run_training
+from mer.data import MODALITIES, collate_dialogues, load_dataset
+from mer.missing import batch_missing_mask
+from mer.training import CheckpointManager, NonFiniteLossError
+
+DIMS = {"a": 6, "t": 8, "v": 5}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    values = dict(dims=DIMS, num_classes=4, hidden=8, num_heads=2, css_dim=4, dropout=0.0)
+    return ModelConfig(**{**values, **overrides})
+
+
+def random_inputs(lengths=(7, 4, 1), seed=0, dims=DIMS):
+    """Right-padded random features, all modalities present at valid positions; labels -1 at padding."""
+    generator = torch.Generator().manual_seed(seed)
+    b, l = len(lengths), max(lengths)
+    valid = torch.arange(l)[None, :] < torch.tensor(lengths)[:, None]
+    features = {m: torch.randn(b, l, d, generator=generator) * valid[..., None] for m, d in dims.items()}
+    present = valid[..., None].expand(b, l, 3).clone()
+    labels = torch.randint(0, 4, (b, l), generator=generator).masked_fill(~valid, -1)
+    return features, present, valid, labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: shapes, masks, causality
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "task, num_classes, ablation",
+    [pytest.param("classification", 4, name, id=f"classification-{name}") for name in ABLATIONS]
+    + [pytest.param("regression", 1, "full", id="regression-full")],
+)
+def test_output_shapes(reference_backend, task, num_classes, ablation):
+    config = tiny_config(task=task, num_classes=num_classes, **ABLATIONS[ablation])
+    features, present, valid, _ = random_inputs()
+    out = CARN(config).eval()(features, present, valid, need_weights=True)
+    b, l = valid.shape
+    class_shape = (b, l) if task == "regression" else (b, l, num_classes)
+    assert out.logits.shape == class_shape
+    assert all(out.modality_logits[m].shape == class_shape for m in MODALITIES)
+    assert all(out.reconstruction[m].shape == (b, l, DIMS[m]) for m in MODALITIES)
+    assert set(out.css_prediction) == (set(MODALITIES) if config.uses_css else set())
+    assert all(out.css_prediction[m].shape == (b, l, config.css_dim) for m in out.css_prediction)
+    assert set(out.attention_weights) == (set(MODALITIES) if config.use_cce else set())
+    for weights in out.attention_weights.values():
+        assert weights.shape == (b, l, l)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(b, l))  # rows are distributions
+    assert torch.isfinite(out.logits).all()  # padded rows too
+
+
+def test_absent_and_padded_features_do_not_matter(reference_backend):
+    """Whatever sits in an absent modality or at padding leaves every valid output unchanged."""
+    model = CARN(tiny_config()).eval()
+    features, present, valid, _ = random_inputs()
+    present[0, 2:5, 1] = False  # text absent at three utterances of dialogue 0
+    present[1, :, 0] = False  # audio absent in dialogue 1
+    reference = model(features, present, valid)
+    garbage = {m: x + 100.0 * torch.randn_like(x) * ~(present[..., i] & valid)[..., None]
+               for i, (m, x) in enumerate(features.items())}
+    changed = model(garbage, present, valid)
+    torch.testing.assert_close(changed.logits[valid], reference.logits[valid])
+    for m in MODALITIES:
+        torch.testing.assert_close(changed.reconstruction[m][valid], reference.reconstruction[m][valid])
+
+
+@pytest.mark.parametrize("attention, causal", [
+    pytest.param("causal_entmax", True, id="causal-entmax"),
+    pytest.param("vanilla", False, id="vanilla-softmax-sees-the-future"),
+])
+def test_causal_cue_at_step_t_ignores_later_steps(reference_backend, attention, causal):
+    encoder = CARN(tiny_config(attention=attention)).encoders["t"].eval()
+    generator = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 9, 8, generator=generator)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    f, context, _ = encoder.causal_cue(h, valid)
+    for t in (0, 4, 7):
+        later = h.clone()
+        later[:, t + 1:] = torch.randn(2, 9 - t - 1, 8, generator=generator)
+        f_later, context_later, _ = encoder.causal_cue(later, valid)
+        unchanged = torch.allclose(f_later[:, : t + 1], f[:, : t + 1], atol=1e-6) and torch.allclose(
+            context_later[:, : t + 1], context[:, : t + 1], atol=1e-6)
+        assert unchanged == causal, f"step {t}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["infonce", "mse"])
+def test_css_loss_counts_valid_positions_only(kind):
+    generator = torch.Generator().manual_seed(2)
+    p, g = torch.randn(2, 6, 4, generator=generator), torch.randn(2, 6, 4, generator=generator)
+    valid = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    loss = causal_self_supervised_loss(p, g, valid, kind=kind, temperature=0.5)
+    noisy = causal_self_supervised_loss(p + 50 * ~valid[..., None], g - 50 * ~valid[..., None], valid,
+                                        kind=kind, temperature=0.5)
+    torch.testing.assert_close(noisy, loss)
+    pv, gv = p[valid], g[valid]
+    if kind == "infonce":  # eq. 17 written out with cosine similarities
+        sim = torch.nn.functional.cosine_similarity(pv[:, None], gv[None], dim=-1) / 0.5
+        expected = -(sim.diagonal() - sim.logsumexp(dim=1)).mean()
+    else:
+        expected = ((pv - gv) ** 2).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_reconstruction_loss_only_on_missing_valid_parts():
+    features, present, valid, _ = random_inputs()
+    present[0, 1:3, 2] = False
+    present = present & valid[..., None]
+    reconstruction = {m: torch.randn_like(x) for m, x in features.items()}
+    loss = reconstruction_loss(reconstruction, features, present, valid)
+    observed = ~(valid[..., None] & ~present)  # positions the loss must ignore
+    shifted = {m: r + 9.0 * observed[..., i, None] for i, (m, r) in enumerate(reconstruction.items())}
+    torch.testing.assert_close(reconstruction_loss(shifted, features, present, valid), loss)
+    missing = valid & ~present[..., 2]
+    torch.testing.assert_close(loss, ((reconstruction["v"][missing] - features["v"][missing]) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: one step, stages, a short run, exact resume, NaN loss
+# ----------------------------------------------------------------------------------------------------------
+def _tiny_batch(seed=0):
+    splits = load_dataset("embedded", dims={"a": 6, "t": 8, "v": 5}, num_dialogues=(4, 2, 2), seed=seed)
+    return collate_dialogues([splits.train[i] for i in range(4)]), splits.info
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_training_steps_lower_the_loss(reference_backend, stage):
+    torch.manual_seed(0)
+    full, info = _tiny_batch()
+    model_config = model_config_for(info, "embedded", hidden=16, num_heads=2, css_dim=8, dropout=0.0)
+    train_config = TrainConfig(epochs_stage1=1, epochs_stage2=1)
+    model = CARN(model_config)
+    model.set_stage(stage)
+    observed = full if stage == 1 else full.with_present(batch_missing_mask(full, 0.5, 0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        terms = stage_losses(model(observed.features, observed.present, observed.valid), full, observed, stage,
+                             model_config, train_config)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(terms["loss"].item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_stage_switching_freezes_the_right_parameters(reference_backend):
+    full, info = _tiny_batch()
+    model_config = model_config_for(info, "embedded", hidden=8, num_heads=2, css_dim=4)
+    model = CARN(model_config)
+    stage1 = {"encoders", "modality_heads"}
+    stage2 = {"encoders", "fusion", "classifier", "decoder", "decoder_head"}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for stage, trained in ((1, stage1), (2, stage2)):
+        model.set_stage(stage)
+        for name, parameter in model.named_parameters():
+            expected = name.split(".")[0] in trained and ".css_target." not in name
+            if ".css_predictor." in name:
+                expected = stage == 1
+            assert parameter.requires_grad == expected, (stage, name)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        observed = full if stage == 1 else full.with_present(batch_missing_mask(full, 0.5, 0))
+        terms = stage_losses(model(observed.features, observed.present, observed.valid), full, observed, stage,
+                             model_config, TrainConfig())
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        for name, parameter in model.named_parameters():
+            moved = not torch.equal(parameter, before[name])
+            if not parameter.requires_grad:
+                assert not moved, (stage, name)
+        assert not torch.equal(model.encoders["a"].input_proj.weight, before["encoders.a.input_proj.weight"])
+
+
+@pytest.fixture(scope="module")
+def small_embedded():
+    return load_dataset("embedded", dims="small", num_dialogues=(24, 6, 10), seed=0)
+
+
+TINY_MODEL = {"hidden": 16, "num_heads": 2, "css_dim": 8}
+
+
+def test_short_run_beats_chance(reference_backend, small_embedded, tmp_path):
+    config = TrainConfig(epochs_stage1=2, epochs_stage2=4, batch_size=4, lr=3e-3)
+    result = run_training(DataSpec("embedded", dataset_options={"dims": "small"}), model_overrides=TINY_MODEL,
+                          train_config=config, run_dir=tmp_path, splits=small_embedded, show_progress=False,
+                          make_plots=False, verbose=False)
+    chance = 100.0 / small_embedded.info.num_classes
+    assert result.results["Average"]["WA"] > chance + 15, result.table.to_markdown()
+    assert result.results["Average"]["UA"] > chance + 15, result.table.to_markdown()
+    assert (tmp_path / "table1.md").exists() and (tmp_path / "metrics.csv").exists()
+
+
+def test_stop_and_resume_equals_uninterrupted_run(reference_backend, small_embedded, tmp_path):
+    config = TrainConfig(epochs_stage1=1, epochs_stage2=2, batch_size=8, lr=1e-3)
+    common = dict(model_overrides=TINY_MODEL, train_config=config, splits=small_embedded, show_progress=False,
+                  make_plots=False, verbose=False)
+    data = DataSpec("embedded", dataset_options={"dims": "small"})
+    whole = run_training(data, run_dir=tmp_path / "whole", **common)
+    stopped = run_training(data, run_dir=tmp_path / "resumed", stop_after_epoch=2, **common)
+    assert stopped.completed_epochs == 2 and stopped.results is None
+    resumed = run_training(data, run_dir=tmp_path / "resumed", resume=True, **common)
+    whole_state, resumed_state = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
+    assert resumed.results == whole.results
+    rows = lambda run: [line.split(",")[:-3] for line in (tmp_path / run / "metrics.csv").read_text().splitlines()]
+    assert len(rows("resumed")) == 4  # header + 3 epochs, none duplicated
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_backend, small_embedded, tmp_path, monkeypatch):
+    import carn.train
+
+    calls = {"n": 0}
+    real = carn.train.stage_losses
+
+    def poisoned(output, full, observed, stage, *args):
+        terms = real(output, full, observed, stage, *args)
+        if stage == 2:  # the first epoch (stage 1) goes well, then the loss turns NaN
+            terms["loss"] = terms["loss"] * float("nan")
+        calls["n"] += 1
+        return terms
+
+    monkeypatch.setattr(carn.train, "stage_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2 step 0 \(stage 2\).*last good checkpoint"):
+        run_training(DataSpec("embedded"), model_overrides=TINY_MODEL, splits=small_embedded, run_dir=tmp_path,
+                     train_config=TrainConfig(epochs_stage1=1, epochs_stage2=1, batch_size=8), show_progress=False,
+                     make_plots=False, verbose=False)
+    state = CheckpointManager(tmp_path / "checkpoints").latest()
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends and bad inputs
+# ----------------------------------------------------------------------------------------------------------
+def test_triton_backend_matches_reference(triton_backend):
+    from kernels import use_backend
+
+    torch.manual_seed(0)
+    model = CARN(tiny_config())
+    features, present, valid, labels = random_inputs(lengths=(5, 3))
+    present[0, 1, 0] = False
+
+    def run():
+        model.zero_grad()
+        out = model(features, present, valid, need_weights=True)
+        loss = (out.logits.square().mean() + sum(out.css_prediction[m].square().mean() for m in MODALITIES)
+                + sum(out.reconstruction[m].square().mean() for m in MODALITIES))
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused_out, fused_grads = run()
+    with use_backend("reference"):
+        reference_out, reference_grads = run()
+    tolerance = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_out.logits, reference_out.logits, **tolerance)
+    for m in MODALITIES:
+        torch.testing.assert_close(fused_out.css_prediction[m], reference_out.css_prediction[m], **tolerance)
+        torch.testing.assert_close(fused_out.attention_weights[m], reference_out.attention_weights[m], **tolerance)
+    assert fused_grads.keys() == reference_grads.keys()
+    for name in reference_grads:
+        torch.testing.assert_close(fused_grads[name], reference_grads[name], **tolerance, msg=name)
+
+
+def _bad(features, present, valid, kind):
+    features = dict(features)
+    if kind == "wrong-dim":
+        features["t"] = torch.zeros(*valid.shape, DIMS["t"] + 1)
+    elif kind == "missing-key":
+        del features["v"]
+    elif kind == "nan":
+        features["a"] = features["a"].clone()
+        features["a"][0, 0, 0] = float("nan")
+    elif kind == "no-modality":
+        present = present.clone()
+        present[1, 2] = False
+    elif kind == "mask-dtype":
+        present = present.float()
+    return features, present, valid
+
+
+@pytest.mark.parametrize("kind, error, match", [
+    pytest.param("wrong-dim", ValueError, r"features\['t'\] has shape .* dims\['t'\] = 8", id="feature-size"),
+    pytest.param("missing-key", ValueError, r"features must be a dict with keys", id="missing-modality-key"),
+    pytest.param("nan", ValueError, r"features\['a'\] contains NaN", id="nan-features"),
+    pytest.param("no-modality", ValueError, r"no modality present", id="mask-without-modality"),
+    pytest.param("mask-dtype", ValueError, r"present must be a .* bool tensor", id="mask-dtype"),
+])
+def test_bad_inputs_raise_clear_errors(reference_backend, kind, error, match):
+    model = CARN(tiny_config())
+    with pytest.raises(error, match=match):
+        model(*_bad(*random_inputs()[:3], kind))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    pytest.param("css", "l1", r"css must be one of", id="css-kind"),
+    pytest.param("attention", "linear", r"attention must be one of", id="attention-kind"),
+    pytest.param("num_heads", 3, r"num_heads=3 must divide hidden=8", id="heads"),
+    pytest.param("dims", {"a": 3, "t": 4}, r"dims must map 'a', 't', 'v'", id="dims"),
+])
+def test_bad_configs_raise(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{field: value})

@@ -1,0 +1,252 @@
+"""The fused entmax-1.5 attention op and its modules against the float64 reference (DESIGN.md sections 2-3).
+
+Kernel tests run on the ``triton_backend`` fixture (Triton's interpreter on a CPU) with tiny tiles, so that a few
+dozen positions cover several, partial and skipped tiles, and both tau solvers (rows in registers and multi-pass).
+"""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
+from kernels import entmax_attention
+from kernels.backend import triton_interpreter_enabled
+from kernels.entmax_attention import EntmaxAttentionOutput, Tiles, entmax15_attention_weights
+
+# the interpreter computes -inf - -inf on padded rows; the kernels mask those results
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
+]
+
+#: rows of up to 8 keys are solved in registers, longer ones in passes over 8-key tiles
+TINY = Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4, row_block_n=8)
+#: BM != BN: the causal start of the dk/dv loop is rounded down to a query tile
+SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_block_n=8)
+
+#: (forward atol, gradient atol) against float64 on the same inputs; rtol is the same as atol
+TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 8e-2)}
+
+
+@triton.jit
+def _square_dot_kernel(a, out, N: tl.constexpr):
+    o = tl.arange(0, N)
+    b_a = tl.load(a + o[:, None] * N + o[None, :])
+    tl.store(out + o[:, None] * N + o[None, :], tl.dot(b_a, b_a))
+
+
+def _interpreter_bf16_dot_is_broken() -> bool:
+    """Triton 3.9's interpreter multiplies the raw bits of bf16 operands in tl.dot (GPUs are unaffected)."""
+    if not triton_interpreter_enabled():
+        return False
+    a = torch.eye(16, dtype=torch.bfloat16)
+    out = torch.zeros(16, 16)
+    _square_dot_kernel[(1,)](a, out, N=16)
+    return not torch.equal(out, torch.eye(16))
+
+
+BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+    _interpreter_bf16_dot_is_broken(), reason="this Triton interpreter's tl.dot is wrong on bf16; runs on GPUs"))
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    def use(value):
+        monkeypatch.setattr(entmax_attention, "_TILE_OVERRIDE", value)
+
+    return use
+
+
+def _inputs(b, h, t, d, dv, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t, n, generator=generator).to(dtype).requires_grad_() for n in (d, d, dv)]
+
+
+def _float64_reference(q, k, v, do, causal=True, scale=None):
+    """Output and (dq, dk, dv) of the reference in float64 on the same (rounded) inputs."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = reference.entmax15_attention_reference(*leaves, causal=causal, scale=scale)
+    out.backward(do.double())
+    return out, [x.grad for x in leaves]
+
+
+def _assert_close(actual, expected, atol, what):
+    torch.testing.assert_close(actual.double(), expected, atol=atol, rtol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_reference(q, k, v, causal=True, scale=None):
+    out = entmax15_attention(q, k, v, causal=causal, scale=scale)
+    assert out.dtype == q.dtype and out.shape == v.shape
+    do = torch.randn_like(out)
+    out.backward(do)
+    expected, grads = _float64_reference(q, k, v, do, causal=causal, scale=scale)
+    atol, grad_atol = TOLERANCES[q.dtype]
+    _assert_close(out, expected, atol, "output")
+    for name, x, g in zip("qkv", (q, k, v), grads):
+        _assert_close(x.grad, g, grad_atol, f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "b, h, t, d, dv, causal, scale, tile_set",
+    [
+        pytest.param(1, 1, 1, 3, 1, True, None, TINY, id="T1-D3-Dv1"),
+        pytest.param(2, 2, 7, 5, 3, True, None, TINY, id="T7-odd-in-registers-B2H2"),
+        pytest.param(1, 1, 8, 4, 4, False, None, TINY, id="T8-last-length-in-registers"),
+        pytest.param(1, 1, 9, 4, 4, False, None, TINY, id="T9-first-length-in-passes"),
+        pytest.param(1, 1, 19, 11, 9, True, None, TINY, id="T19-passes-partial-tiles-causal"),
+        pytest.param(1, 1, 19, 11, 9, False, None, TINY, id="T19-passes-not-causal"),
+        pytest.param(1, 1, 13, 6, 5, True, 0.7, SKEWED, id="T13-BM8-BN4-scale0.7"),
+        pytest.param(2, 2, 19, 5, 3, False, None, SKEWED, id="T19-B2H2-BM8-BN4-not-causal"),
+        pytest.param(1, 2, 21, 20, 12, True, None, None, id="T21-default-tiles"),
+    ],
+)
+def test_matches_float64_reference(triton_backend, tiles, b, h, t, d, dv, causal, scale, tile_set):
+    tiles(tile_set)
+    _check_against_reference(*_inputs(b, h, t, d, dv), causal=causal, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+@pytest.mark.parametrize("causal", [pytest.param(True, id="causal"), pytest.param(False, id="full")])
+def test_half_precision_inputs(triton_backend, tiles, dtype, causal):
+    tiles(TINY)
+    _check_against_reference(*_inputs(1, 1, 17, 9, 10, dtype=dtype, seed=1), causal=causal)
+
+
+@pytest.mark.parametrize("d, dv", [pytest.param(1024, 1024, id="D1024-Dv1024"), pytest.param(1, 1, id="D1-Dv1")])
+def test_feature_sizes_from_1_to_1024(triton_backend, d, dv):
+    q, k, v = _inputs(1, 1, 3, d, dv, seed=2)
+    # unit-norm rows keep the scores O(1) at any D, so the rows are neither one-hot nor uniform
+    _check_against_reference(q, k, v, scale=1.0 if d == 1 else 3.0 / d)
+
+
+@pytest.mark.parametrize("scale", [pytest.param(0.05, id="dense"), pytest.param(6.0, id="sparse")])
+def test_probabilities_sum_to_one_and_are_zero_where_the_reference_is(triton_backend, tiles, scale):
+    """With v = identity the op returns the attention matrix itself."""
+    tiles(TINY)
+    t = 24
+    # unit rows with q = k: at a large scale each row attends to itself and its few near-duplicates
+    q = torch.nn.functional.normalize(torch.randn(1, 1, t, 16, generator=torch.Generator().manual_seed(3)), dim=-1)
+    k = q.clone()
+    identity = torch.eye(t).expand(1, 1, t, t)
+    weights = entmax15_attention(q, k, identity, scale=scale)
+    expected = entmax15_attention_weights(q.double(), k.double(), scale=scale)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, t), atol=1e-5, rtol=0)
+    assert torch.equal(weights == 0, expected == 0), "zeros differ from the reference's"
+    _assert_close(weights, expected, 2e-5, "weights")
+    if scale > 1:  # the sparse case must exercise tile skipping: some visible 8 x 8 tile is all zero
+        tiles_nonzero = (expected[0, 0] != 0).reshape(3, 8, 3, 8).any(3).any(1)
+        visible = torch.ones(3, 3, dtype=torch.bool).tril()
+        assert (visible & ~tiles_nonzero).any()
+        # and the gradients agree where whole tiles are skipped, forward and backward
+        v = torch.randn(1, 1, t, 5)
+        _check_against_reference(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), scale=scale)
+
+
+def test_non_contiguous_inputs(triton_backend, tiles):
+    tiles(TINY)
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 11, 3, 5, generator=generator).transpose(1, 2).requires_grad_()  # (B, T, H, D) viewed
+    k = torch.randn(2, 3, 5, 11, generator=generator).transpose(2, 3).requires_grad_()  # (B, H, D, T) viewed
+    v = torch.randn(2, 3, 11, 14, generator=generator)[..., ::2].requires_grad_()  # strided features
+    assert not any(x.is_contiguous() for x in (q, k, v))
+    out = entmax15_attention(q, k, v)
+    do = torch.randn(2, 11, 3, 7, generator=generator).transpose(1, 2)  # a non-contiguous output gradient
+    out.backward(do)
+    expected, grads = _float64_reference(q, k, v, do)
+    _assert_close(out, expected, 2e-5, "output")
+    for name, x, g in zip("qkv", (q, k, v), grads):
+        _assert_close(x.grad, g, 5e-5, f"d{name}")
+
+
+@pytest.mark.parametrize("t", [pytest.param(6, id="in-registers"), pytest.param(13, id="passes")])
+def test_nan_row_gives_nan_row_and_terminates(triton_backend, tiles, t):
+    tiles(TINY)
+    q, k, v = _inputs(1, 1, t, 4, 3, seed=5)
+    q = q.detach().clone()
+    q[0, 0, 3] = float("nan")
+    out = entmax15_attention(q.requires_grad_(), k, v)
+    assert out[0, 0, 3].isnan().all()
+    # the entmax package itself fails on a NaN row; causally, row 3 of q reaches only output row 3
+    clean = torch.where(q.isnan(), 0.0, q).detach().double()
+    expected = reference.entmax15_attention_reference(clean, k.detach().double(), v.detach().double())
+    rows = torch.arange(t) != 3
+    _assert_close(out[0, 0, rows], expected[0, 0, rows], 2e-5, "rows without NaN")
+    out.sum().backward()  # the backward must finish too
+    assert q.grad.shape == q.shape
+
+
+def test_saved_state_is_linear_in_sequence_length(triton_backend):
+    b, h, t, d, dv = 1, 2, 40, 4, 3
+    q, k, v = _inputs(b, h, t, d, dv, seed=6)
+    out = entmax15_attention(q, k, v)
+    saved = out.grad_fn.saved_tensors
+    assert saved, "the autograd Function saved nothing"
+    for tensor in saved:
+        assert tensor.numel() <= b * h * t * max(d, dv) < b * h * t * t, tuple(tensor.shape)
+
+
+def _good():
+    return [torch.randn(1, 2, 5, 4) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        pytest.param(lambda q, k, v: (q[0], k, v, {}), ValueError, "q must have 4 dimensions", id="rank"),
+        pytest.param(lambda q, k, v: (q, k[..., :3], v, {}), ValueError, "k must have q's shape", id="k-D"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :, :4], {}), ValueError, "v must match q", id="v-T"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :1], {}), ValueError, "v must match q", id="v-H"),
+        pytest.param(lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "q must have dtype",
+                     id="float64"),
+        pytest.param(lambda q, k, v: (q, k, v.half(), {}), TypeError, "v has dtype", id="mixed-dtypes"),
+        pytest.param(lambda q, k, v: (q, k.to("meta"), v, {}), ValueError, "k is on meta", id="devices"),
+        pytest.param(lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0], {}), ValueError, "q is empty",
+                     id="empty"),
+        pytest.param(lambda q, k, v: ([1.0], k, v, {}), TypeError, "q must be a torch.Tensor", id="not-tensor"),
+        pytest.param(lambda q, k, v: (q, k, v, {"scale": "big"}), TypeError, "scale must be", id="scale-type"),
+        pytest.param(lambda q, k, v: (q, k, v, {"scale": float("nan")}), ValueError, "scale must be finite",
+                     id="scale-nan"),
+        pytest.param(lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool", id="causal"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(triton_backend, make, error, match):
+    q, k, v, kwargs = make(*_good())
+    with pytest.raises(error, match=match):
+        entmax15_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "num_heads, out_proj", [pytest.param(1, False, id="H1-CARN"), pytest.param(2, True, id="H2-out_proj")]
+)
+def test_module_twins_share_state_and_outputs(triton_backend, tiles, num_heads, out_proj):
+    tiles(TINY)
+    torch.manual_seed(7)
+    embed_dim, t = 6, 11
+    fused = FusedEntmaxCausalAttention(embed_dim, num_heads, out_proj=out_proj)
+    twin = reference.EntmaxCausalAttention(embed_dim, num_heads, out_proj=out_proj)
+    assert fused.state_dict().keys() == twin.state_dict().keys()
+    x = torch.randn(2, t, embed_dim)
+    for source, target in ((fused, twin), (twin, fused)):
+        target.load_state_dict(source.state_dict())
+        got = fused(x, return_context=True, need_weights=True)
+        want = twin(x, return_context=True, need_weights=True)
+        assert isinstance(got, EntmaxAttentionOutput)
+        for name in EntmaxAttentionOutput._fields:
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
+    torch.testing.assert_close(fused(x), got.output, atol=0, rtol=0)
+    # the context is A @ x averaged over heads, A from the reference formula on the module's projections
+    split = lambda y: y.view(2, t, num_heads, embed_dim // num_heads).transpose(1, 2)  # noqa: E731
+    weights = entmax15_attention_weights(split(twin.q_proj(x)), split(twin.k_proj(x)))
+    torch.testing.assert_close(got.context, (weights @ x.unsqueeze(1)).mean(1), atol=1e-5, rtol=1e-5)
+    assert got.weights.shape == (2, num_heads, t, t)
+
+
+def test_module_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="embed_dim"):
+        FusedEntmaxCausalAttention(6, num_heads=4)
+    module = FusedEntmaxCausalAttention(6, num_heads=2)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        module(torch.randn(11, 6))
+    with pytest.raises(ValueError, match="x must have embed_dim = 6"):
+        module(torch.randn(2, 11, 5))
