@@ -62,10 +62,16 @@ CANDIDATES = {"ours": moe_top2, "per-expert loop": moe_top2_reference, "torch._g
 
 
 def _run(op, inputs, mode):
-    if mode == "fwd":
+    """The timed call: the forward alone (no autograd graph), or the forward and the gradients of every input."""
+
+    def forward():
         with torch.no_grad():
-            return lambda: op(*inputs)
-    return lambda: torch.autograd.grad(op(*inputs).float().square().sum(), inputs)
+            return op(*inputs)
+
+    def forward_backward():
+        return torch.autograd.grad(op(*inputs).float().square().sum(), inputs)
+
+    return forward if mode == "fwd" else forward_backward
 
 
 def _model_flops(n, d, h, mode):

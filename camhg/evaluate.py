@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,11 +34,6 @@ EVALUATION_SEED = 12345  # the masks of the test set do not depend on the traini
 def headline_metrics(info: DatasetInfo) -> tuple[str, ...]:
     """The metrics a table reports: WA/UA/WAF1 (emotions) or Acc2/F1/MAE/Corr (sentiment)."""
     return ("WA", "UA", "WAF1") if info.task == "classification" else ("Acc2", "F1", "MAE", "Corr")
-
-
-def headline_metric(info: DatasetInfo) -> str:
-    """The one metric of Tables 2-4: WAF1 on IEMOCAP-like data, Acc-2 on sentiment."""
-    return "WAF1" if info.task == "classification" else "Acc2"
 
 
 @torch.no_grad()

@@ -202,10 +202,12 @@ def default_run_name(config: CaMHGConfig) -> str:
     return f"{stamp}-seed{config.seed}{suffix}"
 
 
-def train(config: CaMHGConfig, *, run_dir: Path, data_root: Optional[str] = None, resume: bool = False,
+def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[str] = None, resume: bool = False,
           stop_after_epoch: Optional[int] = None, evaluate: bool = True, plots: bool = True,
           device: str = "auto", show_progress: bool = True, ctx: Optional[DistContext] = None) -> RunResult:
     """Train (or resume) one run in ``run_dir``; evaluate the final model on the test split when ``evaluate``.
+
+    With ``resume`` the configuration comes from the run's last checkpoint (``config`` is ignored, may be None).
 
     ``stop_after_epoch=k`` stops after the (1-based) k-th epoch, as a kill would (tests of exact resume).
     Raises NonFiniteLossError, with the last good checkpoint left in place, when a loss turns NaN or infinite.
@@ -363,8 +365,7 @@ def main(argv=None) -> int:
     ctx = init_distributed()
     try:
         if args.resume is not None:
-            run_dir, config = Path(args.resume), None
-            result = train(None, run_dir=run_dir, resume=True, data_root=args.data_root,
+            result = train(None, run_dir=Path(args.resume), resume=True, data_root=args.data_root,
                            stop_after_epoch=args.stop_after_epoch, plots=not args.no_plots, device=args.device,
                            show_progress=not args.no_progress, ctx=ctx)
         else:
@@ -376,6 +377,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError, FileNotFoundError) as error:  # bad arguments or data: say so, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         cleanup_distributed(ctx)
     if ctx.is_main:

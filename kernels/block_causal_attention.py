@@ -20,7 +20,8 @@ import triton.language as tl
 from torch import nn
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
-from .backend import triton_interpreter_enabled, use_triton
+from ._triton_helpers import dot_fp32acc, upcast_dots_for
+from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
 MAX_HEAD_DIM = 256
@@ -43,15 +44,6 @@ def _sequence_bounds(cu_seqlens, i_b, T, is_varlen):
         # a tensor even when the launcher specialized T == 1 to a constant: both branches must agree in type
         seqlen = tl.zeros([], dtype=tl.int32) + T
     return bos, seqlen
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """tl.dot, with inputs upcast to fp32 where Triton's interpreter multiplies bf16 bit patterns as integers
-    (UPCAST_DOTS: bf16 under TRITON_INTERPRET only; GPU launches never set it)."""
-    if UPCAST_DOTS:
-        a, b = a.to(tl.float32), b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -103,7 +95,7 @@ def block_causal_attn_fwd_kernel(
                        other=0.)  # [BD, BN]
         b_v = tl.load(v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :],
                       other=0.)  # [BN, BD]
-        b_s = _dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale  # [BM, BN]
+        b_s = dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale  # [BM, BN]
         if n0 >= n_visible_end:
             m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
             b_s = tl.where(m_allowed, b_s, float("-inf"))
@@ -111,7 +103,7 @@ def block_causal_attn_fwd_kernel(
         b_p = tl.exp2(b_s - b_max_new[:, None])
         b_alpha = tl.exp2(b_max - b_max_new)
         b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOTS)
+        b_acc = b_acc * b_alpha[:, None] + dot_fp32acc(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOTS)
         b_max = b_max_new
 
     b_o = b_acc / b_sum[:, None]
@@ -176,13 +168,13 @@ def block_causal_attn_bwd_dq_kernel(
                        other=0.)  # [BD, BN]
         b_vt = tl.load(v + o_n[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
                        other=0.)  # [BD, BN]
-        b_p = tl.exp2(_dot(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
+        b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
         if n0 >= n_visible_end:
             m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
             b_p = tl.where(m_allowed, b_p, 0.)
-        b_dp = _dot(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS)
+        b_dp = dot_fp32acc(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += _dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), DOT_PRECISION, UPCAST_DOTS)
+        b_dq += dot_fp32acc(b_ds.to(b_kt.dtype), tl.trans(b_kt), DOT_PRECISION, UPCAST_DOTS)
 
     tl.store(dq + o_m[:, None] * stride_dqt + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=m_m[:, None] & m_d[None, :])
@@ -244,14 +236,14 @@ def block_causal_attn_bwd_dkdv_kernel(
                         other=0.)  # [BD, BM]
         b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
         b_delta = tl.load(delta + o_m, mask=m_m, other=0.)
-        b_pt = tl.exp2(_dot(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
+        b_pt = tl.exp2(dot_fp32acc(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
         if m0 < m_visible_start:
             m_allowed = (o_n[:, None] // G) <= (o_m[None, :] // G)
             b_pt = tl.where(m_allowed, b_pt, 0.)
-        b_dv += _dot(b_pt.to(b_dot.dtype), tl.trans(b_dot), DOT_PRECISION, UPCAST_DOTS)
-        b_dpt = _dot(b_v, b_dot, DOT_PRECISION, UPCAST_DOTS)  # [BN, BM]
+        b_dv += dot_fp32acc(b_pt.to(b_dot.dtype), tl.trans(b_dot), DOT_PRECISION, UPCAST_DOTS)
+        b_dpt = dot_fp32acc(b_v, b_dot, DOT_PRECISION, UPCAST_DOTS)  # [BN, BM]
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += _dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOTS)
+        b_dk += dot_fp32acc(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOTS)
 
     tl.store(dk + o_n[:, None] * stride_dkt + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
@@ -285,10 +277,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 takes TF32 tensor cores (like cuBLAS with allow_tf32): tf32x3 and IEEE compiled ~2.5x and ~6x slower
     # ahead of time (fwd, D 64, sm_90) and run slower; the interpreter computes exactly either way
     return "tf32" if dtype == torch.float32 else "ieee"
-
-
-def _upcast_dots(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and triton_interpreter_enabled()
 
 
 def _tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
@@ -365,7 +353,7 @@ def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale:
         *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
         *layout.lse_strides(),
         BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=_upcast_dots(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=upcast_dots_for(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return o, lse
@@ -389,7 +377,7 @@ def block_causal_attention_bwd(q, k, v, o, lse, do, layout: _Layout, group_size:
         *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
         *_bth_strides(do, varlen), *_bth_strides(dq, varlen), *layout.lse_strides(),
         BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
-        DOT_PRECISION=precision, UPCAST_DOTS=_upcast_dots(q.dtype),
+        DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     grid = (triton.cdiv(layout.max_seqlen, tiles.block_n), layout.batch * layout.heads)
@@ -398,7 +386,7 @@ def block_causal_attention_bwd(q, k, v, o, lse, do, layout: _Layout, group_size:
         *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(do, varlen),
         *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *layout.lse_strides(),
         BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
-        DOT_PRECISION=precision, UPCAST_DOTS=_upcast_dots(q.dtype),
+        DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return dq, dk, dv

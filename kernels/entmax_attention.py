@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from .aot import AotConfig
+from ._triton_helpers import dot_fp32acc, upcast_dots_for
 from .backend import use_triton
 
 
@@ -65,7 +66,7 @@ def _tiles() -> Tiles:
 
 @triton.jit
 def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T, K,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows outside [0, T) read as zeros."""
     m_m = o_m < T
     m_n = o_n < T
@@ -81,15 +82,16 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
                       mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
         # fp32 inputs: tf32x3 keeps ~fp32 accuracy on tensor cores (plain tf32 costs ~1e-3 relative, and "ieee"
         # compiles to huge FMA code); fp16/bf16 products are exact whatever the precision flag
-        b_acc += tl.dot(b_a, b_b, input_precision="tf32x3")
+        b_acc += dot_fp32acc(b_a, b_b, "tf32x3", UPCAST_DOTS)
     return b_acc
 
 
 @triton.jit
 def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside [0, T) and where the causal mask hides the key."""
-    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD) * half_scale
+    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+                    UPCAST_DOTS) * half_scale
     m_visible = (o_m[:, None] < T) & (o_n[None, :] < T) & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
     return tl.where(m_visible, b_z, float("-inf"))  # [BM, BN]
 
@@ -141,7 +143,7 @@ def _entmax_tau_kernel(q, k, tau,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        H, T, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """tau (B*H, T) fp32 of ``z = scale / 2 * q k^T``: ``sum_j max(z_ij - tau_i, 0)^2 = 1``. NaN rows get NaN.
     Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores scored once, kept on chip) needs T <= BN."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
@@ -153,7 +155,7 @@ def _entmax_tau_kernel(q, k, tau,
 
     if ROW_IN_REGISTERS:
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, D,
-                      half_scale, causal, BM, BN, BD)  # [BM, BN]
+                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_nan = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
     else:
@@ -161,7 +163,7 @@ def _entmax_tau_kernel(q, k, tau,
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(0, hi, BN):
             b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, D,
-                           half_scale, causal, BM, BN, BD)  # [BM, BN]
+                           half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
             b_nan = b_nan | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
 
@@ -179,7 +181,7 @@ def _entmax_tau_kernel(q, k, tau,
             b_wout = tl.full([BM], float("-inf"), dtype=tl.float32)
             for n0 in range(0, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
-                               T, D, half_scale, causal, BM, BN, BD)  # [BM, BN]
+                               T, D, half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
                 t_cnt, t_a1, t_a2, t_wmin, t_wout = _support_stats(b_zt, b_tau)
                 b_cnt += t_cnt
                 b_a1 += t_a1
@@ -199,7 +201,8 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        H, T, D, Dv, half_scale, causal, store_w,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                       UPCAST_DOTS: tl.constexpr):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
     w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H)."""
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -219,14 +222,14 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
     for n0 in range(0, _visible_keys_end(i_m, T, causal, BM), BN):
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD)  # [BM, BN]
+                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
             b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
                           mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
-            b_o += tl.dot((b_g * b_g).to(b_v.dtype), b_v, input_precision="tf32x3")
+            b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
             if store_w != 0:
-                b_u += tl.dot(b_g.to(b_v.dtype), b_v, input_precision="tf32x3")
+                b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
                 b_gsum += tl.sum(b_g, 1)
 
     # a NaN row has NaN tau and no support: give it NaN, not zeros
@@ -245,7 +248,8 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
                           stride_vb, stride_vh, stride_vt, stride_vd,
                           stride_ob, stride_oh, stride_ot, stride_od,
                           H, T, D, Dv, half_scale, scale, causal,
-                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                          UPCAST_DOTS: tl.constexpr):
     """dq[:, :, :, chunk] (B, H, T, D) = scale * dS @ k with ``dS = G (dO v^T - c)``.
     Grid (cdiv(T, BM), cdiv(D, BD), B*H)."""
     i_m, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -265,15 +269,15 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
     for n0 in range(0, _visible_keys_end(i_m, T, causal, BM), BN):
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD)  # [BM, BN]
+                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
-                             BM, BN, BDV)  # [BM, BN]
+                             BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
             b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0)
             b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
                           mask=(o_n[:, None] < T) & m_d[None, :], other=0.0)  # [BN, BD]
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision="tf32x3")
+            b_dq += dot_fp32acc(b_ds.to(b_k.dtype), b_k, "tf32x3", UPCAST_DOTS)
 
     o_out = (i_bh.to(tl.int64) * T + o_m)[:, None] * D + o_d[None, :]
     tl.store(dq + o_out, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
@@ -286,7 +290,8 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
                             stride_vb, stride_vh, stride_vt, stride_vd,
                             stride_ob, stride_oh, stride_ot, stride_od,
                             H, T, D, Dv, half_scale, scale, causal,
-                            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                            UPCAST_DOTS: tl.constexpr):
     """For one key tile, feature chunk i_c of dk (B, H, T, D) = scale * dS^T @ q and of dv (B, H, T, Dv) = p^T @ dO,
     sharing the scores. Grid (cdiv(T, BN), max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
     i_n, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -312,21 +317,21 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
         m_m = o_m < T
         b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD)  # [BM, BN]
+                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             if has_dk:
                 b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
                 b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
-                                 BM, BN, BDV)  # [BM, BN]
+                                 BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
                 b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0)
                 b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
                               mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-                b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision="tf32x3")
+                b_dk += dot_fp32acc(tl.trans(b_ds.to(b_q.dtype)), b_q, "tf32x3", UPCAST_DOTS)
             if has_dv:
                 b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
                                mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
-                b_dv += tl.dot(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, input_precision="tf32x3")
+                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
 
     o_row = i_bh.to(tl.int64) * T + o_n
     tl.store(dk + o_row[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
@@ -362,7 +367,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
         q, k, tau, *q.stride(), *k.stride(), H, T, D, half_scale, int(causal),
         ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, BM=block_m, BN=block_n, BD=tiles.block_d,
-        **_launch_options())
+        UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
 
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
@@ -371,7 +376,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
         q, k, v, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
         *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
-        BDV=tiles.block_dv, **_launch_options())
+        BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
     return o, tau, w
 
 
@@ -387,7 +392,8 @@ def _entmax_attention_bwd(do, q, k, v, tau, w, causal: bool, scale: float):
     dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv)
+    blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
+                  UPCAST_DOTS=upcast_dots_for(q.dtype))
     _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
         q, k, v, do, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options())
     chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
@@ -507,15 +513,17 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def aot_configurations() -> List[AotConfig]:
-    """Every (kernel, dtype, constexpr) combination the launchers can launch with the default tiles (causal and
-    store_w are runtime flags)."""
+    """Every (kernel, dtype, constexpr) combination the launchers can launch with the default tiles on a GPU (causal
+    and store_w are runtime flags; UPCAST_DOTS is set only under the interpreter)."""
     t = _DEFAULT_TILES
-    blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
+    blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
     variants = [
         ("tau registers", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=True, MAX_PASSES=_MAX_PASSES, BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d)),
+         dict(ROW_IN_REGISTERS=True, MAX_PASSES=_MAX_PASSES, BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d,
+              UPCAST_DOTS=False)),
         ("tau passes", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=False, MAX_PASSES=_MAX_PASSES, BM=t.block_m, BN=t.block_n, BD=t.block_d)),
+         dict(ROW_IN_REGISTERS=False, MAX_PASSES=_MAX_PASSES, BM=t.block_m, BN=t.block_n, BD=t.block_d,
+              UPCAST_DOTS=False)),
         ("fwd", _entmax_fwd_kernel, blocks),
         ("bwd dq", _entmax_bwd_dq_kernel, blocks),
         ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),

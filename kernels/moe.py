@@ -40,7 +40,8 @@ from torch import nn
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
-from .backend import triton_interpreter_enabled, use_triton
+from ._triton_helpers import dot_fp32acc, upcast_dots_for
+from .backend import use_triton
 
 #: the router kernel holds all logits of a row in one [BM, MAX_EXPERTS] tile
 MAX_EXPERTS = 64
@@ -79,10 +80,6 @@ class MoETiles(NamedTuple):
     num_stages: int
 
 
-# Triton 3.9's CPU interpreter returns garbage for tl.dot on bfloat16 operands (it multiplies the raw bits);
-# there, and only there, bfloat16 tiles are multiplied in float32. Fixed at import, like the interpreter itself.
-_INTERPRETER_BF16_DOT_WORKAROUND = tl.constexpr(triton_interpreter_enabled())
-
 #: tile sizes per dtype; tests replace this mapping with tiny tiles to exercise several and partial tiles
 TILES = {
     torch.float16: MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=4, num_stages=3),
@@ -94,18 +91,6 @@ TILES = {
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(b_a, b_b, b_acc):
-    # float32 operands: exact IEEE products like torch's float32 matmul (TF32 would lose ~3 digits)
-    if b_a.dtype == tl.float32:
-        b_acc = tl.dot(b_a, b_b, b_acc, input_precision="ieee")
-    elif _INTERPRETER_BF16_DOT_WORKAROUND and b_a.dtype == tl.bfloat16:
-        b_acc = tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), b_acc, input_precision="ieee")
-    else:
-        b_acc = tl.dot(b_a, b_b, b_acc)
-    return b_acc
 
 
 @triton.jit
@@ -124,7 +109,7 @@ def _moe_route_kernel(
     x, gate, logits, experts, alpha,
     N, D, E,
     stride_xn, stride_xd, stride_ge, stride_gd,
-    BM: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     """Rows [i_m * BM, ...): logits (N, E) fp32, top-2 experts (N, 2) int64, softmax weights (N, 2) fp32."""
     i_m = tl.program_id(0)
@@ -140,7 +125,7 @@ def _moe_route_kernel(
         b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         p_g = gate + o_e[None, :] * stride_ge + o_k[:, None] * stride_gd
         b_g = tl.load(p_g, mask=m_e[None, :] & m_k[:, None], other=0.0)  # [BK, BE]
-        b_logits = _dot(b_x, b_g, b_logits)
+        b_logits += dot_fp32acc(b_x, b_g, DOT_PRECISION, UPCAST_DOTS)
     p_logits = logits + o_m[:, None].to(tl.int64) * E + o_e[None, :]
     tl.store(p_logits, b_logits, mask=m_m[:, None] & m_e[None, :])
 
@@ -171,6 +156,7 @@ def _moe_grouped_matmul_kernel(
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_be, stride_bn, stride_cm, stride_cn,
     gather_a, scale_rows, has_bias, epilogue,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     """C[p] = epilogue(A[row(p)] @ W[e(p)] (* weight[p]) (+ bias[e(p)])) for the sorted pairs p of one tile.
 
@@ -211,7 +197,7 @@ def _moe_grouped_matmul_kernel(
                       mask=m_p[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         b_w = tl.load(p_w_e + o_k[:, None] * stride_wk + o_n[None, :] * stride_wn,
                       mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-        b_acc = _dot(b_a, b_w, b_acc)
+        b_acc += dot_fp32acc(b_a, b_w, DOT_PRECISION, UPCAST_DOTS)
 
     if scale_rows != 0:
         b_acc *= tl.load(pair_weights + o_src, mask=m_p, other=0.0)[:, None]
@@ -235,7 +221,7 @@ def _moe_grouped_wgrad_kernel(
     K, NC,
     stride_am, stride_ak, stride_bm, stride_bn, stride_dwe, stride_dwk, stride_dwn, stride_dbe, stride_dbn,
     gather_a, gather_b, scale_b,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     """dW[e] = A[pairs of e]^T @ B[pairs of e] (K, NC) and db[e] = column sums of B[pairs of e].
 
@@ -268,7 +254,7 @@ def _moe_grouped_wgrad_kernel(
         if scale_b != 0:
             b_b *= tl.load(pair_weights + o_src, mask=m_p, other=0.0)[:, None]
         b_db += tl.sum(b_b, axis=0)
-        b_dw = _dot(b_at, b_b.to(b_at.dtype), b_dw)
+        b_dw += dot_fp32acc(b_at, b_b.to(b_at.dtype), DOT_PRECISION, UPCAST_DOTS)
 
     p_dw = dw + i_e.to(tl.int64) * stride_dwe + o_k[:, None] * stride_dwk + o_n[None, :] * stride_dwn
     tl.store(p_dw, b_dw.to(dw.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
@@ -343,6 +329,12 @@ def _moe_router_grad_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _dot_options(dtype):
+    """float32: IEEE products like torch's float32 matmul (TF32 would lose ~3 digits); see _triton_helpers for
+    UPCAST_DOTS (the interpreter's bfloat16 dot workaround, never on a GPU)."""
+    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST_DOTS=upcast_dots_for(dtype))
+
+
 def _route(x, gate_weight, tiles):
     """logits (N, E) fp32, experts (N, 2) int64, alpha (N, 2) fp32."""
     n, d = x.shape
@@ -353,7 +345,7 @@ def _route(x, gate_weight, tiles):
     _moe_route_kernel[(triton.cdiv(n, tiles.block_m),)](
         x, gate_weight, logits, experts, alpha, n, d, e,
         x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1),
-        BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **_dot_options(x.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return logits, experts, alpha
 
@@ -397,7 +389,7 @@ def _grouped_matmul(a, groups, w, alpha, *, gather_a, tiles, scale_rows=False, b
         0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(1),
         out.stride(0), out.stride(1),
         int(gather_a), int(scale_rows), int(bias is not None), epilogue,
-        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, BE=MAX_EXPERTS,
+        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, BE=MAX_EXPERTS, **_dot_options(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return (out, pre) if epilogue == 1 else out
@@ -414,7 +406,7 @@ def _grouped_wgrad(a, b, groups, alpha, num_experts, *, gather_a, gather_b, scal
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1),
         int(gather_a), int(gather_b), int(scale_b),
-        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k,
+        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, **_dot_options(a.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return dw, db
@@ -646,13 +638,16 @@ def aot_configurations():
         t = _TRITON_TYPES[dtype]
         launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         blocks_mnk = dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k)
+        # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
+        dot_options = dict(_dot_options(dtype), UPCAST_DOTS=False)
+        dot_flags = {"DOT_PRECISION": "constexpr", "UPCAST_DOTS": "constexpr"}
         ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
         configs.append(AotConfig(
             f"route {t}", _moe_route_kernel,
             {"x": f"*{t}", "gate": f"*{t}", "logits": "*fp32", "experts": "*i64", "alpha": "*fp32",
              **ints("N", "D", "E", "stride_xn", "stride_xd", "stride_ge", "stride_gd"),
-             "BM": "constexpr", "BK": "constexpr", "BE": "constexpr"},
-            dict(BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS), **launch))
+             "BM": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
+            dict(BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **dot_options), **launch))
         # the mode flags are runtime i32 arguments: one compiled kernel per dtype covers every mode
         configs.append(AotConfig(
             f"grouped_matmul {t}", _moe_grouped_matmul_kernel,
@@ -661,16 +656,16 @@ def aot_configurations():
              **ints("E", "K", "NC", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wn",
                     "stride_be", "stride_bn", "stride_cm", "stride_cn", "gather_a", "scale_rows", "has_bias",
                     "epilogue"),
-             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BE": "constexpr"},
-            dict(**blocks_mnk, BE=MAX_EXPERTS), **launch))
+             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
+            dict(**blocks_mnk, BE=MAX_EXPERTS, **dot_options), **launch))
         configs.append(AotConfig(
             f"grouped_wgrad {t}", _moe_grouped_wgrad_kernel,
             {"a": f"*{t}", "b": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "dw": f"*{t}",
              "db": f"*{t}", "expert_offsets": "*i64",
              **ints("K", "NC", "stride_am", "stride_ak", "stride_bm", "stride_bn", "stride_dwe", "stride_dwk",
                     "stride_dwn", "stride_dbe", "stride_dbn", "gather_a", "gather_b", "scale_b"),
-             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr"},
-            dict(blocks_mnk), **launch))
+             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", **dot_flags},
+            dict(**blocks_mnk, **dot_options), **launch))
         configs.append(AotConfig(
             f"combine {t}", _moe_combine_kernel,
             {"src": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "out": f"*{t}",

@@ -169,7 +169,9 @@ class DatasetSplits:
     info: DatasetInfo
 
 
-def load_dataset(name: str = "embedded", data_root: str | Path | None = None, *, seed: int = 0, **options) -> DatasetSplits:
+def load_dataset(
+    name: str = "embedded", data_root: str | Path | None = None, *, seed: int = 0, **options
+) -> DatasetSplits:
     """The splits of dataset ``name`` (one of :data:`DATASET_NAMES`).
 
     Embedded names are generated from ``seed`` (options: ``dims``, ``num_dialogues`` and the generator's knobs,

@@ -31,15 +31,16 @@ What is planted, per dialogue (lengths 8-110 utterances, mean about 50; two spea
 What results mean on it:
 - a context-free model (one utterance's features) is bounded by the channel noise; a model that uses earlier
   turns (the trigger cue several turns back, the other speaker's reaction, the speaker's own last emotion) scores
-  higher; an oracle that sees the cause emotion scores higher still (``tests/test_data_embedded.py`` checks
-  this order with logistic regression);
+  higher; an oracle that sees the cause emotion scores higher still. Logistic regression on dims="small", seed 0,
+  valid accuracy: context-free 0.67, stacked with the previous turns' predictions and lagged text 0.70, with the
+  cause 0.94 (``tests/test_data_embedded.py`` checks context-free < oracle - 0.15 on a smaller set);
 - the gap between valid (IID) and test (shifted) scores measures reliance on the spurious feature;
 - hiding text costs most (its channel is the cleanest and it alone carries the trigger cue); a model that
   reconstructs a missing modality from context can recover part of it, since the causes live in other turns.
 
 Knobs (keyword options of :func:`generate_embedded` / ``mer.data.load_dataset``): ``dims`` ("full": a 512,
 t 1024, v 1024, the published sizes; "small": a 32, t 48, v 40; or a dict), ``num_dialogues`` (int: train count,
-valid and test scaled 1/4 and 1/3 of it; or a (train, valid, test) tuple; default (120, 30, 40), about 9,500
+valid and test scaled 1/4 and 1/3 of it; or a (train, valid, test) tuple; default (120, 30, 40), about 9,400
 utterances, so that a CPU epoch of a small model takes seconds), ``shift``, and the :class:`EmbeddedConfig`
 fields (rates and noise levels).
 """
@@ -89,10 +90,10 @@ class EmbeddedConfig:
     trigger_rate: float = 0.12  # an utterance carries a trigger event
     trigger_lags: tuple[int, ...] = (2, 3, 4)
     reaction_rate: float = 0.35
-    persistence_rate: float = 0.6  # of the remaining probability after reaction
+    persistence_rate: float = 0.8  # of the remaining probability after reaction
     label_noise: float = 0.08
     # Latent-channel noise std per modality (signal norm ~1): text cleanest, video noisiest, like the real data.
-    noise: dict[str, float] = field(default_factory=lambda: {"a": 0.9, "t": 0.7, "v": 1.1})
+    noise: dict[str, float] = field(default_factory=lambda: {"a": 1.2, "t": 1.0, "v": 1.4})
     ambient_noise: float = 0.5  # per feature dimension, after the embedding
     trigger_strength: float = 1.5
     spurious_rate: float = 0.7
@@ -295,7 +296,9 @@ def generate_embedded(
         split_traces = [trace for _, _, trace in conversations]
         labels = np.concatenate([labels for _, labels, _ in conversations])
         speaker_slots = np.concatenate([2 * number + speakers for number, (speakers, _, _) in enumerate(conversations)])
-        joined = ConversationTrace(*(np.concatenate([getattr(t, f.name) for t in split_traces]) for f in dataclasses.fields(ConversationTrace)))
+        joined = ConversationTrace(
+            *(np.concatenate([getattr(t, f.name) for t in split_traces]) for f in dataclasses.fields(ConversationTrace))
+        )
         features = _features(rng, world, labels, speaker_slots, joined, dims, config)
         if task == "regression":
             labels = _sentiment_scores(rng, labels)

@@ -72,7 +72,8 @@ def valid_targets(outputs, labels, valid) -> tuple[np.ndarray, np.ndarray]:
     if valid.dtype != torch.bool:
         raise TypeError(f"valid must be a bool mask, got {valid.dtype}")
     if labels.shape != valid.shape:
-        raise ValueError(f"labels and valid must have the same shape, got {tuple(labels.shape)} and {tuple(valid.shape)}")
+        shapes = f"{tuple(labels.shape)} and {tuple(valid.shape)}"
+        raise ValueError(f"labels and valid must have the same shape, got {shapes}")
     if outputs.dim() == valid.dim() + 1:
         outputs = outputs[..., 0] if outputs.shape[-1] == 1 else outputs.argmax(-1)
     if outputs.shape != valid.shape:

@@ -71,7 +71,8 @@ def _read_label_file(path: Path, iemocap: bool):
         found = f"a {type(content).__name__}" + (f" of {len(content)} items" if hasattr(content, "__len__") else "")
         raise ValueError(f"{path} holds {found}; expected a list {layout}")
     dicts, splits = content[:4], content[4:]
-    if not all(isinstance(part, dict) for part in dicts) or not all(isinstance(s, (set, frozenset, list)) for s in splits):
+    sets_ok = all(isinstance(s, (set, frozenset, list)) for s in splits)
+    if not all(isinstance(part, dict) for part in dicts) or not sets_ok:
         raise ValueError(f"{path}: expected four dicts keyed by dialogue id, then split sets: {layout}")
     return dicts, [set(s) for s in splits]
 
@@ -94,7 +95,9 @@ def _read_feature(path: Path, utterance: str, speaker: str) -> np.ndarray:
             raise ValueError(f"utterance {utterance}: {path} has no frames (shape {array.shape})")
         array = array.mean(axis=0)
     if array.ndim != 1 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"utterance {utterance}: {path} has shape {array.shape} ({array.dtype}); expected [D], [1, D] or [T, D]")
+        raise ValueError(
+            f"utterance {utterance}: {path} has shape {array.shape} ({array.dtype}); expected [D], [1, D] or [T, D]"
+        )
     if not np.isfinite(array).all():
         raise ValueError(f"utterance {utterance}: {path} holds non-finite values")
     return array.astype(np.float32)
@@ -171,14 +174,17 @@ def load_published(
     for vid, dialogue in dialogues.items():
         for m in MODALITIES:
             if dialogue.features[m].shape[1] != dims[m]:
-                raise ValueError(f"dialogue {vid}: modality {m} has size {dialogue.features[m].shape[1]}, others {dims[m]}")
+                size = dialogue.features[m].shape[1]
+                raise ValueError(f"dialogue {vid}: modality {m} has size {size}, other dialogues {dims[m]}")
     if class_names is None:
         info = DatasetInfo(name, "regression", 1, ["sentiment"], dims)
     else:
         info = DatasetInfo(name, "classification", len(class_names), class_names, dims)
         for vid, dialogue in dialogues.items():
             if dialogue.labels.min() < 0 or dialogue.labels.max() >= len(class_names):
-                raise ValueError(f"dialogue {vid}: labels must be class ids in [0, {len(class_names)}), got {dialogue.labels}")
+                raise ValueError(
+                    f"dialogue {vid}: labels must be class ids in [0, {len(class_names)}), got {dialogue.labels}"
+                )
 
     if iemocap:
         train_ids, valid_ids, test_ids = _iemocap_split(sorted(dialogues), split_sets, fold, valid_fraction, seed)

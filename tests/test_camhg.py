@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,7 @@ def test_bad_configuration(tmp_path):
         camhg_train.train(None, run_dir=tmp_path, resume=True)
     with pytest.raises(SystemExit):
         camhg_train.parse_args(["--dataset", "imdb"])
+    assert camhg_train.main(["--data-root", str(tmp_path), "--no-progress"]) == 2  # embedded data has no root
 
 
 def test_triton_backend_matches_reference(triton_backend):
@@ -234,12 +236,15 @@ def test_ablation_sweep_writes_mean_and_spread(reference_backend, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_train(tmp_path):
     """2 processes, gloo on CPU: DDP trains, rank 0 alone writes the checkpoint and the tables."""
+    with socket.socket() as probe:  # torchrun's --master-port 0 does not work with its static rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {**os.environ, "KERNELS_BACKEND": "reference", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                "-m", "camhg.train", "--dims", "small", "--num-dialogues", "4", "--epochs", "1", "1", "1",
                "--hidden", "16", "--batch-size", "2", "--runs-dir", str(tmp_path), "--run-name", "ddp",
                "--no-plots", "--no-progress"]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-4000:]
     run_dir = tmp_path / "camhg" / "embedded" / "ddp"
     state = CheckpointManager(run_dir / "checkpoints").latest()

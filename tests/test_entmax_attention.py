@@ -5,12 +5,9 @@ dozen positions cover several, partial and skipped tiles, and both tau solvers (
 """
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax_attention
-from kernels.backend import triton_interpreter_enabled
 from kernels.entmax_attention import EntmaxAttentionOutput, Tiles, entmax15_attention_weights
 
 # the interpreter computes -inf - -inf on padded rows; the kernels mask those results
@@ -27,27 +24,6 @@ SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_b
 
 #: (forward atol, gradient atol) against float64 on the same inputs; rtol is the same as atol
 TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 8e-2)}
-
-
-@triton.jit
-def _square_dot_kernel(a, out, N: tl.constexpr):
-    o = tl.arange(0, N)
-    b_a = tl.load(a + o[:, None] * N + o[None, :])
-    tl.store(out + o[:, None] * N + o[None, :], tl.dot(b_a, b_a))
-
-
-def _interpreter_bf16_dot_is_broken() -> bool:
-    """Triton 3.9's interpreter multiplies the raw bits of bf16 operands in tl.dot (GPUs are unaffected)."""
-    if not triton_interpreter_enabled():
-        return False
-    a = torch.eye(16, dtype=torch.bfloat16)
-    out = torch.zeros(16, 16)
-    _square_dot_kernel[(1,)](a, out, N=16)
-    return not torch.equal(out, torch.eye(16))
-
-
-BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
-    _interpreter_bf16_dot_is_broken(), reason="this Triton interpreter's tl.dot is wrong on bf16; runs on GPUs"))
 
 
 @pytest.fixture
@@ -106,7 +82,7 @@ def test_matches_float64_reference(triton_backend, tiles, b, h, t, d, dv, causal
     _check_against_reference(*_inputs(b, h, t, d, dv), causal=causal, scale=scale)
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("causal", [pytest.param(True, id="causal"), pytest.param(False, id="full")])
 def test_half_precision_inputs(triton_backend, tiles, dtype, causal):
     tiles(TINY)

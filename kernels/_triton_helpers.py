@@ -1,0 +1,31 @@
+"""Triton helpers shared by the op kernels.
+
+Triton 3.9's CPU interpreter (``TRITON_INTERPRET=1``, how the tests run without a GPU) computes ``tl.dot`` wrongly
+on bfloat16 operands: it multiplies their raw bit patterns. Kernels therefore take a ``UPCAST_DOTS`` constexpr,
+chosen per launch by :func:`upcast_dots_for`, and multiply through :func:`dot_fp32acc`. It is True only for
+bfloat16 under the interpreter, so GPU launches (and ``aot_configurations()``) always have ``UPCAST_DOTS=False``
+and keep bfloat16 tensor-core dots. Upcasting is exact: the bfloat16 products are the same in float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import triton_interpreter_enabled
+
+
+@triton.jit
+def dot_fp32acc(a, b, INPUT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """``tl.dot(a, b)`` accumulated in fp32 ([M, K] @ [K, N] -> [M, N] fp32). ``INPUT_PRECISION`` is passed on (it
+    only matters for fp32 operands). With ``UPCAST_DOTS`` both operands are first cast to fp32, working around the
+    interpreter's bf16 dot (see the module docstring); never set on GPUs."""
+    if UPCAST_DOTS:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+def upcast_dots_for(dtype: torch.dtype) -> bool:
+    """The ``UPCAST_DOTS`` constexpr for kernels whose dot operands have ``dtype``: True only for bfloat16 under
+    Triton's interpreter."""
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
