@@ -184,7 +184,8 @@ def test_short_run_beats_chance(reference_backend, tmp_path):
                          dropout=0.1, dataset_options={"dims": "small", "num_dialogues": (16, 2, 6)})
     result = camhg_train.train(config, run_dir=tmp_path / "run", plots=False, show_progress=False)
     rates = result.tables["missing_rates"]
-    assert rates.rows["WA"]["0.0"] > 40.0, rates.to_markdown()  # chance: 25 % on 4 balanced classes
+    # chance: 25 % WA on 4 balanced classes; UA rules out predicting the majority class everywhere
+    assert rates.rows["WA"]["0.0"] > 40.0 and rates.rows["UA"]["0.0"] > 35.0, rates.to_markdown()
     for name in ("missing_rates.md", "missing_rates.json", "missing_rates.csv", "conditions.json", "metrics.csv"):
         assert (tmp_path / "run" / name).is_file(), name
 
