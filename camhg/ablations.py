@@ -2,15 +2,17 @@
 
     python -m camhg.ablations --seeds 0 1 2
 
-trains every (variant, seed) run under ``runs/camhg/<dataset>/ablations/`` (a run whose results exist is not
-trained again, so an interrupted sweep continues where it stopped) and writes the headline metric (WAF1, or
+trains every (variant, seed) run under ``runs/camhg/<dataset>/ablations/`` (a finished run with the same
+configuration is not trained again, so an interrupted sweep continues where it stopped) and writes the headline metric (WAF1, or
 Acc-2 for sentiment) by missing rate, mean ± std over the seeds, to ``results/camhg/ablations_<dataset>.{md,json,csv}``
 (the per-seed tables beside it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 from mer.metrics import ResultTable, mean_and_spread
@@ -30,10 +32,18 @@ VARIANT_NAMES = {
 
 
 def run_variant(config, run_dir: Path, show_progress: bool) -> ResultTable:
-    """The missing-rate table of one (variant, seed) run, trained unless its results are already saved."""
+    """The missing-rate table of one (variant, seed) run, trained unless its results are already saved with the
+    same configuration."""
     saved = run_dir / "missing_rates.json"
-    if not saved.exists():
+    if saved.exists():
+        if json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(config.to_dict())):
+            raise SystemExit(f"{run_dir} holds a finished run with another configuration: delete it or pass "
+                             f"another --runs-dir")
+        print(f"{run_dir.name}: reusing the finished run", flush=True)
+    else:
+        began = time.perf_counter()
         train(config, run_dir=run_dir, plots=False, show_progress=show_progress)
+        print(f"{run_dir.name}: trained and evaluated in {time.perf_counter() - began:.0f} s", flush=True)
     return ResultTable.load(saved)
 
 

@@ -114,7 +114,7 @@ class Preset:
 
 
 _EMBEDDED_MODEL = {"hidden": 64, "num_heads": 4, "css_dim": 64}
-_EMBEDDED_TRAIN = TrainConfig(epochs_stage1=10, epochs_stage2=15, batch_size=8, lr=1e-3)
+_EMBEDDED_TRAIN = TrainConfig(epochs_stage1=5, epochs_stage2=8, batch_size=8, lr=1e-3)
 PRESETS: dict[str, Preset] = {
     # The embedded data is small and synthetic: a larger learning rate than the paper's 1e-4 reaches a
     # trained model in the few-minute budget of the default command.

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from mer.data import DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, emotion_metrics, sentiment_metrics, valid_targets
-from mer.missing import CONDITIONS, condition_mask
+from mer.missing import condition_mask
 from mer.training import CheckpointManager, select_device
 
 from .config import ModelConfig

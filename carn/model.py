@@ -11,38 +11,14 @@ One code path for every backend: the attention op dispatches on ``KERNELS_BACKEN
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import FusedEntmaxCausalAttention
+from kernels.entmax_attention import EntmaxAttentionOutput
 from mer.data import MODALITIES
-
-# --- SHIM: delete once kernels/entmax_attention.py has EntmaxAttentionOutput and return_context ---------------
-try:
-    from kernels.entmax_attention import EntmaxAttentionOutput
-except ImportError:
-    from typing import NamedTuple
-
-    class EntmaxAttentionOutput(NamedTuple):
-        output: torch.Tensor
-        context: Optional[torch.Tensor]
-        weights: Optional[torch.Tensor]
-
-
-def _entmax_attend_shim(attention, h, need_weights):
-    result = attention(h, return_context=True, need_weights=need_weights)
-    if not isinstance(result, torch.Tensor):
-        return result
-    import entmax
-
-    scores = attention.q_proj(h) @ attention.k_proj(h).transpose(-1, -2) * h.shape[-1] ** -0.5
-    hidden = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool, device=h.device).triu(1)
-    weights = entmax.entmax15(scores.masked_fill(hidden, float("-inf")), dim=-1)
-    return EntmaxAttentionOutput(result, weights @ h, weights[:, None] if need_weights else None)
-# --- end SHIM -------------------------------------------------------------------------------------------------
 
 from .config import ModelConfig
 
@@ -119,7 +95,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.attention == "vanilla":
             z, context, weights = self.attention(h, valid, need_weights=need_weights)
         else:
-            z, context, weights = _entmax_attend_shim(self.attention, h, need_weights)  # SHIM
+            z, context, weights = self.attention(h, return_context=True, need_weights=need_weights)
         gamma = torch.sigmoid(self.gate(torch.cat([h, z], dim=-1)))  # eq. 7
         return self.norm(h + gamma * z), context, weights  # eq. 8
 

@@ -129,6 +129,8 @@ def _threshold_step(b_tau, b_done, b_cnt, b_a1, b_a2, b_wmin, b_wout):
     else a Newton step on ``f(tau) = sum max(z - tau, 0)^2 - 1``. Returns (tau, done)."""
     b_f = b_a2 - 1.0  # f(tau) >= 0 left of the root
     b_disc = b_a1 * b_a1 - b_cnt * b_f
+    # left of the root the support is never empty; rows already done may have none: keep their arithmetic finite
+    b_a1 = tl.where(b_cnt > 0, b_a1, 1.0)
     # smaller root of sum_S (w - delta)^2 = 1, rationalized so that it does not cancel as f -> 0
     b_delta = b_f / (b_a1 + tl.sqrt(tl.maximum(b_disc, 0.0)))
     # the support of tau + delta is exactly S: S stays above it and every other key stays below
@@ -167,7 +169,8 @@ def _entmax_tau_kernel(q, k, tau,
             b_nan = b_nan | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
 
-    b_tau = b_max - 1.0  # f(max z - 1) >= 0: every Newton step stays left of the root
+    # f(max z - 1) >= 0: every Newton step stays left of the root. Rows past T (no visible key) start at 0, not -inf.
+    b_tau = tl.where(o_m < T, b_max - 1.0, 0.0)
     b_done = (o_m >= T) | b_nan  # NaN rows stop at once: the solver terminates on any input
     i_pass = 0
     while (i_pass < MAX_PASSES) & (tl.min(b_done.to(tl.int32), 0) == 0):
@@ -238,7 +241,8 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
     m_out = m_m[:, None] & m_dv[None, :]
     tl.store(o + o_out, b_o.to(o.dtype.element_ty), mask=m_out)
     if store_w != 0:
-        tl.store(w + o_out, b_u / b_gsum[:, None], mask=m_out)
+        b_w = b_u / tl.where(b_gsum > 0, b_gsum, 1.0)[:, None]  # rows past T have no support: no 0 / 0
+        tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
 
 
 @triton.jit

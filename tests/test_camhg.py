@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import camhg.ablations as camhg_ablations
 import camhg.evaluate as camhg_evaluate
 import camhg.train as camhg_train
 from camhg import ABLATIONS, CaMHG, CaMHGConfig, preset
@@ -223,15 +224,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_backend, tm
     assert "training stopped: non-finite loss" in capsys.readouterr().err
 
 
-def test_ablation_sweep_writes_mean_and_spread(reference_backend, tmp_path):
-    summary = sweep("embedded", [0, 1], ["full", "no_imputation"], overrides=dict(
-        hidden=16, heads=2, epochs=(1, 1, 1), batch_size=4, dataset_options=TINY_DATA, missing_rates=(0.0, 0.5)),
-        runs_dir=tmp_path / "runs", out_dir=tmp_path / "results")
+def test_ablation_sweep_writes_mean_and_spread(reference_backend, tmp_path, monkeypatch):
+    arguments = dict(overrides=dict(hidden=16, heads=2, epochs=(1, 1, 1), batch_size=4, dataset_options=TINY_DATA,
+                                    missing_rates=(0.0, 0.5)),
+                     runs_dir=tmp_path / "runs", out_dir=tmp_path / "results")
+    summary = sweep("embedded", [0, 1], ["full", "no_imputation"], **arguments)
     assert list(summary.rows) == ["CaM-HG (full)", "w/o imputation (I)"]
     assert summary.columns == ["0.0", "0.5", "Average"]
     assert all("±" in cell for row in summary.rows.values() for cell in row.values())
     for suffix in ("md", "json", "csv"):
         assert (tmp_path / "results" / f"ablations_embedded.{suffix}").is_file()
+    # a rerun reuses the finished runs (no training: the model cannot be built) and gives the same table
+    monkeypatch.setattr(camhg_ablations, "train", lambda *args, **kwargs: pytest.fail("retrained a finished run"))
+    assert sweep("embedded", [0, 1], ["full", "no_imputation"], **arguments).rows == summary.rows
+    # a finished run of another configuration is never mistaken for this one
+    arguments["overrides"] = dict(arguments["overrides"], hidden=8)
+    with pytest.raises(SystemExit, match="another configuration"):
+        sweep("embedded", [0], ["full"], **arguments)
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ from mer.training import (
     RunLogger,
     all_reduce_mean,
     barrier,
-    capture_rng_state,
     check_finite,
     cleanup_distributed,
     init_distributed,
