@@ -19,7 +19,7 @@ from mer.metrics import ResultTable, mean_and_spread
 
 from .config import ABLATIONS, PRESETS, preset
 from .evaluate import save_table
-from .train import train
+from .train import preset_overrides, train
 
 VARIANT_NAMES = {
     "full": "CaM-HG (full)",
@@ -84,19 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/camhg")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
-    overrides, options = {}, dict(PRESETS[args.dataset].get("dataset_options", {}))
-    if args.epochs is not None:
-        overrides["epochs"] = tuple(args.epochs)
-    if args.hidden is not None:
-        overrides["hidden"] = args.hidden
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
-    if args.dims is not None:
-        options["dims"] = args.dims
-    if args.num_dialogues is not None:
-        options["num_dialogues"] = args.num_dialogues
-    if options:
-        overrides["dataset_options"] = options
+    overrides = preset_overrides(args)
     summary = sweep(args.dataset, args.seeds, args.ablations, overrides=overrides, runs_dir=Path(args.runs_dir),
                     out_dir=Path(args.out), show_progress=args.progress)
     summary.print()

@@ -342,8 +342,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace) -> CaMHGConfig:
-    overrides = {"seed": args.seed, "ablation": args.ablation}
+def preset_overrides(args: argparse.Namespace) -> dict:
+    """The preset overrides that the command-line options ``--epochs --hidden --batch-size --dims --num-dialogues``
+    ask for (shared by ``camhg.train`` and ``camhg.ablations``)."""
+    overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = tuple(args.epochs)
     if args.hidden is not None:
@@ -357,7 +359,11 @@ def config_from_args(args: argparse.Namespace) -> CaMHGConfig:
         options["num_dialogues"] = args.num_dialogues
     if options:
         overrides["dataset_options"] = options
-    return preset(args.dataset, **overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> CaMHGConfig:
+    return preset(args.dataset, seed=args.seed, ablation=args.ablation, **preset_overrides(args))
 
 
 def main(argv=None) -> int:
