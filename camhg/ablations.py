@@ -3,9 +3,9 @@
     python -m camhg.ablations --seeds 0 1 2
 
 trains every (variant, seed) run under ``runs/camhg/<dataset>/ablations/`` (a finished run with the same
-configuration is not trained again, so an interrupted sweep continues where it stopped) and writes the headline metric (WAF1, or
-Acc-2 for sentiment) by missing rate, mean ± std over the seeds, to ``results/camhg/ablations_<dataset>.{md,json,csv}``
-(the per-seed tables beside it).
+configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped) and writes
+the headline metric (WAF1, or Acc-2 for sentiment) by missing rate, mean ± std over the seeds, to
+``results/camhg/ablations_<dataset>.{md,json,csv}`` (the per-seed tables beside it).
 """
 from __future__ import annotations
 
@@ -31,24 +31,26 @@ VARIANT_NAMES = {
 }
 
 
-def run_variant(config, run_dir: Path, show_progress: bool) -> ResultTable:
-    """The missing-rate table of one (variant, seed) run, trained unless its results are already saved with the
-    same configuration."""
-    saved = run_dir / "missing_rates.json"
+def run_variant(config, run_dir: Path, *, data_root, device: str, show_progress: bool) -> ResultTable:
+    """The missing-rate table of one (variant, seed) run: reused when it finished with the same configuration,
+    resumed when it was stopped, trained otherwise."""
+    saved, started = run_dir / "missing_rates.json", (run_dir / "checkpoints" / "last.pt").exists()
+    if (saved.exists() or started) and (
+            json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(config.to_dict()))):
+        raise SystemExit(f"{run_dir} holds a run with another configuration: delete it or pass another --runs-dir")
     if saved.exists():
-        if json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(config.to_dict())):
-            raise SystemExit(f"{run_dir} holds a finished run with another configuration: delete it or pass "
-                             f"another --runs-dir")
         print(f"{run_dir.name}: reusing the finished run", flush=True)
     else:
         began = time.perf_counter()
-        train(config, run_dir=run_dir, plots=False, show_progress=show_progress)
-        print(f"{run_dir.name}: trained and evaluated in {time.perf_counter() - began:.0f} s", flush=True)
+        train(None if started else config, run_dir=run_dir, resume=started, data_root=data_root, device=device,
+              plots=False, show_progress=show_progress)
+        print(f"{run_dir.name}: {'resumed' if started else 'trained'} and evaluated in "
+              f"{time.perf_counter() - began:.0f} s", flush=True)
     return ResultTable.load(saved)
 
 
-def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, out_dir: Path,
-          show_progress: bool = False) -> ResultTable:
+def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, out_dir: Path, data_root=None,
+          device: str = "auto", show_progress: bool = False) -> ResultTable:
     """Train and evaluate every (variant, seed); save and return the mean ± std table."""
     per_seed = []
     for seed in seeds:
@@ -56,7 +58,7 @@ def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, ou
         for ablation in ablations:
             config = preset(dataset, seed=seed, ablation=ablation, **overrides)
             rates = run_variant(config, runs_dir / "camhg" / dataset / "ablations" / f"{ablation}-seed{seed}",
-                                show_progress)
+                                data_root=data_root, device=device, show_progress=show_progress)
             metric = "WAF1" if "WAF1" in rates.rows else "Acc2"  # Table 4's metric: WAF1, or Acc-2 for sentiment
             if table is None:
                 table = ResultTable(f"CaM-HG ablations on {dataset}: test {metric} (%) by missing rate eta",
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dataset", default="embedded", choices=sorted(PRESETS))
+    parser.add_argument("--data-root", default=None, help="folder of the published features (not for embedded)")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=ABLATIONS)
     parser.add_argument("--epochs", type=int, nargs=3, metavar=("K1", "K2", "K3"), default=None)
     parser.add_argument("--hidden", type=int, default=None)
@@ -86,7 +90,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     overrides = preset_overrides(args)
     summary = sweep(args.dataset, args.seeds, args.ablations, overrides=overrides, runs_dir=Path(args.runs_dir),
-                    out_dir=Path(args.out), show_progress=args.progress)
+                    out_dir=Path(args.out), data_root=args.data_root, device=args.device,
+                    show_progress=args.progress)
     summary.print()
     return 0
 

@@ -41,18 +41,22 @@ class CaMHGConfig:
     grad_clip: float = 1.0
     # Evaluation (Tables 2-3: eta in 0.0 .. 0.7).
     missing_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-    seed: int = 0
+    seed: int = 0  # initialisation, shuffling, dropout and training masks
+    data_seed: int = 0  # the embedded dataset / the validation split: fixed across training seeds by default
 
     def __post_init__(self):
         if self.ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {ABLATIONS}, got {self.ablation!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.hidden <= 0 or self.hidden % self.heads:
+        if self.heads <= 0 or self.hidden <= 0 or self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a positive multiple of heads ({self.heads})")
         self.epochs = tuple(int(e) for e in self.epochs)
         if len(self.epochs) != 3 or min(self.epochs) < 0 or sum(self.epochs) == 0:
             raise ValueError(f"epochs must be three non-negative counts (phases 1-3), not all zero; got {self.epochs}")
+        if self.epochs[1] > 0 and self.epochs[2] == 0 and self.ablation != "no_imputation":
+            raise ValueError(f"epochs {self.epochs} end in phase 2, which trains the generator alone and leaves no "
+                             f"classifier to evaluate: give phase 3 at least one epoch")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -60,9 +64,6 @@ class CaMHGConfig:
         self.missing_rates = tuple(float(r) for r in self.missing_rates)
         if any(not 0.0 <= r < 1.0 for r in self.missing_rates):
             raise ValueError(f"missing_rates must lie in [0, 1), got {self.missing_rates}")
-
-    def replace(self, **changes) -> "CaMHGConfig":
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

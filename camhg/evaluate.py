@@ -3,8 +3,9 @@
 
     python -m camhg.evaluate runs/camhg/embedded/RUN/checkpoints/last.pt
 
-writes ``missing_rates.{md,json,csv}``, ``conditions.{md,json,csv}`` and ``confusion_eta*.png`` beside the run
-(or under ``--out``). The random masks are drawn from fixed seeds, so two evaluations of one model agree.
+writes ``missing_rates.{md,json,csv}``, ``conditions.{md,json,csv}`` and ``confusion_eta*.png`` to the run's
+``evaluation/`` folder (or to ``--out``). The random masks are drawn from fixed seeds, so two evaluations of one
+model agree.
 """
 from __future__ import annotations
 
@@ -125,6 +126,9 @@ def load_model(checkpoint: dict, device: torch.device) -> tuple[CaMHG, CaMHGConf
             raise ValueError(f"checkpoint lacks {key!r}: not a camhg.train checkpoint")
     config = CaMHGConfig.from_dict(checkpoint["config"])
     info = checkpoint["info"]
+    if checkpoint["phase"] == 2:
+        raise ValueError("this checkpoint was saved in phase 2 (generative pre-training), whose classifier is not "
+                         "trained yet: evaluate a phase-1 or phase-3 checkpoint")
     model = CaMHG(config, info["dims"], info["num_classes"])
     model.set_phase(checkpoint["phase"])
     model.load_state_dict(checkpoint["model"])
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
         parser.error(f"checkpoint {path} does not exist")
     device = select_device(args.device)
     model, config = load_model(CheckpointManager(path.parent).load(path), device)
-    splits = load_dataset(config.dataset, args.data_root, seed=config.seed, **config.dataset_options)
+    splits = load_dataset(config.dataset, args.data_root, seed=config.data_seed, **config.dataset_options)
     out_dir = Path(args.out) if args.out else path.parent.parent / "evaluation"
     tables = evaluate_model(model, splits.test, splits.info, config, out_dir, device=device, plots=not args.no_plots)
     for table in tables.values():

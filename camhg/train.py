@@ -31,8 +31,10 @@ from mer.training import (
     DistContext,
     NonFiniteLossError,
     RunLogger,
+    all_gather_objects,
     all_reduce_mean,
     barrier,
+    capture_rng_state,
     check_finite,
     cleanup_distributed,
     init_distributed,
@@ -181,7 +183,7 @@ def validate(model: CaMHG, dataset: DialogueDataset, phase: int, config: CaMHGCo
     total, count, outputs, labels, valids = 0.0, 0, [], [], []
     for index, batch in enumerate(make_loader(dataset, config.batch_size)):
         batch = batch.to(device)
-        present = batch_missing_mask(batch, VALIDATION_MISSING_RATE, config.seed * 1000 + index)
+        present = batch_missing_mask(batch, VALIDATION_MISSING_RATE, config.data_seed * 1000 + index)
         loss, _, out = phase_loss(model, batch, present, VALIDATION_MISSING_RATE, phase, config, info, rdrop=False)
         total, count = total + loss.item() * batch.batch_size, count + batch.batch_size
         if out.logits is not None:
@@ -222,8 +224,14 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoints_dir / 'last.pt'}")
         state = CheckpointManager(checkpoints_dir).latest()
         config = CaMHGConfig.from_dict(state["config"])
+        if len(state["rank_states"]) != ctx.world_size:
+            raise ValueError(f"--resume: the run was trained by {len(state['rank_states'])} process(es); resume it "
+                             f"with as many (got {ctx.world_size}) so that every rank gets its random streams back")
+    elif (checkpoints_dir / "last.pt").exists() or (run_dir / "metrics.csv").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: resume it (--resume {run_dir}) or pick another "
+                              f"--run-name")
 
-    splits = load_dataset(config.dataset, data_root, seed=config.seed, **config.dataset_options)
+    splits = load_dataset(config.dataset, data_root, seed=config.data_seed, **config.dataset_options)
     info = splits.info
     seed_everything(config.seed + ctx.rank)
     model = CaMHG(config, info.dims, info.num_classes).to(torch_device)
@@ -247,7 +255,7 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
         model.load_state_dict(state["model"])
         start = state["epoch"] + 1
         shuffle.set_state(state["shuffle"])
-        mask_generator.set_state(state["mask_generator"])
+        mask_generator.set_state(state["rank_states"][ctx.rank]["mask_generator"])
         logger.drop_after(state["epoch"] + 1)
     current_phase = None
     try:
@@ -264,7 +272,8 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
                 train_model = (DistributedDataParallel(model, find_unused_parameters=True) if ctx.enabled
                                else model)
             if state is not None and epoch == start:
-                restore_rng_state(state["rng_state"])  # after every build step that consumed random numbers
+                # after every build step that consumed random numbers; each rank gets its own streams back
+                restore_rng_state(state["rank_states"][ctx.rank]["rng_state"])
             if sampler is not None:
                 sampler.set_epoch(epoch)
             train_model.train()
@@ -296,11 +305,14 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
             else:
                 scheduler.step()
             logger.log(epoch + 1, values)
+            # every rank's random streams (dropout, training masks) differ: the checkpoint keeps them all
+            rank_states = all_gather_objects({"rng_state": capture_rng_state(),
+                                              "mask_generator": mask_generator.get_state()}, ctx)
             if ctx.is_main:
                 checkpoints.save({"config": config.to_dict(), "info": vars(info), "model": model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "phase": phase, "shuffle": shuffle.get_state(),
-                                  "mask_generator": mask_generator.get_state()}, epoch=epoch)
+                                  "phase": phase, "shuffle": shuffle.get_state(), "rank_states": rank_states},
+                                 epoch=epoch)
             barrier(ctx)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
@@ -324,7 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="embedded", choices=sorted(PRESETS),
                         help="dataset and its Table 6 preset (default: embedded, generated, no files)")
     parser.add_argument("--data-root", default=None, help="folder of the published features (not for embedded)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation, shuffling, dropout, training masks")
+    parser.add_argument("--data-seed", type=int, default=0, help="the embedded dataset and the validation split")
     parser.add_argument("--ablation", default="full", help="full or a Table 4 variant (see camhg.config.ABLATIONS)")
     parser.add_argument("--epochs", type=int, nargs=3, metavar=("K1", "K2", "K3"), default=None,
                         help="epochs of the warm-up, generative pre-training and joint fine-tuning phases")
@@ -363,7 +376,8 @@ def preset_overrides(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> CaMHGConfig:
-    return preset(args.dataset, seed=args.seed, ablation=args.ablation, **preset_overrides(args))
+    return preset(args.dataset, seed=args.seed, data_seed=args.data_seed, ablation=args.ablation,
+                  **preset_overrides(args))
 
 
 def main(argv=None) -> int:
@@ -383,7 +397,8 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError) as error:  # bad arguments or data: say so, no traceback
+    # bad arguments, data or run folder: say so, no traceback
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

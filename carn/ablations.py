@@ -47,6 +47,8 @@ def main(argv=None):
                         help="train nothing: build the tables from the runs of --sweep-name (several processes "
                         "may share a sweep, e.g. one per ablation)")
     args = parser.parse_args(argv)
+    if args.collect_only and args.sweep_name is None:
+        parser.error("--collect-only needs the --sweep-name of the runs to collect")
 
     options = dict(preset(args.dataset).dataset_options)
     if args.num_dialogues is not None:

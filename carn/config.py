@@ -37,6 +37,8 @@ class ModelConfig:
             raise ValueError(f"dims must map 'a', 't', 'v' to positive sizes, got {self.dims}")
         if self.task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+        if self.task == "regression" and self.num_classes != 1:
+            raise ValueError(f"num_classes must be 1 for regression (one sentiment score), got {self.num_classes}")
         if self.task == "classification" and self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 for classification, got {self.num_classes}")
         if self.css not in CSS_KINDS:

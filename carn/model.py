@@ -135,7 +135,6 @@ class CARN(nn.Module):
         self.decoder_head = nn.Sequential(
             nn.Linear(joint, joint), nn.ReLU(), nn.Linear(joint, sum(config.dims[m] for m in MODALITIES))
         )
-        self.stage = 1
         self.set_stage(1)
 
     # Parameters each stage trains (section 3.4); the rest is frozen, and G (css_target) always is.
@@ -150,7 +149,6 @@ class CARN(nn.Module):
         reconstruction decoder."""
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        self.stage = stage
         self.requires_grad_(False)
         for module in self.stage_modules(stage):
             module.requires_grad_(True)
@@ -161,8 +159,10 @@ class CARN(nn.Module):
 
     def check_inputs(self, features: dict, present: torch.Tensor, valid: torch.Tensor) -> None:
         """Clear errors for inputs that would otherwise become a silent NaN or a shape error deep inside."""
-        if not isinstance(features, dict) or set(features) != set(MODALITIES):
-            raise ValueError(f"features must be a dict with keys {MODALITIES}, got {sorted(features)}")
+        if not isinstance(features, dict):
+            raise TypeError(f"features must be a dict of modality -> (B, L, d_m) tensors, got {type(features).__name__}")
+        if set(features) != set(MODALITIES):
+            raise ValueError(f"features must have the keys {MODALITIES}, got {sorted(features)}")
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.dim() != 2:
             raise ValueError(f"valid must be a (B, L) bool tensor, got {getattr(valid, 'shape', valid)}")
         b, l = valid.shape
@@ -182,8 +182,10 @@ class CARN(nn.Module):
             raise ValueError(f"present must be a ({b}, {l}, 3) bool tensor, got {getattr(present, 'shape', present)}")
         if not (present.any(dim=-1) | ~valid).all():
             raise ValueError("present has a valid utterance with no modality present; at least one is needed")
-        if not valid[:, 0].all():
-            raise ValueError("valid must mark at least the first utterance of every dialogue (right padding)")
+        lengths = valid.sum(dim=1, keepdim=True)
+        if not (valid[:, 0].all() and torch.equal(valid, torch.arange(l, device=valid.device) < lengths)):
+            raise ValueError("valid must mark a non-empty prefix of every dialogue (right padding): the causal "
+                             "attention relies on padded steps coming last")
 
     def forward(
         self, features: dict, present: torch.Tensor, valid: torch.Tensor, *, need_weights: bool = False

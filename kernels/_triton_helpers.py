@@ -8,11 +8,16 @@ and keep bfloat16 tensor-core dots. Upcasting is exact: the bfloat16 products ar
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from .backend import triton_interpreter_enabled
+
+# Triton decides at decoration time (when ``kernels`` is imported) whether kernels are interpreted; read it once then.
+_KERNELS_INTERPRETED = triton_interpreter_enabled()
 
 
 @triton.jit
@@ -28,4 +33,19 @@ def dot_fp32acc(a, b, INPUT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
 def upcast_dots_for(dtype: torch.dtype) -> bool:
     """The ``UPCAST_DOTS`` constexpr for kernels whose dot operands have ``dtype``: True only for bfloat16 under
     Triton's interpreter."""
-    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+    return dtype == torch.bfloat16 and _KERNELS_INTERPRETED
+
+
+def launch_device_of(tensor: torch.Tensor):
+    """Context that launches kernels on ``tensor``'s GPU, not the current one (tensors on cuda:1 while cuda:0 is
+    current); a no-op for CPU tensors."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2, where the kernels put batch * heads
+
+
+def check_batch_heads(batch_heads: int) -> None:
+    """A clear error, instead of a failed launch, when batch * heads exceeds what one grid axis holds."""
+    if batch_heads > MAX_GRID_AXIS:
+        raise ValueError(f"q has B * H = {batch_heads} batch-heads; the Triton kernels take at most {MAX_GRID_AXIS}")

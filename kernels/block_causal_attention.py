@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
-from ._triton_helpers import dot_fp32acc, upcast_dots_for
+from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
@@ -46,7 +47,7 @@ def _sequence_bounds(cu_seqlens, i_b, T, is_varlen):
     return bos, seqlen
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "G", "D", "DV", "is_varlen"])  # no variant per runtime value 1
 def block_causal_attn_fwd_kernel(
     q, k, v, o, lse, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,
@@ -112,7 +113,7 @@ def block_causal_attn_fwd_kernel(
     tl.store(lse + o_m, (b_max + tl.log2(b_sum)) * 0.6931471805599453, mask=m_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "G", "D", "DV", "is_varlen"])  # no variant per runtime value 1
 def block_causal_attn_bwd_dq_kernel(
     q, k, v, o, do, dq, lse, delta, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,
@@ -180,7 +181,7 @@ def block_causal_attn_bwd_dq_kernel(
              mask=m_m[:, None] & m_d[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "G", "D", "DV", "is_varlen"])  # no variant per runtime value 1
 def block_causal_attn_bwd_dkdv_kernel(
     q, k, v, do, dk, dv, lse, delta, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,
@@ -398,15 +399,18 @@ class BlockCausalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: _Layout, group_size: int, scale: float):
         q, k, v = _unit_stride_last_dim(q, k, v)
-        o, lse = block_causal_attention_fwd(q, k, v, layout, group_size, scale)
+        with launch_device_of(q):
+            o, lse = block_causal_attention_fwd(q, k, v, layout, group_size, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.group_size, ctx.scale = layout, group_size, scale
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = block_causal_attention_bwd(q, k, v, o, lse, do, ctx.layout, ctx.group_size, ctx.scale)
+        with launch_device_of(q):
+            dq, dk, dv = block_causal_attention_bwd(q, k, v, o, lse, do, ctx.layout, ctx.group_size, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -482,6 +486,7 @@ def block_causal_attention(q, k, v, *, group_size=3, scale=None):
     if not use_triton(q, k, v):
         return block_causal_attention_reference(q, k, v, group_size=group_size, scale=scale)
     b, h, t, _ = q.shape
+    check_batch_heads(b * h)
     layout = _Layout(b, h, t, t, q.new_zeros(1, dtype=torch.int32), varlen=False)
     return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
 
@@ -520,6 +525,7 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
         return block_causal_attention_varlen_reference(q, k, v, cu_seqlens, group_size=group_size, scale=scale)
+    check_batch_heads((cu_seqlens.numel() - 1) * q.shape[1])
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else total
     layout = _Layout(cu_seqlens.numel() - 1, q.shape[1], total, max_seqlen,

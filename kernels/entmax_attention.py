@@ -18,7 +18,6 @@ feature dimensions in chunks, so D and Dv may be any size.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -28,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from .aot import AotConfig
-from ._triton_helpers import dot_fp32acc, upcast_dots_for
+from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
 
 
@@ -52,7 +51,6 @@ _MAX_PASSES = 32
 _NUM_WARPS = 4
 _NUM_STAGES = 1
 #: CUDA limits grid axes 1 and 2 to this; the batch-head axis is one of them.
-_MAX_GRID_AXIS = 65535
 
 
 def _tiles() -> Tiles:
@@ -139,7 +137,7 @@ def _threshold_step(b_tau, b_done, b_cnt, b_a1, b_a2, b_wmin, b_wout):
     return tl.where(b_done, b_tau, b_next), b_done | b_exact
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T", "D", "causal"])  # no variant per runtime value 1
 def _entmax_tau_kernel(q, k, tau,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
@@ -198,7 +196,7 @@ def _entmax_tau_kernel(q, k, tau,
     tl.store(tau + i_bh.to(tl.int64) * T + o_m, b_tau, mask=o_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal", "store_w"])  # no variant per runtime value 1
 def _entmax_fwd_kernel(q, k, v, tau, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
@@ -245,7 +243,7 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
 def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
@@ -287,7 +285,7 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
     tl.store(dq + o_out, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
 def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
@@ -353,11 +351,6 @@ def _launch_options():
     return {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
 
 
-def _device_of(tensor):
-    """Launch on the tensor's GPU, not the current one (tensors on cuda:1 while cuda:0 is current)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
     """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, tau (B, H, T) fp32 and, with
     ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
@@ -413,7 +406,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float):
-        with _device_of(q):
+        with launch_device_of(q):
             o, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True)
         ctx.save_for_backward(q, k, v, tau, w)
         ctx.causal, ctx.scale = causal, scale
@@ -423,7 +416,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do):
         q, k, v, tau, w = ctx.saved_tensors
-        with _device_of(q):
+        with launch_device_of(q):
             dq, dk, dv = _entmax_attention_bwd(do, q, k, v, tau, w, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
@@ -479,13 +472,11 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
     _check_attention_inputs(q, k, v, causal, scale)
     if not use_triton(q, k, v):
         return entmax15_attention_reference(q, k, v, causal=causal, scale=scale)
-    batch_heads = q.shape[0] * q.shape[1]
-    if batch_heads > _MAX_GRID_AXIS:
-        raise ValueError(f"q has B * H = {batch_heads} batch-heads; the Triton kernels take at most {_MAX_GRID_AXIS}")
+    check_batch_heads(q.shape[0] * q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return EntmaxAttentionFunction.apply(q, k, v, causal, scale)
-    with _device_of(q):
+    with launch_device_of(q):
         return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False)[0]
 
 

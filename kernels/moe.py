@@ -37,10 +37,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
-from ._triton_helpers import dot_fp32acc, upcast_dots_for
+from ._triton_helpers import dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
 
 #: the router kernel holds all logits of a row in one [BM, MAX_EXPERTS] tile
@@ -442,6 +443,17 @@ class _MoETop2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_weight, w1, b1, w2, b2):
+        with launch_device_of(x):
+            return _MoETop2Function._forward(ctx, x, gate_weight, w1, b1, w2, b2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, d_logits, _d_experts):
+        with launch_device_of(dy):
+            return _MoETop2Function._backward(ctx, dy, d_logits)
+
+    @staticmethod
+    def _forward(ctx, x, gate_weight, w1, b1, w2, b2):
         n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
         ctx.empty = n == 0
         if ctx.empty:  # nothing to route; the backward returns zero gradients
@@ -462,7 +474,7 @@ class _MoETop2Function(torch.autograd.Function):
         return y, logits, experts
 
     @staticmethod
-    def backward(ctx, dy, d_logits, _d_experts):
+    def _backward(ctx, dy, d_logits):
         if ctx.empty:
             return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
         x, gate_weight, w1, w2, experts, alpha, *group_tensors, h_pre, h_act, y_pairs = ctx.saved_tensors
@@ -574,7 +586,8 @@ def moe_top2(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
 class Top2MoE(nn.Module):
     """Gate + E expert MLPs (d_model -> hidden -> d_out, exact GELU) with top-2 routing, on ``moe_top2``.
 
-    ``hidden`` defaults to ``2 * d_model`` (CaM-HG's shape: d = 512, h = 1024) and ``d_out`` to ``d_model``.
+    ``hidden`` defaults to ``2 * d_model`` (CaM-HG passes its own ``expert_hidden``, d by default) and ``d_out`` to
+    ``d_model``.
     Parameters: gate_weight (E, d), w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out), initialised like
     ``nn.Linear``: uniform in +-1/sqrt(fan_in). forward(x (..., d), *, return_routing=False) -> (..., d_out),
     or (y, MoERouting) with experts/weights shaped (..., 2).

@@ -190,6 +190,11 @@ def load_published(
         train_ids, valid_ids, test_ids = _iemocap_split(sorted(dialogues), split_sets, fold, valid_fraction, seed)
     else:
         train_ids, valid_ids, test_ids = (sorted(s) for s in split_sets)
+    named = {"train": set(train_ids), "valid": set(valid_ids), "test": set(test_ids)}
+    for first, second in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        shared = sorted(named[first] & named[second])
+        if shared:
+            raise ValueError(f"the {first} and {second} splits of {root / label_file} share dialogues: {shared[:5]}")
     for split, ids in (("train", train_ids), ("valid", valid_ids), ("test", test_ids)):
         missing = [vid for vid in ids if vid not in dialogues]
         if missing:

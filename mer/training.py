@@ -381,6 +381,15 @@ def all_reduce_mean(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return reduced / ctx.world_size
 
 
+def all_gather_objects(obj: Any, ctx: DistContext) -> list:
+    """``obj`` of every process, indexed by rank (picklable objects; ``[obj]`` in a single-process run)."""
+    if not ctx.enabled:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait for every process (no-op in a single-process run)."""
     if ctx.enabled:

@@ -141,6 +141,10 @@ def test_bad_configuration(tmp_path):
         tiny_config(hidden=18, heads=4)
     with pytest.raises(ValueError, match="epochs must be three"):
         tiny_config(epochs=(1, 1))
+    with pytest.raises(ValueError, match="end in phase 2"):
+        tiny_config(epochs=(1, 1, 0))
+    with pytest.raises(ValueError, match="must be a positive multiple of heads"):
+        tiny_config(heads=0)
     with pytest.raises(ValueError, match="dataset must be one of"):
         preset("imdb")
     with pytest.raises(ValueError, match="dims must give a feature size"):
@@ -192,11 +196,13 @@ def test_short_run_beats_chance(reference_backend, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run_and_evaluate_cli(reference_backend, tmp_path):
-    config = tiny_config()
+    config = tiny_config(epochs=(1, 1, 2))
     whole = camhg_train.train(config, run_dir=tmp_path / "whole", evaluate=False, show_progress=False)
     stopped = camhg_train.train(config, run_dir=tmp_path / "split", evaluate=False, show_progress=False,
-                                stop_after_epoch=2)  # killed inside phase 2
-    assert CheckpointManager(tmp_path / "split" / "checkpoints").latest()["epoch"] == 1
+                                stop_after_epoch=3)  # killed inside phase 3: its optimizer and schedule resume
+    assert CheckpointManager(tmp_path / "split" / "checkpoints").latest()["epoch"] == 2
+    with pytest.raises(FileExistsError, match="already holds a run"):  # a fresh run never writes over a run
+        camhg_train.train(config, run_dir=tmp_path / "split", evaluate=False, show_progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(stopped.model.state_dict().values(),
                                                       whole.model.state_dict().values()))
     resumed = camhg_train.train(None, run_dir=tmp_path / "split", resume=True, evaluate=False, show_progress=False)
@@ -252,11 +258,19 @@ def test_torchrun_two_processes_train(tmp_path):
     env = {**os.environ, "KERNELS_BACKEND": "reference", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
                "-m", "camhg.train", "--dims", "small", "--num-dialogues", "4", "--epochs", "1", "1", "1",
-               "--hidden", "16", "--batch-size", "2", "--runs-dir", str(tmp_path), "--run-name", "ddp",
-               "--no-plots", "--no-progress"]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stderr[-4000:]
+               "--hidden", "16", "--batch-size", "2", "--runs-dir", str(tmp_path), "--no-plots", "--no-progress"]
+    def torchrun(*arguments):
+        done = subprocess.run(command + list(arguments), cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=90)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    torchrun("--run-name", "ddp")
     run_dir = tmp_path / "camhg" / "embedded" / "ddp"
     state = CheckpointManager(run_dir / "checkpoints").latest()
-    assert state["epoch"] == 2 and state["phase"] == 3
+    assert state["epoch"] == 2 and state["phase"] == 3 and len(state["rank_states"]) == 2
     assert (run_dir / "missing_rates.json").is_file()
+    # killed after phase 2 and resumed by 2 processes: each rank gets its own random streams back
+    torchrun("--run-name", "split", "--stop-after-epoch", "2")
+    torchrun("--resume", str(tmp_path / "camhg" / "embedded" / "split"))
+    resumed = CheckpointManager(tmp_path / "camhg" / "embedded" / "split" / "checkpoints").latest()
+    assert all(torch.equal(resumed["model"][k], state["model"][k]) for k in state["model"])

@@ -6,6 +6,7 @@ interpreter.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 
 import numpy as np
@@ -238,8 +239,11 @@ def test_stop_and_resume_equals_uninterrupted_run(reference_backend, tiny_embedd
     whole_state, resumed_state = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
     assert resumed.results == whole.results
-    rows = lambda run: [line.split(",")[:-3] for line in (tmp_path / run / "metrics.csv").read_text().splitlines()]
-    assert len(rows("resumed")) == 4  # header + 3 epochs, none duplicated
+    def logged(run):  # metrics.csv without the wall-clock column
+        with open(tmp_path / run / "metrics.csv", newline="") as file:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
+
+    assert len(logged("resumed")) == 3 and logged("resumed") == logged("whole")  # 3 epochs, none duplicated
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_backend, tiny_embedded, tmp_path, monkeypatch):
@@ -309,12 +313,19 @@ def _bad(features, present, valid, kind):
         present[1, 2] = False
     elif kind == "mask-dtype":
         present = present.float()
+    elif kind == "valid-gap":  # a padded step before a valid one: not right padding
+        valid = valid.clone()
+        valid[0, 2] = False
+    elif kind == "features-list":
+        features = [features[m] for m in MODALITIES]
     return features, present, valid
 
 
 @pytest.mark.parametrize("kind, error, match", [
     pytest.param("wrong-dim", ValueError, r"features\['t'\] has shape .* dims\['t'\] = 8", id="feature-size"),
-    pytest.param("missing-key", ValueError, r"features must be a dict with keys", id="missing-modality-key"),
+    pytest.param("missing-key", ValueError, r"features must have the keys", id="missing-modality-key"),
+    pytest.param("features-list", TypeError, r"features must be a dict", id="features-not-a-dict"),
+    pytest.param("valid-gap", ValueError, r"valid must mark a non-empty prefix", id="valid-not-a-prefix"),
     pytest.param("nan", ValueError, r"features\['a'\] contains NaN", id="nan-features"),
     pytest.param("no-modality", ValueError, r"no modality present", id="mask-without-modality"),
     pytest.param("mask-dtype", ValueError, r"present must be a .* bool tensor", id="mask-dtype"),
@@ -330,6 +341,7 @@ def test_bad_inputs_raise_clear_errors(reference_backend, kind, error, match):
     pytest.param("attention", "linear", r"attention must be one of", id="attention-kind"),
     pytest.param("num_heads", 3, r"num_heads=3 must divide hidden=8", id="heads"),
     pytest.param("dims", {"a": 3, "t": 4}, r"dims must map 'a', 't', 'v'", id="dims"),
+    pytest.param("task", "regression", r"num_classes must be 1 for regression", id="regression-classes"),
 ])
 def test_bad_configs_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
