@@ -7,6 +7,11 @@ so the tests also compile every configuration a launcher can choose, for sm_80 a
 
 Each op module lists its configurations with ``aot_configurations() -> list[AotConfig]``.
 Run this without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
+
+What is compiled here: every kernel x dtype x constexpr tile configuration, with integer arguments as plain i32.
+At launch Triton also specializes integers equal to 1 and 16-byte-aligned pointers and strides; the kernels mark
+their runtime flags and sizes ``do_not_specialize`` so that those never make a new variant, and leave the strides
+and pointers specialized (unit strides give vectorized loads), so those variants are compiled on the GPU only.
 """
 from __future__ import annotations
 
