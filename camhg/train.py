@@ -40,6 +40,7 @@ from mer.training import (
     init_distributed,
     make_generator,
     progress,
+    reject_options_on_resume,
     restore_rng_state,
     seed_everything,
     select_device,
@@ -352,7 +353,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun picks per rank)")
     parser.add_argument("--no-plots", action="store_true", help="skip the confusion-matrix plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    reject_options_on_resume(parser, args, allowed=("data_root", "stop_after_epoch", "device", "no_plots",
+                                                    "no_progress"))
+    return args
 
 
 def preset_overrides(args: argparse.Namespace) -> dict:

@@ -33,6 +33,7 @@ from mer.training import (
     check_finite,
     make_generator,
     progress,
+    reject_options_on_resume,
     restore_rng_state,
     seed_everything,
     select_device,
@@ -242,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> RunResult:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    reject_options_on_resume(parser, args, allowed=("data_root", "device", "no_plots", "no_progress"))
     data = DataSpec(args.dataset, args.data_root, args.data_seed, dict(preset(args.dataset).dataset_options))
     overrides = {"epochs_stage1": args.epochs_stage1, "epochs_stage2": args.epochs_stage2,
                  "batch_size": args.batch_size, "lr": args.lr, "missing_rate": args.missing_rate}

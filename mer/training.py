@@ -290,6 +290,17 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops instead of writing a poisoned checkpoint."""
 
 
+def reject_options_on_resume(parser, args, allowed: Iterable[str]) -> None:
+    """``parser.error`` when ``--resume`` comes with an option outside ``allowed`` (argparse dests) that is not at
+    its default: a resumed run keeps the configuration it was started with, so such an option would be ignored."""
+    if getattr(args, "resume", None) is None:
+        return
+    ignored = sorted(f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+                     if name != "resume" and name not in allowed and value != parser.get_default(name))
+    if ignored:
+        parser.error(f"--resume continues a run with the configuration it started with; drop {', '.join(ignored)}")
+
+
 def check_finite(loss: torch.Tensor, *, where: str, last_checkpoint: Optional[PathLike] = None) -> None:
     """Raise ``NonFiniteLossError`` naming ``where`` (and the last good checkpoint) if ``loss`` is not finite.
 

@@ -154,6 +154,8 @@ def test_bad_configuration(tmp_path):
     with pytest.raises(SystemExit):
         camhg_train.parse_args(["--dataset", "imdb"])
     assert camhg_train.main(["--data-root", str(tmp_path), "--no-progress"]) == 2  # embedded data has no root
+    with pytest.raises(SystemExit):  # a resumed run keeps its configuration: a new one would be silently ignored
+        camhg_train.parse_args(["--resume", str(tmp_path), "--epochs", "1", "1", "1"])
 
 
 def test_triton_backend_matches_reference(triton_backend):
@@ -256,21 +258,22 @@ def test_torchrun_two_processes_train(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "KERNELS_BACKEND": "reference", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-               "-m", "camhg.train", "--dims", "small", "--num-dialogues", "4", "--epochs", "1", "1", "1",
-               "--hidden", "16", "--batch-size", "2", "--runs-dir", str(tmp_path), "--no-plots", "--no-progress"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+              "-m", "camhg.train", "--no-plots", "--no-progress"]
+    configuration = ["--dims", "small", "--num-dialogues", "4", "--epochs", "1", "1", "1", "--hidden", "16",
+                     "--batch-size", "2", "--runs-dir", str(tmp_path)]
     def torchrun(*arguments):
-        done = subprocess.run(command + list(arguments), cwd=tmp_path, env=env, capture_output=True, text=True,
+        done = subprocess.run(launch + list(arguments), cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=90)
         assert done.returncode == 0, done.stderr[-4000:]
 
-    torchrun("--run-name", "ddp")
+    torchrun(*configuration, "--run-name", "ddp")
     run_dir = tmp_path / "camhg" / "embedded" / "ddp"
     state = CheckpointManager(run_dir / "checkpoints").latest()
     assert state["epoch"] == 2 and state["phase"] == 3 and len(state["rank_states"]) == 2
     assert (run_dir / "missing_rates.json").is_file()
     # killed after phase 2 and resumed by 2 processes: each rank gets its own random streams back
-    torchrun("--run-name", "split", "--stop-after-epoch", "2")
+    torchrun(*configuration, "--run-name", "split", "--stop-after-epoch", "2")
     torchrun("--resume", str(tmp_path / "camhg" / "embedded" / "split"))
     resumed = CheckpointManager(tmp_path / "camhg" / "embedded" / "split" / "checkpoints").latest()
     assert all(torch.equal(resumed["model"][k], state["model"][k]) for k in state["model"])

@@ -1,4 +1,5 @@
 """mer.training: RNG state, exact-resume checkpoints, the metric logger, the loss guard, distributed helpers."""
+import argparse
 import csv
 import random
 import socket
@@ -20,6 +21,7 @@ from mer.training import (
     cleanup_distributed,
     init_distributed,
     make_generator,
+    reject_options_on_resume,
     progress,
     restore_rng_state,
     seed_everything,
@@ -308,3 +310,16 @@ def test_all_reduce_mean_over_two_gloo_processes(tmp_path):
         assert result["floats"].tolist() == [1.5, 3.0]
         assert result["counts"].dtype == torch.float32 and result["counts"].tolist() == [0.5, 10.0]
         assert result["input_kept"] == [rank + 1.0, 2.0 * (rank + 1)]
+
+
+def test_resume_rejects_options_it_would_ignore(capsys):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    allowed = ("device",)
+    reject_options_on_resume(parser, parser.parse_args(["--resume", "run", "--device", "cpu"]), allowed)
+    reject_options_on_resume(parser, parser.parse_args(["--epochs", "3"]), allowed)  # a fresh run: anything goes
+    with pytest.raises(SystemExit):
+        reject_options_on_resume(parser, parser.parse_args(["--resume", "run", "--epochs", "3"]), allowed)
+    assert "drop --epochs" in capsys.readouterr().err
