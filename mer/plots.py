@@ -164,18 +164,33 @@ def _read_metrics(csv_path: PathLike) -> tuple[str, dict[str, tuple[np.ndarray, 
     return step_name, curves
 
 
+_SPLIT_PREFIXES = ("train", "valid", "val", "test")
+
+
+def panel_of(column: str) -> str:
+    """The metric a ``metrics.csv`` column shows, without its split: ``valid/loss`` and ``val_loss`` -> ``loss``,
+    ``valid_average_WA`` -> ``average_WA``; a column without a split prefix is its own panel."""
+    for separator in ("/", "_"):
+        split, _, metric = column.partition(separator)
+        if metric and split in _SPLIT_PREFIXES:
+            return metric
+    return column
+
+
 def plot_training_curves(csv_path: PathLike, path: PathLike, title: Optional[str] = None) -> Path:
     """One panel per metric of a RunLogger ``metrics.csv``, against its first (step or epoch) column.
 
-    Columns named ``<split>/<metric>`` (e.g. ``train/loss`` and ``valid/loss``) share the ``<metric>``
-    panel; other columns get a panel each. Empty cells (a metric not logged at that step) are skipped.
+    The splits of one metric share a panel (``train/loss`` and ``valid/loss``, or ``train_loss`` and ``val_loss``:
+    see :func:`panel_of`); the wall-clock ``seconds`` column is left out. Empty cells (a metric not logged at that
+    step) are skipped.
     """
     step_name, curves = _read_metrics(csv_path)
+    curves.pop("seconds", None)
     if not curves:
         raise ValueError(f"{csv_path} has no numeric metric column")
     panels: dict[str, list[str]] = {}
     for column in curves:
-        panels.setdefault(column.rsplit("/", 1)[-1], []).append(column)
+        panels.setdefault(panel_of(column), []).append(column)
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
 

@@ -10,6 +10,7 @@ from mer.plots import (
     plot_attention_maps,
     plot_confusion_matrix,
     plot_per_class_accuracy,
+    panel_of,
     plot_training_curves,
 )
 from mer.training import RunLogger
@@ -105,6 +106,14 @@ def test_training_curves_from_a_run_logger_csv(tmp_path):
     np.testing.assert_allclose(curves["valid/loss"][1], [0.6, 0.3, 0.2])
 
     _read_png(plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png", title="CaM-HG"))
+
+
+@pytest.mark.parametrize("column, panel", [
+    ("train/loss", "loss"), ("valid/loss", "loss"), ("train_loss", "loss"), ("val_loss", "loss"),
+    ("valid_average_WA", "average_WA"), ("lr", "lr"), ("stage", "stage"), ("training_speed", "training_speed"),
+])
+def test_splits_of_a_metric_share_a_panel(column, panel):
+    assert panel_of(column) == panel
 
 
 def test_training_curves_need_a_numeric_column(tmp_path):
