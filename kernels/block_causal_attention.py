@@ -459,7 +459,7 @@ def _check_group_size(group_size) -> None:
 
 
 def _check_qkv(q, k, v, ndim: int) -> None:
-    """q, k: (..., T, H?, D) alike; v: same leading dims, any Dv; shared dtype/device; head dims <= 256."""
+    """q, k: (..., T, H?, D) alike; v: same leading dims, any Dv; shared dtype/device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=ndim)
     check_same_dtype_and_device(q=q, k=k, v=v)
@@ -468,9 +468,14 @@ def _check_qkv(q, k, v, ndim: int) -> None:
         raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"v must have shape {tuple(q.shape[:-1]) + ('Dv',)}, got {tuple(v.shape)}")
+
+
+def _check_kernel_head_dims(q, v) -> None:
+    """The Triton kernels hold a whole head in one tile: D, Dv <= MAX_HEAD_DIM (the reference has no limit)."""
     for name, t in (("q", q), ("v", v)):
         if t.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(f"{name} head dimension must be <= {MAX_HEAD_DIM}, got {t.shape[-1]}")
+            raise ValueError(f"{name} head dimension must be <= {MAX_HEAD_DIM} for the Triton kernels, got "
+                             f"{t.shape[-1]}")
 
 
 def block_causal_attention(q, k, v, *, group_size=3, scale=None):
@@ -485,6 +490,7 @@ def block_causal_attention(q, k, v, *, group_size=3, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
         return block_causal_attention_reference(q, k, v, group_size=group_size, scale=scale)
+    _check_kernel_head_dims(q, v)
     b, h, t, _ = q.shape
     check_batch_heads(b * h)
     layout = _Layout(b, h, t, t, q.new_zeros(1, dtype=torch.int32), varlen=False)
@@ -525,6 +531,7 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
         return block_causal_attention_varlen_reference(q, k, v, cu_seqlens, group_size=group_size, scale=scale)
+    _check_kernel_head_dims(q, v)
     check_batch_heads((cu_seqlens.numel() - 1) * q.shape[1])
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else total
@@ -567,8 +574,10 @@ class BlockCausalMultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, group_size=3, dropout=0.0, bias=True):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads <= 0 or embed_dim <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _check_group_size(group_size)
         self.embed_dim, self.num_heads, self.group_size, self.dropout = embed_dim, num_heads, group_size, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))

@@ -246,6 +246,17 @@ def test_varlen_bad_max_seqlen_and_shapes_raise(triton_backend):
 # ------------------------------------------------------------------------------------------------- modules
 
 
+@pytest.mark.parametrize("arguments, match", [
+    pytest.param(dict(embed_dim=8, num_heads=0), "positive multiple of num_heads", id="zero-heads"),
+    pytest.param(dict(embed_dim=8, num_heads=3), "positive multiple of num_heads", id="heads-not-dividing"),
+    pytest.param(dict(embed_dim=8, num_heads=2, dropout=1.0), "dropout must be in", id="dropout"),
+    pytest.param(dict(embed_dim=8, num_heads=2, group_size=0), "group_size", id="group-size"),
+])
+def test_module_bad_arguments_raise(arguments, match):
+    with pytest.raises(ValueError, match=match):
+        BlockCausalMultiheadAttention(**arguments)
+
+
 @pytest.mark.parametrize("bias", [pytest.param(True, id="bias"), pytest.param(False, id="no-bias")])
 def test_module_loads_both_ways_with_nn_multihead_attention(triton_backend, bias):
     e, h, t, group_size = 32, 2, 13, 3
