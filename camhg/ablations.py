@@ -18,7 +18,6 @@ from pathlib import Path
 from mer.metrics import ResultTable, mean_and_spread
 
 from .config import ABLATIONS, PRESETS, preset
-from .evaluate import save_table
 from .train import preset_overrides, train
 
 VARIANT_NAMES = {
@@ -64,10 +63,10 @@ def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, ou
                 table = ResultTable(f"CaM-HG ablations on {dataset}: test {metric} (%) by missing rate eta",
                                     "model", rates.columns)
             table.add_row(VARIANT_NAMES[ablation], rates.rows[metric])
-        save_table(table, out_dir / f"ablations_{dataset}_seed{seed}")
+        table.save(out_dir / f"ablations_{dataset}_seed{seed}")
         per_seed.append(table)
     summary = mean_and_spread(per_seed)
-    save_table(summary, out_dir / f"ablations_{dataset}")
+    summary.save(out_dir / f"ablations_{dataset}")
     return summary
 
 

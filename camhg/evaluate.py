@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from mer.data import Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
-from mer.metrics import ResultTable, emotion_metrics, sentiment_metrics, valid_targets
+from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import batch_missing_mask, condition_mask
 from mer.training import CheckpointManager, select_device
 
@@ -54,10 +54,6 @@ def predict(model: CaMHG, dataset: DialogueDataset, mask_of: Callable[[Batch], t
     return np.concatenate(truths), np.concatenate(preds)
 
 
-def score(y_true: np.ndarray, y_pred: np.ndarray, info: DatasetInfo) -> dict[str, float]:
-    return emotion_metrics(y_true, y_pred) if info.task == "classification" else sentiment_metrics(y_true, y_pred)
-
-
 def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, missing_rates, *,
                        device: torch.device, title: str, on_predictions=None) -> ResultTable:
     """Rows: metrics; columns: the missing rates and their average (the layout of paper Tables 2-3)."""
@@ -66,7 +62,7 @@ def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo
     for index, eta in enumerate(missing_rates):
         rng = np.random.default_rng([EVALUATION_SEED, index])
         y_true, y_pred = predict(model, dataset, lambda batch: batch_missing_mask(batch, eta, rng), device=device)
-        by_rate[f"{eta:.1f}"] = score(y_true, y_pred, info)
+        by_rate[f"{eta:.1f}"] = task_metrics(info.task, y_true, y_pred)
         if on_predictions is not None:
             on_predictions(eta, y_true, y_pred)
     table = ResultTable(title, "metric", columns)
@@ -82,14 +78,8 @@ def condition_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, *
     table = ResultTable(title, "available", list(headline_metrics(info)))
     for condition in CONDITION_ORDER:
         y_true, y_pred = predict(model, dataset, lambda batch: condition_mask(batch, condition), device=device)
-        table.add_row("{" + ", ".join(condition) + "}", score(y_true, y_pred, info))
+        table.add_row("{" + ", ".join(condition) + "}", task_metrics(info.task, y_true, y_pred))
     return table
-
-
-def save_table(table: ResultTable, path_stem: Path) -> None:
-    """``.json`` and ``.csv`` (ResultTable.save) plus ``.md``."""
-    table.save(path_stem)
-    path_stem.with_name(path_stem.name + ".md").write_text(table.to_markdown() + "\n", encoding="utf-8")
 
 
 def evaluate_model(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, config: CaMHGConfig,
@@ -108,8 +98,8 @@ def evaluate_model(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, co
                                title=f"{name} on {info.name} test: by missing rate eta")
     conditions = condition_table(model, dataset, info, device=device,
                                  title=f"{name} on {info.name} test: by available modalities")
-    save_table(rates, out_dir / "missing_rates")
-    save_table(conditions, out_dir / "conditions")
+    rates.save(out_dir / "missing_rates")
+    conditions.save(out_dir / "conditions")
     if matrices:
         from mer.plots import plot_confusion_matrix
 

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mer.data import Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
+from mer.metrics import task_metrics, valid_targets
 from mer.missing import batch_missing_mask, camhg_training_mask
 from mer.training import (
     CheckpointManager,
@@ -178,8 +179,6 @@ def make_loader(dataset: DialogueDataset, batch_size: int, *, shuffle_generator:
 def validate(model: CaMHG, dataset: DialogueDataset, phase: int, config: CaMHGConfig, info: DatasetInfo,
              device: torch.device) -> dict:
     """The phase's loss and the task metric on ``dataset`` under a fixed random mask (VALIDATION_MISSING_RATE)."""
-    from mer.metrics import emotion_metrics, sentiment_metrics, valid_targets
-
     model.eval()
     total, count, outputs, labels, valids = 0.0, 0, [], [], []
     for index, batch in enumerate(make_loader(dataset, config.batch_size)):
@@ -194,7 +193,7 @@ def validate(model: CaMHG, dataset: DialogueDataset, phase: int, config: CaMHGCo
     result = {"val_loss": total / max(count, 1)}
     if outputs:
         y_true, y_pred = valid_targets(torch.cat(outputs), torch.cat(labels), torch.cat(valids))
-        metrics = emotion_metrics(y_true, y_pred) if info.task == "classification" else sentiment_metrics(y_true, y_pred)
+        metrics = task_metrics(info.task, y_true, y_pred)
         result.update({f"val_{k}": v for k, v in metrics.items()})
     return result
 

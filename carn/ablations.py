@@ -93,7 +93,6 @@ def main(argv=None):
     for name, table in tables.items():
         table.print()
         table.save(args.out / name)
-        (args.out / f"{name}.md").write_text(table.to_markdown() + "\n", encoding="utf-8")
     return tables
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mer.data import DialogueDataset, collate_dialogues, load_dataset
-from mer.metrics import ResultTable, emotion_metrics, sentiment_metrics, valid_targets
+from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import condition_mask
 from mer.training import CheckpointManager, select_device
 
@@ -58,7 +58,7 @@ def evaluate_conditions(model: CARN, dataset: DialogueDataset, *, batch_size: in
     results = {}
     for condition in CONDITION_ORDER:
         y_true, y_pred = predict(model, dataset, condition, batch_size=batch_size, device=device)
-        results[condition] = sentiment_metrics(y_true, y_pred) if task == "regression" else emotion_metrics(y_true, y_pred)
+        results[condition] = task_metrics(task, y_true, y_pred)
     results["Average"] = {n: float(np.mean([results[c][n] for c in CONDITION_ORDER])) for n in metric_names(task)}
     return results
 
@@ -129,7 +129,6 @@ def main(argv=None) -> ResultTable:
     table.print()
     stem = args.checkpoint.parent.parent / f"evaluation_{args.checkpoint.stem}_{args.split}"
     table.save(stem)
-    stem.with_suffix(".md").write_text(table.to_markdown() + "\n", encoding="utf-8")
     return table
 
 

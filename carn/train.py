@@ -192,7 +192,6 @@ def run_training(
              f"{train_config.epochs_stage2} epochs, hidden {model_config.hidden})")
     table = results_table({ABLATION_TITLES[ablation]: results}, task, title)
     table.save(run_dir / "table1")
-    (run_dir / "table1.md").write_text(table.to_markdown() + "\n", encoding="utf-8")
     if make_plots:
         save_plots(model, splits, run_dir, batch_size=train_config.batch_size, device=device)
     return RunResult(model, run_dir, results, table, last_epoch)

@@ -63,6 +63,15 @@ def sentiment_metrics(y_true, y_pred) -> dict[str, float]:
     return {"Acc2": acc2, "F1": f1, "MAE": float(np.abs(y_true - y_pred).mean()), "Corr": corr}
 
 
+def task_metrics(task: str, y_true, y_pred) -> dict[str, float]:
+    """:func:`emotion_metrics` for ``task="classification"``, :func:`sentiment_metrics` for ``"regression"``."""
+    if task == "classification":
+        return emotion_metrics(y_true, y_pred)
+    if task == "regression":
+        return sentiment_metrics(y_true, y_pred)
+    raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+
+
 def valid_targets(outputs, labels, valid) -> tuple[np.ndarray, np.ndarray]:
     """(y_true, y_pred) as flat numpy arrays of the valid positions of a padded batch.
 
@@ -118,18 +127,20 @@ class ResultTable:
     def to_dict(self) -> dict:
         return {"title": self.title, "row_name": self.row_name, "columns": self.columns, "rows": self.rows}
 
-    def save(self, path_stem) -> tuple[Path, Path]:
-        """Write ``<path_stem>.json`` (exact, loadable by :meth:`load`) and ``<path_stem>.csv``; returns both."""
+    def save(self, path_stem) -> tuple[Path, Path, Path]:
+        """Write ``<path_stem>.json`` (exact, loadable by :meth:`load`), ``<path_stem>.csv`` and ``<path_stem>.md``
+        (:meth:`to_markdown`); returns the three paths."""
         stem = Path(path_stem)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        json_path, csv_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".csv")
+        json_path, csv_path, md_path = (stem.with_name(stem.name + suffix) for suffix in (".json", ".csv", ".md"))
+        md_path.write_text(self.to_markdown() + "\n", encoding="utf-8")
         json_path.write_text(json.dumps(self.to_dict(), indent=2, default=float), encoding="utf-8")
         with open(csv_path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow([self.row_name, *self.columns])
             for name, values in self.rows.items():
                 writer.writerow([name, *(values[c] for c in self.columns)])
-        return json_path, csv_path
+        return json_path, csv_path, md_path
 
     @classmethod
     def load(cls, path) -> ResultTable:

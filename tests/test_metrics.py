@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from mer.metrics import ResultTable, emotion_metrics, mean_and_spread, sentiment_metrics, valid_targets
+from mer.metrics import (
+    ResultTable,
+    emotion_metrics,
+    mean_and_spread,
+    sentiment_metrics,
+    task_metrics,
+    valid_targets,
+)
 
 
 def test_emotion_metrics_by_hand():
@@ -70,14 +77,24 @@ def test_result_table_save_load_and_spread(tmp_path):
         table.add_row("0.0", {"WA": 70.0 + offset, "WAF1": 69.0 + offset})
         table.add_row("0.5", {"WA": 60.0 + offset, "WAF1": 58.5})
         tables.append(table)
-    json_path, csv_path = tables[0].save(tmp_path / "runs" / "table")
+    json_path, csv_path, md_path = tables[0].save(tmp_path / "runs" / "table")
     loaded = ResultTable.load(json_path)
     assert loaded.rows == tables[0].rows and loaded.columns == ["WA", "WAF1"]
     assert json.loads(json_path.read_text())["title"] == "IEMOCAP-4"
     assert csv_path.read_text().splitlines() == ["eta,WA,WAF1", "0.0,70.0,69.0", "0.5,60.0,58.5"]
     assert "| 0.5 | 60.00 | 58.50 |" in tables[0].to_markdown()
+    assert md_path.read_text() == tables[0].to_markdown() + "\n"
     spread = mean_and_spread(tables)
     assert spread.rows["0.0"]["WA"] == "72.00 ± 2.00"  # sample std of 70, 72, 74
     assert spread.rows["0.5"]["WAF1"] == "58.50 ± 0.00"
     with pytest.raises(ValueError, match="columns"):
         tables[0].add_row("0.7", {"WA": 1.0})
+
+
+def test_task_metrics_picks_by_task():
+    labels, predicted = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2])
+    assert task_metrics("classification", labels, predicted) == emotion_metrics(labels, predicted)
+    scores = np.array([-1.5, 0.4, 2.0, -0.2])
+    assert task_metrics("regression", scores, scores[::-1]) == sentiment_metrics(scores, scores[::-1])
+    with pytest.raises(ValueError, match="task must be"):
+        task_metrics("ranking", labels, predicted)
