@@ -176,16 +176,21 @@ class CARN(nn.Module):
                     f"features[{m!r}] has shape {tuple(x.shape)}, expected {expected} (the config's dims[{m!r}] = "
                     f"{self.config.dims[m]}); build the model from the dataset's info.dims"
                 )
-            if not torch.isfinite(x).all():
-                raise ValueError(f"features[{m!r}] contains NaN or infinite values")
         if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != (b, l, 3):
             raise ValueError(f"present must be a ({b}, {l}, 3) bool tensor, got {getattr(present, 'shape', present)}")
-        if not (present.any(dim=-1) | ~valid).all():
-            raise ValueError("present has a valid utterance with no modality present; at least one is needed")
+        # The value checks below read the tensors: one host sync per forward for all of them, messages only on failure.
         lengths = valid.sum(dim=1, keepdim=True)
-        if not (valid[:, 0].all() and torch.equal(valid, torch.arange(l, device=valid.device) < lengths)):
-            raise ValueError("valid must mark a non-empty prefix of every dialogue (right padding): the causal "
-                             "attention relies on padded steps coming last")
+        failures = {
+            **{f"features[{m!r}] contains NaN or infinite values": ~torch.isfinite(features[m]).all()
+               for m in MODALITIES},
+            "present has a valid utterance with no modality present; at least one is needed":
+                ~(present.any(dim=-1) | ~valid).all(),
+            "valid must mark a non-empty prefix of every dialogue (right padding): the causal attention relies on "
+            "padded steps coming last": ~(valid[:, 0].all() & (valid == (torch.arange(l, device=valid.device)
+                                                                         < lengths)).all()),
+        }
+        if torch.stack(list(failures.values())).any():
+            raise ValueError(next(message for message, failed in failures.items() if failed))
 
     def forward(
         self, features: dict, present: torch.Tensor, valid: torch.Tensor, *, need_weights: bool = False
