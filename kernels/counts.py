@@ -334,3 +334,284 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
         pass
     return run, (f"adasplash {version}: `adasplash.adasplash(q, k, v)` (alpha=1.5, is_causal=True -> AdaSplash-2, "
                  f"niter=1), row-max pass at {ADASPLASH_MAX_PASS_TILES[0]}x{ADASPLASH_MAX_PASS_TILES[1]} tiles")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Threshold solver passes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def solver_tiles(t: int):
+    """(block_m, block_n) of the entmax threshold kernel's launch at length ``t``: the row tiles when rows fit in
+    registers (``T <= row_block_n``), else the pass tiles (the launcher's choice, ``kernels.entmax_attention``)."""
+    from .entmax_attention import _tiles
+
+    tiles = _tiles()
+    return (tiles.row_block_m, tiles.row_block_n) if t <= tiles.row_block_n else (tiles.block_m, tiles.block_n)
+
+
+def counted_solver_passes(counter: InterpreterCounter, kernel: str, name: str = "k") -> Dict[Program, float]:
+    """Passes over ``name`` per program of ``kernel``'s launches in ``counter`` (which must track distinct
+    elements): elements loaded / distinct elements loaded, i.e. how many times the program read the keys it reads."""
+    passes = {}
+    for launch in counter.of(kernel):
+        for program, per_tensor in launch.loads.items():
+            if per_tensor.get(name):
+                passes[program] = per_tensor[name] / launch.distinct_loaded(program, name)
+    return passes
+
+
+def solver_pass_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
+    """Mean and max over query tiles of ``tau_solver_passes`` (the mirror) on :func:`sample_qkv` inputs."""
+    from .entmax_attention import tau_solver_passes
+
+    q, k, _ = sample_qkv(t, d, 1, q_scale, seed)
+    block_m, block_n = solver_tiles(t)
+    passes = tau_solver_passes(q, k, causal=True, block_m=block_m, block_n=block_n).flatten().double()
+    return {"mean": passes.mean().item(), "max": int(passes.max().item()), "tiles": passes.numel(),
+            "block_m": block_m, "block_n": block_n}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOPs per visible score
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def count_dot_flops(op: Callable, q, k, v, seed: int = 0) -> Dict[str, int]:
+    """``tl.dot`` FLOPs of ``op(q, k, v)``: ``inference`` (forward under no_grad), ``training_forward`` (forward with
+    q, k, v requiring grad, which may store more for the backward) and ``backward`` (from a N(0, 1) output grad)."""
+    with torch.no_grad(), InterpreterCounter({}) as counter:
+        op(q, k, v)
+    flops = {"inference": counter.dot_flops()}
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    with InterpreterCounter({}) as counter:
+        out = op(*leaves)
+    flops["training_forward"] = counter.dot_flops()
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    with InterpreterCounter({}) as counter:
+        out.backward(grad)
+    flops["backward"] = counter.dot_flops()
+    return flops
+
+
+def _block_causal(group_size: int):
+    def run(q, k, v):
+        from .backend import use_backend
+        from .block_causal_attention import block_causal_attention
+
+        with use_backend("triton"):
+            return block_causal_attention(q, k, v, group_size=group_size)
+
+    return run
+
+
+#: (label, D, Dv) of the FLOP counts: two plain head sizes and CARN's causal-cue attention (hidden 256, one head,
+#: ``return_context=True`` appends x (E = 256) to the head's values: Dv = 256 + 256).
+ENTMAX_HEAD_DIMS = (("D 64", 64, 64), ("D 128", 128, 128), ("CARN, context", 256, 512))
+#: block-causal kernels take D, Dv <= 256
+BLOCK_CAUSAL_HEAD_DIMS = (("D 64 (CaM-HG: 512 / 8 heads)", 64, 64), ("D 128", 128, 128), ("D 256", 256, 256))
+BLOCK_CAUSAL_GROUP = 3
+
+
+def flops_per_score_rows(t: int, head_dims_entmax, head_dims_block) -> List[dict]:
+    """Dot FLOPs per visible score of both attention ops (fp32, B = H = 1, default tiles) against the minimum."""
+    rows = []
+    cases = [("entmax15_attention", _ours, None, dims) for dims in head_dims_entmax]
+    cases += [(f"block_causal_attention (group {BLOCK_CAUSAL_GROUP})", _block_causal(BLOCK_CAUSAL_GROUP),
+               BLOCK_CAUSAL_GROUP, dims) for dims in head_dims_block]
+    for op_name, op, group, (label, d, dv) in cases:
+        q, k, v = sample_qkv(t, d, dv, 1.0, 0)
+        start = time.perf_counter()
+        flops = count_dot_flops(op, q, k, v)
+        scores = visible_scores(t, group_size=group)
+        minimum_fwd, minimum_bwd = minimum_flops_per_score(d, dv)
+        rows.append({
+            "op": op_name, "case": label, "T": t, "D": d, "Dv": dv, "visible_scores": scores,
+            "flops": flops,
+            "inference_per_score": flops["inference"] / scores,
+            "training_forward_per_score": flops["training_forward"] / scores,
+            "backward_per_score": flops["backward"] / scores,
+            "minimum_forward_per_score": minimum_fwd, "minimum_backward_per_score": minimum_bwd,
+            "wall_s": round(time.perf_counter() - start, 1),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Sizes of one run: the full run (default) or ``--quick``."""
+
+    traffic_lengths: Tuple[int, ...] = (1024, 2048)
+    solver_lengths: Tuple[int, ...] = (4096, 16384)
+    flops_length: int = 512
+    head_dim: int = 64
+    entmax_head_dims: tuple = ENTMAX_HEAD_DIMS
+    block_causal_head_dims: tuple = BLOCK_CAUSAL_HEAD_DIMS
+
+
+QUICK = Settings(traffic_lengths=(128, 256), solver_lengths=(512, 1024), flops_length=64,
+                 entmax_head_dims=ENTMAX_HEAD_DIMS[:1], block_causal_head_dims=BLOCK_CAUSAL_HEAD_DIMS[:1])
+
+
+def k_traffic_rows(settings: Settings, log: Callable[[str], None]) -> Tuple[List[dict], str]:
+    """K traffic of ours and AdaSplash-2 at every length and distribution; ours also cross-checks the solver mirror
+    against the kernel's own per-tile pass count at these lengths."""
+    from .entmax_attention import tau_solver_passes
+
+    adasplash_run, adasplash_note = adasplash_status()
+    rows = []
+    for t in settings.traffic_lengths:
+        for q_scale, seed in DISTRIBUTIONS:
+            q, k, v = sample_qkv(t, settings.head_dim, settings.head_dim, q_scale, seed)
+            start = time.perf_counter()
+            with torch.no_grad(), InterpreterCounter({"k": k}, track_distinct=True) as counter:
+                _ours(q, k, v)
+            ours_wall = time.perf_counter() - start
+            fa = flash_attention_k_elements(t, settings.head_dim)
+            counted = counted_solver_passes(counter, "_entmax_tau_kernel")
+            kernel_passes = [counted[program] for program in sorted(counted)]
+            block_m, block_n = solver_tiles(t)
+            mirror = tau_solver_passes(q, k, causal=True, block_m=block_m, block_n=block_n).flatten().tolist()
+            row = {
+                "T": t, "D": settings.head_dim, "q_scale": q_scale, "seed": seed,
+                "fa_k_elements": fa,
+                "ours": {"k_elements": counter.loaded("k"), "ratio": counter.loaded("k") / fa,
+                         "per_kernel": {launch.kernel: launch.loaded("k") for launch in counter.launches},
+                         "solver_passes_counted": kernel_passes, "solver_passes_mirror": mirror,
+                         "mirror_equals_kernel": [float(p) for p in mirror] == kernel_passes,
+                         "wall_s": round(ours_wall, 1)},
+            }
+            if adasplash_run is not None:
+                start = time.perf_counter()
+                try:
+                    peer = count_forward_k_traffic(adasplash_run, q, k, v)
+                    peer["wall_s"] = round(time.perf_counter() - start, 1)
+                except Exception as error:  # noqa: BLE001 - reported in the table, not fatal to our counts
+                    peer = {"error": f"{type(error).__name__}: {error}"}
+                row["adasplash2"] = peer
+            rows.append(row)
+            log(f"K traffic T={t} q x{q_scale:g}: ours {row['ours']['ratio']:.2f}"
+                + (f", AdaSplash-2 {row['adasplash2'].get('ratio', float('nan')):.2f}" if "adasplash2" in row else "")
+                + f" ({time.perf_counter() - start + ours_wall:.0f} s)")
+    return rows, adasplash_note
+
+
+def solver_rows(settings: Settings, log: Callable[[str], None]) -> List[dict]:
+    rows = []
+    for t in settings.solver_lengths:
+        for q_scale, seed in DISTRIBUTIONS:
+            start = time.perf_counter()
+            stats = solver_pass_stats(t, settings.head_dim, q_scale, seed)
+            rows.append({"T": t, "D": settings.head_dim, "q_scale": q_scale, "seed": seed, **stats,
+                         "wall_s": round(time.perf_counter() - start, 1)})
+            log(f"solver passes T={t} q x{q_scale:g}: mean {stats['mean']:.2f}, max {stats['max']}")
+    return rows
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """The report's tables in markdown."""
+    traffic, solver, flops = report["k_traffic"], report["solver_passes"], report["flops_per_score"]
+    out = [f"# Algorithmic counts, {report['date']}", "",
+           f"`{report['command']}`; {report['versions_line']}. Inputs: q, k, v ~ N(0, 1) (float32, B = H = 1, "
+           f"`torch.Generator().manual_seed(seed)`, drawn q, k, v in that order), q multiplied by 1, 4, 16 with seeds "
+           f"0, 1, 2. Wall time {report['wall_s']:.0f} s.", "",
+           "## K traffic of the causal forward (elements loaded from K / one flash-attention pass with 64-row query "
+           "tiles)", "",
+           f"Peer: {report['adasplash']}.", ""]
+    header = ["T", "q scale", "ours", "AdaSplash-2", "ours: solver passes per tile (mean / max)",
+              "mirror = kernel"]
+    rows = []
+    for row in traffic:
+        passes = row["ours"]["solver_passes_counted"]
+        peer = row.get("adasplash2")
+        peer_text = "not run" if peer is None else (f"{peer['ratio']:.2f}" if "ratio" in peer else peer["error"])
+        rows.append([str(row["T"]), f"x{row['q_scale']:g}", f"{row['ours']['ratio']:.2f}", peer_text,
+                     f"{sum(passes) / len(passes):.2f} / {max(passes):g}",
+                     "yes" if row["ours"]["mirror_equals_kernel"] else "**no**"])
+    out += [_table(header, rows), ""]
+    out += ["## Threshold solver: passes over K per query tile (`tau_solver_passes`, D = 64, causal)", "",
+            _table(["T", "q scale", "tiles", "mean", "max"],
+                   [[str(r["T"]), f"x{r['q_scale']:g}", f"{r['tiles']} of {r['block_m']}x{r['block_n']}",
+                     f"{r['mean']:.2f}", str(r["max"])] for r in solver]), ""]
+    out += [f"## Dot FLOPs per visible score (fp32, default tiles, T = {flops[0]['T'] if flops else '-'})", "",
+            "Minimum: forward 2 (D + Dv) (QK^T, PV); backward 2 (3 D + 2 Dv) (FA2's five matmuls: QK^T recomputed, "
+            "dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q). Visible scores: causal T (T + 1) / 2, block-causal "
+            "pairs with j // g <= i // g. Counted: every `tl.dot` of the op's kernels, 2 M N K on whole tiles.", "",
+            _table(["op", "D, Dv", "inference fwd", "training fwd", "min fwd", "backward", "min bwd",
+                    "fwd / min", "bwd / min"],
+                   [[r["op"], f"{r['D']}, {r['Dv']} ({r['case']})", f"{r['inference_per_score']:.0f}",
+                     f"{r['training_forward_per_score']:.0f}", str(r["minimum_forward_per_score"]),
+                     f"{r['backward_per_score']:.0f}", str(r["minimum_backward_per_score"]),
+                     f"{r['inference_per_score'] / r['minimum_forward_per_score']:.2f}",
+                     f"{r['backward_per_score'] / r['minimum_backward_per_score']:.2f}"] for r in flops]), ""]
+    return "\n".join(out)
+
+
+def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    """Every count of the report (a dict ready for JSON)."""
+    start = time.perf_counter()
+    traffic, adasplash_note = k_traffic_rows(settings, log)
+    solver = solver_rows(settings, log)
+    flops = flops_per_score_rows(settings.flops_length, settings.entmax_head_dims, settings.block_causal_head_dims)
+    for row in flops:
+        log(f"FLOPs {row['op']} {row['case']}: fwd {row['inference_per_score']:.0f}, "
+            f"bwd {row['backward_per_score']:.0f} per score ({row['wall_s']} s)")
+    return {"k_traffic": traffic, "solver_passes": solver, "flops_per_score": flops, "adasplash": adasplash_note,
+            "settings": {key: value for key, value in vars(settings).items()},
+            "distributions": [{"q_scale": s, "seed": seed} for s, seed in DISTRIBUTIONS],
+            "wall_s": time.perf_counter() - start}
+
+
+def _versions() -> Dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+                "numpy": np.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    try:
+        from importlib.metadata import version
+
+        versions["adasplash"] = version("adasplash")
+    except Exception:  # noqa: BLE001 - not installed
+        versions["adasplash"] = "not installed"
+    return versions
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m kernels.counts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small lengths and head sizes (seconds, not minutes)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for <date>.md/.json (default {RESULTS_DIR.relative_to(RESULTS_DIR.parents[2])};"
+                             " --quick writes nothing unless given)")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else Settings()
+    report = run(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    versions = _versions()
+    report.update(date=today, versions=versions, command="python -m kernels.counts" + (" --quick" if args.quick else ""),
+                  versions_line=", ".join(f"{key} {value}" for key, value in versions.items()))
+    markdown = render_markdown(report)
+    print(markdown)
+    out = args.out if args.out is not None else (None if args.quick else RESULTS_DIR)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{today}.md").write_text(markdown + "\n", encoding="utf-8")
+        (out / f"{today}.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
+        print(f"wrote {out / today}.md and .json", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    if not triton_interpreter_enabled():
+        # Triton decides at decoration time, i.e. when ``kernels`` was imported, whether kernels are interpreted
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.counts", *sys.argv[1:]],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
+    main()
