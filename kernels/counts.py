@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -111,6 +111,13 @@ class InterpreterCounter:
     def loaded(self, name: str, kernel: Optional[str] = None) -> int:
         """Elements loaded from tensor ``name`` by every launch (of ``kernel`` if given)."""
         return sum(launch.loaded(name) for launch in self.launches if kernel in (None, launch.kernel))
+
+    def loaded_per_kernel(self, name: str) -> Dict[str, int]:
+        """Elements loaded from tensor ``name``, summed per kernel name."""
+        totals: Dict[str, int] = defaultdict(int)
+        for launch in self.launches:
+            totals[launch.kernel] += launch.loaded(name)
+        return dict(totals)
 
     def dot_flops(self, kernel: Optional[str] = None) -> int:
         """``tl.dot`` FLOPs of every launch (of ``kernel`` if given)."""
@@ -228,13 +235,10 @@ def count_forward_k_traffic(attention: Callable, q, k, v) -> dict:
     one flash-attention pass (:func:`flash_attention_k_elements`, causal)."""
     with torch.no_grad(), InterpreterCounter({"k": k}) as counter:
         attention(q, k, v)
-    per_kernel = defaultdict(int)
-    for launch in counter.launches:
-        per_kernel[launch.kernel] += launch.loaded("k")
     _, _, t, d = k.shape
     fa = flash_attention_k_elements(t, d) * k.shape[0] * k.shape[1]
     total = counter.loaded("k")
-    return {"k_elements": total, "fa_k_elements": fa, "ratio": total / fa, "per_kernel": dict(per_kernel)}
+    return {"k_elements": total, "fa_k_elements": fa, "ratio": total / fa, "per_kernel": counter.loaded_per_kernel("k")}
 
 
 def _ours(q, k, v):
@@ -481,7 +485,7 @@ def k_traffic_rows(settings: Settings, log: Callable[[str], None]) -> Tuple[List
                 "T": t, "D": settings.head_dim, "q_scale": q_scale, "seed": seed,
                 "fa_k_elements": fa,
                 "ours": {"k_elements": counter.loaded("k"), "ratio": counter.loaded("k") / fa,
-                         "per_kernel": {launch.kernel: launch.loaded("k") for launch in counter.launches},
+                         "per_kernel": counter.loaded_per_kernel("k"),
                          "solver_passes_counted": kernel_passes, "solver_passes_mirror": mirror,
                          "mirror_equals_kernel": [float(p) for p in mirror] == kernel_passes,
                          "wall_s": round(ours_wall, 1)},
