@@ -2,6 +2,8 @@
 K-traffic ratio against an independently computed flash-attention pass, and ``tau_solver_passes`` (the PyTorch mirror
 of the entmax threshold solver) against the kernel's own count of its passes over K.
 """
+import json
+
 import pytest
 import torch
 import triton
@@ -206,3 +208,22 @@ def test_flops_per_score_of_the_real_kernels_cover_the_minimum(monkeypatch):
         assert row["visible_scores"] == counts.visible_scores(t, group_size=3 if "block" in row["op"] else None)
         assert row["inference_per_score"] >= row["minimum_forward_per_score"] == 2 * (6 + 5)
         assert row["backward_per_score"] >= row["minimum_backward_per_score"] == 2 * (3 * 6 + 2 * 5)
+
+
+def test_command_writes_its_report(monkeypatch, tmp_path, capsys):
+    """``python -m kernels.counts --quick --out DIR`` at tiny sizes: tables printed, markdown and JSON written, and
+    the K traffic equal to a direct count."""
+    tiny = counts.Settings(traffic_lengths=(64,), solver_lengths=(70,), flops_length=9, head_dim=16,
+                           entmax_head_dims=(("tiny", 4, 3),), block_causal_head_dims=(("tiny", 4, 3),))
+    monkeypatch.setattr(counts, "QUICK", tiny)
+    monkeypatch.setattr(counts, "DISTRIBUTIONS", counts.DISTRIBUTIONS[:1])
+    report = counts.main(["--quick", "--out", str(tmp_path)])
+    (markdown,) = tmp_path.glob("*.md")
+    (saved,) = tmp_path.glob("*.json")
+    assert markdown.read_text().strip() in capsys.readouterr().out
+    assert json.loads(saved.read_text())["k_traffic"] == json.loads(json.dumps(report["k_traffic"]))
+    (row,) = report["k_traffic"]
+    direct = counts.count_forward_k_traffic(counts._ours, *counts.sample_qkv(64, 16, 16, 1.0, 0))
+    assert row["ours"]["ratio"] == direct["ratio"] and row["ours"]["mirror_equals_kernel"]
+    if counts.adasplash_status()[0] is not None:  # the peer ran (T = 64 is AdaSplash-2's shortest length)
+        assert row["adasplash2"]["ratio"] >= 1
