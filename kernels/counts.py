@@ -100,7 +100,7 @@ class InterpreterCounter:
         self.track_distinct = track_distinct
         self.launches: List[Launch] = []
         self._current: Optional[Launch] = None
-        self._restore: List[Callable[[], None]] = []
+        self._restore: Optional[Callable[[], None]] = None
 
     # -- results -------------------------------------------------------------------------------------------------
 
@@ -153,16 +153,26 @@ class InterpreterCounter:
                 counter._current.grid = tuple(builder.grid_dim)
                 counter._current = None
 
+        # an enclosing counter's hooks are instance attributes too: put back exactly what was there
+        hooked = {name: vars(builder).get(name) for name in ("create_masked_load", "create_dot")}
         builder.create_masked_load, builder.create_dot = create_masked_load, create_dot
         interpreter.GridExecutor.__call__ = call
-        self._restore = [lambda: delattr(builder, "create_masked_load"), lambda: delattr(builder, "create_dot"),
-                         lambda: setattr(interpreter.GridExecutor, "__call__", original_call)]
+
+        def restore():
+            for name, previous in hooked.items():
+                if previous is None:
+                    delattr(builder, name)
+                else:
+                    setattr(builder, name, previous)
+            interpreter.GridExecutor.__call__ = original_call
+
+        self._restore = restore
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for restore in self._restore:
-            restore()
-        self._restore = []
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
 
     def _count_load(self, pointers: np.ndarray, mask: np.ndarray) -> None:
         launch = self._current
@@ -600,7 +610,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     report = run(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     versions = _versions()
-    report.update(date=today, versions=versions, command="python -m kernels.counts" + (" --quick" if args.quick else ""),
+    command = "python -m kernels.counts" + (" --quick" if args.quick else "")
+    report.update(date=today, versions=versions, command=command,
                   versions_line=", ".join(f"{key} {value}" for key, value in versions.items()))
     markdown = render_markdown(report)
     print(markdown)

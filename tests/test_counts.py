@@ -99,12 +99,18 @@ def test_counts_dot_flops_and_tile_loads(m, n, k, bm, bn, bk):
     assert counter.loaded("a") == grid[1] * m * k and counter.loaded("b") == grid[0] * k * n
 
 
-def test_hooks_are_removed_on_exit():
+def test_nested_counters_both_count_and_hooks_are_removed_on_exit():
     from triton.runtime import interpreter
 
     call = interpreter.GridExecutor.__call__
-    with InterpreterCounter({}):
-        assert "create_masked_load" in vars(interpreter.interpreter_builder)
+    n, block = 20, 16
+    x, y, out = torch.randn(n), torch.randn(block), torch.empty(n)
+    with InterpreterCounter({"x": x}) as outer:
+        with InterpreterCounter({"x": x}) as inner:
+            _copy_kernel[(triton.cdiv(n, block),)](x, y, out, n, BLOCK=block)
+        assert "create_masked_load" in vars(interpreter.interpreter_builder)  # the outer hook is back
+        _copy_kernel[(triton.cdiv(n, block),)](x, y, out, n, BLOCK=block)
+    assert inner.loaded("x") == n and outer.loaded("x") == 2 * n
     assert "create_masked_load" not in vars(interpreter.interpreter_builder)
     assert "create_dot" not in vars(interpreter.interpreter_builder)
     assert interpreter.GridExecutor.__call__ is call
