@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -36,8 +38,11 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import interpreter
 
-from .backend import triton_interpreter_enabled
+from .backend import triton_interpreter_enabled, use_backend
+from .block_causal_attention import block_causal_attention
+from .entmax_attention import _tiles, entmax15_attention, tau_solver_passes
 
 #: Query rows per tile of the flash-attention pass that K traffic is measured against.
 FA_BLOCK_M = 64
@@ -126,8 +131,6 @@ class InterpreterCounter:
     # -- hooks ---------------------------------------------------------------------------------------------------
 
     def __enter__(self) -> "InterpreterCounter":
-        from triton.runtime import interpreter
-
         builder = interpreter.interpreter_builder
         original_load, original_dot = builder.create_masked_load, builder.create_dot
         original_call = interpreter.GridExecutor.__call__
@@ -178,8 +181,6 @@ class InterpreterCounter:
         launch = self._current
         if launch is None:
             return
-        from triton.runtime import interpreter
-
         program = tuple(interpreter.interpreter_builder.grid_idx)
         pointers = np.asarray(pointers, dtype=np.uint64)
         active = np.broadcast_to(np.asarray(mask, dtype=bool), pointers.shape)
@@ -248,13 +249,11 @@ def count_forward_k_traffic(attention: Callable, q, k, v) -> dict:
     _, _, t, d = k.shape
     fa = flash_attention_k_elements(t, d) * k.shape[0] * k.shape[1]
     total = counter.loaded("k")
-    return {"k_elements": total, "fa_k_elements": fa, "ratio": total / fa, "per_kernel": counter.loaded_per_kernel("k")}
+    return {"k_elements": total, "fa_k_elements": fa, "ratio": total / fa,
+            "per_kernel": counter.loaded_per_kernel("k")}
 
 
 def _ours(q, k, v):
-    from .backend import use_backend
-    from .entmax_attention import entmax15_attention
-
     with use_backend("triton"):
         return entmax15_attention(q, k, v, causal=True)
 
@@ -303,8 +302,6 @@ def _adasplash_under_interpreter():
       libdevice externs ``float2int_rd`` (histogram bins) and ``popc`` (blocks in the mask), which it does not
       implement (the launch fails with ``'NoneType' object has no attribute 'dtype'``).
     """
-    import importlib
-
     module = importlib.import_module("adasplash.adasplash_v2")
 
     class WithTiles:
@@ -339,15 +336,9 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
             # the package's dispatcher: alpha=1.5, is_causal=True go to AdaSplash-2 with its default niter=1
             return adasplash.adasplash(q, k, v)
 
-    version = getattr(adasplash, "__version__", "?")
-    try:
-        from importlib.metadata import version as dist_version
-
-        version = dist_version("adasplash")
-    except Exception:  # noqa: BLE001 - the version is informative only
-        pass
-    return run, (f"adasplash {version}: `adasplash.adasplash(q, k, v)` (alpha=1.5, is_causal=True -> AdaSplash-2, "
-                 f"niter=1), row-max pass at {ADASPLASH_MAX_PASS_TILES[0]}x{ADASPLASH_MAX_PASS_TILES[1]} tiles")
+    block_m, block_n = ADASPLASH_MAX_PASS_TILES
+    return run, (f"adasplash {_versions()['adasplash']}: `adasplash.adasplash(q, k, v)` (alpha=1.5, "
+                 f"is_causal=True -> AdaSplash-2, niter=1), row-max pass at {block_m}x{block_n} tiles")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,8 +349,6 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
 def solver_tiles(t: int):
     """(block_m, block_n) of the entmax threshold kernel's launch at length ``t``: the row tiles when rows fit in
     registers (``T <= row_block_n``), else the pass tiles (the launcher's choice, ``kernels.entmax_attention``)."""
-    from .entmax_attention import _tiles
-
     tiles = _tiles()
     return (tiles.row_block_m, tiles.row_block_n) if t <= tiles.row_block_n else (tiles.block_m, tiles.block_n)
 
@@ -377,7 +366,6 @@ def counted_solver_passes(counter: InterpreterCounter, kernel: str, name: str = 
 
 def solver_pass_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
     """Mean and max over query tiles of ``tau_solver_passes`` (the mirror) on :func:`sample_qkv` inputs."""
-    from .entmax_attention import tau_solver_passes
 
     q, k, _ = sample_qkv(t, d, 1, q_scale, seed)
     block_m, block_n = solver_tiles(t)
@@ -410,9 +398,6 @@ def count_dot_flops(op: Callable, q, k, v, seed: int = 0) -> Dict[str, int]:
 
 def _block_causal(group_size: int):
     def run(q, k, v):
-        from .backend import use_backend
-        from .block_causal_attention import block_causal_attention
-
         with use_backend("triton"):
             return block_causal_attention(q, k, v, group_size=group_size)
 
@@ -475,7 +460,6 @@ QUICK = Settings(traffic_lengths=(128, 256), solver_lengths=(512, 1024), flops_l
 def k_traffic_rows(settings: Settings, log: Callable[[str], None]) -> Tuple[List[dict], str]:
     """K traffic of ours and AdaSplash-2 at every length and distribution; ours also cross-checks the solver mirror
     against the kernel's own per-tile pass count at these lengths."""
-    from .entmax_attention import tau_solver_passes
 
     adasplash_run, adasplash_note = adasplash_status()
     rows = []
@@ -591,10 +575,8 @@ def _versions() -> Dict[str, str]:
     versions = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
                 "numpy": np.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     try:
-        from importlib.metadata import version
-
-        versions["adasplash"] = version("adasplash")
-    except Exception:  # noqa: BLE001 - not installed
+        versions["adasplash"] = importlib.metadata.version("adasplash")
+    except importlib.metadata.PackageNotFoundError:
         versions["adasplash"] = "not installed"
     return versions
 
