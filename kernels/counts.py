@@ -542,7 +542,8 @@ def render_markdown(report: dict) -> str:
             _table(["T", "q scale", "tiles", "mean", "max"],
                    [[str(r["T"]), f"x{r['q_scale']:g}", f"{r['tiles']} of {r['block_m']}x{r['block_n']}",
                      f"{r['mean']:.2f}", str(r["max"])] for r in solver]), ""]
-    out += [f"## Dot FLOPs per visible score (fp32, default tiles, T = {flops[0]['T'] if flops else '-'})", "",
+    out += [f"## Dot FLOPs per visible score (fp32, default tiles, T = {flops[0]['T'] if flops else '-'}, q x1 seed 0)",
+            "",
             "Minimum: forward 2 (D + Dv) (QK^T, PV); backward 2 (3 D + 2 Dv) (FA2's five matmuls: QK^T recomputed, "
             "dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q). Visible scores: causal T (T + 1) / 2, block-causal "
             "pairs with j // g <= i // g. Counted: every `tl.dot` of the op's kernels, 2 M N K on whole tiles.", "",
