@@ -448,6 +448,71 @@ def entmax15_attention_reference(q, k, v, *, causal=True, scale=None):
     return (weights @ v.to(weights.dtype)).to(v.dtype)
 
 
+def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
+    """Passes over K that ``_entmax_tau_kernel`` makes per query tile, (B, H, cdiv(T, block_m)) int64: a PyTorch
+    mirror of the solver's pass count, for lengths where the interpreter is too slow to count it (``kernels.counts``;
+    ``tests/test_counts.py`` proves it equal to the kernel's own count on small shapes).
+
+    ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
+    ``T <= row_block_n``, else ``(block_m, block_n)``. A tile of rows longer than one key tile (``T > block_n``)
+    makes 1 pass for the row max plus one per Newton / closed-form step until all its rows are solved (at most
+    ``_MAX_PASSES``); rows that fit one key tile keep their scores in registers: 1 pass (K is read once, however many
+    steps the solver takes). Computed in float32 like the kernel, a chunk of query rows at a time.
+    """
+    _check_attention_inputs(q, k, k, causal, scale)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    B, H, T, D = q.shape
+    tiles = triton.cdiv(T, block_m)
+    if T <= block_n:
+        return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
+    half_scale = 0.5 * (D ** -0.5 if scale is None else float(scale))
+    rows_per_chunk = max(1, (1 << 24) // (T * block_m)) * block_m  # ~64 MB of scores per chunk
+    passes = torch.zeros((B, H, tiles * block_m), dtype=torch.int64, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            for start in range(0, T, rows_per_chunk):
+                stop = min(start + rows_per_chunk, T)
+                keys = stop if causal else T
+                z = (q[b, h, start:stop].float() @ k[b, h, :keys].float().T) * half_scale  # [rows, keys]
+                if causal:
+                    o_n = torch.arange(keys, device=q.device)
+                    o_m = torch.arange(start, stop, device=q.device)
+                    z = z.masked_fill(o_n[None, :] > o_m[:, None], float("-inf"))
+                passes[b, h, start:stop] = _newton_passes(z)
+    return 1 + passes.view(B, H, tiles, block_m).amax(dim=-1)
+
+
+def _newton_passes(z: torch.Tensor) -> torch.Tensor:
+    """Per row of halved scores z (rows, keys) fp32: the passes ``_threshold_step`` takes from ``max z - 1`` until
+    the row's support is identified (0 for NaN rows, at most ``_MAX_PASSES``)."""
+    done = torch.isnan(z).any(dim=1)
+    tau = torch.where(torch.isnan(z), float("-inf"), z).amax(dim=1) - 1.0
+    passes = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
+    for _ in range(_MAX_PASSES):
+        if bool(done.all()):
+            break
+        w = z - tau[:, None]
+        support = w > 0
+        w_support = torch.where(support, w, 0.0)
+        count = support.sum(dim=1, dtype=torch.float32)
+        a1, a2 = w_support.sum(dim=1), (w_support * w_support).sum(dim=1)
+        w_min = torch.where(support, w, float("inf")).amin(dim=1)
+        w_out = torch.where(support, float("-inf"), w).amax(dim=1)
+        f = a2 - 1.0
+        disc = a1 * a1 - count * f
+        a1 = torch.where(count > 0, a1, 1.0)
+        delta = f / (a1 + torch.sqrt(disc.clamp(min=0.0)))
+        exact = (disc >= 0) & (w_min >= delta) & (w_out <= delta)
+        passes += (~done).long()
+        tau = torch.where(done, tau, torch.where(exact, tau + delta, tau + f / (2.0 * a1)))
+        done = done | exact
+    return passes
+
+
 def _check_attention_inputs(q, k, v, causal, scale) -> None:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor, ndim=4)
