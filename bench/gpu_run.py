@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -144,7 +145,7 @@ def run_step(name: str, command: list, env: dict, limit: float, log) -> dict:
     """Run ``command`` with its output appended to ``log``, stopped after ``limit`` seconds."""
     log.write(f"\n===== {name}: {' '.join(command)} (limit {limit:.0f} s, {_utc_now():%H:%M:%S} UTC)\n")
     log.flush()
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), _children_cpu_seconds()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
@@ -154,10 +155,16 @@ def run_step(name: str, command: list, env: dict, limit: float, log) -> dict:
         _stop(process)
         status = "cut"
     seconds = round(time.monotonic() - start, 1)
-    log.write(f"===== {name}: {status} after {seconds} s (exit code {process.returncode})\n")
+    cpu_seconds = round(_children_cpu_seconds() - cpu_start, 1)
+    log.write(f"===== {name}: {status} after {seconds} s, {cpu_seconds} s CPU (exit code {process.returncode})\n")
     log.flush()
-    return {"name": name, "status": status, "seconds": seconds, "limit_s": round(limit), "returncode": process.returncode,
-            "command": " ".join(command)}
+    return {"name": name, "status": status, "seconds": seconds, "cpu_seconds": cpu_seconds, "limit_s": round(limit),
+            "returncode": process.returncode, "command": " ".join(command)}
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def read_junit(path: Path) -> Optional[dict]:
@@ -269,9 +276,9 @@ def render_markdown(results: dict) -> str:
     if machine.get("probe_error"):
         lines.append(f"| probe error | {machine['probe_error'][-300:]} |")
 
-    lines += ["", "## Steps", "", "| step | status | seconds | limit s |", "| --- | --- | --- | --- |"]
-    lines += [f"| {step['name']} | {step['status']} | {step.get('seconds', '')} | {step.get('limit_s', '')} |"
-              for step in results["steps"]]
+    lines += ["", "## Steps", "", "| step | status | seconds | CPU seconds | limit s |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {step['name']} | {step['status']} | {step.get('seconds', '')} | {step.get('cpu_seconds', '')} | "
+              f"{step.get('limit_s', '')} |" for step in results["steps"]]
 
     tests = results.get("gpu_tests")
     lines += ["", "## GPU tests (tests/test_gpu.py)", ""]

@@ -13,7 +13,8 @@ Skipped without CUDA. ``bash bench/gpu.sh`` runs them first; by hand:
 ``TRITON_INTERPRET=0 KERNELS_BACKEND=auto PYTHONPATH=$PWD python -m pytest tests/test_gpu.py -m gpu``.
 With ``KERNELS_GPU_TESTS_ON_CPU=1`` (``bench/gpu_run.py --dry-run``) the same bodies run on the CPU at tiny shapes,
 our side on the reference backend too: that checks the test code (and, through the reference's own error, each
-float64 truth), not the kernels; ``KERNELS_GPU_TESTS_ON_CPU=full`` does the same at the GPU's shapes (minutes).
+float64 truth), not the kernels; ``KERNELS_GPU_TESTS_ON_CPU=full`` does the same at the GPU's shapes (minutes), and
+``KERNELS_GPU_TESTS_ON_CPU=interpreter`` runs our side on the kernels through Triton's interpreter at tiny shapes.
 """
 import contextlib
 import copy
@@ -36,12 +37,13 @@ from kernels import (
 from kernels.backend import triton_interpreter_enabled
 from kernels.block_causal_attention import block_causal_attention_varlen
 
-#: "1": the test code on the CPU at tiny shapes (seconds); "full": on the CPU at the GPU's shapes (minutes)
+#: On the CPU, our side on the reference backend: "1" at tiny shapes (seconds), "full" at the GPU's shapes (minutes);
+#: "interpreter": our side on the Triton kernels through the interpreter (TRITON_INTERPRET=1) at tiny shapes.
 _ON_CPU_MODE = os.environ.get("KERNELS_GPU_TESTS_ON_CPU", "")
-ON_CPU = _ON_CPU_MODE in ("1", "full")
-TINY = _ON_CPU_MODE == "1"
+ON_CPU = _ON_CPU_MODE in ("1", "full", "interpreter")
+TINY = _ON_CPU_MODE in ("1", "interpreter")
 DEVICE = torch.device("cpu" if ON_CPU else "cuda")
-OURS = "reference" if ON_CPU else "triton"
+OURS = "triton" if _ON_CPU_MODE == "interpreter" or not ON_CPU else "reference"
 
 
 def _skip_reason() -> str:
@@ -65,11 +67,11 @@ DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(FP16, id="fp16"), pytest.p
 #: max |ours - fp64| / max |fp64| for outputs from the op's own rounding; gradients get twice this.
 #: fp16 and bf16: 8 unit roundoffs (u = 2^-11 and 2^-8), since the kernels round P (or the hidden layer) and the
 #: result to the dtype. fp32: entmax (tf32x3 dots) and the MoE (IEEE dots) are about as exact as fp32 (errors near
-#: 1e-6, a 100x margin); block-causal attention runs TF32 tensor cores on fp32 inputs (10-bit mantissas, u = 2^-11),
-#: so it gets the fp16 budget.
+#: 1e-6, a 100x margin); block-causal attention runs TF32 tensor cores on fp32 inputs (10-bit mantissas, u = 2^-11,
+#: rounding the scores' factors as well as P and V): 20 unit roundoffs, tests/test_block_causal_attention.py's 1e-2.
 TOLERANCE = {
     "entmax": {FP32: 1e-4, FP16: 4e-3, BF16: 3e-2},
-    "block_causal": {FP32: 4e-3, FP16: 4e-3, BF16: 3e-2},
+    "block_causal": {FP32: 1e-2, FP16: 4e-3, BF16: 3e-2},
     "moe": {FP32: 1e-4, FP16: 4e-3, BF16: 3e-2},
 }
 
