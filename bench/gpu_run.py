@@ -51,7 +51,7 @@ class Step(NamedTuple):
     reserve_seconds: float  # what earlier steps must leave to it
 
 
-STEPS = [Step("tests", 200, 90), Step("accuracy", 75, 30), Step("bench", float("inf"), 60)]
+STEPS = [Step("tests", 200, 90), Step("accuracy", 90, 30), Step("bench", float("inf"), 60)]
 
 _PROBE = r"""
 import importlib, importlib.metadata, json, platform
@@ -190,6 +190,25 @@ def read_junit(path: Path) -> Optional[dict]:
     return {**counts, "seconds": round(seconds, 1), "failures": failures}
 
 
+_VERBOSE_OUTCOME = re.compile(r"(?:\b(PASSED|FAILED|SKIPPED|ERROR) (tests/\S+::\S+))|(?:(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)\b)")
+
+
+def outcomes_from_log(text: str) -> dict:
+    """Counts and failed tests from pytest's verbose lines (``-v``, with or without xdist): what a tests step that was
+    stopped before pytest wrote its JUnit report had finished."""
+    outcomes = {}
+    for match in _VERBOSE_OUTCOME.finditer(text):
+        outcome, test = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        outcomes[test] = outcome
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    key = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped"}
+    for outcome in outcomes.values():
+        counts[key[outcome]] += 1
+    failures = [{"test": test, "kind": outcome.lower(), "message": "(cut short: see the log)"}
+                for test, outcome in outcomes.items() if outcome in ("FAILED", "ERROR")]
+    return {**counts, "seconds": None, "failures": failures, "cut_short": True}
+
+
 def read_jsonl(path: Path) -> list:
     if not path.exists():
         return []
@@ -286,7 +305,8 @@ def render_markdown(results: dict) -> str:
         lines.append("No result (not run, or cut short before pytest wrote its report: see the log).")
     else:
         lines.append(f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
-                     f"{tests['skipped']} skipped, in {tests['seconds']} s.")
+                     f"{tests['skipped']} skipped" + (", when the step was stopped (from the log)." if
+                                                      tests.get("cut_short") else f", in {tests['seconds']} s."))
         for failure in tests["failures"]:
             message = failure["message"].replace("\n", " ")[:400]
             lines.append(f"- **{failure['kind']}** `{failure['test']}`: {message}")
@@ -345,7 +365,7 @@ def step_command(name: str, dry_run: bool, scratch: Path) -> tuple:
     """(command, extra environment) of a step."""
     python = sys.executable
     if name == "tests":
-        command = [python, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+        command = [python, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-v", "-p", "no:cacheprovider",
                    "--durations=15", f"--junitxml={scratch / 'gpu_tests.xml'}"]
         workers = 0 if dry_run else _xdist_workers()
         if workers > 1:
@@ -419,10 +439,15 @@ def main(argv=None) -> int:
                 continue
             command, extra_env = step_command(step.name, args.dry_run, scratch)
             print(f"[{_utc_now():%H:%M:%S}] {step.name} (limit {limit:.0f} s) ...", flush=True)
+            log_start = log.tell()
             outcome = run_step(step.name, command, {**env, **extra_env}, limit, log)
             results["steps"].append(outcome)
             if step.name == "tests":
                 results["gpu_tests"] = read_junit(scratch / "gpu_tests.xml")
+                if results["gpu_tests"] is None:
+                    with open(log.name, encoding="utf-8") as text:
+                        text.seek(log_start)
+                        results["gpu_tests"] = outcomes_from_log(text.read())
             elif step.name == "accuracy" and (scratch / "accuracy.json").exists():
                 results["accuracy"] = json.loads((scratch / "accuracy.json").read_text(encoding="utf-8"))
             elif step.name == "bench":

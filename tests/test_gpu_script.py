@@ -80,3 +80,16 @@ def test_gpu_tests_are_collected_and_skipped_without_cuda():
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^\d+ skipped in ", result.stdout.strip().splitlines()[-1]), result.stdout
     assert "needs a CUDA GPU: `bash bench/gpu.sh` runs these tests on one" in result.stdout
+
+
+def test_outcomes_of_a_stopped_tests_step_are_read_from_its_log():
+    """pytest writes its JUnit report at the end only: a tests step stopped at its limit is counted from ``-v`` lines
+    (pytest-xdist's and plain pytest's forms)."""
+    log = ("[gw1] [ 10%] PASSED tests/test_gpu.py::test_a[B1-fp32] \n"
+           "tests/test_gpu.py::test_b[fp16] FAILED                 [ 20%]\n"
+           "[gw0] [ 12%] SKIPPED tests/test_gpu.py::test_c \n"
+           "tests/test_gpu.py::test_d[fp32] PASSED                 [ 30%]\n"
+           "FAILED tests/test_gpu.py::test_b[fp16] - AssertionError: grad q: max |ours - fp64| = 1\n")
+    outcomes = _gpu_run_module().outcomes_from_log(log)
+    assert (outcomes["passed"], outcomes["failed"], outcomes["errors"], outcomes["skipped"]) == (2, 1, 0, 1)
+    assert [failure["test"] for failure in outcomes["failures"]] == ["tests/test_gpu.py::test_b[fp16]"]
