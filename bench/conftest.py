@@ -52,6 +52,23 @@ def skip_in_quick_run(selected: bool, what: str) -> None:
         pytest.skip(f"left out of the budgeted run (BENCH_QUICK=1): {what}")
 
 
+#: BENCH_DEADLINE (a time.time() value, bench/gpu.sh): each bench file of the run gets an equal share of the time left
+#: when it starts (time a file leaves unused goes to the later ones); cases past their file's share are skipped
+_FILE_DEADLINES: dict = {}
+
+
+def pytest_runtest_setup(item) -> None:
+    deadline = os.environ.get("BENCH_DEADLINE")
+    if not deadline:
+        return
+    if item.path not in _FILE_DEADLINES:
+        paths = list(dict.fromkeys(other.path for other in item.session.items))
+        now = time.time()
+        _FILE_DEADLINES[item.path] = now + (float(deadline) - now) / (len(paths) - paths.index(item.path))
+    if time.time() > _FILE_DEADLINES[item.path]:
+        pytest.skip("this file's share of the time budget is spent (BENCH_DEADLINE, bench/gpu.sh)")
+
+
 @pytest.fixture
 def device() -> torch.device:
     """``cuda`` when a GPU is available, else ``cpu``."""
