@@ -342,7 +342,7 @@ def write_results(results: dict, out_dir: Path) -> None:
     """Rewrite ``<stem>.json`` and ``<stem>.md`` (atomically: a reader never sees half a file)."""
     for suffix, text in ((".json", json.dumps(results, indent=1, default=str)), (".md", render_markdown(results))):
         target = out_dir / f"{results['stem']}{suffix}"
-        partial = target.with_suffix(suffix + ".partial")
+        partial = target.parent / f"{target.name}.partial"
         partial.write_text(text, encoding="utf-8")
         os.replace(partial, target)
 
