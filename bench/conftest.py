@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
+import os
 import time
 from typing import Callable, Optional, TypeVar
 
@@ -30,13 +32,41 @@ requires_cuda = pytest.mark.skipif(
     reason="needs a CUDA GPU: Triton kernels and GPU peers are timed on the GPU only",
 )
 
-# A GPU case is timed for about this long in total; a round lasts at least _GPU_ROUND_SECONDS so that the
-# timer's resolution and the Python overhead of one round stay small next to what is measured.
-_GPU_TARGET_SECONDS = 1.0
+# A GPU case is timed for about this long in total (BENCH_TARGET_SECONDS; bench/gpu.sh sets less); a round lasts
+# at least _GPU_ROUND_SECONDS so that the timer's resolution and the Python overhead of one round stay small next to
+# what is measured.
+_GPU_TARGET_SECONDS = float(os.environ.get("BENCH_TARGET_SECONDS", "1.0"))
 _GPU_ROUND_SECONDS = 0.01
 _GPU_MAX_ROUNDS = 200
 # On CPU only tiny reference-side cases run, and the whole CPU bench run must stay under a minute.
 _CPU_ROUNDS = 3
+
+
+#: BENCH_QUICK=1 (bench/gpu.sh): the budgeted run, which times the cases each bench file selects for it
+QUICK = os.environ.get("BENCH_QUICK", "") == "1"
+
+
+def skip_in_quick_run(selected: bool, what: str) -> None:
+    """Skip a case that the budgeted run (``BENCH_QUICK=1``) leaves out; ``what`` says which cases it leaves out."""
+    if QUICK and not selected:
+        pytest.skip(f"left out of the budgeted run (BENCH_QUICK=1): {what}")
+
+
+#: BENCH_DEADLINE (a time.time() value, bench/gpu.sh): each bench file of the run gets an equal share of the time left
+#: when it starts (time a file leaves unused goes to the later ones); cases past their file's share are skipped
+_FILE_DEADLINES: dict = {}
+
+
+def pytest_runtest_setup(item) -> None:
+    deadline = os.environ.get("BENCH_DEADLINE")
+    if not deadline:
+        return
+    if item.path not in _FILE_DEADLINES:
+        paths = list(dict.fromkeys(other.path for other in item.session.items))
+        now = time.time()
+        _FILE_DEADLINES[item.path] = now + (float(deadline) - now) / (len(paths) - paths.index(item.path))
+    if time.time() > _FILE_DEADLINES[item.path]:
+        pytest.skip("this file's share of the time budget is spent (BENCH_DEADLINE, bench/gpu.sh)")
 
 
 @pytest.fixture
@@ -94,3 +124,53 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
     for distribution in ("triton", "entmax", "adasplash"):
         machine_info[distribution] = _installed_version(distribution)
     machine_info["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+#: the parameter that names a case's candidate in each bench file, and the names given to its values
+_CANDIDATE_PARAMETERS = ("candidate", "name", "backend", "fused")
+_CANDIDATE_NAMES = {"auto": "ours", True: "ours", False: "reference"}
+
+
+def _candidate(item, params: dict) -> str:
+    """The candidate a case times: its candidate parameter, else the test's name (the CPU cases have none)."""
+    for key in _CANDIDATE_PARAMETERS:
+        if key in params:
+            return _CANDIDATE_NAMES.get(params[key], str(params[key]))
+    return item.originalname
+
+
+def _stream_record(item, report) -> Optional[dict]:
+    benchmark = item.funcargs.get("benchmark") if hasattr(item, "funcargs") else None
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        record = {"status": "skipped", "reason": reason.removeprefix("Skipped: ")}
+    elif report.failed:
+        record = {"status": "failed", "reason": (report.longreprtext.strip().splitlines() or ["?"])[-1][:500]}
+    elif report.when == "call" and getattr(benchmark, "stats", None) is not None:
+        stats = benchmark.stats.stats
+        record = {"status": "ok", "iterations": benchmark.stats.iterations,
+                  "stats": {key: getattr(stats, key) for key in ("min", "max", "mean", "median", "stddev", "rounds")},
+                  "extra_info": dict(benchmark.extra_info)}
+    else:
+        return None
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    record.update(nodeid=item.nodeid, group=getattr(benchmark, "group", None), candidate=_candidate(item, params),
+                  params={key: str(value) for key, value in params.items()})
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With ``BENCH_STREAM_JSONL=path``, append each timed, skipped or failed case to that file as one JSON line
+    as soon as it is done, so that a run stopped half way (bench/gpu.sh's time budget) keeps what it measured."""
+    outcome = yield
+    path = os.environ.get("BENCH_STREAM_JSONL")
+    if not path:
+        return
+    report = outcome.get_result()
+    if report.when == "teardown" and not report.failed:
+        return
+    record = _stream_record(item, report)
+    if record is not None:
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record, default=str) + "\n")

@@ -9,7 +9,8 @@ Run with ``pytest bench/test_bench_block_causal.py --benchmark-only``. GPU cases
 - long shapes: T = 1k, 4k, 16k with 16k tokens per batch, head dim 64 and 128.
 
 FlexAttention's block-mask creation is timed as its own case (``flex_block_mask``), since dialogue batches change
-every step. On CPU only a tiny reference-vs-SDPA case runs.
+every step. On CPU only a tiny reference-vs-SDPA case runs. The budgeted run (``BENCH_QUICK=1``, bench/gpu.sh) times
+the dialogues and ``QUICK_LONG_SHAPES``, with FlexAttention (a compile per shape and mode) at T = 4k only.
 """
 import functools
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import bench_call, requires_cuda
+from conftest import bench_call, requires_cuda, skip_in_quick_run
 from kernels import block_causal_attention
 from kernels.block_causal_attention import (
     block_causal_attention_reference,
@@ -37,6 +38,8 @@ LONG_SHAPES = [  # id, batch, T, head dim: 16k tokens per batch
     pytest.param(1, 16384, 64, id="B1-T16k-D64"),
     pytest.param(1, 16384, 128, id="B1-T16k-D128"),
 ]
+QUICK_LONG_SHAPES = [(4, 4096, 64), (1, 16384, 128)]
+QUICK_FLEX_MAX_T = 4096
 
 
 def dialogue_lengths(num_dialogues=32, seed=0):
@@ -168,7 +171,11 @@ def test_dialogues_packed(benchmark, device, name, mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("b, t, d", LONG_SHAPES)
 def test_long(benchmark, device, name, mode, b, t, d):
-    _bench_padded(benchmark, f"block_causal {mode} B{b}-T{t}-H8-D{d}", name, mode, b, t, d, device)
+    benchmark.group = f"block_causal {mode} B{b}-T{t}-H8-D{d}"
+    skip_in_quick_run((b, t, d) in QUICK_LONG_SHAPES, f"long shapes other than {QUICK_LONG_SHAPES}")
+    skip_in_quick_run(not name.startswith("flex") or t <= QUICK_FLEX_MAX_T,
+                      f"FlexAttention beyond T = {QUICK_FLEX_MAX_T}")
+    _bench_padded(benchmark, benchmark.group, name, mode, b, t, d, device)
 
 
 @pytest.mark.parametrize("name", ["reference", "sdpa_mask"])

@@ -1,8 +1,11 @@
 """Benchmarks of causal entmax-1.5 attention: ours vs the reference, the ``entmax`` package on dense scores,
-AdaSplash (``adasplash``, GPU) and SDPA's flash causal softmax (the speed ceiling), forward and forward+backward.
+AdaSplash-2 (``adasplash``, GPU) and SDPA's flash causal softmax (the speed ceiling), forward and forward+backward.
 
-Each ``benchmark.group`` is one (mode, shape); its members are the candidates. On a CPU only the tiny
-reference-vs-entmax case runs; every GPU case skips with a reason. Run: ``pytest bench/ --benchmark-only``.
+Each ``benchmark.group`` is one (mode, shape); its members are the candidates. AdaSplash takes power-of-two
+lengths: at the dialogues' T = 110 it gets inputs already padded to 128 with ``varlen`` = 110 (padding untimed).
+On a CPU only the tiny reference-vs-entmax case runs; every GPU case skips with a reason. Run:
+``pytest bench/ --benchmark-only``. The budgeted run (``BENCH_QUICK=1``, bench/gpu.sh) times ``QUICK_SHAPES`` and the
+dense candidates up to T = 4096 only.
 """
 from __future__ import annotations
 
@@ -10,12 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import bench_call, requires_cuda
+from conftest import bench_call, requires_cuda, skip_in_quick_run
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference, use_backend
 
-#: (B, H, T, D): the models' shapes (dialogues of <= 110 utterances) and long sequences
-MODEL_SHAPES = [(32, 1, 110, 512), (32, 1, 110, 1024), (32, 8, 110, 64)]
+#: (B, H, T, D): the models' shapes (dialogues of <= 110 utterances; CARN's head is 256 wide) and long sequences
+MODEL_SHAPES = [(32, 1, 110, 256), (32, 8, 110, 64), (32, 1, 110, 512), (32, 1, 110, 1024)]
 LONG_SHAPES = [(4, 16, 1024, 64), (4, 8, 4096, 64), (2, 8, 4096, 128), (1, 8, 16384, 64), (1, 8, 32768, 64)]
+QUICK_SHAPES = [(32, 1, 110, 256), (32, 8, 110, 64), (4, 8, 4096, 64), (2, 8, 4096, 128), (1, 8, 16384, 64)]
+#: candidates that form the T x T matrix: the budgeted run times them up to this length
+DENSE_CANDIDATES, QUICK_DENSE_MAX_T = ("reference", "entmax"), 4096
 GPU_SHAPES = [pytest.param(s, id="B{}-H{}-T{}-D{}".format(*s)) for s in MODEL_SHAPES + LONG_SHAPES]
 MODES = [pytest.param(False, id="fwd"), pytest.param(True, id="fwd+bwd")]
 GPU_DTYPE = torch.bfloat16
@@ -40,17 +46,27 @@ def _ours(q, k, v):
         return entmax15_attention(q, k, v)
 
 
-def _adasplash(q, k, v):
+def _adasplash(q, k, v, varlen=None):
     from adasplash import adasplash
 
-    return adasplash(q, k, v, is_causal=True)
+    return adasplash(q, k, v, is_causal=True, varlen=varlen)
 
 
 def _skip_unless_adasplash_runs(shape):
     pytest.importorskip("adasplash", reason="AdaSplash (PyPI adasplash) is not installed")
-    _, _, t, d = shape
-    if t & (t - 1) or not 16 <= d <= 256 or d & (d - 1):
-        pytest.skip(f"AdaSplash takes power-of-two T and head dims 16-256, not T={t}, D={d}")
+    d = shape[3]
+    if not 16 <= d <= 256 or d & (d - 1):
+        pytest.skip(f"AdaSplash takes head dims 16, 32, ..., 256, not D={d}")
+
+
+def _adasplash_padded(shape, device, dtype, backward):
+    """AdaSplash at a T that is no power of two: q, k, v padded to the next one (at least 64) beforehand, the true
+    length passed as ``varlen``. Returns the call and its inputs."""
+    b, _, t, _ = shape
+    padded_t = max(64, 1 << (t - 1).bit_length())
+    q, k, v = _inputs(shape[:2] + (padded_t,) + shape[3:], device, dtype, backward)
+    varlen = torch.full((b,), t, dtype=torch.int32, device=device)
+    return (lambda q, k, v: _adasplash(q, k, v, varlen)), (q, k, v)
 
 
 def _sdpa_flash(q, k, v):
@@ -90,23 +106,32 @@ def _run(benchmark, fn, q, k, v, backward):
 def test_entmax_attention_gpu(benchmark, device, candidate, shape, backward):
     benchmark.group = "entmax15_attention {} B{}-H{}-T{}-D{} bf16".format(
         "fwd+bwd" if backward else "fwd", *shape)
+    skip_in_quick_run(shape in QUICK_SHAPES, f"shapes other than {QUICK_SHAPES}")
+    skip_in_quick_run(candidate not in DENSE_CANDIDATES or shape[2] <= QUICK_DENSE_MAX_T,
+                      f"{DENSE_CANDIDATES} beyond T = {QUICK_DENSE_MAX_T}")
     if candidate == "adasplash":
         _skip_unless_adasplash_runs(shape)
-    q, k, v = _inputs(shape, device, GPU_DTYPE, backward)
-    _run(benchmark, CANDIDATES[candidate], q, k, v, backward)
+    t = shape[2]
+    if candidate == "adasplash" and (t & (t - 1) or t < 64):
+        fn, (q, k, v) = _adasplash_padded(shape, device, GPU_DTYPE, backward)
+    else:
+        fn, (q, k, v) = CANDIDATES[candidate], _inputs(shape, device, GPU_DTYPE, backward)
+    _run(benchmark, fn, q, k, v, backward)
 
 
 @requires_cuda
 @pytest.mark.parametrize("backward", MODES)
-@pytest.mark.parametrize("embed_dim", [512, 1024])
+@pytest.mark.parametrize("embed_dim, dtype", [pytest.param(256, torch.float32, id="E256-fp32"),
+                                              pytest.param(1024, torch.bfloat16, id="E1024-bf16")])
 @pytest.mark.parametrize("fused", [pytest.param(True, id="ours"), pytest.param(False, id="reference")])
-def test_entmax_module_with_context_gpu(benchmark, device, fused, embed_dim, backward):
-    """CARN's use: one head over 512/1024 features, with the causal context from the same call."""
-    benchmark.group = "FusedEntmaxCausalAttention {} B32-T110-E{} context bf16".format(
-        "fwd+bwd" if backward else "fwd", embed_dim)
+def test_entmax_module_with_context_gpu(benchmark, device, fused, embed_dim, dtype, backward):
+    """CARN's use: one head over the hidden state (256 wide in fp32, as carn/model.py trains; 1024 in bf16), with
+    the causal context from the same call."""
+    benchmark.group = "FusedEntmaxCausalAttention {} B32-T110-E{} context {}".format(
+        "fwd+bwd" if backward else "fwd", embed_dim, str(dtype).replace("torch.", ""))
     cls = FusedEntmaxCausalAttention if fused else reference.EntmaxCausalAttention
-    module = cls(embed_dim, num_heads=1, out_proj=False).to(device=device, dtype=GPU_DTYPE)
-    x = torch.randn(32, 110, embed_dim, device=device, dtype=GPU_DTYPE, requires_grad=backward)
+    module = cls(embed_dim, num_heads=1, out_proj=False).to(device=device, dtype=dtype)
+    x = torch.randn(32, 110, embed_dim, device=device, dtype=dtype, requires_grad=backward)
 
     def step():
         out = module(x, return_context=True)
