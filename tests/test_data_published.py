@@ -1,5 +1,8 @@
 """Readers of the published features, on tiny files written in exactly the published layout."""
+import os
+import pathlib
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -158,3 +161,82 @@ def test_bad_options(tmp_path):
         load_dataset("mosi")
     with pytest.raises(ValueError, match="name"):
         load_dataset("meld", tmp_path)
+
+
+# ------------------------------------------------------------------------------------- label pickles run no code
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2 with numpy 1.x wrote: 8-bit strings (BINSTRING) for str and bytes, ``__builtin__``
+    (protocol 2's import mapping) and ``numpy.core`` (rewritten after pickling by ``_python2_pickle``)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_8bit_string(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = _save_8bit_string
+
+
+def _python2_pickle(content, path):
+    with open(path, "wb") as handle:
+        _Python2Pickler(handle, protocol=2).dump(content)
+    data = path.read_bytes()
+    assert b"numpy._core." in data  # the numpy 2 names that numpy 1.x wrote as numpy.core
+    path.write_bytes(data.replace(b"cnumpy._core.", b"cnumpy.core."))
+
+
+@pytest.mark.parametrize("style", ["protocol2", "protocol4", "protocol5", "python2-numpy1"])
+def test_label_file_with_numpy_values_loads(tmp_path, style):
+    video_ids, labels, speakers, _ = _write_iemocap(tmp_path)
+    vids = sorted(video_ids)
+    numpy_labels = {vid: np.asarray(labels[vid], dtype=np.int64) if i % 2 else [np.int64(x) for x in labels[vid]]
+                    for i, vid in enumerate(vids)}  # arrays and numpy scalars
+    numpy_speakers = {vid: np.asarray(speakers[vid]) for vid in vids}
+    sentences = {vid: np.asarray(["hello"] * len(video_ids[vid]), dtype=object) for vid in vids}
+    content = [video_ids, numpy_labels, numpy_speakers, sentences, {v for v in vids if v[4] != "5"},
+               frozenset(v for v in vids if v[4] == "5")]
+    path = tmp_path / "IEMOCAP_features_raw_4way.pkl"
+    if style == "python2-numpy1":
+        _python2_pickle(content, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(content, handle, protocol=int(style[-1]))
+    splits = load_dataset("iemocap4", tmp_path, valid_fraction=0.0)
+    for dialogue in [*splits.train, *splits.test]:
+        assert dialogue.labels.tolist() == labels[dialogue.vid]
+        assert dialogue.speakers.tolist() == [{"F": 0, "M": 1}[s] for s in speakers[dialogue.vid]]
+
+
+class _Planted:
+    """Unpickling it would run ``function(*arguments)``: a crafted label file's payload."""
+
+    def __init__(self, function, *arguments):
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self):
+        return self.function, self.arguments
+
+
+@pytest.mark.parametrize("payload, refused", [
+    pytest.param(lambda marker: _Planted(os.system, f"touch {marker}"), f"{os.system.__module__}.system",
+                 id="os.system"),
+    pytest.param(lambda marker: _Planted(pathlib.Path.touch, marker), "__builtin__.getattr", id="Path.touch"),
+    pytest.param(lambda marker: _Planted(eval, f"open({str(marker)!r}, 'w')"), "__builtin__.eval", id="eval"),
+])
+def test_crafted_label_file_is_refused_without_running_code(tmp_path, payload, refused):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(payload(control), protocol=2))  # fully unpickled, the payload works
+    assert control.exists()
+
+    _write_mosi(tmp_path)
+    marker = tmp_path / "marker"
+    path = tmp_path / "CMUMOSI_features_raw_2way.pkl"
+    with open(path, "wb") as handle:  # the payload inside an otherwise well-formed label file
+        pickle.dump([{"vid0": payload(marker)}, {}, {}, {}, set(), set(), set()], handle, protocol=2)
+    with pytest.raises(ValueError, match=rf"{path}.*asks for {refused}.*refused"):
+        load_dataset("mosi", tmp_path)
+    assert not marker.exists()
