@@ -198,12 +198,14 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
     text = str(error)
     refused = re.search(r"GLOBAL ([\w.]+)", text)
     if refused:
-        return CheckpointError(
-            f"{path} asks to build {refused.group(1)}, which loading refuses: only tensors and plain python values "
-            f"load, since building other objects can run code. A checkpoint of an older version of this package "
-            f"(numpy arrays in its RNG state) must be re-saved, see README 'Checkpoints'; otherwise the file was not "
-            f"written by this package"
-        )
+        name = refused.group(1)
+        if name.startswith("numpy"):
+            origin = ("A checkpoint of an older version of this package (numpy arrays in its RNG state): re-save it "
+                      "as README.md shows ('Checkpoints and label files are data')")
+        else:
+            origin = "This package's checkpoints never hold it: the file was not written by this package"
+        return CheckpointError(f"{path} asks to build {name}, which loading refuses: only tensors and plain python "
+                               f"values load, since building other objects can run code. {origin}")
     detail = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
     reason = f"{type(error).__name__}: {detail}" if detail else f"{type(error).__name__}, the file ends early"
     return CheckpointError(f"{path} is not a readable checkpoint (truncated, damaged or not written by torch.save; "
