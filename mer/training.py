@@ -288,10 +288,10 @@ class CheckpointManager:
                 old.unlink()
         return path
 
-    def epoch_files(self) -> list[Path]:
-        """The ``epoch_NNN.pt`` files present, oldest first."""
-        files = [p for p in self.directory.glob("epoch_*.pt") if p.stem.split("_")[1].isdigit()]
-        return sorted(files, key=lambda p: int(p.stem.split("_")[1]))
+    def epoch_files(self, *, before: Optional[int] = None) -> list[Path]:
+        """The ``epoch_NNN.pt`` files present (only those of epochs < ``before`` if given), oldest first."""
+        numbered = [(int(p.stem[6:]), p) for p in self.directory.glob("epoch_*.pt") if p.stem[6:].isdigit()]
+        return [p for epoch, p in sorted(numbered) if before is None or epoch < before]
 
     def has_checkpoints(self) -> bool:
         """Whether the directory holds ``last.pt`` or an ``epoch_NNN.pt`` (intact or not)."""
@@ -539,7 +539,7 @@ class LossGuard:
         saved = self.checkpoints.epoch_path(self._saved_epoch)
         if self._checked_since_save:
             return f"the last good checkpoint is kept at {saved}"
-        earlier = [path for path in self.checkpoints.epoch_files() if int(path.stem.split("_")[1]) < self._saved_epoch]
+        earlier = self.checkpoints.epoch_files(before=self._saved_epoch)
         previous = f"the last good checkpoint is kept at {earlier[-1]}" if earlier else "no earlier checkpoint exists"
         return f"{saved} holds the weights this loss was computed with (no step had run since it was saved); {previous}"
 
