@@ -62,6 +62,25 @@ def _find_root(name: str, data_root: Path) -> Path:
     )
 
 
+def _read_label_file(path: Path, iemocap: bool):
+    """The label pickle's parts, checked against the layout."""
+    layout = _IEMOCAP_LAYOUT if iemocap else _CMU_LAYOUT
+    try:
+        with open(path, "rb") as handle:
+            content = _LabelFileUnpickler(handle, encoding="latin1").load()
+    except Exception as error:  # any unpickling failure means the same thing to the user
+        raise ValueError(f"{path} is not a readable label pickle ({error}); expected a list {layout}") from error
+    expected_parts = 6 if iemocap else 7
+    if not isinstance(content, (list, tuple)) or len(content) != expected_parts:
+        found = f"a {type(content).__name__}" + (f" of {len(content)} items" if hasattr(content, "__len__") else "")
+        raise ValueError(f"{path} holds {found}; expected a list {layout}")
+    dicts, splits = content[:4], content[4:]
+    sets_ok = all(isinstance(s, (set, frozenset, list)) for s in splits)
+    if not all(isinstance(part, dict) for part in dicts) or not sets_ok:
+        raise ValueError(f"{path}: expected four dicts keyed by dialogue id, then split sets: {layout}")
+    return dicts, [set(s) for s in splits]
+
+
 def _latin1_encode(text: str, encoding: str) -> bytes:
     """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, for latin-1 only."""
     if codecs.lookup(encoding).name != "iso8859-1":
@@ -100,25 +119,6 @@ class _LabelFileUnpickler(pickle.Unpickler):
                 f"it asks for {module}.{name}, which a GCNet label file never holds: refused, since building it "
                 f"could run code"
             ) from None
-
-
-def _read_label_file(path: Path, iemocap: bool):
-    """The label pickle's parts, checked against the layout."""
-    layout = _IEMOCAP_LAYOUT if iemocap else _CMU_LAYOUT
-    try:
-        with open(path, "rb") as handle:
-            content = _LabelFileUnpickler(handle, encoding="latin1").load()
-    except Exception as error:  # any unpickling failure means the same thing to the user
-        raise ValueError(f"{path} is not a readable label pickle ({error}); expected a list {layout}") from error
-    expected_parts = 6 if iemocap else 7
-    if not isinstance(content, (list, tuple)) or len(content) != expected_parts:
-        found = f"a {type(content).__name__}" + (f" of {len(content)} items" if hasattr(content, "__len__") else "")
-        raise ValueError(f"{path} holds {found}; expected a list {layout}")
-    dicts, splits = content[:4], content[4:]
-    sets_ok = all(isinstance(s, (set, frozenset, list)) for s in splits)
-    if not all(isinstance(part, dict) for part in dicts) or not sets_ok:
-        raise ValueError(f"{path}: expected four dicts keyed by dialogue id, then split sets: {layout}")
-    return dicts, [set(s) for s in splits]
 
 
 def _read_feature(path: Path, utterance: str, speaker: str) -> np.ndarray:
