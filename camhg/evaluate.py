@@ -142,6 +142,8 @@ def main(argv=None) -> int:
         model, config = load_model(load_checkpoint(path, required=("config", "info", "model", "phase")), device)
     except CheckpointError as error:
         parser.error(str(error))
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CaM-HG
+        parser.error(f"{path} is not a usable camhg.train checkpoint: {error}")
     splits = load_dataset(config.dataset, args.data_root, seed=config.data_seed, **config.dataset_options)
     out_dir = Path(args.out) if args.out else path.parent.parent / "evaluation"
     tables = evaluate_model(model, splits.test, splits.info, config, out_dir, device=device, plots=not args.no_plots)

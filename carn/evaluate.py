@@ -125,7 +125,10 @@ def main(argv=None) -> ResultTable:
     if dataset is None:
         parser.error(f"dataset {data['dataset']!r} has no {args.split} split")
     device = select_device(args.device)
-    model = load_model(state, device)
+    try:
+        model = load_model(state, device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CARN
+        parser.error(f"{args.checkpoint} is not a usable carn.train checkpoint: {error}")
     results = evaluate_conditions(model, dataset, batch_size=args.batch_size, device=device)
     title = f"CARN on {data['dataset']} ({args.split} split, checkpoint epoch {state['epoch']})"
     table = results_table({state.get("row_name", "CARN"): results}, model.config.task, title)

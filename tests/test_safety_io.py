@@ -126,6 +126,20 @@ def test_damaged_checkpoint_error_names_the_file_and_the_problem(tmp_path, damag
         checkpoints.latest()
 
 
+def test_evaluate_names_a_checkpoint_that_loads_but_builds_no_model(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"epoch": 0, "config": {}, "info": {"name": "embedded"}, "model": {}, "phase": 1}, path)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as stderr:
+        camhg_evaluate.main([str(path)])
+    assert f"{path} is not a usable camhg.train checkpoint: 'dims'" in stderr.getvalue()
+    data = {"dataset": "embedded", "data_root": None, "data_seed": 0,
+            "dataset_options": {"dims": "small", "num_dialogues": (2, 1, 1)}}
+    torch.save({"epoch": 0, "model_config": {"hidden": 8}, "data": data, "model": {}}, path)
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as stderr:
+        carn_evaluate.main([str(path)])
+    assert f"{path} is not a usable carn.train checkpoint" in stderr.getvalue()
+
+
 def test_latest_falls_back_to_the_newest_intact_epoch_file_and_says_so(tmp_path, capsys):
     checkpoints = _real_checkpoint(tmp_path, epochs=(0, 1, 2))
     assert checkpoints.latest()["epoch"] == 2 and capsys.readouterr().err == ""
