@@ -1,5 +1,5 @@
-"""Hostile and broken files and runs: crafted and corrupt checkpoints, resume fallback, stale temporary files, run
-directories claimed by one process, and the loss guard that stops a non-finite or diverged loss (both models)."""
+"""Hostile and broken files and runs: crafted and corrupt checkpoints, crafted label pickles, resume fallback, stale
+temporary files, run directories claimed by one process, and the loss guard that stops a non-finite or diverged loss (both models)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,7 @@ import io
 import multiprocessing
 import os
 import pathlib
+import pickle
 import time
 
 import numpy as np
@@ -97,6 +98,27 @@ def test_best_pt_beside_the_named_file_is_never_read(tmp_path, monkeypatch):
     assert set(read) == {named} and not marker.exists()
     with pytest.raises(CheckpointError, match=r"best\.pt.*loading refuses"):  # read when asked for, still safely
         CheckpointManager(tmp_path).best_metric
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------- crafted label files
+@pytest.mark.parametrize("payload, refused", [
+    pytest.param(lambda marker: _Planted(os.system, f"touch {marker}"), f"{os.system.__module__}.system",
+                 id="os.system"),
+    pytest.param(lambda marker: _Planted(pathlib.Path.touch, marker), "__builtin__.getattr", id="Path.touch"),
+    pytest.param(lambda marker: _Planted(eval, f"open({str(marker)!r}, 'w')"), "__builtin__.eval", id="eval"),
+])
+def test_crafted_label_file_is_refused_without_running_code(tmp_path, payload, refused):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(payload(control), protocol=2))  # fully unpickled, the payload works
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "CMUMOSI_features_raw_2way.pkl"
+    with open(path, "wb") as handle:  # the payload inside a label file of the right layout
+        pickle.dump([{"vid0": payload(marker)}, {}, {}, {}, set(), set(), set()], handle, protocol=2)
+    with pytest.raises(ValueError, match=rf"{path}.*asks for {refused}.*refused"):
+        load_dataset("mosi", tmp_path)
     assert not marker.exists()
 
 
