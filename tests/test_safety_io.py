@@ -284,7 +284,7 @@ def test_loss_guard_names_the_last_good_checkpoint(tmp_path):
         checkpoints.save({}, epoch=epoch)
         guard.checkpoint_saved(epoch)
         guard.check(torch.tensor(1.0), epoch=epoch + 1, where="fine")
-    with pytest.raises(NonFiniteLossError, match=rf"the last good checkpoint is kept at .*epoch_001\.pt$"):
+    with pytest.raises(NonFiniteLossError, match=r"the last good checkpoint is kept at .*epoch_001\.pt$"):
         guard.check(torch.tensor(float("nan")), epoch=2, where="mid-epoch")
     checkpoints.save({}, epoch=2)
     guard.checkpoint_saved(2)  # the next loss is computed with these weights
