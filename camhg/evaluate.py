@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix
 from mer.data import Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import batch_missing_mask, condition_mask
-from mer.training import CheckpointManager, select_device
+from mer.training import CheckpointError, load_checkpoint, select_device
 
 from .config import CaMHGConfig
 from .model import CaMHG
@@ -138,7 +138,12 @@ def main(argv=None) -> int:
     if not path.is_file():
         parser.error(f"checkpoint {path} does not exist")
     device = select_device(args.device)
-    model, config = load_model(CheckpointManager(path.parent).load(path), device)
+    try:  # this file alone, loaded without running code
+        model, config = load_model(load_checkpoint(path, required=("config", "info", "model", "phase")), device)
+    except CheckpointError as error:
+        parser.error(str(error))
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CaM-HG
+        parser.error(f"{path} is not a usable camhg.train checkpoint: {error}")
     splits = load_dataset(config.dataset, args.data_root, seed=config.data_seed, **config.dataset_options)
     out_dir = Path(args.out) if args.out else path.parent.parent / "evaluation"
     tables = evaluate_model(model, splits.test, splits.info, config, out_dir, device=device, plots=not args.no_plots)

@@ -30,13 +30,14 @@ from mer.missing import batch_missing_mask, camhg_training_mask
 from mer.training import (
     CheckpointManager,
     DistContext,
+    LossGuard,
     NonFiniteLossError,
     RunLogger,
     all_gather_objects,
     all_reduce_mean,
     barrier,
     capture_rng_state,
-    check_finite,
+    claim_run_directory,
     cleanup_distributed,
     init_distributed,
     make_generator,
@@ -51,6 +52,8 @@ from .config import PRESETS, CaMHGConfig, preset
 from .model import CaMHG, CaMHGOutput
 
 VALIDATION_MISSING_RATE = 0.3  # validation sees a fixed random mask at this rate (the middle of Tables 2-3)
+# what every checkpoint of train() holds besides "epoch" and "rng_state": a resume needs them all
+RESUME_KEYS = ("config", "info", "model", "optimizer", "scheduler", "phase", "shuffle", "rank_states")
 
 
 # -------------------------------------------------------------------------------------------------------- losses
@@ -204,25 +207,38 @@ def default_run_name(config: CaMHGConfig) -> str:
     return f"{stamp}-seed{config.seed}{suffix}"
 
 
-def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[str] = None, resume: bool = False,
-          stop_after_epoch: Optional[int] = None, evaluate: bool = True, plots: bool = True,
-          device: str = "auto", show_progress: bool = True, ctx: Optional[DistContext] = None) -> RunResult:
+def train(config: Optional[CaMHGConfig], *, run_dir: Path, resume: bool = False, ctx: Optional[DistContext] = None,
+          **options) -> RunResult:
     """Train (or resume) one run in ``run_dir``; evaluate the final model on the test split when ``evaluate``.
 
-    With ``resume`` the configuration comes from the run's last checkpoint (``config`` is ignored, may be None).
-
-    ``stop_after_epoch=k`` stops after the (1-based) k-th epoch, as a kill would (tests of exact resume).
-    Raises NonFiniteLossError, with the last good checkpoint left in place, when a loss turns NaN or infinite.
+    Options: ``data_root``, ``stop_after_epoch``, ``evaluate``, ``plots``, ``device``, ``show_progress`` (see
+    ``_train``). The main process claims ``run_dir`` first (``claim_run_directory``): a second run on it fails at
+    once, changing nothing.
     """
     ctx = ctx or init_distributed()
+    with claim_run_directory(run_dir, enabled=ctx.is_main, must_exist=resume):
+        return _train(config, run_dir=Path(run_dir), resume=resume, ctx=ctx, **options)
+
+
+def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[str] = None, resume: bool = False,
+           stop_after_epoch: Optional[int] = None, evaluate: bool = True, plots: bool = True,
+           device: str = "auto", show_progress: bool = True, ctx: DistContext) -> RunResult:
+    """``train`` once ``run_dir`` is claimed.
+
+    With ``resume`` the configuration comes from the run's last checkpoint, the newest intact ``epoch_NNN.pt``
+    when ``last.pt`` is damaged (``config`` is ignored, may be None).
+
+    ``stop_after_epoch=k`` stops after the (1-based) k-th epoch, as a kill would (tests of exact resume).
+    Raises NonFiniteLossError (DivergedLossError), with the checkpoints written so far left in place, when a loss
+    turns NaN or infinite or diverges (``LossGuard``).
+    """
     torch_device = ctx.device if ctx.enabled else select_device(device)
-    run_dir = Path(run_dir)
     checkpoints_dir = run_dir / "checkpoints"
     state = None
     if resume:
-        if not (checkpoints_dir / "last.pt").exists():
+        state = CheckpointManager(checkpoints_dir).latest(required=RESUME_KEYS)
+        if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoints_dir / 'last.pt'}")
-        state = CheckpointManager(checkpoints_dir).latest()
         config = CaMHGConfig.from_dict(state["config"])
         if len(state["rank_states"]) != ctx.world_size:
             raise ValueError(f"--resume: the run was trained by {len(state['rank_states'])} process(es); resume it "
@@ -237,6 +253,7 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
     model = CaMHG(config, info.dims, info.num_classes).to(torch_device)
     checkpoints = CheckpointManager(checkpoints_dir) if ctx.is_main else None
     logger = RunLogger(run_dir, step_name="epoch", enabled=ctx.is_main)
+    guard = LossGuard(checkpoints)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -254,6 +271,7 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
         model.set_phase(state["phase"])  # so that entering phase 3 after a resume still resets the gate bias
         model.load_state_dict(state["model"])
         start = state["epoch"] + 1
+        guard.checkpoint_saved(state["epoch"])
         shuffle.set_state(state["shuffle"])
         mask_generator.set_state(state["rank_states"][ctx.rank]["mask_generator"])
         logger.drop_after(state["epoch"] + 1)
@@ -285,8 +303,7 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
                 present, eta = camhg_training_mask(batch, mask_generator)
                 loss, _, _ = phase_loss(train_model, batch, present, eta, phase, config, info,
                                      rdrop=config.rdrop_alpha > 0)
-                check_finite(loss, where=f"phase {phase}, epoch {epoch + 1}, step {step + 1}",
-                             last_checkpoint=checkpoints_dir / "last.pt")
+                guard.check(loss, epoch=epoch, phase=phase, where=f"phase {phase}, epoch {epoch + 1}, step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip > 0:
@@ -313,6 +330,7 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "phase": phase, "shuffle": shuffle.get_state(), "rank_states": rank_states},
                                  epoch=epoch)
+            guard.checkpoint_saved(epoch)
             barrier(ctx)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break

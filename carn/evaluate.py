@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from mer.data import DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import condition_mask
-from mer.training import CheckpointManager, select_device
+from mer.training import CheckpointError, load_checkpoint, select_device
 
 from .config import ModelConfig
 from .model import CARN
@@ -113,7 +113,10 @@ def main(argv=None) -> ResultTable:
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         parser.error(f"checkpoint {args.checkpoint} does not exist")
-    state = CheckpointManager(args.checkpoint.parent).load(args.checkpoint)
+    try:  # this file alone, loaded without running code
+        state = load_checkpoint(args.checkpoint, required=("model", "model_config", "data", "epoch"))
+    except CheckpointError as error:
+        parser.error(str(error))
     data = state["data"]
     splits = load_dataset(
         data["dataset"], args.data_root or data["data_root"], seed=data["data_seed"], **data["dataset_options"]
@@ -122,7 +125,10 @@ def main(argv=None) -> ResultTable:
     if dataset is None:
         parser.error(f"dataset {data['dataset']!r} has no {args.split} split")
     device = select_device(args.device)
-    model = load_model(state, device)
+    try:
+        model = load_model(state, device)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CARN
+        parser.error(f"{args.checkpoint} is not a usable carn.train checkpoint: {error}")
     results = evaluate_conditions(model, dataset, batch_size=args.batch_size, device=device)
     title = f"CARN on {data['dataset']} ({args.split} split, checkpoint epoch {state['epoch']})"
     table = results_table({state.get("row_name", "CARN"): results}, model.config.task, title)

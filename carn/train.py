@@ -28,9 +28,10 @@ from mer.metrics import ResultTable
 from mer.missing import batch_missing_mask
 from mer.training import (
     CheckpointManager,
+    LossGuard,
     NonFiniteLossError,
     RunLogger,
-    check_finite,
+    claim_run_directory,
     make_generator,
     progress,
     reject_options_on_resume,
@@ -67,14 +68,19 @@ class RunResult:
     completed_epochs: int
 
 
+# what every checkpoint of run_training holds besides "epoch" and "rng_state": a resume needs them all
+RESUME_KEYS = ("model", "optimizer", "shuffle", "model_config", "train_config", "data", "seed", "ablation")
+
+
 def _missing_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
     """Stage-2 masks from (seed, epoch, step) alone: a resumed run draws the same masks without saving a state."""
     return np.random.default_rng([seed, epoch, step])
 
 
 def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, train_config: TrainConfig, device,
-                checkpoints: CheckpointManager, show_progress: bool) -> dict[str, float]:
-    """One epoch of ``stage``; returns the mean of every loss term over the batches."""
+                guard: LossGuard, show_progress: bool) -> dict[str, float]:
+    """One epoch of ``stage``; returns the mean of every loss term over the batches. ``guard`` stops a non-finite or
+    diverged loss."""
     model.train()
     totals: dict[str, float] = {}
     batches = progress(loader, desc=f"epoch {epoch}/{train_config.epochs} (stage {stage})", enabled=show_progress)
@@ -86,8 +92,7 @@ def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, 
             observed = full.with_present(batch_missing_mask(full, train_config.missing_rate, _missing_rng(seed, epoch, step)))
         output = model(observed.features, observed.present, observed.valid)
         losses = stage_losses(output, full, observed, stage, model.config, train_config)
-        check_finite(losses["loss"], where=f"epoch {epoch} step {step} (stage {stage})",
-                     last_checkpoint=checkpoints.last_path)
+        guard.check(losses["loss"], epoch=epoch, phase=stage, where=f"epoch {epoch} step {step} (stage {stage})")
         optimizer.zero_grad()
         losses["loss"].backward()
         if train_config.grad_clip > 0:
@@ -98,7 +103,18 @@ def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, 
     return {f"train_{name}": total / len(loader) for name, total in totals.items()}
 
 
-def run_training(
+def run_training(data: DataSpec, *, run_dir: Path, **options) -> RunResult:
+    """Train CARN (both stages), checkpoint every epoch, then evaluate the test split and save Table 1.
+
+    Options: ``seed``, ``ablation``, ``model_overrides``, ``train_config``, ``resume``, ``device``,
+    ``show_progress``, ``stop_after_epoch``, ``make_plots``, ``splits``, ``verbose`` (see ``_run_training``).
+    ``run_dir`` is claimed for this process first (``claim_run_directory``): a second run on it fails at once.
+    """
+    with claim_run_directory(run_dir, must_exist=options.get("resume", False)):
+        return _run_training(data, run_dir=Path(run_dir), **options)
+
+
+def _run_training(
     data: DataSpec,
     *,
     seed: int = 0,
@@ -114,23 +130,24 @@ def run_training(
     splits: Optional[DatasetSplits] = None,
     verbose: bool = True,
 ) -> RunResult:
-    """Train CARN (both stages), checkpoint every epoch, then evaluate the test split and save Table 1.
+    """``run_training`` once ``run_dir`` is claimed.
 
-    ``resume=True`` continues from ``run_dir/checkpoints/last.pt`` with the configuration saved there.
+    ``resume=True`` continues from ``run_dir/checkpoints/last.pt`` (the newest intact ``epoch_NNN.pt`` when that
+    is damaged) with the configuration saved there. A non-finite or diverged loss (``LossGuard``) raises
+    ``NonFiniteLossError`` with the checkpoints written so far left in place.
     ``stop_after_epoch=k`` stops after epoch k as a killed run would (no evaluation): tests resume from there.
     ``splits`` skips loading ``data`` (tests pass an already generated dataset).
     """
     say = print if verbose else (lambda *args, **kwargs: None)
-    run_dir = Path(run_dir)
     device = select_device(device) if isinstance(device, str) else device
     checkpoints = CheckpointManager(run_dir / "checkpoints")
-    state = checkpoints.latest() if resume else None
+    state = checkpoints.latest(required=RESUME_KEYS) if resume else None
     if resume and state is None:
         raise ValueError(f"resume=True but {checkpoints.last_path} does not exist")
     if state is not None:  # the saved run decides the configuration
         data, seed, ablation = DataSpec(**state["data"]), state["seed"], state["ablation"]
         train_config = TrainConfig(**state["train_config"])
-    elif checkpoints.last_path.exists():
+    elif checkpoints.has_checkpoints():
         raise ValueError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose another run name")
     splits = splits if splits is not None else data.load()
     train_config = train_config or preset(data.dataset).train
@@ -146,8 +163,10 @@ def run_training(
     loader = DataLoader(splits.train, batch_size=train_config.batch_size, shuffle=True, generator=shuffle,
                         collate_fn=collate_dialogues)
     logger = RunLogger(run_dir, step_name="epoch")
+    guard = LossGuard(checkpoints)
     start = 1
     if state is not None:
+        guard.checkpoint_saved(state["epoch"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         shuffle.set_state(state["shuffle"])
@@ -165,7 +184,7 @@ def run_training(
         model.set_stage(stage)
         began = time.perf_counter()
         values = train_epoch(model, loader, optimizer, epoch=epoch, stage=stage, seed=seed, train_config=train_config,
-                             device=device, checkpoints=checkpoints, show_progress=show_progress)
+                             device=device, guard=guard, show_progress=show_progress)
         values["stage"] = stage
         values["seconds"] = time.perf_counter() - began
         if splits.valid is not None:
@@ -179,6 +198,7 @@ def run_training(
             "data": dataclasses.asdict(data), "seed": seed, "ablation": ablation,
             "row_name": ABLATION_TITLES[ablation],
         }, epoch=epoch)
+        guard.checkpoint_saved(epoch)
         say(f"epoch {epoch} (stage {stage}): " + ", ".join(
             f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
         last_epoch = epoch

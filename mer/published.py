@@ -2,7 +2,9 @@
 
 Layout under ``data_root`` (or under ``data_root/<GCNet folder>``: IEMOCAPFour, IEMOCAPSix, CMUMOSI, CMUMOSEI):
 
-- label file, a pickle written by Python 2 (read with ``encoding="latin1"``):
+- label file, a pickle written by Python 2 (read with ``encoding="latin1"``) through a restricted unpickler that
+  builds only what such a file holds (builtin containers and scalars, numpy arrays, scalars and dtypes, as numpy
+  1.x and 2.x name them) and refuses any other type, naming it, so that a crafted file cannot run code:
   ``IEMOCAP_features_raw_{4,6}way.pkl``: ``[videoIDs, videoLabels, videoSpeakers, videoSentences, trainVid,
   testVid]``; ``CMUMOSI_features_raw_2way.pkl`` / ``CMUMOSEI_features_raw_2way.pkl``: ``[videoIDs, videoLabels,
   videoSpeakers, videoSentences, trainVids, valVids, testVids]``. Dicts keyed by dialogue id; ``videoIDs[vid]``
@@ -25,6 +27,8 @@ Every feature file is read and checked before anything is returned: a missing or
 """
 from __future__ import annotations
 
+import builtins
+import codecs
 import pickle
 from pathlib import Path
 
@@ -63,9 +67,9 @@ def _read_label_file(path: Path, iemocap: bool):
     layout = _IEMOCAP_LAYOUT if iemocap else _CMU_LAYOUT
     try:
         with open(path, "rb") as handle:
-            content = pickle.load(handle, encoding="latin1")
+            content = _LabelFileUnpickler(handle, encoding="latin1").load()
     except Exception as error:  # any unpickling failure means the same thing to the user
-        raise ValueError(f"{path} is not a readable pickle ({error}); expected a list {layout}") from error
+        raise ValueError(f"{path} is not a readable label pickle ({error}); expected a list {layout}") from error
     expected_parts = 6 if iemocap else 7
     if not isinstance(content, (list, tuple)) or len(content) != expected_parts:
         found = f"a {type(content).__name__}" + (f" of {len(content)} items" if hasattr(content, "__len__") else "")
@@ -75,6 +79,46 @@ def _read_label_file(path: Path, iemocap: bool):
     if not all(isinstance(part, dict) for part in dicts) or not sets_ok:
         raise ValueError(f"{path}: expected four dicts keyed by dialogue id, then split sets: {layout}")
     return dicts, [set(s) for s in splits]
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2, for latin-1 only."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}: only latin-1 builds bytes")
+    return codecs.encode(text, "latin-1")
+
+
+def _label_file_globals() -> dict:
+    """(module, name) -> object: every global a GCNet label file may name, under Python 2 and 3, numpy 1.x and 2.x."""
+    try:  # numpy 2 (numpy 1.26 has the aliases too)
+        from numpy._core import multiarray, numeric
+    except ImportError:  # older numpy
+        from numpy.core import multiarray, numeric
+    names = ("set", "frozenset", "list", "dict", "tuple", "int", "float", "complex", "bool", "str", "bytes",
+             "bytearray")
+    allowed = {(module, name): getattr(builtins, name) for module in ("builtins", "__builtin__") for name in names}
+    allowed.update({("__builtin__", "long"): int, ("__builtin__", "unicode"): str, ("_codecs", "encode"): _latin1_encode,
+                    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype})
+    for prefix in ("numpy.core", "numpy._core"):  # numpy 1.x writes numpy.core, numpy 2.x numpy._core
+        allowed.update({(f"{prefix}.multiarray", "_reconstruct"): multiarray._reconstruct,
+                        (f"{prefix}.multiarray", "scalar"): multiarray.scalar,
+                        (f"{prefix}.numeric", "_frombuffer"): numeric._frombuffer})
+    return allowed
+
+
+class _LabelFileUnpickler(pickle.Unpickler):
+    """Builds only the globals of ``_label_file_globals()``; any other raises ``UnpicklingError`` naming it."""
+
+    allowed = _label_file_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}, which a GCNet label file never holds: refused, since building it "
+                f"could run code"
+            ) from None
 
 
 def _read_feature(path: Path, utterance: str, speaker: str) -> np.ndarray:

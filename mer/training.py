@@ -1,7 +1,8 @@
 """Training utilities shared by CARN and CaM-HG.
 
-Seeding and device choice, exact-resume checkpoints, a CSV (+ TensorBoard) metric logger, a non-finite loss
-guard, a progress bar, and a thin layer over ``torch.distributed`` for ``torchrun``.
+Seeding and device choice, run-directory claims, exact-resume checkpoints that load without running code, a CSV
+(+ TensorBoard) metric logger, a loss guard (non-finite or diverged loss), a progress bar, and a thin layer over
+``torch.distributed`` for ``torchrun``.
 
 Exact resume, the recipe the training scripts follow::
 
@@ -25,9 +26,12 @@ On CPU the resumed run then reproduces the uninterrupted one bit for bit (tests/
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
 import os
 import random
+import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +68,15 @@ def make_generator(seed: int) -> torch.Generator:
 
 
 def capture_rng_state() -> dict:
-    """The state of python's ``random``, numpy's global RNG, torch's CPU RNG and every CUDA device's RNG."""
+    """The state of python's ``random``, numpy's global RNG, torch's CPU RNG and every CUDA device's RNG.
+
+    Plain types only (tensors, tuples, ints, floats, str), which weights-only loading admits: numpy's MT19937 key
+    is stored as an int64 tensor instead of the uint32 array ``np.random.get_state()`` returns.
+    """
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -83,7 +92,8 @@ def restore_rng_state(state: dict) -> None:
     if missing:
         raise ValueError(f"state is not an RNG state from capture_rng_state: missing {sorted(missing)}")
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -103,8 +113,72 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Run directories
+# ----------------------------------------------------------------------------------------------------------
+class RunDirectoryInUseError(FileExistsError):
+    """Another process holds the run directory (two runs started with one name, or a resume of a running run)."""
+
+
+class RunDirectoryClaim:
+    """This process's exclusive hold on a run directory, taken by :func:`claim_run_directory`.
+
+    An ``flock`` on ``run_dir/.lock``: taken atomically, released by ``release()`` (or ``with``), and by the
+    kernel when the process dies, so a killed run can be resumed at once. The ``.lock`` file itself stays.
+    """
+
+    def __init__(self, run_dir: Path, handle):
+        self.run_dir = run_dir
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the lock
+            self._handle = None
+
+    def __enter__(self) -> "RunDirectoryClaim":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def claim_run_directory(run_dir: PathLike, *, enabled: bool = True, must_exist: bool = False) -> RunDirectoryClaim:
+    """Claim ``run_dir`` for this process, before reading or writing anything in it; it is created unless
+    ``must_exist`` (a resume), which raises ``FileNotFoundError`` when it is not a directory.
+
+    Of two processes claiming one directory, the second raises :class:`RunDirectoryInUseError` at once and
+    changes nothing. Once claimed, the temporary files that a killed save left (``.*.tmp`` in the run directory
+    and its ``checkpoints/``) are removed, each with a line on stderr. ``enabled=False`` (non-main ranks of a
+    ``torchrun`` job, whose rank 0 holds the claim) claims nothing.
+    """
+    run_dir = Path(run_dir)
+    if must_exist and not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if not enabled:
+        return RunDirectoryClaim(run_dir, None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunDirectoryInUseError(
+            f"{run_dir} is in use by another process (it holds the lock on {run_dir / '.lock'}): two runs cannot "
+            f"share one run directory; pick another run name, or wait for that run to end before resuming it"
+        ) from None
+    for stale in sorted([*run_dir.glob(".*.tmp"), *run_dir.glob("checkpoints/.*.tmp")]):
+        stale.unlink(missing_ok=True)
+        print(f"removed {stale}, a temporary file left by a save that was killed", file=sys.stderr)
+    return RunDirectoryClaim(run_dir, handle)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong with it."""
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: readers never see a partial file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -119,13 +193,59 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The CheckpointError for a ``torch.load`` failure: a refused type, or a damaged / foreign file."""
+    text = str(error)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        name = refused.group(1)
+        if name.startswith("numpy"):
+            origin = ("A checkpoint of an older version of this package (numpy arrays in its RNG state): re-save it "
+                      "as README.md shows ('Checkpoints and label files are data')")
+        else:
+            origin = "This package's checkpoints never hold it: the file was not written by this package"
+        return CheckpointError(f"{path} asks to build {name}, which loading refuses: only tensors and plain python "
+                               f"values load, since building other objects can run code. {origin}")
+    detail = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0].split(". ")[0]
+    reason = f"{type(error).__name__}: {detail}" if detail else f"{type(error).__name__}, the file ends early"
+    return CheckpointError(f"{path} is not a readable checkpoint (truncated, damaged or not written by torch.save; "
+                           f"{reason})")
+
+
+def load_checkpoint(path: PathLike, *, required: Iterable[str] = ()) -> dict:
+    """The checkpoint dict at ``path``, on the CPU, loaded without running code.
+
+    ``torch.load(weights_only=True)``: tensors and plain python values (dict, list, tuple, str, numbers, None)
+    load, anything else is refused, so a crafted file cannot run code. Raises ``FileNotFoundError`` when ``path``
+    is not a file and :class:`CheckpointError` (naming ``path``) when it is truncated, damaged, not a
+    ``torch.save`` file, asks for another type, is not a dict or lacks a key of ``required``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as error:  # torch reports damage as RuntimeError, UnpicklingError, EOFError, KeyError...
+        raise _unreadable(path, error) from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict)")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: not a checkpoint of this kind of run")
+    return state
+
+
 class CheckpointManager:
     """Checkpoints of one run in ``directory``: ``last.pt``, ``epoch_NNN.pt`` and ``best.pt``.
 
     ``save`` adds ``"epoch"`` and ``"rng_state"`` (``capture_rng_state()``) to the state it writes; the
-    caller puts the rest (model, optimizer, scheduler, the DataLoader generator's ``get_state()``).
+    caller puts the rest (model, optimizer, scheduler, the DataLoader generator's ``get_state()``), as tensors
+    and plain python values, which is all :func:`load_checkpoint` admits.
     ``keep_last=k`` keeps only the ``k`` newest ``epoch_NNN.pt`` files (None keeps all).
-    Every write is atomic (temporary file + ``os.replace``).
+    Every write is atomic (temporary file + ``os.replace``). Nothing is read until asked for: ``best.pt`` only
+    by ``best_metric`` / ``save_best``.
     """
 
     def __init__(self, directory: PathLike, *, keep_last: Optional[int] = None):
@@ -135,8 +255,7 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self._best_metric: Optional[float] = None
-        if self.best_path.exists():  # a resumed run keeps comparing against the best so far
-            self._best_metric = self.load(self.best_path)["best_metric"]
+        self._best_read = False
 
     @property
     def last_path(self) -> Path:
@@ -148,7 +267,11 @@ class CheckpointManager:
 
     @property
     def best_metric(self) -> Optional[float]:
-        """The metric of ``best.pt``, None before the first ``save_best``."""
+        """The metric of ``best.pt`` (read on first use: a resumed run compares against it), None before any."""
+        if not self._best_read:
+            if self.best_path.exists():
+                self._best_metric = float(load_checkpoint(self.best_path, required=("best_metric",))["best_metric"])
+            self._best_read = True
         return self._best_metric
 
     def epoch_path(self, epoch: int) -> Path:
@@ -165,19 +288,46 @@ class CheckpointManager:
                 old.unlink()
         return path
 
-    def epoch_files(self) -> list[Path]:
-        """The ``epoch_NNN.pt`` files present, oldest first."""
-        return sorted(self.directory.glob("epoch_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    def epoch_files(self, *, before: Optional[int] = None) -> list[Path]:
+        """The ``epoch_NNN.pt`` files present (only those of epochs < ``before`` if given), oldest first."""
+        numbered = [(int(p.stem[6:]), p) for p in self.directory.glob("epoch_*.pt") if p.stem[6:].isdigit()]
+        return [p for epoch, p in sorted(numbered) if before is None or epoch < before]
 
-    def latest(self) -> Optional[dict]:
-        """The state of ``last.pt``, or None when the run has not saved yet."""
-        return self.load(self.last_path) if self.last_path.exists() else None
+    def has_checkpoints(self) -> bool:
+        """Whether the directory holds ``last.pt`` or an ``epoch_NNN.pt`` (intact or not)."""
+        return self.last_path.exists() or bool(self.epoch_files())
+
+    def latest(self, *, required: Iterable[str] = ()) -> Optional[dict]:
+        """The state to resume from: ``last.pt``; when it is missing or damaged, the newest intact ``epoch_NNN.pt``,
+        with a line on stderr naming both. None when the directory holds no checkpoint.
+
+        Intact: :func:`load_checkpoint` reads it, with ``"epoch"``, ``"rng_state"`` and the keys of ``required``.
+        Raises :class:`CheckpointError` listing every file and its problem when none is intact.
+        """
+        required = ("epoch", "rng_state", *required)
+        problems = []
+        for path in [self.last_path, *reversed(self.epoch_files())]:
+            if path == self.last_path and not path.exists():
+                problems.append(f"{path} does not exist")
+                continue
+            try:
+                state = load_checkpoint(path, required=required)
+            except CheckpointError as error:
+                problems.append(str(error))
+                continue
+            if problems:
+                print(f"{'; '.join(problems)}: resuming from {path} (epoch {state['epoch']}), the newest intact "
+                      f"checkpoint", file=sys.stderr)
+            return state
+        if self.epoch_files():
+            raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems))
+        if self.last_path.exists():
+            raise CheckpointError(problems[0])
+        return None
 
     def load(self, path: PathLike) -> dict:
-        """Load one of this package's checkpoints on the CPU (``model.load_state_dict`` moves tensors)."""
-        # weights_only=False: our checkpoints hold python/numpy RNG states (tuples, numpy arrays), which the
-        # weights-only unpickler refuses. Only load files this class wrote: full unpickling can run code.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """:func:`load_checkpoint` (on the CPU, runs no code; ``model.load_state_dict`` moves tensors)."""
+        return load_checkpoint(path)
 
     def save_best(self, state: dict, metric: float, *, mode: str = "max") -> bool:
         """Write ``best.pt`` (with ``best_metric``) when ``metric`` beats the best so far; return whether it did."""
@@ -186,7 +336,7 @@ class CheckpointManager:
         metric = float(metric)
         if math.isnan(metric):
             raise ValueError("metric is NaN")
-        best = self._best_metric
+        best = self.best_metric
         if best is not None and not (metric > best if mode == "max" else metric < best):
             return False
         _atomic_torch_save({**state, "best_metric": metric}, self.best_path)
@@ -290,6 +440,11 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stops instead of writing a poisoned checkpoint."""
 
 
+class DivergedLossError(NonFiniteLossError):
+    """The loss grew ``LossGuard.factor`` times over its reference; training stops. A ``NonFiniteLossError`` so that
+    one ``except`` catches every stop of the loss guard."""
+
+
 def reject_options_on_resume(parser, args, allowed: Iterable[str]) -> None:
     """``parser.error`` when ``--resume`` comes with an option outside ``allowed`` (argparse dests) that is not at
     its default: a resumed run keeps the configuration it was started with, so such an option would be ignored."""
@@ -301,6 +456,12 @@ def reject_options_on_resume(parser, args, allowed: Iterable[str]) -> None:
         parser.error(f"--resume continues a run with the configuration it started with; drop {', '.join(ignored)}")
 
 
+def _kept(last_checkpoint: Optional[PathLike]) -> str:
+    if last_checkpoint is not None and Path(last_checkpoint).exists():
+        return f"the last good checkpoint is kept at {last_checkpoint}"
+    return "no checkpoint has been written yet"
+
+
 def check_finite(loss: torch.Tensor, *, where: str, last_checkpoint: Optional[PathLike] = None) -> None:
     """Raise ``NonFiniteLossError`` naming ``where`` (and the last good checkpoint) if ``loss`` is not finite.
 
@@ -310,11 +471,77 @@ def check_finite(loss: torch.Tensor, *, where: str, last_checkpoint: Optional[Pa
     if bool(finite.all()):
         return
     value = loss[~finite].flatten()[0].item() if loss.ndim else loss.item()
-    if last_checkpoint is not None and Path(last_checkpoint).exists():
-        kept = f"the last good checkpoint is kept at {last_checkpoint}"
-    else:
-        kept = "no checkpoint has been written yet"
-    raise NonFiniteLossError(f"non-finite loss ({value}) at {where}; {kept}")
+    raise NonFiniteLossError(f"non-finite loss ({value}) at {where}; {_kept(last_checkpoint)}")
+
+
+DIVERGENCE_FACTOR = 1e3
+
+
+class LossGuard:
+    """Stops training, before the step updates the model, when a step's loss is non-finite or has diverged.
+
+    Diverged: the loss exceeds ``factor`` times its reference, the smallest epoch-mean loss of the current phase
+    so far (the phase's first loss until its first epoch ends). The reference restarts whenever ``phase`` changes
+    (a new objective has its own scale: CARN's stages, CaM-HG's phases) and in a resumed run. Losses are taken to
+    be positive (cross-entropy, MSE, L1); with a reference <= 0 only finiteness is checked.
+
+    Raises ``NonFiniteLossError`` / ``DivergedLossError`` naming where and the checkpoints of ``checkpoints`` (None
+    on ranks that do not save). Call ``checkpoint_saved(epoch)`` after each save and after resuming: a checkpoint
+    is known good once a step after it passed; when the failing step is the first since the save, the loss was
+    computed with that checkpoint's weights, and the message names the epoch file before it as the last good one.
+    """
+
+    def __init__(self, checkpoints: Optional[CheckpointManager], *, factor: float = DIVERGENCE_FACTOR):
+        if not factor > 1:
+            raise ValueError(f"factor must be > 1, got {factor}")
+        self.checkpoints = checkpoints
+        self.factor = float(factor)
+        self._phase = self._epoch = None
+        self._reference: Optional[float] = None
+        self._epoch_sum, self._epoch_steps = 0.0, 0
+        self._saved_epoch: Optional[int] = None
+        self._checked_since_save = False
+
+    def checkpoint_saved(self, epoch: int) -> None:
+        """The model was just saved (or resumed from) as the checkpoint of ``epoch``."""
+        self._saved_epoch = epoch
+        self._checked_since_save = False
+
+    def check(self, loss: torch.Tensor, *, epoch: int, phase: int = 0, where: str) -> float:
+        """The step's (scalar) loss as a float, after checking it (one synchronization)."""
+        if phase != self._phase:
+            self._phase, self._epoch, self._reference = phase, epoch, None
+            self._epoch_sum, self._epoch_steps = 0.0, 0
+        elif epoch != self._epoch:
+            if self._epoch_steps:
+                self._reference = min(self._reference, self._epoch_sum / self._epoch_steps)
+            self._epoch, self._epoch_sum, self._epoch_steps = epoch, 0.0, 0
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"non-finite loss ({value}) at {where}; {self._kept()}")
+        if self._reference is not None and self._reference > 0 and value > self.factor * self._reference:
+            raise DivergedLossError(
+                f"diverged loss ({value:.4g}, over {self.factor:g} x {self._reference:.4g}, the smallest epoch-mean "
+                f"loss of this phase so far or its first loss; try a lower learning rate) at {where}; {self._kept()}"
+            )
+        if self._reference is None:
+            self._reference = value
+        self._epoch_sum += value
+        self._epoch_steps += 1
+        self._checked_since_save = True
+        return value
+
+    def _kept(self) -> str:
+        if self.checkpoints is None:
+            return "the main process keeps the checkpoints"
+        if self._saved_epoch is None:
+            return "no checkpoint has been written yet"
+        saved = self.checkpoints.epoch_path(self._saved_epoch)
+        if self._checked_since_save:
+            return f"the last good checkpoint is kept at {saved}"
+        earlier = self.checkpoints.epoch_files(before=self._saved_epoch)
+        previous = f"the last good checkpoint is kept at {earlier[-1]}" if earlier else "no earlier checkpoint exists"
+        return f"{saved} holds the weights this loss was computed with (no step had run since it was saved); {previous}"
 
 
 def progress(

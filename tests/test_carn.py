@@ -258,7 +258,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_backend, ti
         return terms
 
     monkeypatch.setattr(carn.train, "stage_losses", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2 step 0 \(stage 2\).*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2 step 0 \(stage 2\).*epoch_001\.pt holds the weights"):
         run_training(DataSpec("embedded"), model_overrides=TINY_MODEL, splits=tiny_embedded, run_dir=tmp_path,
                      train_config=TrainConfig(epochs_stage1=1, epochs_stage2=1, batch_size=8), show_progress=False,
                      make_plots=False, verbose=False)

@@ -1,5 +1,6 @@
 """Readers of the published features, on tiny files written in exactly the published layout."""
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -158,3 +159,51 @@ def test_bad_options(tmp_path):
         load_dataset("mosi")
     with pytest.raises(ValueError, match="name"):
         load_dataset("meld", tmp_path)
+
+
+# ------------------------------------------------------------------------------------- label pickles run no code
+class _Python2Pickler(pickle._Pickler):
+    """Writes what Python 2 with numpy 1.x wrote: 8-bit strings (BINSTRING) for str and bytes, ``__builtin__``
+    (protocol 2's import mapping) and ``numpy.core`` (rewritten after pickling by ``_python2_pickle``)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_8bit_string(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = _save_8bit_string
+
+
+def _python2_pickle(content, path):
+    with open(path, "wb") as handle:
+        _Python2Pickler(handle, protocol=2).dump(content)
+    data = path.read_bytes()
+    assert b"numpy._core." in data  # the numpy 2 names that numpy 1.x wrote as numpy.core
+    path.write_bytes(data.replace(b"cnumpy._core.", b"cnumpy.core."))
+
+
+@pytest.mark.parametrize("style", ["protocol2", "protocol4", "protocol5", "python2-numpy1"])
+def test_label_file_with_numpy_values_loads(tmp_path, style):
+    video_ids, labels, speakers, _ = _write_iemocap(tmp_path)
+    vids = sorted(video_ids)
+    numpy_labels = {vid: np.asarray(labels[vid], dtype=np.int64) if i % 2 else [np.int64(x) for x in labels[vid]]
+                    for i, vid in enumerate(vids)}  # arrays and numpy scalars
+    numpy_speakers = {vid: np.asarray(speakers[vid]) for vid in vids}
+    sentences = {vid: np.asarray(["hello"] * len(video_ids[vid]), dtype=object) for vid in vids}
+    content = [video_ids, numpy_labels, numpy_speakers, sentences, {v for v in vids if v[4] != "5"},
+               frozenset(v for v in vids if v[4] == "5")]
+    path = tmp_path / "IEMOCAP_features_raw_4way.pkl"
+    if style == "python2-numpy1":
+        _python2_pickle(content, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(content, handle, protocol=int(style[-1]))
+    splits = load_dataset("iemocap4", tmp_path, valid_fraction=0.0)
+    for dialogue in [*splits.train, *splits.test]:
+        assert dialogue.labels.tolist() == labels[dialogue.vid]
+        assert dialogue.speakers.tolist() == [{"F": 0, "M": 1}[s] for s in speakers[dialogue.vid]]
