@@ -11,8 +11,9 @@ Run this without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
 What is compiled here: every kernel x dtype x constexpr tile configuration, with integer arguments as plain i32.
 At launch Triton also specializes integers equal to 1 and 16-byte-aligned pointers and strides; the kernels mark
 their runtime flags and sizes ``do_not_specialize`` so that those never make a new variant, and leave the strides
-and pointers specialized (unit strides give vectorized loads), so those variants are compiled on the GPU only. ``python -m kernels.report`` compiles exactly the variants that the
-public ops launch at given shapes, those specializations included, and reports registers, spills and occupancy.
+and pointers specialized (unit strides give vectorized loads), so those variants are not compiled here:
+``python -m kernels.report`` compiles exactly the variants that the public ops launch at given shapes, those
+specializations included, and reports their registers, spills and occupancy.
 """
 from __future__ import annotations
 

@@ -35,8 +35,6 @@ import contextvars
 import dataclasses
 import datetime
 import json
-import math
-import os
 import re
 import subprocess
 import sys
@@ -86,17 +84,20 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, limits: SMLimit
     """Resident warps per SM for a kernel using ``registers`` per thread, ``shared_bytes`` of shared memory (static
     + dynamic) per block and ``num_warps`` warps per block, and the limiting factor(s)."""
     regs_per_warp = _round_up(max(registers, 1) * 32, limits.register_unit)
-    if registers > limits.max_registers_per_thread or regs_per_warp * _round_up(num_warps, limits.sub_partitions) > limits.registers:
+    # the launch check assumes a block's warps are rounded up to whole sub-partitions (65536 registers per block)
+    if (registers > limits.max_registers_per_thread
+            or regs_per_warp * _round_up(num_warps, limits.sub_partitions) > limits.registers):
         by_registers = 0
     else:
         warps_per_partition = (limits.registers // limits.sub_partitions) // regs_per_warp
         by_registers = warps_per_partition * limits.sub_partitions // num_warps
     shared = _round_up(shared_bytes + limits.reserved_shared_per_block, limits.shared_unit)
-    by_shared = 0 if shared > limits.shared_memory_per_block + limits.reserved_shared_per_block else limits.shared_memory // shared
-    by_warps = limits.max_warps // num_warps
-    limits_blocks = {"registers": by_registers, "shared memory": by_shared, "warps": by_warps, "blocks": limits.max_blocks}
-    blocks = min(limits_blocks.values())
-    return blocks * num_warps, "+".join(name for name, value in limits_blocks.items() if value == blocks)
+    too_big = shared > limits.shared_memory_per_block + limits.reserved_shared_per_block
+    by_shared = 0 if too_big else limits.shared_memory // shared
+    by_blocks = {"registers": by_registers, "shared memory": by_shared, "warps": limits.max_warps // num_warps,
+                 "blocks": limits.max_blocks}
+    blocks = min(by_blocks.values())
+    return blocks * num_warps, "+".join(name for name, value in by_blocks.items() if value == blocks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,22 +301,24 @@ def _adasplash2(b, h, t, d, dv, dtype):
     _backward(adasplash_v2(*_qkv(b, h, t, d, dv, dtype)))
 
 
-def cases(quick: bool = False, peer_dtypes: Sequence[str] = tuple(DTYPES)) -> List[Case]:
-    """Every (op or peer, shape, dtype) of the report; ``quick`` keeps the models' own shapes, ``peer_dtypes`` the
-    dtypes of the peers' long shapes."""
+def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
+    """Every (op or peer, shape, dtype) of the report; ``quick`` keeps the models' own shapes; without
+    ``all_peer_shapes`` the peers' long shapes are T=4096 bf16 only (AdaSplash-2 makes T a constexpr and autotunes
+    over 30 + 5 x 6 configs: some 130 compiles per shape and target)."""
     out = [Case("entmax15_attention", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32", _carn_entmax, True)]
     out += [Case("block_causal_attention", f"CaM-HG layer(512, 8 heads, group 3) B=32 T=330 {n}", n,
                  lambda dt=DTYPES[n]: _camhg_layer(dt), n == "fp32") for n in ("fp32", "bf16")]
     out += [Case("moe_top2", f"CaM-HG Top2MoE N=3520 d=512 h=512 E=4 {n}", n,
                  lambda dt=DTYPES[n]: _camhg_moe(dt), n == "fp32") for n in ("fp32", "bf16")]
     for op, run in (("entmax15_attention", _long_entmax), ("block_causal_attention", _long_block_causal)):
-        out += [Case(op, f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n, lambda t=t, d=d, dt=DTYPES[n], run=run: run(t, d, dt))
+        out += [Case(op, f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
+                     lambda t=t, d=d, dt=DTYPES[n], run=run: run(t, d, dt))
                 for t in LONG_T for d in LONG_D for n in DTYPES]
     out += [Case("adasplash2", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32",
                  lambda: _adasplash2(32, 1, 110, 256, 512, torch.float32))]
     out += [Case("adasplash2", f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
                  lambda t=t, d=d, dt=DTYPES[n]: _adasplash2(LONG_B, LONG_H, t, d, d, dt))
-            for t in LONG_T for d in LONG_D for n in peer_dtypes]
+            for t in LONG_T for d in LONG_D for n in DTYPES if all_peer_shapes or (t, n) == (LONG_T[0], "bf16")]
     return [case for case in out if case.quick or not quick]
 
 
@@ -419,6 +422,8 @@ def capture_variants(selected: Sequence[Case], capabilities: Sequence[int]) -> t
                 with capturing(capability) as launches:
                     case.run()
             except (AssertionError, ValueError, ImportError) as error:  # a peer's shape limits, a missing peer
+                if case.op not in PEERS:
+                    raise
                 if capability == capabilities[0]:
                     unsupported.append({"op": case.op, "case": case.name,
                                         "reason": f"{type(error).__name__}: {error}".strip()})
@@ -438,6 +443,7 @@ def compile_variants(variants: list, jobs: int) -> None:
     """Compile and measure every variant (adds ``row``/``error`` to each), with a progress bar."""
     from tqdm import tqdm
 
+    variants.sort(key=lambda v: v["op"] in PEERS)  # ours first
     _PENDING[:] = [(v["launch"], v["capability"]) for v in variants]
     progress = tqdm(total=len(variants), desc="compiling", unit="variant", file=sys.stderr)
 
@@ -538,6 +544,29 @@ def _copies(row) -> str:
     return ", ".join(kinds) or "no"
 
 
+def kernel_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The compact table (README): worst case per op, kernel and target over every shape, dtype and config."""
+    lines = ["| op | kernel | target | dtypes | variants (spill-free) | registers (min) | worst spill stores / loads "
+             "| warps/SM (min) | tensor cores | async copies |", "| --- " * 10 + "|"]
+    groups: Dict[tuple, list] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["op"], row["kernel"], row["target"]), []).append(row)
+    for (op, kernel, target), members in groups.items():
+        worst = max(members, key=lambda r: (r["spill_store_bytes"] + r["spill_load_bytes"], -r["registers"]))
+        spill_free = sum(1 for r in members if not (r["spill_store_bytes"] or r["spill_load_bytes"]))
+        spill = (f"{worst['spill_store_bytes']} / {worst['spill_load_bytes']} B ({worst['dtype']}, "
+                 f"{worst['registers']} regs)" if worst["spill_store_bytes"] or worst["spill_load_bytes"] else "0")
+        mma = sorted({k.split(".")[0] + "." + ".".join(k.split(".")[2:]) if k.startswith("HMMA") else k.split(".")[0]
+                      for r in members for k in r["tensor_core"]})
+        copies = sorted({f"{_copies(r)} {r['dtype']}" for r in members if r["async_copies"]})
+        lines.append(f"| {op} | {kernel} | {target} | {', '.join(sorted({r['dtype'] for r in members}))} "
+                     f"| {len(members)} ({spill_free}) | {min(r['registers'] for r in members)} | {spill} "
+                     f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {', '.join(mma) or 'none'} "
+                     f"| {'; '.join(copies) or 'no'} |")
+    return lines
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """The report as Markdown: a summary per op, kernel and target (worst case), then every row."""
     rows = report["rows"]
@@ -551,7 +580,8 @@ def markdown(report: Dict[str, Any]) -> str:
              f"(`kernels/report.py`). Occupancy: resident warps per SM on {SM_LIMITS[90].gpu} (sm_90) and "
              f"{SM_LIMITS[80].gpu} (sm_80) from registers, shared memory and warps per block.", "",
              f"**Ours: {len(ours)} kernel variants x target, {len(spilling)} spill** (worst: {_worst(spilling)}).", "",
-             "## Summary: worst case per op, kernel, dtype and target", "",
+             "## Per kernel and target (worst case over shapes, dtypes and configs)", "", *kernel_table(rows), "",
+             "## Per kernel, dtype and target", "",
              "| op | kernel | dtype | target | variants (spill-free) | registers (min) | spill stores / loads (max) "
              "| shared memory (max) | warps/SM (min) | tensor cores (max count) | async copies |", "| --- " * 11 + "|"]
     groups: Dict[tuple, list] = {}
@@ -561,7 +591,8 @@ def markdown(report: Dict[str, Any]) -> str:
     for (op, kernel, dtype, target), members in groups.items():
         worst = max(members, key=lambda r: (r["spill_store_bytes"] + r["spill_load_bytes"], -r["registers"]))
         shared = max(r["shared_static_bytes"] + r["shared_dynamic_bytes"] for r in members)
-        mma = {k: max(r["tensor_core"].get(k, 0) for r in members) for k in {k for r in members for k in r["tensor_core"]}}
+        kinds = {k for r in members for k in r["tensor_core"]}
+        mma = {k: max(r["tensor_core"].get(k, 0) for r in members) for k in kinds}
         spill_free = sum(1 for r in members if not (r["spill_store_bytes"] or r["spill_load_bytes"]))
         lines.append(f"| {op} | {kernel} | {dtype} | {target} | {len(members)} ({spill_free}) "
                      f"| {min(r['registers'] for r in members)} "
@@ -569,28 +600,32 @@ def markdown(report: Dict[str, Any]) -> str:
                      f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {_tensor_cores({'tensor_core': mma})} "
                      f"| {_copies({'async_copies': {k: 1 for r in members for k in r['async_copies']}})} |")
     if report["unsupported"]:
-        lines += ["", "## Not compiled", ""] + [f"- {u['op']} at {u['case']}: {u['reason']}" for u in report["unsupported"]]
+        lines += ["", "## Not compiled", ""]
+        lines += [f"- {u['op']} at {u['case']}: {u['reason']}" for u in report["unsupported"]]
     if not report["adasplash"]:
         lines += ["", "AdaSplash-2 is not installed here: no peer rows (`pip install adasplash`)."]
     elif "adasplash2" in {c["op"] for c in report["cases"]}:
-        lines += ["", f"AdaSplash-2 ran at its long shapes in {', '.join(report['peer_dtypes'])} only "
-                  f"(`--peer-dtypes` adds others); every autotune candidate is compiled, since the one it picks is "
+        shapes = "every long shape" if report["all_peer_shapes"] else "T=4096 bf16 only (`--all-peer-shapes`: all)"
+        lines += ["", f"AdaSplash-2 ran at {shapes}; every autotune candidate is compiled, since the one it keeps is "
                   f"chosen by timing on the GPU."]
     lines += ["", "## Every variant", "",
               "Shapes: the cases that launch the variant. `=1`: integer arguments equal to 1 that Triton's launcher "
               "makes constexpr; the arguments it specializes as 16-divisible (pointers, strides, sizes) are in the "
               "JSON (`divisible_by_16`).", "",
-              "| op | kernel | dtype | target | config | warps | stages | regs | spill st/ld (B) | stack (B) | smem static + dyn "
-              "| warps/SM (limit) | tensor cores | async copies | constexprs | =1 | shapes |", "| --- " * 17 + "|"]
+              "| op | kernel | dtype | target | config | warps | stages | regs | spill st/ld (B) | stack (B) "
+              "| smem static + dyn | warps/SM (limit) | tensor cores | async copies | constexprs | =1 | shapes |",
+              "| --- " * 17 + "|"]
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['op']} | {row['kernel']} | {row['dtype']} | {row['target']} | {row['config']} "
-                         f"| {row['num_warps']} | {row['num_stages']} | compile failed: {row['error'][:200]} |" + " |" * 9)
+                         f"| {row['num_warps']} | {row['num_stages']} | compile failed: {row['error'][:200]} |"
+                         + " |" * 9)
             continue
         constexprs = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
         lines.append(
-            f"| {row['op']} | {row['kernel']} | {row['dtype']} | {row['target']} | {row['config']} | {row['num_warps']} "
-            f"| {row['num_stages']} | {row['registers']} | {row['spill_store_bytes']} / {row['spill_load_bytes']} "
+            f"| {row['op']} | {row['kernel']} | {row['dtype']} | {row['target']} | {row['config']} "
+            f"| {row['num_warps']} | {row['num_stages']} | {row['registers']} "
+            f"| {row['spill_store_bytes']} / {row['spill_load_bytes']} "
             f"| {row['stack_bytes']} | {row['shared_static_bytes']} + {row['shared_dynamic_bytes']} "
             f"| {row['occupancy_warps_per_sm']} ({row['occupancy_limited_by']}) | {_tensor_cores(row)} "
             f"| {_copies(row)} | {constexprs} | {', '.join(row['equal_to_1'])} | {'; '.join(row['cases'])} |")
@@ -610,9 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the models' shapes only (every kernel once per target)")
     parser.add_argument("--ops", nargs="+", choices=OPS + PEERS, help="ops and peers to report (default: all)")
     parser.add_argument("--no-peers", action="store_true", help="leave out AdaSplash-2")
-    parser.add_argument("--peer-dtypes", nargs="+", default=["bf16"], choices=list(DTYPES),
-                        help="dtypes of the peers' long shapes (default bf16: AdaSplash-2 autotunes over 30 + 5 x 6 "
-                        "configs per shape, each compiled)")
+    parser.add_argument("--all-peer-shapes", action="store_true",
+                        help="peers at every long shape and dtype (default: T=4096 bf16; each autotune candidate of "
+                        "AdaSplash-2 is a compile, some 130 per shape and target)")
     parser.add_argument("--targets", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS),
                         help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
@@ -626,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from triton.backends.nvidia.compiler import get_ptxas
 
     ops = args.ops or [op for op in OPS + PEERS if not (args.no_peers and op in PEERS)]
-    selected = [case for case in cases(args.quick, args.peer_dtypes) if case.op in ops]
+    selected = [case for case in cases(args.quick, args.all_peer_shapes) if case.op in ops]
     print(f"capturing {len(selected)} cases x {len(args.targets)} targets", file=sys.stderr, flush=True)
     variants, unsupported = capture_variants(selected, args.targets)
     print(f"{len(variants)} distinct variants ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
@@ -642,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ptxas": {f"sm_{c}": get_ptxas(c).version for c in (80, 90)},
         "sm_limits": {f"sm_{c}": limits._asdict() for c, limits in SM_LIMITS.items()},
         "targets": targets, "cases": [{"op": c.op, "case": c.name, "dtype": c.dtype} for c in selected],
-        "peer_dtypes": args.peer_dtypes, "unsupported": unsupported, "rows": rows,
+        "all_peer_shapes": args.all_peer_shapes, "unsupported": unsupported, "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / report["date"]

@@ -167,7 +167,8 @@ def test_budget_covers_every_quick_case_and_both_targets():
     budget = json.loads(BUDGET_PATH.read_text())
     for case in cases(quick=True):
         for target in ("sm_80", "sm_90"):
-            assert any(key.startswith(f"{case.op} | {case.name} |") and key.endswith(f"| {target}") for key in budget), (
+            prefix, suffix = f"{case.op} | {case.name} |", f"| {target}"
+            assert any(key.startswith(prefix) and key.endswith(suffix) for key in budget), (
                 f"{BUDGET_PATH.name} has no kernel of {case.op} at {case.name} on {target}")
 
 
@@ -176,7 +177,8 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
     """Every kernel of every op at the models' shapes, compiled for sm_90 and sm_80: none spills more than the
     budget allows (in a fresh process without the interpreter: interpreted kernels cannot be compiled)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kernels.report", "--quick", "--no-peers", "--check-budget", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "kernels.report", "--quick", "--no-peers", "--check-budget",
+               "--out", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr[-5000:]
     assert result.returncode == 0, output
