@@ -539,9 +539,30 @@ def _tensor_cores(row) -> str:
     return ", ".join(f"{op} x{n}" for op, n in sorted(row.get("tensor_core", {}).items())) or "none"
 
 
+def _copy_kind(opcode: str) -> str:
+    """``LDGSTS.E.BYPASS.128`` -> ``cp.async 128-bit``: the width of each copy (128-bit copies are vectorized,
+    32-bit ones move one fp32 or two 16-bit elements each)."""
+    base = opcode.split(".")[0]
+    if base != "LDGSTS":
+        return f"{ASYNC_COPY_OPS[base]} {base}"
+    width = next((w for w in ("128", "64") if opcode.endswith("." + w)), "32")
+    return f"cp.async {width}-bit"
+
+
 def _copies(row) -> str:
-    kinds = sorted({f"{ASYNC_COPY_OPS[op.split('.')[0]]} ({op.split('.')[0]})" for op in row.get("async_copies", {})})
-    return ", ".join(kinds) or "no"
+    counts = Counter()
+    for opcode, n in row.get("async_copies", {}).items():
+        counts[_copy_kind(opcode)] += n
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items())) or "no"
+
+
+def _copy_kinds(members) -> str:
+    """Async-copy kinds over ``members``, with the dtypes that use each."""
+    dtypes: Dict[str, set] = {}
+    for r in members:
+        for opcode in r["async_copies"]:
+            dtypes.setdefault(_copy_kind(opcode), set()).add(r["dtype"])
+    return "; ".join(f"{kind} ({', '.join(sorted(d))})" for kind, d in sorted(dtypes.items())) or "no"
 
 
 def kernel_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -559,11 +580,10 @@ def kernel_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
                  f"{worst['registers']} regs)" if worst["spill_store_bytes"] or worst["spill_load_bytes"] else "0")
         mma = sorted({k.split(".")[0] + "." + ".".join(k.split(".")[2:]) if k.startswith("HMMA") else k.split(".")[0]
                       for r in members for k in r["tensor_core"]})
-        copies = sorted({f"{_copies(r)} {r['dtype']}" for r in members if r["async_copies"]})
         lines.append(f"| {op} | {kernel} | {target} | {', '.join(sorted({r['dtype'] for r in members}))} "
                      f"| {len(members)} ({spill_free}) | {min(r['registers'] for r in members)} | {spill} "
                      f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {', '.join(mma) or 'none'} "
-                     f"| {'; '.join(copies) or 'no'} |")
+                     f"| {_copy_kinds(members)} |")
     return lines
 
 
@@ -598,7 +618,7 @@ def markdown(report: Dict[str, Any]) -> str:
                      f"| {min(r['registers'] for r in members)} "
                      f"| {worst['spill_store_bytes']} / {worst['spill_load_bytes']} B | {_kib(shared)} "
                      f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {_tensor_cores({'tensor_core': mma})} "
-                     f"| {_copies({'async_copies': {k: 1 for r in members for k in r['async_copies']}})} |")
+                     f"| {_copy_kinds(members)} |")
     if report["unsupported"]:
         lines += ["", "## Not compiled", ""]
         lines += [f"- {u['op']} at {u['case']}: {u['reason']}" for u in report["unsupported"]]
