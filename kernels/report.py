@@ -9,7 +9,7 @@ How: each public op runs forward and backward on CPU tensors while Triton's laun
 so nothing compiles or runs). Triton's own launcher code therefore binds the arguments and derives the variant a
 GPU would compile (constexprs, integers equal to 1, 16-divisible integers and pointers unless ``do_not_specialize``,
 launch options for that target), under a stand-in driver that names the target. An autotuned kernel
-(``triton.autotune``) reports every candidate config, labelled. Outputs of the skipped kernels are zero-filled
+(``triton.autotune``) reports every candidate config that its own pruning keeps, labelled. Outputs of the skipped kernels are zero-filled
 allocations, so data-dependent host code (MoE expert ids) stays in range. Each distinct variant is then compiled
 with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and ``("cuda", 80, 32)``, with the ptxas Triton picks for
 that target (``ptxas-blackwell`` for sm_90), and read back:
@@ -323,11 +323,11 @@ def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
 
 
 def adasplash_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("adasplash")
-    except Exception:
+    except PackageNotFoundError:
         return None
 
 
