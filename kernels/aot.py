@@ -11,12 +11,16 @@ Run this without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
 What is compiled here: every kernel x dtype x constexpr tile configuration, with integer arguments as plain i32.
 At launch Triton also specializes integers equal to 1 and 16-byte-aligned pointers and strides; the kernels mark
 their runtime flags and sizes ``do_not_specialize`` so that those never make a new variant, and leave the strides
-and pointers specialized (unit strides give vectorized loads), so those variants are compiled on the GPU only.
+and pointers specialized (unit strides give vectorized loads), so those variants are not compiled here:
+``python -m kernels.report`` compiles exactly the variants that the public ops launch at given shapes, those
+specializations included, and reports their registers, spills and occupancy.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Sequence
@@ -45,18 +49,31 @@ class AotConfig(NamedTuple):
     num_stages: int = 2
 
 
+def compile_source(source, capability: int, options: Dict[str, Any], *, ptxas_log: bool = False):
+    """``triton.compile(source)`` for ``sm_<capability>`` with launch ``options``; returns Triton's kernel, or with
+    ``ptxas_log=True`` the pair (kernel, the ``ptxas -v`` log: registers, spills, stack), bypassing Triton's cache
+    so that ptxas runs and logs (Triton prints the log under ``TRITON_DUMP_PTXAS_LOG``)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", capability, 32)
+    if not ptxas_log:
+        return triton.compile(source, target=target, options=options)
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        kernel = triton.compile(source, target=target, options=options)
+    return kernel, log.getvalue()
+
+
 def compile_config(config: AotConfig, capability: int):
     """Compile one configuration to PTX and a cubin for ``sm_<capability>``; returns Triton's kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     source = ASTSource(config.kernel, config.signature, config.constexprs)
-    return triton.compile(
-        source,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-    )
+    return compile_source(source, capability, {"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def configurations(op: str) -> List[AotConfig]:

@@ -7,7 +7,9 @@
   ``kernels`` is imported (Triton decides at decoration time whether a kernel is interpreted);
 - ``reference``: always the PyTorch reference.
 
-``use_backend(name)`` overrides the variable inside a ``with`` block.
+``use_backend(name)`` overrides the variable inside a ``with`` block. ``capturing_launches()`` is for
+``kernels.report`` only: it lets CPU tensors take the Triton path without the interpreter while the report
+intercepts every launch (no kernel runs) to compile it for a GPU.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 _override: Optional[str] = None
+_capturing_launches = False
 
 
 def _check_name(name: str) -> str:
@@ -48,7 +51,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
         return on_cuda
-    if not on_cuda and not triton_interpreter_enabled():
+    if not on_cuda and not triton_interpreter_enabled() and not _capturing_launches:
         raise RuntimeError(
             "KERNELS_BACKEND=triton with CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
             "in the environment before importing kernels, or use KERNELS_BACKEND=auto/reference"
@@ -65,3 +68,15 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override = previous
+
+
+@contextlib.contextmanager
+def capturing_launches() -> Iterator[None]:
+    """Inside the block, ``triton`` lets CPU tensors reach the kernels' launches without the interpreter; only for a
+    caller that intercepts the launches (``kernels.report``): a kernel actually launched on CPU tensors would fail."""
+    global _capturing_launches
+    previous, _capturing_launches = _capturing_launches, True
+    try:
+        yield
+    finally:
+        _capturing_launches = previous

@@ -1,0 +1,725 @@
+"""Static performance report: what a GPU launch of each op compiles, measured without a GPU.
+
+    python -m kernels.report                 # every op and peer at the benchmark shapes, sm_90 and sm_80 (minutes)
+    python -m kernels.report --quick         # the models' shapes only: every kernel once per target
+    python -m kernels.report --ops moe_top2 --targets 80 --no-peers --jobs 2
+
+How: each public op runs forward and backward on CPU tensors while Triton's launch is intercepted
+(``triton.knobs.runtime.jit_cache_hook``, called by ``JITFunction.run`` right before it would compile, returns True
+so nothing compiles or runs). Triton's own launcher code therefore binds the arguments and derives the variant a
+GPU would compile (constexprs, integers equal to 1, 16-divisible integers and pointers unless ``do_not_specialize``,
+launch options for that target), under a stand-in driver that names the target. An autotuned kernel
+(``triton.autotune``) reports every candidate config that its own pruning keeps, labelled. Outputs of the skipped kernels are zero-filled
+allocations, so data-dependent host code (MoE expert ids) stays in range. Each distinct variant is then compiled
+with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and ``("cuda", 80, 32)``, with the ptxas Triton picks for
+that target (``ptxas-blackwell`` for sm_90), and read back:
+
+- ``ptxas -v``: registers per thread, spill store/load bytes, stack frame;
+- ``cuobjdump -res-usage``: static shared memory; Triton's ``metadata.shared`` is the dynamic shared memory its
+  launcher requests;
+- ``cuobjdump -sass``: tensor-core instructions (HMMA, HGMMA, IMMA) and async tile copies (LDGSTS = cp.async,
+  UTMALDG / UBLKCP = TMA);
+- theoretical occupancy (warps per SM) from registers, shared memory and warps per block, with the SM limits of
+  ``SM_LIMITS`` and the rules of CUDA's occupancy calculator (``cuda_occupancy.h``).
+
+Writes ``bench/results/static/<date>.{md,json}``. ``--check-budget`` fails (exit 1) when a kernel spills more than
+``kernels/spill_budget.json`` allows or a budgeted kernel is missing; ``--write-budget`` writes that file from the
+run. Run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be captured or compiled). Written against
+Triton 3.9.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import contextvars
+import dataclasses
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "static"
+BUDGET_PATH = Path(__file__).resolve().parent / "spill_budget.json"
+OPS = ("entmax15_attention", "block_causal_attention", "moe_top2")
+PEERS = ("adasplash2",)
+
+
+class SMLimits(NamedTuple):
+    """Per-SM limits of one GPU (CUDA C++ Programming Guide, compute capabilities table; cuda_occupancy.h)."""
+
+    gpu: str
+    max_warps: int = 64  # 2048 threads per SM on sm_80 and sm_90
+    max_blocks: int = 32
+    registers: int = 65536
+    register_unit: int = 256  # registers are allocated per warp in units of 256
+    max_registers_per_thread: int = 255
+    sub_partitions: int = 4  # each holds registers / 4; a warp's registers live in one
+    shared_memory: int = 0  # bytes per SM at the largest carveout
+    shared_memory_per_block: int = 0  # opt-in maximum per block
+    shared_unit: int = 128  # shared memory allocation granularity
+    reserved_shared_per_block: int = 1024  # the driver reserves 1 KB per block (sm_80 and later)
+
+
+SM_LIMITS = {
+    90: SMLimits("H100", shared_memory=228 * 1024, shared_memory_per_block=227 * 1024),
+    80: SMLimits("A100", shared_memory=164 * 1024, shared_memory_per_block=163 * 1024),
+}
+
+
+def _round_up(value: int, unit: int) -> int:
+    return -(-value // unit) * unit
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, limits: SMLimits) -> tuple[int, str]:
+    """Resident warps per SM for a kernel using ``registers`` per thread, ``shared_bytes`` of shared memory (static
+    + dynamic) per block and ``num_warps`` warps per block, and the limiting factor(s)."""
+    regs_per_warp = _round_up(max(registers, 1) * 32, limits.register_unit)
+    # the launch check assumes a block's warps are rounded up to whole sub-partitions (65536 registers per block)
+    if (registers > limits.max_registers_per_thread
+            or regs_per_warp * _round_up(num_warps, limits.sub_partitions) > limits.registers):
+        by_registers = 0
+    else:
+        warps_per_partition = (limits.registers // limits.sub_partitions) // regs_per_warp
+        by_registers = warps_per_partition * limits.sub_partitions // num_warps
+    shared = _round_up(shared_bytes + limits.reserved_shared_per_block, limits.shared_unit)
+    too_big = shared > limits.shared_memory_per_block + limits.reserved_shared_per_block
+    by_shared = 0 if too_big else limits.shared_memory // shared
+    by_blocks = {"registers": by_registers, "shared memory": by_shared, "warps": limits.max_warps // num_warps,
+                 "blocks": limits.max_blocks}
+    blocks = min(by_blocks.values())
+    return blocks * num_warps, "+".join(name for name, value in by_blocks.items() if value == blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Capture: what the public ops launch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """One intercepted launch, specialized by Triton's launcher for one target."""
+
+    kernel: Any  # the JITFunction
+    key: str  # Triton's own cache key of the variant (specialization + options)
+    signature: Dict[str, str]
+    constants: Dict[tuple, Any]
+    attrs: Dict[tuple, Any]
+    options: Dict[str, Any]
+    config: str  # "" or the autotune candidate, e.g. "autotune 3/30 BLOCK_M=128 num_warps=4 num_stages=2"
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.fn.__qualname__
+
+    def specialized_args(self) -> tuple[list[str], list[str]]:
+        """(arguments specialized as 16-divisible, integer arguments equal to 1 made constexpr)."""
+        names = list(self.signature)
+        divisible = [names[path[0]] for path, attr in self.attrs.items() if ["tt.divisibility", 16] in map(list, attr)]
+        ones = [name for name, ty in self.signature.items() if ty == "constexpr" and not self.kernel.params[
+            names.index(name)].is_constexpr and self.constants.get((names.index(name),)) == 1]
+        return divisible, ones
+
+    def constexprs(self) -> Dict[str, Any]:
+        names = list(self.signature)
+        return {names[path[0]]: value for path, value in self.constants.items()
+                if self.kernel.params[path[0]].is_constexpr}
+
+
+_autotune_label: contextvars.ContextVar[str] = contextvars.ContextVar("autotune_label", default="")
+
+
+def _capture_driver(capability: int):
+    """A Triton driver that only names the target: enough for ``JITFunction.run`` to bind and specialize."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class CaptureDriver(DriverBase):
+        target = GPUTarget("cuda", capability, 32)
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise NotImplementedError("kernels.report never runs a kernel")
+
+        def get_current_device(self):
+            return capability  # JITFunction caches its binder (and target) per device: one device per target
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    return CaptureDriver()
+
+
+def _run_every_autotune_config(self, *args, **kwargs):
+    """Replaces ``Autotuner.run`` during capture: launch (i.e. capture) every candidate config instead of timing."""
+    self.nargs = dict(zip(self.arg_names, args))
+    configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+    try:
+        for i, config in enumerate(configs):
+            settings = " ".join(f"{k}={v}" for k, v in config.all_kwargs().items())
+            token = _autotune_label.set(f"autotune {i + 1}/{len(configs)} {settings}")
+            try:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+            finally:
+                _autotune_label.reset(token)
+    finally:
+        self.nargs = None
+
+
+def _zero_filled(factory):
+    def allocate(*args, **kwargs):
+        return factory(*args, **kwargs).zero_()
+
+    return allocate
+
+
+@contextlib.contextmanager
+def capturing(capability: int) -> Iterator[List[Launch]]:
+    """Within the block, Triton launches are recorded (specialized for ``sm_<capability>``) instead of run, and the
+    public ops take their Triton path on CPU tensors; yields the list the launches are appended to."""
+    from triton import knobs
+    from triton.runtime import autotuner
+    from triton.runtime.driver import driver
+
+    from kernels.backend import capturing_launches, triton_interpreter_enabled, use_backend
+
+    if triton_interpreter_enabled():
+        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be captured or compiled")
+    launches: List[Launch] = []
+
+    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        data = json.loads(compile["specialization_data"])
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}
+        launches.append(Launch(fn.jit_function, str(key), dict(compile["signature"]), dict(compile["constants"]),
+                               dict(compile["configs"][0]), options, _autotune_label.get()))
+        return True  # "handled": JITFunction.run returns without compiling or launching
+
+    previous_driver = driver._active
+    saved = (autotuner.Autotuner.run, torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty)
+    driver.set_active(_capture_driver(capability))
+    autotuner.Autotuner.run = _run_every_autotune_config
+    torch.empty, torch.empty_like, torch.empty_strided = map(_zero_filled, saved[1:4])
+    torch.Tensor.new_empty = _zero_filled(saved[4])
+    try:
+        with knobs.runtime.scope(), capturing_launches(), use_backend("triton"):
+            knobs.runtime.jit_cache_hook = hook
+            yield launches
+    finally:
+        driver._active = previous_driver
+        autotuner.Autotuner.run = saved[0]
+        torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty = saved[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes: each case runs one public op (or peer) forward and backward
+# ---------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LONG_T, LONG_D = (4096, 16384), (64, 128)
+LONG_B, LONG_H = 1, 2  # specialization depends on divisibility only: keep CPU memory small
+
+
+class Case(NamedTuple):
+    op: str
+    name: str  # shape and dtype, e.g. "T=4096 D=64 bf16"
+    dtype: str
+    run: Callable[[], None]
+    quick: bool = False  # part of --quick (the models' own shapes)
+
+
+def _backward(*outputs: torch.Tensor) -> None:
+    sum(o.float().sum() for o in outputs).backward()
+
+
+def _qkv(b, h, t, d, dv, dtype):
+    q, k = (torch.randn(b, h, t, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, torch.randn(b, h, t, dv, dtype=dtype, requires_grad=True)
+
+
+def _carn_entmax():
+    """CARN's causal-cue encoder: ``FusedEntmaxCausalAttention(256, 1, out_proj=False)`` with its context (v gets x
+    appended: D = 256, Dv = 512), IEMOCAP batch (32 dialogues x 110 utterances), fp32 (carn/model.py)."""
+    from kernels import FusedEntmaxCausalAttention
+
+    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False)
+    result = attention(torch.randn(32, 110, 256), return_context=True)
+    _backward(result.output, result.context)
+
+
+def _camhg_layer(dtype):
+    """CaM-HG's hypergraph layer ``BlockCausalTransformerLayer(512, 8, group_size=3)`` on 32 x 330 nodes."""
+    from kernels import BlockCausalTransformerLayer
+
+    layer = BlockCausalTransformerLayer(512, 8, group_size=3).to(dtype)
+    _backward(layer(torch.randn(32, 330, 512, dtype=dtype, requires_grad=True)))
+
+
+def _camhg_moe(dtype):
+    """CaM-HG's imputation ``Top2MoE(512, 4 experts, hidden 512)`` on 3,520 rows (32 dialogues x 110 utterances)."""
+    from kernels import Top2MoE
+
+    moe = Top2MoE(512, num_experts=4, hidden=512).to(dtype)
+    _backward(moe(torch.randn(3520, 512, dtype=dtype, requires_grad=True)))
+
+
+def _long_entmax(t, d, dtype):
+    from kernels import entmax15_attention
+
+    _backward(entmax15_attention(*_qkv(LONG_B, LONG_H, t, d, d, dtype)))
+
+
+def _long_block_causal(t, d, dtype):
+    from kernels import block_causal_attention
+
+    _backward(block_causal_attention(*_qkv(LONG_B, LONG_H, t, d, d, dtype), group_size=3))
+
+
+def _adasplash2(b, h, t, d, dv, dtype):
+    from adasplash import adasplash_v2  # AdaSplash-2: causal entmax-1.5
+
+    _backward(adasplash_v2(*_qkv(b, h, t, d, dv, dtype)))
+
+
+def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
+    """Every (op or peer, shape, dtype) of the report; ``quick`` keeps the models' own shapes; without
+    ``all_peer_shapes`` the peers' long shapes are T=4096 bf16 only (AdaSplash-2 makes T a constexpr and autotunes
+    over 30 + 5 x 6 configs: some 130 compiles per shape and target)."""
+    out = [Case("entmax15_attention", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32", _carn_entmax, True)]
+    out += [Case("block_causal_attention", f"CaM-HG layer(512, 8 heads, group 3) B=32 T=330 {n}", n,
+                 lambda dt=DTYPES[n]: _camhg_layer(dt), n == "fp32") for n in ("fp32", "bf16")]
+    out += [Case("moe_top2", f"CaM-HG Top2MoE N=3520 d=512 h=512 E=4 {n}", n,
+                 lambda dt=DTYPES[n]: _camhg_moe(dt), n == "fp32") for n in ("fp32", "bf16")]
+    for op, run in (("entmax15_attention", _long_entmax), ("block_causal_attention", _long_block_causal)):
+        out += [Case(op, f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
+                     lambda t=t, d=d, dt=DTYPES[n], run=run: run(t, d, dt))
+                for t in LONG_T for d in LONG_D for n in DTYPES]
+    out += [Case("adasplash2", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32",
+                 lambda: _adasplash2(32, 1, 110, 256, 512, torch.float32))]
+    out += [Case("adasplash2", f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
+                 lambda t=t, d=d, dt=DTYPES[n]: _adasplash2(LONG_B, LONG_H, t, d, d, dt))
+            for t in LONG_T for d in LONG_D for n in DTYPES if all_peer_shapes or (t, n) == (LONG_T[0], "bf16")]
+    return [case for case in out if case.quick or not quick]
+
+
+def adasplash_version() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adasplash")
+    except PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compile and read back
+# ---------------------------------------------------------------------------------------------------------------
+
+TENSOR_CORE_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA")
+ASYNC_COPY_OPS = {"LDGSTS": "cp.async", "UTMALDG": "TMA", "UBLKCP": "TMA"}
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
+
+
+def parse_ptxas_log(log: str) -> Dict[str, int]:
+    """Registers, spill store/load and stack bytes from ``ptxas -v`` (one kernel)."""
+    def number(pattern):
+        match = re.search(pattern, log)
+        return int(match.group(1)) if match else 0
+
+    if not re.search(r"Used \d+ registers", log):
+        raise ValueError(f"no register count in the ptxas log:\n{log}")
+    return {"registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
+            "spill_load_bytes": number(r"(\d+) bytes spill loads"), "stack_bytes": number(r"(\d+) bytes stack frame")}
+
+
+def parse_sass(sass: str) -> Dict[str, Any]:
+    """Tensor-core instructions (kind -> count) and async-copy instructions (opcode -> count) in ``cuobjdump -sass``."""
+    opcodes = Counter(_SASS_OPCODE.findall(sass))
+    mma = {op: n for op, n in opcodes.items() if op.split(".")[0] in TENSOR_CORE_OPS}
+    copies = {op: n for op, n in opcodes.items() if op.split(".")[0] in ASYNC_COPY_OPS}
+    return {"instructions": sum(opcodes.values()), "tensor_core": dict(sorted(mma.items())),
+            "async_copies": dict(sorted(copies.items()))}
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, str(path)], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def analyze(launch: Launch, capability: int) -> Dict[str, Any]:
+    """Compile ``launch``'s variant for ``sm_<capability>`` and measure it."""
+    from triton.compiler import ASTSource
+
+    from kernels.aot import compile_source
+
+    if launch.options["arch"] != f"sm{capability}":
+        raise ValueError(f"{launch.kernel_name} was specialized for {launch.options['arch']}, not sm{capability}")
+    start = time.perf_counter()
+    source = ASTSource(launch.kernel, launch.signature, launch.constants, launch.attrs)
+    compiled, log = compile_source(source, capability, launch.options, ptxas_log=True)
+    row: Dict[str, Any] = parse_ptxas_log(log)
+    usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+    static = re.search(r"SHARED:(\d+)", usage)
+    row["shared_static_bytes"] = int(static.group(1)) if static else 0
+    row["shared_dynamic_bytes"] = int(compiled.metadata.shared)
+    row.update(parse_sass(_cuobjdump(compiled.asm["cubin"], "-sass")))
+    warps = int(compiled.metadata.num_warps)
+    row["occupancy_warps_per_sm"], row["occupancy_limited_by"] = occupancy(
+        row["registers"], row["shared_static_bytes"] + row["shared_dynamic_bytes"], warps, SM_LIMITS[capability])
+    row["compile_seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+_PENDING: List[tuple] = []  # (launch, capability) for the worker processes (inherited by fork)
+
+
+def _analyze_pending(index: int) -> Dict[str, Any]:
+    launch, capability = _PENDING[index]
+    return analyze(launch, capability)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def capture_variants(selected: Sequence[Case], capabilities: Sequence[int]) -> tuple[list, list]:
+    """Run every case under capture for every target; returns (variants, unsupported cases).
+
+    A variant is a dict holding the launch and the cases (shapes) that launch it, deduplicated by Triton's own
+    cache key per kernel and target."""
+    variants: Dict[tuple, Dict[str, Any]] = {}
+    unsupported = []
+    for capability in capabilities:
+        for case in selected:
+            torch.manual_seed(0)
+            try:
+                with capturing(capability) as launches:
+                    case.run()
+            except (AssertionError, ValueError, ImportError) as error:  # a peer's shape limits, a missing peer
+                if case.op not in PEERS:
+                    raise
+                if capability == capabilities[0]:
+                    unsupported.append({"op": case.op, "case": case.name,
+                                        "reason": f"{type(error).__name__}: {error}".strip()})
+                continue
+            for launch in launches:
+                identity = (case.op, launch.kernel.fn.__module__, launch.kernel_name, launch.key, launch.config,
+                            capability)
+                variant = variants.setdefault(identity, {"launch": launch, "op": case.op, "capability": capability,
+                                                         "cases": [], "dtypes": []})
+                if case.name not in variant["cases"]:
+                    variant["cases"].append(case.name)
+                    variant["dtypes"].append(case.dtype)
+    return list(variants.values()), unsupported
+
+
+def compile_variants(variants: list, jobs: int) -> None:
+    """Compile and measure every variant (adds ``row``/``error`` to each), with a progress bar."""
+    from tqdm import tqdm
+
+    variants.sort(key=lambda v: v["op"] in PEERS)  # ours first
+    _PENDING[:] = [(v["launch"], v["capability"]) for v in variants]
+    progress = tqdm(total=len(variants), desc="compiling", unit="variant", file=sys.stderr)
+
+    def record(index, result=None, error=None):
+        if error is not None:
+            variants[index]["error"] = f"{type(error).__name__}: {error}"[:2000]
+        else:
+            variants[index]["row"] = result
+        progress.update()
+
+    if jobs <= 1:
+        for index in range(len(variants)):
+            try:
+                record(index, _analyze_pending(index))
+            except Exception as error:  # report every failing variant, not just the first
+                record(index, error=error)
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_analyze_pending, index): index for index in range(len(variants))}
+            for future in as_completed(futures):
+                try:
+                    record(futures[future], future.result())
+                except Exception as error:
+                    record(futures[future], error=error)
+    progress.close()
+
+
+def rows_of(variants: list) -> List[Dict[str, Any]]:
+    rows = []
+    for v in variants:
+        launch: Launch = v["launch"]
+        divisible, ones = launch.specialized_args()
+        row = {"op": v["op"], "kernel": launch.kernel_name, "target": f"sm_{v['capability']}",
+               "gpu": SM_LIMITS[v["capability"]].gpu, "dtype": "/".join(sorted(set(v["dtypes"]))),
+               "cases": v["cases"], "config": launch.config, "num_warps": launch.options["num_warps"],
+               "num_stages": launch.options["num_stages"], "constexprs": launch.constexprs(),
+               "divisible_by_16": divisible, "equal_to_1": ones}
+        row.update(v.get("row", {}))
+        if "error" in v:
+            row["error"] = v["error"]
+        rows.append(row)
+    rows.sort(key=lambda r: (r["op"] in PEERS, r["op"], r["kernel"], r["dtype"], r["target"], r["config"]))
+    return rows
+
+
+def budget_key(op: str, case: str, kernel: str, target: str) -> str:
+    return f"{op} | {case} | {kernel} | {target}"
+
+
+def spill_budget(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
+    """Per op, shape, kernel and target of our ops: the most spill store and load bytes of any variant."""
+    budget: Dict[str, Dict[str, int]] = {}
+    for row in rows:
+        if row["op"] in PEERS or "error" in row:
+            continue
+        for case in row["cases"]:
+            entry = budget.setdefault(budget_key(row["op"], case, row["kernel"], row["target"]),
+                                      {"spill_store_bytes": 0, "spill_load_bytes": 0})
+            for field in entry:
+                entry[field] = max(entry[field], row[field])
+    return dict(sorted(budget.items()))
+
+
+def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]], ran_cases: Sequence[str],
+                 targets: Sequence[str]) -> List[str]:
+    """Violations: a kernel spilling more than its budget (no entry: 0), or a budgeted kernel of a case and target
+    that ran but launched no such kernel."""
+    measured = spill_budget(rows)
+    problems = []
+    for key, spills in measured.items():
+        allowed = budget.get(key, {"spill_store_bytes": 0, "spill_load_bytes": 0})
+        for field, value in spills.items():
+            if value > allowed.get(field, 0):
+                problems.append(f"{key}: {field.replace('_', ' ')} {value} > budget {allowed.get(field, 0)}"
+                                + ("" if key in budget else " (kernel not in the budget)"))
+    for key in budget:
+        op, case, kernel, target = key.split(" | ")
+        if case in ran_cases and target in targets and key not in measured:
+            problems.append(f"{key}: budgeted kernel missing from the run (renamed or no longer launched? "
+                            f"rewrite the budget with --write-budget)")
+    problems += [f"{row['op']} | {row['kernel']} | {row['target']}: failed to compile: {row['error']}"
+                 for row in rows if "error" in row and row["op"] not in PEERS]
+    return problems
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def _tensor_cores(row) -> str:
+    return ", ".join(f"{op} x{n}" for op, n in sorted(row.get("tensor_core", {}).items())) or "none"
+
+
+def _copy_kind(opcode: str) -> str:
+    """``LDGSTS.E.BYPASS.128`` -> ``cp.async 128-bit``: the width of each copy (128-bit copies are vectorized,
+    32-bit ones move one fp32 or two 16-bit elements each)."""
+    base = opcode.split(".")[0]
+    if base != "LDGSTS":
+        return f"{ASYNC_COPY_OPS[base]} {base}"
+    width = next((w for w in ("128", "64") if opcode.endswith("." + w)), "32")
+    return f"cp.async {width}-bit"
+
+
+def _copies(row) -> str:
+    counts = Counter()
+    for opcode, n in row.get("async_copies", {}).items():
+        counts[_copy_kind(opcode)] += n
+    return ", ".join(f"{kind} x{n}" for kind, n in sorted(counts.items())) or "no"
+
+
+def _copy_kinds(members) -> str:
+    """Async-copy kinds over ``members``, with the dtypes that use each."""
+    dtypes: Dict[str, set] = {}
+    for r in members:
+        for opcode in r["async_copies"]:
+            dtypes.setdefault(_copy_kind(opcode), set()).add(r["dtype"])
+    return "; ".join(f"{kind} ({', '.join(sorted(d))})" for kind, d in sorted(dtypes.items())) or "no"
+
+
+def kernel_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The compact table (README): worst case per op, kernel and target over every shape, dtype and config."""
+    lines = ["| op | kernel | target | dtypes | variants (spill-free) | registers (min) | worst spill stores / loads "
+             "| warps/SM (min) | tensor cores | async copies |", "| --- " * 10 + "|"]
+    groups: Dict[tuple, list] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["op"], row["kernel"], row["target"]), []).append(row)
+    for (op, kernel, target), members in groups.items():
+        worst = max(members, key=lambda r: (r["spill_store_bytes"] + r["spill_load_bytes"], -r["registers"]))
+        spill_free = sum(1 for r in members if not (r["spill_store_bytes"] or r["spill_load_bytes"]))
+        spill = (f"{worst['spill_store_bytes']} / {worst['spill_load_bytes']} B ({worst['dtype']}, "
+                 f"{worst['registers']} regs)" if worst["spill_store_bytes"] or worst["spill_load_bytes"] else "0")
+        mma = sorted({k.split(".")[0] + "." + ".".join(k.split(".")[2:]) if k.startswith("HMMA") else k.split(".")[0]
+                      for r in members for k in r["tensor_core"]})
+        lines.append(f"| {op} | {kernel} | {target} | {', '.join(sorted({r['dtype'] for r in members}))} "
+                     f"| {len(members)} ({spill_free}) | {min(r['registers'] for r in members)} | {spill} "
+                     f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {', '.join(mma) or 'none'} "
+                     f"| {_copy_kinds(members)} |")
+    return lines
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    """The report as Markdown: a summary per op, kernel and target (worst case), then every row."""
+    rows = report["rows"]
+    ours = [r for r in rows if r["op"] not in PEERS and "error" not in r]
+    spilling = [r for r in ours if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    lines = [f"# Static kernel report, {report['date']}", "",
+             f"`{report['command']}` ({report['wall_seconds']:.0f} s wall). Triton {report['triton']}, torch "
+             f"{report['torch']}, ptxas {report['ptxas']['sm_80']} (sm_80) / {report['ptxas']['sm_90']} (sm_90), "
+             f"AdaSplash {report['adasplash'] or 'not installed'}. No GPU: every variant that the public ops launch "
+             f"at these shapes (forward + backward) is captured from Triton's launcher and compiled "
+             f"(`kernels/report.py`). Occupancy: resident warps per SM on {SM_LIMITS[90].gpu} (sm_90) and "
+             f"{SM_LIMITS[80].gpu} (sm_80) from registers, shared memory and warps per block.", "",
+             f"**Ours: {len(ours)} kernel variants x target, {len(spilling)} spill** (worst: {_worst(spilling)}).", "",
+             "## Per kernel and target (worst case over shapes, dtypes and configs)", "", *kernel_table(rows), "",
+             "## Per kernel, dtype and target", "",
+             "| op | kernel | dtype | target | variants (spill-free) | registers (min) | spill stores / loads (max) "
+             "| shared memory (max) | warps/SM (min) | tensor cores (max count) | async copies |", "| --- " * 11 + "|"]
+    groups: Dict[tuple, list] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["op"], row["kernel"], row["dtype"], row["target"]), []).append(row)
+    for (op, kernel, dtype, target), members in groups.items():
+        worst = max(members, key=lambda r: (r["spill_store_bytes"] + r["spill_load_bytes"], -r["registers"]))
+        shared = max(r["shared_static_bytes"] + r["shared_dynamic_bytes"] for r in members)
+        kinds = {k for r in members for k in r["tensor_core"]}
+        mma = {k: max(r["tensor_core"].get(k, 0) for r in members) for k in kinds}
+        spill_free = sum(1 for r in members if not (r["spill_store_bytes"] or r["spill_load_bytes"]))
+        lines.append(f"| {op} | {kernel} | {dtype} | {target} | {len(members)} ({spill_free}) "
+                     f"| {min(r['registers'] for r in members)} "
+                     f"| {worst['spill_store_bytes']} / {worst['spill_load_bytes']} B | {_kib(shared)} "
+                     f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {_tensor_cores({'tensor_core': mma})} "
+                     f"| {_copy_kinds(members)} |")
+    if report["unsupported"]:
+        lines += ["", "## Not compiled", ""]
+        lines += [f"- {u['op']} at {u['case']}: {u['reason']}" for u in report["unsupported"]]
+    if not report["adasplash"]:
+        lines += ["", "AdaSplash-2 is not installed here: no peer rows (`pip install adasplash`)."]
+    elif "adasplash2" in {c["op"] for c in report["cases"]}:
+        shapes = "every long shape" if report["all_peer_shapes"] else "T=4096 bf16 only (`--all-peer-shapes`: all)"
+        lines += ["", f"AdaSplash-2 ran at {shapes}; every autotune candidate is compiled, since the one it keeps is "
+                  f"chosen by timing on the GPU."]
+    lines += ["", "## Every variant", "",
+              "Shapes: the cases that launch the variant. `=1`: integer arguments equal to 1 that Triton's launcher "
+              "makes constexpr; the arguments it specializes as 16-divisible (pointers, strides, sizes) are in the "
+              "JSON (`divisible_by_16`).", "",
+              "| op | kernel | dtype | target | config | warps | stages | regs | spill st/ld (B) | stack (B) "
+              "| smem static + dyn | warps/SM (limit) | tensor cores | async copies | constexprs | =1 | shapes |",
+              "| --- " * 17 + "|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['op']} | {row['kernel']} | {row['dtype']} | {row['target']} | {row['config']} "
+                         f"| {row['num_warps']} | {row['num_stages']} | compile failed: {row['error'][:200]} |"
+                         + " |" * 9)
+            continue
+        constexprs = " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
+        lines.append(
+            f"| {row['op']} | {row['kernel']} | {row['dtype']} | {row['target']} | {row['config']} "
+            f"| {row['num_warps']} | {row['num_stages']} | {row['registers']} "
+            f"| {row['spill_store_bytes']} / {row['spill_load_bytes']} "
+            f"| {row['stack_bytes']} | {row['shared_static_bytes']} + {row['shared_dynamic_bytes']} "
+            f"| {row['occupancy_warps_per_sm']} ({row['occupancy_limited_by']}) | {_tensor_cores(row)} "
+            f"| {_copies(row)} | {constexprs} | {', '.join(row['equal_to_1'])} | {'; '.join(row['cases'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _worst(spilling) -> str:
+    if not spilling:
+        return "none"
+    r = max(spilling, key=lambda r: r["spill_store_bytes"] + r["spill_load_bytes"])
+    return (f"{r['kernel']} {r['dtype']} {r['target']}, {r['spill_store_bytes']} B stores / {r['spill_load_bytes']} B "
+            f"loads at {r['registers']} registers")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the models' shapes only (every kernel once per target)")
+    parser.add_argument("--ops", nargs="+", choices=OPS + PEERS, help="ops and peers to report (default: all)")
+    parser.add_argument("--no-peers", action="store_true", help="leave out AdaSplash-2")
+    parser.add_argument("--all-peer-shapes", action="store_true",
+                        help="peers at every long shape and dtype (default: T=4096 bf16; each autotune candidate of "
+                        "AdaSplash-2 is a compile, some 130 per shape and target)")
+    parser.add_argument("--targets", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS),
+                        help="compute capabilities")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of <date>.md and <date>.json")
+    parser.add_argument("--check-budget", action="store_true", help=f"exit 1 on spills over {BUDGET_PATH.name}")
+    parser.add_argument("--write-budget", action="store_true", help=f"write {BUDGET_PATH.name} from this run")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ops = args.ops or [op for op in OPS + PEERS if not (args.no_peers and op in PEERS)]
+    selected = [case for case in cases(args.quick, args.all_peer_shapes) if case.op in ops]
+    print(f"capturing {len(selected)} cases x {len(args.targets)} targets", file=sys.stderr, flush=True)
+    variants, unsupported = capture_variants(selected, args.targets)
+    print(f"{len(variants)} distinct variants ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    compile_variants(variants, args.jobs)
+    rows = rows_of(variants)
+    ran_cases = [case.name for case in selected]
+    targets = [f"sm_{c}" for c in args.targets]
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "command": "python -m kernels.report " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "triton": triton.__version__, "torch": torch.__version__, "adasplash": adasplash_version(),
+        "ptxas": {f"sm_{c}": get_ptxas(c).version for c in (80, 90)},
+        "sm_limits": {f"sm_{c}": limits._asdict() for c, limits in SM_LIMITS.items()},
+        "targets": targets, "cases": [{"op": c.op, "case": c.name, "dtype": c.dtype} for c in selected],
+        "all_peer_shapes": args.all_peer_shapes, "unsupported": unsupported, "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / report["date"]
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    ours = [r for r in rows if r["op"] not in PEERS and "error" not in r]
+    print(f"{len(rows)} rows ({sum(1 for r in ours if r['spill_store_bytes'] or r['spill_load_bytes'])} of our "
+          f"{len(ours)} spill), {sum('error' in r for r in rows)} failed to compile; wrote {stem}.md and .json "
+          f"({report['wall_seconds']:.0f} s)", flush=True)
+    if args.write_budget:
+        BUDGET_PATH.write_text(json.dumps(spill_budget(rows), indent=1) + "\n")
+        print(f"wrote {BUDGET_PATH}")
+    if args.check_budget:
+        budget = json.loads(BUDGET_PATH.read_text())
+        problems = check_budget(rows, budget, ran_cases, targets)
+        for problem in problems:
+            print(f"SPILL BUDGET: {problem}", flush=True)
+        if problems:
+            return 1
+        print("spill budget kept")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
