@@ -9,6 +9,7 @@ and keep bfloat16 tensor-core dots. Upcasting is exact: the bfloat16 products ar
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -28,6 +29,25 @@ def dot_fp32acc(a, b, INPUT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     if UPCAST_DOTS:
         a, b = a.to(tl.float32), b.to(tl.float32)
     return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+#: what ``KERNELS_FP32_PRECISION`` may say: see :func:`fp32_dot_precision`
+FP32_DOT_PRECISIONS = ("tf32", "ieee")
+
+
+def fp32_dot_precision() -> str:
+    """How the kernels multiply float32 tiles, from ``KERNELS_FP32_PRECISION`` (read at every launch):
+
+    - ``tf32`` (default): TF32 tensor cores, i.e. operands rounded to a 10-bit mantissa (relative error <= 2^-11
+      per product), products summed in float32, as torch does with ``torch.backends.cuda.matmul.allow_tf32``;
+    - ``ieee``: exact float32 products (CUDA-core FMAs, several times slower), as torch's default float32 matmul.
+
+    16-bit inputs always multiply exactly (bf16/fp16 tensor cores, float32 sums). The interpreter computes exactly
+    either way."""
+    value = os.environ.get("KERNELS_FP32_PRECISION", "tf32").strip().lower() or "tf32"
+    if value not in FP32_DOT_PRECISIONS:
+        raise ValueError(f"KERNELS_FP32_PRECISION must be one of {FP32_DOT_PRECISIONS}, got {value!r}")
+    return value
 
 
 def upcast_dots_for(dtype: torch.dtype) -> bool:
