@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from ._triton_helpers import (FP32_DOT_PRECISIONS, check_batch_heads, dot_fp32acc, fp32_dot_precision,
-                              launch_device_of, upcast_dots_for)
+                              launch_device_of, tile_arch, upcast_dots_for)
 from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
@@ -326,24 +326,31 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
-def _arch(device: torch.device) -> int:
-    """The tile table's architecture for a launch on ``device`` (80 for CPU tensors under the interpreter)."""
-    if device.type != "cuda":
-        return 80
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+#: (kernel, fp32?, head-dim tile up to 128) -> tiles on sm_80 and on sm_90. Chosen from launch-specialized
+#: ahead-of-time compiles at CaM-HG's layer (B 32, T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128
+#: (bf16, fp16): no register spills, two pipeline stages (async copies) everywhere; see the README. On sm_90,
+#: 64-row tiles use wgmma; 32-row tiles fall back to mma.sync, still tensor cores.
+_TILE_TABLE = {
+    ("fwd", True, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
+    ("fwd", False, 64): {80: _Tiles(64, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
+    ("fwd", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
+    ("bwd_dq", True, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(64, 64, 8, 2)},
+    ("bwd_dq", False, 64): {80: _Tiles(64, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
+    ("bwd_dq", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
+    ("bwd_dkdv", True, 64): {80: _Tiles(32, 32, 4, 2), 90: _Tiles(32, 64, 4, 2)},
+    ("bwd_dkdv", False, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(32, 64, 4, 2)},
+    ("bwd_dkdv", False, 128): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(32, 64, 4, 2)},
+}
 
 
 def _tiles(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> _Tiles:
-    """Tile sizes and launch options of one kernel (``_KERNEL_NAMES``) for a dtype, head-dim tile and architecture.
-
-    Chosen from ahead-of-time compiles at the model and benchmark shapes (registers, spills, async copies; see the
-    README): no register spills on sm_80 and sm_90, at least two pipeline stages wherever tiles stream. 64 x 64
-    tiles compile ~3x faster than 128 x 64 (ahead-of-time compile time counts in CI); wide heads take smaller
-    tiles to fit shared memory."""
+    """Tile sizes and launch options of one kernel (``_KERNEL_NAMES``) for a dtype, head-dim tile and architecture
+    (``_ARCHS``). fp32 at D 128 takes its D 64 tiles. 256-wide heads (no measured target) take small tiles to fit
+    shared memory, fp32 in one stage (two would pass the 99 KB of sm_86/89)."""
     fp32 = dtype == torch.float32
     if block_d == 256:
-        return _Tiles(32, 32, 4, 2) if fp32 else _Tiles(64, 32, 4, 2)
-    return _Tiles(64, 64, 4, 2)
+        return _Tiles(32, 32, 4, 1) if fp32 else _Tiles(64, 32, 4, 2)
+    return _TILE_TABLE[(kernel, fp32, 64 if fp32 else block_d)][arch]
 
 
 @contextlib.contextmanager
@@ -359,7 +366,7 @@ def forced_tiles(block_m: int, block_n: int) -> Iterator[None]:
 
 
 def _launch_tiles(kernel: str, q: torch.Tensor, block_d: int) -> _Tiles:
-    tiles = _tiles(kernel, q.dtype, block_d, _arch(q.device))
+    tiles = _tiles(kernel, q.dtype, block_d, tile_arch(q.device))
     if _forced_tiles is not None:
         tiles = tiles._replace(block_m=_forced_tiles[0], block_n=_forced_tiles[1])
     return tiles
@@ -635,8 +642,10 @@ class BlockCausalMultiheadAttention(nn.Module):
     ``nn.MultiheadAttention(E, H, batch_first=True)``; that module given ``attn_mask=~block_causal_mask(T, G)``
     computes the same output.
 
-    forward(query, key=None, value=None, *, cu_seqlens=None): batch-first (B, T, E), or packed (total, E) with
-    ``cu_seqlens``; key defaults to query and value to key. Returns the attended output only (no weights).
+    forward(query, key=None, value=None, *, cu_seqlens=None, max_seqlen=None): batch-first (B, T, E), or packed
+    (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (the longest sequence: pass it with GPU offsets,
+    or the grid is sized by the packed length; see :func:`block_causal_attention_varlen`); key defaults to query
+    and value to key. Returns the attended output only (no weights).
     ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that runs a dense
     (non-fused) path, so leave it 0 where speed matters.
     """
@@ -661,7 +670,7 @@ class BlockCausalMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key=None, value=None, *, cu_seqlens=None):
+    def forward(self, query, key=None, value=None, *, cu_seqlens=None, max_seqlen=None):
         key = query if key is None else key
         value = key if value is None else value
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
@@ -680,7 +689,7 @@ class BlockCausalMultiheadAttention(nn.Module):
         elif cu_seqlens is None:
             out = block_causal_attention(q, k, v, group_size=self.group_size)
         else:
-            out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=self.group_size)
+            out = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, group_size=self.group_size)
         out = out.transpose(1, 2).flatten(-2) if cu_seqlens is None else out.flatten(-2)
         return self.out_proj(out)
 
@@ -689,7 +698,8 @@ class BlockCausalTransformerLayer(nn.Module):
     """Transformer layer over :class:`BlockCausalMultiheadAttention`: attention, GELU feed-forward, residuals and
     LayerNorm (post-norm, or pre-norm with ``norm_first``).
 
-    forward(x, context=None, *, cu_seqlens=None): x (B, T, d_model) or packed (total, d_model). Self-attention
+    forward(x, context=None, *, cu_seqlens=None, max_seqlen=None): x (B, T, d_model) or packed (total, d_model)
+    with ``cu_seqlens`` (and ``max_seqlen``, as in :class:`BlockCausalMultiheadAttention`). Self-attention
     when ``context`` is None; otherwise x's queries attend ``context``'s keys/values (same length: hyperedges
     attend nodes and back, CaM-HG eq. 10). ``dropout`` applies to the residual branches and inside the
     feed-forward, not to the attention weights, so training keeps the fused kernel.
@@ -705,15 +715,16 @@ class BlockCausalTransformerLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x, context=None, *, cu_seqlens=None):
+    def forward(self, x, context=None, *, cu_seqlens=None, max_seqlen=None):
+        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.norm_first:
             query = self.norm1(x)
             # keys/values from another sequence get the same pre-norm as the queries
             context = query if context is None else self.norm1(context)
-            x = x + self.dropout1(self.attn(query, context, context, cu_seqlens=cu_seqlens))
+            x = x + self.dropout1(self.attn(query, context, context, **packed))
             return x + self.dropout2(self.ff(self.norm2(x)))
         context = x if context is None else context
-        x = self.norm1(x + self.dropout1(self.attn(x, context, context, cu_seqlens=cu_seqlens)))
+        x = self.norm1(x + self.dropout1(self.attn(x, context, context, **packed)))
         return self.norm2(x + self.dropout2(self.ff(x)))
 
 
@@ -749,8 +760,11 @@ def aot_configurations():
             else:
                 signature[arg] = "i32"
         for dtype, type_name in _DTYPES.items():
-            precisions = FP32_DOT_PRECISIONS if dtype == torch.float32 else ("ieee",)
             for block_d in _HEAD_DIM_BLOCKS:
+                # IEEE fp32 (KERNELS_FP32_PRECISION=ieee) compiles up to ~110 s per kernel (D 128, sm_90): only
+                # D <= 64 is compiled ahead of time, wider heads compile on first use
+                ieee_too = dtype == torch.float32 and block_d == 64
+                precisions = FP32_DOT_PRECISIONS if ieee_too else ("tf32" if dtype == torch.float32 else "ieee",)
                 for tiles in dict.fromkeys(_tiles(name, dtype, block_d, arch) for arch in _ARCHS):
                     for precision in precisions:
                         constexprs = {"BM": tiles.block_m, "BN": tiles.block_n, "BD": block_d,
