@@ -272,20 +272,26 @@ def block_causal_attn_bwd_dkdv_kernel(
     for m0 in range(m_partial_start, seqlen, BM):
         o_m = m0 + o_i
         m_m = o_m < seqlen
+        # each tile is loaded in the orientation of each dot that reads it: a tile read transposed in registers
+        # (tl.trans) cannot stream through async copies; the second read of a tile hits L2
         b_qt = tl.load(p_q + o_i[None, :] * stride_qt + o_d[:, None], mask=m_d[:, None] & m_m[None, :],
                        other=0.)  # [BD, BM]
+        b_q = tl.load(p_q + o_i[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                      other=0.)  # [BM, BD]
         b_dot = tl.load(p_do + o_i[None, :] * stride_dot + o_d[:, None], mask=m_dv[:, None] & m_m[None, :],
                         other=0.)  # [BD, BM]
+        b_do = tl.load(p_do + o_i[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
+                       other=0.)  # [BM, BD]
         b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
         b_delta = tl.load(delta + o_m, mask=m_m, other=0.)
         b_pt = tl.exp2(dot_fp32acc(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
         if m0 < m_visible_start:
             m_allowed = (o_n[:, None] // G) <= (o_m[None, :] // G)
             b_pt = tl.where(m_allowed, b_pt, 0.)
-        b_dv += dot_fp32acc(b_pt.to(b_dot.dtype), tl.trans(b_dot), DOT_PRECISION, UPCAST_DOTS)
+        b_dv += dot_fp32acc(b_pt.to(b_do.dtype), b_do, DOT_PRECISION, UPCAST_DOTS)
         b_dpt = dot_fp32acc(b_v, b_dot, DOT_PRECISION, UPCAST_DOTS)  # [BN, BM]
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += dot_fp32acc(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOTS)
+        b_dk += dot_fp32acc(b_dst.to(b_q.dtype), b_q, DOT_PRECISION, UPCAST_DOTS)
         p_q += BM * stride_qt
         p_do += BM * stride_dot
 
@@ -339,7 +345,7 @@ _TILE_TABLE = {
     ("bwd_dq", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
     ("bwd_dkdv", True, 64): {80: _Tiles(32, 32, 4, 2), 90: _Tiles(32, 64, 4, 2)},
     ("bwd_dkdv", False, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(32, 64, 4, 2)},
-    ("bwd_dkdv", False, 128): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(32, 64, 4, 2)},
+    ("bwd_dkdv", False, 128): {80: _Tiles(32, 64, 8, 2), 90: _Tiles(32, 64, 4, 2)},
 }
 
 
