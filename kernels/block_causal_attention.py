@@ -316,7 +316,6 @@ class _Tiles(NamedTuple):
 #: head-dim tile widths the launchers choose from (D and Dv share one tile width, padded up and masked)
 _HEAD_DIM_BLOCKS = (64, 128, 256)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_KERNEL_NAMES = ("fwd", "bwd_dq", "bwd_dkdv")
 #: GPU architectures with their own tiles: sm_80 (Ampere; also taken by sm_86/89, within their smaller shared
 #: memory) and sm_90 (Hopper and newer)
 _ARCHS = (80, 90)
@@ -350,9 +349,10 @@ _TILE_TABLE = {
 
 
 def _tiles(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> _Tiles:
-    """Tile sizes and launch options of one kernel (``_KERNEL_NAMES``) for a dtype, head-dim tile and architecture
-    (``_ARCHS``). fp32 at D 128 takes its D 64 tiles. 256-wide heads (no measured target) take small tiles to fit
-    shared memory, fp32 in one stage (two would pass the 99 KB of sm_86/89)."""
+    """Tile sizes and launch options of one kernel (``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"``) for a dtype, head-dim
+    tile and architecture (``_ARCHS``). fp32 at D 128 takes its D 64 tiles. 256-wide heads (no measured target)
+    take small tiles to fit shared memory, fp32 in one stage (two stages of 32-row fp32 k and v tiles are 128 KB,
+    over the 99 KB of sm_86/89)."""
     fp32 = dtype == torch.float32
     if block_d == 256:
         return _Tiles(32, 32, 4, 1) if fp32 else _Tiles(64, 32, 4, 2)
