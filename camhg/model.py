@@ -32,7 +32,8 @@ class CaMHGOutput:
     logits: (B, L, C) class scores, C = 1 for the sentiment regressor; None in phase 2.
     restored: (B, L, 3, d) the generator's h_hat (eq. 6); None in phase 1 and without imputation.
     gate: (B, L, 3, d) sigma of eq. 7; None when the gate is not used.
-    aux_loss: the MoE router's load-balancing loss (1 when balanced), None without the MoE or in phase 1.
+    aux_loss: the MoE router's load-balancing loss over the valid utterances (1 when balanced), None without the
+    MoE or in phase 1.
     """
 
     logits: Optional[torch.Tensor]
@@ -227,7 +228,10 @@ class CaMHG(nn.Module):
             z = z[:, :, None].expand(b, l, NUM_MODALITIES, d)
             query = z + self.modality_embedding  # q = z_c + P_mod(m)
             if isinstance(self.generator, Top2MoE):  # eq. 5-6; the router's load-balancing loss rides along
-                generated, routing = self.generator(query, return_routing=True)
+                # padding (utterances with no observed modality: the data keeps one in every valid utterance)
+                # takes no part in routing or the load-balancing loss, and generates zeros
+                valid = present.any(dim=-1, keepdim=True).expand(b, l, NUM_MODALITIES)
+                generated, routing = self.generator(query, row_mask=valid, return_routing=True)
                 aux_loss = routing.aux_loss
             else:
                 generated = self.generator(query)

@@ -9,6 +9,7 @@ and keep bfloat16 tensor-core dots. Upcasting is exact: the bfloat16 products ar
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -30,6 +31,25 @@ def dot_fp32acc(a, b, INPUT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     return tl.dot(a, b, input_precision=INPUT_PRECISION)
 
 
+#: what ``KERNELS_FP32_PRECISION`` may say: see :func:`fp32_dot_precision`
+FP32_DOT_PRECISIONS = ("tf32", "ieee")
+
+
+def fp32_dot_precision() -> str:
+    """How the kernels multiply float32 tiles, from ``KERNELS_FP32_PRECISION`` (read at every launch):
+
+    - ``tf32`` (default): TF32 tensor cores, i.e. operands rounded to a 10-bit mantissa (relative error <= 2^-11
+      per product), products summed in float32, as torch does with ``torch.backends.cuda.matmul.allow_tf32``;
+    - ``ieee``: exact float32 products (CUDA-core FMAs, several times slower), as torch's default float32 matmul.
+
+    16-bit inputs always multiply exactly (bf16/fp16 tensor cores, float32 sums). The interpreter computes exactly
+    either way."""
+    value = os.environ.get("KERNELS_FP32_PRECISION", "tf32").strip().lower() or "tf32"
+    if value not in FP32_DOT_PRECISIONS:
+        raise ValueError(f"KERNELS_FP32_PRECISION must be one of {FP32_DOT_PRECISIONS}, got {value!r}")
+    return value
+
+
 def upcast_dots_for(dtype: torch.dtype) -> bool:
     """The ``UPCAST_DOTS`` constexpr for kernels whose dot operands have ``dtype``: True only for bfloat16 under
     Triton's interpreter."""
@@ -40,6 +60,14 @@ def launch_device_of(tensor: torch.Tensor):
     """Context that launches kernels on ``tensor``'s GPU, not the current one (tensors on cuda:1 while cuda:0 is
     current); a no-op for CPU tensors."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def tile_arch(device: torch.device) -> int:
+    """The architecture whose tile table a launch on ``device`` uses: 90 for sm_90 and newer, 80 below (sm_80/86/89)
+    and for CPU tensors under the interpreter."""
+    if device.type != "cuda":
+        return 80
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2, where the kernels put batch * heads

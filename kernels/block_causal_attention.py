@@ -21,7 +21,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
-from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._triton_helpers import (FP32_DOT_PRECISIONS, check_batch_heads, dot_fp32acc, fp32_dot_precision,
+                              launch_device_of, tile_arch, upcast_dots_for)
 from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
@@ -47,7 +48,10 @@ def _sequence_bounds(cu_seqlens, i_b, T, is_varlen):
     return bos, seqlen
 
 
-@triton.jit(do_not_specialize=["T", "H", "G", "D", "DV", "is_varlen"])  # no variant per runtime value 1
+# D and DV are left specializable: a head dim divisible by 16 (all real ones) lets the head-dim mask stay constant
+# over 16 lanes, so 16-bit tiles load as 16-byte vectors and stream through async copies (cp.async, TMA); with a
+# runtime-opaque D the mask split every 16-bit load to 2 bytes, which no async copy takes.
+@triton.jit(do_not_specialize=["T", "H", "G", "is_varlen"])  # no variant per runtime value 1
 def block_causal_attn_fwd_kernel(
     q, k, v, o, lse, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,
@@ -68,17 +72,21 @@ def block_causal_attn_fwd_kernel(
     if m0 >= seqlen:
         return
     m1 = tl.minimum(m0 + BM, seqlen)
-    q += i_b * stride_qb + bos * stride_qt + i_h * stride_qh
+    # int64 row offsets (row x stride may pass 2^31); offsets inside a tile stay int32
+    row0 = bos + m0
+    q += i_b * stride_qb + row0 * stride_qt + i_h * stride_qh
     k += i_b * stride_kb + bos * stride_kt + i_h * stride_kh
     v += i_b * stride_vb + bos * stride_vt + i_h * stride_vh
-    o += i_b * stride_ob + bos * stride_ot + i_h * stride_oh
-    lse += i_b * stride_lb + bos + i_h * stride_lh
+    o += i_b * stride_ob + row0 * stride_ot + i_h * stride_oh
+    lse += i_b * stride_lb + row0 + i_h * stride_lh
 
-    o_m = m0 + tl.arange(0, BM)
+    o_i = tl.arange(0, BM)  # rows of the tile
+    o_j = tl.arange(0, BN)  # keys of a key tile
+    o_m = m0 + o_i
     o_d = tl.arange(0, BD)
     m_m = o_m < seqlen
     m_d, m_dv = o_d < D, o_d < DV
-    b_q = tl.load(q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
+    b_q = tl.load(q + o_i[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 is the fast path
     b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_sum = tl.zeros([BM], dtype=tl.float32)
@@ -89,12 +97,13 @@ def block_causal_attn_fwd_kernel(
     n_hidden_start = tl.minimum(((m1 - 1) // G + 1) * G, seqlen)
     # one loop over visible and partial tiles (two loops compile ~1.5x slower): only partial tiles build a mask;
     # every row sees key 0, in the first tile, so b_max is finite after it and no row gets NaN
+    p_k, p_v = k, v  # the key tile's first row: 64-bit pointers advance, offsets inside a tile stay int32
     for n0 in range(0, n_hidden_start, BN):
-        o_n = n0 + tl.arange(0, BN)
+        o_n = n0 + o_j
         m_n = o_n < seqlen
-        b_kt = tl.load(k + o_n[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
                        other=0.)  # [BD, BN]
-        b_v = tl.load(v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :],
+        b_v = tl.load(p_v + o_j[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :],
                       other=0.)  # [BN, BD]
         b_s = dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale  # [BM, BN]
         if n0 >= n_visible_end:
@@ -106,29 +115,34 @@ def block_causal_attn_fwd_kernel(
         b_sum = b_sum * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None] + dot_fp32acc(b_p.to(b_v.dtype), b_v, DOT_PRECISION, UPCAST_DOTS)
         b_max = b_max_new
+        p_k += BN * stride_kt
+        p_v += BN * stride_vt
 
     b_o = b_acc / b_sum[:, None]
-    tl.store(o + o_m[:, None] * stride_ot + o_d[None, :], b_o.to(o.dtype.element_ty),
+    tl.store(o + o_i[:, None] * stride_ot + o_d[None, :], b_o.to(o.dtype.element_ty),
              mask=m_m[:, None] & m_dv[None, :])
-    tl.store(lse + o_m, (b_max + tl.log2(b_sum)) * 0.6931471805599453, mask=m_m)
+    tl.store(lse + o_i, (b_max + tl.log2(b_sum)) * 0.6931471805599453, mask=m_m)
 
 
-@triton.jit(do_not_specialize=["T", "H", "G", "D", "DV", "is_varlen"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=["T", "H", "G", "is_varlen", "need_dq"])  # no variant per runtime value 1
 def block_causal_attn_bwd_dq_kernel(
-    q, k, v, o, do, dq, lse, delta, cu_seqlens,
-    scale, T, H, G, D, DV, is_varlen,
+    q, k, v, do, dq, lse, delta, cu_seqlens,
+    scale, T, H, G, D, DV, is_varlen, need_dq,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
-    """One program per (query tile, batch * head): delta = rowsum(dO * O), stored for the dK/dV kernel, and
-    dQ = scale * sum_j P * (dP - delta) k_j over the tile's visible and partial key tiles."""
+    """One program per (query tile, batch * head): delta = sum_j P * dP per row, stored for the dK/dV kernel, then
+    (when need_dq) dQ = scale * sum_j P * (dP - delta) k_j over the tile's visible and partial key tiles.
+
+    delta is the sum of the very P and dP (fp32) that dS = P * (dP - delta) subtracts it from, not rowsum(dO * O):
+    O is rounded to the input dtype (and P to it before P @ V), and on peaked rows, where dP - delta nearly
+    cancels, that rounding swamped dS in bf16. It costs a first pass with two of the three dots per key tile."""
     i_m, i_bh = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     bos, seqlen = _sequence_bounds(cu_seqlens, i_b, T, is_varlen)
@@ -136,38 +150,58 @@ def block_causal_attn_bwd_dq_kernel(
     if m0 >= seqlen:
         return
     m1 = tl.minimum(m0 + BM, seqlen)
-    q += i_b * stride_qb + bos * stride_qt + i_h * stride_qh
+    row0 = bos + m0
+    q += i_b * stride_qb + row0 * stride_qt + i_h * stride_qh
     k += i_b * stride_kb + bos * stride_kt + i_h * stride_kh
     v += i_b * stride_vb + bos * stride_vt + i_h * stride_vh
-    o += i_b * stride_ob + bos * stride_ot + i_h * stride_oh
-    do += i_b * stride_dob + bos * stride_dot + i_h * stride_doh
-    dq += i_b * stride_dqb + bos * stride_dqt + i_h * stride_dqh
-    lse += i_b * stride_lb + bos + i_h * stride_lh
-    delta += i_b * stride_lb + bos + i_h * stride_lh
+    do += i_b * stride_dob + row0 * stride_dot + i_h * stride_doh
+    dq += i_b * stride_dqb + row0 * stride_dqt + i_h * stride_dqh
+    lse += i_b * stride_lb + row0 + i_h * stride_lh
+    delta += i_b * stride_lb + row0 + i_h * stride_lh
 
-    o_m = m0 + tl.arange(0, BM)
+    o_i = tl.arange(0, BM)
+    o_j = tl.arange(0, BN)
+    o_m = m0 + o_i
     o_d = tl.arange(0, BD)
     m_m = o_m < seqlen
     m_d, m_dv = o_d < D, o_d < DV
-    b_q = tl.load(q + o_m[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
-    b_do = tl.load(do + o_m[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
+    b_q = tl.load(q + o_i[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
+    b_do = tl.load(do + o_i[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
                    other=0.)  # [BM, BD]
-    b_o = tl.load(o + o_m[:, None] * stride_ot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :], other=0.)
-    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # [BM]
-    tl.store(delta + o_m, b_delta, mask=m_m)
     # +inf on rows past the end makes their probabilities exactly 0
-    b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
+    b_lse = tl.load(lse + o_i, mask=m_m, other=float("inf")) * 1.4426950408889634
     qk_scale = scale * 1.4426950408889634
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-
     n_visible_end = (tl.minimum((m0 // G + 1) * G, seqlen) // BN) * BN
     n_hidden_start = tl.minimum(((m1 - 1) // G + 1) * G, seqlen)
-    for n0 in range(0, n_hidden_start, BN):  # visible, then partial key tiles
-        o_n = n0 + tl.arange(0, BN)
+
+    b_delta = tl.zeros([BM], dtype=tl.float32)
+    p_k, p_v = k, v
+    for n0 in range(0, n_hidden_start, BN):  # first pass: delta
+        o_n = n0 + o_j
         m_n = o_n < seqlen
-        b_kt = tl.load(k + o_n[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
                        other=0.)  # [BD, BN]
-        b_vt = tl.load(v + o_n[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
+        b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
+                       other=0.)  # [BD, BN]
+        b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
+        if n0 >= n_visible_end:
+            m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
+            b_p = tl.where(m_allowed, b_p, 0.)
+        b_delta += tl.sum(b_p * dot_fp32acc(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS), 1)
+        p_k += BN * stride_kt
+        p_v += BN * stride_vt
+    tl.store(delta + o_i, b_delta, mask=m_m)
+    if need_dq == 0:  # only dK/dV asked for: they need delta alone
+        return
+
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    p_k, p_v = k, v
+    for n0 in range(0, n_hidden_start, BN):  # second pass: visible, then partial key tiles
+        o_n = n0 + o_j
+        m_n = o_n < seqlen
+        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+                       other=0.)  # [BD, BN]
+        b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
                        other=0.)  # [BD, BN]
         b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
         if n0 >= n_visible_end:
@@ -176,12 +210,14 @@ def block_causal_attn_bwd_dq_kernel(
         b_dp = dot_fp32acc(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += dot_fp32acc(b_ds.to(b_kt.dtype), tl.trans(b_kt), DOT_PRECISION, UPCAST_DOTS)
+        p_k += BN * stride_kt
+        p_v += BN * stride_vt
 
-    tl.store(dq + o_m[:, None] * stride_dqt + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+    tl.store(dq + o_i[:, None] * stride_dqt + o_d[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=m_m[:, None] & m_d[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "H", "G", "D", "DV", "is_varlen"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=["T", "H", "G", "is_varlen"])  # no variant per runtime value 1
 def block_causal_attn_bwd_dkdv_kernel(
     q, k, v, do, dk, dv, lse, delta, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,
@@ -204,21 +240,24 @@ def block_causal_attn_bwd_dkdv_kernel(
     if n0 >= seqlen:
         return
     n1 = tl.minimum(n0 + BN, seqlen)
+    row0 = bos + n0
     q += i_b * stride_qb + bos * stride_qt + i_h * stride_qh
-    k += i_b * stride_kb + bos * stride_kt + i_h * stride_kh
-    v += i_b * stride_vb + bos * stride_vt + i_h * stride_vh
+    k += i_b * stride_kb + row0 * stride_kt + i_h * stride_kh
+    v += i_b * stride_vb + row0 * stride_vt + i_h * stride_vh
     do += i_b * stride_dob + bos * stride_dot + i_h * stride_doh
-    dk += i_b * stride_dkb + bos * stride_dkt + i_h * stride_dkh
-    dv += i_b * stride_dvb + bos * stride_dvt + i_h * stride_dvh
+    dk += i_b * stride_dkb + row0 * stride_dkt + i_h * stride_dkh
+    dv += i_b * stride_dvb + row0 * stride_dvt + i_h * stride_dvh
     lse += i_b * stride_lb + bos + i_h * stride_lh
     delta += i_b * stride_lb + bos + i_h * stride_lh
 
-    o_n = n0 + tl.arange(0, BN)
+    o_j = tl.arange(0, BN)  # keys of the tile
+    o_i = tl.arange(0, BM)  # rows of a query tile
+    o_n = n0 + o_j
     o_d = tl.arange(0, BD)
     m_n = o_n < seqlen
     m_d, m_dv = o_d < D, o_d < DV
-    b_k = tl.load(k + o_n[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.)
-    b_v = tl.load(v + o_n[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.)
+    b_k = tl.load(k + o_j[:, None] * stride_kt + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.)
+    b_v = tl.load(v + o_j[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BD], dtype=tl.float32)
@@ -228,27 +267,37 @@ def block_causal_attn_bwd_dkdv_kernel(
     m_visible_start = tl.minimum(tl.cdiv(((n1 - 1) // G) * G, BM) * BM, seqlen)
     # partial, then visible query tiles. Past the end, q = dO = 0 and lse = +inf make a row's contribution
     # exactly 0, so visible tiles need no element mask
+    p_q = q + m_partial_start.to(tl.int64) * stride_qt  # 64-bit pointers advance, offsets in a tile stay int32
+    p_do = do + m_partial_start.to(tl.int64) * stride_dot
     for m0 in range(m_partial_start, seqlen, BM):
-        o_m = m0 + tl.arange(0, BM)
+        o_m = m0 + o_i
         m_m = o_m < seqlen
-        b_qt = tl.load(q + o_m[None, :] * stride_qt + o_d[:, None], mask=m_d[:, None] & m_m[None, :],
+        # each tile is loaded in the orientation of each dot that reads it: a tile read transposed in registers
+        # (tl.trans) cannot stream through async copies; the second read of a tile hits L2
+        b_qt = tl.load(p_q + o_i[None, :] * stride_qt + o_d[:, None], mask=m_d[:, None] & m_m[None, :],
                        other=0.)  # [BD, BM]
-        b_dot = tl.load(do + o_m[None, :] * stride_dot + o_d[:, None], mask=m_dv[:, None] & m_m[None, :],
+        b_q = tl.load(p_q + o_i[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                      other=0.)  # [BM, BD]
+        b_dot = tl.load(p_do + o_i[None, :] * stride_dot + o_d[:, None], mask=m_dv[:, None] & m_m[None, :],
                         other=0.)  # [BD, BM]
+        b_do = tl.load(p_do + o_i[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
+                       other=0.)  # [BM, BD]
         b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
         b_delta = tl.load(delta + o_m, mask=m_m, other=0.)
         b_pt = tl.exp2(dot_fp32acc(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
         if m0 < m_visible_start:
             m_allowed = (o_n[:, None] // G) <= (o_m[None, :] // G)
             b_pt = tl.where(m_allowed, b_pt, 0.)
-        b_dv += dot_fp32acc(b_pt.to(b_dot.dtype), tl.trans(b_dot), DOT_PRECISION, UPCAST_DOTS)
+        b_dv += dot_fp32acc(b_pt.to(b_do.dtype), b_do, DOT_PRECISION, UPCAST_DOTS)
         b_dpt = dot_fp32acc(b_v, b_dot, DOT_PRECISION, UPCAST_DOTS)  # [BN, BM]
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += dot_fp32acc(b_dst.to(b_qt.dtype), tl.trans(b_qt), DOT_PRECISION, UPCAST_DOTS)
+        b_dk += dot_fp32acc(b_dst.to(b_q.dtype), b_q, DOT_PRECISION, UPCAST_DOTS)
+        p_q += BM * stride_qt
+        p_do += BM * stride_dot
 
-    tl.store(dk + o_n[:, None] * stride_dkt + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+    tl.store(dk + o_j[:, None] * stride_dkt + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
-    tl.store(dv + o_n[:, None] * stride_dvt + o_d[None, :], b_dv.to(dv.dtype.element_ty),
+    tl.store(dv + o_j[:, None] * stride_dvt + o_d[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_n[:, None] & m_dv[None, :])
 
 
@@ -258,8 +307,8 @@ def block_causal_attn_bwd_dkdv_kernel(
 
 
 class _Tiles(NamedTuple):
-    block_m: int
-    block_n: int
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
     num_warps: int
     num_stages: int
 
@@ -267,6 +316,9 @@ class _Tiles(NamedTuple):
 #: head-dim tile widths the launchers choose from (D and Dv share one tile width, padded up and masked)
 _HEAD_DIM_BLOCKS = (64, 128, 256)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: GPU architectures with their own tiles: sm_80 (Ampere; also taken by sm_86/89, within their smaller shared
+#: memory) and sm_90 (Hopper and newer)
+_ARCHS = (80, 90)
 _forced_tiles: Optional[tuple[int, int]] = None
 
 
@@ -275,17 +327,36 @@ def _head_dim_block(d: int, dv: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 takes TF32 tensor cores (like cuBLAS with allow_tf32): tf32x3 and IEEE compiled ~2.5x and ~6x slower
-    # ahead of time (fwd, D 64, sm_90) and run slower; the interpreter computes exactly either way
-    return "tf32" if dtype == torch.float32 else "ieee"
+    """fp32 takes TF32 tensor cores by default (see ``fp32_dot_precision``); 16-bit inputs multiply exactly."""
+    return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
-def _tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
-    """Tile sizes and launch options, shared by the three kernels. 64 x 64 tiles compile ~3x faster than 128 x 64
-    (ahead-of-time compile time counts in CI); wide heads take smaller tiles to fit shared memory."""
+#: (kernel, fp32?, head-dim tile up to 128) -> tiles on sm_80 and on sm_90. Chosen from launch-specialized
+#: ahead-of-time compiles at CaM-HG's layer (B 32, T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128
+#: (bf16, fp16): no register spills, two pipeline stages (async copies) everywhere; see the README. On sm_90,
+#: 64-row tiles use wgmma; 32-row tiles fall back to mma.sync, still tensor cores.
+_TILE_TABLE = {
+    ("fwd", True, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
+    ("fwd", False, 64): {80: _Tiles(64, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
+    ("fwd", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
+    ("bwd_dq", True, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(64, 64, 8, 2)},
+    ("bwd_dq", False, 64): {80: _Tiles(64, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
+    ("bwd_dq", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
+    ("bwd_dkdv", True, 64): {80: _Tiles(32, 32, 4, 2), 90: _Tiles(32, 64, 4, 2)},
+    ("bwd_dkdv", False, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(32, 64, 4, 2)},
+    ("bwd_dkdv", False, 128): {80: _Tiles(32, 64, 8, 2), 90: _Tiles(32, 64, 4, 2)},
+}
+
+
+def _tiles(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> _Tiles:
+    """Tile sizes and launch options of one kernel (``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"``) for a dtype, head-dim
+    tile and architecture (``_ARCHS``). fp32 at D 128 takes its D 64 tiles. 256-wide heads (no measured target)
+    take small tiles to fit shared memory, fp32 in one stage (two stages of 32-row fp32 k and v tiles are 128 KB,
+    over the 99 KB of sm_86/89)."""
+    fp32 = dtype == torch.float32
     if block_d == 256:
-        return _Tiles(32, 32, 4, 1) if dtype == torch.float32 else _Tiles(64, 32, 4, 2)
-    return _Tiles(64, 64, 4, 2)
+        return _Tiles(32, 32, 4, 1) if fp32 else _Tiles(64, 32, 4, 2)
+    return _TILE_TABLE[(kernel, fp32, 64 if fp32 else block_d)][arch]
 
 
 @contextlib.contextmanager
@@ -300,8 +371,8 @@ def forced_tiles(block_m: int, block_n: int) -> Iterator[None]:
         _forced_tiles = previous
 
 
-def _launch_tiles(dtype: torch.dtype, block_d: int) -> _Tiles:
-    tiles = _tiles(dtype, block_d)
+def _launch_tiles(kernel: str, q: torch.Tensor, block_d: int) -> _Tiles:
+    tiles = _tiles(kernel, q.dtype, block_d, tile_arch(q.device))
     if _forced_tiles is not None:
         tiles = tiles._replace(block_m=_forced_tiles[0], block_n=_forced_tiles[1])
     return tiles
@@ -344,7 +415,7 @@ def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale:
     varlen = layout.varlen
     d, dv = q.shape[-1], v.shape[-1]
     block_d = _head_dim_block(d, dv)
-    tiles = _launch_tiles(q.dtype, block_d)
+    tiles = _launch_tiles("fwd", q, block_d)
     o = torch.empty_like(v)
     lse = torch.empty(layout.lse_shape(), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(layout.max_seqlen, tiles.block_m), layout.batch * layout.heads)
@@ -360,27 +431,34 @@ def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale:
     return o, lse
 
 
-def block_causal_attention_bwd(q, k, v, o, lse, do, layout: _Layout, group_size: int, scale: float):
-    """(dq, dk, dv). The dQ kernel also writes delta = rowsum(dO * O), which the dK/dV kernel then reads."""
+def block_causal_attention_bwd(q, k, v, lse, do, layout: _Layout, group_size: int, scale: float, *,
+                               need_dq: bool = True, need_dkdv: bool = True):
+    """(dq, dk, dv), None where not needed. The dQ kernel always runs: it writes delta = rowsum(P * dP), which
+    the dK/dV kernel reads; with ``need_dq=False`` it stops there. ``need_dkdv=False`` skips the dK/dV kernel."""
     varlen = layout.varlen
     (do,) = _unit_stride_last_dim(do)
     d, dv_dim = q.shape[-1], v.shape[-1]
     block_d = _head_dim_block(d, dv_dim)
     precision = _dot_precision(q.dtype)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q) if need_dq else None
     delta = torch.empty_like(lse)
     common = (scale, layout.rows, layout.heads, group_size, d, dv_dim, int(varlen))
 
-    tiles = _launch_tiles(q.dtype, block_d)
+    tiles = _launch_tiles("bwd_dq", q, block_d)
     grid = (triton.cdiv(layout.max_seqlen, tiles.block_m), layout.batch * layout.heads)
+    dq_or_q = q if dq is None else dq  # an unwritten stand-in when dq is not needed
     block_causal_attn_bwd_dq_kernel[grid](
-        q, k, v, o, do, dq, lse, delta, layout.cu_seqlens, *common,
-        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
-        *_bth_strides(do, varlen), *_bth_strides(dq, varlen), *layout.lse_strides(),
+        q, k, v, do, dq_or_q, lse, delta, layout.cu_seqlens, *common, int(need_dq),
+        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
+        *_bth_strides(do, varlen), *_bth_strides(dq_or_q, varlen), *layout.lse_strides(),
         BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
         DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if not need_dkdv:
+        return dq, None, None
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    tiles = _launch_tiles("bwd_dkdv", q, block_d)
     grid = (triton.cdiv(layout.max_seqlen, tiles.block_n), layout.batch * layout.heads)
     block_causal_attn_bwd_dkdv_kernel[grid](
         q, k, v, do, dk, dv, lse, delta, layout.cu_seqlens, *common,
@@ -394,24 +472,28 @@ def block_causal_attention_bwd(q, k, v, o, lse, do, layout: _Layout, group_size:
 
 
 class BlockCausalAttentionFunction(torch.autograd.Function):
-    """Autograd over the Triton kernels; saves q, k, v, o and the log-sum-exp (never the T x T matrix)."""
+    """Autograd over the Triton kernels; saves q, k, v and the log-sum-exp (never o, nor the T x T matrix).
+    The backward computes only the gradients asked for: no dQ pass without q's, no dK/dV kernel without k's
+    and v's (dV alone still computes dK alongside)."""
 
     @staticmethod
     def forward(ctx, q, k, v, layout: _Layout, group_size: int, scale: float):
         q, k, v = _unit_stride_last_dim(q, k, v)
         with launch_device_of(q):
             o, lse = block_causal_attention_fwd(q, k, v, layout, group_size, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, lse)
         ctx.layout, ctx.group_size, ctx.scale = layout, group_size, scale
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, lse = ctx.saved_tensors
+        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
         with launch_device_of(q):
-            dq, dk, dv = block_causal_attention_bwd(q, k, v, o, lse, do, ctx.layout, ctx.group_size, ctx.scale)
-        return dq, dk, dv, None, None, None
+            dq, dk, dv = block_causal_attention_bwd(q, k, v, lse, do, ctx.layout, ctx.group_size, ctx.scale,
+                                                    need_dq=need_dq, need_dkdv=need_dk or need_dv)
+        return dq, dk if need_dk else None, dv if need_dv else None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -566,8 +648,10 @@ class BlockCausalMultiheadAttention(nn.Module):
     ``nn.MultiheadAttention(E, H, batch_first=True)``; that module given ``attn_mask=~block_causal_mask(T, G)``
     computes the same output.
 
-    forward(query, key=None, value=None, *, cu_seqlens=None): batch-first (B, T, E), or packed (total, E) with
-    ``cu_seqlens``; key defaults to query and value to key. Returns the attended output only (no weights).
+    forward(query, key=None, value=None, *, cu_seqlens=None, max_seqlen=None): batch-first (B, T, E), or packed
+    (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (the longest sequence: pass it with GPU offsets,
+    or the grid is sized by the packed length; see :func:`block_causal_attention_varlen`); key defaults to query
+    and value to key. Returns the attended output only (no weights).
     ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that runs a dense
     (non-fused) path, so leave it 0 where speed matters.
     """
@@ -592,7 +676,7 @@ class BlockCausalMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key=None, value=None, *, cu_seqlens=None):
+    def forward(self, query, key=None, value=None, *, cu_seqlens=None, max_seqlen=None):
         key = query if key is None else key
         value = key if value is None else value
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
@@ -611,7 +695,7 @@ class BlockCausalMultiheadAttention(nn.Module):
         elif cu_seqlens is None:
             out = block_causal_attention(q, k, v, group_size=self.group_size)
         else:
-            out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=self.group_size)
+            out = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, group_size=self.group_size)
         out = out.transpose(1, 2).flatten(-2) if cu_seqlens is None else out.flatten(-2)
         return self.out_proj(out)
 
@@ -620,7 +704,8 @@ class BlockCausalTransformerLayer(nn.Module):
     """Transformer layer over :class:`BlockCausalMultiheadAttention`: attention, GELU feed-forward, residuals and
     LayerNorm (post-norm, or pre-norm with ``norm_first``).
 
-    forward(x, context=None, *, cu_seqlens=None): x (B, T, d_model) or packed (total, d_model). Self-attention
+    forward(x, context=None, *, cu_seqlens=None, max_seqlen=None): x (B, T, d_model) or packed (total, d_model)
+    with ``cu_seqlens`` (and ``max_seqlen``, as in :class:`BlockCausalMultiheadAttention`). Self-attention
     when ``context`` is None; otherwise x's queries attend ``context``'s keys/values (same length: hyperedges
     attend nodes and back, CaM-HG eq. 10). ``dropout`` applies to the residual branches and inside the
     feed-forward, not to the attention weights, so training keeps the fused kernel.
@@ -636,15 +721,16 @@ class BlockCausalTransformerLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x, context=None, *, cu_seqlens=None):
+    def forward(self, x, context=None, *, cu_seqlens=None, max_seqlen=None):
+        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if self.norm_first:
             query = self.norm1(x)
             # keys/values from another sequence get the same pre-norm as the queries
             context = query if context is None else self.norm1(context)
-            x = x + self.dropout1(self.attn(query, context, context, cu_seqlens=cu_seqlens))
+            x = x + self.dropout1(self.attn(query, context, context, **packed))
             return x + self.dropout2(self.ff(self.norm2(x)))
         context = x if context is None else context
-        x = self.norm1(x + self.dropout1(self.attn(x, context, context, cu_seqlens=cu_seqlens)))
+        x = self.norm1(x + self.dropout1(self.attn(x, context, context, **packed)))
         return self.norm2(x + self.dropout2(self.ff(x)))
 
 
@@ -654,35 +740,43 @@ class BlockCausalTransformerLayer(nn.Module):
 
 
 def aot_configurations():
-    """Every (kernel, dtype, head-dim tile) the launchers choose, with its tile sizes and launch options."""
+    """Every (kernel, dtype, head-dim tile, fp32 dot precision, tiles) the launchers can choose on any architecture
+    (a configuration two architectures share is listed once)."""
     from .aot import AotConfig
 
     kernels = {
         "fwd": (block_causal_attn_fwd_kernel, ("q", "k", "v", "o"), ("lse",)),
-        "bwd_dq": (block_causal_attn_bwd_dq_kernel, ("q", "k", "v", "o", "do", "dq"), ("lse", "delta")),
+        "bwd_dq": (block_causal_attn_bwd_dq_kernel, ("q", "k", "v", "do", "dq"), ("lse", "delta")),
         "bwd_dkdv": (block_causal_attn_bwd_dkdv_kernel, ("q", "k", "v", "do", "dk", "dv"), ("lse", "delta")),
     }
     configs = []
     for name, (kernel, tensors, fp32_tensors) in kernels.items():
+        signature = {}
+        for arg in kernel.arg_names:
+            if arg in tensors:
+                signature[arg] = "*{dtype}"
+            elif arg in fp32_tensors:
+                signature[arg] = "*fp32"
+            elif arg == "cu_seqlens":
+                signature[arg] = "*i32"
+            elif arg == "scale":
+                signature[arg] = "fp32"
+            elif arg in ("BM", "BN", "BD", "DOT_PRECISION", "UPCAST_DOTS"):
+                signature[arg] = "constexpr"
+            else:
+                signature[arg] = "i32"
         for dtype, type_name in _DTYPES.items():
             for block_d in _HEAD_DIM_BLOCKS:
-                tiles = _tiles(dtype, block_d)
-                signature = {}
-                for arg in kernel.arg_names:
-                    if arg in tensors:
-                        signature[arg] = f"*{type_name}"
-                    elif arg in fp32_tensors:
-                        signature[arg] = "*fp32"
-                    elif arg == "cu_seqlens":
-                        signature[arg] = "*i32"
-                    elif arg == "scale":
-                        signature[arg] = "fp32"
-                    elif arg in ("BM", "BN", "BD", "DOT_PRECISION", "UPCAST_DOTS"):
-                        signature[arg] = "constexpr"
-                    else:
-                        signature[arg] = "i32"
-                constexprs = {"BM": tiles.block_m, "BN": tiles.block_n, "BD": block_d,
-                              "DOT_PRECISION": _dot_precision(dtype), "UPCAST_DOTS": False}
-                configs.append(AotConfig(f"{name}-{type_name}-d{block_d}", kernel, signature, constexprs,
-                                         tiles.num_warps, tiles.num_stages))
+                # IEEE fp32 (KERNELS_FP32_PRECISION=ieee) compiles up to ~110 s per kernel (D 128, sm_90): only
+                # D <= 64 is compiled ahead of time, wider heads compile on first use
+                ieee_too = dtype == torch.float32 and block_d == 64
+                precisions = FP32_DOT_PRECISIONS if ieee_too else ("tf32" if dtype == torch.float32 else "ieee",)
+                for tiles in dict.fromkeys(_tiles(name, dtype, block_d, arch) for arch in _ARCHS):
+                    for precision in precisions:
+                        constexprs = {"BM": tiles.block_m, "BN": tiles.block_n, "BD": block_d,
+                                      "DOT_PRECISION": precision, "UPCAST_DOTS": False}
+                        label = (f"{name}-{type_name}-d{block_d}-{precision}-m{tiles.block_m}n{tiles.block_n}"
+                                 f"w{tiles.num_warps}s{tiles.num_stages}")
+                        typed = {arg: kind.format(dtype=type_name) for arg, kind in signature.items()}
+                        configs.append(AotConfig(label, kernel, typed, constexprs, tiles.num_warps, tiles.num_stages))
     return configs

@@ -26,7 +26,12 @@ of that expert's pairs: deterministic), and ``_moe_router_grad_kernel`` for the 
 The gate matmuls (N x d x E with E <= 64, a few percent of the experts' work) use torch: ``dx += dlogits @ gate``
 and ``dgate = dlogits^T @ x`` are plain dense GEMMs that cuBLAS already runs at its best.
 
-Float32 inputs use IEEE float32 products in ``tl.dot`` (torch's default for float32 matmul), not TF32.
+``row_mask`` (N,) bool leaves rows out (padding): their pairs get expert -1, which the stable sort puts before
+every expert's pairs, so no GEMM tile, weight gradient or load-balancing term sees them; they output zeros and
+get zero gradients.
+
+Float32 inputs multiply on TF32 tensor cores by default; ``KERNELS_FP32_PRECISION=ieee`` selects exact float32
+products (see ``kernels._triton_helpers.fp32_dot_precision``).
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
-from ._triton_helpers import dot_fp32acc, launch_device_of, upcast_dots_for
+from ._triton_helpers import (FP32_DOT_PRECISIONS, dot_fp32acc, fp32_dot_precision, launch_device_of, tile_arch,
+                              upcast_dots_for)
 from .backend import use_triton
 
 #: the router kernel holds all logits of a row in one [BM, MAX_EXPERTS] tile
@@ -51,11 +57,14 @@ MAX_EXPERTS = 64
 class MoERouting(NamedTuple):
     """What the router chose, returned by ``moe_top2(..., return_routing=True)``.
 
-    experts: (N, 2) long, each row's two experts, the higher logit first (ties: the lower index first).
-    weights: (N, 2) float32, softmax over the two chosen logits (differentiable through the gate).
+    experts: (N, 2) long, each row's two experts, the higher logit first (ties: the lower index first); -1 on
+    rows that ``row_mask`` leaves out.
+    weights: (N, 2) float32, softmax over the two chosen logits (differentiable through the gate); 0 on rows left
+    out.
     aux_loss: scalar float32, the Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``, with f_e the
-    fraction of the 2N routed (row, expert) pairs that go to expert e and P_e the mean over rows of the
-    softmax over ALL E logits. It is 1 for a perfectly balanced router and up to E / 2 when two experts take
+    fraction of the 2N' routed (row, expert) pairs that go to expert e and P_e the mean over rows of the
+    softmax over ALL E logits, both over the N' rows that ``row_mask`` keeps (all rows without a mask; 0 when
+    it keeps none). It is 1 for a perfectly balanced router and up to E / 2 when two experts take
     every row; add ``coefficient * aux_loss`` to the training loss (gradient flows through P_e only).
     """
 
@@ -81,11 +90,19 @@ class MoETiles(NamedTuple):
     num_stages: int
 
 
-#: tile sizes per dtype; tests replace this mapping with tiny tiles to exercise several and partial tiles
+#: tile sizes per (architecture, dtype) (architectures: ``tile_arch``); tests replace this mapping with tiny tiles
+#: to exercise several and partial tiles. Chosen from launch-specialized ahead-of-time compiles at N 3,520,
+#: d = h = 512, E 4 (see the README): no register spills, async copies in every streaming kernel; 16-bit tiles take
+#: 8 warps (with 4 the weight-gradient kernel spilled on sm_80 and the grouped GEMM sat at 255 registers). Both
+#: architectures measured best with the same tiles today; the table keeps them apart for tuning.
 TILES = {
-    torch.float16: MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=4, num_stages=3),
-    torch.bfloat16: MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=4, num_stages=3),
-    torch.float32: MoETiles(block_m=64, block_n=64, block_k=32, block_rows=16, num_warps=4, num_stages=2),
+    (arch, dtype): tiles
+    for arch in (80, 90)
+    for dtype, tiles in (
+        (torch.float16, MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=8, num_stages=3)),
+        (torch.bfloat16, MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=8, num_stages=3)),
+        (torch.float32, MoETiles(block_m=64, block_n=64, block_k=32, block_rows=16, num_warps=4, num_stages=2)),
+    )
 }
 
 
@@ -105,14 +122,16 @@ def _gelu_grad(b_x):
     return 0.5 * (1.0 + tl.math.erf(b_x * 0.7071067811865476)) + b_x * 0.3989422804014327 * tl.exp(-0.5 * b_x * b_x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_row_mask"])
 def _moe_route_kernel(
-    x, gate, logits, experts, alpha,
+    x, gate, logits, experts, alpha, row_mask,
     N, D, E,
     stride_xn, stride_xd, stride_ge, stride_gd,
+    has_row_mask,
     BM: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
-    """Rows [i_m * BM, ...): logits (N, E) fp32, top-2 experts (N, 2) int64, softmax weights (N, 2) fp32."""
+    """Rows [i_m * BM, ...): logits (N, E) fp32, top-2 experts (N, 2) int64, softmax weights (N, 2) fp32.
+    With has_row_mask, rows whose row_mask (N,) uint8 is 0 get experts -1 and weights 0."""
     i_m = tl.program_id(0)
     o_m = i_m * BM + tl.arange(0, BM)
     o_e = tl.arange(0, BE)
@@ -140,6 +159,10 @@ def _moe_route_kernel(
     b_ratio = tl.exp(b_top2 - b_top1)
     b_alpha1 = 1.0 / (1.0 + b_ratio)
     b_alpha2 = b_ratio / (1.0 + b_ratio)
+    if has_row_mask != 0:  # rows left out: expert -1 (sorted before every expert's pairs), weight 0
+        b_keep = tl.load(row_mask + o_m, mask=m_m, other=0) != 0
+        b_first, b_second = tl.where(b_keep, b_first, -1), tl.where(b_keep, b_second, -1)
+        b_alpha1, b_alpha2 = tl.where(b_keep, b_alpha1, 0.0), tl.where(b_keep, b_alpha2, 0.0)
     o_pair = o_m.to(tl.int64) * 2
     tl.store(experts + o_pair, b_first.to(tl.int64), mask=m_m)
     tl.store(experts + o_pair + 1, b_second.to(tl.int64), mask=m_m)
@@ -266,21 +289,23 @@ def _moe_grouped_wgrad_kernel(
 
 @triton.jit(do_not_specialize=["weighted"])
 def _moe_combine_kernel(
-    src, pair_position, alpha, out,
+    src, pair_position, alpha, expert_offsets, out,
     N, C,
     stride_sm, stride_sc, stride_on, stride_oc,
     weighted,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """out[n] = w_1 * src[pos(n, 1)] + w_2 * src[pos(n, 2)], w = alpha[n] if weighted else 1 (a gather, no atomics)."""
+    """out[n] = w_1 * src[pos(n, 1)] + w_2 * src[pos(n, 2)], w = alpha[n] if weighted else 1 (a gather, no atomics).
+    Rows left out by the row mask (their pairs sort before expert_offsets[0]) read nothing and output 0."""
     i_m, i_n = tl.program_id(0), tl.program_id(1)
     o_m = i_m * BM + tl.arange(0, BM)
     o_n = i_n * BN + tl.arange(0, BN)
-    m_m = o_m < N
-    m_c = m_m[:, None] & (o_n < C)[None, :]
     o_pair = o_m.to(tl.int64) * 2
-    o_first = tl.load(pair_position + o_pair, mask=m_m, other=0)
-    o_second = tl.load(pair_position + o_pair + 1, mask=m_m, other=0)
+    o_first = tl.load(pair_position + o_pair, mask=o_m < N, other=0)
+    o_second = tl.load(pair_position + o_pair + 1, mask=o_m < N, other=0)
+    # a row's two pairs are left out together
+    m_m = (o_m < N) & (o_first >= tl.load(expert_offsets))
+    m_c = m_m[:, None] & (o_n < C)[None, :]
     b_first = tl.load(src + o_first[:, None] * stride_sm + o_n[None, :] * stride_sc, mask=m_c, other=0.0)
     b_second = tl.load(src + o_second[:, None] * stride_sm + o_n[None, :] * stride_sc, mask=m_c, other=0.0)
     b_first = b_first.to(tl.float32)  # [BM, BN]
@@ -289,23 +314,24 @@ def _moe_combine_kernel(
         b_first *= tl.load(alpha + o_pair, mask=m_m, other=0.0)[:, None]
         b_second *= tl.load(alpha + o_pair + 1, mask=m_m, other=0.0)[:, None]
     p_out = out + o_m[:, None].to(tl.int64) * stride_on + o_n[None, :] * stride_oc
-    tl.store(p_out, (b_first + b_second).to(out.dtype.element_ty), mask=m_c)
+    tl.store(p_out, (b_first + b_second).to(out.dtype.element_ty), mask=(o_m < N)[:, None] & (o_n < C)[None, :])
 
 
 @triton.jit
 def _moe_router_grad_kernel(
-    dy, y_pairs, pair_position, alpha, d_top,
+    dy, y_pairs, pair_position, alpha, expert_offsets, d_top,
     N, C,
     stride_dn, stride_dc, stride_ym, stride_yc,
     BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """d_top[n, k] = d logit of row n's k-th expert = alpha_k * (g_k - sum_l alpha_l g_l), g_k = dy[n] . Y_k[n]."""
+    """d_top[n, k] = d logit of row n's k-th expert = alpha_k * (g_k - sum_l alpha_l g_l), g_k = dy[n] . Y_k[n];
+    0 on rows left out by the row mask (pairs before expert_offsets[0])."""
     i_m = tl.program_id(0)
     o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < N
     o_pair = o_m.to(tl.int64) * 2
-    o_first = tl.load(pair_position + o_pair, mask=m_m, other=0)
-    o_second = tl.load(pair_position + o_pair + 1, mask=m_m, other=0)
+    o_first = tl.load(pair_position + o_pair, mask=o_m < N, other=0)
+    o_second = tl.load(pair_position + o_pair + 1, mask=o_m < N, other=0)
+    m_m = (o_m < N) & (o_first >= tl.load(expert_offsets))
     b_g1 = tl.zeros([BM], dtype=tl.float32)
     b_g2 = tl.zeros([BM], dtype=tl.float32)
     for c0 in range(0, C, BN):
@@ -321,8 +347,8 @@ def _moe_router_grad_kernel(
     b_alpha2 = tl.load(alpha + o_pair + 1, mask=m_m, other=0.0)
     # with two experts, alpha_1 (g_1 - alpha_1 g_1 - alpha_2 g_2) = alpha_1 alpha_2 (g_1 - g_2) = -d_top[n, 2]
     b_d = b_alpha1 * b_alpha2 * (b_g1 - b_g2)
-    tl.store(d_top + o_pair, b_d, mask=m_m)
-    tl.store(d_top + o_pair + 1, -b_d, mask=m_m)
+    tl.store(d_top + o_pair, b_d, mask=o_m < N)
+    tl.store(d_top + o_pair + 1, -b_d, mask=o_m < N)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,28 +357,39 @@ def _moe_router_grad_kernel(
 
 
 def _dot_options(dtype):
-    """float32: IEEE products like torch's float32 matmul (TF32 would lose ~3 digits); see _triton_helpers for
-    UPCAST_DOTS (the interpreter's bfloat16 dot workaround, never on a GPU)."""
-    return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST_DOTS=upcast_dots_for(dtype))
+    """float32: TF32 tensor cores unless ``KERNELS_FP32_PRECISION=ieee`` (``fp32_dot_precision``); 16-bit inputs
+    multiply exactly. See _triton_helpers for UPCAST_DOTS (the interpreter's bfloat16 dot workaround, never on a
+    GPU)."""
+    precision = fp32_dot_precision() if dtype == torch.float32 else "ieee"
+    return dict(DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(dtype))
 
 
-def _route(x, gate_weight, tiles):
-    """logits (N, E) fp32, experts (N, 2) int64, alpha (N, 2) fp32."""
+def _launch_tiles(x):
+    return TILES[(tile_arch(x.device), x.dtype)]
+
+
+def _route(x, gate_weight, row_mask, tiles):
+    """logits (N, E) fp32, experts (N, 2) int64, alpha (N, 2) fp32; experts -1 and alpha 0 where row_mask is
+    False (row_mask: (N,) bool or None)."""
     n, d = x.shape
     e = gate_weight.shape[0]
     logits = torch.empty(n, e, device=x.device, dtype=torch.float32)
     experts = torch.empty(n, 2, device=x.device, dtype=torch.int64)
     alpha = torch.empty(n, 2, device=x.device, dtype=torch.float32)
+    # uint8, as the kernel reads it; a one-element stand-in when there is no mask
+    mask_bytes = x.new_ones(1, dtype=torch.uint8) if row_mask is None else row_mask.to(torch.uint8)
     _moe_route_kernel[(triton.cdiv(n, tiles.block_m),)](
-        x, gate_weight, logits, experts, alpha, n, d, e,
-        x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1),
-        BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **_dot_options(x.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        x, gate_weight, logits, experts, alpha, mask_bytes, n, d, e,
+        x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1), int(row_mask is not None),
+        BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **_dot_options(x.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return logits, experts, alpha
 
 
 class _PairGroups(NamedTuple):
-    """The 2N (row, slot) pairs sorted by expert; pair q = 2 * row + slot."""
+    """The 2N (row, slot) pairs sorted by expert; pair q = 2 * row + slot. Pairs of rows left out (expert -1)
+    come first, in positions [0, offsets[0])."""
 
     sorted_pairs: torch.Tensor  # (2N,) int64: the pair at each sorted position (stable: row order per expert)
     expert_offsets: torch.Tensor  # (E + 1,) int64: expert e owns sorted positions [offsets[e], offsets[e + 1])
@@ -419,7 +456,7 @@ def _combine(src, groups, alpha, *, weighted, tiles):
     out = torch.empty(n, c, device=src.device, dtype=src.dtype)
     grid = (triton.cdiv(n, tiles.block_rows), triton.cdiv(c, tiles.block_n))
     _moe_combine_kernel[grid](
-        src, groups.pair_position, alpha, out, n, c,
+        src, groups.pair_position, alpha, groups.expert_offsets, out, n, c,
         src.stride(0), src.stride(1), out.stride(0), out.stride(1),
         int(weighted), BM=tiles.block_rows, BN=tiles.block_n, num_warps=tiles.num_warps, num_stages=1,
     )
@@ -431,7 +468,7 @@ def _router_grad(dy, y_pairs, groups, alpha, tiles):
     n, c = dy.shape
     d_top = torch.empty(n, 2, device=dy.device, dtype=torch.float32)
     _moe_router_grad_kernel[(triton.cdiv(n, tiles.block_rows),)](
-        dy, y_pairs, groups.pair_position, alpha, d_top, n, c,
+        dy, y_pairs, groups.pair_position, alpha, groups.expert_offsets, d_top, n, c,
         dy.stride(0), dy.stride(1), y_pairs.stride(0), y_pairs.stride(1),
         BM=tiles.block_rows, BN=tiles.block_n, num_warps=tiles.num_warps, num_stages=1,
     )
@@ -439,21 +476,22 @@ def _router_grad(dy, y_pairs, groups, alpha, tiles):
 
 
 class _MoETop2Function(torch.autograd.Function):
-    """(x, gate_weight, w1, b1, w2, b2) -> (y, logits, experts); logits carry the aux loss's gradient back."""
+    """(x, gate_weight, w1, b1, w2, b2, row_mask) -> (y, logits, experts); logits carry the aux loss's gradient
+    back. row_mask: (N,) bool or None (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, gate_weight, w1, b1, w2, b2):
+    def forward(ctx, x, gate_weight, w1, b1, w2, b2, row_mask):
         with launch_device_of(x):
-            return _MoETop2Function._forward(ctx, x, gate_weight, w1, b1, w2, b2)
+            return _MoETop2Function._forward(ctx, x, gate_weight, w1, b1, w2, b2, row_mask)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, d_logits, _d_experts):
         with launch_device_of(dy):
-            return _MoETop2Function._backward(ctx, dy, d_logits)
+            return (*_MoETop2Function._backward(ctx, dy, d_logits), None)
 
     @staticmethod
-    def _forward(ctx, x, gate_weight, w1, b1, w2, b2):
+    def _forward(ctx, x, gate_weight, w1, b1, w2, b2, row_mask):
         n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
         ctx.empty = n == 0
         if ctx.empty:  # nothing to route; the backward returns zero gradients
@@ -462,8 +500,8 @@ class _MoETop2Function(torch.autograd.Function):
             ctx.mark_non_differentiable(experts)
             logits = torch.zeros(0, num_experts, device=x.device, dtype=torch.float32)
             return x.new_zeros(0, d_out), logits, experts
-        tiles = TILES[x.dtype]
-        logits, experts, alpha = _route(x, gate_weight, tiles)
+        tiles = _launch_tiles(x)
+        logits, experts, alpha = _route(x, gate_weight, row_mask, tiles)
         groups = _group_pairs(experts, num_experts)
         pair_alpha = alpha.reshape(-1)
         h_act, h_pre = _grouped_matmul(x, groups, w1, pair_alpha, gather_a=True, bias=b1, epilogue=1, tiles=tiles)
@@ -480,14 +518,15 @@ class _MoETop2Function(torch.autograd.Function):
         x, gate_weight, w1, w2, experts, alpha, *group_tensors, h_pre, h_act, y_pairs = ctx.saved_tensors
         groups = _PairGroups(*group_tensors)
         num_experts = gate_weight.shape[0]
-        need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        tiles = TILES[x.dtype]
+        need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        tiles = _launch_tiles(x)
         pair_alpha = alpha.reshape(-1)
         dx = d_gate = dw1 = db1 = dw2 = db2 = None
 
         d_top = _router_grad(dy, y_pairs, groups, alpha, tiles)
-        # gradient of all E logits: the two chosen ones from the combine, plus what the aux loss sent back
-        d_logits = d_logits.float().scatter_add(1, experts, d_top)
+        # gradient of all E logits: the two chosen ones from the combine, plus what the aux loss sent back (rows
+        # left out have d_top = 0 and expert -1, clamped to a valid index)
+        d_logits = d_logits.float().scatter_add(1, experts.clamp(min=0), d_top)
         if need_gate:
             d_gate = (d_logits.t().to(x.dtype) @ x).to(gate_weight.dtype)
         if need_x or need_w1 or need_b1:
@@ -531,25 +570,37 @@ def _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes):
                              f"got {tuple(value.shape)}")
 
 
-def _routing_summary(logits, experts):
-    """MoERouting from the (N, E) float logits and the (N, 2) chosen experts; see MoERouting for the aux loss."""
+def _routing_summary(logits, experts, row_mask=None):
+    """MoERouting from the (N, E) float logits and the (N, 2) chosen experts (-1 on rows that the (N,) bool
+    row_mask leaves out); see MoERouting for the aux loss. No host sync."""
     n, num_experts = logits.shape
-    weights = logits.gather(1, experts).softmax(dim=-1)
+    weights = logits.gather(1, experts.clamp(min=0)).softmax(dim=-1)
+    probabilities = logits.softmax(dim=-1)
     pair_counts = torch.zeros(num_experts, device=logits.device, dtype=torch.int64)
-    pair_counts.scatter_add_(0, experts.reshape(-1), torch.ones_like(experts.reshape(-1)))
-    fraction_routed = pair_counts.to(logits.dtype) / max(2 * n, 1)
-    mean_probability = logits.softmax(dim=-1).sum(dim=0) / max(n, 1)
+    if row_mask is None:
+        pair_counts.scatter_add_(0, experts.reshape(-1), torch.ones_like(experts.reshape(-1)))
+        rows = max(n, 1)
+    else:
+        keep = row_mask[:, None]
+        weights, probabilities = weights * keep, probabilities * keep
+        pair_counts.scatter_add_(0, experts.clamp(min=0).reshape(-1), keep.expand(n, 2).reshape(-1).long())
+        rows = row_mask.sum().clamp(min=1)
+    fraction_routed = pair_counts.to(logits.dtype) / (2 * rows)
+    mean_probability = probabilities.sum(dim=0) / rows
     aux_loss = num_experts * (fraction_routed * mean_probability).sum()
     return MoERouting(experts, weights, aux_loss)
 
 
-def _reference_parts(x, gate_weight, w1, b1, w2, b2):
-    """(y, logits, experts) by a per-expert loop in float32 (float64 for float64 inputs)."""
+def _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask=None):
+    """(y, logits, experts) by a per-expert loop in float32 (float64 for float64 inputs); rows that row_mask
+    leaves out get experts -1 and output 0."""
     compute = torch.promote_types(x.dtype, torch.float32)
     x_c = x.to(compute)
     logits = x_c @ gate_weight.to(compute).t()
     top_logits, experts = logits.topk(2, dim=-1)
     alpha = top_logits.softmax(dim=-1)
+    if row_mask is not None:
+        experts = experts.masked_fill(~row_mask[:, None], -1)
     y = x_c.new_zeros(x.shape[0], w2.shape[-1])
     for e in range(gate_weight.shape[0]):
         rows, slot = (experts == e).nonzero(as_tuple=True)
@@ -561,26 +612,41 @@ def _reference_parts(x, gate_weight, w1, b1, w2, b2):
     return y.to(x.dtype), logits, experts
 
 
-def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
+def _check_row_mask(row_mask, x) -> None:
+    if row_mask is None:
+        return
+    check_tensor("row_mask", row_mask, ndim=1, dtypes=(torch.bool,))
+    if row_mask.shape[0] != x.shape[0]:
+        raise ValueError(f"row_mask must have shape ({x.shape[0]},) (one flag per row of x), got "
+                         f"{tuple(row_mask.shape)}")
+    if row_mask.device != x.device:
+        raise ValueError(f"row_mask is on {row_mask.device} but x is on {x.device}; they must match")
+
+
+def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, row_mask=None, return_routing=False):
     """Per-expert loop reference of ``moe_top2`` (float32 math; float64 for float64 inputs). Same signature."""
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES + (torch.float64,))
-    y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2)
-    return (y, _routing_summary(logits, experts)) if return_routing else y
+    _check_row_mask(row_mask, x)
+    y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask)
+    return (y, _routing_summary(logits, experts, row_mask)) if return_routing else y
 
 
-def moe_top2(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
+def moe_top2(x, gate_weight, w1, b1, w2, b2, *, row_mask=None, return_routing=False):
     """Top-2 mixture of experts: x (N, d) -> y (N, d_out); see the module docstring for the math.
 
     gate_weight (E, d) with 2 <= E <= 64, w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out); float32,
-    float16 or bfloat16, all alike, on one device. Differentiable in every tensor. With ``return_routing=True``
-    returns ``(y, MoERouting(experts, weights, aux_loss))``. N = 0 gives an empty (0, d_out) result.
+    float16 or bfloat16, all alike, on one device. Differentiable in every tensor. ``row_mask`` (N,) bool, None
+    for all rows: rows where it is False (padding) take no part in routing or the load-balancing loss, output
+    zeros and get zero gradients. With ``return_routing=True`` returns ``(y, MoERouting(experts, weights,
+    aux_loss))``. N = 0 gives an empty (0, d_out) result.
     """
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES)
+    _check_row_mask(row_mask, x)
     if use_triton(x, gate_weight, w1, b1, w2, b2):
-        y, logits, experts = _MoETop2Function.apply(x, gate_weight, w1, b1, w2, b2)
+        y, logits, experts = _MoETop2Function.apply(x, gate_weight, w1, b1, w2, b2, row_mask)
     else:
-        y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2)
-    return (y, _routing_summary(logits, experts)) if return_routing else y
+        y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask)
+    return (y, _routing_summary(logits, experts, row_mask)) if return_routing else y
 
 
 class Top2MoE(nn.Module):
@@ -589,8 +655,9 @@ class Top2MoE(nn.Module):
     ``hidden`` defaults to ``2 * d_model`` (CaM-HG passes its own ``expert_hidden``, d by default) and ``d_out`` to
     ``d_model``.
     Parameters: gate_weight (E, d), w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out), initialised like
-    ``nn.Linear``: uniform in +-1/sqrt(fan_in). forward(x (..., d), *, return_routing=False) -> (..., d_out),
-    or (y, MoERouting) with experts/weights shaped (..., 2).
+    ``nn.Linear``: uniform in +-1/sqrt(fan_in). forward(x (..., d), *, row_mask=None, return_routing=False) ->
+    (..., d_out), or (y, MoERouting) with experts/weights shaped (..., 2); row_mask (...) bool marks the rows
+    that take part (see ``moe_top2``).
     """
 
     def __init__(self, d_model, num_experts=4, hidden=None, d_out=None):
@@ -613,12 +680,19 @@ class Top2MoE(nn.Module):
             for parameter in parameters:
                 nn.init.uniform_(parameter, -bound, bound)
 
-    def _op(self, *args, return_routing):
-        return moe_top2(*args, return_routing=return_routing)
+    def _op(self, *args, row_mask, return_routing):
+        return moe_top2(*args, row_mask=row_mask, return_routing=return_routing)
 
-    def forward(self, x, *, return_routing=False):
+    def forward(self, x, *, row_mask=None, return_routing=False):
         flat = x.reshape(-1, x.shape[-1])
-        result = self._op(flat, self.gate_weight, self.w1, self.b1, self.w2, self.b2, return_routing=return_routing)
+        if row_mask is not None:
+            check_tensor("row_mask", row_mask, dtypes=(torch.bool,))
+            if row_mask.shape != x.shape[:-1]:
+                raise ValueError(f"row_mask must have x's leading shape {tuple(x.shape[:-1])}, got "
+                                 f"{tuple(row_mask.shape)}")
+            row_mask = row_mask.reshape(-1)
+        result = self._op(flat, self.gate_weight, self.w1, self.b1, self.w2, self.b2, row_mask=row_mask,
+                          return_routing=return_routing)
         y, routing = result if return_routing else (result, None)
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         if routing is None:
@@ -633,8 +707,8 @@ class Top2MoE(nn.Module):
 class Top2MoEReference(Top2MoE):
     """The reference twin of ``Top2MoE``: same constructor and state_dict, always the per-expert loop."""
 
-    def _op(self, *args, return_routing):
-        return moe_top2_reference(*args, return_routing=return_routing)
+    def _op(self, *args, row_mask, return_routing):
+        return moe_top2_reference(*args, row_mask=row_mask, return_routing=return_routing)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -645,50 +719,65 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def aot_configurations():
-    """Every (kernel, dtype, flags, tiles) the launchers above can launch with."""
+    """Every (kernel, dtype, fp32 dot precision, flags, tiles) the launchers above can launch with, on any
+    architecture (tiles two architectures share are listed once)."""
     configs = []
-    for dtype, tiles in TILES.items():
+    for (dtype, tiles), archs in _distinct_tiles().items():
         t = _TRITON_TYPES[dtype]
+        arch_label = "/".join(f"sm{arch}" for arch in archs)
         launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
         blocks_mnk = dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k)
-        # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
-        dot_options = dict(_dot_options(dtype), UPCAST_DOTS=False)
         dot_flags = {"DOT_PRECISION": "constexpr", "UPCAST_DOTS": "constexpr"}
         ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
+        for precision in FP32_DOT_PRECISIONS if dtype == torch.float32 else ("ieee",):
+            # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
+            dot_options = dict(DOT_PRECISION=precision, UPCAST_DOTS=False)
+            tag = f"{t} {precision} {arch_label}"
+            configs.append(AotConfig(
+                f"route {tag}", _moe_route_kernel,
+                {"x": f"*{t}", "gate": f"*{t}", "logits": "*fp32", "experts": "*i64", "alpha": "*fp32",
+                 "row_mask": "*u8",
+                 **ints("N", "D", "E", "stride_xn", "stride_xd", "stride_ge", "stride_gd", "has_row_mask"),
+                 "BM": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
+                dict(BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **dot_options), **launch))
+            # the mode flags are runtime i32 arguments: one compiled kernel per dtype covers every mode
+            configs.append(AotConfig(
+                f"grouped_matmul {tag}", _moe_grouped_matmul_kernel,
+                {"a": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "w": f"*{t}", "bias": f"*{t}",
+                 "c": f"*{t}", "c_pre": f"*{t}", "expert_offsets": "*i64",
+                 **ints("E", "K", "NC", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wn",
+                        "stride_be", "stride_bn", "stride_cm", "stride_cn", "gather_a", "scale_rows", "has_bias",
+                        "epilogue"),
+                 "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
+                dict(**blocks_mnk, BE=MAX_EXPERTS, **dot_options), **launch))
+            configs.append(AotConfig(
+                f"grouped_wgrad {tag}", _moe_grouped_wgrad_kernel,
+                {"a": f"*{t}", "b": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "dw": f"*{t}",
+                 "db": f"*{t}", "expert_offsets": "*i64",
+                 **ints("K", "NC", "stride_am", "stride_ak", "stride_bm", "stride_bn", "stride_dwe", "stride_dwk",
+                        "stride_dwn", "stride_dbe", "stride_dbn", "gather_a", "gather_b", "scale_b"),
+                 "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", **dot_flags},
+                dict(**blocks_mnk, **dot_options), **launch))
+        tag = f"{t} {arch_label}"
         configs.append(AotConfig(
-            f"route {t}", _moe_route_kernel,
-            {"x": f"*{t}", "gate": f"*{t}", "logits": "*fp32", "experts": "*i64", "alpha": "*fp32",
-             **ints("N", "D", "E", "stride_xn", "stride_xd", "stride_ge", "stride_gd"),
-             "BM": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
-            dict(BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **dot_options), **launch))
-        # the mode flags are runtime i32 arguments: one compiled kernel per dtype covers every mode
-        configs.append(AotConfig(
-            f"grouped_matmul {t}", _moe_grouped_matmul_kernel,
-            {"a": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "w": f"*{t}", "bias": f"*{t}",
-             "c": f"*{t}", "c_pre": f"*{t}", "expert_offsets": "*i64",
-             **ints("E", "K", "NC", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wn",
-                    "stride_be", "stride_bn", "stride_cm", "stride_cn", "gather_a", "scale_rows", "has_bias",
-                    "epilogue"),
-             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
-            dict(**blocks_mnk, BE=MAX_EXPERTS, **dot_options), **launch))
-        configs.append(AotConfig(
-            f"grouped_wgrad {t}", _moe_grouped_wgrad_kernel,
-            {"a": f"*{t}", "b": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "dw": f"*{t}",
-             "db": f"*{t}", "expert_offsets": "*i64",
-             **ints("K", "NC", "stride_am", "stride_ak", "stride_bm", "stride_bn", "stride_dwe", "stride_dwk",
-                    "stride_dwn", "stride_dbe", "stride_dbn", "gather_a", "gather_b", "scale_b"),
-             "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", **dot_flags},
-            dict(**blocks_mnk, **dot_options), **launch))
-        configs.append(AotConfig(
-            f"combine {t}", _moe_combine_kernel,
-            {"src": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "out": f"*{t}",
+            f"combine {tag}", _moe_combine_kernel,
+            {"src": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "expert_offsets": "*i64", "out": f"*{t}",
              **ints("N", "C", "stride_sm", "stride_sc", "stride_on", "stride_oc", "weighted"),
              "BM": "constexpr", "BN": "constexpr"},
             dict(BM=tiles.block_rows, BN=tiles.block_n), num_warps=tiles.num_warps, num_stages=1))
         configs.append(AotConfig(
-            f"router_grad {t}", _moe_router_grad_kernel,
-            {"dy": f"*{t}", "y_pairs": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "d_top": "*fp32",
+            f"router_grad {tag}", _moe_router_grad_kernel,
+            {"dy": f"*{t}", "y_pairs": f"*{t}", "pair_position": "*i64", "alpha": "*fp32",
+             "expert_offsets": "*i64", "d_top": "*fp32",
              **ints("N", "C", "stride_dn", "stride_dc", "stride_ym", "stride_yc"),
              "BM": "constexpr", "BN": "constexpr"},
             dict(BM=tiles.block_rows, BN=tiles.block_n), num_warps=tiles.num_warps, num_stages=1))
     return configs
+
+
+def _distinct_tiles():
+    """{(dtype, tiles): architectures using them} over ``TILES``."""
+    distinct = {}
+    for (arch, dtype), tiles in TILES.items():
+        distinct.setdefault((dtype, tiles), []).append(arch)
+    return distinct

@@ -32,13 +32,19 @@ def make_inputs(n, num_experts, d, h, d_out, dtype=torch.float32, seed=0, gate_b
     return [t.to(dtype) for t in tensors]
 
 
-def forward_backward(op, inputs, seed=1):
-    """Outputs, routing and the gradients of every input under a loss that uses y, the weights and aux_loss."""
+def forward_backward(op, inputs, seed=1, keep=None):
+    """Outputs, routing and the gradients of every input under a loss that uses y, the weights and aux_loss.
+    keep: the (N,) row mask of a padded batch; the valid rows then get the upstream gradients that the
+    unpadded batch gets, the padded rows random ones."""
     leaves = [t.detach().requires_grad_() for t in inputs]
     y, routing = op(*leaves, return_routing=True)
     generator = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=generator).to(y.dtype)
-    d_weights = torch.randn(routing.weights.shape, generator=generator)
+    rows = y.shape[0] if keep is None else int(keep.sum())
+    dy = torch.randn(rows, *y.shape[1:], generator=generator).to(y.dtype)
+    d_weights = torch.randn(rows, *routing.weights.shape[1:], generator=generator)
+    if keep is not None:
+        dy, d_weights = (torch.randn(full.shape, generator=generator).to(t.dtype).index_put((keep,), t)
+                         for t, full in ((dy, y), (d_weights, routing.weights)))
     loss = (y.float() * dy.float()).sum() + (routing.weights.float() * d_weights).sum() + 0.5 * routing.aux_loss
     grads = torch.autograd.grad(loss, leaves)
     return y, routing, grads
@@ -190,3 +196,68 @@ def test_module_and_reference_twin_share_state_and_outputs(triton_backend, tiny_
     assert Top2MoE(8).w1.shape == (4, 8, 16), "hidden defaults to 2 * d_model, d_out to d_model"
     with pytest.raises(ValueError, match="num_experts must be in 2..64"):
         Top2MoE(8, num_experts=1)
+
+
+def padded(inputs, rows, seed=11):
+    """x with finite garbage rows inserted at ``rows`` of the padded batch, and the (N_padded,) bool row mask."""
+    x, *weights = inputs
+    n_padded = x.shape[0] + len(rows)
+    keep = torch.ones(n_padded, dtype=torch.bool)
+    keep[rows] = False
+    x_padded = torch.randn(n_padded, x.shape[1], generator=torch.Generator().manual_seed(seed)).to(x.dtype) * 3
+    x_padded[keep] = x
+    return [x_padded, *weights], keep
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_row_mask_padding_changes_nothing(triton_backend, tiny_tiles, dtype):
+    """Padded rows (anywhere in the batch) take no part: the valid rows' output, the routing, the aux loss and
+    every gradient equal the unpadded call's; padded rows output 0, expert -1, weight 0, zero gradient."""
+    inputs = make_inputs(21, 4, 9, 11, 7, dtype=dtype, seed=12)
+    inputs_padded, keep = padded(inputs, rows=[0, 5, 6, 22, 23, 24])
+    y, routing, grads = forward_backward(moe_top2, inputs)
+    op = lambda *args, **kwargs: moe_top2(*args, row_mask=keep, **kwargs)  # noqa: E731
+    y_pad, routing_pad, grads_pad = forward_backward(op, inputs_padded, keep=keep)
+    assert torch.equal(routing_pad.experts[keep], routing.experts)
+    assert torch.all(routing_pad.experts[~keep] == -1) and torch.all(routing_pad.weights[~keep] == 0)
+    assert torch.all(y_pad[~keep] == 0) and torch.all(grads_pad[0][~keep] == 0)
+    assert_close("valid y", y_pad[keep], y, dtype)
+    assert_close("weights", routing_pad.weights[keep], routing.weights, torch.float32)
+    assert_close("aux_loss", routing_pad.aux_loss, routing.aux_loss, torch.float32)
+    assert_close("dx of valid rows", grads_pad[0][keep], grads[0], dtype)
+    for name, grad_pad, grad in zip(("gate_weight", "w1", "b1", "w2", "b2"), grads_pad[1:], grads[1:]):
+        assert_close(f"d{name}", grad_pad, grad, dtype)
+    # and the Triton path equals the reference with the same mask
+    reference_op = lambda *args, **kwargs: moe_top2_reference(*args, row_mask=keep, **kwargs)  # noqa: E731
+    y_ref, routing_ref, grads_ref = forward_backward(reference_op, [t.double() for t in inputs_padded], keep=keep)
+    assert torch.equal(routing_pad.experts, routing_ref.experts)
+    assert_close("y vs reference", y_pad, y_ref, dtype)
+    assert_close("aux_loss vs reference", routing_pad.aux_loss, routing_ref.aux_loss, torch.float32)
+    for name, grad_pad, grad_ref in zip(("x", "gate_weight", "w1", "b1", "w2", "b2"), grads_pad, grads_ref):
+        assert_close(f"d{name} vs reference", grad_pad, grad_ref, dtype)
+
+
+def test_row_mask_keeping_no_row_gives_zeros(triton_backend, tiny_tiles):
+    inputs = make_inputs(9, 3, 5, 6, 4, seed=13)
+    keep = torch.zeros(9, dtype=torch.bool)
+    y, routing, grads = forward_backward(lambda *a, **k: moe_top2(*a, row_mask=keep, **k), inputs)
+    assert torch.all(y == 0) and routing.aux_loss.item() == 0.0 and torch.all(routing.experts == -1)
+    for grad in grads:
+        assert torch.count_nonzero(grad) == 0
+
+
+def test_module_row_mask_and_bad_masks(triton_backend, tiny_tiles):
+    torch.manual_seed(14)
+    module = Top2MoE(6, num_experts=3, hidden=8)
+    x = torch.randn(2, 5, 6)
+    keep = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    y, routing = module(x, row_mask=keep, return_routing=True)
+    y_first, _ = module(x[1, :2], return_routing=True)
+    assert torch.all(y[~keep] == 0) and torch.all(routing.experts[~keep] == -1)
+    assert_close("module valid rows", y[1, :2], y_first, torch.float32)
+    with pytest.raises(ValueError, match="row_mask must have x's leading shape"):
+        module(x, row_mask=keep[0])
+    with pytest.raises(TypeError, match="row_mask must have dtype"):
+        moe_top2(x[0], module.gate_weight, module.w1, module.b1, module.w2, module.b2, row_mask=keep[0].float())
+    with pytest.raises(ValueError, match=r"row_mask must have shape \(5,\)"):
+        moe_top2(x[0], module.gate_weight, module.w1, module.b1, module.w2, module.b2, row_mask=keep.flatten())
