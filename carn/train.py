@@ -234,12 +234,13 @@ def run_training(
     table = results_table({ABLATION_TITLES[ablation]: results}, task, title)
     table.save(run_dir / "table1")
     if make_plots:
-        save_plots(model, splits, run_dir, batch_size=train_config.batch_size, device=device)
+        save_plots(model, splits, run_dir, batch_size=train_config.batch_size, device=device, ablation=ablation)
     return RunResult(model, run_dir, results, table, last_epoch)
 
 
 @torch.no_grad()
-def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size: int, device) -> None:
+def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size: int, device,
+               ablation: str = "full") -> None:
     """Paper Fig. 4 (causal attention per modality on the first test dialogue), Fig. 3 (per-class accuracy per
     condition) and the training curves."""
     from mer.plots import plot_attention_maps, plot_per_class_accuracy, plot_training_curves
@@ -256,7 +257,8 @@ def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size:
         per_class = per_class_accuracy(model, splits.test, splits.info.class_names, batch_size=batch_size, device=device)
         plot_per_class_accuracy(per_class, run_dir / "per_class_accuracy.png",
                                 title="CARN accuracy per class and available modalities")
-    plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png",
+                         title=f"CARN ({ablation}) on {splits.info.name}")
 
 
 PROG = "python -m carn.train"
