@@ -80,11 +80,11 @@ def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, ou
     return summary
 
 
-PROG = "python -m camhg.ablations"
+MODULE = "camhg.ablations"
 
 
 def build_parser():
-    parser = new_parser(PROG, __doc__)
+    parser = new_parser(MODULE, __doc__)
     add_data_options(parser, sorted(PRESETS))
     add_model_options(parser, epochs=("K1", "K2", "K3"),
                       epochs_help="epochs of the three phases: discriminative warm-up, generative pre-training, "

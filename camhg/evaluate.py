@@ -130,11 +130,11 @@ def load_model(checkpoint: dict, device: torch.device) -> tuple[CaMHG, CaMHGConf
     return model.to(device).eval(), config
 
 
-PROG = "python -m camhg.evaluate"
+MODULE = "camhg.evaluate"
 
 
 def build_parser():
-    parser = new_parser(PROG, __doc__)
+    parser = new_parser(MODULE, __doc__)
     add_evaluate_options(parser, model="camhg")
     return parser
 

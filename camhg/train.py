@@ -35,6 +35,7 @@ from mer.cli import (
     check_new_run,
     check_resumable,
     cleanup_on_failure,
+    command_name,
     default_run_name,
     deferred_interrupt,
     epoch_line,
@@ -404,12 +405,12 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-PROG = "python -m camhg.train"
+MODULE = "camhg.train"
 RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "plots", "progress", "keep_checkpoints")
 
 
 def build_parser():
-    parser = new_parser(PROG, __doc__)
+    parser = new_parser(MODULE, __doc__)
     add_data_options(parser, sorted(PRESETS))
     add_model_options(parser, epochs=("K1", "K2", "K3"),
                       epochs_help="epochs of the three phases: discriminative warm-up, generative pre-training, "
@@ -472,7 +473,7 @@ def main(argv=None) -> int:
                            stop_after_epoch=args.stop_after_epoch, plots=args.plots, device=args.device,
                            show_progress=args.progress, ctx=ctx, keep_every=args.keep_checkpoints, verbose=True)
     except KeyboardInterrupt:
-        raise Interrupted(resume_hint(PROG, run_dir)) from None
+        raise Interrupted(resume_hint(command_name(MODULE), run_dir)) from None
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
@@ -484,7 +485,7 @@ def main(argv=None) -> int:
         for table in result.tables.values():
             table.print()
         if args.stop_after_epoch is not None and not result.tables:
-            print(f"stopped after epoch {args.stop_after_epoch}; resume with: {PROG} --resume {run_dir}")
+            print(f"stopped after epoch {args.stop_after_epoch}; resume with: {command_name(MODULE)} --resume {run_dir}")
         print(f"run folder: {result.run_dir}")
     return 0
 

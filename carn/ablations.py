@@ -67,11 +67,11 @@ def run_variant(data: DataSpec, splits, *, seed: int, ablation: str, overrides: 
     return ResultTable.load(finished)
 
 
-PROG = "python -m carn.ablations"
+MODULE = "carn.ablations"
 
 
 def build_parser():
-    parser = new_parser(PROG, __doc__)
+    parser = new_parser(MODULE, __doc__)
     add_data_options(parser, DATASET_NAMES)
     add_model_options(parser, epochs=("E1", "E2"),
                       epochs_help="epochs of the two stages: full modalities, then randomly missing ones (section 3.4)")

@@ -112,11 +112,11 @@ def load_model(checkpoint: dict, device) -> CARN:
     return model.to(device).eval()
 
 
-PROG = "python -m carn.evaluate"
+MODULE = "carn.evaluate"
 
 
 def build_parser():
-    parser = new_parser(PROG, __doc__)
+    parser = new_parser(MODULE, __doc__)
     add_evaluate_options(parser, model="carn")
     return parser
 

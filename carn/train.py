@@ -37,6 +37,7 @@ from mer.cli import (
     check_new_run,
     check_resumable,
     cleanup_on_failure,
+    command_name,
     default_run_name,
     deferred_interrupt,
     epoch_line,
@@ -261,12 +262,12 @@ def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size:
                          title=f"CARN ({ablation}) on {splits.info.name}")
 
 
-PROG = "python -m carn.train"
+MODULE = "carn.train"
 RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "plots", "progress", "keep_checkpoints")
 
 
 def build_parser():
-    parser = new_parser(PROG, __doc__)
+    parser = new_parser(MODULE, __doc__)
     add_data_options(parser, DATASET_NAMES)
     add_model_options(parser, epochs=("E1", "E2"),
                       epochs_help="epochs of the two stages: full modalities, then randomly missing ones (section 3.4)")
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
                 keep_every=args.keep_checkpoints,
             )
     except KeyboardInterrupt:
-        raise Interrupted(resume_hint(PROG, run_dir)) from None
+        raise Interrupted(resume_hint(command_name(MODULE), run_dir)) from None
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     if result.table is not None:
         result.table.print()
     else:
-        print(f"stopped after epoch {result.completed_epochs}; resume with: {PROG} --resume {run_dir}")
+        print(f"stopped after epoch {result.completed_epochs}; resume with: {command_name(MODULE)} --resume {run_dir}")
     print(f"run folder: {result.run_dir} ({time.perf_counter() - began:.0f} s)")
     return 0
 

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from mer.training import reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
+
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 EXIT_USER_ERROR = 2
@@ -85,10 +87,17 @@ def device_name(text: str) -> str:
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the module docstring's layout and ends every option's help with its default."""
 
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if getattr(action, "exact_count", None):  # --epochs E1 E2, not E1 E2 [E1 E2 ...]
+            return action.metavar
+        return super()._format_args(action, default_metavar)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if "%(default)" in text or "default:" in text or action.default in (None, argparse.SUPPRESS):
             return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if action.default else 'off'})"
         if action.option_strings and action.nargs != 0:
             default = action.default
             shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
@@ -96,9 +105,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def new_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser:
-    """An ArgumentParser named as the command is run (``python -m camhg.train``), the docstring as description."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
+def command_name(module: str) -> str:
+    """How the entry point ``module`` (``camhg.train``) was run: its console script ``camhg-train`` or
+    ``python -m camhg.train``."""
+    script = module.replace(".", "-")
+    return script if Path(sys.argv[0]).name == script else f"python -m {module}"
+
+
+def new_parser(module: str, description: Optional[str]) -> argparse.ArgumentParser:
+    """An ArgumentParser for the entry point ``module`` named as it was run (:func:`command_name`), the module's
+    docstring as description."""
+    return argparse.ArgumentParser(prog=command_name(module), description=description, formatter_class=HelpFormatter,
                                    allow_abbrev=False)
 
 
@@ -118,10 +135,24 @@ def add_data_options(parser: argparse.ArgumentParser, datasets: Sequence[str]) -
                              "(default: the preset's)")
 
 
+def _Exactly(count: int) -> type:
+    """An argparse action taking exactly ``count`` values, whose error says how many (``nargs=count`` would leave
+    the extra ones to an "unrecognized arguments" error)."""
+    class Exactly(argparse.Action):
+        exact_count = count
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            if len(values) != count:
+                raise argparse.ArgumentError(self, f"takes {count} numbers ({self.metavar}), got {len(values)}")
+            setattr(namespace, self.dest, values)
+
+    return Exactly
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, epochs: Sequence[str], epochs_help: str) -> None:
     """``--epochs --batch-size --lr --hidden --dropout``: overrides of the dataset's preset."""
-    parser.add_argument("--epochs", type=non_negative_int, nargs=len(epochs), metavar=tuple(epochs), default=None,
-                        help=f"{epochs_help} (default: the preset's)")
+    parser.add_argument("--epochs", type=non_negative_int, nargs="+", action=_Exactly(len(epochs)),
+                        metavar=" ".join(epochs), default=None, help=f"{epochs_help} (default: the preset's)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="dialogues per batch (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the preset's)")
     parser.add_argument("--hidden", type=positive_int, default=None, help="model width (default: the preset's)")
@@ -200,18 +231,6 @@ def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) 
                             f"of its label file and features/, e.g. GCNet's dataset/)")
         if not args.data_root.is_dir():
             raise UserError(f"--data-root {args.data_root} is not a folder")
-
-
-def reject_options_on_resume(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                             allowed: Sequence[str]) -> None:
-    """argparse error when ``--resume`` comes with an option outside ``allowed`` (dests) that is not at its default:
-    a resumed run keeps the configuration it was started with, so the option would be ignored."""
-    if getattr(args, "resume", None) is None:
-        return
-    ignored = sorted(f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-                     if name != "resume" and name not in allowed and value != parser.get_default(name))
-    if ignored:
-        parser.error(f"--resume continues a run with the configuration it started with; drop {', '.join(ignored)}")
 
 
 # ------------------------------------------------------------------------------------------------- run folders
