@@ -16,8 +16,16 @@ from pathlib import Path
 
 from mer.metrics import ResultTable, mean_and_spread
 
-from mer.cli import UserError, add_data_options, add_model_options, add_sweep_options, check_data_options, new_parser
-from mer.cli import run_command
+from mer.cli import (
+    Interrupted,
+    UserError,
+    add_data_options,
+    add_model_options,
+    add_sweep_options,
+    check_data_options,
+    new_parser,
+    run_command,
+)
 from mer.data import EMBEDDED_NAMES
 
 from .config import ABLATIONS, PRESETS, preset
@@ -65,8 +73,8 @@ def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, ou
         table = None
         for ablation in ablations:
             config = preset(dataset, seed=seed, ablation=ablation, **overrides)
-            rates = run_variant(config, runs_dir / "camhg" / dataset / "ablations" / sweep_name / f"{ablation}-seed{seed}",
-                                data_root=data_root, device=device, show_progress=show_progress,
+            run_dir = runs_dir / "camhg" / dataset / "ablations" / sweep_name / f"{ablation}-seed{seed}"
+            rates = run_variant(config, run_dir, data_root=data_root, device=device, show_progress=show_progress,
                                 collect_only=collect_only)
             metric = "WAF1" if "WAF1" in rates.rows else "Acc2"  # Table 4's metric: WAF1, or Acc-2 for sentiment
             if table is None:
@@ -110,7 +118,16 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """Console script ``camhg-ablations``."""
-    return run_command(main, argv)
+    return run_command(resumable_main, argv)
+
+
+def resumable_main(argv=None) -> int:
+    """``main``; after Ctrl-C, says that the same command continues the sweep."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
+                          "stopped one resumes from its last checkpoint)") from None
 
 
 if __name__ == "__main__":

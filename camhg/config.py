@@ -30,7 +30,7 @@ class CaMHGConfig:
     # Curriculum (Algorithm 1): epochs of the discriminative warm-up, generative pre-training, joint fine-tuning.
     epochs: tuple[int, int, int] = (10, 5, 30)
     batch_size: int = 32
-    chunk_size: int | None = 8  # dialogues per forward/backward inside a batch (memory), None: the whole batch
+    chunk_size: int | None = 4  # dialogues per forward/backward inside a batch (memory), None: the whole batch
     lr: float = 1.85e-4  # P1_LR, also the base learning rate of phases 2-3
     weight_decay: float = 1e-3
     gate_lr: float = 2.64e-3  # P3_Gate_LR

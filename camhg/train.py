@@ -485,7 +485,8 @@ def main(argv=None) -> int:
         for table in result.tables.values():
             table.print()
         if args.stop_after_epoch is not None and not result.tables:
-            print(f"stopped after epoch {args.stop_after_epoch}; resume with: {command_name(MODULE)} --resume {run_dir}")
+            print(f"stopped after epoch {args.stop_after_epoch}; resume with: "
+                  f"{command_name(MODULE)} --resume {run_dir}")
         print(f"run folder: {result.run_dir}")
     return 0
 

@@ -1,9 +1,10 @@
 """Paper Table 1 (full model) and Table 2 (full model and four ablations) over several seeds, mean ± std.
 
 ``python -m carn.ablations --seeds 0 1 2`` trains every variant of ``carn.config.ABLATIONS`` once per seed with
-``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/<sweep-name>/``; a finished run with the same
-configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped), evaluates each under the six
-available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv) under ``results/carn/``.
+``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/<sweep-name>/``; a finished run with the
+same configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped),
+evaluates each under the six available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv)
+under ``results/carn/``.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from mer.cli import (
+    Interrupted,
     UserError,
     add_data_options,
     add_model_options,
@@ -121,7 +123,16 @@ def main(argv=None):
 
 def cli(argv=None) -> int:
     """Console script ``carn-ablations``."""
-    return run_command(main, argv)
+    return run_command(resumable_main, argv)
+
+
+def resumable_main(argv=None) -> int:
+    """``main``; after Ctrl-C, says that the same command continues the sweep."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
+                          "stopped one resumes from its last checkpoint)") from None
 
 
 if __name__ == "__main__":

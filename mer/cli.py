@@ -153,7 +153,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, epochs: Sequence[str],
     """``--epochs --batch-size --lr --hidden --dropout``: overrides of the dataset's preset."""
     parser.add_argument("--epochs", type=non_negative_int, nargs="+", action=_Exactly(len(epochs)),
                         metavar=" ".join(epochs), default=None, help=f"{epochs_help} (default: the preset's)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="dialogues per batch (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="dialogues per batch (default: the preset's)")
     parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the preset's)")
     parser.add_argument("--hidden", type=positive_int, default=None, help="model width (default: the preset's)")
     parser.add_argument("--dropout", type=fraction, default=None, help="dropout rate (default: the preset's)")

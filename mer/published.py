@@ -44,7 +44,8 @@ _CMU_LAYOUT = "[videoIDs, videoLabels, videoSpeakers, videoSentences, trainVids,
 # IEMOCAP-4's "happy" includes excited (merged in GCNet's 4-way label file)
 _DATASETS = {
     "iemocap4": ("IEMOCAP_features_raw_4way.pkl", ("IEMOCAP", "IEMOCAPFour"), ["happy", "sad", "neutral", "angry"]),
-    "iemocap6": ("IEMOCAP_features_raw_6way.pkl", ("IEMOCAP", "IEMOCAPSix"), ["hap", "sad", "neu", "ang", "exc", "fru"]),
+    "iemocap6": ("IEMOCAP_features_raw_6way.pkl", ("IEMOCAP", "IEMOCAPSix"),
+                 ["hap", "sad", "neu", "ang", "exc", "fru"]),
     "mosi": ("CMUMOSI_features_raw_2way.pkl", ("CMUMOSI",), None),
     "mosei": ("CMUMOSEI_features_raw_2way.pkl", ("CMUMOSEI",), None),
 }
