@@ -464,7 +464,7 @@ def main(argv=None) -> int:
         config = config_from_args(args)
         run_dir = args.runs_dir / "camhg" / config.dataset / (args.run_name or default_run_name(config.ablation,
                                                                                                 config.seed))
-        if ctx_rank() == 0:  # under torchrun rank 0 alone claims the folder
+        if launch_rank() == 0:  # under torchrun rank 0 alone claims the folder
             check_new_run(run_dir)
     ctx = init_distributed()
     try:
@@ -491,7 +491,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def ctx_rank() -> int:
+def launch_rank() -> int:
     """This process's torchrun rank before the process group exists (0 without torchrun)."""
     return int(os.environ.get("RANK", "0"))
 

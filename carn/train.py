@@ -143,7 +143,7 @@ def run_training(
     ``resume=True`` continues from ``run_dir/checkpoints/last.pt`` with the configuration saved there.
     ``stop_after_epoch=k`` stops after epoch k as a killed run would (no evaluation): tests resume from there.
     ``splits`` skips loading ``data`` (tests pass an already generated dataset).
-    Checkpoints: ``last.pt``, ``best.pt`` (best validation average WA, or Acc2) and ``epoch_NNN.pt`` for every
+    Checkpoints: ``last.pt``, ``best.pt`` (best stage-2 validation average WA, or Acc2) and ``epoch_NNN.pt`` for every
     ``keep_every``-th epoch (None: every epoch, 0: none).
     """
     say = print if verbose else (lambda *args, **kwargs: None)
@@ -219,7 +219,7 @@ def run_training(
         }
         with deferred_interrupt():  # Ctrl-C waits for the checkpoint of this epoch
             checkpoints.save(payload, epoch=epoch)
-            if main_metric in values:
+            if stage == 2 and main_metric in values:  # stage 1 does not train the fused classifier
                 checkpoints.save_best({**payload, "epoch": epoch}, values[main_metric])
         say(epoch_line(epoch, train_config.epochs, f"stage {stage}", values), flush=True)
         last_epoch = epoch

@@ -210,3 +210,16 @@ def test_subprocess_error_is_one_line_without_traceback(tmp_path):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2 and err.strip().count("\n") == 0 and "--data-root" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoints_kept_every_nth_epoch_and_the_newest(tmp_path):
+    from mer.training import CheckpointManager
+
+    checkpoints = CheckpointManager(tmp_path, keep_every=3)
+    for epoch in range(1, 8):
+        checkpoints.save({"epoch_weights": epoch}, epoch=epoch)
+    assert [p.name for p in checkpoints.epoch_files()] == ["epoch_003.pt", "epoch_006.pt", "epoch_007.pt"]
+    none = CheckpointManager(tmp_path / "none", keep_every=0)
+    for epoch in range(1, 4):
+        none.save({}, epoch=epoch)
+    assert [p.name for p in none.epoch_files()] == ["epoch_003.pt"] and none.last_path.is_file()
