@@ -34,7 +34,7 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training, after the last checkpoint was written; ``message`` says how to resume."""
+    """Ctrl-C during a command, raised by its ``main`` with the text to print (how to resume); exit status 130."""
 
 
 # ---------------------------------------------------------------------------------------------- argument values
