@@ -99,7 +99,7 @@ def error_of(entry_point, arguments, capsys) -> str:
 
 
 @pytest.mark.parametrize("model", ["carn", "camhg"])
-def test_data_mistakes_get_one_line_and_leave_nothing(model, tmp_path, capsys):
+def test_data_mistakes_get_one_line_and_leave_nothing(reference_backend, model, tmp_path, capsys):
     train = ENTRY_POINTS[f"{model}.train"]
     runs = ["--runs-dir", str(tmp_path / "runs"), "--run-name", "r", "--no-progress"]
     assert "add --data-root DIR" in error_of(train, ["--dataset", "iemocap4", *runs], capsys)
@@ -157,7 +157,7 @@ def run_module(module: str, *arguments, cwd: Path, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
-def test_ctrl_c_saves_says_how_to_resume_and_the_run_resumes(tmp_path, capsys):
+def test_ctrl_c_saves_says_how_to_resume_and_the_run_resumes(reference_backend, tmp_path, capsys):
     """SIGINT mid-training: exit 130, the resume command printed, no traceback; the run then resumes from there,
     evaluate takes its folder, and the other model's evaluate refuses its checkpoint in one line."""
     run_dir = tmp_path / "runs" / "carn" / "embedded" / "r"
@@ -186,7 +186,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_run_resumes(tmp_path, capsys):
     assert "CARN checkpoint" in error_of(camhg.evaluate, [str(run_dir)], capsys)
 
 
-def test_finished_run_checkpoints_and_other_model(tmp_path, capsys):
+def test_finished_run_checkpoints_and_other_model(reference_backend, tmp_path, capsys):
     """A short CaM-HG run: checkpoints numbered from 1 (last, best, every N-th), config.json, per-epoch lines;
     --resume says it is finished; evaluate takes the folder; CARN's evaluate refuses it."""
     arguments = [*TINY_CAMHG, "--runs-dir", str(tmp_path), "--run-name", "done", "--keep-checkpoints", "2"]
