@@ -6,8 +6,9 @@
     torchrun --nproc-per-node 2 -m camhg.train             # DistributedDataParallel (gloo on CPU)
 
 Everything of a run lands in ``runs/camhg/<dataset>/<run-name>/``: ``config.json``, ``metrics.csv`` (and
-TensorBoard), ``checkpoints/`` (``last.pt``, ``epoch_NNN.pt``), the result tables (markdown, JSON, CSV) and the
-confusion-matrix plots. Rank 0 alone logs, saves and evaluates.
+TensorBoard), ``checkpoints/`` (``last.pt``, ``best.pt``, every ``--keep-checkpoints``-th ``epoch_NNN.pt``, epochs
+counted from 1), the result tables (markdown, JSON, CSV), the training curves and the confusion-matrix plots. Rank 0
+alone logs, saves and evaluates.
 """
 from __future__ import annotations
 
