@@ -174,7 +174,8 @@ def add_run_options(parser: argparse.ArgumentParser, *, model: str, ablations: S
     parser.add_argument("--stop-after-epoch", type=positive_int, default=None, metavar="N",
                         help="stop after epoch N, as if interrupted (resume later) (default: train every epoch)")
     parser.add_argument("--keep-checkpoints", type=non_negative_int, default=5, metavar="N",
-                        help="keep epoch_NNN.pt for every N-th epoch besides last.pt and best.pt (0: none)")
+                        help="keep epoch_NNN.pt of every N-th epoch and of the newest, besides last.pt and best.pt "
+                             "(0: the newest only)")
     add_device_options(parser)
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                         help="write the plots (training curves, confusion or per-class accuracy, attention)")

@@ -157,6 +157,7 @@ def run_module(module: str, *arguments, cwd: Path, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
+@pytest.mark.slow  # about 13-22 s on a shared 2-core machine: a Python start, an interrupted run, a resume
 def test_ctrl_c_saves_says_how_to_resume_and_the_run_resumes(reference_backend, tmp_path, capsys):
     """SIGINT mid-training: exit 130, the resume command printed, no traceback; the run then resumes from there,
     evaluate takes its folder, and the other model's evaluate refuses its checkpoint in one line."""
