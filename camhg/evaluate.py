@@ -57,13 +57,14 @@ def predict(model: CaMHG, dataset: DialogueDataset, mask_of: Callable[[Batch], t
 
 def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, missing_rates, *,
                        device: torch.device, title: str, on_predictions=None,
-                       show_progress: bool = False) -> ResultTable:
+                       show_progress: bool = False, batch_size: int = 32) -> ResultTable:
     """Rows: metrics; columns: the missing rates and their average (the layout of paper Tables 2-3)."""
     columns = [f"{eta:.1f}" for eta in missing_rates] + ["Average"]
     by_rate = {}
     for index, eta in enumerate(progress(missing_rates, desc="test: missing rates", enabled=show_progress)):
         rng = np.random.default_rng([EVALUATION_SEED, index])
-        y_true, y_pred = predict(model, dataset, lambda batch: batch_missing_mask(batch, eta, rng), device=device)
+        y_true, y_pred = predict(model, dataset, lambda batch: batch_missing_mask(batch, eta, rng), device=device,
+                                 batch_size=batch_size)
         by_rate[f"{eta:.1f}"] = task_metrics(info.task, y_true, y_pred)
         if on_predictions is not None:
             on_predictions(eta, y_true, y_pred)
@@ -75,19 +76,22 @@ def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo
 
 
 def condition_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, *, device: torch.device,
-                    title: str, show_progress: bool = False) -> ResultTable:
+                    title: str, show_progress: bool = False, batch_size: int = 32) -> ResultTable:
     """Rows: the seven available-modality subsets (paper Table 7); columns: metrics."""
     table = ResultTable(title, "available", list(headline_metrics(info)))
     for condition in progress(CONDITION_ORDER, desc="test: modality subsets", enabled=show_progress):
-        y_true, y_pred = predict(model, dataset, lambda batch: condition_mask(batch, condition), device=device)
+        y_true, y_pred = predict(model, dataset, lambda batch: condition_mask(batch, condition), device=device,
+                                 batch_size=batch_size)
         table.add_row("{" + ", ".join(condition) + "}", task_metrics(info.task, y_true, y_pred))
     return table
 
 
 def evaluate_model(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, config: CaMHGConfig,
                    out_dir: Path, *, device: torch.device, plots: bool = True,
-                   show_progress: bool = False, split: str = "test") -> dict[str, ResultTable]:
-    """Both tables (saved under ``out_dir``) and, for classification with ``plots``, Fig. 4's confusion matrices."""
+                   show_progress: bool = False, split: str = "test", batch_size: int = 32) -> dict[str, ResultTable]:
+    """Both tables (saved under ``out_dir``) and, for classification with ``plots``, Fig. 4's confusion matrices.
+
+    The random masks of the missing-rate table are drawn batch by batch: another ``batch_size`` draws other masks."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "CaM-HG" if config.ablation == "full" else f"CaM-HG ({config.ablation})"
@@ -98,9 +102,10 @@ def evaluate_model(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, co
             matrices[eta] = confusion_matrix(y_true, y_pred, labels=list(range(info.num_classes)))
 
     rates = missing_rate_table(model, dataset, info, config.missing_rates, device=device, on_predictions=keep_confusion,
-                               title=f"{name} on {info.name} {split}: by missing rate eta", show_progress=show_progress)
+                               title=f"{name} on {info.name} {split}: by missing rate eta", show_progress=show_progress,
+                               batch_size=batch_size)
     conditions = condition_table(model, dataset, info, device=device, show_progress=show_progress,
-                                 title=f"{name} on {info.name} {split}: by available modalities")
+                                 batch_size=batch_size, title=f"{name} on {info.name} {split}: by available modalities")
     rates.save(out_dir / "missing_rates")
     conditions.save(out_dir / "conditions")
     if matrices:
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
     print(f"evaluating {path} on {config.dataset} {args.split} ({len(dataset)} dialogues), device {device}; "
           f"results go to {out_dir}", flush=True)
     tables = evaluate_model(model, dataset, splits.info, config, out_dir, device=device, plots=args.plots,
-                            show_progress=args.progress, split=args.split)
+                            show_progress=args.progress, split=args.split, batch_size=args.batch_size)
     for table in tables.values():
         table.print()
     print(f"results saved under {out_dir}")

@@ -197,7 +197,9 @@ def add_evaluate_options(parser: argparse.ArgumentParser, *, model: str) -> None
     parser.add_argument("--data-root", type=Path, default=None, metavar="DIR",
                         help="folder of the published features (default: the one the run was trained on)")
     parser.add_argument("--split", choices=("test", "valid"), default="test", help="the split to evaluate")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="dialogues per batch")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="dialogues per batch (CaM-HG draws its random masks batch by batch: keep 32 to "
+                             "reproduce the training run's tables)")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the result tables and plots (default: RUN_DIR/evaluation)")
     add_device_options(parser)
