@@ -23,6 +23,13 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
+    # the same commands as python -m carn.train etc. (README)
+    entry_points={
+        "console_scripts": [
+            f"{model}-{command}={model}.{command}:cli"
+            for model in ("carn", "camhg") for command in ("train", "evaluate", "ablations")
+        ],
+    },
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3"],
     },

@@ -2,20 +2,31 @@
 
     python -m camhg.ablations --seeds 0 1 2
 
-trains every (variant, seed) run under ``runs/camhg/<dataset>/ablations/`` (a finished run with the same
+trains every (variant, seed) run under ``runs/camhg/<dataset>/ablations/<sweep-name>/`` (a finished run with the same
 configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped) and writes
 the headline metric (WAF1, or Acc-2 for sentiment) by missing rate, mean ± std over the seeds, to
 ``results/camhg/ablations_<dataset>.{md,json,csv}`` (the per-seed tables beside it).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 from mer.metrics import ResultTable, mean_and_spread
+
+from mer.cli import (
+    Interrupted,
+    UserError,
+    add_data_options,
+    add_model_options,
+    add_sweep_options,
+    check_data_options,
+    new_parser,
+    run_command,
+)
+from mer.data import EMBEDDED_NAMES
 
 from .config import ABLATIONS, PRESETS, preset
 from .train import preset_overrides, train
@@ -30,18 +41,22 @@ VARIANT_NAMES = {
 }
 
 
-def run_variant(config, run_dir: Path, *, data_root, device: str, show_progress: bool) -> ResultTable:
+def run_variant(config, run_dir: Path, *, data_root, device: str, show_progress: bool,
+                collect_only: bool = False) -> ResultTable:
     """The missing-rate table of one (variant, seed) run: reused when it finished with the same configuration,
-    resumed when it was stopped, trained otherwise."""
+    resumed when it was stopped, trained otherwise (``collect_only``: only reused)."""
     saved, started = run_dir / "missing_rates.json", (run_dir / "checkpoints" / "last.pt").exists()
     if (saved.exists() or started) and (
             json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(config.to_dict()))):
-        raise SystemExit(f"{run_dir} holds a run with another configuration: delete it or pass another --runs-dir")
+        raise UserError(f"{run_dir} holds a run with another configuration: delete it or pass another --sweep-name")
+    if collect_only and not saved.exists():
+        raise UserError(f"--collect-only: {run_dir} holds no finished run; train it first (without --collect-only)")
     if saved.exists():
         print(f"{run_dir.name}: reusing the finished run", flush=True)
     else:
         began = time.perf_counter()
         train(None if started else config, run_dir=run_dir, resume=started, data_root=data_root, device=device,
+              keep_every=0,
               plots=False, show_progress=show_progress)
         print(f"{run_dir.name}: {'resumed' if started else 'trained'} and evaluated in "
               f"{time.perf_counter() - began:.0f} s", flush=True)
@@ -49,15 +64,18 @@ def run_variant(config, run_dir: Path, *, data_root, device: str, show_progress:
 
 
 def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, out_dir: Path, data_root=None,
-          device: str = "auto", show_progress: bool = False) -> ResultTable:
-    """Train and evaluate every (variant, seed); save and return the mean ± std table."""
+          device: str = "auto", show_progress: bool = False, sweep_name: str = "default",
+          collect_only: bool = False) -> ResultTable:
+    """Train and evaluate every (variant, seed) under ``runs_dir/camhg/<dataset>/ablations/<sweep_name>/``; save and
+    return the mean ± std table."""
     per_seed = []
     for seed in seeds:
         table = None
         for ablation in ablations:
             config = preset(dataset, seed=seed, ablation=ablation, **overrides)
-            rates = run_variant(config, runs_dir / "camhg" / dataset / "ablations" / f"{ablation}-seed{seed}",
-                                data_root=data_root, device=device, show_progress=show_progress)
+            run_dir = runs_dir / "camhg" / dataset / "ablations" / sweep_name / f"{ablation}-seed{seed}"
+            rates = run_variant(config, run_dir, data_root=data_root, device=device, show_progress=show_progress,
+                                collect_only=collect_only)
             metric = "WAF1" if "WAF1" in rates.rows else "Acc2"  # Table 4's metric: WAF1, or Acc-2 for sentiment
             if table is None:
                 table = ResultTable(f"CaM-HG ablations on {dataset}: test {metric} (%) by missing rate eta",
@@ -70,30 +88,47 @@ def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, ou
     return summary
 
 
+MODULE = "camhg.ablations"
+
+
+def build_parser():
+    parser = new_parser(MODULE, __doc__)
+    add_data_options(parser, sorted(PRESETS))
+    add_model_options(parser, epochs=("K1", "K2", "K3"),
+                      epochs_help="epochs of the three phases: discriminative warm-up, generative pre-training, "
+                                  "joint fine-tuning (Algorithm 1)")
+    add_sweep_options(parser, model="camhg", ablations=ABLATIONS)
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m camhg.ablations", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--dataset", default="embedded", choices=sorted(PRESETS))
-    parser.add_argument("--data-root", default=None, help="folder of the published features (not for embedded)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=ABLATIONS)
-    parser.add_argument("--epochs", type=int, nargs=3, metavar=("K1", "K2", "K3"), default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--dims", default=None, help="embedded only: 'full' or 'small' feature sizes")
-    parser.add_argument("--num-dialogues", type=int, default=None, help="embedded only: dataset size")
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--out", default="results/camhg")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
-    args = parser.parse_args(argv)
-    overrides = preset_overrides(args)
-    summary = sweep(args.dataset, args.seeds, args.ablations, overrides=overrides, runs_dir=Path(args.runs_dir),
-                    out_dir=Path(args.out), data_root=args.data_root, device=args.device,
-                    show_progress=args.progress)
+    args = build_parser().parse_args(argv)
+    check_data_options(args, EMBEDDED_NAMES)
+    overrides = {**preset_overrides(args), "data_seed": args.data_seed}
+    try:
+        preset(args.dataset, **overrides)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    summary = sweep(args.dataset, args.seeds, args.ablations, overrides=overrides, runs_dir=args.runs_dir,
+                    out_dir=args.out, data_root=args.data_root, device=args.device, show_progress=args.progress,
+                    sweep_name=args.sweep_name, collect_only=args.collect_only)
     summary.print()
     return 0
 
 
+def cli(argv=None) -> int:
+    """Console script ``camhg-ablations``."""
+    return run_command(resumable_main, argv)
+
+
+def resumable_main(argv=None) -> int:
+    """``main``; after Ctrl-C, says that the same command continues the sweep."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
+                          "stopped one resumes from its last checkpoint)") from None
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -30,6 +30,7 @@ class CaMHGConfig:
     # Curriculum (Algorithm 1): epochs of the discriminative warm-up, generative pre-training, joint fine-tuning.
     epochs: tuple[int, int, int] = (10, 5, 30)
     batch_size: int = 32
+    chunk_size: int | None = 4  # dialogues per forward/backward inside a batch (memory), None: the whole batch
     lr: float = 1.85e-4  # P1_LR, also the base learning rate of phases 2-3
     weight_decay: float = 1e-3
     gate_lr: float = 2.64e-3  # P3_Gate_LR
@@ -59,6 +60,8 @@ class CaMHGConfig:
                              f"classifier to evaluate: give phase 3 at least one epoch")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive or None, got {self.chunk_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.missing_rates = tuple(float(r) for r in self.missing_rates)

@@ -6,15 +6,17 @@
     torchrun --nproc-per-node 2 -m camhg.train             # DistributedDataParallel (gloo on CPU)
 
 Everything of a run lands in ``runs/camhg/<dataset>/<run-name>/``: ``config.json``, ``metrics.csv`` (and
-TensorBoard), ``checkpoints/`` (``last.pt``, ``epoch_NNN.pt``), the result tables (markdown, JSON, CSV) and the
-confusion-matrix plots. Rank 0 alone logs, saves and evaluates.
+TensorBoard), ``checkpoints/`` (``last.pt``, ``best.pt``, every ``--keep-checkpoints``-th ``epoch_NNN.pt``, epochs
+counted from 1), the result tables (markdown, JSON, CSV), the training curves and the confusion-matrix plots. Rank 0
+alone logs, saves and evaluates.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
+import os
 import sys
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -24,7 +26,26 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mer.data import Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
+from mer.cli import (
+    Interrupted,
+    UserError,
+    add_data_options,
+    add_model_options,
+    add_run_options,
+    check_data_options,
+    check_new_run,
+    check_resumable,
+    cleanup_on_failure,
+    command_name,
+    default_run_name,
+    deferred_interrupt,
+    epoch_line,
+    new_parser,
+    reject_options_on_resume,
+    resume_hint,
+    run_command,
+)
+from mer.data import EMBEDDED_NAMES, Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import task_metrics, valid_targets
 from mer.missing import batch_missing_mask, camhg_training_mask
 from mer.training import (
@@ -42,13 +63,12 @@ from mer.training import (
     init_distributed,
     make_generator,
     progress,
-    reject_options_on_resume,
     restore_rng_state,
     seed_everything,
     select_device,
 )
 
-from .config import PRESETS, CaMHGConfig, preset
+from .config import ABLATIONS, PRESETS, CaMHGConfig, preset
 from .model import CaMHG, CaMHGOutput
 
 VALIDATION_MISSING_RATE = 0.3  # validation sees a fixed random mask at this rate (the middle of Tables 2-3)
@@ -126,6 +146,44 @@ def phase_loss(model: torch.nn.Module, batch: Batch, present: torch.Tensor, eta:
     return loss, parts, out
 
 
+def dialogues_slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Dialogues ``start:stop`` of ``batch``, trimmed to the longest of them (right padding: the valid utterances'
+    outputs do not change, the causal masks never let them see padding)."""
+    length = int(batch.lengths[start:stop].max())
+    return Batch(features={m: x[start:stop, :length] for m, x in batch.features.items()},
+                 present=batch.present[start:stop, :length], speakers=batch.speakers[start:stop, :length],
+                 labels=batch.labels[start:stop, :length], valid=batch.valid[start:stop, :length],
+                 lengths=batch.lengths[start:stop], vids=batch.vids[start:stop])
+
+
+def backward_in_chunks(model: torch.nn.Module, batch: Batch, present: torch.Tensor, eta: float, phase: int,
+                       config: CaMHGConfig, info: DatasetInfo, *, rdrop: bool) -> tuple[torch.Tensor, dict]:
+    """``phase_loss(...).backward()`` for ``batch`` run over chunks of ``config.chunk_size`` dialogues, each loss
+    weighted by its share of the valid utterances; returns the weighted loss and parts (detached).
+
+    Every loss term is a mean over valid utterances, so the gradients equal those of the whole batch (up to float
+    rounding) except the MoE load-balancing term, which becomes the weighted mean of the chunks' ones. Memory grows
+    with the chunk, not the batch: the dense attention of the CPU path holds (chunk, heads, 3L, 3L) scores per layer.
+    """
+    size = config.chunk_size or batch.batch_size
+    starts = list(range(0, batch.batch_size, size))
+    total_valid = batch.valid.sum()
+    loss_sum, parts_sum = torch.zeros((), device=present.device), {}
+    for index, start in enumerate(starts):
+        chunk = dialogues_slice(batch, start, start + size)
+        weight = chunk.valid.sum() / total_valid
+        last = index == len(starts) - 1
+        synced = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+        with synced:
+            loss, parts, _ = phase_loss(model, chunk, present[start:start + size, :chunk.max_len], eta, phase,
+                                        config, info, rdrop=rdrop)
+            (loss * weight).backward()
+        loss_sum = loss_sum + weight * loss.detach()
+        for name, value in parts.items():
+            parts_sum[name] = parts_sum.get(name, 0.0) + weight * value.detach()
+    return loss_sum, parts_sum
+
+
 # ------------------------------------------------------------------------------------------------ optimisation
 def build_optimizer(model: CaMHG, phase: int, config: CaMHGConfig) -> torch.optim.Optimizer:
     """AdamW over what ``phase`` trains; phase 3 uses the differential learning rates of Table 6."""
@@ -201,19 +259,13 @@ def validate(model: CaMHG, dataset: DialogueDataset, phase: int, config: CaMHGCo
     return result
 
 
-def default_run_name(config: CaMHGConfig) -> str:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    suffix = "" if config.ablation == "full" else f"-{config.ablation}"
-    return f"{stamp}-seed{config.seed}{suffix}"
-
-
 def train(config: Optional[CaMHGConfig], *, run_dir: Path, resume: bool = False, ctx: Optional[DistContext] = None,
           **options) -> RunResult:
     """Train (or resume) one run in ``run_dir``; evaluate the final model on the test split when ``evaluate``.
 
-    Options: ``data_root``, ``stop_after_epoch``, ``evaluate``, ``plots``, ``device``, ``show_progress`` (see
-    ``_train``). The main process claims ``run_dir`` first (``claim_run_directory``): a second run on it fails at
-    once, changing nothing.
+    Options: ``data_root``, ``stop_after_epoch``, ``evaluate``, ``plots``, ``device``, ``show_progress``,
+    ``keep_every``, ``verbose`` (see ``_train``). The main process claims ``run_dir`` first
+    (``claim_run_directory``): a second run on it fails at once, changing nothing.
     """
     ctx = ctx or init_distributed()
     with claim_run_directory(run_dir, enabled=ctx.is_main, must_exist=resume):
@@ -222,13 +274,16 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, resume: bool = False,
 
 def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[str] = None, resume: bool = False,
            stop_after_epoch: Optional[int] = None, evaluate: bool = True, plots: bool = True,
-           device: str = "auto", show_progress: bool = True, ctx: DistContext) -> RunResult:
+           device: str = "auto", show_progress: bool = True, ctx: DistContext, keep_every: Optional[int] = None,
+           verbose: bool = False) -> RunResult:
     """``train`` once ``run_dir`` is claimed.
 
     With ``resume`` the configuration comes from the run's last checkpoint, the newest intact ``epoch_NNN.pt``
     when ``last.pt`` is damaged (``config`` is ignored, may be None).
 
     ``stop_after_epoch=k`` stops after the (1-based) k-th epoch, as a kill would (tests of exact resume).
+    Checkpoints: ``last.pt``, ``best.pt`` (best validation metric) and ``epoch_NNN.pt`` (epochs counted from 1) for
+    every ``keep_every``-th epoch (None: every epoch, 0: none). ``verbose``: an opening line and one line per epoch.
     Raises NonFiniteLossError (DivergedLossError), with the checkpoints written so far left in place, when a loss
     turns NaN or infinite or diverges (``LossGuard``).
     """
@@ -251,7 +306,7 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
     info = splits.info
     seed_everything(config.seed + ctx.rank)
     model = CaMHG(config, info.dims, info.num_classes).to(torch_device)
-    checkpoints = CheckpointManager(checkpoints_dir) if ctx.is_main else None
+    checkpoints = CheckpointManager(checkpoints_dir, keep_every=keep_every) if ctx.is_main else None
     logger = RunLogger(run_dir, step_name="epoch", enabled=ctx.is_main)
     guard = LossGuard(checkpoints)
     if ctx.is_main:
@@ -265,16 +320,24 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
     loader = make_loader(splits.train, config.batch_size, shuffle_generator=shuffle, sampler=sampler)
 
     epochs = effective_epochs(config, model)
-    total_epochs, start = sum(epochs), 0
+    total_epochs, start = sum(epochs), 0  # epochs are counted from 1; ``epoch`` below is the 0-based index
     optimizer = scheduler = None
+    say = print if verbose and ctx.is_main else (lambda *args, **kwargs: None)
+    say(f"CaM-HG ({config.ablation}) on {info.name}: {len(splits.train)} / "
+        f"{len(splits.valid) if splits.valid is not None else 0} / {len(splits.test)} train / valid / test dialogues, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters (float32), d = {config.hidden}, epochs "
+        f"{' + '.join(map(str, epochs))} (phases 1-3), device {torch_device}"
+        f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}; run folder {run_dir}", flush=True)
     if state is not None:
         model.set_phase(state["phase"])  # so that entering phase 3 after a resume still resets the gate bias
         model.load_state_dict(state["model"])
-        start = state["epoch"] + 1
+        start = state["epoch"]
         guard.checkpoint_saved(state["epoch"])
         shuffle.set_state(state["shuffle"])
         mask_generator.set_state(state["rank_states"][ctx.rank]["mask_generator"])
-        logger.drop_after(state["epoch"] + 1)
+        logger.drop_after(state["epoch"])
+        say(f"resuming after epoch {state['epoch']} of {total_epochs} (phase {state['phase']})", flush=True)
+    main_metric = "val_WAF1" if info.task == "classification" else "val_Acc2"
     current_phase = None
     try:
         for epoch in range(start, total_epochs):
@@ -287,36 +350,40 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
                     optimizer.load_state_dict(state["optimizer"])
                     scheduler.load_state_dict(state["scheduler"])
                 current_phase = phase
-                train_model = (DistributedDataParallel(model, find_unused_parameters=True) if ctx.enabled
-                               else model)
+                # every parameter that requires a gradient gets one in each phase (set_phase freezes the rest)
+                train_model = DistributedDataParallel(model) if ctx.enabled else model
             if state is not None and epoch == start:
                 # after every build step that consumed random numbers; each rank gets its own streams back
                 restore_rng_state(state["rank_states"][ctx.rank]["rng_state"])
             if sampler is not None:
                 sampler.set_epoch(epoch)
             train_model.train()
-            running = torch.zeros((), device=torch_device)
+            began = time.perf_counter()
+            running = {"loss": torch.zeros((), device=torch_device)}
             steps = 0
             for step, batch in enumerate(progress(loader, desc=f"phase {phase} epoch {epoch + 1}/{total_epochs}",
                                                   enabled=show_progress and ctx.is_main)):
                 batch = batch.to(torch_device)
                 present, eta = camhg_training_mask(batch, mask_generator)
-                loss, _, _ = phase_loss(train_model, batch, present, eta, phase, config, info,
-                                     rdrop=config.rdrop_alpha > 0)
-                guard.check(loss, epoch=epoch, phase=phase, where=f"phase {phase}, epoch {epoch + 1}, step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, parts = backward_in_chunks(train_model, batch, present, eta, phase, config, info,
+                                                 rdrop=config.rdrop_alpha > 0)
+                # after the backward, before the step: the model is unchanged when the guard stops the run
+                guard.check(loss, epoch=epoch, phase=phase, where=f"phase {phase}, epoch {epoch + 1}, step {step + 1}")
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    config.grad_clip)
                 optimizer.step()
-                running += loss.detach()
+                for name, value in {"loss": loss, **parts}.items():
+                    running[name] = running.get(name, 0.0) + value.detach()
                 steps += 1
-            train_loss = all_reduce_mean(running / max(steps, 1), ctx).item()
-            values = {"phase": phase, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"]}
+            means = {f"train_{name}": all_reduce_mean(total / max(steps, 1), ctx).item()
+                     for name, total in running.items()}
+            values = {"phase": phase, **means, "lr": optimizer.param_groups[0]["lr"]}
             if splits.valid is not None and len(splits.valid) > 0:
                 values.update(validate(model, splits.valid, phase, config, info, torch_device))
-            plateau_value = values.get("val_loss", train_loss)
+            values["seconds"] = time.perf_counter() - began
+            plateau_value = values.get("val_loss", values["train_loss"])
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(plateau_value)
             else:
@@ -326,110 +393,133 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
             rank_states = all_gather_objects({"rng_state": capture_rng_state(),
                                               "mask_generator": mask_generator.get_state()}, ctx)
             if ctx.is_main:
-                checkpoints.save({"config": config.to_dict(), "info": vars(info), "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "phase": phase, "shuffle": shuffle.get_state(), "rank_states": rank_states},
-                                 epoch=epoch)
-            guard.checkpoint_saved(epoch)
+                payload = {"config": config.to_dict(), "info": vars(info), "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "phase": phase, "shuffle": shuffle.get_state(), "rank_states": rank_states}
+                with deferred_interrupt():  # Ctrl-C waits for the checkpoint of this epoch
+                    checkpoints.save(payload, epoch=epoch + 1)
+                    if main_metric in values:
+                        checkpoints.save_best({**payload, "epoch": epoch + 1}, values[main_metric])
+                say(epoch_line(epoch + 1, total_epochs, f"phase {phase}", values), flush=True)
+            guard.checkpoint_saved(epoch + 1)
             barrier(ctx)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
     finally:
         logger.close()
+    if plots and ctx.is_main and (run_dir / "metrics.csv").is_file():
+        from mer.plots import plot_training_curves
+
+        plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png",
+                             title=f"CaM-HG ({config.ablation}) on {info.name}")
 
     tables = {}
     finished = stop_after_epoch is None or stop_after_epoch >= total_epochs
     if evaluate and finished and ctx.is_main:
         from .evaluate import evaluate_model
 
-        tables = evaluate_model(model, splits.test, info, config, run_dir, device=torch_device, plots=plots)
+        tables = evaluate_model(model, splits.test, info, config, run_dir, device=torch_device, plots=plots,
+                                show_progress=show_progress)
     barrier(ctx)
     return RunResult(run_dir, model, info, tables)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m camhg.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="embedded", choices=sorted(PRESETS),
-                        help="dataset and its Table 6 preset (default: embedded, generated, no files)")
-    parser.add_argument("--data-root", default=None, help="folder of the published features (not for embedded)")
-    parser.add_argument("--seed", type=int, default=0, help="initialisation, shuffling, dropout, training masks")
-    parser.add_argument("--data-seed", type=int, default=0, help="the embedded dataset and the validation split")
-    parser.add_argument("--ablation", default="full", help="full or a Table 4 variant (see camhg.config.ABLATIONS)")
-    parser.add_argument("--epochs", type=int, nargs=3, metavar=("K1", "K2", "K3"), default=None,
-                        help="epochs of the warm-up, generative pre-training and joint fine-tuning phases")
-    parser.add_argument("--hidden", type=int, default=None, help="model width d (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--dims", default=None, help="embedded only: 'full' or 'small' feature sizes")
-    parser.add_argument("--num-dialogues", type=int, default=None, help="embedded only: dataset size")
-    parser.add_argument("--runs-dir", default="runs", help="runs land in RUNS_DIR/camhg/<dataset>/<run-name>")
-    parser.add_argument("--run-name", default=None, help="default: a timestamp and the seed")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR exactly")
-    parser.add_argument("--stop-after-epoch", type=int, default=None, help="stop after this many epochs")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun picks per rank)")
-    parser.add_argument("--no-plots", action="store_true", help="skip the confusion-matrix plots")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+MODULE = "camhg.train"
+RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "plots", "progress", "keep_checkpoints")
+
+
+def build_parser():
+    parser = new_parser(MODULE, __doc__)
+    add_data_options(parser, sorted(PRESETS))
+    add_model_options(parser, epochs=("K1", "K2", "K3"),
+                      epochs_help="epochs of the three phases: discriminative warm-up, generative pre-training, "
+                                  "joint fine-tuning (Algorithm 1)")
+    add_run_options(parser, model="camhg", ablations=ABLATIONS)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    reject_options_on_resume(parser, args, allowed=("data_root", "stop_after_epoch", "device", "no_plots",
-                                                    "no_progress"))
+    reject_options_on_resume(parser, args, allowed=RESUME_OPTIONS)
     return args
 
 
-def preset_overrides(args: argparse.Namespace) -> dict:
-    """The preset overrides that the command-line options ``--epochs --hidden --batch-size --dims --num-dialogues``
-    ask for (shared by ``camhg.train`` and ``camhg.ablations``)."""
+def preset_overrides(args) -> dict:
+    """The preset overrides that ``--epochs --batch-size --lr --hidden --dropout --dims --num-dialogues`` ask for
+    (shared by ``camhg.train`` and ``camhg.ablations``)."""
     overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = tuple(args.epochs)
-    if args.hidden is not None:
-        overrides["hidden"] = args.hidden
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
+    for name in ("batch_size", "lr", "hidden", "dropout"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
     options = dict(PRESETS[args.dataset].get("dataset_options", {}))
     if args.dims is not None:
         options["dims"] = args.dims
     if args.num_dialogues is not None:
-        options["num_dialogues"] = args.num_dialogues
+        options["num_dialogues"] = tuple(args.num_dialogues)
     if options:
         overrides["dataset_options"] = options
     return overrides
 
 
-def config_from_args(args: argparse.Namespace) -> CaMHGConfig:
-    return preset(args.dataset, seed=args.seed, data_seed=args.data_seed, ablation=args.ablation,
-                  **preset_overrides(args))
+def config_from_args(args) -> CaMHGConfig:
+    try:
+        return preset(args.dataset, seed=args.seed, data_seed=args.data_seed, ablation=args.ablation,
+                      **preset_overrides(args))
+    except ValueError as error:  # combinations argparse cannot see (e.g. --hidden not a multiple of the heads)
+        raise UserError(str(error)) from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume is not None:
+        run_dir = args.resume
+        check_resumable(run_dir, finished_marker="missing_rates.json", evaluate_command="python -m camhg.evaluate")
+        config = None
+    else:
+        check_data_options(args, EMBEDDED_NAMES)
+        config = config_from_args(args)
+        run_dir = args.runs_dir / "camhg" / config.dataset / (args.run_name or default_run_name(config.ablation,
+                                                                                                config.seed))
+        if launch_rank() == 0:  # under torchrun rank 0 alone claims the folder
+            check_new_run(run_dir)
     ctx = init_distributed()
     try:
-        if args.resume is not None:
-            result = train(None, run_dir=Path(args.resume), resume=True, data_root=args.data_root,
-                           stop_after_epoch=args.stop_after_epoch, plots=not args.no_plots, device=args.device,
-                           show_progress=not args.no_progress, ctx=ctx)
-        else:
-            config = config_from_args(args)
-            run_dir = Path(args.runs_dir) / "camhg" / config.dataset / (args.run_name or default_run_name(config))
-            result = train(config, run_dir=run_dir, data_root=args.data_root,
-                           stop_after_epoch=args.stop_after_epoch, plots=not args.no_plots, device=args.device,
-                           show_progress=not args.no_progress, ctx=ctx)
+        with cleanup_on_failure(run_dir):
+            result = train(config, run_dir=run_dir, resume=args.resume is not None, data_root=args.data_root,
+                           stop_after_epoch=args.stop_after_epoch, plots=args.plots, device=args.device,
+                           show_progress=args.progress, ctx=ctx, keep_every=args.keep_checkpoints, verbose=True)
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(command_name(MODULE), run_dir)) from None
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
-    # bad arguments, data or run folder: say so, no traceback
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad data or run folder: one line
+        raise UserError(str(error)) from None
     finally:
         cleanup_distributed(ctx)
     if ctx.is_main:
         for table in result.tables.values():
             table.print()
-        print(f"run saved under {result.run_dir}")
+        if args.stop_after_epoch is not None and not result.tables:
+            print(f"stopped after epoch {args.stop_after_epoch}; resume with: "
+                  f"{command_name(MODULE)} --resume {run_dir}")
+        print(f"run folder: {result.run_dir}")
     return 0
 
 
+def launch_rank() -> int:
+    """This process's torchrun rank before the process group exists (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def cli(argv=None) -> int:
+    """Console script ``camhg-train``."""
+    return run_command(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -1,22 +1,37 @@
 """Paper Table 1 (full model) and Table 2 (full model and four ablations) over several seeds, mean ± std.
 
 ``python -m carn.ablations --seeds 0 1 2`` trains every variant of ``carn.config.ABLATIONS`` once per seed with
-``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/``), evaluates each under the six
-available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv) under ``results/carn/``.
+``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/<sweep-name>/``; a finished run with the
+same configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped),
+evaluates each under the six available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv)
+under ``results/carn/``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import json
+import sys
 import time
 from pathlib import Path
 
-from mer.data import DATASET_NAMES
+from mer.cli import (
+    Interrupted,
+    UserError,
+    add_data_options,
+    add_model_options,
+    add_sweep_options,
+    check_data_options,
+    fraction,
+    has_checkpoint,
+    new_parser,
+    run_command,
+)
+from mer.data import DATASET_NAMES, EMBEDDED_NAMES
 from mer.metrics import ResultTable, mean_and_spread
 
-from .config import ABLATION_TITLES, ABLATIONS, preset
+from .config import ABLATION_TITLES, ABLATIONS, model_config_for, preset, to_dict
 from .evaluate import table_columns
-from .train import DataSpec, run_training
+from .train import DataSpec, data_spec, run_training, train_config_of
 
 
 def merged(rows: dict[str, ResultTable], task: str, title: str) -> ResultTable:
@@ -27,63 +42,73 @@ def merged(rows: dict[str, ResultTable], task: str, title: str) -> ResultTable:
     return table
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
-    parser.add_argument("--dataset", default="embedded", choices=DATASET_NAMES)
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--num-dialogues", type=int, nargs=3, default=None, metavar=("TRAIN", "VALID", "TEST"),
-                        help="embedded dataset sizes (default: the generator's)")
-    parser.add_argument("--epochs-stage1", type=int, default=None)
-    parser.add_argument("--epochs-stage2", type=int, default=None)
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--out", type=Path, default=Path("results/carn"))
-    parser.add_argument("--sweep-name", default=None, help="runs go to runs/carn/<dataset>/ablations/<name>")
-    parser.add_argument("--collect-only", action="store_true",
-                        help="train nothing: build the tables from the runs of --sweep-name (several processes "
-                        "may share a sweep, e.g. one per ablation)")
-    args = parser.parse_args(argv)
-    if args.collect_only and args.sweep_name is None:
-        parser.error("--collect-only needs the --sweep-name of the runs to collect")
+def run_variant(data: DataSpec, splits, *, seed: int, ablation: str, overrides: dict, train_config, run_dir: Path,
+                device: str, show_progress: bool, collect_only: bool) -> ResultTable:
+    """The Table 1 row of one (variant, seed) run: reused when it finished with the same configuration, resumed
+    when it was stopped, trained otherwise (``collect_only``: only reused)."""
+    finished, started = run_dir / "table1.json", has_checkpoint(run_dir)
+    if finished.exists() or started:
+        wanted = {"model_config": to_dict(model_config_for(splits.info, data.dataset, ablation=ablation, **overrides)),
+                  "train_config": to_dict(train_config), "data": dataclasses.asdict(data), "seed": seed,
+                  "ablation": ablation}
+        if json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(wanted, default=str)):
+            raise UserError(f"{run_dir} holds a run with another configuration: delete it or pass another "
+                            f"--sweep-name")
+    if collect_only and not finished.exists():
+        raise UserError(f"--collect-only: {run_dir} holds no finished run; train it first (without --collect-only)")
+    if finished.exists():
+        print(f"{run_dir.name}: reusing the finished run", flush=True)
+    else:
+        began = time.perf_counter()
+        result = run_training(data, seed=seed, ablation=ablation, model_overrides=overrides,
+                              train_config=train_config, run_dir=run_dir, resume=started, device=device,
+                              show_progress=show_progress, make_plots=False, splits=splits, verbose=False,
+                              keep_every=0)
+        print(f"{run_dir.name}: {'resumed' if started else 'trained'}, average {result.results['Average']} "
+              f"({time.perf_counter() - began:.0f} s)", flush=True)
+    return ResultTable.load(finished)
 
-    options = dict(preset(args.dataset).dataset_options)
-    if args.num_dialogues is not None:
-        options["num_dialogues"] = tuple(args.num_dialogues)
-    data = DataSpec(args.dataset, args.data_root, args.data_seed, options)
-    splits = data.load()
-    epochs = {k: v for k, v in {"epochs_stage1": args.epochs_stage1, "epochs_stage2": args.epochs_stage2}.items()
-              if v is not None}
-    train_config = dataclasses.replace(preset(args.dataset).train, **epochs)
-    overrides = {"hidden": args.hidden} if args.hidden is not None else {}
-    sweep = args.runs_dir / "carn" / args.dataset / "ablations" / (args.sweep_name or time.strftime("%Y%m%d-%H%M%S"))
+
+MODULE = "carn.ablations"
+
+
+def build_parser():
+    parser = new_parser(MODULE, __doc__)
+    add_data_options(parser, DATASET_NAMES)
+    add_model_options(parser, epochs=("E1", "E2"),
+                      epochs_help="epochs of the two stages: full modalities, then randomly missing ones (section 3.4)")
+    parser.add_argument("--missing-rate", type=fraction, default=None,
+                        help="CARN only: eta of the stage-2 random masks (default: the preset's)")
+    add_sweep_options(parser, model="carn", ablations=list(ABLATIONS))
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_data_options(args, EMBEDDED_NAMES)
+    data, train_config = data_spec(args), train_config_of(args)
+    overrides = {k: v for k, v in {"hidden": args.hidden, "dropout": args.dropout}.items() if v is not None}
+    try:
+        splits = data.load()
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(str(error)) from None
+    sweep = args.runs_dir / "carn" / args.dataset / "ablations" / args.sweep_name
+    per_seed = []
     for seed in args.seeds:
-        for ablation in args.ablations:
-            if args.collect_only:
-                continue
-            began = time.perf_counter()
-            result = run_training(
-                data, seed=seed, ablation=ablation, model_overrides=overrides, train_config=train_config,
-                run_dir=sweep / f"{ablation}-seed{seed}", device=args.device, show_progress=False,
-                make_plots=False, splits=splits, verbose=False,
-            )
-            print(f"seed {seed} {ablation}: average {result.results['Average']} "
-                  f"({time.perf_counter() - began:.0f} s)", flush=True)
-    if not {"full"} <= set(args.ablations):
-        return None  # a partial sweep: another process (or --collect-only) writes the tables
+        per_seed.append({
+            ABLATION_TITLES[ablation]: run_variant(data, splits, seed=seed, ablation=ablation, overrides=overrides,
+                                                   train_config=train_config, run_dir=sweep / f"{ablation}-seed{seed}",
+                                                   device=args.device, show_progress=args.progress,
+                                                   collect_only=args.collect_only)
+            for ablation in args.ablations})
+    if "full" not in args.ablations:
+        print("no table written: the sweep lacks the full model (another process, or --collect-only, writes them)")
+        return 0
     task = splits.info.task
-    # Each run saved its own Table 1 row (run_training); the sweep's tables are built from those files.
-    per_seed = [
-        {ABLATION_TITLES[a]: ResultTable.load(sweep / f"{a}-seed{seed}" / "table1.json") for a in args.ablations}
-        for seed in args.seeds
-    ]
     hidden = overrides.get("hidden", preset(args.dataset).model.get("hidden"))
     caption = (f"CARN on {args.dataset} (test split; {train_config.epochs_stage1}+{train_config.epochs_stage2} epochs, "
                f"hidden {hidden}, batch {train_config.batch_size}, lr {train_config.lr:g}, "
-               f"dataset options {options}; seeds {args.seeds})")
+               f"dataset options {data.dataset_options}; seeds {args.seeds})")
     full = ABLATION_TITLES["full"]
     tables = {
         "table1": mean_and_spread([merged({full: rows[full]}, task, f"Table 1: {caption}") for rows in per_seed]),
@@ -93,8 +118,22 @@ def main(argv=None):
     for name, table in tables.items():
         table.print()
         table.save(args.out / name)
-    return tables
+    return 0
+
+
+def cli(argv=None) -> int:
+    """Console script ``carn-ablations``."""
+    return run_command(resumable_main, argv)
+
+
+def resumable_main(argv=None) -> int:
+    """``main``; after Ctrl-C, says that the same command continues the sweep."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
+                          "stopped one resumes from its last checkpoint)") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

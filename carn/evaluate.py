@@ -1,13 +1,15 @@
 """Evaluate CARN under the paper's six fixed available-modality conditions (Table 1 layout).
 
-``python -m carn.evaluate runs/carn/embedded/<run>/checkpoints/last.pt`` rebuilds the model from a checkpoint
-written by ``carn.train``, evaluates it on the test split and prints (and saves beside the checkpoint's run) the
-table: WA/UA per condition and their average for emotion classes, Acc2/F1 for sentiment.
+    python -m carn.evaluate runs/carn/embedded/RUN                        # the run's checkpoints/last.pt
+    python -m carn.evaluate runs/carn/embedded/RUN/checkpoints/best.pt
+
+rebuilds the model from a checkpoint written by ``carn.train``, evaluates it on the test split and prints (and saves
+to the run's ``evaluation/`` folder, or ``--out``) the table: WA/UA per condition and their average for emotion
+classes, Acc2/F1 for sentiment, and the per-class accuracy plot.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+import sys
 
 import numpy as np
 import torch
@@ -16,7 +18,8 @@ from torch.utils.data import DataLoader
 from mer.data import DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import condition_mask
-from mer.training import CheckpointError, load_checkpoint, select_device
+from mer.cli import UserError, add_evaluate_options, checkpoint_of, new_parser, run_command, run_folder_of
+from mer.training import CheckpointError, load_checkpoint, progress, select_device
 
 from .config import ModelConfig
 from .model import CARN
@@ -52,11 +55,12 @@ def predict(model: CARN, dataset: DialogueDataset, condition: str, *, batch_size
     return np.concatenate(truths), np.concatenate(predictions)
 
 
-def evaluate_conditions(model: CARN, dataset: DialogueDataset, *, batch_size: int = 16, device="cpu") -> dict:
+def evaluate_conditions(model: CARN, dataset: DialogueDataset, *, batch_size: int = 16, device="cpu",
+                        show_progress: bool = False) -> dict:
     """{condition: metrics} for the six conditions, plus "Average" of the two table metrics over them."""
     task = model.config.task
     results = {}
-    for condition in CONDITION_ORDER:
+    for condition in progress(CONDITION_ORDER, desc="test: modality conditions", enabled=show_progress):
         y_true, y_pred = predict(model, dataset, condition, batch_size=batch_size, device=device)
         results[condition] = task_metrics(task, y_true, y_pred)
     results["Average"] = {n: float(np.mean([results[c][n] for c in CONDITION_ORDER])) for n in metric_names(task)}
@@ -98,45 +102,73 @@ def per_class_accuracy(model: CARN, dataset: DialogueDataset, class_names: list[
 
 def load_model(checkpoint: dict, device) -> CARN:
     """The CARN of a ``carn.train`` checkpoint, on ``device``, in eval mode."""
+    if "config" in checkpoint and "phase" in checkpoint:
+        raise UserError("this is a CaM-HG checkpoint: evaluate it with python -m camhg.evaluate")
+    missing = [key for key in ("model_config", "model", "data", "epoch") if key not in checkpoint]
+    if missing:
+        raise UserError(f"checkpoint lacks {missing}: not a carn.train checkpoint")
     model = CARN(ModelConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
 
 
-def main(argv=None) -> ResultTable:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a .pt file written by carn.train (last.pt, epoch_NNN.pt)")
-    parser.add_argument("--data-root", default=None, help="published features (defaults to the training run's)")
-    parser.add_argument("--split", choices=("test", "valid"), default="test")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    if not args.checkpoint.is_file():
-        parser.error(f"checkpoint {args.checkpoint} does not exist")
+MODULE = "carn.evaluate"
+
+
+def build_parser():
+    parser = new_parser(MODULE, __doc__)
+    add_evaluate_options(parser, model="carn")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    path = checkpoint_of(args.checkpoint)
     try:  # this file alone, loaded without running code
-        state = load_checkpoint(args.checkpoint, required=("model", "model_config", "data", "epoch"))
+        state = load_checkpoint(path)
     except CheckpointError as error:
-        parser.error(str(error))
-    data = state["data"]
-    splits = load_dataset(
-        data["dataset"], args.data_root or data["data_root"], seed=data["data_seed"], **data["dataset_options"]
-    )
-    dataset = splits.test if args.split == "test" else splits.valid
-    if dataset is None:
-        parser.error(f"dataset {data['dataset']!r} has no {args.split} split")
+        raise UserError(str(error)) from None
     device = select_device(args.device)
     try:
         model = load_model(state, device)
     except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CARN
-        parser.error(f"{args.checkpoint} is not a usable carn.train checkpoint: {error}")
-    results = evaluate_conditions(model, dataset, batch_size=args.batch_size, device=device)
+        raise UserError(f"{path} is not a usable carn.train checkpoint: {error}") from None
+    data = state["data"]
+    if args.data_root is not None and not args.data_root.is_dir():
+        raise UserError(f"--data-root {args.data_root} is not a folder")
+    try:
+        splits = load_dataset(data["dataset"], args.data_root or data["data_root"], seed=data["data_seed"],
+                              **data["dataset_options"])
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(f"{error} (the run was trained on {data['dataset']}; pass its --data-root)") from None
+    dataset = splits.test if args.split == "test" else splits.valid
+    if dataset is None or len(dataset) == 0:
+        raise UserError(f"dataset {data['dataset']} has no {args.split} split")
+    out_dir = args.out or run_folder_of(path) / "evaluation"
+    print(f"evaluating {path} on {data['dataset']} {args.split} ({len(dataset)} dialogues), device {device}; "
+          f"results go to {out_dir}", flush=True)
+    results = evaluate_conditions(model, dataset, batch_size=args.batch_size, device=device,
+                                  show_progress=args.progress)
     title = f"CARN on {data['dataset']} ({args.split} split, checkpoint epoch {state['epoch']})"
     table = results_table({state.get("row_name", "CARN"): results}, model.config.task, title)
     table.print()
-    stem = args.checkpoint.parent.parent / f"evaluation_{args.checkpoint.stem}_{args.split}"
-    table.save(stem)
-    return table
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.save(out_dir / f"table1_{path.stem}_{args.split}")
+    if args.plots and model.config.task == "classification":
+        from mer.plots import plot_per_class_accuracy
+
+        per_class = per_class_accuracy(model, dataset, splits.info.class_names, batch_size=args.batch_size,
+                                       device=device)
+        plot_per_class_accuracy(per_class, out_dir / f"per_class_accuracy_{path.stem}_{args.split}.png",
+                                title="CARN accuracy per class and available modalities")
+    print(f"results saved under {out_dir}")
+    return 0
+
+
+def cli(argv=None) -> int:
+    """Console script ``carn-evaluate``."""
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -4,15 +4,19 @@ Two stages (paper section 3.4): stage 1 on full modalities (per-modality cross-e
 loss), stage 2 on randomly missing modalities (fused cross-entropy + reconstruction MSE of the missing parts).
 Then the test split is evaluated under the six available-modality conditions (paper Table 1).
 
-Everything of a run goes to ``runs/carn/<dataset>/<run-name>/``: ``checkpoints/`` (every epoch, ``last.pt``),
-``metrics.csv`` (+ TensorBoard when installed), ``table1.{md,json,csv}``, and the plots (causal attention maps of
-paper Fig. 4, per-class accuracy of Fig. 3, training curves). ``--resume RUN_DIR`` continues a stopped run exactly
-(bit for bit on CPU); ``--dataset iemocap4 --data-root DIR`` trains on published features.
+    python -m carn.train                                   # embedded dataset, CPU-sized, under a minute
+    python -m carn.train --dataset iemocap4 --data-root DATA
+    python -m carn.train --resume runs/carn/embedded/RUN   # continue a stopped run exactly
+
+Everything of a run goes to ``runs/carn/<dataset>/<run-name>/``: ``config.json``, ``checkpoints/`` (``last.pt``,
+``best.pt``, every ``--keep-checkpoints``-th ``epoch_NNN.pt``), ``metrics.csv`` (+ TensorBoard when installed),
+``table1.{md,json,csv}``, and the plots (causal attention maps of paper Fig. 4, per-class accuracy of Fig. 3,
+training curves). ``--resume RUN_DIR`` continues a stopped run exactly (bit for bit on CPU).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +27,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mer.data import DATASET_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
+from mer.cli import (
+    Interrupted,
+    UserError,
+    add_data_options,
+    add_model_options,
+    add_run_options,
+    check_data_options,
+    check_new_run,
+    check_resumable,
+    cleanup_on_failure,
+    command_name,
+    default_run_name,
+    deferred_interrupt,
+    epoch_line,
+    fraction,
+    new_parser,
+    reject_options_on_resume,
+    resume_hint,
+    run_command,
+)
+from mer.data import DATASET_NAMES, EMBEDDED_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
 from mer.metrics import ResultTable
 from mer.missing import batch_missing_mask
 from mer.training import (
@@ -34,7 +58,6 @@ from mer.training import (
     claim_run_directory,
     make_generator,
     progress,
-    reject_options_on_resume,
     restore_rng_state,
     seed_everything,
     select_device,
@@ -129,6 +152,7 @@ def _run_training(
     make_plots: bool = True,
     splits: Optional[DatasetSplits] = None,
     verbose: bool = True,
+    keep_every: Optional[int] = None,
 ) -> RunResult:
     """``run_training`` once ``run_dir`` is claimed.
 
@@ -137,15 +161,19 @@ def _run_training(
     ``NonFiniteLossError`` with the checkpoints written so far left in place.
     ``stop_after_epoch=k`` stops after epoch k as a killed run would (no evaluation): tests resume from there.
     ``splits`` skips loading ``data`` (tests pass an already generated dataset).
+    Checkpoints: ``last.pt``, ``best.pt`` (best stage-2 validation average WA, or Acc2) and ``epoch_NNN.pt`` for every
+    ``keep_every``-th epoch (None: every epoch, 0: none).
     """
     say = print if verbose else (lambda *args, **kwargs: None)
     device = select_device(device) if isinstance(device, str) else device
-    checkpoints = CheckpointManager(run_dir / "checkpoints")
+    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_every=keep_every)
     state = checkpoints.latest(required=RESUME_KEYS) if resume else None
     if resume and state is None:
         raise ValueError(f"resume=True but {checkpoints.last_path} does not exist")
     if state is not None:  # the saved run decides the configuration
+        data_root = data.data_root  # the data may have moved since: a given root wins
         data, seed, ablation = DataSpec(**state["data"]), state["seed"], state["ablation"]
+        data.data_root = data_root or data.data_root
         train_config = TrainConfig(**state["train_config"])
     elif checkpoints.has_checkpoints():
         raise ValueError(f"{run_dir} already holds a run; pass resume=True (--resume) or choose another run name")
@@ -173,9 +201,19 @@ def _run_training(
         restore_rng_state(state["rng_state"])
         start = state["epoch"] + 1
         logger.drop_after(state["epoch"])
-        say(f"resuming {run_dir} after epoch {state['epoch']}")
-    say(f"CARN ({ablation}) on {data.dataset}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{train_config.epochs_stage1} + {train_config.epochs_stage2} epochs, device {device}")
+    else:
+        (run_dir / "config.json").write_text(json.dumps({
+            "model_config": to_dict(model_config), "train_config": to_dict(train_config),
+            "data": dataclasses.asdict(data), "seed": seed, "ablation": ablation}, indent=2, default=str))
+    valid_size = len(splits.valid) if splits.valid is not None else 0
+    say(f"CARN ({ablation}) on {data.dataset}: {len(splits.train)} / {valid_size} / {len(splits.test)} train / valid / "
+        f"test dialogues, {sum(p.numel() for p in model.parameters()):,} parameters (float32), hidden "
+        f"{model_config.hidden}, epochs {train_config.epochs_stage1} + {train_config.epochs_stage2} (stages 1-2), "
+        f"device {device}; run folder {run_dir}", flush=True)
+    if state is not None:
+        say(f"resuming after epoch {state['epoch']} of {train_config.epochs} "
+            f"(stage {train_config.stage_of(state['epoch'])})", flush=True)
+    main_metric = "valid_average_" + metric_names(model_config.task)[0]
 
     task = model_config.task
     last_epoch = start - 1
@@ -192,33 +230,38 @@ def _run_training(
             for name in metric_names(task):
                 values[f"valid_average_{name}"] = valid_results["Average"][name]
         logger.log(epoch, values)
-        checkpoints.save({
+        payload = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(),
             "model_config": to_dict(model_config), "train_config": to_dict(train_config),
             "data": dataclasses.asdict(data), "seed": seed, "ablation": ablation,
             "row_name": ABLATION_TITLES[ablation],
-        }, epoch=epoch)
+        }
+        with deferred_interrupt():  # Ctrl-C waits for the checkpoint of this epoch
+            checkpoints.save(payload, epoch=epoch)
+            if stage == 2 and main_metric in values:  # stage 1 does not train the fused classifier
+                checkpoints.save_best({**payload, "epoch": epoch}, values[main_metric])
         guard.checkpoint_saved(epoch)
-        say(f"epoch {epoch} (stage {stage}): " + ", ".join(
-            f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
+        say(epoch_line(epoch, train_config.epochs, f"stage {stage}", values), flush=True)
         last_epoch = epoch
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             logger.close()
             return RunResult(model, run_dir, None, None, last_epoch)
     logger.close()
 
-    results = evaluate_conditions(model, splits.test, batch_size=train_config.batch_size, device=device)
+    results = evaluate_conditions(model, splits.test, batch_size=train_config.batch_size, device=device,
+                                  show_progress=show_progress)
     title = (f"CARN on {data.dataset} (test split, seed {seed}, {train_config.epochs_stage1}+"
              f"{train_config.epochs_stage2} epochs, hidden {model_config.hidden})")
     table = results_table({ABLATION_TITLES[ablation]: results}, task, title)
     table.save(run_dir / "table1")
     if make_plots:
-        save_plots(model, splits, run_dir, batch_size=train_config.batch_size, device=device)
+        save_plots(model, splits, run_dir, batch_size=train_config.batch_size, device=device, ablation=ablation)
     return RunResult(model, run_dir, results, table, last_epoch)
 
 
 @torch.no_grad()
-def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size: int, device) -> None:
+def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size: int, device,
+               ablation: str = "full") -> None:
     """Paper Fig. 4 (causal attention per modality on the first test dialogue), Fig. 3 (per-class accuracy per
     condition) and the training curves."""
     from mer.plots import plot_attention_maps, plot_per_class_accuracy, plot_training_curves
@@ -235,59 +278,90 @@ def save_plots(model: CARN, splits: DatasetSplits, run_dir: Path, *, batch_size:
         per_class = per_class_accuracy(model, splits.test, splits.info.class_names, batch_size=batch_size, device=device)
         plot_per_class_accuracy(per_class, run_dir / "per_class_accuracy.png",
                                 title="CARN accuracy per class and available modalities")
-    plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
+    plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png",
+                         title=f"CARN ({ablation}) on {splits.info.name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="embedded", choices=DATASET_NAMES)
-    parser.add_argument("--data-root", default=None, help="directory of the published features")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the embedded dataset / splits")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, dropout, masks")
-    parser.add_argument("--ablation", default="full", choices=sorted(ABLATIONS))
-    parser.add_argument("--epochs-stage1", type=int, default=None)
-    parser.add_argument("--epochs-stage2", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--missing-rate", type=float, default=None, help="eta of the stage-2 random masks")
-    parser.add_argument("--hidden", type=int, default=None)
-    parser.add_argument("--dropout", type=float, default=None)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--run-name", default=None, help="default: the ablation, seed and time")
-    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue this stopped run")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no-plots", action="store_true")
+MODULE = "carn.train"
+RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "plots", "progress", "keep_checkpoints")
+
+
+def build_parser():
+    parser = new_parser(MODULE, __doc__)
+    add_data_options(parser, DATASET_NAMES)
+    add_model_options(parser, epochs=("E1", "E2"),
+                      epochs_help="epochs of the two stages: full modalities, then randomly missing ones (section 3.4)")
+    parser.add_argument("--missing-rate", type=fraction, default=None,
+                        help="CARN only: eta of the stage-2 random masks (default: the preset's)")
+    add_run_options(parser, model="carn", ablations=sorted(ABLATIONS))
     return parser
 
 
-def main(argv=None) -> RunResult:
+def data_spec(args) -> DataSpec:
+    """The data that ``--dataset --data-root --data-seed --dims --num-dialogues`` describe."""
+    options = dict(preset(args.dataset).dataset_options)
+    if args.dims is not None:
+        options["dims"] = args.dims
+    if args.num_dialogues is not None:
+        options["num_dialogues"] = tuple(args.num_dialogues)
+    return DataSpec(args.dataset, None if args.data_root is None else str(args.data_root), args.data_seed, options)
+
+
+def train_config_of(args) -> TrainConfig:
+    """The preset's TrainConfig with ``--epochs --batch-size --lr --missing-rate`` applied."""
+    overrides = {"batch_size": args.batch_size, "lr": args.lr, "missing_rate": getattr(args, "missing_rate", None)}
+    if args.epochs is not None:
+        overrides.update(epochs_stage1=args.epochs[0], epochs_stage2=args.epochs[1])
+    try:
+        return dataclasses.replace(preset(args.dataset).train, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as error:  # e.g. --epochs 0 0
+        raise UserError(f"--epochs: {error}") from None
+
+
+def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reject_options_on_resume(parser, args, allowed=("data_root", "device", "no_plots", "no_progress"))
-    data = DataSpec(args.dataset, args.data_root, args.data_seed, dict(preset(args.dataset).dataset_options))
-    overrides = {"epochs_stage1": args.epochs_stage1, "epochs_stage2": args.epochs_stage2,
-                 "batch_size": args.batch_size, "lr": args.lr, "missing_rate": args.missing_rate}
-    train_config = dataclasses.replace(preset(args.dataset).train, **{k: v for k, v in overrides.items() if v is not None})
-    model_overrides = {k: v for k, v in {"hidden": args.hidden, "dropout": args.dropout}.items() if v is not None}
+    reject_options_on_resume(parser, args, allowed=RESUME_OPTIONS)
     if args.resume is not None:
         run_dir = args.resume
+        check_resumable(run_dir, finished_marker="table1.json", evaluate_command="python -m carn.evaluate")
+        data, train_config = DataSpec(), None  # the run's own, from its checkpoint
+        if args.data_root is not None:
+            data = DataSpec(data_root=str(args.data_root))
     else:
-        name = args.run_name or f"{args.ablation}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = args.runs_dir / "carn" / args.dataset / name
+        check_data_options(args, EMBEDDED_NAMES)
+        data, train_config = data_spec(args), train_config_of(args)
+        run_dir = args.runs_dir / "carn" / args.dataset / (args.run_name or default_run_name(args.ablation, args.seed))
+        check_new_run(run_dir)
+    model_overrides = {k: v for k, v in {"hidden": args.hidden, "dropout": args.dropout}.items() if v is not None}
     began = time.perf_counter()
     try:
-        result = run_training(
-            data, seed=args.seed, ablation=args.ablation, model_overrides=model_overrides, train_config=train_config,
-            run_dir=run_dir, resume=args.resume is not None, device=args.device, show_progress=not args.no_progress,
-            make_plots=not args.no_plots,
-        )
+        with cleanup_on_failure(run_dir):
+            result = run_training(
+                data, seed=args.seed, ablation=args.ablation, model_overrides=model_overrides,
+                train_config=train_config, run_dir=run_dir, resume=args.resume is not None, device=args.device,
+                show_progress=args.progress, make_plots=args.plots, stop_after_epoch=args.stop_after_epoch,
+                keep_every=args.keep_checkpoints,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(command_name(MODULE), run_dir)) from None
     except NonFiniteLossError as error:
-        sys.exit(f"training stopped: {error}")
-    result.table.print()
-    print(f"run directory: {result.run_dir} ({time.perf_counter() - began:.0f} s)")
-    return result
+        print(f"training stopped: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad data or run folder: one line
+        raise UserError(str(error)) from None
+    if result.table is not None:
+        result.table.print()
+    else:
+        print(f"stopped after epoch {result.completed_epochs}; resume with: {command_name(MODULE)} --resume {run_dir}")
+    print(f"run folder: {result.run_dir} ({time.perf_counter() - began:.0f} s)")
+    return 0
+
+
+def cli(argv=None) -> int:
+    """Console script ``carn-train``."""
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

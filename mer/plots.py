@@ -177,15 +177,56 @@ def panel_of(column: str) -> str:
     return column
 
 
+_SPLIT_NAMES = {"train": "train", "valid": "validation", "val": "validation", "test": "test"}
+PERIOD_COLUMNS = ("phase", "stage")  # drawn as shaded spans behind the curves, not as curves
+_SPAN_COLORS = ("#e8eef7", "#f7efe2", "#e9f3e6", "#f3e6ef")
+
+
+def split_of(column: str) -> Optional[str]:
+    """The split a column belongs to, spelled out (``val_loss`` -> ``validation``), None without a split prefix."""
+    for separator in ("/", "_"):
+        split, _, metric = column.partition(separator)
+        if metric and split in _SPLIT_NAMES:
+            return _SPLIT_NAMES[split]
+    return None
+
+
+def _periods(steps: np.ndarray, values: np.ndarray) -> list[tuple[float, float, int]]:
+    """Runs of one value of a phase/stage column: [(first step - 0.5, last step + 0.5, value)]."""
+    spans = []
+    for step, value in zip(steps, values):
+        if spans and spans[-1][2] == int(value):
+            spans[-1] = (spans[-1][0], step + 0.5, int(value))
+        else:
+            spans.append((step - 0.5, step + 0.5, int(value)))
+    return spans
+
+
+def _with_gaps(steps: np.ndarray, values: np.ndarray, logged_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A NaN between two points when another metric was logged at a step between them: no line across the epochs
+    a metric skipped (e.g. the task loss during CaM-HG's phase 2)."""
+    out_steps, out_values = [steps[0]], [values[0]]
+    for (before, after), value in zip(zip(steps[:-1], steps[1:]), values[1:]):
+        if ((logged_steps > before) & (logged_steps < after)).any():
+            out_steps.append((before + after) / 2)
+            out_values.append(np.nan)
+        out_steps.append(after)
+        out_values.append(value)
+    return np.asarray(out_steps), np.asarray(out_values)
+
+
 def plot_training_curves(csv_path: PathLike, path: PathLike, title: Optional[str] = None) -> Path:
     """One panel per metric of a RunLogger ``metrics.csv``, against its first (step or epoch) column.
 
-    The splits of one metric share a panel (``train/loss`` and ``valid/loss``, or ``train_loss`` and ``val_loss``:
-    see :func:`panel_of`); the wall-clock ``seconds`` column is left out. Empty cells (a metric not logged at that
-    step) are skipped.
+    The splits of one metric share a panel, labelled train / validation (``train/loss`` and ``valid/loss``, or
+    ``train_loss`` and ``val_loss``: see :func:`panel_of`); a ``phase`` or ``stage`` column shades the panels' spans
+    of each phase instead of being drawn; the wall-clock ``seconds`` column is left out; the x axis has integer
+    ticks. Empty cells (a metric not logged at that step) are skipped.
     """
     step_name, curves = _read_metrics(csv_path)
     curves.pop("seconds", None)
+    period_name = next((name for name in PERIOD_COLUMNS if name in curves), None)
+    spans = _periods(*curves.pop(period_name)) if period_name else []
     if not curves:
         raise ValueError(f"{csv_path} has no numeric metric column")
     panels: dict[str, list[str]] = {}
@@ -194,19 +235,34 @@ def plot_training_curves(csv_path: PathLike, path: PathLike, title: Optional[str
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
 
-    figure = Figure(figsize=(4.2 * ncols, 3.0 * nrows + (0.4 if title else 0.0)), layout="constrained")
+    logged_steps = np.unique(np.concatenate([steps for steps, _ in curves.values()]))
+    figure = Figure(figsize=(4.2 * ncols, 3.0 * nrows + (0.7 if title or spans else 0.0)), layout="constrained")
     grid = figure.subplots(nrows, ncols, squeeze=False)
     for axes, (metric, columns) in zip(grid.flat, panels.items()):
+        for start, stop, value in spans:
+            axes.axvspan(start, stop, color=_SPAN_COLORS[(value - 1) % len(_SPAN_COLORS)], zorder=0, linewidth=0)
         for column in columns:
-            steps, values = curves[column]
-            axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=column)
-        axes.set_title(metric, fontsize=10)
+            steps, values = _with_gaps(*curves[column], logged_steps)
+            axes.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
+                      label=split_of(column) or column)
+        splits = [split_of(column) for column in columns]
+        named = " / ".join(s for s in splits if s)
+        name = "learning rate" if metric == "lr" else metric
+        axes.set_title(f"{name} ({named})" if named else name, fontsize=10)
         axes.set_xlabel(step_name)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         if len(columns) > 1:
             axes.legend(fontsize=8)
     for axes in list(grid.flat)[len(panels):]:
         axes.set_axis_off()
+    if spans:  # one legend for the shaded phases or stages
+        from matplotlib.patches import Patch
+
+        values = sorted({value for _, _, value in spans})
+        figure.legend([Patch(color=_SPAN_COLORS[(v - 1) % len(_SPAN_COLORS)]) for v in values],
+                      [f"{period_name} {v}" for v in values], loc="outside lower center", ncols=len(values),
+                      fontsize=8, frameon=False)
     if title:
         figure.suptitle(title)
     return _save(figure, path)

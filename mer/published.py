@@ -1,6 +1,8 @@
 """Readers of the published utterance features that GCNet, MoMKE, SDR-GNN and FedDISC use.
 
-Layout under ``data_root`` (or under ``data_root/<GCNet folder>``: IEMOCAPFour, IEMOCAPSix, CMUMOSI, CMUMOSEI):
+Layout under ``data_root``, or under one of its GCNet folders: ``IEMOCAP`` (GCNet's ``dataset/IEMOCAP/`` holds both
+IEMOCAP label files), ``IEMOCAPFour``, ``IEMOCAPSix``, ``CMUMOSI``, ``CMUMOSEI``; so ``data_root`` may be GCNet's
+``dataset/`` folder itself:
 
 - label file, a pickle written by Python 2 (read with ``encoding="latin1"``) through a restricted unpickler that
   builds only what such a file holds (builtin containers and scalars, numpy arrays, scalars and dtypes, as numpy
@@ -9,8 +11,9 @@ Layout under ``data_root`` (or under ``data_root/<GCNet folder>``: IEMOCAPFour, 
   testVid]``; ``CMUMOSI_features_raw_2way.pkl`` / ``CMUMOSEI_features_raw_2way.pkl``: ``[videoIDs, videoLabels,
   videoSpeakers, videoSentences, trainVids, valVids, testVids]``. Dicts keyed by dialogue id; ``videoIDs[vid]``
   lists the utterance ids in order; labels are class ids (IEMOCAP-6: hap 0, sad 1, neu 2, ang 3, exc 4, fru 5;
-  IEMOCAP-4 read with the same ids for hap, sad, neu, ang) or float sentiment in [-3, 3]; speakers 'F'/'M'
-  (IEMOCAP) or '' (MOSI/MOSEI); splits are Python sets.
+  IEMOCAP-4: happy 0, sad 1, neutral 2, angry 3, where GCNet's 4-way file has merged excited into happy and left out
+  frustrated and the other classes) or float sentiment in [-3, 3]; speakers 'F'/'M' (IEMOCAP) or '' (MOSI/MOSEI);
+  splits are Python sets.
 - features: ``features/<name>/<utt_id>.npy`` per utterance, shape [D], [1, D] or [T, D] (averaged over T), cast to
   float32. IEMOCAP video may instead be a folder ``features/<name>/<utt_id>/`` holding ``compress_F.npy`` and
   ``compress_M.npy`` (the two actors' faces); the utterance's speaker's one is used. Default names
@@ -41,24 +44,27 @@ DEFAULT_FEATURES = {"a": "wav2vec-large-c-UTT", "t": "deberta-large-4-UTT", "v":
 _IEMOCAP_LAYOUT = "[videoIDs, videoLabels, videoSpeakers, videoSentences, trainVid, testVid]"
 _CMU_LAYOUT = "[videoIDs, videoLabels, videoSpeakers, videoSentences, trainVids, valVids, testVids]"
 
-# name -> (label file, GCNet's folder name, class names or None for sentiment)
+# name -> (label file, the folders under data_root it may be in, class names or None for sentiment);
+# IEMOCAP-4's "happy" includes excited (merged in GCNet's 4-way label file)
 _DATASETS = {
-    "iemocap4": ("IEMOCAP_features_raw_4way.pkl", "IEMOCAPFour", ["happy", "sad", "neutral", "angry"]),
-    "iemocap6": ("IEMOCAP_features_raw_6way.pkl", "IEMOCAPSix", ["hap", "sad", "neu", "ang", "exc", "fru"]),
-    "mosi": ("CMUMOSI_features_raw_2way.pkl", "CMUMOSI", None),
-    "mosei": ("CMUMOSEI_features_raw_2way.pkl", "CMUMOSEI", None),
+    "iemocap4": ("IEMOCAP_features_raw_4way.pkl", ("IEMOCAP", "IEMOCAPFour"), ["happy", "sad", "neutral", "angry"]),
+    "iemocap6": ("IEMOCAP_features_raw_6way.pkl", ("IEMOCAP", "IEMOCAPSix"),
+                 ["hap", "sad", "neu", "ang", "exc", "fru"]),
+    "mosi": ("CMUMOSI_features_raw_2way.pkl", ("CMUMOSI",), None),
+    "mosei": ("CMUMOSEI_features_raw_2way.pkl", ("CMUMOSEI",), None),
 }
 _SPEAKER_IDS = {"F": 0, "M": 1}
 
 
 def _find_root(name: str, data_root: Path) -> Path:
-    label_file, folder, _ = _DATASETS[name]
-    for root in (data_root, data_root / folder):
+    label_file, folders, _ = _DATASETS[name]
+    roots = [data_root] + [data_root / folder for folder in folders]
+    for root in roots:
         if (root / label_file).is_file():
             return root
     raise FileNotFoundError(
-        f"no {label_file} for dataset {name!r} in {data_root} or {data_root / folder}; expected the label file "
-        f"there and the features under features/<name>/"
+        f"no {label_file} for dataset {name!r} in {', '.join(map(str, roots))}; expected the label file in one of "
+        f"them and the features under features/<name>/ beside it"
     )
 
 
@@ -168,6 +174,10 @@ def load_published(
     valid_fraction: float | None = None,
 ) -> DatasetSplits:
     """The splits of published dataset ``name`` ("iemocap4", "iemocap6", "mosi", "mosei") under ``data_root``.
+
+    IEMOCAP-4 has the classes happy (with excited merged into it), sad, neutral and angry; IEMOCAP-6 keeps hap, sad,
+    neu, ang, exc, fru apart. ``data_root`` holds the label file, or a GCNet folder does (``IEMOCAP/`` for both
+    IEMOCAP variants, ``IEMOCAPFour/``, ``IEMOCAPSix/``, ``CMUMOSI/``, ``CMUMOSEI/``).
 
     features: modality -> feature folder name, overriding :data:`DEFAULT_FEATURES` per modality;
     fold: 1-5 for IEMOCAP leave-one-session-out (session ``fold`` is the test set), None for the Session-5 split;

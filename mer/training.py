@@ -243,17 +243,21 @@ class CheckpointManager:
     ``save`` adds ``"epoch"`` and ``"rng_state"`` (``capture_rng_state()``) to the state it writes; the
     caller puts the rest (model, optimizer, scheduler, the DataLoader generator's ``get_state()``), as tensors
     and plain python values, which is all :func:`load_checkpoint` admits.
-    ``keep_last=k`` keeps only the ``k`` newest ``epoch_NNN.pt`` files (None keeps all).
+    ``keep_last=k`` keeps only the ``k`` newest ``epoch_NNN.pt`` files (None keeps all); ``keep_every=n`` keeps
+    the newest one and those of every n-th epoch (0: the newest only).
     Every write is atomic (temporary file + ``os.replace``). Nothing is read until asked for: ``best.pt`` only
     by ``best_metric`` / ``save_best``.
     """
 
-    def __init__(self, directory: PathLike, *, keep_last: Optional[int] = None):
+    def __init__(self, directory: PathLike, *, keep_last: Optional[int] = None, keep_every: Optional[int] = None):
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be None or >= 1, got {keep_last}")
+        if keep_every is not None and keep_every < 0:
+            raise ValueError(f"keep_every must be None or >= 0, got {keep_every}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
+        self.keep_every = keep_every
         self._best_metric: Optional[float] = None
         self._best_read = False
 
@@ -286,6 +290,10 @@ class CheckpointManager:
         if self.keep_last is not None:
             for old in self.epoch_files()[: -self.keep_last]:
                 old.unlink()
+        if self.keep_every is not None:
+            for old in self.epoch_files()[:-1]:
+                if not self.keep_every or int(old.stem.split("_")[1]) % self.keep_every:
+                    old.unlink()
         return path
 
     def epoch_files(self, *, before: Optional[int] = None) -> list[Path]:
@@ -537,6 +545,8 @@ class LossGuard:
         if self._saved_epoch is None:
             return "no checkpoint has been written yet"
         saved = self.checkpoints.epoch_path(self._saved_epoch)
+        if not saved.exists():  # not kept (``keep_every``): last.pt holds the same state
+            saved = self.checkpoints.last_path
         if self._checked_since_save:
             return f"the last good checkpoint is kept at {saved}"
         earlier = self.checkpoints.epoch_files(before=self._saved_epoch)

@@ -16,6 +16,7 @@ import camhg.train as camhg_train
 from camhg import ABLATIONS, CaMHG, CaMHGConfig, preset
 from camhg.ablations import sweep
 from camhg.model import GATE_BIAS_INIT, PHASES
+from mer.cli import UserError
 from mer.training import CheckpointManager, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def test_bad_configuration(tmp_path):
         camhg_train.train(None, run_dir=tmp_path, resume=True)
     with pytest.raises(SystemExit):
         camhg_train.parse_args(["--dataset", "imdb"])
-    assert camhg_train.main(["--data-root", str(tmp_path), "--no-progress"]) == 2  # embedded data has no root
+    assert camhg_train.cli(["--data-root", str(tmp_path), "--no-progress"]) == 2  # embedded data has no root
     with pytest.raises(SystemExit):  # a resumed run keeps its configuration: a new one would be silently ignored
         camhg_train.parse_args(["--resume", str(tmp_path), "--epochs", "1", "1", "1"])
 
@@ -202,7 +203,7 @@ def test_resume_equals_uninterrupted_run_and_evaluate_cli(reference_backend, tmp
     whole = camhg_train.train(config, run_dir=tmp_path / "whole", evaluate=False, show_progress=False)
     stopped = camhg_train.train(config, run_dir=tmp_path / "split", evaluate=False, show_progress=False,
                                 stop_after_epoch=3)  # killed inside phase 3: its optimizer and schedule resume
-    assert CheckpointManager(tmp_path / "split" / "checkpoints").latest()["epoch"] == 2
+    assert CheckpointManager(tmp_path / "split" / "checkpoints").latest()["epoch"] == 3  # counted from 1
     with pytest.raises(FileExistsError, match="already holds a run"):  # a fresh run never writes over a run
         camhg_train.train(config, run_dir=tmp_path / "split", evaluate=False, show_progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(stopped.model.state_dict().values(),
@@ -226,7 +227,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_backend, tm
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at phase 1, epoch 2, step 1"):
         camhg_train.train(None, run_dir=run_dir, resume=True, evaluate=False, show_progress=False)
     kept = CheckpointManager(run_dir / "checkpoints").latest()
-    assert kept["epoch"] == good["epoch"] == 0
+    assert kept["epoch"] == good["epoch"] == 1
     assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
     assert camhg_train.main(["--resume", str(run_dir), "--no-progress"]) == 1
     assert "training stopped: non-finite loss" in capsys.readouterr().err
@@ -247,7 +248,7 @@ def test_ablation_sweep_writes_mean_and_spread(reference_backend, tmp_path, monk
     assert sweep("embedded", [0, 1], ["full", "no_imputation"], **arguments).rows == summary.rows
     # a finished run of another configuration is never mistaken for this one
     arguments["overrides"] = dict(arguments["overrides"], hidden=8)
-    with pytest.raises(SystemExit, match="another configuration"):
+    with pytest.raises(UserError, match="another configuration"):
         sweep("embedded", [0], ["full"], **arguments)
 
 
@@ -260,17 +261,18 @@ def test_torchrun_two_processes_train(tmp_path):
     env = {**os.environ, "KERNELS_BACKEND": "reference", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
               "-m", "camhg.train", "--no-plots", "--no-progress"]
-    configuration = ["--dims", "small", "--num-dialogues", "4", "--epochs", "1", "1", "1", "--hidden", "16",
+    configuration = ["--dims", "small", "--num-dialogues", "4", "1", "1", "--epochs", "1", "1", "1", "--hidden", "16",
                      "--batch-size", "2", "--runs-dir", str(tmp_path)]
     def torchrun(*arguments):
         done = subprocess.run(launch + list(arguments), cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=90)
         assert done.returncode == 0, done.stderr[-4000:]
+        assert "find_unused_parameters" not in done.stderr  # DDP's warning: every trained parameter gets a gradient
 
     torchrun(*configuration, "--run-name", "ddp")
     run_dir = tmp_path / "camhg" / "embedded" / "ddp"
     state = CheckpointManager(run_dir / "checkpoints").latest()
-    assert state["epoch"] == 2 and state["phase"] == 3 and len(state["rank_states"]) == 2
+    assert state["epoch"] == 3 and state["phase"] == 3 and len(state["rank_states"]) == 2
     assert (run_dir / "missing_rates.json").is_file()
     # killed after phase 2 and resumed by 2 processes: each rank gets its own random streams back
     torchrun(*configuration, "--run-name", "split", "--stop-after-epoch", "2")

@@ -6,12 +6,15 @@ import torch
 
 from mer.plots import (
     DPI,
+    _periods,
     _read_metrics,
+    _with_gaps,
     plot_attention_maps,
     plot_confusion_matrix,
     plot_per_class_accuracy,
     panel_of,
     plot_training_curves,
+    split_of,
 )
 from mer.training import RunLogger
 
@@ -120,3 +123,22 @@ def test_training_curves_need_a_numeric_column(tmp_path):
     (tmp_path / "metrics.csv").write_text("epoch,note\n0,start\n")
     with pytest.raises(ValueError, match="numeric"):
         plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png")
+
+
+def test_training_curves_shade_phases_and_name_splits(tmp_path):
+    """A phase column becomes shaded spans, not a panel; panels say train / validation; no line across the epochs
+    a metric skipped."""
+    logger = RunLogger(tmp_path, step_name="epoch")
+    for epoch, phase in enumerate((1, 1, 2, 3, 3), start=1):
+        values = {"phase": phase, "train_loss": 1.0 / epoch, "val_loss": 1.1 / epoch}
+        if phase != 2:
+            values["train_task"] = 2.0 / epoch
+        logger.log(epoch, values)
+    logger.close()
+    _read_png(plot_training_curves(tmp_path / "metrics.csv", tmp_path / "curves.png"))
+    assert _periods(np.array([1.0, 2, 3, 4, 5]), np.array([1.0, 1, 2, 3, 3])) == [(0.5, 2.5, 1), (2.5, 3.5, 2),
+                                                                                   (3.5, 5.5, 3)]
+    assert [split_of(c) for c in ("train_loss", "val_loss", "valid/WA", "lr")] == ["train", "validation",
+                                                                                  "validation", None]
+    steps, values = _with_gaps(np.array([1.0, 2, 4]), np.array([0.5, 0.4, 0.3]), np.array([1.0, 2, 3, 4]))
+    assert steps.tolist() == [1.0, 2.0, 3.0, 4.0] and np.isnan(values[2]) and values[3] == 0.3

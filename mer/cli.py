@@ -1,0 +1,385 @@
+"""The command lines of both models, one style for all six entry points (CARN and CaM-HG: train, evaluate, ablations).
+
+Flags that mean the same thing have the same name in both models, every flag says its default, values are checked
+by argparse (``error: argument --lr: must be a positive finite number, got -1``), and mistakes a user can fix end
+in one line on stderr, without a traceback (:class:`UserError`, exit status 2). Ctrl-C ends a command with exit
+status 130 (:func:`run_command`); the training commands first print how to resume.
+
+Run folders: ``RUNS_DIR/<model>/<dataset>/<ablation>-seed<seed>-<YYYYmmdd-HHMMSS>`` (:func:`default_run_name`),
+each with ``config.json``, ``metrics.csv``, ``checkpoints/`` (``last.pt``, ``best.pt`` and ``epoch_NNN.pt`` for
+every ``--keep-checkpoints``-th epoch, epochs counted from 1) and the result tables.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import shutil
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+from mer.training import RunDirectoryInUseError, reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
+
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a missing data folder, an existing run...): printed as one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command, raised by its ``main`` with the text to print (how to resume); exit status 130."""
+
+
+# ---------------------------------------------------------------------------------------------- argument values
+def _number(text: str, kind: type, condition: Callable[[float], bool], what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not math.isfinite(value) or not condition(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer >= 1."""
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type``: an integer >= 0."""
+    return _number(text, int, lambda v: v >= 0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type``: a finite number > 0 (learning rates)."""
+    return _number(text, float, lambda v: v > 0, "a positive finite number")
+
+
+def fraction(text: str) -> float:
+    """argparse ``type``: a number in [0, 1) (dropout, missing rates)."""
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def device_name(text: str) -> str:
+    """argparse ``type``: ``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text} asked for, but this machine has no CUDA device (use cpu or auto)")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- parsers
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and ends every option's help with its default."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if getattr(action, "exact_count", None):  # --epochs E1 E2, not E1 E2 [E1 E2 ...]
+            return action.metavar
+        return super()._format_args(action, default_metavar)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.option_strings and action.nargs != 0:
+            default = action.default
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            return f"{text} (default: {shown})"
+        return text
+
+
+def command_name(module: str) -> str:
+    """How the entry point ``module`` (``camhg.train``) was run: its console script ``camhg-train`` or
+    ``python -m camhg.train``."""
+    script = module.replace(".", "-")
+    return script if Path(sys.argv[0]).name == script else f"python -m {module}"
+
+
+def new_parser(module: str, description: Optional[str]) -> argparse.ArgumentParser:
+    """An ArgumentParser for the entry point ``module`` named as it was run (:func:`command_name`), the module's
+    docstring as description."""
+    return argparse.ArgumentParser(prog=command_name(module), description=description, formatter_class=HelpFormatter,
+                                   allow_abbrev=False)
+
+
+def add_data_options(parser: argparse.ArgumentParser, datasets: Sequence[str]) -> None:
+    """``--dataset --data-root --data-seed --num-dialogues --dims``."""
+    parser.add_argument("--dataset", default="embedded", choices=list(datasets),
+                        help="embedded* are generated (no files); the others read published features from --data-root")
+    parser.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                        help="folder of the published features (GCNet's dataset/ folder or the dataset's own); "
+                             "not for the embedded datasets (default: none)")
+    parser.add_argument("--data-seed", type=non_negative_int, default=0,
+                        help="seed of the embedded dataset and of the validation split (kept across --seed)")
+    parser.add_argument("--num-dialogues", type=positive_int, nargs=3, default=None, metavar=("TRAIN", "VALID", "TEST"),
+                        help="embedded only: dialogues per split (default: the preset's)")
+    parser.add_argument("--dims", choices=("full", "small"), default=None,
+                        help="embedded only: feature sizes, full (a 512, t 1024, v 1024) or small (32, 48, 40) "
+                             "(default: the preset's)")
+
+
+def _Exactly(count: int) -> type:
+    """An argparse action taking exactly ``count`` values, whose error says how many (``nargs=count`` would leave
+    the extra ones to an "unrecognized arguments" error)."""
+    class Exactly(argparse.Action):
+        exact_count = count
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            if len(values) != count:
+                raise argparse.ArgumentError(self, f"takes {count} numbers ({self.metavar}), got {len(values)}")
+            setattr(namespace, self.dest, values)
+
+    return Exactly
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, epochs: Sequence[str], epochs_help: str) -> None:
+    """``--epochs --batch-size --lr --hidden --dropout``: overrides of the dataset's preset."""
+    parser.add_argument("--epochs", type=non_negative_int, nargs="+", action=_Exactly(len(epochs)),
+                        metavar=" ".join(epochs), default=None, help=f"{epochs_help} (default: the preset's)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="dialogues per batch (default: the preset's)")
+    parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the preset's)")
+    parser.add_argument("--hidden", type=positive_int, default=None, help="model width (default: the preset's)")
+    parser.add_argument("--dropout", type=fraction, default=None, help="dropout rate (default: the preset's)")
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, model: str, ablations: Sequence[str]) -> None:
+    """Seed, ablation and the run folder of one training run, resuming, checkpoints kept, device, output."""
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of initialisation, shuffling, dropout and training masks")
+    parser.add_argument("--ablation", default="full", choices=list(ablations), help="the model or one of its ablations")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help=f"runs go to RUNS_DIR/{model}/<dataset>/<run-name>")
+    parser.add_argument("--run-name", default=None,
+                        help="folder name of the run (default: <ablation>-seed<seed>-<date>-<time>)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="continue the stopped run in RUN_DIR with its own configuration (default: a new run)")
+    parser.add_argument("--stop-after-epoch", type=positive_int, default=None, metavar="N",
+                        help="stop after epoch N, as if interrupted (resume later) (default: train every epoch)")
+    parser.add_argument("--keep-checkpoints", type=non_negative_int, default=5, metavar="N",
+                        help="keep epoch_NNN.pt of every N-th epoch and of the newest, besides last.pt and best.pt "
+                             "(0: the newest only)")
+    add_device_options(parser)
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                        help="write the plots (training curves, confusion or per-class accuracy, attention)")
+
+
+def add_device_options(parser: argparse.ArgumentParser, *, progress: bool = True) -> None:
+    """``--device`` and ``--progress/--no-progress``."""
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N; torchrun picks one per rank")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=progress,
+                        help="progress bars while training and evaluating")
+
+
+def add_evaluate_options(parser: argparse.ArgumentParser, *, model: str) -> None:
+    """What both ``evaluate`` commands take: a run folder or checkpoint, the data, the split, where to write."""
+    parser.add_argument("checkpoint", type=Path, metavar="RUN_DIR_OR_CHECKPOINT",
+                        help=f"a run folder of {model}.train (its checkpoints/last.pt is used) or a .pt file in it "
+                             f"(last.pt, best.pt, epoch_NNN.pt)")
+    parser.add_argument("--data-root", type=Path, default=None, metavar="DIR",
+                        help="folder of the published features (default: the one the run was trained on)")
+    parser.add_argument("--split", choices=("test", "valid"), default="test", help="the split to evaluate")
+    parser.add_argument("--batch-size", type=positive_int, default=32,
+                        help="dialogues per batch (CaM-HG draws its random masks batch by batch: keep 32 to "
+                             "reproduce the training run's tables)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the result tables and plots (default: RUN_DIR/evaluation)")
+    add_device_options(parser)
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the plots")
+
+
+def add_sweep_options(parser: argparse.ArgumentParser, *, model: str, ablations: Sequence[str]) -> None:
+    """What both ``ablations`` commands take besides the data and model options."""
+    parser.add_argument("--seeds", type=non_negative_int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--ablations", nargs="+", choices=list(ablations), default=list(ablations),
+                        help="the variants to train (several processes can share one sweep, each with a few)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help=f"runs go to RUNS_DIR/{model}/<dataset>/ablations/<sweep-name>/<ablation>-seed<seed>")
+    parser.add_argument("--sweep-name", default="default",
+                        help="sweep folder: a finished run in it is reused, a stopped one resumed")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="train nothing: build the tables from the finished runs of the sweep (default: off)")
+    parser.add_argument("--out", type=Path, default=Path(f"results/{model}"), help="folder of the result tables")
+    add_device_options(parser, progress=False)
+
+
+def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) -> None:
+    """UserError for data flags that do not fit ``--dataset`` (before anything is created)."""
+    embedded = args.dataset in embedded_names
+    if embedded and args.data_root is not None:
+        raise UserError(f"--data-root is for the published datasets; --dataset {args.dataset} is generated, "
+                        f"drop --data-root or pick a published --dataset")
+    if not embedded:
+        if getattr(args, "num_dialogues", None) is not None or getattr(args, "dims", None) is not None:
+            raise UserError(f"--num-dialogues and --dims apply to the embedded datasets, not to {args.dataset}")
+        if args.data_root is None:
+            raise UserError(f"--dataset {args.dataset} reads published features: add --data-root DIR (the folder "
+                            f"of its label file and features/, e.g. GCNet's dataset/)")
+        if not args.data_root.is_dir():
+            raise UserError(f"--data-root {args.data_root} is not a folder")
+
+
+# ------------------------------------------------------------------------------------------------- run folders
+def default_run_name(ablation: str, seed: int) -> str:
+    """``<ablation>-seed<seed>-<YYYYmmdd-HHMMSS>``, the run-folder name of both models."""
+    return f"{ablation}-seed{seed}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume from (``last.pt`` or an ``epoch_NNN.pt``)."""
+    folder = Path(run_dir) / CHECKPOINTS
+    return (folder / LAST_CHECKPOINT).is_file() or any(folder.glob("epoch_*.pt"))
+
+
+def check_new_run(run_dir: Path) -> None:
+    """UserError when ``run_dir`` already holds something: a fresh run never writes into another run's folder."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(f"{run_dir} already exists: resume it with --resume {run_dir}, or choose another --run-name")
+
+
+def check_resumable(run_dir: Path, *, finished_marker: str, evaluate_command: str) -> None:
+    """UserError when ``--resume RUN_DIR`` has nothing to resume, or the run finished (``finished_marker``, a
+    result file the run writes last, exists)."""
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such folder")
+    if not has_checkpoint(run_dir):
+        raise UserError(f"--resume {run_dir}: nothing to resume, no checkpoint in {run_dir / CHECKPOINTS} "
+                        f"(start a new run without --resume)")
+    if (run_dir / finished_marker).is_file():
+        raise UserError(f"--resume {run_dir}: this run is finished (trained and evaluated); evaluate it again with "
+                        f"`{evaluate_command} {run_dir}`, or start a new run")
+
+
+def checkpoint_of(path: Path) -> Path:
+    """The checkpoint file that ``evaluate`` reads for ``path``: the file itself, or a run folder's last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / CHECKPOINTS / LAST_CHECKPOINT, path / LAST_CHECKPOINT):
+            if candidate.is_file():
+                return candidate
+        raise UserError(f"{path} holds no {CHECKPOINTS}/{LAST_CHECKPOINT}: give a run folder of a training run or "
+                        f"one of its .pt files")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: give a run folder or a checkpoint (.pt) file")
+    return path
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint file belongs to (``RUN/checkpoints/x.pt`` -> ``RUN``)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint.parent
+
+
+def resume_hint(command: str, run_dir: Path) -> str:
+    """What to print after Ctrl-C."""
+    if has_checkpoint(run_dir):
+        return f"interrupted; the finished epochs are saved. Resume with:\n  {command} --resume {run_dir}"
+    return "interrupted before the first epoch was saved; nothing to resume"
+
+
+@contextmanager
+def cleanup_on_failure(run_dir: Path) -> Iterator[None]:
+    """Remove ``run_dir`` when the body fails (error or Ctrl-C) before it saved a checkpoint and the folder did not
+    exist before: a failed start leaves nothing behind."""
+    existed = Path(run_dir).exists()
+    try:
+        yield
+    except RunDirectoryInUseError:  # another process claimed the folder first: it is that run's, not ours
+        raise
+    except BaseException:
+        if not existed and Path(run_dir).is_dir() and not has_checkpoint(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until the body (a checkpoint save) is done, then raise KeyboardInterrupt (main thread only)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+MMAP_THRESHOLD = 4 << 20  # bytes
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_blocks_to_the_system() -> None:
+    """Have glibc's malloc serve blocks of 4 MB and more from their own mappings, unmapped when freed.
+
+    By default glibc raises that threshold (up to 32 MB) as large blocks are freed and keeps the freed ones in its
+    heap, where the differently sized activation buffers of padded batches fragment it: the default CaM-HG job's
+    peak memory then grows from epoch to epoch (README, Performance). Without glibc this does nothing.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run an entry point's ``main``: UserError -> one line, exit 2; Ctrl-C -> exit 130 (``main`` prints how to
+    resume when there is something to resume)."""
+    return_large_blocks_to_the_system()
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Interrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def epoch_line(epoch: int, total: int, part: str, values: dict) -> str:
+    """One line per epoch: ``epoch 3/8 (phase 1) | train loss 1.2 task 1.1 | valid loss 1.3 WAF1 52.10 | 4.2 s``
+    from a metrics row whose keys start with ``train_`` and ``val_`` / ``valid_``, plus ``seconds``."""
+    def numbers(prefixes):
+        shown = []
+        for key, value in values.items():
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is not None and isinstance(value, float):
+                name = key[len(prefix):].replace("average_", "avg ")
+                shown.append(f"{name} {value:.4f}" if abs(value) < 10 else f"{name} {value:.2f}")
+        return " ".join(shown)
+
+    line = f"epoch {epoch}/{total} ({part}) | train {numbers(('train_',))}"
+    valid = numbers(("val_", "valid_"))
+    if valid:
+        line += f" | valid {valid}"
+    if "seconds" in values:
+        line += f" | {values['seconds']:.1f} s"
+    return line
