@@ -267,6 +267,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference_backend, ti
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+def test_diverging_run_stops_with_the_non_finite_loss_message(reference_backend, tiny_embedded, tmp_path):
+    # a learning rate of 1e12 sends the weights to inf within two steps; the entmax reference must give NaN rows
+    # (not crash), so that the loss check names where training diverged
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at epoch 1 step \d+ \(stage 1\)"):
+        run_training(DataSpec("embedded"), model_overrides=TINY_MODEL, splits=tiny_embedded, run_dir=tmp_path,
+                     train_config=TrainConfig(epochs_stage1=1, epochs_stage2=0, batch_size=2, lr=1e12, grad_clip=0.0),
+                     show_progress=False, make_plots=False, verbose=False)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Backends and bad inputs
 # ----------------------------------------------------------------------------------------------------------
