@@ -67,13 +67,16 @@ def _tensor(shape, layout, values, generator, dtype, time_axis=-2):
     return values(tuple(shape), generator).to(dtype)
 
 
-def _normal(magnitude):
-    return lambda shape, generator: torch.randn(shape, generator=generator, dtype=torch.float64) * magnitude
+def _values(kind):
+    """(shape, generator) -> float64 tensor for a drawn kind: ``("normal", magnitude)``, or ``("lattice", e)``,
+    integers in [-3, 3] times 2^e: exact in every dtype, so that products and sums are exact and ties exact."""
+    name, parameter = kind
+    if name == "normal":
+        return lambda shape, generator: torch.randn(shape, generator=generator, dtype=torch.float64) * parameter
+    return lambda shape, generator: torch.randint(-3, 4, shape, generator=generator).double() * 2.0 ** parameter
 
 
-def _lattice(exponent):
-    """Integers in [-3, 3] times 2^exponent: exact in every dtype, so products and sums are exact and ties exact."""
-    return lambda shape, generator: torch.randint(-3, 4, shape, generator=generator).double() * 2.0 ** exponent
+UNIT = ("normal", 1.0)
 
 
 def _check(name, actual, expected, tolerance, magnitude=1.0):
@@ -129,10 +132,10 @@ def entmax_cases(draw):
     dtype = draw(st.sampled_from(DTYPES))
     kind = draw(st.sampled_from(["normal", "lattice"]))
     if kind == "normal":
-        values, scale = _normal(draw(st.sampled_from([1e-3, 1.0, 4.0]))), None
+        values, scale = ("normal", draw(st.sampled_from([1e-3, 1.0, 4.0]))), None
     else:  # exact scores sum_d q_d k_d of magnitude up to the limit (|q_d k_d| <= 9 * 4^e); fp16 holds 3 * 2^14
         top = min(14, int(math.log2(ENTMAX_KERNEL_SCORE_LIMIT / (9 * d)) / 2))
-        values, scale = _lattice(draw(st.integers(-4, top))), 1.0
+        values, scale = ("lattice", draw(st.integers(-4, top))), 1.0
     poison = draw(st.sampled_from([None, float("nan"), float("inf"), float("-inf")]
                                   if ENTMAX_KERNEL_NON_FINITE_ROWS else [None]))
     return dict(shape=(b, h, t, d, dv), dtype=dtype, values=values, scale=scale, poison=poison,
@@ -147,7 +150,7 @@ def test_entmax15_attention_kernel_matches_reference(case):
     generator = torch.Generator().manual_seed(case["seed"])
     q, k, v = (_tensor(shape, layout, values, generator, case["dtype"])
                for shape, layout, values in zip(((b, h, t, d), (b, h, t, d), (b, h, t, dv)), case["layouts"],
-                                                (case["values"], case["values"], _normal(1.0))))
+                                                (_values(case["values"]), _values(case["values"]), _values(UNIT))))
     if case["poison"] is not None:
         q = q.clone()
         q[0, 0, t // 2, 0] = case["poison"]
@@ -177,7 +180,7 @@ def block_causal_cases(draw):
         b=draw(st.integers(1, 2)), h=draw(st.integers(1, 2)), t=draw(st.integers(1, 21)),
         d=draw(st.integers(1, 12)), dv=draw(st.integers(1, 12)), group_size=draw(st.integers(1, 5)),
         dtype=draw(st.sampled_from(DTYPES)), layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(3)],
-        values=draw(st.sampled_from([_normal(1e-3), _normal(1.0), _normal(4.0), _lattice(-2), _lattice(3)])),
+        values=draw(st.sampled_from([("normal", 1e-3), UNIT, ("normal", 4.0), ("lattice", -2), ("lattice", 3)])),
         seed=draw(st.integers(0, 2 ** 16)))
 
 
@@ -188,7 +191,7 @@ def test_block_causal_attention_kernel_matches_reference(case):
     generator = torch.Generator().manual_seed(case["seed"])
     q, k, v = (_tensor(shape, layout, values, generator, case["dtype"])
                for shape, layout, values in zip(((b, h, t, d), (b, h, t, d), (b, h, t, dv)), case["layouts"],
-                                                (case["values"], case["values"], _normal(1.0))))
+                                                (_values(case["values"]), _values(case["values"]), _values(UNIT))))
     group_size = case["group_size"]
     with forced_tiles(16, 16), use_backend("triton"):
         results = _run_both(lambda *x: block_causal_attention(*x, group_size=group_size),
@@ -203,7 +206,7 @@ def varlen_cases(draw):
         lengths=draw(st.lists(st.integers(1, 9), min_size=1, max_size=4)), h=draw(st.integers(1, 2)),
         d=draw(st.integers(1, 12)), dv=draw(st.integers(1, 12)), group_size=draw(st.integers(1, 4)),
         dtype=draw(st.sampled_from(DTYPES)), layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(3)],
-        values=draw(st.sampled_from([_normal(1.0), _normal(4.0), _lattice(2)])),
+        values=draw(st.sampled_from([UNIT, ("normal", 4.0), ("lattice", 2)])),
         strided_offsets=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
 
 
@@ -214,7 +217,7 @@ def test_block_causal_attention_varlen_kernel_matches_reference(case):
     generator = torch.Generator().manual_seed(case["seed"])
     q, k, v = (_tensor(shape, layout, values, generator, case["dtype"], time_axis=0)
                for shape, layout, values in zip(((total, h, d), (total, h, d), (total, h, dv)), case["layouts"],
-                                                (case["values"], case["values"], _normal(1.0))))
+                                                (_values(case["values"]), _values(case["values"]), _values(UNIT))))
     offsets = torch.tensor([0] + case["lengths"], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_seqlens = offsets
     if case["strided_offsets"]:  # every other element of an interleaved tensor
@@ -237,7 +240,7 @@ def moe_cases(draw):
         n=draw(st.integers(0, 21)), experts=draw(st.integers(2, 7)), d=draw(st.integers(1, 11)),
         h=draw(st.integers(1, 11)), d_out=draw(st.integers(1, 11)), dtype=draw(st.sampled_from(DTYPES)),
         x_layout=draw(st.sampled_from(LAYOUTS)), gate_layout=draw(st.sampled_from(["contiguous", "transposed"])),
-        values=draw(st.sampled_from([_normal(1e-2), _normal(1.0), _normal(16.0), _lattice(0), _lattice(-3)])),
+        values=draw(st.sampled_from([("normal", 1e-2), UNIT, ("normal", 16.0), ("lattice", 0), ("lattice", -3)])),
         tied_gate_rows=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
 
 
@@ -246,8 +249,8 @@ def moe_cases(draw):
 def test_moe_top2_kernel_matches_reference(case):
     n, e, d, h, d_out, dtype = (case[key] for key in ("n", "experts", "d", "h", "d_out", "dtype"))
     generator = torch.Generator().manual_seed(case["seed"])
-    x = _tensor((n, d), case["x_layout"], case["values"], generator, dtype)
-    gate = case["values"]((e, d), generator)
+    x = _tensor((n, d), case["x_layout"], _values(case["values"]), generator, dtype)
+    gate = _values(case["values"])((e, d), generator)
     if case["tied_gate_rows"]:  # the last expert's logits equal the first's bit for bit
         gate[-1] = gate[0]
     gate_weight = gate.to(dtype).t().contiguous().t() if case["gate_layout"] == "transposed" else gate.to(dtype)
