@@ -192,8 +192,8 @@ class CaMHG(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], present: torch.Tensor, speakers: torch.Tensor, *,
                 valid: Optional[torch.Tensor] = None) -> CaMHGOutput:
         # clear errors naming the modality, dialogue and utterance (mer.inputs); float64 features are cast
-        features = check_dialogue_inputs(features, present, valid=valid, speakers=speakers, num_speakers=NUM_SPEAKERS,
-                                         dims=self.dims, dtype=self.placeholder.dtype)
+        features, _ = check_dialogue_inputs(features, present, valid=valid, speakers=speakers,
+                                            num_speakers=NUM_SPEAKERS, dims=self.dims, dtype=self.placeholder.dtype)
         b, l, _ = present.shape
         d = self.config.hidden
         # Eq. 1-2; absent modalities take the learnable placeholder, not the projection of zeros.

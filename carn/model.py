@@ -118,7 +118,8 @@ class CausalCueEncoder(nn.Module):
 
 
 class CARN(nn.Module):
-    """forward(features {m: (B, L, d_m)}, present (B, L, 3) bool, valid (B, L) bool) -> CarnOutput.
+    """forward(features {m: (B, L, d_m)}, present (B, L, 3) bool, valid (B, L) bool or None) -> CarnOutput.
+    valid None: the utterances up to each dialogue's last one with a modality present.
 
     Bad input (see ``mer.inputs.check_dialogue_inputs``) gets a TypeError/ValueError naming the modality, dialogue and
     utterance; floating-point features of another dtype are cast to the parameters' dtype."""
@@ -165,8 +166,8 @@ class CARN(nn.Module):
         self, features: dict, present: torch.Tensor, valid: torch.Tensor, *, need_weights: bool = False
     ) -> CarnOutput:
         # clear errors naming the modality, dialogue and utterance (mer.inputs); float64 features are cast
-        features = check_dialogue_inputs(features, present, valid=valid, dims=self.config.dims,
-                                         dtype=self.decoder_head[0].weight.dtype)
+        features, valid = check_dialogue_inputs(features, present, valid=valid, dims=self.config.dims,
+                                                dtype=self.decoder_head[0].weight.dtype)
         latents, predictions, targets, weights = {}, {}, {}, {}
         for index, m in enumerate(MODALITIES):
             x = features[m] * present[..., index, None]  # absent modalities enter as zeros

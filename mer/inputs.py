@@ -30,15 +30,16 @@ def check_dialogue_inputs(
     valid: Optional[torch.Tensor] = None,
     speakers: Optional[torch.Tensor] = None,
     num_speakers: int = 2,
-) -> dict[str, torch.Tensor]:
-    """Check one right-padded batch of B dialogues of L utterances; return the features cast to ``dtype``.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Check one right-padded batch of B dialogues of L utterances; return the features cast to ``dtype`` and the
+    (B, L) bool valid mask (``valid``, or the one inferred when it is None).
 
     features: {m: (B, L, dims[m]) floating-point tensor} for m in ``MODALITIES`` (a, t, v), finite everywhere (also
     at padding and where absent: masks multiply, and 0 * NaN is NaN); float64 or float16 features are cast to
     ``dtype`` (the model's parameter dtype). present: (B, L, 3) bool, every valid utterance has at least one
-    modality. valid: (B, L) bool marking a non-empty prefix of every dialogue; None (CaM-HG, whose padding needs no
-    mask) takes the utterances up to each dialogue's last one with a modality present as valid. speakers
-    (optional): (B, L) int32/int64 in [0, num_speakers).
+    modality. valid: (B, L) bool marking a non-empty prefix of every dialogue; None takes the utterances up to each
+    dialogue's last one with a modality present as valid (padding has none). speakers (optional): (B, L) int32/int64
+    in [0, num_speakers).
     """
     if not isinstance(features, dict):
         raise TypeError(f"features must be a dict of modality -> (B, L, d_m) tensors, got {type(features).__name__}")
@@ -79,19 +80,18 @@ def check_dialogue_inputs(
             raise ValueError(f"features[{m!r}] has shape {tuple(x.shape)}, expected (B, L, d_{m}) = {expected}: the "
                              f"model was built for dims[{m!r}] = {dims[m]} features and present is {(b, l, 3)}")
         cast[m] = x.to(dtype)
-    if not torch.compiler.is_compiling():
-        _check_values(cast, present, valid, speakers, num_speakers)
-    return cast
-
-
-def _check_values(features, present, valid, speakers, num_speakers) -> None:
-    """The checks that read values: every failure map is built on the device, and one ``.any()`` syncs for all."""
-    l = present.shape[1]
     steps = torch.arange(l, device=present.device)
     has_modality = present.any(dim=-1)  # (B, L)
     if valid is None:  # padding: the utterances after each dialogue's last one with a modality
-        last = torch.where(has_modality, steps, -1).amax(dim=1, keepdim=True)
-        valid = steps <= last
+        valid = steps <= torch.where(has_modality, steps, -1).amax(dim=1, keepdim=True)
+    if not torch.compiler.is_compiling():
+        _check_values(cast, has_modality, valid, speakers, num_speakers)
+    return cast, valid
+
+
+def _check_values(features, has_modality, valid, speakers, num_speakers) -> None:
+    """The checks that read values: every failure map is built on the device, and one ``.any()`` syncs for all."""
+    steps = torch.arange(valid.shape[1], device=valid.device)
     failures = {}  # message -> (B, L) map of where it fails, or (B,) for dialogue-level failures
     for m in MODALITIES:
         failures[f"features[{m!r}] contains NaN or infinite values at"] = ~torch.isfinite(features[m]).all(dim=-1)

@@ -105,15 +105,18 @@ def test_bad_inputs_get_the_same_clear_error_from_both_models(reference_backend,
         _call(_model(kind), *change(*_inputs()))
 
 
-def test_camhg_without_valid_takes_trailing_utterances_without_modality_as_padding(reference_backend):
-    model = _model("camhg")
+@pytest.mark.parametrize("kind", MODELS)
+def test_without_valid_trailing_utterances_without_modality_are_padding(reference_backend, kind):
+    model = _model(kind)
     features, present, valid, speakers = _inputs()
-    padded = model(features, present, speakers).logits
-    torch.testing.assert_close(padded, model(features, present, speakers, valid=valid).logits)
+    torch.testing.assert_close(_call(model, features, present, None, speakers),
+                               _call(model, features, present, valid, speakers))
     with pytest.raises(ValueError, match=r"no modality present .* at dialogue 1, utterance 1"):
-        model(*_no_modality(features, present, valid, speakers)[:2], speakers)
+        _call(model, *_no_modality(features, present, None, speakers))
+    present = present.clone()
+    present[1] = False  # no utterance with a modality: an empty dialogue
     with pytest.raises(ValueError, match=r"a dialogue is empty .* dialogue 1"):
-        model(*_empty_dialogue(features, present, valid, speakers)[:2], speakers)
+        _call(model, features, present, None, speakers)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -144,5 +147,5 @@ def test_value_checks_sync_with_the_host_once(monkeypatch):
 def test_value_checks_are_skipped_while_compiling(monkeypatch):
     features, present, valid, _ = _poison(float("nan"))(*_inputs())
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    checked = check_dialogue_inputs(features, present, valid=valid, dims=DIMS, dtype=torch.float32)
+    checked, _ = check_dialogue_inputs(features, present, valid=valid, dims=DIMS, dtype=torch.float32)
     assert set(checked) == set(MODALITIES)
