@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from kernels import BlockCausalTransformerLayer, Top2MoE
-from kernels._checks import check_tensor
+from mer.data import MODALITIES
+from mer.inputs import check_dialogue_inputs
 
 from .config import CaMHGConfig
 
-MODALITIES = ("a", "t", "v")  # mer.data.MODALITIES; repeated here so the model has no data-layer dependency
 NUM_MODALITIES = len(MODALITIES)
 NUM_SPEAKERS = 2
 GATE_BIAS_INIT = -2.0  # Appendix A.3: sigmoid(-2) ~ 0.12, trust the observed features first
@@ -96,8 +96,12 @@ class MLPGenerator(nn.Module):
 class CaMHG(nn.Module):
     """The CaM-HG model; ``config.ablation`` selects a Table 4 variant, ``set_phase`` an Algorithm 1 phase.
 
-    forward(features, present, speakers): features {modality: (B, L, d_m) float}, present (B, L, 3) bool (True
-    where the modality is observed), speakers (B, L) int in {0, 1} -> CaMHGOutput.
+    forward(features, present, speakers, *, valid=None): features {modality: (B, L, d_m) float}, present (B, L, 3)
+    bool (True where the modality is observed), speakers (B, L) int in {0, 1}, valid (B, L) bool (None: the
+    utterances up to each dialogue's last one with a modality present) -> CaMHGOutput. Bad input (see
+    ``mer.inputs.check_dialogue_inputs``: NaN/inf features, a valid utterance with no modality, an empty dialogue,
+    sizes other than ``dims``) gets a TypeError/ValueError naming the modality, dialogue and utterance; floating-point
+    features of another dtype are cast to the parameters' dtype.
     """
 
     def __init__(self, config: CaMHGConfig, dims: dict[str, int], num_classes: int):
@@ -182,35 +186,15 @@ class CaMHG(nn.Module):
         self.phase = phase
 
     # ---------------------------------------------------------------------------------------------- forward
-    def check_inputs(self, features, present, speakers) -> None:
-        if not isinstance(features, dict):
-            raise TypeError(f"features must be a dict modality -> (B, L, d_m) tensor, got {type(features).__name__}")
-        for m in MODALITIES:
-            if m not in features:
-                raise ValueError(f"features lacks modality {m!r}; expected keys {MODALITIES}")
-        check_tensor("present", present, ndim=3, dtypes=(torch.bool,))
-        check_tensor("speakers", speakers, ndim=2, dtypes=(torch.int64, torch.int32))
-        b, l, n = present.shape
-        if n != NUM_MODALITIES or b == 0 or l == 0:
-            raise ValueError(f"present must have shape (B, L, {NUM_MODALITIES}) with B, L > 0, got {tuple(present.shape)}")
-        if speakers.shape != (b, l):
-            raise ValueError(f"speakers must have shape {(b, l)} like present, got {tuple(speakers.shape)}")
-        if speakers.min() < 0 or speakers.max() >= NUM_SPEAKERS:
-            raise ValueError(f"speakers must be in [0, {NUM_SPEAKERS}), got values in "
-                             f"[{int(speakers.min())}, {int(speakers.max())}]")
-        for m in MODALITIES:
-            check_tensor(f"features[{m!r}]", features[m], ndim=3)
-            if features[m].shape != (b, l, self.dims[m]):
-                raise ValueError(f"features[{m!r}] must have shape {(b, l, self.dims[m])}, "
-                                 f"got {tuple(features[m].shape)}")
-
     def project(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Eq. 1: LayerNorm(W_m x + b_m) per modality -> (B, L, 3, d); also the reconstruction target of eq. 11."""
         return torch.stack([self.projectors[m](features[m]) for m in MODALITIES], dim=2)
 
-    def forward(self, features: dict[str, torch.Tensor], present: torch.Tensor,
-                speakers: torch.Tensor) -> CaMHGOutput:
-        self.check_inputs(features, present, speakers)
+    def forward(self, features: dict[str, torch.Tensor], present: torch.Tensor, speakers: torch.Tensor, *,
+                valid: Optional[torch.Tensor] = None) -> CaMHGOutput:
+        # clear errors naming the modality, dialogue and utterance (mer.inputs); float64 features are cast
+        features, _ = check_dialogue_inputs(features, present, valid=valid, speakers=speakers,
+                                            num_speakers=NUM_SPEAKERS, dims=self.dims, dtype=self.placeholder.dtype)
         b, l, _ = present.shape
         d = self.config.hidden
         # Eq. 1-2; absent modalities take the learnable placeholder, not the projection of zeros.

@@ -19,6 +19,7 @@ from torch import nn
 from kernels import FusedEntmaxCausalAttention
 from kernels.entmax_attention import EntmaxAttentionOutput
 from mer.data import MODALITIES
+from mer.inputs import check_dialogue_inputs
 
 from .config import ModelConfig
 
@@ -117,7 +118,11 @@ class CausalCueEncoder(nn.Module):
 
 
 class CARN(nn.Module):
-    """forward(features {m: (B, L, d_m)}, present (B, L, 3) bool, valid (B, L) bool) -> CarnOutput."""
+    """forward(features {m: (B, L, d_m)}, present (B, L, 3) bool, valid (B, L) bool or None) -> CarnOutput.
+    valid None: the utterances up to each dialogue's last one with a modality present.
+
+    Bad input (see ``mer.inputs.check_dialogue_inputs``) gets a TypeError/ValueError naming the modality, dialogue and
+    utterance; floating-point features of another dtype are cast to the parameters' dtype."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -157,45 +162,12 @@ class CARN(nn.Module):
                 encoder.css_predictor.requires_grad_(stage == 1)
                 encoder.css_target.requires_grad_(False)
 
-    def check_inputs(self, features: dict, present: torch.Tensor, valid: torch.Tensor) -> None:
-        """Clear errors for inputs that would otherwise become a silent NaN or a shape error deep inside."""
-        if not isinstance(features, dict):
-            raise TypeError(f"features must be a dict of modality -> (B, L, d_m) tensors, got {type(features).__name__}")
-        if set(features) != set(MODALITIES):
-            raise ValueError(f"features must have the keys {MODALITIES}, got {sorted(features)}")
-        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.dim() != 2:
-            raise ValueError(f"valid must be a (B, L) bool tensor, got {getattr(valid, 'shape', valid)}")
-        b, l = valid.shape
-        for m in MODALITIES:
-            x = features[m]
-            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-                raise TypeError(f"features[{m!r}] must be a floating-point tensor")
-            expected = (b, l, self.config.dims[m])
-            if tuple(x.shape) != expected:
-                raise ValueError(
-                    f"features[{m!r}] has shape {tuple(x.shape)}, expected {expected} (the config's dims[{m!r}] = "
-                    f"{self.config.dims[m]}); build the model from the dataset's info.dims"
-                )
-        if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != (b, l, 3):
-            raise ValueError(f"present must be a ({b}, {l}, 3) bool tensor, got {getattr(present, 'shape', present)}")
-        # The value checks below read the tensors: one host sync per forward for all of them, messages only on failure.
-        lengths = valid.sum(dim=1, keepdim=True)
-        failures = {
-            **{f"features[{m!r}] contains NaN or infinite values": ~torch.isfinite(features[m]).all()
-               for m in MODALITIES},
-            "present has a valid utterance with no modality present; at least one is needed":
-                ~(present.any(dim=-1) | ~valid).all(),
-            "valid must mark a non-empty prefix of every dialogue (right padding): the causal attention relies on "
-            "padded steps coming last": ~(valid[:, 0].all() & (valid == (torch.arange(l, device=valid.device)
-                                                                         < lengths)).all()),
-        }
-        if torch.stack(list(failures.values())).any():
-            raise ValueError(next(message for message, failed in failures.items() if failed))
-
     def forward(
         self, features: dict, present: torch.Tensor, valid: torch.Tensor, *, need_weights: bool = False
     ) -> CarnOutput:
-        self.check_inputs(features, present, valid)
+        # clear errors naming the modality, dialogue and utterance (mer.inputs); float64 features are cast
+        features, valid = check_dialogue_inputs(features, present, valid=valid, dims=self.config.dims,
+                                                dtype=self.decoder_head[0].weight.dtype)
         latents, predictions, targets, weights = {}, {}, {}, {}
         for index, m in enumerate(MODALITIES):
             x = features[m] * present[..., index, None]  # absent modalities enter as zeros

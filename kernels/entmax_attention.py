@@ -426,11 +426,72 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def entmax15_attention_weights(q, k, *, causal=True, scale=None):
-    """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), with the ``entmax`` package, computed in
-    float32 or in the inputs' dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory."""
-    import entmax
+def _entmax15_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Forward of :func:`entmax15` along the last dimension, in the dtype of ``scores``.
 
+    With ``z = scores / 2`` shifted by its row maximum (``z_max = 0``), the threshold satisfies
+    ``max z - 1 <= tau <= max z``, so scores at or below ``max z - 1`` are never in the support and are clamped to it:
+    every number below lies in [-1, 0] whatever the magnitude of the scores (1e30 is as exact as 1). On the sorted
+    row ``z_(1) >= z_(2) >= ...``, the candidate for support size k is the smaller root of
+    ``sum_{i <= k} (z_(i) - tau)^2 = 1``::
+
+        tau_k = mean_k - sqrt((1 - k * var_k) / k),    mean_k, var_k: mean and variance of z_(1..k)
+
+    and the support size is ``k* = max {k : tau_k <= z_(k)}`` (Peters et al., 2019, Algorithm 2). tau is then
+    recomputed from the k* support values with a two-pass (centred) variance, which does not cancel.
+    """
+    finite = torch.isfinite(scores)
+    # NaN or +inf anywhere, or no finite score at all: the row is undefined
+    undefined = (scores.isnan() | (scores == float("inf"))).any(-1, keepdim=True) | ~finite.any(-1, keepdim=True)
+    z = torch.where(finite, scores, float("-inf")) / 2
+    z_max = torch.where(undefined, 0.0, z.amax(-1, keepdim=True))
+    w = (z - z_max).clamp(min=-1.0)  # [-1, 0] on defined rows; -inf (hidden) becomes -1, never in the support
+    w_sorted = w.sort(dim=-1, descending=True).values
+    k = torch.arange(1, w.shape[-1] + 1, device=w.device, dtype=w.dtype)
+    mean = w_sorted.cumsum(-1) / k
+    k_var = (w_sorted * w_sorted).cumsum(-1) - mean * mean * k  # k * var_k
+    tau_k = mean - ((1 - k_var) / k).clamp(min=0).sqrt()
+    support_size = (tau_k <= w_sorted).sum(-1, keepdim=True).to(w.dtype)  # >= 1: tau_1 = z_(1) - 1
+    in_support = k <= support_size
+    mean = torch.where(in_support, w_sorted, 0.0).sum(-1, keepdim=True) / support_size
+    k_var = torch.where(in_support, (w_sorted - mean) ** 2, 0.0).sum(-1, keepdim=True)
+    tau = mean - ((1 - k_var) / support_size).clamp(min=0).sqrt()
+    return torch.where(undefined, float("nan"), (w - tau).clamp(min=0) ** 2)
+
+
+class _Entmax15Function(torch.autograd.Function):
+    """entmax-1.5 along the last dimension; the backward of ``entmax.entmax15``:
+    ``d scores = g * (dp - sum(g dp) / sum(g))`` with ``g = sqrt(p)``."""
+
+    @staticmethod
+    def forward(ctx, scores):
+        p = _entmax15_rows(scores)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, dp):
+        (p,) = ctx.saved_tensors
+        g = p.sqrt()
+        g_dp = g * dp
+        return g_dp - g * (g_dp.sum(-1, keepdim=True) / g.sum(-1, keepdim=True))
+
+
+def entmax15(scores: torch.Tensor) -> torch.Tensor:
+    """entmax-1.5 along the last dimension, in PyTorch: ``p = max(scores / 2 - tau, 0)^2`` with tau such that each
+    row sums to 1 (sort-based exact threshold, see ``_entmax15_rows``); differentiable.
+
+    ``-inf`` scores (hidden keys) get probability 0. A row with a NaN or ``+inf`` score, or with no finite score,
+    is NaN (its gradient too). Huge finite scores are exact: the threshold is solved relative to the row maximum.
+    Equals ``entmax.entmax15(scores, dim=-1)`` up to rounding on the rows that package handles.
+    """
+    return _Entmax15Function.apply(scores)
+
+
+def entmax15_attention_weights(q, k, *, causal=True, scale=None):
+    """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), computed in float32 or in the inputs'
+    dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory. A query row whose visible
+    scores hold NaN or ``+inf`` (NaN or infinite q or k) is NaN."""
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
@@ -438,12 +499,12 @@ def entmax15_attention_weights(q, k, *, causal=True, scale=None):
         t = q.shape[-2]
         hidden = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
-    return entmax.entmax15(scores, dim=-1)
+    return entmax15(scores)
 
 
 def entmax15_attention_reference(q, k, v, *, causal=True, scale=None):
     """``entmax15(mask(q k^T * scale)) @ v`` (B, H, T, Dv) in plain PyTorch, computed in float32 (float64 for
-    float64 inputs) and returned in v's dtype."""
+    float64 inputs) and returned in v's dtype. NaN rows as in :func:`entmax15`."""
     weights = entmax15_attention_weights(q, k, causal=causal, scale=scale)
     return (weights @ v.to(weights.dtype)).to(v.dtype)
 

@@ -4,9 +4,13 @@
 w2 (E, h, d_out), b2 (E, d_out) -> y (N, d_out)::
 
     logits = x @ gate_weight.T                      # (N, E), float32
-    e_1, e_2 = top-2 experts of each row            # ties: the lower expert index first, like torch.topk
+    e_1, e_2 = top-2 experts of each row            # ties: the lower expert index first
     alpha = softmax(logits[e_1], logits[e_2])
     y = sum_k alpha_k * (gelu(x @ w1[e_k] + b1[e_k]) @ w2[e_k] + b2[e_k])     # gelu: exact (erf) form
+
+Router rules, the same on both backends: among equal logits the lower expert index ranks first (so a row of equal
+logits goes to experts 0 and 1); a row with a NaN or infinite logit (NaN or inf in x or gate_weight, or overflow)
+goes to experts (0, 1) with NaN weights, so its output row is NaN, and so are the gradients that flow through it.
 
 How the Triton path runs (no host-device synchronization anywhere, no atomics, deterministic):
 
@@ -57,10 +61,10 @@ MAX_EXPERTS = 64
 class MoERouting(NamedTuple):
     """What the router chose, returned by ``moe_top2(..., return_routing=True)``.
 
-    experts: (N, 2) long, each row's two experts, the higher logit first (ties: the lower index first); -1 on
-    rows that ``row_mask`` leaves out.
-    weights: (N, 2) float32, softmax over the two chosen logits (differentiable through the gate); 0 on rows left
-    out.
+    experts: (N, 2) long, each row's two experts, the higher logit first (ties: the lower index first; (0, 1) for a
+    row with a non-finite logit); -1 on rows that ``row_mask`` leaves out.
+    weights: (N, 2) float32, softmax over the two chosen logits (differentiable through the gate); NaN for a row with
+    a non-finite logit; 0 on rows left out.
     aux_loss: scalar float32, the Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``, with f_e the
     fraction of the 2N' routed (row, expert) pairs that go to expert e and P_e the mean over rows of the
     softmax over ALL E logits, both over the N' rows that ``row_mask`` keeps (all rows without a mask; 0 when
@@ -149,16 +153,21 @@ def _moe_route_kernel(
     p_logits = logits + o_m[:, None].to(tl.int64) * E + o_e[None, :]
     tl.store(p_logits, b_logits, mask=m_m[:, None] & m_e[None, :])
 
-    b_scores = tl.where(m_e[None, :], b_logits, float("-inf"))  # [BM, BE]
-    b_first = tl.argmax(b_scores, axis=1, tie_break_left=True)  # [BM]
+    # a row with a NaN or infinite logit goes to experts (0, 1) with NaN weights (module docstring)
+    b_nonfinite = (b_logits != b_logits) | (tl.abs(b_logits) == float("inf"))
+    b_bad = tl.max(tl.where(m_e[None, :] & b_nonfinite, 1, 0), axis=1) > 0  # [BM]
+    b_scores = tl.where(m_e[None, :] & ~b_nonfinite, b_logits, float("-inf"))  # [BM, BE]
+    b_first = tl.argmax(b_scores, axis=1, tie_break_left=True)  # [BM]; ties: the lower index
     b_top1 = tl.max(b_scores, axis=1)
     b_scores = tl.where(o_e[None, :] == b_first[:, None], float("-inf"), b_scores)
     b_second = tl.argmax(b_scores, axis=1, tie_break_left=True)
     b_top2 = tl.max(b_scores, axis=1)
     # softmax over the two logits; top2 <= top1, so the exponent cannot overflow
     b_ratio = tl.exp(b_top2 - b_top1)
-    b_alpha1 = 1.0 / (1.0 + b_ratio)
-    b_alpha2 = b_ratio / (1.0 + b_ratio)
+    b_alpha1 = tl.where(b_bad, float("nan"), 1.0 / (1.0 + b_ratio))
+    b_alpha2 = tl.where(b_bad, float("nan"), b_ratio / (1.0 + b_ratio))
+    b_first = tl.where(b_bad, 0, b_first)
+    b_second = tl.where(b_bad, 1, b_second)
     if has_row_mask != 0:  # rows left out: expert -1 (sorted before every expert's pairs), weight 0
         b_keep = tl.load(row_mask + o_m, mask=m_m, other=0) != 0
         b_first, b_second = tl.where(b_keep, b_first, -1), tl.where(b_keep, b_second, -1)
@@ -570,11 +579,32 @@ def _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes):
                              f"got {tuple(value.shape)}")
 
 
+def _top2_experts(logits):
+    """(N, 2) experts of (N, E) logits by the router rules of the module docstring (ties: the lower index first,
+    which ``torch.topk`` does not promise; ``torch.argmax`` returns the first maximal index)."""
+    first = logits.argmax(dim=-1, keepdim=True)
+    second = logits.scatter(1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+    experts = torch.cat([first, second], dim=1)
+    fallback = torch.tensor([[0, 1]], device=logits.device, dtype=experts.dtype)
+    return torch.where(_nonfinite_rows(logits), fallback, experts)
+
+
+def _nonfinite_rows(logits):
+    """(N, 1) bool: rows with a NaN or infinite logit."""
+    return ~torch.isfinite(logits).all(dim=-1, keepdim=True)
+
+
+def _softmax_of_chosen(logits, experts):
+    """(N, 2) softmax over the two chosen logits; NaN on rows with a non-finite logit (gradients included)."""
+    poison = torch.where(_nonfinite_rows(logits), float("nan"), 1.0)
+    return logits.gather(1, experts).softmax(dim=-1) * poison
+
+
 def _routing_summary(logits, experts, row_mask=None):
     """MoERouting from the (N, E) float logits and the (N, 2) chosen experts (-1 on rows that the (N,) bool
     row_mask leaves out); see MoERouting for the aux loss. No host sync."""
     n, num_experts = logits.shape
-    weights = logits.gather(1, experts.clamp(min=0)).softmax(dim=-1)
+    weights = _softmax_of_chosen(logits, experts.clamp(min=0))
     probabilities = logits.softmax(dim=-1)
     pair_counts = torch.zeros(num_experts, device=logits.device, dtype=torch.int64)
     if row_mask is None:
@@ -582,7 +612,7 @@ def _routing_summary(logits, experts, row_mask=None):
         rows = max(n, 1)
     else:
         keep = row_mask[:, None]
-        weights, probabilities = weights * keep, probabilities * keep
+        weights, probabilities = torch.where(keep, weights, 0.0), torch.where(keep, probabilities, 0.0)
         pair_counts.scatter_add_(0, experts.clamp(min=0).reshape(-1), keep.expand(n, 2).reshape(-1).long())
         rows = row_mask.sum().clamp(min=1)
     fraction_routed = pair_counts.to(logits.dtype) / (2 * rows)
@@ -597,8 +627,8 @@ def _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask=None):
     compute = torch.promote_types(x.dtype, torch.float32)
     x_c = x.to(compute)
     logits = x_c @ gate_weight.to(compute).t()
-    top_logits, experts = logits.topk(2, dim=-1)
-    alpha = top_logits.softmax(dim=-1)
+    experts = _top2_experts(logits)
+    alpha = _softmax_of_chosen(logits, experts)
     if row_mask is not None:
         experts = experts.masked_fill(~row_mask[:, None], -1)
     y = x_c.new_zeros(x.shape[0], w2.shape[-1])

@@ -17,6 +17,7 @@ from kernels import (
 from kernels.block_causal_attention import (
     block_causal_attention_reference,
     block_causal_attention_varlen,
+    block_causal_attention_varlen_reference,
     block_causal_mask,
     forced_tiles,
 )
@@ -307,6 +308,30 @@ def test_bad_offsets_raise(triton_backend, offsets, dtype, error, match):
     q, k, v = (torch.randn(9, 2, 8) for _ in range(3))
     with pytest.raises(error, match=match):
         block_causal_attention_varlen(q, k, v, torch.tensor(offsets, dtype=dtype))
+
+
+@pytest.mark.parametrize("offsets, error, match", [
+    pytest.param([0, 4, 9], TypeError, "cu_seqlens must be a torch.Tensor, got list", id="list"),
+    pytest.param((0, 4, 9), TypeError, "cu_seqlens must be a torch.Tensor, got tuple", id="tuple"),
+    pytest.param(torch.tensor([[0, 4, 9]], dtype=torch.int32), ValueError, "cu_seqlens must have 1 dimensions",
+                 id="rank-2"),
+    pytest.param(torch.tensor([0.0, 4.0, 9.0]), TypeError, "cu_seqlens must have dtype", id="float"),
+])
+def test_offsets_of_a_wrong_type_raise(triton_backend, offsets, error, match):
+    q, k, v = (torch.randn(9, 2, 8) for _ in range(3))
+    with pytest.raises(error, match=match):
+        block_causal_attention_varlen(q, k, v, offsets)
+
+
+@pytest.mark.parametrize("validate", [None, False])
+def test_non_contiguous_offsets_read_their_own_values(triton_backend, validate):
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(10, 2, 8) for _ in range(3))
+    strided = torch.tensor([0, 99, 4, 99, 10], dtype=torch.int32)[::2]  # offsets [0, 4, 10], stride 2
+    assert not strided.is_contiguous()
+    out = block_causal_attention_varlen(q, k, v, strided, validate=validate)
+    expected = block_causal_attention_varlen_reference(q, k, v, torch.tensor([0, 4, 10], dtype=torch.int32))
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_varlen_bad_max_seqlen_and_shapes_raise(triton_backend):

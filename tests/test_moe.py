@@ -143,12 +143,53 @@ def test_routing_and_aux_loss_follow_their_definition(triton_backend, tiny_tiles
     torch.testing.assert_close(routing.aux_loss.double(), 5 * (fraction * mean_probability).sum(), rtol=1e-6, atol=1e-6)
 
 
-def test_ties_pick_the_lower_expert_index_first(triton_backend, tiny_tiles):
-    x, gate_weight, *weights = make_inputs(5, 4, 8, 6, 4, seed=9)
-    gate_weight = torch.zeros_like(gate_weight)  # every logit 0: a four-way tie in every row
-    _, routing = moe_top2(x, gate_weight, *weights, return_routing=True)
-    assert routing.experts.tolist() == [[0, 1]] * 5
-    assert torch.all(routing.weights == 0.5)
+def _rule_experts(logits):
+    """The documented tie rule in plain Python: the two largest logits, equal ones by lower index first."""
+    return [sorted(range(len(row)), key=lambda e: (-row[e], e))[:2] for row in logits.tolist()]
+
+
+@pytest.mark.parametrize("ties", ["all-equal", "three-equal-rows"])
+def test_ties_pick_the_lower_expert_index_first_on_both_backends(triton_backend, tiny_tiles, ties):
+    x, gate_weight, *weights = make_inputs(21, 5, 8, 6, 4, seed=9)
+    if ties == "all-equal":  # every logit 0: a five-way tie in every row
+        gate_weight = torch.zeros_like(gate_weight)
+    else:  # experts 1, 3 and 4 have the same gate row: their logits are bitwise equal, above or below 0 and 2
+        gate_weight[3] = gate_weight[4] = gate_weight[1]
+    logits = x.double() @ gate_weight.double().t()
+    for op in (moe_top2, moe_top2_reference):
+        y, routing = op(x, gate_weight, *weights, return_routing=True)
+        assert routing.experts.tolist() == _rule_experts(logits), op.__name__
+    y_ref, routing_ref = moe_top2_reference(x, gate_weight, *weights, return_routing=True)
+    torch.testing.assert_close(routing.weights, routing_ref.weights)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5)
+    if ties == "all-equal":
+        assert torch.all(routing.weights == 0.5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+@pytest.mark.parametrize("where", ["nan-gate-weight", "inf-gate-weight", "nan-in-x-row", "inf-in-x-row"])
+def test_non_finite_logits_give_nan_rows_on_both_backends(triton_backend, tiny_tiles, where):
+    inputs = make_inputs(19, 4, 7, 6, 5, seed=12)
+    x, gate_weight = inputs[0].clone(), inputs[1].clone()
+    if where.endswith("gate-weight"):
+        gate_weight[2, 3] = float("nan") if where.startswith("nan") else float("inf")
+        bad_rows = torch.ones(19, dtype=torch.bool)  # every row has a non-finite logit
+    else:
+        x[6, 2] = float("nan") if where.startswith("nan") else float("-inf")
+        bad_rows = torch.arange(19) == 6
+    inputs[:2] = x, gate_weight
+    y, routing, grads = forward_backward(moe_top2, inputs)
+    y_ref, routing_ref, grads_ref = forward_backward(moe_top2_reference, inputs)
+    for result in ((y, routing), (y_ref, routing_ref)):
+        out, chosen = result
+        assert out[bad_rows].isnan().all() and chosen.weights[bad_rows].isnan().all()
+        assert chosen.experts[bad_rows].tolist() == [[0, 1]] * int(bad_rows.sum())
+        assert torch.isfinite(out[~bad_rows]).all()
+    assert torch.equal(routing.experts, routing_ref.experts)
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=2e-5, equal_nan=True)
+    torch.testing.assert_close(routing.weights, routing_ref.weights, atol=1e-6, rtol=1e-6, equal_nan=True)
+    for name, grad, grad_ref in zip(("x", "gate_weight", "w1", "b1", "w2", "b2"), grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-4, rtol=1e-4, equal_nan=True, msg=lambda m: f"d{name}: {m}")
 
 
 def _with(index, value):
