@@ -3,13 +3,14 @@
 ``entmax15_attention(q, k, v)`` equals ``entmax.entmax15(scores, dim=-1) @ v`` with
 ``scores = q k^T * scale`` (``-inf`` where ``j > i`` when causal) without ever forming the T x T matrix:
 
-1. ``_entmax_tau_kernel`` solves each row's threshold tau of ``z = scores / 2`` exactly: Newton steps from
-   ``max z - 1`` (left of the root, so they rise monotonically) until the support ``{z > tau}`` is identified,
-   then the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows
-   recompute them on every pass. tau (B, H, T) is the only per-row state the forward keeps.
-2. ``_entmax_fwd_kernel``: ``o = sum_j max(z_j - tau, 0)^2 v_j`` over the visible key tiles, skipping tiles whose
-   probabilities are all zero. For training it also stores ``w_i = sum_j G_ij v_j / sum_j G_ij``
-   (``G = max(z - tau, 0)``), from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
+1. ``_entmax_tau_kernel`` solves each row's threshold exactly, relative to the row maximum (scores of any
+   magnitude): one pass for the maximum, then passes that evaluate many candidate thresholds at once over the row's
+   bracket ``[max - 1, max - n^-1/2]``, narrowing it, until some candidate's support is provably the root's; then
+   the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows recompute
+   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps.
+2. ``_entmax_fwd_kernel``: ``o = sum_j G_j^2 v_j`` with ``G = max(z - rowmax - tau, 0)`` over the visible key
+   tiles, skipping tiles whose probabilities are all zero. For training it also stores
+   ``w_i = sum_j G_ij v_j / sum_j G_ij``, from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
 3. ``_entmax_bwd_dq_kernel`` (per query tile) and ``_entmax_bwd_dkdv_kernel`` (per key tile): flash-attention's
    backward with ``dS = G (dP - c)`` (the gradient w.r.t. the unhalved scores), skipping hidden and all-zero tiles.
 
@@ -33,7 +34,9 @@ from .backend import use_triton
 
 class Tiles(NamedTuple):
     """Block sizes of one call. Rows of at most ``row_block_n`` keys are solved in registers (``row_block_m`` rows
-    per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``."""
+    per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
+    The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
+    the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4."""
 
     block_m: int = 64
     block_n: int = 64
@@ -41,12 +44,14 @@ class Tiles(NamedTuple):
     block_dv: int = 64
     row_block_m: int = 32
     row_block_n: int = 128
+    candidates: int = 16
 
 
 _DEFAULT_TILES = Tiles()
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
-#: Newton passes before the tau solver gives up on a row (only reached through rounding or NaN input).
+#: Candidate passes before the tau solver gives up on a row (not reached in the tests: a bracket narrowed to one
+#: float ends the search too).
 _MAX_PASSES = 32
 _NUM_WARPS = 4
 _NUM_STAGES = 1
@@ -107,45 +112,76 @@ def _seeing_queries_start(i_n, causal, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _support_stats(b_z, b_tau):
-    """Per row, with ``w = z - tau``: over the support ``w > 0`` the count, sum w, sum w^2 and min w; and the
-    largest w off the support (``-inf`` if none)."""
-    b_w = b_z - b_tau[:, None]  # [BM, BN]
-    m_s = b_w > 0
-    b_ws = tl.where(m_s, b_w, 0.0)
-    b_cnt = tl.sum(m_s.to(tl.float32), 1)
-    b_a1 = tl.sum(b_ws, 1)
-    b_a2 = tl.sum(b_ws * b_ws, 1)
-    b_wmin = tl.min(tl.where(m_s, b_w, float("inf")), 1)
-    b_wout = tl.max(tl.where(m_s, float("-inf"), b_w), 1)
+def _probability_roots(b_z, b_max, b_tau):
+    """``G = max((z - rowmax) - tau, 0)`` [BM, BN] (``p = G^2``), with tau relative to the row maximum so that scores
+    of any magnitude keep their differences: ``z - rowmax`` is exact for scores within a factor 2 of the maximum."""
+    b_w = (b_z - b_max[:, None]) - b_tau[:, None]
+    return tl.where(b_w > 0, b_w, 0.0)
+
+
+@triton.jit
+def _accumulate_candidate_stats(b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC: tl.constexpr):
+    """Add one key tile's statistics of every candidate threshold: for candidate c of row i (``b_t[i, c]``) and
+    ``w = zr - t`` over the tile's relative scores ``b_zr`` [BM, BN], the support ``w > 0``'s count, sum w, sum w^2
+    and min w, and the largest w off the support. Accumulators are [BM, NC]."""
+    o_c = tl.arange(0, NC)
+    for i_c in range(NC):  # a loop, not unrolled: 16 copies of the statistics make huge, slow-to-compile code
+        m_c = (o_c == i_c)[None, :]  # [1, NC]: column i_c
+        b_tc = tl.sum(tl.where(m_c, b_t, 0.0), 1)  # [BM]
+        b_w = b_zr - b_tc[:, None]  # [BM, BN]
+        m_s = b_w > 0
+        b_ws = tl.where(m_s, b_w, 0.0)
+        b_cnt = tl.where(m_c, b_cnt + tl.sum(m_s.to(tl.float32), 1)[:, None], b_cnt)
+        b_a1 = tl.where(m_c, b_a1 + tl.sum(b_ws, 1)[:, None], b_a1)
+        b_a2 = tl.where(m_c, b_a2 + tl.sum(b_ws * b_ws, 1)[:, None], b_a2)
+        b_wmin = tl.where(m_c, tl.minimum(b_wmin, tl.min(tl.where(m_s, b_w, float("inf")), 1)[:, None]), b_wmin)
+        b_wout = tl.where(m_c, tl.maximum(b_wout, tl.max(tl.where(m_s, float("-inf"), b_w), 1)[:, None]), b_wout)
     return b_cnt, b_a1, b_a2, b_wmin, b_wout
 
 
 @triton.jit
-def _threshold_step(b_tau, b_done, b_cnt, b_a1, b_a2, b_wmin, b_wout):
-    """One solver pass from the support statistics of ``tau``: the exact threshold where the support is identified,
-    else a Newton step on ``f(tau) = sum max(z - tau, 0)^2 - 1``. Returns (tau, done)."""
-    b_f = b_a2 - 1.0  # f(tau) >= 0 left of the root
+def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b_done):
+    """One solver pass from the statistics of the candidates ``b_t`` [BM, NC] (see DESIGN.md section 3). A candidate
+    t whose support S = {z > t} is the root's gives tau exactly: the smaller root of ``sum_S (z - x)^2 = 1`` lies
+    above every score off S and below every score of S. Otherwise the candidates tighten the bracket [lo, hi] of the
+    root: a Newton step from a candidate left of the root (f(t) >= 0) and the quadratic's root from one right of it
+    are lower bounds (f is convex and decreasing); a candidate right of the root and the quadratic's root from one
+    left of it are upper bounds. A bracket narrowed to one float is also a solution. Returns (tau, lo, hi, done)."""
+    b_f = b_a2 - 1.0
+    m_left = b_f >= 0
     b_disc = b_a1 * b_a1 - b_cnt * b_f
-    # left of the root the support is never empty; rows already done may have none: keep their arithmetic finite
-    b_a1 = tl.where(b_cnt > 0, b_a1, 1.0)
+    b_a1 = tl.where(b_cnt > 0, b_a1, 1.0)  # an empty support (only in finished or padded rows): keep finite
     # smaller root of sum_S (w - delta)^2 = 1, rationalized so that it does not cancel as f -> 0
     b_delta = b_f / (b_a1 + tl.sqrt(tl.maximum(b_disc, 0.0)))
-    # the support of tau + delta is exactly S: S stays above it and every other key stays below
-    b_exact = (b_disc >= 0) & (b_wmin >= b_delta) & (b_wout <= b_delta)
-    b_next = tl.where(b_exact, b_tau + b_delta, b_tau + b_f / (2.0 * b_a1))
-    return tl.where(b_done, b_tau, b_next), b_done | b_exact
+    b_root = b_t + b_delta
+    m_exact = (b_disc >= 0) & (b_wmin >= b_delta) & (b_wout <= b_delta)
+    b_lower = tl.where(m_left, b_t + b_f / (2.0 * b_a1), b_root)
+    b_upper = tl.where(m_left, tl.where(b_disc >= 0, b_root, float("inf")), b_t)
+    b_new_lo = tl.maximum(b_lo, tl.max(b_lower, 1))
+    b_new_hi = tl.minimum(b_hi, tl.min(b_upper, 1))
+    m_collapsed = b_new_hi <= b_new_lo
+    m_solved = (tl.max(m_exact.to(tl.int32), 1) > 0) | m_collapsed
+    b_solution = tl.where(m_collapsed, b_new_lo, tl.max(tl.where(m_exact, b_root, float("-inf")), 1))
+    b_tau = tl.where(b_done, b_tau, tl.where(m_solved, b_solution, b_new_lo))
+    b_lo = tl.where(b_done, b_lo, b_new_lo)
+    b_hi = tl.where(b_done, b_hi, tl.maximum(b_new_hi, b_new_lo))
+    return b_tau, b_lo, b_hi, b_done | m_solved
 
 
 @triton.jit(do_not_specialize=["H", "T", "D", "causal"])  # no variant per runtime value 1
-def _entmax_tau_kernel(q, k, tau,
+def _entmax_tau_kernel(q, k, rowmax, tau,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        H, T, D, half_scale, causal,
-                       ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr,
+                       ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """tau (B*H, T) fp32 of ``z = scale / 2 * q k^T``: ``sum_j max(z_ij - tau_i, 0)^2 = 1``. NaN rows get NaN.
-    Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores scored once, kept on chip) needs T <= BN."""
+    """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` and the threshold relative to it, tau (B*H, T)
+    fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score (or no finite one) get NaN
+    tau and rowmax 0. Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs T <= BN.
+
+    The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
+    row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
+    of the tile is solved exactly (:func:`_candidate_step`)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -156,48 +192,55 @@ def _entmax_tau_kernel(q, k, tau,
     if ROW_IN_REGISTERS:
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, D,
                       half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_nan = tl.max((b_z != b_z).to(tl.int32), 1) > 0
+        m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
     else:
-        b_nan = tl.zeros([BM], dtype=tl.int32) > 0
+        m_bad = tl.zeros([BM], dtype=tl.int32) > 0
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(0, hi, BN):
             b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, D,
                            half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-            b_nan = b_nan | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
+            m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
+    # a +inf score, or none finite, leaves no finite probabilities: NaN row, as the reference
+    m_bad = m_bad | (b_max == float("inf")) | (b_max == float("-inf"))
+    m_rest = (o_m >= T) | m_bad  # padded and NaN rows: finished from the start, arithmetic kept finite
+    b_max = tl.where(m_rest, 0.0, b_max)
 
-    # f(max z - 1) >= 0: every Newton step stays left of the root. Rows past T (no visible key) start at 0, not -inf.
-    b_tau = tl.where(o_m < T, b_max - 1.0, 0.0)
-    b_done = (o_m >= T) | b_nan  # NaN rows stop at once: the solver terminates on any input
+    b_visible = tl.where(causal != 0, tl.minimum(o_m + 1, T), T).to(tl.float32)
+    b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^-1/2)
+    b_hi = -tl.rsqrt(b_visible)
+    b_tau = b_lo
+    b_done = m_rest
+    o_c = tl.arange(0, NC).to(tl.float32) / (NC - 1)
     i_pass = 0
     while (i_pass < MAX_PASSES) & (tl.min(b_done.to(tl.int32), 0) == 0):
+        b_t = b_lo[:, None] + (b_hi - b_lo)[:, None] * o_c[None, :]  # [BM, NC] candidates, relative to the max
+        b_cnt = tl.zeros([BM, NC], dtype=tl.float32)
+        b_a1 = tl.zeros([BM, NC], dtype=tl.float32)
+        b_a2 = tl.zeros([BM, NC], dtype=tl.float32)
+        b_wmin = tl.full([BM, NC], float("inf"), dtype=tl.float32)
+        b_wout = tl.full([BM, NC], float("-inf"), dtype=tl.float32)
         if ROW_IN_REGISTERS:
-            b_cnt, b_a1, b_a2, b_wmin, b_wout = _support_stats(b_z, b_tau)
+            b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
-            b_cnt = tl.zeros([BM], dtype=tl.float32)
-            b_a1 = tl.zeros([BM], dtype=tl.float32)
-            b_a2 = tl.zeros([BM], dtype=tl.float32)
-            b_wmin = tl.full([BM], float("inf"), dtype=tl.float32)
-            b_wout = tl.full([BM], float("-inf"), dtype=tl.float32)
             for n0 in range(0, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
                                T, D, half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-                t_cnt, t_a1, t_a2, t_wmin, t_wout = _support_stats(b_zt, b_tau)
-                b_cnt += t_cnt
-                b_a1 += t_a1
-                b_a2 += t_a2
-                b_wmin = tl.minimum(b_wmin, t_wmin)
-                b_wout = tl.maximum(b_wout, t_wout)
-        b_tau, b_done = _threshold_step(b_tau, b_done, b_cnt, b_a1, b_a2, b_wmin, b_wout)
+                b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                    b_zt - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+        b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
+                                                    b_done)
         i_pass += 1
 
-    b_tau = tl.where(b_nan, float("nan"), b_tau)
-    tl.store(tau + i_bh.to(tl.int64) * T + o_m, b_tau, mask=o_m < T)
+    o_row = i_bh.to(tl.int64) * T + o_m
+    tl.store(rowmax + o_row, b_max, mask=o_m < T)
+    tl.store(tau + o_row, tl.where(m_bad, float("nan"), b_tau), mask=o_m < T)
 
 
 @triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal", "store_w"])  # no variant per runtime value 1
-def _entmax_fwd_kernel(q, k, v, tau, o, w,
+def _entmax_fwd_kernel(q, k, v, rowmax, tau, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
@@ -216,6 +259,7 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
     o_dv = i_dv * BDV + tl.arange(0, BDV)
     m_dv = o_dv < Dv
 
+    b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
     b_o = tl.zeros([BM, BDV], dtype=tl.float32)
     b_u = tl.zeros([BM, BDV], dtype=tl.float32)
@@ -224,7 +268,7 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
                       half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
+        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
             b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
                           mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
@@ -244,7 +288,7 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
 
 
 @triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
-def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
+def _entmax_bwd_dq_kernel(q, k, v, do, rowmax, tau, c, dq,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -265,6 +309,7 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
 
+    b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
     b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -272,7 +317,7 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
                       half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
+        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
                              BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
@@ -286,7 +331,7 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
 
 
 @triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
-def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
+def _entmax_bwd_dkdv_kernel(q, k, v, do, rowmax, tau, c, dk, dv,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
                             stride_vb, stride_vh, stride_vt, stride_vd,
@@ -317,10 +362,11 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
     for m0 in range(_seeing_queries_start(i_n, causal, BM, BN), T, BM):
         o_m = m0 + tl.arange(0, BM)
         m_m = o_m < T
+        b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
         b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
                       half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
+        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             if has_dk:
                 b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
@@ -351,33 +397,41 @@ def _launch_options():
     return {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
 
 
+def _entmax_tau(q, k, causal: bool, scale: float):
+    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
+    B, H, T, D = q.shape
+    tiles = _tiles()
+    rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    in_registers = T <= tiles.row_block_n
+    block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
+    _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
+        q, k, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
+        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
+        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
+    return rowmax, tau
+
+
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
-    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, tau (B, H, T) fp32 and, with
+    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32 and, with
     ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles()
     half_scale = 0.5 * scale
-    tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    in_registers = T <= tiles.row_block_n
-    block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
-    _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, tau, *q.stride(), *k.stride(), H, T, D, half_scale, int(causal),
-        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, BM=block_m, BN=block_n, BD=tiles.block_d,
-        UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
-
+    rowmax, tau = _entmax_tau(q, k, causal, scale)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
     grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, tiles.block_dv), B * H)
     _entmax_fwd_kernel[grid](
-        q, k, v, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
+        q, k, v, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
         *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
         BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
-    return o, tau, w
+    return o, rowmax, tau, w
 
 
-def _entmax_attention_bwd(do, q, k, v, tau, w, causal: bool, scale: float):
+def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float):
     """Launch the two backward kernels. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
@@ -392,10 +446,10 @@ def _entmax_attention_bwd(do, q, k, v, tau, w, causal: bool, scale: float):
     blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
                   UPCAST_DOTS=upcast_dots_for(q.dtype))
     _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
-        q, k, v, do, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options())
+        q, k, v, do, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options())
     chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
     _entmax_bwd_dkdv_kernel[(triton.cdiv(T, tiles.block_n), chunks, B * H)](
-        q, k, v, do, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
+        q, k, v, do, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
         **blocks, **_launch_options())
     return dq, dk, dv
 
@@ -407,18 +461,74 @@ class EntmaxAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal: bool, scale: float):
         with launch_device_of(q):
-            o, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True)
-        ctx.save_for_backward(q, k, v, tau, w)
+            o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True)
+        ctx.save_for_backward(q, k, v, rowmax, tau, w)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        q, k, v, tau, w = ctx.saved_tensors
+        q, k, v, rowmax, tau, w = ctx.saved_tensors
         with launch_device_of(q):
-            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, tau, w, ctx.causal, ctx.scale)
+            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
+
+
+def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64):
+    """Passes over the visible keys of each query tile that the multi-pass threshold solver makes (the row-maximum
+    pass included), from a PyTorch mirror of ``_entmax_tau_kernel`` with the current ``Tiles.candidates``:
+    (B, H, cdiv(T, block_m)) int64. A tile
+    passes over K until its last row is solved; rows of at most ``Tiles.row_block_n`` keys are solved in registers
+    instead (K read once). ``block_n`` only orders the kernel's sums. For analysis and tests: O(T^2) memory.
+
+    K traffic of the forward in single flash passes is the tiles' mean weighted by their visible keys, plus one
+    for the output kernel."""
+    del block_n
+    B, H, T, _ = q.shape
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    z = (q.float() @ k.float().transpose(-1, -2)) * (0.5 * scale)
+    if causal:
+        z = z.masked_fill(torch.ones(T, T, dtype=torch.bool, device=z.device).triu(1), float("-inf"))
+    z = z.reshape(B * H * T, T)
+    finite = ~z.isnan().any(-1)
+    rowmax = torch.where(z.isnan(), float("-inf"), z).amax(-1)
+    done = ~finite | rowmax.isinf()
+    zr = z - torch.where(done, 0.0, rowmax)[:, None]
+    visible = (torch.arange(T, device=z.device) + 1).clamp(max=T) if causal else torch.full((T,), T, device=z.device)
+    lo = torch.full_like(rowmax, -1.0)
+    hi = visible.float().rsqrt().neg().repeat(B * H)
+    passes = torch.ones_like(rowmax, dtype=torch.int64)
+    candidates = _tiles().candidates
+    spread = torch.arange(candidates, device=z.device).float() / (candidates - 1)
+    for _ in range(_MAX_PASSES):
+        if done.all():
+            break
+        passes += (~done).long()
+        rows = (~done).nonzero()[:, 0]
+        t = lo[rows, None] + (hi - lo)[rows, None] * spread  # (rows, NC)
+        w = zr[rows, None, :] - t[:, :, None]  # (rows, NC, T)
+        support = w > 0
+        ws = torch.where(support, w, 0.0)
+        cnt, a1, a2 = support.float().sum(-1), ws.sum(-1), (ws * ws).sum(-1)
+        wmin = torch.where(support, w, float("inf")).amin(-1)
+        wout = torch.where(support, float("-inf"), w).amax(-1)
+        f = a2 - 1.0
+        left = f >= 0
+        disc = a1 * a1 - cnt * f
+        a1 = torch.where(cnt > 0, a1, 1.0)
+        delta = f / (a1 + disc.clamp(min=0).sqrt())
+        root = t + delta
+        exact = (disc >= 0) & (wmin >= delta) & (wout <= delta)
+        lower = torch.where(left, t + f / (2.0 * a1), root)
+        upper = torch.where(left, torch.where(disc >= 0, root, float("inf")), t)
+        new_lo = torch.maximum(lo[rows], lower.amax(-1))
+        new_hi = torch.minimum(hi[rows], upper.amin(-1))
+        lo[rows], hi[rows] = new_lo, torch.maximum(new_hi, new_lo)
+        done[rows] = exact.any(-1) | (new_hi <= new_lo)
+    tiles = triton.cdiv(T, block_m)
+    per_row = torch.nn.functional.pad(passes.view(B * H, T), (0, tiles * block_m - T))
+    return per_row.view(B, H, tiles, block_m).amax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,7 +596,7 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
-_FP32_POINTERS = ("tau", "w", "c")
+_FP32_POINTERS = ("rowmax", "tau", "w", "c")
 _FLOAT_SCALARS = ("half_scale", "scale")
 
 
@@ -514,10 +624,10 @@ def aot_configurations() -> List[AotConfig]:
     blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
     variants = [
         ("tau registers", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=True, MAX_PASSES=_MAX_PASSES, BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d,
+         dict(ROW_IN_REGISTERS=True, MAX_PASSES=_MAX_PASSES, NC=t.candidates, BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d,
               UPCAST_DOTS=False)),
         ("tau passes", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=False, MAX_PASSES=_MAX_PASSES, BM=t.block_m, BN=t.block_n, BD=t.block_d,
+         dict(ROW_IN_REGISTERS=False, MAX_PASSES=_MAX_PASSES, NC=t.candidates, BM=t.block_m, BN=t.block_n, BD=t.block_d,
               UPCAST_DOTS=False)),
         ("fwd", _entmax_fwd_kernel, blocks),
         ("bwd dq", _entmax_bwd_dq_kernel, blocks),
