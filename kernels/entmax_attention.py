@@ -36,7 +36,8 @@ class Tiles(NamedTuple):
     """Block sizes of one call. Rows of at most ``row_block_n`` keys are solved in registers (``row_block_m`` rows
     per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
     The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
-    the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4."""
+    the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
+    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options."""
 
     block_m: int = 64
     block_n: int = 64
@@ -45,26 +46,39 @@ class Tiles(NamedTuple):
     row_block_m: int = 32
     row_block_n: int = 128
     candidates: int = 16
+    num_warps: int = 8
+    num_stages: int = 2
 
 
-_DEFAULT_TILES = Tiles()
+#: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
+#: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
+#: registers) in 8 warps without spilling; fp32 (tf32x3 dots, three products per tile) needs 32 x 32 tiles and
+#: 32-feature chunks.
+_DEFAULT_TILES = {
+    torch.float16: Tiles(row_block_m=16),
+    torch.bfloat16: Tiles(row_block_m=16),
+    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16),
+}
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
 #: Candidate passes before the tau solver gives up on a row (not reached in the tests: a bracket narrowed to one
 #: float ends the search too).
 _MAX_PASSES = 32
-_NUM_WARPS = 4
-_NUM_STAGES = 1
-#: CUDA limits grid axes 1 and 2 to this; the batch-head axis is one of them.
 
 
-def _tiles() -> Tiles:
-    return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES
+def _tiles(dtype: torch.dtype) -> Tiles:
+    return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES[dtype]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+
+
+#: Runtime flags and sequence sizes are never specialized (no variant per value 1). D and Dv are: a multiple of 16
+#: makes the feature masks constant over 16 elements, so tiles load as vectors and stream with async copies
+#: (cp.async needs at least 4-byte vectors); D = 1 or Dv = 1 compiles a variant of its own.
+_NOT_SPECIALIZED = ["H", "T", "causal"]
 
 
 @triton.jit
@@ -168,7 +182,7 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
     return b_tau, b_lo, b_hi, b_done | m_solved
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "causal"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _entmax_tau_kernel(q, k, rowmax, tau,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
@@ -239,7 +253,7 @@ def _entmax_tau_kernel(q, k, rowmax, tau,
     tl.store(tau + o_row, tl.where(m_bad, float("nan"), b_tau), mask=o_m < T)
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal", "store_w"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
 def _entmax_fwd_kernel(q, k, v, rowmax, tau, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
@@ -287,7 +301,7 @@ def _entmax_fwd_kernel(q, k, v, rowmax, tau, o, w,
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _entmax_bwd_dq_kernel(q, k, v, do, rowmax, tau, c, dq,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
@@ -330,7 +344,7 @@ def _entmax_bwd_dq_kernel(q, k, v, do, rowmax, tau, c, dq,
     tl.store(dq + o_out, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _entmax_bwd_dkdv_kernel(q, k, v, do, rowmax, tau, c, dk, dv,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
@@ -393,14 +407,14 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, rowmax, tau, c, dk, dv,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch_options():
-    return {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
+def _launch_options(tiles: Tiles):
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
 
 def _entmax_tau(q, k, causal: bool, scale: float):
     """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
     B, H, T, D = q.shape
-    tiles = _tiles()
+    tiles = _tiles(q.dtype)
     rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     in_registers = T <= tiles.row_block_n
@@ -408,7 +422,7 @@ def _entmax_tau(q, k, causal: bool, scale: float):
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
         q, k, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
         ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
-        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
+        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
     return rowmax, tau
 
 
@@ -417,7 +431,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
     ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
-    tiles = _tiles()
+    tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
     rowmax, tau = _entmax_tau(q, k, causal, scale)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
@@ -427,7 +441,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
         q, k, v, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
         *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
-        BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
+        BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
     return o, rowmax, tau, w
 
 
@@ -435,7 +449,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     """Launch the two backward kernels. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
-    tiles = _tiles()
+    tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
@@ -446,11 +460,11 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
                   UPCAST_DOTS=upcast_dots_for(q.dtype))
     _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
-        q, k, v, do, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options())
+        q, k, v, do, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options(tiles))
     chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
     _entmax_bwd_dkdv_kernel[(triton.cdiv(T, tiles.block_n), chunks, B * H)](
         q, k, v, do, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
-        **blocks, **_launch_options())
+        **blocks, **_launch_options(tiles))
     return dq, dk, dv
 
 
@@ -499,7 +513,7 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64):
     lo = torch.full_like(rowmax, -1.0)
     hi = visible.float().rsqrt().neg().repeat(B * H)
     passes = torch.ones_like(rowmax, dtype=torch.int64)
-    candidates = _tiles().candidates
+    candidates = _tiles(q.dtype).candidates
     spread = torch.arange(candidates, device=z.device).float() / (candidates - 1)
     for _ in range(_MAX_PASSES):
         if done.all():
@@ -620,25 +634,23 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 def aot_configurations() -> List[AotConfig]:
     """Every (kernel, dtype, constexpr) combination the launchers can launch with the default tiles on a GPU (causal
     and store_w are runtime flags; UPCAST_DOTS is set only under the interpreter)."""
-    t = _DEFAULT_TILES
-    blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
-    variants = [
-        ("tau registers", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=True, MAX_PASSES=_MAX_PASSES, NC=t.candidates, BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d,
-              UPCAST_DOTS=False)),
-        ("tau passes", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=False, MAX_PASSES=_MAX_PASSES, NC=t.candidates, BM=t.block_m, BN=t.block_n, BD=t.block_d,
-              UPCAST_DOTS=False)),
-        ("fwd", _entmax_fwd_kernel, blocks),
-        ("bwd dq", _entmax_bwd_dq_kernel, blocks),
-        ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
-    ]
     configs = []
-    for dtype in _TRITON_DTYPES.values():
+    for torch_dtype, dtype in _TRITON_DTYPES.items():
+        t = _DEFAULT_TILES[torch_dtype]
+        blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
+        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, BD=t.block_d, UPCAST_DOTS=False)
+        variants = [
+            ("tau registers", _entmax_tau_kernel,
+             dict(ROW_IN_REGISTERS=True, BM=t.row_block_m, BN=t.row_block_n, **solver)),
+            ("tau passes", _entmax_tau_kernel, dict(ROW_IN_REGISTERS=False, BM=t.block_m, BN=t.block_n, **solver)),
+            ("fwd", _entmax_fwd_kernel, blocks),
+            ("bwd dq", _entmax_bwd_dq_kernel, blocks),
+            ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
+        ]
         for label, kernel, constexprs in variants:
             configs.append(AotConfig(
                 label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),
-                constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+                constexprs=constexprs, num_warps=t.num_warps, num_stages=t.num_stages))
     return configs
 
 
