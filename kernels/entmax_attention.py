@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from .aot import AotConfig
+from .block_causal_attention import _check_cu_seqlens
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
 
@@ -104,25 +105,37 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
 
 
 @triton.jit
-def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal,
+def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal, b_start, b_end,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside [0, T) and where the causal mask hides the key."""
+    """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside each row's sequence [b_start, b_end) and where the
+    causal mask hides the key."""
     b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
                     UPCAST_DOTS) * half_scale
-    m_visible = (o_m[:, None] < T) & (o_n[None, :] < T) & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
+    m_visible = (o_m[:, None] < T) & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
+        & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
     return tl.where(m_visible, b_z, float("-inf"))  # [BM, BN]
 
 
 @triton.jit
-def _visible_keys_end(i_m, T, causal, BM: tl.constexpr):
-    """End of the keys that query tile ``i_m`` can see: key tiles past it are hidden and never visited."""
-    return tl.where(causal != 0, tl.minimum((i_m + 1) * BM, T), T)
+def _row_sequences(seq_start, seq_end, o_m, T):
+    """Per row, the keys [start, end) of its sequence ([0, T) unless packed); empty past T."""
+    m_m = o_m < T
+    return tl.load(seq_start + o_m, mask=m_m, other=0), tl.load(seq_end + o_m, mask=m_m, other=0)
 
 
 @triton.jit
-def _seeing_queries_start(i_n, causal, BM: tl.constexpr, BN: tl.constexpr):
-    """Start (a multiple of BM) of the query tiles that can see key tile ``i_n``."""
-    return tl.where(causal != 0, (i_n * BN) // BM * BM, 0)
+def _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
+    """Keys [lo, hi) that query tile ``i_m`` can see (lo a multiple of BN): key tiles outside are never visited."""
+    lo = tl.min(tl.where(o_m < T, b_start, T), 0) // BN * BN
+    hi = tl.where(causal != 0, tl.minimum((i_m + 1) * BM, T), tl.max(b_end, 0))
+    return lo, hi
+
+
+@triton.jit
+def _seeing_queries(i_n, o_n, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
+    """Queries [lo, hi) that can see key tile ``i_n`` (lo a multiple of BM), from its keys' sequences."""
+    lo = tl.where(causal != 0, i_n * BN, tl.min(tl.where(o_n < T, b_start, T), 0)) // BM * BM
+    return lo, tl.max(b_end, 0)
 
 
 @triton.jit
@@ -183,7 +196,7 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_tau_kernel(q, k, rowmax, tau,
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        H, T, D, half_scale, causal,
@@ -201,19 +214,20 @@ def _entmax_tau_kernel(q, k, rowmax, tau,
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
     o_m = i_m * BM + tl.arange(0, BM)
-    hi = _visible_keys_end(i_m, T, causal, BM)
+    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
 
     if ROW_IN_REGISTERS:
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
     else:
         m_bad = tl.zeros([BM], dtype=tl.int32) > 0
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
-        for n0 in range(0, hi, BN):
+        for n0 in range(lo, hi, BN):
             b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, D,
-                           half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
             m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
     # a +inf score, or none finite, leaves no finite probabilities: NaN row, as the reference
@@ -221,7 +235,7 @@ def _entmax_tau_kernel(q, k, rowmax, tau,
     m_rest = (o_m >= T) | m_bad  # padded and NaN rows: finished from the start, arithmetic kept finite
     b_max = tl.where(m_rest, 0.0, b_max)
 
-    b_visible = tl.where(causal != 0, tl.minimum(o_m + 1, T), T).to(tl.float32)
+    b_visible = tl.maximum(tl.where(causal != 0, o_m + 1, b_end) - b_start, 1).to(tl.float32)
     b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^-1/2)
     b_hi = -tl.rsqrt(b_visible)
     b_tau = b_lo
@@ -239,9 +253,9 @@ def _entmax_tau_kernel(q, k, rowmax, tau,
             b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                 b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
-            for n0 in range(0, hi, BN):
+            for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
-                               T, D, half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                               T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
                 b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                     b_zt - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
@@ -254,7 +268,7 @@ def _entmax_tau_kernel(q, k, rowmax, tau,
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
-def _entmax_fwd_kernel(q, k, v, rowmax, tau, o, w,
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
@@ -278,10 +292,12 @@ def _entmax_fwd_kernel(q, k, v, rowmax, tau, o, w,
     b_o = tl.zeros([BM, BDV], dtype=tl.float32)
     b_u = tl.zeros([BM, BDV], dtype=tl.float32)
     b_gsum = tl.zeros([BM], dtype=tl.float32)
-    for n0 in range(0, _visible_keys_end(i_m, T, causal, BM), BN):
+    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
             b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
@@ -302,7 +318,7 @@ def _entmax_fwd_kernel(q, k, v, rowmax, tau, o, w,
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_dq_kernel(q, k, v, do, rowmax, tau, c, dq,
+def _entmax_bwd_dq_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dq,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -327,10 +343,12 @@ def _entmax_bwd_dq_kernel(q, k, v, do, rowmax, tau, c, dq,
     b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
     b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    for n0 in range(0, _visible_keys_end(i_m, T, causal, BM), BN):
+    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
@@ -345,7 +363,7 @@ def _entmax_bwd_dq_kernel(q, k, v, do, rowmax, tau, c, dq,
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_dkdv_kernel(q, k, v, do, rowmax, tau, c, dk, dv,
+def _entmax_bwd_dkdv_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dk, dv,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
                             stride_vb, stride_vh, stride_vt, stride_vd,
@@ -373,13 +391,16 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, rowmax, tau, c, dk, dv,
 
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    for m0 in range(_seeing_queries_start(i_n, causal, BM, BN), T, BM):
+    b_key_start, b_key_end = _row_sequences(seq_start, seq_end, o_n, T)
+    lo, hi = _seeing_queries(i_n, o_n, b_key_start, b_key_end, T, causal, BM, BN)
+    for m0 in range(lo, hi, BM):
         o_m = m0 + tl.arange(0, BM)
         m_m = o_m < T
+        b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
         b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
         b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             if has_dk:
@@ -411,7 +432,29 @@ def _launch_options(tiles: Tiles):
     return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
 
-def _entmax_tau(q, k, causal: bool, scale: float):
+class _Sequences(NamedTuple):
+    """Per position t of the T (or packed) rows: its sequence's rows [start[t], end[t]), int32 (T,) each. A row sees
+    only keys of its own sequence."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def _whole_sequences(t: int, device) -> _Sequences:
+    """One sequence of all t rows (the unpacked op)."""
+    return _Sequences(torch.zeros(t, dtype=torch.int32, device=device), torch.full((t,), t, dtype=torch.int32,
+                                                                                   device=device))
+
+
+def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequences:
+    """The sequences of packed rows from their offsets, on the device without a host sync."""
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return _Sequences(*(torch.repeat_interleave(bound, lengths, output_size=total).to(torch.int32)
+                        for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
+
+
+def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
     """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
     B, H, T, D = q.shape
     tiles = _tiles(q.dtype)
@@ -420,32 +463,32 @@ def _entmax_tau(q, k, causal: bool, scale: float):
     in_registers = T <= tiles.row_block_n
     block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
+        q, k, *sequences, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
         ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
         BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
     return rowmax, tau
 
 
-def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
+def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
     """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32 and, with
     ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
-    rowmax, tau = _entmax_tau(q, k, causal, scale)
+    rowmax, tau = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
     grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, tiles.block_dv), B * H)
     _entmax_fwd_kernel[grid](
-        q, k, v, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
+        q, k, v, *sequences, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
         *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
         BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
     return o, rowmax, tau, w
 
 
-def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float):
+def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences):
     """Launch the two backward kernels. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
@@ -460,33 +503,35 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
                   UPCAST_DOTS=upcast_dots_for(q.dtype))
     _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
-        q, k, v, do, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options(tiles))
+        q, k, v, do, *sequences, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks,
+        **_launch_options(tiles))
     chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
     _entmax_bwd_dkdv_kernel[(triton.cdiv(T, tiles.block_n), chunks, B * H)](
-        q, k, v, do, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
+        q, k, v, do, *sequences, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
         **blocks, **_launch_options(tiles))
     return dq, dk, dv
 
 
 class EntmaxAttentionFunction(torch.autograd.Function):
-    """Triton entmax-1.5 attention with its fused backward. Saves q, k, v, tau (B, H, T) and w (B, H, T, Dv):
-    memory linear in T."""
+    """Triton entmax-1.5 attention with its fused backward. Saves q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv)
+    and the rows' sequences (T,): memory linear in T."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
+    def forward(ctx, q, k, v, causal: bool, scale: float, sequences: _Sequences):
         with launch_device_of(q):
-            o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True)
-        ctx.save_for_backward(q, k, v, rowmax, tau, w)
+            o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True, sequences=sequences)
+        ctx.save_for_backward(q, k, v, rowmax, tau, w, *sequences)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        q, k, v, rowmax, tau, w = ctx.saved_tensors
+        q, k, v, rowmax, tau, w, start, end = ctx.saved_tensors
         with launch_device_of(q):
-            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, ctx.causal, ctx.scale,
+                                               _Sequences(start, end))
+        return dq, dk, dv, None, None, None
 
 
 def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64):
@@ -598,10 +643,54 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
         return entmax15_attention_reference(q, k, v, causal=causal, scale=scale)
     check_batch_heads(q.shape[0] * q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+
+
+def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _Sequences):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return EntmaxAttentionFunction.apply(q, k, v, causal, scale)
+        return EntmaxAttentionFunction.apply(q, k, v, causal, scale, sequences)
     with launch_device_of(q):
-        return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False)[0]
+        return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False, sequences=sequences)[0]
+
+
+def entmax15_attention_varlen_reference(q, k, v, cu_seqlens, *, causal=True, scale=None):
+    """Per-sequence :func:`entmax15_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
+    outputs = []
+    offsets = cu_seqlens.tolist()
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, L, D)
+        out = entmax15_attention_reference(*per_sequence, causal=causal, scale=scale)
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def entmax15_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, causal=True, scale=None, validate=None):
+    """Entmax-1.5 attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
+
+    ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends only
+    within itself (causally when ``causal``). The kernels tile the packed rows and never visit key tiles outside a
+    query tile's sequences, so padding costs nothing. ``max_seqlen`` is accepted for the varlen convention of
+    ``block_causal_attention_varlen`` and checked, not needed. ``validate`` checks the offsets (start at 0, strictly
+    increasing, end at total); None means "when cu_seqlens is on the CPU" (checking GPU offsets syncs with the host).
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, tensor, ndim=3)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (total, H, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must match q in (total, H) = {tuple(q.shape[:2])}, got shape {tuple(v.shape)}")
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, total, D) views
+    _check_attention_inputs(q4, k4, v4, causal, scale)
+    total = q.shape[0]
+    _check_cu_seqlens(cu_seqlens, total, validate=cu_seqlens.device.type == "cpu" if validate is None else validate)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+    if not use_triton(q, k, v):
+        return entmax15_attention_varlen_reference(q, k, v, cu_seqlens, causal=causal, scale=scale)
+    check_batch_heads(q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = _entmax15_attention_triton(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens, total, q.device))
+    return out[0].transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -611,6 +700,7 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
 _FP32_POINTERS = ("rowmax", "tau", "w", "c")
+_INT32_POINTERS = ("seq_start", "seq_end")
 _FLOAT_SCALARS = ("half_scale", "scale")
 
 
@@ -622,6 +712,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "constexpr"
         elif name in _FP32_POINTERS:
             signature[name] = "*fp32"
+        elif name in _INT32_POINTERS:
+            signature[name] = "*i32"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
@@ -672,12 +764,16 @@ class EntmaxCausalAttention(torch.nn.Module):
     """Multi-head entmax-1.5 self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
     with the same arguments and ``state_dict`` keys.
 
-    forward(x (B, T, E), *, return_context=False, need_weights=False) returns ``output`` (B, T, E) alone, or an
-    ``EntmaxAttentionOutput`` when a flag is set. The context ``A @ x`` (CARN's causal parents) comes from the same
-    attention call, with x appended to every head's values; the weights are recomputed by the reference formula.
+    forward(x (B, T, E), *, return_context=False, need_weights=False, key_padding_mask=None) returns ``output``
+    (B, T, E) alone, or an ``EntmaxAttentionOutput`` when a flag is set. The context ``A @ x`` (CARN's causal
+    parents) comes from the same attention call, with x appended to every head's values; the weights are recomputed
+    by the reference formula. ``key_padding_mask`` (B, T) bool, True at padding (``nn.MultiheadAttention``'s
+    convention): the unpadded positions of each row form one sequence, run packed (varlen), and padded positions
+    attend nothing (zero attention output and context).
     """
 
     _attention = staticmethod(entmax15_attention_reference)
+    _attention_varlen = staticmethod(entmax15_attention_varlen_reference)
 
     def __init__(self, embed_dim: int, num_heads: int = 1, *, bias: bool = True, out_proj: bool = True,
                  causal: bool = True):
@@ -690,16 +786,25 @@ class EntmaxCausalAttention(torch.nn.Module):
         self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
 
-    def forward(self, x, *, return_context: bool = False, need_weights: bool = False):
+    def forward(self, x, *, return_context: bool = False, need_weights: bool = False, key_padding_mask=None):
         check_tensor("x", x, ndim=3)
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have embed_dim = {self.embed_dim} features, got shape {tuple(x.shape)}")
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
-        q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if return_context:
-            v = torch.cat([v, x.unsqueeze(1).expand(b, h, t, e)], dim=-1)
-        attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
+        if key_padding_mask is not None:
+            check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
+            if key_padding_mask.shape != (b, t):
+                raise ValueError(f"key_padding_mask must have shape (B, T) = {(b, t)}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+            if need_weights:
+                raise ValueError("need_weights is not supported with key_padding_mask")
+            attended = self._packed_attention(x, ~key_padding_mask.to(x.device), return_context)
+        else:
+            q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            if return_context:
+                v = torch.cat([v, x.unsqueeze(1).expand(b, h, t, e)], dim=-1)
+            attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
@@ -709,8 +814,26 @@ class EntmaxCausalAttention(torch.nn.Module):
         weights = entmax15_attention_weights(q, k, causal=self.causal).to(x.dtype) if need_weights else None
         return EntmaxAttentionOutput(output, context, weights)
 
+    def _packed_attention(self, x, keep, return_context: bool):
+        """Attention over the kept positions ``keep`` (B, T) of each row, packed: (B, H, T, dh [+ E]), zeros at the
+        other positions."""
+        b, t, e = x.shape
+        h, dh = self.num_heads, e // self.num_heads
+        rows = x[keep]  # (total, E): each batch row's kept positions, in order
+        lengths = keep.sum(1)
+        out = x.new_zeros(b, t, h, dh + (e if return_context else 0))
+        if rows.shape[0] == 0:
+            return out.transpose(1, 2)
+        q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if return_context:
+            v = torch.cat([v, rows.unsqueeze(1).expand(-1, h, e)], dim=-1)
+        cu_seqlens = torch.nn.functional.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
+        out[keep] = self._attention_varlen(q, k, v, cu_seqlens, causal=self.causal).to(out.dtype)
+        return out.transpose(1, 2)
+
 
 class FusedEntmaxCausalAttention(EntmaxCausalAttention):
     """``EntmaxCausalAttention`` on the fused op (Triton kernels where ``kernels.backend`` selects them)."""
 
     _attention = staticmethod(entmax15_attention)
+    _attention_varlen = staticmethod(entmax15_attention_varlen)

@@ -10,7 +10,14 @@ import torch
 
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax_attention
-from kernels.entmax_attention import EntmaxAttentionOutput, Tiles, entmax15_attention_weights, tau_solver_passes
+from kernels.entmax_attention import (
+    EntmaxAttentionOutput,
+    Tiles,
+    entmax15_attention_varlen,
+    entmax15_attention_varlen_reference,
+    entmax15_attention_weights,
+    tau_solver_passes,
+)
 
 # the interpreter computes -inf - -inf on padded rows; the kernels mask those results
 pytestmark = [
@@ -258,7 +265,8 @@ def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q
     tiles(TINY)
     q, k, _ = (x.detach() for x in _inputs(1, 2, t, 8, 1, seed=8))
     q = q * q_scale
-    rowmax, tau = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5)
+    whole = entmax_attention._whole_sequences(t, q.device)
+    rowmax, tau = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
     expected = _float64_tau(q, k)
     torch.testing.assert_close((rowmax + tau).double(), expected, atol=1e-6, rtol=1e-6)
     # the flat case is what the tolerance is for: rows of near-equal scores, tau near max - n^-1/2
@@ -329,7 +337,7 @@ def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monk
     q, k, _ = (x.detach() for x in _inputs(b, h, t, d, 1, seed=12))
     q = q * q_scale
     counts = _interpreter_loads_per_program(monkeypatch, k)
-    entmax_attention._entmax_tau(q, k, True, d ** -0.5)
+    entmax_attention._entmax_tau(q, k, True, d ** -0.5, entmax_attention._whole_sequences(t, q.device))
     passes = tau_solver_passes(q, k, block_m=8, block_n=8)
     assert passes.shape == (b, h, 6)
     for i_bh in range(b * h):
@@ -337,3 +345,76 @@ def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monk
             visible_keys = min((i_m + 1) * 8, t)
             assert counts[(i_m, i_bh, 0)] == passes[0, i_bh, i_m] * visible_keys * d, (i_m, i_bh)
     assert passes.max() >= least_most_passes  # random rows: some tile needs a second candidate pass
+
+
+@pytest.mark.parametrize(
+    "lengths, causal, tile_set",
+    [
+        pytest.param([3, 1, 4], True, TINY, id="in-registers-causal"),
+        pytest.param([5, 1, 12, 9], True, TINY, id="passes-causal"),
+        pytest.param([5, 1, 12, 9], False, TINY, id="passes-not-causal"),
+        pytest.param([9, 2, 6], False, SKEWED, id="BM8-BN4-not-causal"),
+    ],
+)
+def test_varlen_matches_per_sequence_reference(triton_backend, tiles, lengths, causal, tile_set):
+    """Sequences straddle tiles, so tiles mix sequences; forward and gradients against float64 per sequence."""
+    tiles(tile_set)
+    total, h = sum(lengths), 2
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(total, h, n, generator=generator).requires_grad_() for n in (5, 5, 3))
+    out = entmax15_attention_varlen(q, k, v, cu_seqlens, causal=causal)
+    assert out.shape == v.shape
+    do = torch.randn_like(out)
+    out.backward(do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = entmax15_attention_varlen_reference(*leaves, cu_seqlens, causal=causal)
+    expected.backward(do.double())
+    _assert_close(out, expected, 2e-5, "output")
+    for name, x, ref in zip("qkv", (q, k, v), leaves):
+        _assert_close(x.grad, ref.grad, 5e-5, f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, kwargs, error, match",
+    [
+        pytest.param(torch.tensor([0, 3, 7]), {}, TypeError, "cu_seqlens must have dtype", id="int64"),
+        pytest.param(torch.tensor([0, 3, 6], dtype=torch.int32), {}, ValueError, "end at the packed length",
+                     id="short"),
+        pytest.param(torch.tensor([0, 3, 3, 7], dtype=torch.int32), {}, ValueError, "strictly increasing",
+                     id="empty-sequence"),
+        pytest.param(torch.tensor([0, 7], dtype=torch.int32), {"max_seqlen": 0}, ValueError, "max_seqlen",
+                     id="max_seqlen"),
+    ],
+)
+def test_varlen_rejects_bad_offsets(triton_backend, cu_seqlens, kwargs, error, match):
+    q = torch.randn(7, 2, 4)
+    with pytest.raises(error, match=match):
+        entmax15_attention_varlen(q, q, q, cu_seqlens, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="reference")])
+def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fused):
+    """Packed rows give what each row's unpadded positions give alone; padded positions attend nothing."""
+    tiles(TINY)
+    torch.manual_seed(14)
+    cls = FusedEntmaxCausalAttention if fused else reference.EntmaxCausalAttention
+    module = cls(6, 2, out_proj=False)
+    x = torch.randn(3, 11, 6, requires_grad=True)
+    padding = torch.zeros(3, 11, dtype=torch.bool)
+    padding[0, 7:] = True  # right padding
+    padding[1, :4] = True  # left padding
+    padding[2, :] = True  # an empty row
+    got = module(x, return_context=True, key_padding_mask=padding)
+    got.output.sum().backward()
+    for row, keep in enumerate(~padding):
+        if keep.any():
+            alone = module(x[row:row + 1, keep].detach(), return_context=True)
+            torch.testing.assert_close(got.output[row, keep], alone.output[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.context[row, keep], alone.context[0], atol=1e-5, rtol=1e-5)
+        assert (got.output[row, ~keep] == 0).all() and (got.context[row, ~keep] == 0).all()
+    assert x.grad[2].abs().max() == 0 and x.grad[0, :7].abs().max() > 0
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        module(x, key_padding_mask=padding[:, :5])
+    with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
+        module(x, key_padding_mask=padding.float())
