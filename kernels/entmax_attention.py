@@ -38,6 +38,8 @@ class Tiles(NamedTuple):
     per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
     The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
+    The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
+    QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
     ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options."""
 
     block_m: int = 64
@@ -47,18 +49,19 @@ class Tiles(NamedTuple):
     row_block_m: int = 32
     row_block_n: int = 128
     candidates: int = 16
+    wide_block_dv: int = 128
     num_warps: int = 8
     num_stages: int = 2
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
 #: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
-#: registers) in 8 warps without spilling; fp32 (tf32x3 dots, three products per tile) needs 32 x 32 tiles and
-#: 32-feature chunks.
+#: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
+#: tile) needs 32 x 32 tiles and 32-feature chunks.
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16),
     torch.bfloat16: Tiles(row_block_m=16),
-    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16),
+    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -479,12 +482,13 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     rowmax, tau = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
-    grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, tiles.block_dv), B * H)
+    block_dv = tiles.block_dv if Dv <= tiles.block_dv else tiles.wide_block_dv
+    grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
     _entmax_fwd_kernel[grid](
         q, k, v, *sequences, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
         *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
-        BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+        BDV=block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
     return o, rowmax, tau, w
 
 
@@ -739,6 +743,8 @@ def aot_configurations() -> List[AotConfig]:
             ("bwd dq", _entmax_bwd_dq_kernel, blocks),
             ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
         ]
+        if t.wide_block_dv != t.block_dv:
+            variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
         for label, kernel, constexprs in variants:
             configs.append(AotConfig(
                 label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),

@@ -28,7 +28,7 @@ pytestmark = [
 
 #: rows of up to 8 keys are solved in registers, longer ones in passes over 8-key tiles; 4 candidate thresholds per
 #: pass (the interpreter runs them one by one) make the solver take several passes, as 16 do on longer rows
-TINY = Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4, row_block_n=8, candidates=4)
+TINY = Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4, row_block_n=8, candidates=4, wide_block_dv=16)
 #: BM != BN: the causal start of the dk/dv loop is rounded down to a query tile; 2 candidates: the bracket's ends
 SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_block_n=8, candidates=2)
 
@@ -81,6 +81,7 @@ def _check_against_reference(q, k, v, causal=True, scale=None):
         pytest.param(1, 1, 8, 4, 4, False, None, TINY, id="T8-last-length-in-registers"),
         pytest.param(1, 1, 9, 4, 4, False, None, TINY, id="T9-first-length-in-passes"),
         pytest.param(1, 1, 19, 11, 9, True, None, TINY, id="T19-passes-partial-tiles-causal"),
+        pytest.param(1, 1, 19, 6, 20, True, None, TINY, id="T19-Dv20-two-wide-forward-chunks"),
         pytest.param(1, 1, 19, 11, 9, False, None, TINY, id="T19-passes-not-causal"),
         pytest.param(1, 1, 13, 6, 5, True, 0.7, SKEWED, id="T13-BM8-BN4-scale0.7"),
         pytest.param(2, 2, 19, 5, 3, False, None, SKEWED, id="T19-B2H2-BM8-BN4-not-causal"),
