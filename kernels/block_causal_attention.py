@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
+from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor, checked_cu_seqlens
 from ._triton_helpers import (FP32_DOT_PRECISIONS, check_batch_heads, dot_fp32acc, fp32_dot_precision,
                               launch_device_of, tile_arch, upcast_dots_for)
 from .backend import use_triton
@@ -579,26 +579,6 @@ def block_causal_attention(q, k, v, *, group_size=3, scale=None):
     return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
 
 
-def _checked_cu_seqlens(cu_seqlens, total: int, validate) -> torch.Tensor:
-    """The offsets as a contiguous int32 (num_seqs + 1,) tensor (the kernels index them as a flat array); with
-    ``validate`` (None: when they are on the CPU) also their values: start at 0, strictly increasing, end at
-    ``total``."""
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
-    if cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
-    cu_seqlens = cu_seqlens.contiguous()
-    if not (cu_seqlens.device.type == "cpu" if validate is None else validate):
-        return cu_seqlens
-    offsets = cu_seqlens.cpu()
-    if offsets[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {int(offsets[0])}")
-    if not bool((offsets[1:] > offsets[:-1]).all()):
-        raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets.tolist()}")
-    if offsets[-1] != total:
-        raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(offsets[-1])}")
-    return cu_seqlens
-
-
 def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group_size=3, scale=None, validate=None):
     """Block-causal attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
 
@@ -612,7 +592,7 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
     _check_group_size(group_size)
     check_scale(scale)
     total = q.shape[0]
-    cu_seqlens = _checked_cu_seqlens(cu_seqlens, total, validate)
+    cu_seqlens = checked_cu_seqlens(cu_seqlens, total, validate)
     if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
         raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -346,10 +346,11 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def solver_tiles(t: int):
-    """(block_m, block_n) of the entmax threshold kernel's launch at length ``t``: the row tiles when rows fit in
-    registers (``T <= row_block_n``), else the pass tiles (the launcher's choice, ``kernels.entmax_attention``)."""
-    tiles = _tiles()
+def solver_tiles(t: int, dtype: torch.dtype = torch.float32):
+    """(block_m, block_n) of the entmax threshold kernel's launch at length ``t`` for ``dtype`` inputs: the row tiles
+    when rows fit in registers (``T <= row_block_n``), else the pass tiles (the launcher's choice,
+    ``kernels.entmax_attention``)."""
+    tiles = _tiles(dtype)
     return (tiles.row_block_m, tiles.row_block_n) if t <= tiles.row_block_n else (tiles.block_m, tiles.block_n)
 
 

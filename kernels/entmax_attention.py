@@ -3,13 +3,14 @@
 ``entmax15_attention(q, k, v)`` equals ``entmax.entmax15(scores, dim=-1) @ v`` with
 ``scores = q k^T * scale`` (``-inf`` where ``j > i`` when causal) without ever forming the T x T matrix:
 
-1. ``_entmax_tau_kernel`` solves each row's threshold tau of ``z = scores / 2`` exactly: Newton steps from
-   ``max z - 1`` (left of the root, so they rise monotonically) until the support ``{z > tau}`` is identified,
-   then the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows
-   recompute them on every pass. tau (B, H, T) is the only per-row state the forward keeps.
-2. ``_entmax_fwd_kernel``: ``o = sum_j max(z_j - tau, 0)^2 v_j`` over the visible key tiles, skipping tiles whose
-   probabilities are all zero. For training it also stores ``w_i = sum_j G_ij v_j / sum_j G_ij``
-   (``G = max(z - tau, 0)``), from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
+1. ``_entmax_tau_kernel`` solves each row's threshold exactly, relative to the row maximum (scores of any
+   magnitude): one pass for the maximum, then passes that evaluate many candidate thresholds at once over the row's
+   bracket ``[max - 1, max - n^-1/2]``, narrowing it, until some candidate's support is provably the root's; then
+   the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows recompute
+   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps.
+2. ``_entmax_fwd_kernel``: ``o = sum_j G_j^2 v_j`` with ``G = max(z - rowmax - tau, 0)`` over the visible key
+   tiles, skipping tiles whose probabilities are all zero. For training it also stores
+   ``w_i = sum_j G_ij v_j / sum_j G_ij``, from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
 3. ``_entmax_bwd_dq_kernel`` (per query tile) and ``_entmax_bwd_dkdv_kernel`` (per key tile): flash-attention's
    backward with ``dS = G (dP - c)`` (the gradient w.r.t. the unhalved scores), skipping hidden and all-zero tiles.
 
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
+from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor, checked_cu_seqlens
 from .aot import AotConfig
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
@@ -33,7 +34,12 @@ from .backend import use_triton
 
 class Tiles(NamedTuple):
     """Block sizes of one call. Rows of at most ``row_block_n`` keys are solved in registers (``row_block_m`` rows
-    per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``."""
+    per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
+    The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
+    the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
+    The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
+    QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
+    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options."""
 
     block_m: int = 64
     block_n: int = 64
@@ -41,25 +47,41 @@ class Tiles(NamedTuple):
     block_dv: int = 64
     row_block_m: int = 32
     row_block_n: int = 128
+    candidates: int = 16
+    wide_block_dv: int = 128
+    num_warps: int = 8
+    num_stages: int = 2
 
 
-_DEFAULT_TILES = Tiles()
+#: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
+#: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
+#: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
+#: tile) needs 32 x 32 tiles and 32-feature chunks.
+_DEFAULT_TILES = {
+    torch.float16: Tiles(row_block_m=16),
+    torch.bfloat16: Tiles(row_block_m=16),
+    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32),
+}
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
-#: Newton passes before the tau solver gives up on a row (only reached through rounding or NaN input).
+#: Candidate passes before the tau solver gives up on a row (not reached in the tests: a bracket narrowed to one
+#: float ends the search too).
 _MAX_PASSES = 32
-_NUM_WARPS = 4
-_NUM_STAGES = 1
-#: CUDA limits grid axes 1 and 2 to this; the batch-head axis is one of them.
 
 
-def _tiles() -> Tiles:
-    return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES
+def _tiles(dtype: torch.dtype) -> Tiles:
+    return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES[dtype]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+
+
+#: Runtime flags and sequence sizes are never specialized (no variant per value 1). D and Dv are: a multiple of 16
+#: makes the feature masks constant over 16 elements, so tiles load as vectors and stream with async copies
+#: (cp.async needs at least 4-byte vectors); D = 1 or Dv = 1 compiles a variant of its own.
+_NOT_SPECIALIZED = ["H", "T", "causal"]
 
 
 @triton.jit
@@ -85,119 +107,170 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
 
 
 @triton.jit
-def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal,
+def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal, b_start, b_end,
             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside [0, T) and where the causal mask hides the key."""
+    """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside each row's sequence [b_start, b_end) and where the
+    causal mask hides the key."""
     b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
                     UPCAST_DOTS) * half_scale
-    m_visible = (o_m[:, None] < T) & (o_n[None, :] < T) & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
+    m_visible = (o_m[:, None] < T) & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
+        & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
     return tl.where(m_visible, b_z, float("-inf"))  # [BM, BN]
 
 
 @triton.jit
-def _visible_keys_end(i_m, T, causal, BM: tl.constexpr):
-    """End of the keys that query tile ``i_m`` can see: key tiles past it are hidden and never visited."""
-    return tl.where(causal != 0, tl.minimum((i_m + 1) * BM, T), T)
+def _row_sequences(seq_start, seq_end, o_m, T):
+    """Per row, the keys [start, end) of its sequence ([0, T) unless packed); empty past T."""
+    m_m = o_m < T
+    return tl.load(seq_start + o_m, mask=m_m, other=0), tl.load(seq_end + o_m, mask=m_m, other=0)
 
 
 @triton.jit
-def _seeing_queries_start(i_n, causal, BM: tl.constexpr, BN: tl.constexpr):
-    """Start (a multiple of BM) of the query tiles that can see key tile ``i_n``."""
-    return tl.where(causal != 0, (i_n * BN) // BM * BM, 0)
+def _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
+    """Keys [lo, hi) that query tile ``i_m`` can see (lo a multiple of BN): key tiles outside are never visited."""
+    lo = tl.min(tl.where(o_m < T, b_start, T), 0) // BN * BN
+    hi = tl.where(causal != 0, tl.minimum((i_m + 1) * BM, T), tl.max(b_end, 0))
+    return lo, hi
 
 
 @triton.jit
-def _support_stats(b_z, b_tau):
-    """Per row, with ``w = z - tau``: over the support ``w > 0`` the count, sum w, sum w^2 and min w; and the
-    largest w off the support (``-inf`` if none)."""
-    b_w = b_z - b_tau[:, None]  # [BM, BN]
-    m_s = b_w > 0
-    b_ws = tl.where(m_s, b_w, 0.0)
-    b_cnt = tl.sum(m_s.to(tl.float32), 1)
-    b_a1 = tl.sum(b_ws, 1)
-    b_a2 = tl.sum(b_ws * b_ws, 1)
-    b_wmin = tl.min(tl.where(m_s, b_w, float("inf")), 1)
-    b_wout = tl.max(tl.where(m_s, float("-inf"), b_w), 1)
+def _seeing_queries(i_n, o_n, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
+    """Queries [lo, hi) that can see key tile ``i_n`` (lo a multiple of BM), from its keys' sequences."""
+    lo = tl.where(causal != 0, i_n * BN, tl.min(tl.where(o_n < T, b_start, T), 0)) // BM * BM
+    return lo, tl.max(b_end, 0)
+
+
+@triton.jit
+def _probability_roots(b_z, b_max, b_tau):
+    """``G = max((z - rowmax) - tau, 0)`` [BM, BN] (``p = G^2``), with tau relative to the row maximum so that scores
+    of any magnitude keep their differences: ``z - rowmax`` is exact for scores within a factor 2 of the maximum."""
+    b_w = (b_z - b_max[:, None]) - b_tau[:, None]
+    return tl.where(b_w > 0, b_w, 0.0)
+
+
+@triton.jit
+def _accumulate_candidate_stats(b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC: tl.constexpr):
+    """Add one key tile's statistics of every candidate threshold: for candidate c of row i (``b_t[i, c]``) and
+    ``w = zr - t`` over the tile's relative scores ``b_zr`` [BM, BN], the support ``w > 0``'s count, sum w, sum w^2
+    and min w, and the largest w off the support. Accumulators are [BM, NC]."""
+    o_c = tl.arange(0, NC)
+    for i_c in range(NC):  # a loop, not unrolled: 16 copies of the statistics make huge, slow-to-compile code
+        m_c = (o_c == i_c)[None, :]  # [1, NC]: column i_c
+        b_tc = tl.sum(tl.where(m_c, b_t, 0.0), 1)  # [BM]
+        b_w = b_zr - b_tc[:, None]  # [BM, BN]
+        m_s = b_w > 0
+        b_ws = tl.where(m_s, b_w, 0.0)
+        b_cnt = tl.where(m_c, b_cnt + tl.sum(m_s.to(tl.float32), 1)[:, None], b_cnt)
+        b_a1 = tl.where(m_c, b_a1 + tl.sum(b_ws, 1)[:, None], b_a1)
+        b_a2 = tl.where(m_c, b_a2 + tl.sum(b_ws * b_ws, 1)[:, None], b_a2)
+        b_wmin = tl.where(m_c, tl.minimum(b_wmin, tl.min(tl.where(m_s, b_w, float("inf")), 1)[:, None]), b_wmin)
+        b_wout = tl.where(m_c, tl.maximum(b_wout, tl.max(tl.where(m_s, float("-inf"), b_w), 1)[:, None]), b_wout)
     return b_cnt, b_a1, b_a2, b_wmin, b_wout
 
 
 @triton.jit
-def _threshold_step(b_tau, b_done, b_cnt, b_a1, b_a2, b_wmin, b_wout):
-    """One solver pass from the support statistics of ``tau``: the exact threshold where the support is identified,
-    else a Newton step on ``f(tau) = sum max(z - tau, 0)^2 - 1``. Returns (tau, done)."""
-    b_f = b_a2 - 1.0  # f(tau) >= 0 left of the root
+def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b_done):
+    """One solver pass from the statistics of the candidates ``b_t`` [BM, NC] (see DESIGN.md section 3). A candidate
+    t whose support S = {z > t} is the root's gives tau exactly: the smaller root of ``sum_S (z - x)^2 = 1`` lies
+    above every score off S and below every score of S. Otherwise the candidates tighten the bracket [lo, hi] of the
+    root: a Newton step from a candidate left of the root (f(t) >= 0) and the quadratic's root from one right of it
+    are lower bounds (f is convex and decreasing); a candidate right of the root and the quadratic's root from one
+    left of it are upper bounds. A bracket narrowed to one float is also a solution. Returns (tau, lo, hi, done)."""
+    b_f = b_a2 - 1.0
+    m_left = b_f >= 0
     b_disc = b_a1 * b_a1 - b_cnt * b_f
-    # left of the root the support is never empty; rows already done may have none: keep their arithmetic finite
-    b_a1 = tl.where(b_cnt > 0, b_a1, 1.0)
+    b_a1 = tl.where(b_cnt > 0, b_a1, 1.0)  # an empty support (only in finished or padded rows): keep finite
     # smaller root of sum_S (w - delta)^2 = 1, rationalized so that it does not cancel as f -> 0
     b_delta = b_f / (b_a1 + tl.sqrt(tl.maximum(b_disc, 0.0)))
-    # the support of tau + delta is exactly S: S stays above it and every other key stays below
-    b_exact = (b_disc >= 0) & (b_wmin >= b_delta) & (b_wout <= b_delta)
-    b_next = tl.where(b_exact, b_tau + b_delta, b_tau + b_f / (2.0 * b_a1))
-    return tl.where(b_done, b_tau, b_next), b_done | b_exact
+    b_root = b_t + b_delta
+    m_exact = (b_disc >= 0) & (b_wmin >= b_delta) & (b_wout <= b_delta)
+    b_lower = tl.where(m_left, b_t + b_f / (2.0 * b_a1), b_root)
+    b_upper = tl.where(m_left, tl.where(b_disc >= 0, b_root, float("inf")), b_t)
+    b_new_lo = tl.maximum(b_lo, tl.max(b_lower, 1))
+    b_new_hi = tl.minimum(b_hi, tl.min(b_upper, 1))
+    m_collapsed = b_new_hi <= b_new_lo
+    m_solved = (tl.max(m_exact.to(tl.int32), 1) > 0) | m_collapsed
+    b_solution = tl.where(m_collapsed, b_new_lo, tl.max(tl.where(m_exact, b_root, float("-inf")), 1))
+    b_tau = tl.where(b_done, b_tau, tl.where(m_solved, b_solution, b_new_lo))
+    b_lo = tl.where(b_done, b_lo, b_new_lo)
+    b_hi = tl.where(b_done, b_hi, tl.maximum(b_new_hi, b_new_lo))
+    return b_tau, b_lo, b_hi, b_done | m_solved
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "causal"])  # no variant per runtime value 1
-def _entmax_tau_kernel(q, k, tau,
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        H, T, D, half_scale, causal,
-                       ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr,
+                       ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """tau (B*H, T) fp32 of ``z = scale / 2 * q k^T``: ``sum_j max(z_ij - tau_i, 0)^2 = 1``. NaN rows get NaN.
-    Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores scored once, kept on chip) needs T <= BN."""
+    """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` and the threshold relative to it, tau (B*H, T)
+    fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score (or no finite one) get NaN
+    tau and rowmax 0. Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs T <= BN.
+
+    The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
+    row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
+    of the tile is solved exactly (:func:`_candidate_step`)."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
     o_m = i_m * BM + tl.arange(0, BM)
-    hi = _visible_keys_end(i_m, T, causal, BM)
+    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
 
     if ROW_IN_REGISTERS:
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_nan = tl.max((b_z != b_z).to(tl.int32), 1) > 0
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
     else:
-        b_nan = tl.zeros([BM], dtype=tl.int32) > 0
+        m_bad = tl.zeros([BM], dtype=tl.int32) > 0
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
-        for n0 in range(0, hi, BN):
+        for n0 in range(lo, hi, BN):
             b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, D,
-                           half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-            b_nan = b_nan | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
+                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
+    # a +inf score, or none finite, leaves no finite probabilities: NaN row, as the reference
+    m_bad = m_bad | (b_max == float("inf")) | (b_max == float("-inf"))
+    m_rest = (o_m >= T) | m_bad  # padded and NaN rows: finished from the start, arithmetic kept finite
+    b_max = tl.where(m_rest, 0.0, b_max)
 
-    # f(max z - 1) >= 0: every Newton step stays left of the root. Rows past T (no visible key) start at 0, not -inf.
-    b_tau = tl.where(o_m < T, b_max - 1.0, 0.0)
-    b_done = (o_m >= T) | b_nan  # NaN rows stop at once: the solver terminates on any input
+    b_visible = tl.maximum(tl.where(causal != 0, o_m + 1, b_end) - b_start, 1).to(tl.float32)
+    b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^-1/2)
+    b_hi = -tl.rsqrt(b_visible)
+    b_tau = b_lo
+    b_done = m_rest
+    o_c = tl.arange(0, NC).to(tl.float32) / (NC - 1)
     i_pass = 0
     while (i_pass < MAX_PASSES) & (tl.min(b_done.to(tl.int32), 0) == 0):
+        b_t = b_lo[:, None] + (b_hi - b_lo)[:, None] * o_c[None, :]  # [BM, NC] candidates, relative to the max
+        b_cnt = tl.zeros([BM, NC], dtype=tl.float32)
+        b_a1 = tl.zeros([BM, NC], dtype=tl.float32)
+        b_a2 = tl.zeros([BM, NC], dtype=tl.float32)
+        b_wmin = tl.full([BM, NC], float("inf"), dtype=tl.float32)
+        b_wout = tl.full([BM, NC], float("-inf"), dtype=tl.float32)
         if ROW_IN_REGISTERS:
-            b_cnt, b_a1, b_a2, b_wmin, b_wout = _support_stats(b_z, b_tau)
+            b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
-            b_cnt = tl.zeros([BM], dtype=tl.float32)
-            b_a1 = tl.zeros([BM], dtype=tl.float32)
-            b_a2 = tl.zeros([BM], dtype=tl.float32)
-            b_wmin = tl.full([BM], float("inf"), dtype=tl.float32)
-            b_wout = tl.full([BM], float("-inf"), dtype=tl.float32)
-            for n0 in range(0, hi, BN):
+            for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
-                               T, D, half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-                t_cnt, t_a1, t_a2, t_wmin, t_wout = _support_stats(b_zt, b_tau)
-                b_cnt += t_cnt
-                b_a1 += t_a1
-                b_a2 += t_a2
-                b_wmin = tl.minimum(b_wmin, t_wmin)
-                b_wout = tl.maximum(b_wout, t_wout)
-        b_tau, b_done = _threshold_step(b_tau, b_done, b_cnt, b_a1, b_a2, b_wmin, b_wout)
+                               T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                    b_zt - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+        b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
+                                                    b_done)
         i_pass += 1
 
-    b_tau = tl.where(b_nan, float("nan"), b_tau)
-    tl.store(tau + i_bh.to(tl.int64) * T + o_m, b_tau, mask=o_m < T)
+    o_row = i_bh.to(tl.int64) * T + o_m
+    tl.store(rowmax + o_row, b_max, mask=o_m < T)
+    tl.store(tau + o_row, tl.where(m_bad, float("nan"), b_tau), mask=o_m < T)
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal", "store_w"])  # no variant per runtime value 1
-def _entmax_fwd_kernel(q, k, v, tau, o, w,
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
@@ -216,15 +289,18 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
     o_dv = i_dv * BDV + tl.arange(0, BDV)
     m_dv = o_dv < Dv
 
+    b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
     b_o = tl.zeros([BM, BDV], dtype=tl.float32)
     b_u = tl.zeros([BM, BDV], dtype=tl.float32)
     b_gsum = tl.zeros([BM], dtype=tl.float32)
-    for n0 in range(0, _visible_keys_end(i_m, T, causal, BM), BN):
+    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
             b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
                           mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
@@ -243,8 +319,8 @@ def _entmax_fwd_kernel(q, k, v, tau, o, w,
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
-def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _entmax_bwd_dq_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dq,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -265,14 +341,17 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
 
+    b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
     b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    for n0 in range(0, _visible_keys_end(i_m, T, causal, BM), BN):
+    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    for n0 in range(lo, hi, BN):
         o_n = n0 + tl.arange(0, BN)
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
                              BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
@@ -285,8 +364,8 @@ def _entmax_bwd_dq_kernel(q, k, v, do, tau, c, dq,
     tl.store(dq + o_out, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
-@triton.jit(do_not_specialize=["H", "T", "D", "Dv", "causal"])  # no variant per runtime value 1
-def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _entmax_bwd_dkdv_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dk, dv,
                             stride_qb, stride_qh, stride_qt, stride_qd,
                             stride_kb, stride_kh, stride_kt, stride_kd,
                             stride_vb, stride_vh, stride_vt, stride_vd,
@@ -314,13 +393,17 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
 
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    for m0 in range(_seeing_queries_start(i_n, causal, BM, BN), T, BM):
+    b_key_start, b_key_end = _row_sequences(seq_start, seq_end, o_n, T)
+    lo, hi = _seeing_queries(i_n, o_n, b_key_start, b_key_end, T, causal, BM, BN)
+    for m0 in range(lo, hi, BM):
         o_m = m0 + tl.arange(0, BM)
         m_m = o_m < T
+        b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+        b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
         b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = tl.where(b_z > b_tau[:, None], b_z - b_tau[:, None], 0.0)  # [BM, BN]
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
         if tl.max(tl.max(b_g, 1), 0) > 0:
             if has_dk:
                 b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
@@ -347,41 +430,72 @@ def _entmax_bwd_dkdv_kernel(q, k, v, do, tau, c, dk, dv,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch_options():
-    return {"num_warps": _NUM_WARPS, "num_stages": _NUM_STAGES}
+def _launch_options(tiles: Tiles):
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
 
-def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool):
-    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, tau (B, H, T) fp32 and, with
-    ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+class _Sequences(NamedTuple):
+    """Per position t of the T (or packed) rows: its sequence's rows [start[t], end[t]), int32 (T,) each. A row sees
+    only keys of its own sequence."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+
+
+def _whole_sequences(t: int, device) -> _Sequences:
+    """One sequence of all t rows (the unpacked op)."""
+    return _Sequences(torch.zeros(t, dtype=torch.int32, device=device), torch.full((t,), t, dtype=torch.int32,
+                                                                                   device=device))
+
+
+def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequences:
+    """The sequences of packed rows from their offsets, on the device without a host sync."""
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return _Sequences(*(torch.repeat_interleave(bound, lengths, output_size=total).to(torch.int32)
+                        for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
+
+
+def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
+    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
-    tiles = _tiles()
-    half_scale = 0.5 * scale
+    tiles = _tiles(q.dtype)
+    rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     in_registers = T <= tiles.row_block_n
     block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, tau, *q.stride(), *k.stride(), H, T, D, half_scale, int(causal),
-        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, BM=block_m, BN=block_n, BD=tiles.block_d,
-        UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
+        q, k, *sequences, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
+        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
+        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    return rowmax, tau
 
+
+def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
+    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32 and, with
+    ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    tiles = _tiles(q.dtype)
+    half_scale = 0.5 * scale
+    rowmax, tau = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
-    grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, tiles.block_dv), B * H)
+    block_dv = tiles.block_dv if Dv <= tiles.block_dv else tiles.wide_block_dv
+    grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
     _entmax_fwd_kernel[grid](
-        q, k, v, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
+        q, k, v, *sequences, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
         *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
-        BDV=tiles.block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options())
-    return o, tau, w
+        BDV=block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    return o, rowmax, tau, w
 
 
-def _entmax_attention_bwd(do, q, k, v, tau, w, causal: bool, scale: float):
+def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences):
     """Launch the two backward kernels. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
-    tiles = _tiles()
+    tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
@@ -392,33 +506,113 @@ def _entmax_attention_bwd(do, q, k, v, tau, w, causal: bool, scale: float):
     blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
                   UPCAST_DOTS=upcast_dots_for(q.dtype))
     _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
-        q, k, v, do, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks, **_launch_options())
+        q, k, v, do, *sequences, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks,
+        **_launch_options(tiles))
     chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
     _entmax_bwd_dkdv_kernel[(triton.cdiv(T, tiles.block_n), chunks, B * H)](
-        q, k, v, do, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
-        **blocks, **_launch_options())
+        q, k, v, do, *sequences, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
+        **blocks, **_launch_options(tiles))
     return dq, dk, dv
 
 
 class EntmaxAttentionFunction(torch.autograd.Function):
-    """Triton entmax-1.5 attention with its fused backward. Saves q, k, v, tau (B, H, T) and w (B, H, T, Dv):
-    memory linear in T."""
+    """Triton entmax-1.5 attention with its fused backward. Saves q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv)
+    and the rows' sequences (T,): memory linear in T."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
+    def forward(ctx, q, k, v, causal: bool, scale: float, sequences: _Sequences):
         with launch_device_of(q):
-            o, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True)
-        ctx.save_for_backward(q, k, v, tau, w)
+            o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True, sequences=sequences)
+        ctx.save_for_backward(q, k, v, rowmax, tau, w, *sequences)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):
-        q, k, v, tau, w = ctx.saved_tensors
+        q, k, v, rowmax, tau, w, start, end = ctx.saved_tensors
         with launch_device_of(q):
-            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, tau, w, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, ctx.causal, ctx.scale,
+                                               _Sequences(start, end))
+        return dq, dk, dv, None, None, None
+
+
+def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
+    """Passes over the visible keys of each query tile that ``_entmax_tau_kernel`` makes (the row-maximum pass
+    included), (B, H, cdiv(T, block_m)) int64: a PyTorch mirror of the solver with the current ``Tiles.candidates``,
+    for lengths where the interpreter is too slow to count (``kernels.counts``; ``tests/test_counts.py`` and
+    ``tests/test_entmax_attention.py`` prove it equal to the kernel's own count on small shapes).
+
+    ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
+    ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else ``(block_m, block_n)``; a tile
+    passes over K until its last row is solved. K traffic of the forward in single flash passes is the tiles' mean
+    weighted by their visible keys, plus one for the output kernel. Rows go a chunk at a time (about 64 MB of
+    scores per chunk), so T = 16k fits in memory.
+    """
+    _check_attention_inputs(q, k, k, causal, scale)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    B, H, T, _ = q.shape
+    tiles = triton.cdiv(T, block_m)
+    if T <= block_n:
+        return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    candidates = _tiles(q.dtype).candidates
+    rows_per_chunk = max(1, (1 << 24) // (T * candidates))
+    passes = torch.zeros((B, H, tiles * block_m), dtype=torch.int64, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            for start in range(0, T, rows_per_chunk):
+                stop = min(start + rows_per_chunk, T)
+                z = (q[b, h, start:stop].float() @ k[b, h].float().T) * (0.5 * scale)  # [rows, T]
+                rows = torch.arange(start, stop, device=z.device)
+                if causal:
+                    z = z.masked_fill(torch.arange(T, device=z.device)[None, :] > rows[:, None], float("-inf"))
+                visible = rows + 1 if causal else torch.full_like(rows, T)
+                passes[b, h, start:stop] = _solver_passes_of_rows(z, visible, candidates)
+    return passes.view(B, H, tiles, block_m).amax(-1)
+
+
+def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Per row of halved scores z (rows, T) fp32 with ``visible`` keys each: the passes of the multi-pass solver
+    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes)."""
+    finite = ~z.isnan().any(-1)
+    rowmax = torch.where(z.isnan(), float("-inf"), z).amax(-1)
+    done = ~finite | rowmax.isinf()
+    zr = z - torch.where(done, 0.0, rowmax)[:, None]
+    lo = torch.full_like(rowmax, -1.0)
+    hi = visible.float().rsqrt().neg()
+    passes = torch.ones_like(rowmax, dtype=torch.int64)
+    spread = torch.arange(candidates, device=z.device).float() / (candidates - 1)
+    for _ in range(_MAX_PASSES):
+        if done.all():
+            break
+        passes += (~done).long()
+        rows = (~done).nonzero()[:, 0]
+        t = lo[rows, None] + (hi - lo)[rows, None] * spread  # (rows, NC)
+        w = zr[rows, None, :] - t[:, :, None]  # (rows, NC, T)
+        support = w > 0
+        ws = torch.where(support, w, 0.0)
+        cnt, a1, a2 = support.float().sum(-1), ws.sum(-1), (ws * ws).sum(-1)
+        wmin = torch.where(support, w, float("inf")).amin(-1)
+        wout = torch.where(support, float("-inf"), w).amax(-1)
+        f = a2 - 1.0
+        left = f >= 0
+        disc = a1 * a1 - cnt * f
+        a1 = torch.where(cnt > 0, a1, 1.0)
+        delta = f / (a1 + disc.clamp(min=0).sqrt())
+        root = t + delta
+        exact = (disc >= 0) & (wmin >= delta) & (wout <= delta)
+        lower = torch.where(left, t + f / (2.0 * a1), root)
+        upper = torch.where(left, torch.where(disc >= 0, root, float("inf")), t)
+        new_lo = torch.maximum(lo[rows], lower.amax(-1))
+        new_hi = torch.minimum(hi[rows], upper.amin(-1))
+        lo[rows], hi[rows] = new_lo, torch.maximum(new_hi, new_lo)
+        done[rows] = exact.any(-1) | (new_hi <= new_lo)
+    return passes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,71 +703,6 @@ def entmax15_attention_reference(q, k, v, *, causal=True, scale=None):
     return (weights @ v.to(weights.dtype)).to(v.dtype)
 
 
-def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
-    """Passes over K that ``_entmax_tau_kernel`` makes per query tile, (B, H, cdiv(T, block_m)) int64: a PyTorch
-    mirror of the solver's pass count, for lengths where the interpreter is too slow to count it (``kernels.counts``;
-    ``tests/test_counts.py`` proves it equal to the kernel's own count on small shapes).
-
-    ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
-    ``T <= row_block_n``, else ``(block_m, block_n)``. A tile of rows longer than one key tile (``T > block_n``)
-    makes 1 pass for the row max plus one per Newton / closed-form step until all its rows are solved (at most
-    ``_MAX_PASSES``); rows that fit one key tile keep their scores in registers: 1 pass (K is read once, however many
-    steps the solver takes). Computed in float32 like the kernel, a chunk of query rows at a time.
-    """
-    _check_attention_inputs(q, k, k, causal, scale)
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    B, H, T, D = q.shape
-    tiles = triton.cdiv(T, block_m)
-    if T <= block_n:
-        return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
-    half_scale = 0.5 * (D ** -0.5 if scale is None else float(scale))
-    rows_per_chunk = max(1, (1 << 24) // (T * block_m)) * block_m  # ~64 MB of scores per chunk
-    passes = torch.zeros((B, H, tiles * block_m), dtype=torch.int64, device=q.device)
-    for b in range(B):
-        for h in range(H):
-            for start in range(0, T, rows_per_chunk):
-                stop = min(start + rows_per_chunk, T)
-                keys = stop if causal else T
-                z = (q[b, h, start:stop].float() @ k[b, h, :keys].float().T) * half_scale  # [rows, keys]
-                if causal:
-                    o_n = torch.arange(keys, device=q.device)
-                    o_m = torch.arange(start, stop, device=q.device)
-                    z = z.masked_fill(o_n[None, :] > o_m[:, None], float("-inf"))
-                passes[b, h, start:stop] = _newton_passes(z)
-    return 1 + passes.view(B, H, tiles, block_m).amax(dim=-1)
-
-
-def _newton_passes(z: torch.Tensor) -> torch.Tensor:
-    """Per row of halved scores z (rows, keys) fp32: the passes ``_threshold_step`` takes from ``max z - 1`` until
-    the row's support is identified (0 for NaN rows, at most ``_MAX_PASSES``)."""
-    done = torch.isnan(z).any(dim=1)
-    tau = torch.where(torch.isnan(z), float("-inf"), z).amax(dim=1) - 1.0
-    passes = torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
-    for _ in range(_MAX_PASSES):
-        if bool(done.all()):
-            break
-        w = z - tau[:, None]
-        support = w > 0
-        w_support = torch.where(support, w, 0.0)
-        count = support.sum(dim=1, dtype=torch.float32)
-        a1, a2 = w_support.sum(dim=1), (w_support * w_support).sum(dim=1)
-        w_min = torch.where(support, w, float("inf")).amin(dim=1)
-        w_out = torch.where(support, float("-inf"), w).amax(dim=1)
-        f = a2 - 1.0
-        disc = a1 * a1 - count * f
-        a1 = torch.where(count > 0, a1, 1.0)
-        delta = f / (a1 + torch.sqrt(disc.clamp(min=0.0)))
-        exact = (disc >= 0) & (w_min >= delta) & (w_out <= delta)
-        passes += (~done).long()
-        tau = torch.where(done, tau, torch.where(exact, tau + delta, tau + f / (2.0 * a1)))
-        done = done | exact
-    return passes
-
-
 def _check_attention_inputs(q, k, v, causal, scale) -> None:
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor, ndim=4)
@@ -600,10 +729,54 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
         return entmax15_attention_reference(q, k, v, causal=causal, scale=scale)
     check_batch_heads(q.shape[0] * q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+
+
+def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _Sequences):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return EntmaxAttentionFunction.apply(q, k, v, causal, scale)
+        return EntmaxAttentionFunction.apply(q, k, v, causal, scale, sequences)
     with launch_device_of(q):
-        return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False)[0]
+        return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False, sequences=sequences)[0]
+
+
+def entmax15_attention_varlen_reference(q, k, v, cu_seqlens, *, causal=True, scale=None):
+    """Per-sequence :func:`entmax15_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
+    outputs = []
+    offsets = cu_seqlens.tolist()
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, L, D)
+        out = entmax15_attention_reference(*per_sequence, causal=causal, scale=scale)
+        outputs.append(out[0].transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def entmax15_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, causal=True, scale=None, validate=None):
+    """Entmax-1.5 attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
+
+    ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends only
+    within itself (causally when ``causal``). The kernels tile the packed rows and never visit key tiles outside a
+    query tile's sequences, so padding costs nothing. ``max_seqlen`` is accepted for the varlen convention of
+    ``block_causal_attention_varlen`` and checked, not needed. ``validate`` checks the offsets (start at 0, strictly
+    increasing, end at total); None means "when cu_seqlens is on the CPU" (checking GPU offsets syncs with the host).
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, tensor, ndim=3)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (total, H, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must match q in (total, H) = {tuple(q.shape[:2])}, got shape {tuple(v.shape)}")
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, total, D) views
+    _check_attention_inputs(q4, k4, v4, causal, scale)
+    total = q.shape[0]
+    cu_seqlens = checked_cu_seqlens(cu_seqlens, total, validate)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+    if not use_triton(q, k, v):
+        return entmax15_attention_varlen_reference(q, k, v, cu_seqlens, causal=causal, scale=scale)
+    check_batch_heads(q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = _entmax15_attention_triton(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens, total, q.device))
+    return out[0].transpose(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,7 +785,8 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
-_FP32_POINTERS = ("tau", "w", "c")
+_FP32_POINTERS = ("rowmax", "tau", "w", "c")
+_INT32_POINTERS = ("seq_start", "seq_end")
 _FLOAT_SCALARS = ("half_scale", "scale")
 
 
@@ -624,6 +798,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "constexpr"
         elif name in _FP32_POINTERS:
             signature[name] = "*fp32"
+        elif name in _INT32_POINTERS:
+            signature[name] = "*i32"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
@@ -636,25 +812,25 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 def aot_configurations() -> List[AotConfig]:
     """Every (kernel, dtype, constexpr) combination the launchers can launch with the default tiles on a GPU (causal
     and store_w are runtime flags; UPCAST_DOTS is set only under the interpreter)."""
-    t = _DEFAULT_TILES
-    blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
-    variants = [
-        ("tau registers", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=True, MAX_PASSES=_MAX_PASSES, BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d,
-              UPCAST_DOTS=False)),
-        ("tau passes", _entmax_tau_kernel,
-         dict(ROW_IN_REGISTERS=False, MAX_PASSES=_MAX_PASSES, BM=t.block_m, BN=t.block_n, BD=t.block_d,
-              UPCAST_DOTS=False)),
-        ("fwd", _entmax_fwd_kernel, blocks),
-        ("bwd dq", _entmax_bwd_dq_kernel, blocks),
-        ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
-    ]
     configs = []
-    for dtype in _TRITON_DTYPES.values():
+    for torch_dtype, dtype in _TRITON_DTYPES.items():
+        t = _DEFAULT_TILES[torch_dtype]
+        blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
+        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, BD=t.block_d, UPCAST_DOTS=False)
+        variants = [
+            ("tau registers", _entmax_tau_kernel,
+             dict(ROW_IN_REGISTERS=True, BM=t.row_block_m, BN=t.row_block_n, **solver)),
+            ("tau passes", _entmax_tau_kernel, dict(ROW_IN_REGISTERS=False, BM=t.block_m, BN=t.block_n, **solver)),
+            ("fwd", _entmax_fwd_kernel, blocks),
+            ("bwd dq", _entmax_bwd_dq_kernel, blocks),
+            ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
+        ]
+        if t.wide_block_dv != t.block_dv:
+            variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
         for label, kernel, constexprs in variants:
             configs.append(AotConfig(
                 label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),
-                constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES))
+                constexprs=constexprs, num_warps=t.num_warps, num_stages=t.num_stages))
     return configs
 
 
@@ -676,12 +852,16 @@ class EntmaxCausalAttention(torch.nn.Module):
     """Multi-head entmax-1.5 self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
     with the same arguments and ``state_dict`` keys.
 
-    forward(x (B, T, E), *, return_context=False, need_weights=False) returns ``output`` (B, T, E) alone, or an
-    ``EntmaxAttentionOutput`` when a flag is set. The context ``A @ x`` (CARN's causal parents) comes from the same
-    attention call, with x appended to every head's values; the weights are recomputed by the reference formula.
+    forward(x (B, T, E), *, return_context=False, need_weights=False, key_padding_mask=None) returns ``output``
+    (B, T, E) alone, or an ``EntmaxAttentionOutput`` when a flag is set. The context ``A @ x`` (CARN's causal
+    parents) comes from the same attention call, with x appended to every head's values; the weights are recomputed
+    by the reference formula. ``key_padding_mask`` (B, T) bool, True at padding (``nn.MultiheadAttention``'s
+    convention): the unpadded positions of each row form one sequence, run packed (varlen), and padded positions
+    attend nothing (zero attention output and context).
     """
 
     _attention = staticmethod(entmax15_attention_reference)
+    _attention_varlen = staticmethod(entmax15_attention_varlen_reference)
 
     def __init__(self, embed_dim: int, num_heads: int = 1, *, bias: bool = True, out_proj: bool = True,
                  causal: bool = True):
@@ -694,16 +874,25 @@ class EntmaxCausalAttention(torch.nn.Module):
         self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
 
-    def forward(self, x, *, return_context: bool = False, need_weights: bool = False):
+    def forward(self, x, *, return_context: bool = False, need_weights: bool = False, key_padding_mask=None):
         check_tensor("x", x, ndim=3)
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have embed_dim = {self.embed_dim} features, got shape {tuple(x.shape)}")
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
-        q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if return_context:
-            v = torch.cat([v, x.unsqueeze(1).expand(b, h, t, e)], dim=-1)
-        attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
+        if key_padding_mask is not None:
+            check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
+            if key_padding_mask.shape != (b, t):
+                raise ValueError(f"key_padding_mask must have shape (B, T) = {(b, t)}, got "
+                                 f"{tuple(key_padding_mask.shape)}")
+            if need_weights:
+                raise ValueError("need_weights is not supported with key_padding_mask")
+            attended = self._packed_attention(x, ~key_padding_mask.to(x.device), return_context)
+        else:
+            q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            if return_context:
+                v = torch.cat([v, x.unsqueeze(1).expand(b, h, t, e)], dim=-1)
+            attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
@@ -713,8 +902,26 @@ class EntmaxCausalAttention(torch.nn.Module):
         weights = entmax15_attention_weights(q, k, causal=self.causal).to(x.dtype) if need_weights else None
         return EntmaxAttentionOutput(output, context, weights)
 
+    def _packed_attention(self, x, keep, return_context: bool):
+        """Attention over the kept positions ``keep`` (B, T) of each row, packed: (B, H, T, dh [+ E]), zeros at the
+        other positions."""
+        b, t, e = x.shape
+        h, dh = self.num_heads, e // self.num_heads
+        rows = x[keep]  # (total, E): each batch row's kept positions, in order
+        lengths = keep.sum(1)
+        out = x.new_zeros(b, t, h, dh + (e if return_context else 0))
+        if rows.shape[0] == 0:
+            return out.transpose(1, 2)
+        q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if return_context:
+            v = torch.cat([v, rows.unsqueeze(1).expand(-1, h, e)], dim=-1)
+        cu_seqlens = torch.nn.functional.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
+        out[keep] = self._attention_varlen(q, k, v, cu_seqlens, causal=self.causal).to(out.dtype)
+        return out.transpose(1, 2)
+
 
 class FusedEntmaxCausalAttention(EntmaxCausalAttention):
     """``EntmaxCausalAttention`` on the fused op (Triton kernels where ``kernels.backend`` selects them)."""
 
     _attention = staticmethod(entmax15_attention)
+    _attention_varlen = staticmethod(entmax15_attention_varlen)

@@ -3,12 +3,21 @@
 Kernel tests run on the ``triton_backend`` fixture (Triton's interpreter on a CPU) with tiny tiles, so that a few
 dozen positions cover several, partial and skipped tiles, and both tau solvers (rows in registers and multi-pass).
 """
+import collections
+
 import pytest
 import torch
 
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax_attention
-from kernels.entmax_attention import EntmaxAttentionOutput, Tiles, entmax15_attention_weights
+from kernels.entmax_attention import (
+    EntmaxAttentionOutput,
+    Tiles,
+    entmax15_attention_varlen,
+    entmax15_attention_varlen_reference,
+    entmax15_attention_weights,
+    tau_solver_passes,
+)
 
 # the interpreter computes -inf - -inf on padded rows; the kernels mask those results
 pytestmark = [
@@ -17,10 +26,11 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
 ]
 
-#: rows of up to 8 keys are solved in registers, longer ones in passes over 8-key tiles
-TINY = Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4, row_block_n=8)
-#: BM != BN: the causal start of the dk/dv loop is rounded down to a query tile
-SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_block_n=8)
+#: rows of up to 8 keys are solved in registers, longer ones in passes over 8-key tiles; 4 candidate thresholds per
+#: pass (the interpreter runs them one by one) make the solver take several passes, as 16 do on longer rows
+TINY = Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4, row_block_n=8, candidates=4, wide_block_dv=16)
+#: BM != BN: the causal start of the dk/dv loop is rounded down to a query tile; 2 candidates: the bracket's ends
+SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_block_n=8, candidates=2)
 
 #: (forward atol, gradient atol) against float64 on the same inputs; rtol is the same as atol
 TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 8e-2)}
@@ -71,6 +81,7 @@ def _check_against_reference(q, k, v, causal=True, scale=None):
         pytest.param(1, 1, 8, 4, 4, False, None, TINY, id="T8-last-length-in-registers"),
         pytest.param(1, 1, 9, 4, 4, False, None, TINY, id="T9-first-length-in-passes"),
         pytest.param(1, 1, 19, 11, 9, True, None, TINY, id="T19-passes-partial-tiles-causal"),
+        pytest.param(1, 1, 19, 6, 20, True, None, TINY, id="T19-Dv20-two-wide-forward-chunks"),
         pytest.param(1, 1, 19, 11, 9, False, None, TINY, id="T19-passes-not-causal"),
         pytest.param(1, 1, 13, 6, 5, True, 0.7, SKEWED, id="T13-BM8-BN4-scale0.7"),
         pytest.param(2, 2, 19, 5, 3, False, None, SKEWED, id="T19-B2H2-BM8-BN4-not-causal"),
@@ -230,3 +241,181 @@ def test_module_rejects_bad_arguments():
         module(torch.randn(11, 6))
     with pytest.raises(ValueError, match="x must have embed_dim = 6"):
         module(torch.randn(2, 11, 5))
+
+
+def _float64_tau(q, k, causal=True, scale=None):
+    """Exact tau (B, H, T) of the halved scores in float64, by sorting each row."""
+    t, d = q.shape[-2:]
+    scale = d ** -0.5 if scale is None else scale
+    z = (q.double() @ k.double().transpose(-1, -2)) * (0.5 * scale)
+    if causal:
+        z = z.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    z, _ = z.sort(-1, descending=True)
+    size = torch.arange(1, t + 1, dtype=torch.float64)
+    s1, s2 = z.cumsum(-1), (z * z).cumsum(-1)
+    roots = (s1 - (s1 * s1 - size * (s2 - 1)).clamp(min=0).sqrt()) / size  # tau if the support were the top `size`
+    support = (roots < z).sum(-1, keepdim=True)  # the valid sizes are a prefix
+    return roots.gather(-1, support - 1)[..., 0]
+
+
+@pytest.mark.parametrize("t", [pytest.param(8, id="in-registers"), pytest.param(21, id="passes")])
+@pytest.mark.parametrize(
+    "q_scale", [pytest.param(0.01, id="flat-std0.01"), pytest.param(1.0, id="random"), pytest.param(30.0, id="peaked")]
+)
+def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q_scale):
+    tiles(TINY)
+    q, k, _ = (x.detach() for x in _inputs(1, 2, t, 8, 1, seed=8))
+    q = q * q_scale
+    whole = entmax_attention._whole_sequences(t, q.device)
+    rowmax, tau = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
+    expected = _float64_tau(q, k)
+    torch.testing.assert_close((rowmax + tau).double(), expected, atol=1e-6, rtol=1e-6)
+    # the flat case is what the tolerance is for: rows of near-equal scores, tau near max - n^-1/2
+    out = entmax15_attention(q, k, torch.eye(t).expand(1, 2, t, t))
+    _assert_close(out, entmax15_attention_weights(q.double(), k.double()), 2e-5, "weights")
+
+
+@pytest.mark.parametrize("t", [pytest.param(6, id="in-registers"), pytest.param(21, id="passes")])
+def test_scores_of_any_magnitude(triton_backend, tiles, t):
+    tiles(TINY)
+    # fp16 q = k = v = 60000: every score ties, so each row is uniform over its visible keys and returns v
+    big = torch.full((1, 1, t, 4), 60000.0, dtype=torch.float16)
+    out = entmax15_attention(big, big, big)
+    torch.testing.assert_close(out, big, atol=0, rtol=1e-3)  # fp16 steps are 32 near 60000
+    # scores near 1e9 (scale 1e9 on O(1) dot products): rows are one-hot on their largest score, as in float64
+    # (forward only: a gradient of 1e9 * (rounding of dP - c) is not meaningful in float32)
+    q, k, v = (x.detach() for x in _inputs(1, 2, t, 4, 3, seed=9))
+    expected = reference.entmax15_attention_reference(q.double(), k.double(), v.double(), scale=1e9)
+    _assert_close(entmax15_attention(q, k, v, scale=1e9), expected, 2e-5, "scale 1e9")
+    # and with each key three times, the support of a row at that scale is its tied maxima, with equal weights
+    k3 = k[:, :, torch.arange(t) // 3 * 3]
+    expected = reference.entmax15_attention_reference(q.double(), k3.double(), v.double(), scale=1e9)
+    _assert_close(entmax15_attention(q, k3, v, scale=1e9), expected, 2e-5, "scale 1e9, tied keys")
+
+
+@pytest.mark.parametrize("t", [pytest.param(7, id="in-registers"), pytest.param(21, id="passes")])
+def test_infinite_scores(triton_backend, tiles, t):
+    """+inf in a visible score gives a NaN row; -inf is a key of probability zero."""
+    tiles(TINY)
+    q, k, v = (x.detach() for x in _inputs(1, 1, t, 4, 3, seed=11))
+    q[..., 0] = q[..., 0].abs() + 0.5  # positive first feature: k[j, 0] = +-inf makes q_i . k_j = +-inf
+    k[0, 0, 2, 0] = float("-inf")
+    k[0, 0, t - 3, 0] = float("inf")
+    out = entmax15_attention(q, k, v)
+    assert out[0, 0, t - 3:].isnan().all(), "rows that see the +inf score must be NaN"
+    clean = k.clone()
+    clean[0, 0, t - 3, 0] = 0.0  # the entmax package fails on +inf; the rows compared never see that key
+    expected = reference.entmax15_attention_reference(q.double(), clean.double(), v.double())
+    _assert_close(out[0, 0, :t - 3], expected[0, 0, :t - 3], 2e-5, "rows before the +inf key")
+    weights = entmax15_attention(q, k, torch.eye(t).expand(1, 1, t, t))
+    assert (weights[0, 0, 2:t - 3, 2] == 0).all() and (weights[0, 0, :t - 3].sum(-1) - 1).abs().max() < 1e-5
+
+
+def _interpreter_loads_per_program(monkeypatch, tensor):
+    """Elements of ``tensor``'s storage that interpreted kernels load, per program (grid index)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    counts = collections.Counter()
+    start = tensor.untyped_storage().data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    load = InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, mask, other, *args):
+        hits = (ptrs.data >= start) & (ptrs.data < end) & mask.data
+        counts[self.grid_idx] += int(hits.sum())
+        return load(self, ptrs, mask, other, *args)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", counting_load)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "q_scale, least_most_passes", [pytest.param(1.0, 3, id="random"), pytest.param(4.0, 2, id="q-x4")]
+)
+def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monkeypatch, q_scale, least_most_passes):
+    tiles(TINY)
+    b, h, t, d = 1, 2, 45, 8
+    q, k, _ = (x.detach() for x in _inputs(b, h, t, d, 1, seed=12))
+    q = q * q_scale
+    counts = _interpreter_loads_per_program(monkeypatch, k)
+    entmax_attention._entmax_tau(q, k, True, d ** -0.5, entmax_attention._whole_sequences(t, q.device))
+    passes = tau_solver_passes(q, k, block_m=8, block_n=8)
+    assert passes.shape == (b, h, 6)
+    for i_bh in range(b * h):
+        for i_m in range(6):
+            visible_keys = min((i_m + 1) * 8, t)
+            assert counts[(i_m, i_bh, 0)] == passes[0, i_bh, i_m] * visible_keys * d, (i_m, i_bh)
+    assert passes.max() >= least_most_passes  # random rows: some tile needs a second candidate pass
+
+
+@pytest.mark.parametrize(
+    "lengths, causal, tile_set",
+    [
+        pytest.param([3, 1, 4], True, TINY, id="in-registers-causal"),
+        pytest.param([5, 1, 12, 9], True, TINY, id="passes-causal"),
+        pytest.param([5, 1, 12, 9], False, TINY, id="passes-not-causal"),
+        pytest.param([9, 2, 6], False, SKEWED, id="BM8-BN4-not-causal"),
+    ],
+)
+def test_varlen_matches_per_sequence_reference(triton_backend, tiles, lengths, causal, tile_set):
+    """Sequences straddle tiles, so tiles mix sequences; forward and gradients against float64 per sequence."""
+    tiles(tile_set)
+    total, h = sum(lengths), 2
+    cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(total, h, n, generator=generator).requires_grad_() for n in (5, 5, 3))
+    out = entmax15_attention_varlen(q, k, v, cu_seqlens, causal=causal)
+    assert out.shape == v.shape
+    do = torch.randn_like(out)
+    out.backward(do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = entmax15_attention_varlen_reference(*leaves, cu_seqlens, causal=causal)
+    expected.backward(do.double())
+    _assert_close(out, expected, 2e-5, "output")
+    for name, x, ref in zip("qkv", (q, k, v), leaves):
+        _assert_close(x.grad, ref.grad, 5e-5, f"d{name}")
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, kwargs, error, match",
+    [
+        pytest.param(torch.tensor([0, 3, 7]), {}, TypeError, "cu_seqlens must have dtype", id="int64"),
+        pytest.param(torch.tensor([0, 3, 6], dtype=torch.int32), {}, ValueError, "end at the packed length",
+                     id="short"),
+        pytest.param(torch.tensor([0, 3, 3, 7], dtype=torch.int32), {}, ValueError, "strictly increasing",
+                     id="empty-sequence"),
+        pytest.param(torch.tensor([0, 7], dtype=torch.int32), {"max_seqlen": 0}, ValueError, "max_seqlen",
+                     id="max_seqlen"),
+    ],
+)
+def test_varlen_rejects_bad_offsets(triton_backend, cu_seqlens, kwargs, error, match):
+    q = torch.randn(7, 2, 4)
+    with pytest.raises(error, match=match):
+        entmax15_attention_varlen(q, q, q, cu_seqlens, **kwargs)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="reference")])
+def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fused):
+    """Packed rows give what each row's unpadded positions give alone; padded positions attend nothing."""
+    tiles(TINY)
+    torch.manual_seed(14)
+    cls = FusedEntmaxCausalAttention if fused else reference.EntmaxCausalAttention
+    module = cls(6, 2, out_proj=False)
+    x = torch.randn(3, 11, 6, requires_grad=True)
+    padding = torch.zeros(3, 11, dtype=torch.bool)
+    padding[0, 7:] = True  # right padding
+    padding[1, :4] = True  # left padding
+    padding[2, :] = True  # an empty row
+    got = module(x, return_context=True, key_padding_mask=padding)
+    got.output.sum().backward()
+    for row, keep in enumerate(~padding):
+        if keep.any():
+            alone = module(x[row:row + 1, keep].detach(), return_context=True)
+            torch.testing.assert_close(got.output[row, keep], alone.output[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.context[row, keep], alone.context[0], atol=1e-5, rtol=1e-5)
+        assert (got.output[row, ~keep] == 0).all() and (got.context[row, ~keep] == 0).all()
+    assert x.grad[2].abs().max() == 0 and x.grad[0, :7].abs().max() > 0
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        module(x, key_padding_mask=padding[:, :5])
+    with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
+        module(x, key_padding_mask=padding.float())

@@ -113,11 +113,6 @@ def test_attention_reference_nan_query_row_stays_in_its_row():
         torch.testing.assert_close(out[0, 0, rows], entmax15_attention_reference(q, k, v)[0, 0, rows])
 
 
-# The Triton kernels solve tau in absolute score units and give an all-zero row for +inf in q today; the kernel
-# rewrite (branch entmax-perf) makes both agree with the reference. Strict: an XPASS says to drop the marker.
-pending_kernel_rewrite = pytest.mark.xfail(strict=True, reason="entmax Triton kernel rewrite not merged yet")
-
-
 def _special_inputs(case):
     generator = torch.Generator().manual_seed(19)
     q, k, v = (torch.randn(1, 2, 9, 4, generator=generator) for _ in range(3))
@@ -133,9 +128,9 @@ def _special_inputs(case):
 
 @pytest.mark.parametrize("case", [
     pytest.param("nan", id="nan-in-q"),
-    pytest.param("+inf", id="inf-in-q", marks=pending_kernel_rewrite),
-    pytest.param("scale-1e7", id="scores-1e7", marks=pending_kernel_rewrite),
-    pytest.param("fp16-60000", id="fp16-q-k-v-60000", marks=pending_kernel_rewrite),
+    pytest.param("+inf", id="inf-in-q"),
+    pytest.param("scale-1e7", id="scores-1e7"),
+    pytest.param("fp16-60000", id="fp16-q-k-v-60000"),
 ])
 def test_triton_op_agrees_with_reference_on_special_rows(case):
     q, k, v, scale = _special_inputs(case)
