@@ -42,7 +42,6 @@ from mer.cli import (
     default_run_name,
     deferred_interrupt,
     epoch_line,
-    folds_of,
     fraction,
     new_parser,
     reject_options_on_resume,
@@ -78,7 +77,6 @@ from .config import (
     ABLATIONS,
     CSS_CONTEXTS,
     ENCODER_MASKS,
-    SENTIMENT_LOSSES,
     STAGE2_CONDITIONS,
     STAGE2_KINDS,
     ModelConfig,
@@ -295,7 +293,8 @@ def run_training(
             if per_condition and epoch == train_config.epochs_stage1:
                 _atomic_torch_save({"model": model.state_dict()}, stage1_path)
             if condition is not None and train_config.condition_of(epoch + 1) != condition:
-                _atomic_torch_save({**payload, "epoch": epoch}, checkpoints.directory / stage2_checkpoint_name(condition))
+                _atomic_torch_save({**payload, "epoch": epoch},
+                                   checkpoints.directory / stage2_checkpoint_name(condition))
         part = f"stage {stage}" + (f", condition {condition}" if condition is not None else "")
         say(epoch_line(epoch, train_config.epochs, part, values), flush=True)
         last_epoch = epoch
