@@ -131,7 +131,7 @@ class CausalCueEncoder(nn.Module):
         else:  # "w/o CCE": the Transformer encoder alone
             f = h
         latent = encode(self.encoder, f, valid, self.config.encoder_mask)  # eq. 9
-        weights = weights[:, 0] if need_weights else None  # one head: [B, L, L]
+        weights = weights[:, 0] if need_weights and weights is not None else None  # one head: [B, L, L]
         return latent, prediction, target, weights
 
 
