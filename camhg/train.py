@@ -465,8 +465,7 @@ def preset_overrides(args, fold: Optional[int] = None) -> dict:
     for name in ("batch_size", "lr", "hidden", "dropout", "p3_lr", "sentiment_loss"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
-    if args.validation != "carved":  # recorded only when asked for: older configs compare equal
-        overrides["validation"] = args.validation
+    overrides["validation"] = args.validation
     options = dict(PRESETS[args.dataset].get("dataset_options", {}))
     if args.dims is not None:
         options["dims"] = args.dims
@@ -505,6 +504,9 @@ def main(argv=None) -> int:
     if args.folds == "all":
         if args.stop_after_epoch is not None:
             raise UserError("--stop-after-epoch stops one run; with --folds all resume a fold's folder instead")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--folds all trains the folds one after the other in one process; under torchrun run "
+                            "each fold with --fold K")
         for table in train_folds(args, run_dir).values():
             table.print()
         print(f"run folder: {run_dir} (one folder per fold)")

@@ -372,12 +372,9 @@ def add_carn_protocol_options(parser) -> None:
 
 def model_overrides_of(args) -> dict:
     """ModelConfig overrides from ``--hidden --dropout --sentiment-loss --css-context --encoder-mask``."""
-    values = {"hidden": args.hidden, "dropout": args.dropout, "sentiment_loss": args.sentiment_loss}
-    overrides = {k: v for k, v in values.items() if v is not None}
-    for name, default in (("css_context", "full"), ("encoder_mask", "none")):
-        if getattr(args, name) != default:  # recorded only when asked for: older configs compare equal
-            overrides[name] = getattr(args, name)
-    return overrides
+    values = {"hidden": args.hidden, "dropout": args.dropout, "sentiment_loss": args.sentiment_loss,
+              "css_context": args.css_context, "encoder_mask": args.encoder_mask}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def build_parser():
