@@ -4,13 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mer.protocols import SENTIMENT_LOSSES, VALIDATIONS
+
 ABLATIONS = ("full", "no_hypergraph", "no_imputation", "no_moe", "no_causal_factor", "no_gating")
 """Paper Table 4's variants: w/o H (plain causal Transformer instead of the hypergraph), w/o I (no imputation),
 w/o MoE (a single MLP generator), w/o C (no causal factor extractor), w/o G (no confidence gate)."""
 
 SCHEDULERS = ("plateau", "cosine")
-SENTIMENT_LOSSES = ("ce", "regression")  # mer.protocols.SENTIMENT_LOSSES
-VALIDATIONS = ("carved", "test")  # mer.protocols.VALIDATIONS
 
 
 @dataclass

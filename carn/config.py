@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mer.protocols import SENTIMENT_LOSSES
+
 ATTENTION_KINDS = ("causal_entmax", "vanilla")
 CSS_KINDS = ("infonce", "mse", "none")
 CSS_CONTEXTS = ("full", "strict")
 ENCODER_MASKS = ("none", "causal")
 STAGE2_KINDS = ("random", "per-condition")
-SENTIMENT_LOSSES = ("ce", "regression")  # mer.protocols.SENTIMENT_LOSSES
-STAGE2_CONDITIONS = ("a", "v", "t", "av", "at", "tv")  # paper Table 1's conditions (carn.evaluate.CONDITION_ORDER)
+STAGE2_CONDITIONS = ("a", "v", "t", "av", "at", "tv")  # paper Table 1's column order, carn.evaluate.CONDITION_ORDER
 
 
 @dataclass

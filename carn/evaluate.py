@@ -22,11 +22,11 @@ from mer.protocols import protocol_caption, with_validation
 from mer.cli import UserError, add_evaluate_options, checkpoint_of, new_parser, run_command, run_folder_of
 from mer.training import CheckpointManager, progress, select_device
 
-from .config import ModelConfig
+from .config import STAGE2_CONDITIONS, ModelConfig
 from .model import CARN
 
 # Paper Table 1's column order; "vt" there is mer.missing's "tv".
-CONDITION_ORDER = ("a", "v", "t", "av", "at", "tv")
+CONDITION_ORDER = STAGE2_CONDITIONS  # ("a", "v", "t", "av", "at", "tv"), each its own model with per-condition
 CONDITION_LABELS = {"a": "a", "v": "v", "t": "t", "av": "av", "at": "at", "tv": "vt"}
 
 

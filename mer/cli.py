@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from mer.protocols import FOLD_DATASETS, FOLDS, SENTIMENT_LOSSES, VALIDATIONS
 from mer.training import reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
 
 CHECKPOINTS = "checkpoints"
@@ -220,16 +221,16 @@ def add_sweep_options(parser: argparse.ArgumentParser, *, model: str, ablations:
 def add_protocol_options(parser: argparse.ArgumentParser) -> None:
     """``--fold K | --folds all``, ``--validation``, ``--sentiment-loss``: the papers' protocols (mer.protocols)."""
     folds = parser.add_mutually_exclusive_group()
-    folds.add_argument("--fold", type=int, choices=(1, 2, 3, 4, 5), default=None, metavar="K",
+    folds.add_argument("--fold", type=int, choices=FOLDS, default=None, metavar="K",
                        help="IEMOCAP only: leave-one-session-out, Session K held out as the test set "
                             "(default: Session 5, the label file's split)")
     folds.add_argument("--folds", choices=("all",), default=None,
                        help="IEMOCAP only: the five leave-one-session-out runs, their tables averaged (mean ± std "
                             "over folds), as both papers report (default: one run)")
-    parser.add_argument("--validation", choices=("carved", "test"), default="carved",
+    parser.add_argument("--validation", choices=VALIDATIONS, default="carved",
                         help="model selection on a seeded 10%% of the training dialogues (carved), or on the test "
                              "split as GCNet does (test); printed with every table")
-    parser.add_argument("--sentiment-loss", choices=("ce", "regression"), default=None,
+    parser.add_argument("--sentiment-loss", choices=SENTIMENT_LOSSES, default=None,
                         help="sentiment datasets: 2-class cross-entropy on the sign of the label (ce, the papers'), "
                              "or regression on the score (default: the preset's)")
 
@@ -237,7 +238,7 @@ def add_protocol_options(parser: argparse.ArgumentParser) -> None:
 def folds_of(args: argparse.Namespace) -> list:
     """The folds ``--fold/--folds`` ask for: [None] (the default split), [K], or [1, 2, 3, 4, 5]."""
     if getattr(args, "folds", None) == "all":
-        return [1, 2, 3, 4, 5]
+        return list(FOLDS)
     return [getattr(args, "fold", None)]
 
 
@@ -256,8 +257,8 @@ def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) 
         if not args.data_root.is_dir():
             raise UserError(f"--data-root {args.data_root} is not a folder")
     if (getattr(args, "fold", None) is not None or getattr(args, "folds", None) is not None) \
-            and not args.dataset.startswith("iemocap"):
-        raise UserError(f"--fold/--folds are IEMOCAP's leave-one-session-out protocol (iemocap4, iemocap6); "
+            and args.dataset not in FOLD_DATASETS:
+        raise UserError(f"--fold/--folds are IEMOCAP's leave-one-session-out protocol ({', '.join(FOLD_DATASETS)}); "
                         f"--dataset {args.dataset} has fixed train/valid/test splits")
 
 
