@@ -33,6 +33,7 @@ from mer.cli import (
     add_protocol_options,
     add_run_options,
     check_data_options,
+    folds_command,
     check_new_run,
     check_resumable,
     cleanup_on_failure,
@@ -45,9 +46,10 @@ from mer.cli import (
     reject_options_on_resume,
     resume_hint,
     run_command,
+    save_folds_command,
 )
 from mer.data import EMBEDDED_NAMES, Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
-from mer.metrics import task_metrics, valid_targets
+from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.protocols import (
     FOLDS,
     average_over_folds,
@@ -490,6 +492,16 @@ def config_from_args(args, fold: Optional[int] = None) -> CaMHGConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume is not None and folds_command(args.resume) is not None:  # a --folds all run: the whole set
+        parser = build_parser()
+        started = parser.parse_args(folds_command(args.resume))
+        for name in ("data_root", "device", "plots", "progress"):
+            if getattr(args, name) != parser.get_default(name):
+                setattr(started, name, getattr(args, name))
+        for table in train_folds(started, args.resume).values():
+            table.print()
+        print(f"run folder: {args.resume} (one folder per fold)")
+        return 0
     if args.resume is not None:
         run_dir = args.resume
         check_resumable(run_dir, finished_marker="missing_rates.json", evaluate_command="python -m camhg.evaluate")
@@ -507,6 +519,7 @@ def main(argv=None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("--folds all trains the folds one after the other in one process; under torchrun run "
                             "each fold with --fold K")
+        save_folds_command(run_dir, argv)
         for table in train_folds(args, run_dir).values():
             table.print()
         print(f"run folder: {run_dir} (one folder per fold)")
@@ -535,18 +548,27 @@ def main(argv=None) -> int:
     return 0
 
 
+FOLD_TABLES = ("missing_rates", "conditions")  # the tables camhg.evaluate.evaluate_model writes
+
+
 def train_folds(args, run_dir: Path) -> dict:
     """``--folds all``: one run per IEMOCAP session held out, in ``run_dir/fold<k>`` (one process); saves and returns
-    each result table averaged over the folds (``run_dir/<table>_folds``)."""
+    each result table averaged over the folds (``run_dir/<table>_folds``). A finished fold is reused, a stopped one
+    resumed (``--resume RUN_DIR`` of a ``--folds all`` run comes here with the arguments it started with)."""
     per_fold = []
     for fold in FOLDS:
         fold_dir = run_dir / f"fold{fold}"
-        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out", flush=True)
+        if (fold_dir / "missing_rates.json").is_file():
+            print(f"fold {fold} of {len(FOLDS)}: finished, reused", flush=True)
+            per_fold.append({name: ResultTable.load(fold_dir / f"{name}.json") for name in FOLD_TABLES})
+            continue
+        started = (fold_dir / "checkpoints" / "last.pt").is_file()
+        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out{', resumed' if started else ''}", flush=True)
         try:
             with cleanup_on_failure(fold_dir):
-                result = train(config_from_args(args, fold), run_dir=fold_dir, data_root=args.data_root,
-                               plots=args.plots, device=args.device, show_progress=args.progress,
-                               keep_every=args.keep_checkpoints, verbose=True)
+                result = train(None if started else config_from_args(args, fold), run_dir=fold_dir,
+                               resume=started, data_root=args.data_root, plots=args.plots, device=args.device,
+                               show_progress=args.progress, keep_every=args.keep_checkpoints, verbose=True)
         except KeyboardInterrupt:
             raise Interrupted(resume_hint(command_name(MODULE), fold_dir)) from None
         except NonFiniteLossError as error:

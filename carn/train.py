@@ -42,11 +42,14 @@ from mer.cli import (
     default_run_name,
     deferred_interrupt,
     epoch_line,
+    folds_command,
     fraction,
+    has_checkpoint,
     new_parser,
     reject_options_on_resume,
     resume_hint,
     run_command,
+    save_folds_command,
 )
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
 from mer.metrics import ResultTable
@@ -419,17 +422,23 @@ def train_config_of(args) -> TrainConfig:
 
 def train_folds(args, train_config: TrainConfig, model_overrides: dict, run_dir: Path) -> ResultTable:
     """``--folds all``: one run per IEMOCAP session held out, in ``run_dir/fold<k>``; saves and returns their Table 1
-    averaged over the folds (``run_dir/table1_folds``)."""
+    averaged over the folds (``run_dir/table1_folds``). A finished fold is reused, a stopped one resumed (``--resume
+    RUN_DIR`` of a ``--folds all`` run comes here with the arguments it started with)."""
     tables = []
     for fold in FOLDS:
         fold_dir = run_dir / f"fold{fold}"
-        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out", flush=True)
+        if (fold_dir / "table1.json").is_file():
+            print(f"fold {fold} of {len(FOLDS)}: finished, reused", flush=True)
+            tables.append(ResultTable.load(fold_dir / "table1.json"))
+            continue
+        started = has_checkpoint(fold_dir)
+        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out{', resumed' if started else ''}", flush=True)
         try:
             with cleanup_on_failure(fold_dir):
                 result = run_training(
                     data_spec(args, fold), seed=args.seed, ablation=args.ablation, model_overrides=model_overrides,
-                    train_config=train_config, run_dir=fold_dir, device=args.device, show_progress=args.progress,
-                    make_plots=args.plots, keep_every=args.keep_checkpoints)
+                    train_config=train_config, run_dir=fold_dir, resume=started, device=args.device,
+                    show_progress=args.progress, make_plots=args.plots, keep_every=args.keep_checkpoints)
         except KeyboardInterrupt:
             raise Interrupted(resume_hint(command_name(MODULE), fold_dir)) from None
         except NonFiniteLossError as error:
@@ -450,6 +459,16 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     reject_options_on_resume(parser, args, allowed=RESUME_OPTIONS)
+    if args.resume is not None and folds_command(args.resume) is not None:  # a --folds all run: the whole set
+        started = parser.parse_args(folds_command(args.resume))
+        for name in ("data_root", "device", "plots", "progress"):
+            if getattr(args, name) != parser.get_default(name):
+                setattr(started, name, getattr(args, name))
+        began = time.perf_counter()
+        table = train_folds(started, train_config_of(started), model_overrides_of(started), args.resume)
+        table.print()
+        print(f"run folder: {args.resume} (one folder per fold; {time.perf_counter() - began:.0f} s)")
+        return 0
     if args.resume is not None:
         run_dir = args.resume
         check_resumable(run_dir, finished_marker="table1.json", evaluate_command="python -m carn.evaluate")
@@ -466,6 +485,7 @@ def main(argv=None) -> int:
     if args.folds == "all":
         if args.stop_after_epoch is not None:
             raise UserError("--stop-after-epoch stops one run; with --folds all resume a fold's folder instead")
+        save_folds_command(run_dir, argv)
         table = train_folds(args, train_config, model_overrides, run_dir)
         table.print()
         print(f"run folder: {run_dir} (one folder per fold; {time.perf_counter() - began:.0f} s)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import shutil
 import signal
@@ -240,6 +241,22 @@ def folds_of(args: argparse.Namespace) -> list:
     if getattr(args, "folds", None) == "all":
         return list(FOLDS)
     return [getattr(args, "fold", None)]
+
+
+FOLDS_COMMAND = "folds_command.json"  # what started a --folds all run: its arguments, to resume the whole set
+
+
+def save_folds_command(run_dir: Path, argv: Optional[Sequence[str]]) -> None:
+    """Keep the arguments of a ``--folds all`` run in ``run_dir`` (``--resume run_dir`` reruns them)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    (Path(run_dir) / FOLDS_COMMAND).write_text(json.dumps({"argv": arguments}, indent=2))
+
+
+def folds_command(run_dir: Path) -> Optional[list]:
+    """The arguments a ``--folds all`` run in ``run_dir`` was started with, or None for a single run."""
+    path = Path(run_dir) / FOLDS_COMMAND
+    return json.loads(path.read_text())["argv"] if path.is_file() else None
 
 
 def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -62,6 +63,15 @@ def test_carn_folds_all_five_runs_disjoint_complete_test_sessions_and_averaged_t
     assert "validation = seeded 0.1 of training dialogues" in averaged.title
     np.testing.assert_allclose(cell_means(averaged), table_numbers_mean(tables), atol=0.006)
     assert averaged.title in capsys.readouterr().out
+    # --resume of the set: a finished fold is reused, a stopped one resumed, a missing one trained again
+    reused = (run_dir / "fold1" / "table1.json").stat().st_mtime_ns
+    (run_dir / "fold2" / "table1.json").unlink()
+    shutil.rmtree(run_dir / "fold4")
+    assert carn.train.cli(["--resume", str(run_dir), "--no-progress", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1 of 5: finished, reused" in out and "fold 2 of 5: Session 2 held out, resumed" in out
+    assert (run_dir / "fold1" / "table1.json").stat().st_mtime_ns == reused
+    assert ResultTable.load(run_dir / "table1_folds.json").rows == averaged.rows  # CPU runs are deterministic
 
 
 def table_numbers_mean(tables):
