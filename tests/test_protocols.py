@@ -95,6 +95,12 @@ def test_camhg_folds_all_and_gcnet_validation(tmp_path, reference_backend, capsy
             assert f"Session {k} held out" in table.title
     config = json.loads((run_dir / "fold3" / "config.json").read_text())
     assert config["validation"] == "test" and config["dataset_options"] == {"fold": 3, "valid_fraction": 0.0}
+    before = ResultTable.load(run_dir / "conditions_folds.json")
+    (run_dir / "fold5" / "missing_rates.json").unlink()
+    assert camhg.train.cli(["--resume", str(run_dir), "--no-progress", "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "fold 1 of 5: finished, reused" in out and "fold 5 of 5: Session 5 held out, resumed" in out
+    assert ResultTable.load(run_dir / "conditions_folds.json").rows == before.rows
 
 
 def test_average_over_folds_is_mean_and_sample_std():
