@@ -21,6 +21,7 @@ from sklearn.metrics import confusion_matrix
 from mer.data import Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import batch_missing_mask, condition_mask
+from mer.protocols import protocol_caption, with_validation
 from mer.cli import UserError, add_evaluate_options, checkpoint_of, new_parser, run_command, run_folder_of
 from mer.training import CheckpointError, load_checkpoint, progress, select_device
 
@@ -57,7 +58,7 @@ def predict(model: CaMHG, dataset: DialogueDataset, mask_of: Callable[[Batch], t
 
 def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, missing_rates, *,
                        device: torch.device, title: str, on_predictions=None,
-                       show_progress: bool = False, batch_size: int = 32) -> ResultTable:
+                       show_progress: bool = False, batch_size: int = 32, scores: bool = True) -> ResultTable:
     """Rows: metrics; columns: the missing rates and their average (the layout of paper Tables 2-3)."""
     columns = [f"{eta:.1f}" for eta in missing_rates] + ["Average"]
     by_rate = {}
@@ -65,7 +66,7 @@ def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo
         rng = np.random.default_rng([EVALUATION_SEED, index])
         y_true, y_pred = predict(model, dataset, lambda batch: batch_missing_mask(batch, eta, rng), device=device,
                                  batch_size=batch_size)
-        by_rate[f"{eta:.1f}"] = task_metrics(info.task, y_true, y_pred)
+        by_rate[f"{eta:.1f}"] = task_metrics(info.task, y_true, y_pred, scores=scores)
         if on_predictions is not None:
             on_predictions(eta, y_true, y_pred)
     table = ResultTable(title, "metric", columns)
@@ -76,13 +77,14 @@ def missing_rate_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo
 
 
 def condition_table(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, *, device: torch.device,
-                    title: str, show_progress: bool = False, batch_size: int = 32) -> ResultTable:
-    """Rows: the seven available-modality subsets (paper Table 7); columns: metrics."""
+                    title: str, show_progress: bool = False, batch_size: int = 32, scores: bool = True) -> ResultTable:
+    """Rows: the seven available-modality subsets (paper Table 7); columns: metrics. ``scores=False``: the model
+    predicts sentiment sign classes (MAE and Corr are NaN, mer.metrics.sentiment_metrics)."""
     table = ResultTable(title, "available", list(headline_metrics(info)))
     for condition in progress(CONDITION_ORDER, desc="test: modality subsets", enabled=show_progress):
         y_true, y_pred = predict(model, dataset, lambda batch: condition_mask(batch, condition), device=device,
                                  batch_size=batch_size)
-        table.add_row("{" + ", ".join(condition) + "}", task_metrics(info.task, y_true, y_pred))
+        table.add_row("{" + ", ".join(condition) + "}", task_metrics(info.task, y_true, y_pred, scores=scores))
     return table
 
 
@@ -101,11 +103,14 @@ def evaluate_model(model: CaMHG, dataset: DialogueDataset, info: DatasetInfo, co
         if plots and info.task == "classification" and any(abs(eta - r) < 1e-9 for r in CONFUSION_MISSING_RATES):
             matrices[eta] = confusion_matrix(y_true, y_pred, labels=list(range(info.num_classes)))
 
+    protocol = protocol_caption(config.dataset, config.dataset_options, config.validation)
+    scores = config.predicts_score(info.task)
     rates = missing_rate_table(model, dataset, info, config.missing_rates, device=device, on_predictions=keep_confusion,
-                               title=f"{name} on {info.name} {split}: by missing rate eta", show_progress=show_progress,
-                               batch_size=batch_size)
-    conditions = condition_table(model, dataset, info, device=device, show_progress=show_progress,
-                                 batch_size=batch_size, title=f"{name} on {info.name} {split}: by available modalities")
+                               title=f"{name} on {info.name} {split}: by missing rate eta ({protocol})",
+                               show_progress=show_progress, batch_size=batch_size, scores=scores)
+    conditions = condition_table(model, dataset, info, device=device, show_progress=show_progress, scores=scores,
+                                 batch_size=batch_size,
+                                 title=f"{name} on {info.name} {split}: by available modalities ({protocol})")
     rates.save(out_dir / "missing_rates")
     conditions.save(out_dir / "conditions")
     if matrices:
@@ -129,7 +134,7 @@ def load_model(checkpoint: dict, device: torch.device) -> tuple[CaMHG, CaMHGConf
     if checkpoint["phase"] == 2:
         raise UserError("this checkpoint was saved in phase 2 (generative pre-training), whose classifier is not "
                          "trained yet: evaluate a phase-1 or phase-3 checkpoint")
-    model = CaMHG(config, info["dims"], info["num_classes"])
+    model = CaMHG(config, info["dims"], config.num_outputs(info["task"], info["num_classes"]))
     model.set_phase(checkpoint["phase"])
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), config
@@ -157,7 +162,8 @@ def main(argv=None) -> int:
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"--data-root {args.data_root} is not a folder")
     try:
-        splits = load_dataset(config.dataset, args.data_root, seed=config.data_seed, **config.dataset_options)
+        splits = with_validation(load_dataset(config.dataset, args.data_root, seed=config.data_seed,
+                                              **config.dataset_options), config.validation)
     except (ValueError, FileNotFoundError) as error:
         raise UserError(f"{error} (the run was trained on {config.dataset}; pass its --data-root)") from None
     dataset = splits.test if args.split == "test" else splits.valid

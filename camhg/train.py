@@ -31,8 +31,10 @@ from mer.cli import (
     UserError,
     add_data_options,
     add_model_options,
+    add_protocol_options,
     add_run_options,
     check_data_options,
+    folds_command,
     check_new_run,
     check_resumable,
     cleanup_on_failure,
@@ -41,12 +43,22 @@ from mer.cli import (
     deferred_interrupt,
     epoch_line,
     new_parser,
+    positive_float,
     reject_options_on_resume,
     resume_hint,
     run_command,
+    save_folds_command,
 )
 from mer.data import EMBEDDED_NAMES, Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
-from mer.metrics import task_metrics, valid_targets
+from mer.metrics import ResultTable, task_metrics, valid_targets
+from mer.protocols import (
+    FOLDS,
+    average_over_folds,
+    dataset_options_for,
+    sign_cross_entropy,
+    validation_caption,
+    with_validation,
+)
 from mer.missing import batch_missing_mask, camhg_training_mask
 from mer.training import (
     CheckpointManager,
@@ -77,17 +89,23 @@ RESUME_KEYS = ("config", "info", "model", "optimizer", "scheduler", "phase", "sh
 
 
 # -------------------------------------------------------------------------------------------------------- losses
-def task_loss(logits: torch.Tensor, batch: Batch, info: DatasetInfo, label_smoothing: float) -> torch.Tensor:
-    """Mean over valid utterances: cross-entropy (classification) or L1 (sentiment regression)."""
+def task_loss(logits: torch.Tensor, batch: Batch, info: DatasetInfo, label_smoothing: float,
+              sentiment_loss: str = "regression") -> torch.Tensor:
+    """Mean over valid utterances: cross-entropy (classification); sentiment: 2-class cross-entropy on the sign of
+    the non-zero labels (``sentiment_loss="ce"``, mer.protocols.sign_cross_entropy) or L1 on the score."""
     if info.task == "classification":
         return F.cross_entropy(logits[batch.valid], batch.labels[batch.valid], label_smoothing=label_smoothing)
+    if sentiment_loss == "ce":
+        return sign_cross_entropy(logits, batch.labels, batch.valid)
     return F.l1_loss(logits[..., 0][batch.valid], batch.labels[batch.valid])
 
 
-def rdrop_loss(first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """R-Drop consistency of two dropout passes over the valid utterances: symmetric KL, or MSE for regression."""
+def rdrop_loss(first: torch.Tensor, second: torch.Tensor, valid: torch.Tensor, info: DatasetInfo,
+               scores: bool = True) -> torch.Tensor:
+    """R-Drop consistency of two dropout passes over the valid utterances: symmetric KL of class logits, or MSE
+    of sentiment scores (``info.task == "regression"`` and ``scores``)."""
     first, second = first[valid], second[valid]
-    if info.task == "regression":
+    if info.task == "regression" and scores:
         return F.mse_loss(first, second)
     log_p, log_q = first.log_softmax(-1), second.log_softmax(-1)
     return 0.5 * (F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
@@ -100,8 +118,8 @@ def reconstruction_loss(restored: torch.Tensor, target: torch.Tensor, valid: tor
 
 
 def predictions(logits: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
-    """(B, L) class ids, or sentiment scores for regression."""
-    return logits.argmax(-1) if info.task == "classification" else logits[..., 0]
+    """(B, L) class ids (sign classes for a 2-logit sentiment model), or sentiment scores of a 1-output one."""
+    return logits[..., 0] if logits.shape[-1] == 1 and info.task == "regression" else logits.argmax(-1)
 
 
 def unwrap(model: torch.nn.Module) -> CaMHG:
@@ -129,10 +147,11 @@ def phase_loss(model: torch.nn.Module, batch: Batch, present: torch.Tensor, eta:
     loss = torch.zeros((), device=present.device)
     if out.logits is not None:
         logits = out.logits.chunk(copies)
-        parts["task"] = sum(task_loss(x, batch, info, config.label_smoothing) for x in logits) / copies
+        parts["task"] = sum(task_loss(x, batch, info, config.label_smoothing, config.sentiment_loss)
+                            for x in logits) / copies
         loss = loss + parts["task"]
         if copies == 2:
-            parts["rdrop"] = rdrop_loss(logits[0], logits[1], batch.valid, info)
+            parts["rdrop"] = rdrop_loss(logits[0], logits[1], batch.valid, info, config.predicts_score(info.task))
             loss = loss + config.rdrop_alpha * parts["rdrop"]
     if out.restored is not None:
         with torch.no_grad():  # h^{m,o}: the projection of the unmasked input, a fixed target (eq. 11)
@@ -186,14 +205,16 @@ def backward_in_chunks(model: torch.nn.Module, batch: Batch, present: torch.Tens
 
 # ------------------------------------------------------------------------------------------------ optimisation
 def build_optimizer(model: CaMHG, phase: int, config: CaMHGConfig) -> torch.optim.Optimizer:
-    """AdamW over what ``phase`` trains; phase 3 uses the differential learning rates of Table 6."""
+    """AdamW over what ``phase`` trains; phase 3 uses the differential learning rates of Table 6, the projector,
+    hypergraph and classifier at the reduced ``p3_lr`` (section 4.1.3; the phase-1 ``lr`` when None)."""
     groups = model.parameter_groups()
     if phase == 1:
         param_groups = [{"params": groups["projector"] + groups["mining"], "lr": config.lr}]
     elif phase == 2:
         param_groups = [{"params": groups["generator"], "lr": config.lr}]
     else:
-        param_groups = [{"params": groups["projector"] + groups["mining"], "lr": config.lr},
+        base = config.lr if config.p3_lr is None else config.p3_lr
+        param_groups = [{"params": groups["projector"] + groups["mining"], "lr": base},
                         {"params": groups["generator"], "lr": config.gen_lr},
                         {"params": groups["gate"], "lr": config.gate_lr}]
     param_groups = [g for g in param_groups if g["params"]]
@@ -254,7 +275,7 @@ def validate(model: CaMHG, dataset: DialogueDataset, phase: int, config: CaMHGCo
     result = {"val_loss": total / max(count, 1)}
     if outputs:
         y_true, y_pred = valid_targets(torch.cat(outputs), torch.cat(labels), torch.cat(valids))
-        metrics = task_metrics(info.task, y_true, y_pred)
+        metrics = task_metrics(info.task, y_true, y_pred, scores=config.predicts_score(info.task))
         result.update({f"val_{k}": v for k, v in metrics.items()})
     return result
 
@@ -303,9 +324,10 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
                               f"--run-name")
 
     splits = load_dataset(config.dataset, data_root, seed=config.data_seed, **config.dataset_options)
+    splits = with_validation(splits, config.validation)
     info = splits.info
     seed_everything(config.seed + ctx.rank)
-    model = CaMHG(config, info.dims, info.num_classes).to(torch_device)
+    model = CaMHG(config, info.dims, config.num_outputs(info.task, info.num_classes)).to(torch_device)
     checkpoints = CheckpointManager(checkpoints_dir, keep_every=keep_every) if ctx.is_main else None
     logger = RunLogger(run_dir, step_name="epoch", enabled=ctx.is_main)
     guard = LossGuard(checkpoints)
@@ -435,8 +457,17 @@ def build_parser():
     add_model_options(parser, epochs=("K1", "K2", "K3"),
                       epochs_help="epochs of the three phases: discriminative warm-up, generative pre-training, "
                                   "joint fine-tuning (Algorithm 1)")
+    add_camhg_protocol_options(parser)
     add_run_options(parser, model="camhg", ablations=ABLATIONS)
     return parser
+
+
+def add_camhg_protocol_options(parser) -> None:
+    """CaM-HG's protocol flags besides mer.cli's (shared by ``camhg.train`` and ``camhg.ablations``)."""
+    add_protocol_options(parser)
+    parser.add_argument("--p3-lr", type=positive_float, default=None,
+                        help="phase 3's learning rate of the projector, hypergraph and classifier (section 4.1.3: "
+                             "reduced to [2e-5, 8e-5]) (default: the preset's, see camhg/config.py)")
 
 
 def parse_args(argv=None):
@@ -446,46 +477,73 @@ def parse_args(argv=None):
     return args
 
 
-def preset_overrides(args) -> dict:
-    """The preset overrides that ``--epochs --batch-size --lr --hidden --dropout --dims --num-dialogues`` ask for
+def preset_overrides(args, fold: Optional[int] = None) -> dict:
+    """The preset overrides that ``--epochs --batch-size --lr --hidden --dropout --dims --num-dialogues --p3-lr
+    --sentiment-loss --validation`` and ``fold`` (an IEMOCAP session held out, None: the default split) ask for
     (shared by ``camhg.train`` and ``camhg.ablations``)."""
     overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = tuple(args.epochs)
-    for name in ("batch_size", "lr", "hidden", "dropout"):
+    for name in ("batch_size", "lr", "hidden", "dropout", "p3_lr", "sentiment_loss"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
+    overrides["validation"] = args.validation
     options = dict(PRESETS[args.dataset].get("dataset_options", {}))
     if args.dims is not None:
         options["dims"] = args.dims
     if args.num_dialogues is not None:
         options["num_dialogues"] = tuple(args.num_dialogues)
+    try:
+        options = dataset_options_for(args.dataset, options, fold=fold, validation=args.validation)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if options:
         overrides["dataset_options"] = options
     return overrides
 
 
-def config_from_args(args) -> CaMHGConfig:
+def config_from_args(args, fold: Optional[int] = None) -> CaMHGConfig:
     try:
         return preset(args.dataset, seed=args.seed, data_seed=args.data_seed, ablation=args.ablation,
-                      **preset_overrides(args))
+                      **preset_overrides(args, fold))
     except ValueError as error:  # combinations argparse cannot see (e.g. --hidden not a multiple of the heads)
         raise UserError(str(error)) from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume is not None and folds_command(args.resume) is not None:  # a --folds all run: the whole set
+        parser = build_parser()
+        started = parser.parse_args(folds_command(args.resume))
+        for name in ("data_root", "device", "plots", "progress"):
+            if getattr(args, name) != parser.get_default(name):
+                setattr(started, name, getattr(args, name))
+        for table in train_folds(started, args.resume).values():
+            table.print()
+        print(f"run folder: {args.resume} (one folder per fold)")
+        return 0
     if args.resume is not None:
         run_dir = args.resume
         check_resumable(run_dir, finished_marker="missing_rates.json", evaluate_command="python -m camhg.evaluate")
         config = None
     else:
         check_data_options(args, EMBEDDED_NAMES)
-        config = config_from_args(args)
+        config = config_from_args(args, args.fold)
         run_dir = args.runs_dir / "camhg" / config.dataset / (args.run_name or default_run_name(config.ablation,
                                                                                                 config.seed))
         if launch_rank() == 0:  # under torchrun rank 0 alone claims the folder
             check_new_run(run_dir)
+    if args.folds == "all":
+        if args.stop_after_epoch is not None:
+            raise UserError("--stop-after-epoch stops one run; with --folds all resume a fold's folder instead")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--folds all trains the folds one after the other in one process; under torchrun run "
+                            "each fold with --fold K")
+        save_folds_command(run_dir, argv)
+        for table in train_folds(args, run_dir).values():
+            table.print()
+        print(f"run folder: {run_dir} (one folder per fold)")
+        return 0
     ctx = init_distributed()
     try:
         with cleanup_on_failure(run_dir):
@@ -509,6 +567,45 @@ def main(argv=None) -> int:
                   f"{command_name(MODULE)} --resume {run_dir}")
         print(f"run folder: {result.run_dir}")
     return 0
+
+
+FOLD_TABLES = ("missing_rates", "conditions")  # the tables camhg.evaluate.evaluate_model writes
+
+
+def train_folds(args, run_dir: Path) -> dict:
+    """``--folds all``: one run per IEMOCAP session held out, in ``run_dir/fold<k>`` (one process); saves and returns
+    each result table averaged over the folds (``run_dir/<table>_folds``). A finished fold is reused, a stopped one
+    resumed (``--resume RUN_DIR`` of a ``--folds all`` run comes here with the arguments it started with)."""
+    per_fold = []
+    for fold in FOLDS:
+        fold_dir = run_dir / f"fold{fold}"
+        if (fold_dir / "missing_rates.json").is_file():
+            print(f"fold {fold} of {len(FOLDS)}: finished, reused", flush=True)
+            per_fold.append({name: ResultTable.load(fold_dir / f"{name}.json") for name in FOLD_TABLES})
+            continue
+        started = (fold_dir / "checkpoints" / "last.pt").is_file()
+        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out{', resumed' if started else ''}", flush=True)
+        try:
+            with cleanup_on_failure(fold_dir):
+                result = train(None if started else config_from_args(args, fold), run_dir=fold_dir,
+                               resume=started, data_root=args.data_root, plots=args.plots, device=args.device,
+                               show_progress=args.progress, keep_every=args.keep_checkpoints, verbose=True)
+        except KeyboardInterrupt:
+            raise Interrupted(resume_hint(command_name(MODULE), fold_dir)) from None
+        except NonFiniteLossError as error:
+            raise UserError(f"training stopped in fold {fold}: {error}") from None
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            raise UserError(str(error)) from None
+        per_fold.append(result.tables)
+    config = config_from_args(args, FOLDS[0])
+    validation = validation_caption(config.dataset, config.dataset_options, config.validation)
+    averaged = {}
+    for name, first in per_fold[0].items():
+        title = (f"{first.title.split(' (')[0]} (5-fold leave-one-session-out, test sessions; seed {config.seed}; "
+                 f"{validation})")
+        averaged[name] = average_over_folds([tables[name] for tables in per_fold], title)
+        averaged[name].save(run_dir / f"{name}_folds")
+    return averaged
 
 
 def launch_rank() -> int:

@@ -1,10 +1,11 @@
 """Paper Table 1 (full model) and Table 2 (full model and four ablations) over several seeds, mean ± std.
 
 ``python -m carn.ablations --seeds 0 1 2`` trains every variant of ``carn.config.ABLATIONS`` once per seed with
-``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/<sweep-name>/``; a finished run with the
-same configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped),
-evaluates each under the six available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv)
-under ``results/carn/``.
+``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/<sweep-name>/``; a finished run with the same
+configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped), evaluates each under the six
+available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv) under ``results/carn/``.
+With ``--folds all`` (IEMOCAP) every (variant, seed) runs on the five leave-one-session-out folds
+(``<variant>-seed<seed>-fold<k>``) and the cells are mean ± std over all (seed, fold) runs.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from mer.cli import (
     Interrupted,
     UserError,
+    folds_of,
     add_data_options,
     add_model_options,
     add_sweep_options,
@@ -28,10 +30,11 @@ from mer.cli import (
 )
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES
 from mer.metrics import ResultTable, mean_and_spread
+from mer.protocols import validation_caption
 
 from .config import ABLATION_TITLES, ABLATIONS, model_config_for, preset, to_dict
 from .evaluate import table_columns
-from .train import DataSpec, data_spec, run_training, train_config_of
+from .train import DataSpec, add_carn_protocol_options, data_spec, model_overrides_of, run_training, train_config_of
 
 
 def merged(rows: dict[str, ResultTable], task: str, title: str) -> ResultTable:
@@ -79,6 +82,7 @@ def build_parser():
                       epochs_help="epochs of the two stages: full modalities, then randomly missing ones (section 3.4)")
     parser.add_argument("--missing-rate", type=fraction, default=None,
                         help="CARN only: eta of the stage-2 random masks (default: the preset's)")
+    add_carn_protocol_options(parser)
     add_sweep_options(parser, model="carn", ablations=list(ABLATIONS))
     return parser
 
@@ -86,33 +90,40 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_data_options(args, EMBEDDED_NAMES)
-    data, train_config = data_spec(args), train_config_of(args)
-    overrides = {k: v for k, v in {"hidden": args.hidden, "dropout": args.dropout}.items() if v is not None}
-    try:
-        splits = data.load()
-    except (ValueError, FileNotFoundError) as error:
-        raise UserError(str(error)) from None
+    train_config = train_config_of(args)
+    overrides = model_overrides_of(args)
     sweep = args.runs_dir / "carn" / args.dataset / "ablations" / args.sweep_name
-    per_seed = []
-    for seed in args.seeds:
-        per_seed.append({
-            ABLATION_TITLES[ablation]: run_variant(data, splits, seed=seed, ablation=ablation, overrides=overrides,
-                                                   train_config=train_config, run_dir=sweep / f"{ablation}-seed{seed}",
-                                                   device=args.device, show_progress=args.progress,
-                                                   collect_only=args.collect_only)
-            for ablation in args.ablations})
+    folds = folds_of(args)
+    per_run = []  # one {row title: table} per (seed, fold)
+    for fold in folds:
+        data = data_spec(args, fold)
+        try:
+            splits = data.load()
+        except (ValueError, FileNotFoundError) as error:
+            raise UserError(str(error)) from None
+        suffix = "" if fold is None else f"-fold{fold}"
+        for seed in args.seeds:
+            per_run.append({
+                ABLATION_TITLES[ablation]: run_variant(data, splits, seed=seed, ablation=ablation,
+                                                       overrides=overrides, train_config=train_config,
+                                                       run_dir=sweep / f"{ablation}-seed{seed}{suffix}",
+                                                       device=args.device, show_progress=args.progress,
+                                                       collect_only=args.collect_only)
+                for ablation in args.ablations})
     if "full" not in args.ablations:
         print("no table written: the sweep lacks the full model (another process, or --collect-only, writes them)")
         return 0
     task = splits.info.task
     hidden = overrides.get("hidden", preset(args.dataset).model.get("hidden"))
-    caption = (f"CARN on {args.dataset} (test split; {train_config.epochs_stage1}+{train_config.epochs_stage2} epochs, "
-               f"hidden {hidden}, batch {train_config.batch_size}, lr {train_config.lr:g}, "
-               f"dataset options {data.dataset_options}; seeds {args.seeds})")
+    held_out = "test split" if len(folds) == 1 else f"5-fold leave-one-session-out, folds {folds}"
+    caption = (f"CARN on {args.dataset} ({held_out}; {train_config.epochs_stage1}+{train_config.epochs_stage2} "
+               f"epochs, stage 2 {train_config.stage2}, hidden {hidden}, batch {train_config.batch_size}, "
+               f"lr {train_config.lr:g}, dataset options {data.dataset_options}; seeds {args.seeds}; "
+               f"{validation_caption(args.dataset, data.dataset_options, args.validation)})")
     full = ABLATION_TITLES["full"]
     tables = {
-        "table1": mean_and_spread([merged({full: rows[full]}, task, f"Table 1: {caption}") for rows in per_seed]),
-        "table2": mean_and_spread([merged(rows, task, f"Table 2 (ablations): {caption}") for rows in per_seed]),
+        "table1": mean_and_spread([merged({full: rows[full]}, task, f"Table 1: {caption}") for rows in per_run]),
+        "table2": mean_and_spread([merged(rows, task, f"Table 2 (ablations): {caption}") for rows in per_run]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

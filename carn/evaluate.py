@@ -15,17 +15,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mer.data import DialogueDataset, collate_dialogues, load_dataset
+from mer.data import MODALITIES, DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, task_metrics, valid_targets
 from mer.missing import condition_mask
+from mer.protocols import protocol_caption, with_validation
 from mer.cli import UserError, add_evaluate_options, checkpoint_of, new_parser, run_command, run_folder_of
 from mer.training import CheckpointError, load_checkpoint, progress, select_device
 
-from .config import ModelConfig
+from .config import STAGE2_CONDITIONS, ModelConfig
 from .model import CARN
 
 # Paper Table 1's column order; "vt" there is mer.missing's "tv".
-CONDITION_ORDER = ("a", "v", "t", "av", "at", "tv")
+CONDITION_ORDER = STAGE2_CONDITIONS  # ("a", "v", "t", "av", "at", "tv"), each its own model with per-condition
 CONDITION_LABELS = {"a": "a", "v": "v", "t": "t", "av": "av", "at": "at", "tv": "vt"}
 
 
@@ -55,14 +56,19 @@ def predict(model: CARN, dataset: DialogueDataset, condition: str, *, batch_size
     return np.concatenate(truths), np.concatenate(predictions)
 
 
-def evaluate_conditions(model: CARN, dataset: DialogueDataset, *, batch_size: int = 16, device="cpu",
-                        show_progress: bool = False) -> dict:
-    """{condition: metrics} for the six conditions, plus "Average" of the two table metrics over them."""
-    task = model.config.task
+def evaluate_conditions(model: CARN | dict[str, CARN], dataset: DialogueDataset, *, batch_size: int = 16,
+                        device="cpu", show_progress: bool = False) -> dict:
+    """{condition: metrics} for the six conditions, plus "Average" of the two table metrics over them.
+
+    ``model``: one model for every condition, or {condition: its model} (stage 2 per condition, MoMKE's protocol).
+    """
+    models = model if isinstance(model, dict) else {condition: model for condition in CONDITION_ORDER}
+    config = models[CONDITION_ORDER[0]].config
+    task = config.task
     results = {}
     for condition in progress(CONDITION_ORDER, desc="test: modality conditions", enabled=show_progress):
-        y_true, y_pred = predict(model, dataset, condition, batch_size=batch_size, device=device)
-        results[condition] = task_metrics(task, y_true, y_pred)
+        y_true, y_pred = predict(models[condition], dataset, condition, batch_size=batch_size, device=device)
+        results[condition] = task_metrics(task, y_true, y_pred, scores=config.predicts_score)
     results["Average"] = {n: float(np.mean([results[c][n] for c in CONDITION_ORDER])) for n in metric_names(task)}
     return results
 
@@ -87,17 +93,40 @@ def results_table(rows: dict[str, dict], task: str, title: str) -> ResultTable:
 
 
 @torch.no_grad()
-def per_class_accuracy(model: CARN, dataset: DialogueDataset, class_names: list[str], *, batch_size: int, device) -> dict:
-    """{condition label: {class name: accuracy %}} (paper Fig. 3), classification only."""
+def per_class_accuracy(model: CARN | dict[str, CARN], dataset: DialogueDataset, class_names: list[str], *,
+                       batch_size: int, device) -> dict:
+    """{condition label: {class name: accuracy %}} (paper Fig. 3), classification only; ``model`` as in
+    :func:`evaluate_conditions`."""
     per_class = {}
     for condition in CONDITION_ORDER:
-        y_true, y_pred = predict(model, dataset, condition, batch_size=batch_size, device=device)
+        tested = model[condition] if isinstance(model, dict) else model
+        y_true, y_pred = predict(tested, dataset, condition, batch_size=batch_size, device=device)
         per_class[CONDITION_LABELS[condition]] = {
             name: float(100.0 * (y_pred[y_true == k] == k).mean())
             for k, name in enumerate(class_names)
             if (y_true == k).any()
         }
     return per_class
+
+
+@torch.no_grad()
+def mean_self_attention(model: CARN, dataset: DialogueDataset, *, batch_size: int, device) -> dict[str, float]:
+    """{modality: mean A_ii} over the valid utterances of ``dataset`` with every modality present: how much of the
+    causal context ``ctx_i`` is the step itself (the CSS shortcut, README: CARN)."""
+    model.eval()
+    totals, count = {m: 0.0 for m in MODALITIES}, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_dialogues):
+        batch = batch.to(device)
+        output = model(batch.features, batch.present, batch.valid, need_weights=True)
+        for m in MODALITIES:
+            totals[m] += float(output.attention_weights[m].diagonal(dim1=-2, dim2=-1)[batch.valid].sum())
+        count += int(batch.valid.sum())
+    return {m: total / count for m, total in totals.items()}
+
+
+def stage2_checkpoint_name(condition: str) -> str:
+    """File, beside ``last.pt``, of the stage-2 model fine-tuned for ``condition`` (stage 2 per condition)."""
+    return f"stage2_{condition}.pt"
 
 
 def load_model(checkpoint: dict, device) -> CARN:
@@ -133,6 +162,16 @@ def main(argv=None) -> int:
         model = load_model(state, device)
     except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CARN
         raise UserError(f"{path} is not a usable carn.train checkpoint: {error}") from None
+    if state.get("train_config", {}).get("stage2") == "per-condition":  # one model per condition
+        files = {c: path.parent / stage2_checkpoint_name(c) for c in CONDITION_ORDER}
+        absent = [str(f) for f in files.values() if not f.is_file()]
+        if absent:
+            raise UserError(f"this run trains one stage-2 model per condition and {absent[0]} is missing: the run "
+                            f"has not finished (resume it with carn.train --resume)")
+        try:
+            model = {c: load_model(load_checkpoint(f), device) for c, f in files.items()}
+        except CheckpointError as error:
+            raise UserError(str(error)) from None
     data = state["data"]
     if args.data_root is not None and not args.data_root.is_dir():
         raise UserError(f"--data-root {args.data_root} is not a folder")
@@ -141,6 +180,7 @@ def main(argv=None) -> int:
                               **data["dataset_options"])
     except (ValueError, FileNotFoundError) as error:
         raise UserError(f"{error} (the run was trained on {data['dataset']}; pass its --data-root)") from None
+    splits = with_validation(splits, data.get("validation", "carved"))
     dataset = splits.test if args.split == "test" else splits.valid
     if dataset is None or len(dataset) == 0:
         raise UserError(f"dataset {data['dataset']} has no {args.split} split")
@@ -149,12 +189,14 @@ def main(argv=None) -> int:
           f"results go to {out_dir}", flush=True)
     results = evaluate_conditions(model, dataset, batch_size=args.batch_size, device=device,
                                   show_progress=args.progress)
-    title = f"CARN on {data['dataset']} ({args.split} split, checkpoint epoch {state['epoch']})"
-    table = results_table({state.get("row_name", "CARN"): results}, model.config.task, title)
+    title = (f"CARN on {data['dataset']} ({args.split} split, checkpoint epoch {state['epoch']}; "
+             f"{protocol_caption(data['dataset'], data['dataset_options'], data.get('validation', 'carved'))})")
+    task = next(iter(model.values())).config.task if isinstance(model, dict) else model.config.task
+    table = results_table({state.get("row_name", "CARN"): results}, task, title)
     table.print()
     out_dir.mkdir(parents=True, exist_ok=True)
     table.save(out_dir / f"table1_{path.stem}_{args.split}")
-    if args.plots and model.config.task == "classification":
+    if args.plots and task == "classification":
         from mer.plots import plot_per_class_accuracy
 
         per_class = per_class_accuracy(model, dataset, splits.info.class_names, batch_size=args.batch_size,

@@ -6,14 +6,20 @@ import torch
 import torch.nn.functional as F
 
 from mer.data import MODALITIES, Batch
+from mer.protocols import sign_cross_entropy
 
 from .config import ModelConfig, TrainConfig
 from .model import CarnOutput
 
 
-def emotion_loss(prediction: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, task: str) -> torch.Tensor:
-    """Cross-entropy (eq. 19, 22) for (B, L, C) logits and (B, L) class ids, or MSE for (B, L) sentiment scores."""
+def emotion_loss(prediction: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, task: str,
+                 sentiment_loss: str = "regression") -> torch.Tensor:
+    """Cross-entropy (eq. 19, 22) for (B, L, C) logits and (B, L) class ids. Sentiment (``task="regression"``):
+    ``sentiment_loss="ce"`` 2-class cross-entropy on the sign of the label for (B, L, 2) logits, zero labels
+    excluded (:func:`mer.protocols.sign_cross_entropy`); ``"regression"`` MSE for (B, L) scores."""
     if task == "regression":
+        if sentiment_loss == "ce":
+            return sign_cross_entropy(prediction, labels.to(prediction.dtype), valid)
         return F.mse_loss(prediction[valid], labels[valid].to(prediction.dtype))
     return F.cross_entropy(prediction[valid], labels[valid])
 
@@ -56,9 +62,9 @@ def stage_losses(
 
     ``full`` is the batch with every modality, ``observed`` the one the model saw (``full`` itself in stage 1).
     """
-    valid, task = full.valid, model_config.task
+    valid, task, sentiment = full.valid, model_config.task, model_config.sentiment_loss
     if stage == 1:
-        emotion = sum(emotion_loss(output.modality_logits[m], full.labels, valid, task) for m in MODALITIES)
+        emotion = sum(emotion_loss(output.modality_logits[m], full.labels, valid, task, sentiment) for m in MODALITIES)
         terms = {"emotion": emotion}
         total = emotion
         if model_config.uses_css:
@@ -72,7 +78,7 @@ def stage_losses(
             terms["css"] = css
             total = total + train_config.css_weight * css
     else:
-        emotion = emotion_loss(output.logits, full.labels, valid, task)
+        emotion = emotion_loss(output.logits, full.labels, valid, task, sentiment)
         rec = reconstruction_loss(output.reconstruction, full.features, observed.present, valid)
         terms = {"emotion": emotion, "reconstruction": rec}
         total = emotion + train_config.rec_weight * rec

@@ -5,7 +5,8 @@ gated residual fusion, Transformer encoder), concatenation fusion with a residua
 (a regressor for sentiment), one head per modality for stage 1, and a reconstruction decoder. The causal
 self-supervised loss (eq. 15-17) reads ``ctx = A x`` from the same fused attention call as ``z = A V``.
 
-Shapes: B dialogues, L utterances (right-padded), H = ``config.hidden``, C = classes (1 for regression).
+Shapes: B dialogues, L utterances (right-padded), H = ``config.hidden``, C = classes (1 for sentiment regression,
+2 for the sentiment sign classifier).
 One code path for every backend: the attention op dispatches on ``KERNELS_BACKEND`` by itself.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .config import ModelConfig
 class CarnOutput:
     """Everything the two training stages and the evaluation read from one forward pass."""
 
-    logits: torch.Tensor  # (B, L, C) fused prediction (eq. 12); (B, L) for regression
+    logits: torch.Tensor  # (B, L, C) fused prediction (eq. 12); (B, L) for sentiment regression
     modality_logits: dict[str, torch.Tensor]  # m -> (B, L, C) or (B, L): stage-1 heads on f_m^l (eq. 19)
     reconstruction: dict[str, torch.Tensor]  # m -> (B, L, d_m) (eq. 13-14)
     css_prediction: dict[str, torch.Tensor]  # m -> (B, L, css_dim) p = F(ctx) (eq. 16); empty without CSS
@@ -58,6 +59,20 @@ class SoftmaxAttention(nn.Module):
 def transformer_encoder(width: int, num_heads: int, num_layers: int, dropout: float) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(width, num_heads, 2 * width, dropout, batch_first=True)
     return nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+
+
+def encode(encoder: nn.TransformerEncoder, x: torch.Tensor, valid: torch.Tensor, encoder_mask: str) -> torch.Tensor:
+    """``encoder`` on (B, L, W) ``x`` with padding hidden; ``encoder_mask="causal"``: step i sees steps <= i only."""
+    if encoder_mask == "causal":
+        future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
+        return encoder(x, mask=future, src_key_padding_mask=~valid)
+    return encoder(x, src_key_padding_mask=~valid)
+
+
+def strict_parents_context(weights: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """ctx_i = sum_{j<i} A_ij h_j: the causal context without the diagonal term A_ii h_i (not renormalised; the
+    first step has no parent and gets 0). weights (B, L, L) A, h (B, L, H) -> (B, L, H)."""
+    return weights.tril(-1).to(h.dtype) @ h
 
 
 class CausalCueEncoder(nn.Module):
@@ -91,12 +106,17 @@ class CausalCueEncoder(nn.Module):
     def causal_cue(self, h: torch.Tensor, valid: torch.Tensor, *, need_weights: bool = False):
         """Eq. 1-8 on the projected input h (B, L, H) -> f (B, L, H), ctx = A h (B, L, H), A (B, 1, L, L) or None.
 
+        ``css_context="strict"``: ctx_i = sum_{j<i} A_ij h_j (:func:`strict_parents_context`), and A is returned.
+
         With the causal attention, f at step t depends on h at steps <= t only.
         """
+        strict = self.config.css_context == "strict"
         if self.config.attention == "vanilla":
-            z, context, weights = self.attention(h, valid, need_weights=need_weights)
+            z, context, weights = self.attention(h, valid, need_weights=need_weights or strict)
         else:
-            z, context, weights = self.attention(h, return_context=True, need_weights=need_weights)
+            z, context, weights = self.attention(h, return_context=not strict, need_weights=need_weights or strict)
+        if strict:  # the weights' O(L^2) matrix: short dialogues, and only with this option
+            context = strict_parents_context(weights[:, 0], h)
         gamma = torch.sigmoid(self.gate(torch.cat([h, z], dim=-1)))  # eq. 7
         return self.norm(h + gamma * z), context, weights  # eq. 8
 
@@ -111,9 +131,8 @@ class CausalCueEncoder(nn.Module):
                 target = self.css_target(h).detach()
         else:  # "w/o CCE": the Transformer encoder alone
             f = h
-        latent = self.encoder(f, src_key_padding_mask=~valid)  # eq. 9
-        if weights is not None:
-            weights = weights[:, 0]  # one head: [B, L, L]
+        latent = encode(self.encoder, f, valid, self.config.encoder_mask)  # eq. 9
+        weights = weights[:, 0] if need_weights and weights is not None else None  # one head: [B, L, L]
         return latent, prediction, target, weights
 
 
@@ -179,10 +198,10 @@ class CARN(nn.Module):
                 weights[m] = weight
         joint = torch.cat([latents[m] for m in MODALITIES], dim=-1)  # eq. 10: [B, L, 3H]
         fused = joint + F.relu(self.fusion(joint))  # eq. 11
-        decoded = self.decoder_head(self.decoder(fused, src_key_padding_mask=~valid))  # eq. 13: [B, L, sum d_m]
+        decoded = self.decoder_head(encode(self.decoder, fused, valid, self.config.encoder_mask))  # eq. 13
         sizes = [self.config.dims[m] for m in MODALITIES]
         reconstruction = dict(zip(MODALITIES, decoded.split(sizes, dim=-1)))  # eq. 14
-        squeeze = (lambda y: y.squeeze(-1)) if self.config.task == "regression" else (lambda y: y)
+        squeeze = (lambda y: y.squeeze(-1)) if self.config.predicts_score else (lambda y: y)
         return CarnOutput(
             logits=squeeze(self.classifier(fused)),
             modality_logits={m: squeeze(self.modality_heads[m](latents[m])) for m in MODALITIES},

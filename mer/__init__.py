@@ -5,6 +5,7 @@
 - :mod:`mer.published`: readers of the published IEMOCAP / CMU-MOSI / CMU-MOSEI features;
 - :mod:`mer.missing`: missing-modality masks (random missing rate, fixed conditions, CaM-HG's training masks);
 - :mod:`mer.metrics`: WA / UA / WAF1, Acc2 / F1 / MAE / Corr and result tables;
+- :mod:`mer.protocols`: the papers' protocols (IEMOCAP folds averaged, the validation choice, sentiment sign loss);
 - :mod:`mer.training`, :mod:`mer.plots`: checkpoints, logging, seeding, distributed helpers, figures;
 - :mod:`mer.inputs`: the input checks both models run on a batch (clear errors naming modality, dialogue, utterance).
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import shutil
 import signal
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from mer.protocols import FOLD_DATASETS, FOLDS, SENTIMENT_LOSSES, VALIDATIONS
 from mer.training import RunDirectoryInUseError, reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
 
 CHECKPOINTS = "checkpoints"
@@ -221,6 +223,46 @@ def add_sweep_options(parser: argparse.ArgumentParser, *, model: str, ablations:
     add_device_options(parser, progress=False)
 
 
+def add_protocol_options(parser: argparse.ArgumentParser) -> None:
+    """``--fold K | --folds all``, ``--validation``, ``--sentiment-loss``: the papers' protocols (mer.protocols)."""
+    folds = parser.add_mutually_exclusive_group()
+    folds.add_argument("--fold", type=int, choices=FOLDS, default=None, metavar="K",
+                       help="IEMOCAP only: leave-one-session-out, Session K held out as the test set "
+                            "(default: Session 5, the label file's split)")
+    folds.add_argument("--folds", choices=("all",), default=None,
+                       help="IEMOCAP only: the five leave-one-session-out runs, their tables averaged (mean ± std "
+                            "over folds), as both papers report (default: one run)")
+    parser.add_argument("--validation", choices=VALIDATIONS, default="carved",
+                        help="model selection on a seeded 10%% of the training dialogues (carved), or on the test "
+                             "split as GCNet does (test); printed with every table")
+    parser.add_argument("--sentiment-loss", choices=SENTIMENT_LOSSES, default=None,
+                        help="sentiment datasets: 2-class cross-entropy on the sign of the label (ce, the papers'), "
+                             "or regression on the score (default: the preset's)")
+
+
+def folds_of(args: argparse.Namespace) -> list:
+    """The folds ``--fold/--folds`` ask for: [None] (the default split), [K], or [1, 2, 3, 4, 5]."""
+    if getattr(args, "folds", None) == "all":
+        return list(FOLDS)
+    return [getattr(args, "fold", None)]
+
+
+FOLDS_COMMAND = "folds_command.json"  # what started a --folds all run: its arguments, to resume the whole set
+
+
+def save_folds_command(run_dir: Path, argv: Optional[Sequence[str]]) -> None:
+    """Keep the arguments of a ``--folds all`` run in ``run_dir`` (``--resume run_dir`` reruns them)."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    (Path(run_dir) / FOLDS_COMMAND).write_text(json.dumps({"argv": arguments}, indent=2))
+
+
+def folds_command(run_dir: Path) -> Optional[list]:
+    """The arguments a ``--folds all`` run in ``run_dir`` was started with, or None for a single run."""
+    path = Path(run_dir) / FOLDS_COMMAND
+    return json.loads(path.read_text())["argv"] if path.is_file() else None
+
+
 def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) -> None:
     """UserError for data flags that do not fit ``--dataset`` (before anything is created)."""
     embedded = args.dataset in embedded_names
@@ -235,6 +277,10 @@ def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) 
                             f"of its label file and features/, e.g. GCNet's dataset/)")
         if not args.data_root.is_dir():
             raise UserError(f"--data-root {args.data_root} is not a folder")
+    if (getattr(args, "fold", None) is not None or getattr(args, "folds", None) is not None) \
+            and args.dataset not in FOLD_DATASETS:
+        raise UserError(f"--fold/--folds are IEMOCAP's leave-one-session-out protocol ({', '.join(FOLD_DATASETS)}); "
+                        f"--dataset {args.dataset} has fixed train/valid/test splits")
 
 
 # ------------------------------------------------------------------------------------------------- run folders

@@ -43,9 +43,12 @@ def emotion_metrics(y_true, y_pred) -> dict[str, float]:
     }
 
 
-def sentiment_metrics(y_true, y_pred) -> dict[str, float]:
+def sentiment_metrics(y_true, y_pred, *, scores: bool = True) -> dict[str, float]:
     """{"Acc2", "F1", "MAE", "Corr"} for sentiment scores; Acc2 and F1 (percent) over the non-zero labels,
-    positive (> 0) vs not. Corr is NaN when either side is constant (Pearson's r is undefined there)."""
+    positive (> 0) vs not. Corr is NaN when either side is constant (Pearson's r is undefined there).
+
+    ``scores=False``: ``y_pred`` are the class ids of a 2-class sign classifier (1 = positive, see
+    :mod:`mer.protocols`): Acc2 and F1 as above, MAE and Corr NaN (no score to compare)."""
     y_true = _as_numpy("y_true", y_true).astype(np.float64)
     y_pred = _as_numpy("y_pred", y_pred).astype(np.float64)
     _check_same_size(y_true, y_pred)
@@ -56,6 +59,8 @@ def sentiment_metrics(y_true, y_pred) -> dict[str, float]:
         f1 = 100.0 * f1_score(positive_true, positive_pred, average="weighted", zero_division=0)
     else:
         acc2 = f1 = math.nan
+    if not scores:
+        return {"Acc2": acc2, "F1": f1, "MAE": math.nan, "Corr": math.nan}
     if y_true.std() == 0 or y_pred.std() == 0:
         corr = math.nan
     else:
@@ -63,12 +68,13 @@ def sentiment_metrics(y_true, y_pred) -> dict[str, float]:
     return {"Acc2": acc2, "F1": f1, "MAE": float(np.abs(y_true - y_pred).mean()), "Corr": corr}
 
 
-def task_metrics(task: str, y_true, y_pred) -> dict[str, float]:
-    """:func:`emotion_metrics` for ``task="classification"``, :func:`sentiment_metrics` for ``"regression"``."""
+def task_metrics(task: str, y_true, y_pred, *, scores: bool = True) -> dict[str, float]:
+    """:func:`emotion_metrics` for ``task="classification"``, :func:`sentiment_metrics` for ``"regression"``
+    (``scores=False``: the predictions are sign classes, see there)."""
     if task == "classification":
         return emotion_metrics(y_true, y_pred)
     if task == "regression":
-        return sentiment_metrics(y_true, y_pred)
+        return sentiment_metrics(y_true, y_pred, scores=scores)
     raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
 
 

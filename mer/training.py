@@ -35,7 +35,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Any, Hashable, Iterable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -515,7 +515,7 @@ class LossGuard:
         self._saved_epoch = epoch
         self._checked_since_save = False
 
-    def check(self, loss: torch.Tensor, *, epoch: int, phase: int = 0, where: str) -> float:
+    def check(self, loss: torch.Tensor, *, epoch: int, phase: Hashable = 0, where: str) -> float:
         """The step's (scalar) loss as a float, after checking it (one synchronization)."""
         if phase != self._phase:
             self._phase, self._epoch, self._reference = phase, epoch, None

@@ -96,7 +96,7 @@ def test_training_step_lowers_the_loss(reference_backend):
     from mer.data import load_dataset, collate_dialogues
 
     torch.manual_seed(0)
-    config = tiny_config(dropout=0.0, rdrop_alpha=0.0, lr=1e-2, gen_lr=1e-2, gate_lr=1e-2)
+    config = tiny_config(dropout=0.0, rdrop_alpha=0.0, lr=1e-2, gen_lr=1e-2, gate_lr=1e-2, p3_lr=1e-2)
     splits = load_dataset("embedded", seed=0, **TINY_DATA)
     model = CaMHG(config, splits.info.dims, splits.info.num_classes)
     model.set_phase(3)

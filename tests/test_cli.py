@@ -27,7 +27,8 @@ ENTRY_POINTS = {
     "carn.train": carn.train, "carn.evaluate": carn.evaluate, "carn.ablations": carn.ablations,
     "camhg.train": camhg.train, "camhg.evaluate": camhg.evaluate, "camhg.ablations": camhg.ablations,
 }
-MODEL_ONLY = {"carn": {"--missing-rate"}, "camhg": set()}  # flags that only one model has (README says which)
+MODEL_ONLY = {"carn": {"--missing-rate", "--stage2", "--css-context", "--encoder-mask"},  # flags that only one
+              "camhg": {"--p3-lr"}}  # model has (README says which)
 TINY_CARN = ["--dims", "small", "--num-dialogues", "4", "1", "2", "--hidden", "8", "--batch-size", "2",
              "--no-progress", "--no-plots"]
 TINY_CAMHG = ["--dims", "small", "--num-dialogues", "3", "1", "2", "--hidden", "8", "--batch-size", "2",
