@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._amp import autocast_op
 from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
@@ -425,6 +426,7 @@ def block_causal_mask(t: int, group_size: int, device=None) -> torch.Tensor:
     return index[None, :] <= index[:, None]
 
 
+@autocast_op
 def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
     """Dense mask + softmax, in float64 for float64 inputs and float32 otherwise.
     q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in v's dtype."""
@@ -435,6 +437,7 @@ def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
     return (scores.softmax(dim=-1) @ v.to(compute)).to(v.dtype)
 
 
+@autocast_op
 def block_causal_attention_varlen_reference(q, k, v, cu_seqlens, *, group_size=3, scale=None):
     """Per-sequence :func:`block_causal_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
     outputs = []
@@ -478,6 +481,7 @@ def _check_kernel_head_dims(q, v) -> None:
                              f"{t.shape[-1]}")
 
 
+@autocast_op
 def block_causal_attention(q, k, v, *, group_size=3, scale=None):
     """Block-causal attention: query i sees key j iff ``j // group_size <= i // group_size``.
 
@@ -512,6 +516,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, validate: bool) -> None:
         raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(offsets[-1])}")
 
 
+@autocast_op
 def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group_size=3, scale=None, validate=None):
     """Block-causal attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
 

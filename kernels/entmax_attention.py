@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from .aot import AotConfig
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._amp import autocast_op
 from .backend import use_triton
 
 
@@ -426,6 +427,7 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@autocast_op
 def entmax15_attention_weights(q, k, *, causal=True, scale=None):
     """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), with the ``entmax`` package, computed in
     float32 or in the inputs' dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory."""
@@ -441,6 +443,7 @@ def entmax15_attention_weights(q, k, *, causal=True, scale=None):
     return entmax.entmax15(scores, dim=-1)
 
 
+@autocast_op
 def entmax15_attention_reference(q, k, v, *, causal=True, scale=None):
     """``entmax15(mask(q k^T * scale)) @ v`` (B, H, T, Dv) in plain PyTorch, computed in float32 (float64 for
     float64 inputs) and returned in v's dtype."""
@@ -527,6 +530,7 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
     check_scale(scale)
 
 
+@autocast_op
 def entmax15_attention(q, k, v, *, causal=True, scale=None):
     """Entmax-1.5 attention: ``entmax15(mask(q k^T * scale)) @ v``.
 
@@ -641,7 +645,7 @@ class EntmaxCausalAttention(torch.nn.Module):
         h, dh = self.num_heads, e // self.num_heads
         q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if return_context:
-            v = torch.cat([v, x.unsqueeze(1).expand(b, h, t, e)], dim=-1)
+            v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h, t, e)], dim=-1)  # v is bf16 under autocast
         attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:

@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
 from ._triton_helpers import dot_fp32acc, launch_device_of, upcast_dots_for
+from ._amp import autocast_op
 from .backend import use_triton
 
 #: the router kernel holds all logits of a row in one [BM, MAX_EXPERTS] tile
@@ -561,6 +562,7 @@ def _reference_parts(x, gate_weight, w1, b1, w2, b2):
     return y.to(x.dtype), logits, experts
 
 
+@autocast_op
 def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
     """Per-expert loop reference of ``moe_top2`` (float32 math; float64 for float64 inputs). Same signature."""
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES + (torch.float64,))
@@ -568,6 +570,7 @@ def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
     return (y, _routing_summary(logits, experts)) if return_routing else y
 
 
+@autocast_op
 def moe_top2(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
     """Top-2 mixture of experts: x (N, d) -> y (N, d_out); see the module docstring for the math.
 

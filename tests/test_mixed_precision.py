@@ -1,0 +1,135 @@
+"""Mixed precision: every op, module and both models forward and backward under ``torch.autocast`` (CPU bf16).
+
+The ops run in the autocast dtype (their outputs are bf16) and must equal the same op called on bf16-cast inputs
+outside autocast; gradients reach the fp32 parameters. Both backends: the references and the Triton interpreter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import (BlockCausalMultiheadAttention, BlockCausalTransformerLayer, FusedEntmaxCausalAttention, Top2MoE,
+                     block_causal_attention, entmax15_attention, moe_top2, reference, use_backend)
+from kernels.block_causal_attention import block_causal_attention_varlen
+
+BACKENDS = ["reference", "triton"]
+
+
+def _autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _check_op(op, inputs, **kwargs):
+    """op under autocast on fp32 leaves == op on bf16 copies outside autocast; fp32 gradients of the leaves."""
+    leaves = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    with _autocast():
+        out = op(*leaves, **kwargs)
+    assert out.dtype == torch.bfloat16
+    grad = torch.randn_like(out, dtype=torch.float32).to(torch.bfloat16)
+    out.backward(grad)
+    cast = [x.detach().to(torch.bfloat16).requires_grad_() if x.is_floating_point() else x for x in inputs]
+    expected = op(*cast, **kwargs)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for leaf, twin in zip(leaves, cast):
+        if leaf.is_floating_point():
+            assert leaf.grad.dtype == torch.float32
+            torch.testing.assert_close(leaf.grad, twin.grad.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_run_in_the_autocast_dtype(backend):
+    torch.manual_seed(0)
+    b, h, t, d = 2, 2, 5, 8
+    q, k, v = (torch.randn(b, h, t, d) for _ in range(3))
+    with use_backend(backend):
+        _check_op(entmax15_attention, (q, k, v))
+        _check_op(block_causal_attention, (q, k, v), group_size=2)
+        packed = [x[0].transpose(0, 1).contiguous() for x in (q, k, v)]  # (T, H, D)
+        _check_op(block_causal_attention_varlen, (*packed, torch.tensor([0, 2, 5], dtype=torch.int32)))
+        n, dm, e, hid = 6, 8, 4, 12
+        moe_inputs = (torch.randn(n, dm), torch.randn(e, dm), torch.randn(e, dm, hid) / 3, torch.randn(e, hid),
+                      torch.randn(e, hid, dm) / 3, torch.randn(e, dm))
+        _check_op(moe_top2, moe_inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [
+    lambda: FusedEntmaxCausalAttention(8, 2),
+    lambda: reference.EntmaxCausalAttention(8, 2),
+    lambda: BlockCausalMultiheadAttention(8, 2),
+    lambda: BlockCausalTransformerLayer(8, 2, dropout=0.0),
+    lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), Top2MoE(8)),
+    lambda: torch.nn.Sequential(torch.nn.Linear(8, 8), reference.Top2MoE(8)),
+], ids=["fused_entmax", "reference_entmax", "block_causal_mha", "block_causal_layer", "linear_moe",
+        "linear_reference_moe"])
+def test_modules_forward_and_backward_under_autocast(backend, make):
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(2, 6, 8)
+    with use_backend(backend), _autocast():
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        # autocast runs LayerNorm (the layer's last step) in fp32; everything else stays in bf16
+        assert out.dtype == (torch.float32 if isinstance(module, BlockCausalTransformerLayer) else torch.bfloat16)
+        out.float().square().mean().backward()
+    for name, parameter in module.named_parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entmax_context_under_autocast(backend):
+    """CARN's path: x (fp32) appended to bf16 values inside the module."""
+    torch.manual_seed(0)
+    module = FusedEntmaxCausalAttention(8, 1, out_proj=False)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with use_backend(backend), _autocast():
+        res = module(x, return_context=True, need_weights=True)
+        (res.output.float().sum() + res.context.float().sum()).backward()
+    assert res.context.dtype == torch.bfloat16 and res.context.shape == x.shape
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _carn_loss(out):
+    from mer.data import MODALITIES
+
+    return (out.logits.float().square().mean()
+            + sum(out.css_prediction[m].float().square().mean() for m in MODALITIES)
+            + sum(out.reconstruction[m].float().square().mean() for m in MODALITIES))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_carn_under_autocast(backend):
+    from tests.test_carn import random_inputs, tiny_config
+    from carn.model import CARN
+
+    torch.manual_seed(0)
+    model = CARN(tiny_config())
+    features, present, valid, _ = random_inputs(lengths=(5, 3))
+    with use_backend(backend), _autocast():
+        out = model(features, present, valid, need_weights=True)
+        loss = _carn_loss(out)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None for g in grads)
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads if g is not None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_camhg_under_autocast(backend):
+    from tests.test_camhg import DIMS, random_inputs, tiny_config
+    from camhg import CaMHG
+
+    torch.manual_seed(0)
+    model = CaMHG(tiny_config(), DIMS, num_classes=4)
+    model.set_phase(3)
+    features, present, speakers = random_inputs()
+    with use_backend(backend), _autocast():
+        out = model(features, present, speakers)
+        loss = out.logits.float().square().mean() + out.aux_loss.float()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
