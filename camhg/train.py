@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mer.data import Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import task_metrics, valid_targets
 from mer.missing import batch_missing_mask, camhg_training_mask
+from mer.precision import PRECISIONS, autocast, backward_and_step, grad_scaler
 from mer.training import (
     CheckpointManager,
     DistContext,
@@ -250,11 +251,13 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
     epochs = effective_epochs(config, model)
     total_epochs, start = sum(epochs), 0
     optimizer = scheduler = None
+    scaler = grad_scaler(config.precision, torch_device)
     if state is not None:
         model.set_phase(state["phase"])  # so that entering phase 3 after a resume still resets the gate bias
         model.load_state_dict(state["model"])
         start = state["epoch"] + 1
         shuffle.set_state(state["shuffle"])
+        scaler.load_state_dict(state.get("grad_scaler", {}))
         mask_generator.set_state(state["rank_states"][ctx.rank]["mask_generator"])
         logger.drop_after(state["epoch"] + 1)
     current_phase = None
@@ -283,16 +286,14 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
                                                   enabled=show_progress and ctx.is_main)):
                 batch = batch.to(torch_device)
                 present, eta = camhg_training_mask(batch, mask_generator)
-                loss, _, _ = phase_loss(train_model, batch, present, eta, phase, config, info,
-                                     rdrop=config.rdrop_alpha > 0)
+                with autocast(config.precision, torch_device):
+                    loss, _, _ = phase_loss(train_model, batch, present, eta, phase, config, info,
+                                            rdrop=config.rdrop_alpha > 0)
                 check_finite(loss, where=f"phase {phase}, epoch {epoch + 1}, step {step + 1}",
                              last_checkpoint=checkpoints_dir / "last.pt")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   config.grad_clip)
-                optimizer.step()
+                trained = (p for p in model.parameters() if p.requires_grad)
+                backward_and_step(loss, optimizer, scaler, parameters=trained, grad_clip=config.grad_clip)
                 running += loss.detach()
                 steps += 1
             train_loss = all_reduce_mean(running / max(steps, 1), ctx).item()
@@ -311,6 +312,7 @@ def train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[s
             if ctx.is_main:
                 checkpoints.save({"config": config.to_dict(), "info": vars(info), "model": model.state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "grad_scaler": scaler.state_dict(),
                                   "phase": phase, "shuffle": shuffle.get_state(), "rank_states": rank_states},
                                  epoch=epoch)
             barrier(ctx)
@@ -343,6 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="epochs of the warm-up, generative pre-training and joint fine-tuning phases")
     parser.add_argument("--hidden", type=int, default=None, help="model width d (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="training precision: autocast bf16/fp16 (fp16 with a GradScaler); default fp32")
     parser.add_argument("--dims", default=None, help="embedded only: 'full' or 'small' feature sizes")
     parser.add_argument("--num-dialogues", type=int, default=None, help="embedded only: dataset size")
     parser.add_argument("--runs-dir", default="runs", help="runs land in RUNS_DIR/camhg/<dataset>/<run-name>")
@@ -368,6 +372,8 @@ def preset_overrides(args: argparse.Namespace) -> dict:
         overrides["hidden"] = args.hidden
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
+    if getattr(args, "precision", None) is not None:
+        overrides["precision"] = args.precision
     options = dict(PRESETS[args.dataset].get("dataset_options", {}))
     if args.dims is not None:
         options["dims"] = args.dims

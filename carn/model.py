@@ -106,7 +106,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.use_cce:
             f, context, weights = self.causal_cue(h, valid, need_weights=need_weights)
             if self.config.uses_css:
-                prediction = self.css_predictor(context)  # eq. 15-16: ctx_i = sum_j A_ij h_j (DESIGN.md 3)
+                prediction = self.css_predictor(context)  # eq. 15-16: ctx_i = sum_j A_ij h_j (docs/design.md section 2)
                 target = self.css_target(h).detach()
         else:  # "w/o CCE": the Transformer encoder alone
             f = h

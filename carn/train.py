@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from mer.data import DATASET_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
 from mer.metrics import ResultTable
 from mer.missing import batch_missing_mask
+from mer.precision import PRECISIONS, autocast, backward_and_step, grad_scaler
 from mer.training import (
     CheckpointManager,
     NonFiniteLossError,
@@ -73,9 +74,11 @@ def _missing_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
 
 
 def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, train_config: TrainConfig, device,
-                checkpoints: CheckpointManager, show_progress: bool) -> dict[str, float]:
+                checkpoints: CheckpointManager, show_progress: bool,
+                scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
     """One epoch of ``stage``; returns the mean of every loss term over the batches."""
     model.train()
+    scaler = scaler if scaler is not None else grad_scaler(train_config.precision, device)
     totals: dict[str, float] = {}
     batches = progress(loader, desc=f"epoch {epoch}/{train_config.epochs} (stage {stage})", enabled=show_progress)
     for step, batch in enumerate(batches):
@@ -84,15 +87,14 @@ def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, 
             observed = full
         else:
             observed = full.with_present(batch_missing_mask(full, train_config.missing_rate, _missing_rng(seed, epoch, step)))
-        output = model(observed.features, observed.present, observed.valid)
-        losses = stage_losses(output, full, observed, stage, model.config, train_config)
+        with autocast(train_config.precision, device):
+            output = model(observed.features, observed.present, observed.valid)
+            losses = stage_losses(output, full, observed, stage, model.config, train_config)
         check_finite(losses["loss"], where=f"epoch {epoch} step {step} (stage {stage})",
                      last_checkpoint=checkpoints.last_path)
         optimizer.zero_grad()
-        losses["loss"].backward()
-        if train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        backward_and_step(losses["loss"], optimizer, scaler, parameters=model.parameters(),
+                          grad_clip=train_config.grad_clip)
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
     return {f"train_{name}": total / len(loader) for name, total in totals.items()}
@@ -142,6 +144,7 @@ def run_training(
         model_config = model_config_for(splits.info, data.dataset, ablation=ablation, **(model_overrides or {}))
     model = CARN(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    scaler = grad_scaler(train_config.precision, device)
     shuffle = make_generator(seed)
     loader = DataLoader(splits.train, batch_size=train_config.batch_size, shuffle=True, generator=shuffle,
                         collate_fn=collate_dialogues)
@@ -150,6 +153,7 @@ def run_training(
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("grad_scaler", {}))
         shuffle.set_state(state["shuffle"])
         restore_rng_state(state["rng_state"])
         start = state["epoch"] + 1
@@ -165,7 +169,7 @@ def run_training(
         model.set_stage(stage)
         began = time.perf_counter()
         values = train_epoch(model, loader, optimizer, epoch=epoch, stage=stage, seed=seed, train_config=train_config,
-                             device=device, checkpoints=checkpoints, show_progress=show_progress)
+                             device=device, checkpoints=checkpoints, show_progress=show_progress, scaler=scaler)
         values["stage"] = stage
         values["seconds"] = time.perf_counter() - began
         if splits.valid is not None:
@@ -175,6 +179,7 @@ def run_training(
         logger.log(epoch, values)
         checkpoints.save({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(),
+            "grad_scaler": scaler.state_dict(),
             "model_config": to_dict(model_config), "train_config": to_dict(train_config),
             "data": dataclasses.asdict(data), "seed": seed, "ablation": ablation,
             "row_name": ABLATION_TITLES[ablation],
@@ -232,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--missing-rate", type=float, default=None, help="eta of the stage-2 random masks")
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--dropout", type=float, default=None)
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="training precision: autocast bf16/fp16 (fp16 with a GradScaler); default fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
     parser.add_argument("--run-name", default=None, help="default: the ablation, seed and time")
@@ -247,7 +254,8 @@ def main(argv=None) -> RunResult:
     reject_options_on_resume(parser, args, allowed=("data_root", "device", "no_plots", "no_progress"))
     data = DataSpec(args.dataset, args.data_root, args.data_seed, dict(preset(args.dataset).dataset_options))
     overrides = {"epochs_stage1": args.epochs_stage1, "epochs_stage2": args.epochs_stage2,
-                 "batch_size": args.batch_size, "lr": args.lr, "missing_rate": args.missing_rate}
+                 "batch_size": args.batch_size, "lr": args.lr, "missing_rate": args.missing_rate,
+                 "precision": args.precision}
     train_config = dataclasses.replace(preset(args.dataset).train, **{k: v for k, v in overrides.items() if v is not None})
     model_overrides = {k: v for k, v in {"hidden": args.hidden, "dropout": args.dropout}.items() if v is not None}
     if args.resume is not None:

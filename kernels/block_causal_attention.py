@@ -1,4 +1,4 @@
-"""Block-causal softmax attention (DESIGN.md sections 2 and 4): Triton forward and backward, references, modules.
+"""Block-causal softmax attention (docs/design.md sections 1 and 3): Triton forward and backward, references, modules.
 
 Query i may see key j iff ``j // G <= i // G`` (G = ``group_size``; G = 1 is causal attention). Flash-attention
 style: the forward keeps an online softmax per query row and saves the log-sum-exp (natural log, fp32); the

@@ -1,4 +1,4 @@
-"""Causal entmax-1.5 attention, fused flash-style in Triton (DESIGN.md sections 2-3).
+"""Causal entmax-1.5 attention, fused flash-style in Triton (docs/design.md sections 1-2).
 
 ``entmax15_attention(q, k, v)`` equals ``entmax.entmax15(scores, dim=-1) @ v`` with
 ``scores = q k^T * scale`` (``-inf`` where ``j > i`` when causal) without ever forming the T x T matrix:

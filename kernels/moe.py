@@ -1,4 +1,4 @@
-"""Top-2 mixture-of-experts dispatch (DESIGN.md sections 2 and 5), Triton forward and backward.
+"""Top-2 mixture-of-experts dispatch (docs/design.md sections 1 and 4), Triton forward and backward.
 
 ``moe_top2(x, gate_weight, w1, b1, w2, b2)``: x (N, d), gate_weight (E, d), w1 (E, d, h), b1 (E, h),
 w2 (E, h, d_out), b2 (E, d_out) -> y (N, d_out)::

@@ -1,4 +1,4 @@
-"""The fused entmax-1.5 attention op and its modules against the float64 reference (DESIGN.md sections 2-3).
+"""The fused entmax-1.5 attention op and its modules against the float64 reference (docs/design.md sections 1-2).
 
 Kernel tests run on the ``triton_backend`` fixture (Triton's interpreter on a CPU) with tiny tiles, so that a few
 dozen positions cover several, partial and skipped tiles, and both tau solvers (rows in registers and multi-pass).

@@ -5,6 +5,8 @@ outside autocast; gradients reach the fp32 parameters. Both backends: the refere
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -133,3 +135,42 @@ def test_camhg_under_autocast(backend):
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+# ------------------------------------------------------------------------------------------ --precision in the CLIs
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_carn_training_precision_recorded_in_checkpoints(reference_backend, tmp_path, precision):
+    from carn.config import TrainConfig
+    from carn.train import DataSpec, build_parser, run_training
+    from mer.data import load_dataset
+    from mer.training import CheckpointManager
+
+    assert build_parser().parse_args(["--precision", precision]).precision == precision
+    splits = load_dataset("embedded", dims="small", num_dialogues=(4, 1, 2), seed=0)
+    splits = dataclasses.replace(splits, valid=None)
+    config = TrainConfig(epochs_stage1=1, epochs_stage2=1, batch_size=2, lr=1e-3, precision=precision)
+    run_training(DataSpec("embedded", dataset_options={"dims": "small"}), train_config=config, run_dir=tmp_path,
+                 splits=splits, model_overrides={"hidden": 8, "num_heads": 2, "css_dim": 4}, show_progress=False,
+                 make_plots=False, verbose=False, stop_after_epoch=2)
+    state = CheckpointManager(tmp_path / "checkpoints").latest()
+    assert state["train_config"]["precision"] == precision
+    assert bool(state["grad_scaler"]) == (precision == "fp16")  # the scale of an fp16 run is saved for resume
+    assert all(torch.isfinite(p).all() for p in state["model"].values())
+
+
+def test_camhg_training_precision_recorded_in_checkpoints(reference_backend, tmp_path):
+    import json
+
+    import camhg.train as camhg_train
+    from mer.training import CheckpointManager
+    from tests.test_camhg import tiny_config
+
+    args = camhg_train.parse_args(["--precision", "fp16"])
+    assert camhg_train.config_from_args(args).precision == "fp16"
+    config = tiny_config(epochs=(1, 0, 1), precision="fp16",
+                         dataset_options={"dims": "small", "num_dialogues": (4, 1, 2)})
+    camhg_train.train(config, run_dir=tmp_path, evaluate=False, show_progress=False)
+    state = CheckpointManager(tmp_path / "checkpoints").latest()
+    assert state["config"]["precision"] == "fp16" and state["grad_scaler"]["scale"] > 0
+    assert json.loads((tmp_path / "config.json").read_text())["precision"] == "fp16"
+    assert all(torch.isfinite(p).all() for p in state["model"].values())
