@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
@@ -394,25 +393,68 @@ def block_causal_attention_bwd(q, k, v, o, lse, do, layout: _Layout, group_size:
     return dq, dk, dv
 
 
-class BlockCausalAttentionFunction(torch.autograd.Function):
-    """Autograd over the Triton kernels; saves q, k, v, o and the log-sum-exp (never the T x T matrix)."""
+# torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
+# fused backward registered as their autograd formula. The layout travels as (cu_seqlens, batch, max_seqlen, varlen).
 
-    @staticmethod
-    def forward(ctx, q, k, v, layout: _Layout, group_size: int, scale: float):
-        q, k, v = _unit_stride_last_dim(q, k, v)
-        with launch_device_of(q):
-            o, lse = block_causal_attention_fwd(q, k, v, layout, group_size, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.group_size, ctx.scale = layout, group_size, scale
-        return o
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        with launch_device_of(q):
-            dq, dk, dv = block_causal_attention_bwd(q, k, v, o, lse, do, ctx.layout, ctx.group_size, ctx.scale)
-        return dq, dk, dv, None, None, None
+def _layout_of(q: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, max_seqlen: int, varlen: bool) -> _Layout:
+    rows = q.shape[0] if varlen else q.shape[2]
+    return _Layout(batch, q.shape[1], rows, max_seqlen, cu_seqlens, varlen)
+
+
+@torch.library.custom_op("kernels::block_causal_attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int batch, int max_seqlen, "
+                                "bool varlen, int group_size, float scale) -> (Tensor, Tensor)")
+def _block_causal_fwd_op(q, k, v, cu_seqlens, batch, max_seqlen, varlen, group_size, scale):
+    """Triton forward on unit-stride head dims: (o like v, lse float32)."""
+    with launch_device_of(q):
+        return block_causal_attention_fwd(q, k, v, _layout_of(q, cu_seqlens, batch, max_seqlen, varlen),
+                                          group_size, scale)
+
+
+@_block_causal_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, batch, max_seqlen, varlen, group_size, scale):
+    layout = _layout_of(q, cu_seqlens, batch, max_seqlen, varlen)
+    return torch.empty_like(v), q.new_empty(layout.lse_shape(), dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::block_causal_attention_bwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor do, Tensor cu_seqlens, "
+                                "int batch, int max_seqlen, bool varlen, int group_size, float scale) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _block_causal_bwd_op(q, k, v, o, lse, do, cu_seqlens, batch, max_seqlen, varlen, group_size, scale):
+    """Triton backward: (dq, dk, dv) like q, k, v."""
+    with launch_device_of(q):
+        return block_causal_attention_bwd(q, k, v, o, lse, do, _layout_of(q, cu_seqlens, batch, max_seqlen, varlen),
+                                          group_size, scale)
+
+
+@_block_causal_bwd_op.register_fake
+def _(q, k, v, o, lse, do, cu_seqlens, batch, max_seqlen, varlen, group_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _block_causal_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, batch, max_seqlen, varlen, group_size, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.layout_args, ctx.group_size, ctx.scale = (batch, max_seqlen, varlen), group_size, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _block_causal_backward(ctx, do, _d_lse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _block_causal_bwd_op(q, k, v, o, lse, do, cu_seqlens, *ctx.layout_args, ctx.group_size, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_block_causal_fwd_op.register_autograd(_block_causal_backward, setup_context=_block_causal_setup_context)
+
+
+def _block_causal_attention_triton(q, k, v, layout: _Layout, group_size: int, scale: float) -> torch.Tensor:
+    q, k, v = _unit_stride_last_dim(q, k, v)
+    return _block_causal_fwd_op(q, k, v, layout.cu_seqlens, layout.batch, layout.max_seqlen, layout.varlen,
+                                group_size, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,7 +540,7 @@ def block_causal_attention(q, k, v, *, group_size=3, scale=None):
     b, h, t, _ = q.shape
     check_batch_heads(b * h)
     layout = _Layout(b, h, t, t, q.new_zeros(1, dtype=torch.int32), varlen=False)
-    return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
+    return _block_causal_attention_triton(q, k, v, layout, group_size, scale)
 
 
 def _check_cu_seqlens(cu_seqlens, total: int, validate: bool) -> None:
@@ -542,7 +584,7 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else total
     layout = _Layout(cu_seqlens.numel() - 1, q.shape[1], total, max_seqlen,
                      cu_seqlens.to(q.device, non_blocking=True), varlen=True)
-    return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
+    return _block_causal_attention_triton(q, k, v, layout, group_size, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from typing import List, NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from .aot import AotConfig
@@ -401,25 +400,87 @@ def _entmax_attention_bwd(do, q, k, v, tau, w, causal: bool, scale: float):
     return dq, dk, dv
 
 
-class EntmaxAttentionFunction(torch.autograd.Function):
-    """Triton entmax-1.5 attention with its fused backward. Saves q, k, v, tau (B, H, T) and w (B, H, T, Dv):
-    memory linear in T."""
+# torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
+# fused backward registered as their autograd formula. Saved per call: q, k, v, tau (B, H, T) and w (B, H, T, Dv).
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float):
-        with launch_device_of(q):
-            o, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True)
-        ctx.save_for_backward(q, k, v, tau, w)
-        ctx.causal, ctx.scale = causal, scale
-        return o
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, tau, w = ctx.saved_tensors
-        with launch_device_of(q):
-            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, tau, w, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+@torch.library.custom_op("kernels::entmax15_attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, bool causal, float scale, bool store_w) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _entmax15_attention_fwd_op(q, k, v, causal, scale, store_w):
+    """Triton forward: (o, tau, w); w is empty (0,) without ``store_w``."""
+    with launch_device_of(q):
+        o, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w)
+    return o, tau, w if w is not None else tau.new_zeros(0)
+
+
+@_entmax15_attention_fwd_op.register_fake
+def _(q, k, v, causal, scale, store_w):
+    B, H, T, _ = q.shape
+    shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
+    return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty(shape_w, dtype=torch.float32))
+
+
+@torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor tau, Tensor w, bool causal, "
+                                "float scale) -> (Tensor, Tensor, Tensor)")
+def _entmax15_attention_bwd_op(do, q, k, v, tau, w, causal, scale):
+    """Triton backward: (dq, dk, dv)."""
+    with launch_device_of(q):
+        return _entmax_attention_bwd(do, q, k, v, tau, w, causal, scale)
+
+
+@_entmax15_attention_bwd_op.register_fake
+def _(do, q, k, v, tau, w, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _entmax15_attention_setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, _ = inputs
+    _, tau, w = output
+    ctx.save_for_backward(q, k, v, tau, w)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(tau, w)
+
+
+def _entmax15_attention_backward(ctx, do, _d_tau, _d_w):
+    q, k, v, tau, w = ctx.saved_tensors
+    dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, tau, w, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_entmax15_attention_fwd_op.register_autograd(_entmax15_attention_backward,
+                                             setup_context=_entmax15_attention_setup_context)
+
+
+@torch.library.custom_op("kernels::entmax15", mutates_args=(), schema="(Tensor scores) -> Tensor")
+def _entmax15_last_dim(scores):
+    """``entmax.entmax15(scores, dim=-1)`` as an op that torch.compile can trace (the package's Function cannot)."""
+    import entmax
+
+    with torch.no_grad():
+        return entmax.entmax15(scores, dim=-1)
+
+
+@_entmax15_last_dim.register_fake
+def _(scores):
+    return torch.empty_like(scores)
+
+
+def _entmax15_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _entmax15_backward(ctx, grad):
+    """The entmax package's backward (docs/design.md section 2): dS = G (dP - c) with G = sqrt(p)."""
+    (probabilities,) = ctx.saved_tensors
+    root = probabilities.sqrt()
+    d_scores = grad * root
+    return d_scores - (d_scores.sum(-1, keepdim=True) / root.sum(-1, keepdim=True)) * root
+
+
+_entmax15_last_dim.register_autograd(_entmax15_backward, setup_context=_entmax15_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,8 +492,6 @@ class EntmaxAttentionFunction(torch.autograd.Function):
 def entmax15_attention_weights(q, k, *, causal=True, scale=None):
     """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), with the ``entmax`` package, computed in
     float32 or in the inputs' dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory."""
-    import entmax
-
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
@@ -440,7 +499,7 @@ def entmax15_attention_weights(q, k, *, causal=True, scale=None):
         t = q.shape[-2]
         hidden = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(hidden, float("-inf"))
-    return entmax.entmax15(scores, dim=-1)
+    return _entmax15_last_dim(scores)
 
 
 @autocast_op
@@ -543,10 +602,8 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
         return entmax15_attention_reference(q, k, v, causal=causal, scale=scale)
     check_batch_heads(q.shape[0] * q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return EntmaxAttentionFunction.apply(q, k, v, causal, scale)
-    with launch_device_of(q):
-        return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False)[0]
+    store_w = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # the backward needs w
+    return _entmax15_attention_fwd_op(q, k, v, causal, scale, store_w)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

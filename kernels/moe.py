@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
@@ -439,30 +438,25 @@ def _router_grad(dy, y_pairs, groups, alpha, tiles):
     return d_top
 
 
-class _MoETop2Function(torch.autograd.Function):
-    """(x, gate_weight, w1, b1, w2, b2) -> (y, logits, experts); logits carry the aux loss's gradient back."""
+# torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
+# backward kernels registered as their autograd formula. The forward returns what the backward needs after
+# (y, logits, experts): alpha (N, 2) fp32, the pair groups (sorted_pairs (2N,), expert_offsets (E + 1,),
+# pair_position (2N,) int64) and the per-pair h_pre, h_act (2N, h) and y_pairs (2N, d_out) in x's dtype.
 
-    @staticmethod
-    def forward(ctx, x, gate_weight, w1, b1, w2, b2):
-        with launch_device_of(x):
-            return _MoETop2Function._forward(ctx, x, gate_weight, w1, b1, w2, b2)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, d_logits, _d_experts):
-        with launch_device_of(dy):
-            return _MoETop2Function._backward(ctx, dy, d_logits)
-
-    @staticmethod
-    def _forward(ctx, x, gate_weight, w1, b1, w2, b2):
-        n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
-        ctx.empty = n == 0
-        if ctx.empty:  # nothing to route; the backward returns zero gradients
-            ctx.save_for_backward(x, gate_weight, w1, b1, w2, b2)
-            experts = torch.zeros(0, 2, device=x.device, dtype=torch.int64)
-            ctx.mark_non_differentiable(experts)
-            logits = torch.zeros(0, num_experts, device=x.device, dtype=torch.float32)
-            return x.new_zeros(0, d_out), logits, experts
+@torch.library.custom_op("kernels::moe_top2_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor gate_weight, Tensor w1, Tensor b1, Tensor w2, Tensor b2) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2):
+    n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
+    if n == 0:  # nothing to route; the backward returns zero gradients
+        pair_index = torch.zeros(0, device=x.device, dtype=torch.int64)
+        hidden = x.new_zeros(0, w1.shape[2])
+        return (x.new_zeros(0, d_out), x.new_zeros(0, num_experts, dtype=torch.float32),
+                torch.zeros(0, 2, device=x.device, dtype=torch.int64), x.new_zeros(0, 2, dtype=torch.float32),
+                pair_index, torch.zeros(num_experts + 1, device=x.device, dtype=torch.int64), pair_index.clone(),
+                hidden, hidden.clone(), x.new_zeros(0, d_out))
+    with launch_device_of(x):
         tiles = TILES[x.dtype]
         logits, experts, alpha = _route(x, gate_weight, tiles)
         groups = _group_pairs(experts, num_experts)
@@ -470,22 +464,37 @@ class _MoETop2Function(torch.autograd.Function):
         h_act, h_pre = _grouped_matmul(x, groups, w1, pair_alpha, gather_a=True, bias=b1, epilogue=1, tiles=tiles)
         y_pairs = _grouped_matmul(h_act, groups, w2, pair_alpha, gather_a=False, bias=b2, tiles=tiles)
         y = _combine(y_pairs, groups, pair_alpha, weighted=True, tiles=tiles)
-        ctx.save_for_backward(x, gate_weight, w1, w2, experts, alpha, *groups, h_pre, h_act, y_pairs)
-        ctx.mark_non_differentiable(experts)
-        return y, logits, experts
+    return (y, logits, experts, alpha, *groups, h_pre, h_act, y_pairs)
 
-    @staticmethod
-    def _backward(ctx, dy, d_logits):
-        if ctx.empty:
-            return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
-        x, gate_weight, w1, w2, experts, alpha, *group_tensors, h_pre, h_act, y_pairs = ctx.saved_tensors
-        groups = _PairGroups(*group_tensors)
-        num_experts = gate_weight.shape[0]
-        need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        tiles = TILES[x.dtype]
-        pair_alpha = alpha.reshape(-1)
-        dx = d_gate = dw1 = db1 = dw2 = db2 = None
 
+@_moe_top2_fwd_op.register_fake
+def _(x, gate_weight, w1, b1, w2, b2):
+    n, num_experts, hidden, d_out = x.shape[0], gate_weight.shape[0], w1.shape[2], w2.shape[2]
+    index = dict(dtype=torch.int64)
+    return (x.new_empty(n, d_out), x.new_empty(n, num_experts, dtype=torch.float32), x.new_empty(n, 2, **index),
+            x.new_empty(n, 2, dtype=torch.float32), x.new_empty(2 * n, **index), x.new_empty(num_experts + 1, **index),
+            x.new_empty(2 * n, **index), x.new_empty(2 * n, hidden), x.new_empty(2 * n, hidden),
+            x.new_empty(2 * n, d_out))
+
+
+@torch.library.custom_op("kernels::moe_top2_bwd", mutates_args=(),
+                         schema="(Tensor dy, Tensor d_logits, Tensor x, Tensor gate_weight, Tensor w1, Tensor w2, "
+                                "Tensor experts, Tensor alpha, Tensor sorted_pairs, Tensor expert_offsets, "
+                                "Tensor pair_position, Tensor h_pre, Tensor h_act, Tensor y_pairs, bool[] needs) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _moe_top2_bwd_op(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert_offsets,
+                     pair_position, h_pre, h_act, y_pairs, needs):
+    """(dx, d_gate, dw1, db1, dw2, db2); a gradient that ``needs`` does not ask for is an empty (0,) tensor."""
+    need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = needs
+    num_experts, hidden, d_out = gate_weight.shape[0], w1.shape[2], w2.shape[2]
+    shapes = (x.shape, gate_weight.shape, w1.shape, (num_experts, hidden), w2.shape, (num_experts, d_out))
+    if x.shape[0] == 0:
+        return tuple(x.new_zeros(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    groups = _PairGroups(sorted_pairs, expert_offsets, pair_position)
+    tiles = TILES[x.dtype]
+    pair_alpha = alpha.reshape(-1)
+    dx = d_gate = dw1 = db1 = dw2 = db2 = None
+    with launch_device_of(dy):
         d_top = _router_grad(dy, y_pairs, groups, alpha, tiles)
         # gradient of all E logits: the two chosen ones from the combine, plus what the aux loss sent back
         d_logits = d_logits.float().scatter_add(1, experts, d_top)
@@ -505,7 +514,32 @@ class _MoETop2Function(torch.autograd.Function):
         if need_w2 or need_b2:
             dw2, db2 = _grouped_wgrad(h_act, dy, groups, pair_alpha, num_experts, gather_a=False, gather_b=True,
                                       scale_b=True, tiles=tiles)
-        return dx, d_gate, dw1, db1, dw2, db2
+    grads = (dx, d_gate, dw1, db1, dw2, db2)
+    return tuple(g if need else x.new_zeros(0) for g, need in zip(grads, needs))
+
+
+@_moe_top2_bwd_op.register_fake
+def _(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert_offsets, pair_position, h_pre,
+      h_act, y_pairs, needs):
+    num_experts, hidden, d_out = gate_weight.shape[0], w1.shape[2], w2.shape[2]
+    shapes = (x.shape, gate_weight.shape, w1.shape, (num_experts, hidden), w2.shape, (num_experts, d_out))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _moe_top2_setup_context(ctx, inputs, output):
+    x, gate_weight, w1, _, w2, _ = inputs
+    _, _, experts, alpha, *rest = output
+    ctx.save_for_backward(x, gate_weight, w1, w2, experts, alpha, *rest)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _moe_top2_backward(ctx, dy, d_logits, *_non_differentiable):
+    needs = list(ctx.needs_input_grad[:6])
+    grads = _moe_top2_bwd_op(dy, d_logits, *ctx.saved_tensors, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+_moe_top2_fwd_op.register_autograd(_moe_top2_backward, setup_context=_moe_top2_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -580,7 +614,7 @@ def moe_top2(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
     """
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES)
     if use_triton(x, gate_weight, w1, b1, w2, b2):
-        y, logits, experts = _MoETop2Function.apply(x, gate_weight, w1, b1, w2, b2)
+        y, logits, experts = _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2)[:3]
     else:
         y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2)
     return (y, _routing_summary(logits, experts)) if return_routing else y
