@@ -179,6 +179,9 @@ class CARN(nn.Module):
         if not isinstance(present, torch.Tensor) or present.dtype != torch.bool or tuple(present.shape) != (b, l, 3):
             raise ValueError(f"present must be a ({b}, {l}, 3) bool tensor, got {getattr(present, 'shape', present)}")
         # The value checks below read the tensors: one host sync per forward for all of them, messages only on failure.
+        # Compiled code skips them (a host read would break the graph); check the inputs eagerly where that matters.
+        if torch.compiler.is_compiling():
+            return
         lengths = valid.sum(dim=1, keepdim=True)
         failures = {
             **{f"features[{m!r}] contains NaN or infinite values": ~torch.isfinite(features[m]).all()

@@ -480,15 +480,26 @@ def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
 
 
 @autocast_op
+def varlen_block_causal_mask(cu_seqlens: torch.Tensor, total: int, group_size: int) -> torch.Tensor:
+    """(total, total) bool, True where packed row i may see packed row j: same sequence and block-causal in the
+    positions counted from the sequence's start. Built on the offsets' device without reading them on the host."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    offsets = cu_seqlens.long()
+    sequence = torch.searchsorted(offsets[1:], rows, right=True)
+    block = (rows - offsets[sequence]) // group_size
+    return (sequence[:, None] == sequence[None, :]) & (block[None, :] <= block[:, None])
+
+
 def block_causal_attention_varlen_reference(q, k, v, cu_seqlens, *, group_size=3, scale=None):
-    """Per-sequence :func:`block_causal_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
-    outputs = []
-    offsets = cu_seqlens.tolist()
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, L, D)
-        out = block_causal_attention_reference(*per_sequence, group_size=group_size, scale=scale)
-        outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs)
+    """:func:`block_causal_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one
+    dense masked attention over all rows (O(total^2) memory; no host read of the offsets, so it compiles)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_h, k_h, v_h = (x.to(compute).transpose(0, 1) for x in (q, k, v))  # (H, total, D)
+    scores = (q_h @ k_h.transpose(-1, -2)) * scale
+    allowed = varlen_block_causal_mask(cu_seqlens.to(q.device), q.shape[0], group_size)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(dim=-1) @ v_h).transpose(0, 1).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,7 +558,7 @@ def _check_cu_seqlens(cu_seqlens, total: int, validate: bool) -> None:
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
-    if not validate:
+    if not validate or torch.compiler.is_compiling():  # the value checks read the offsets on the host
         return
     offsets = cu_seqlens.cpu()
     if offsets[0] != 0:
@@ -580,8 +591,9 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
         return block_causal_attention_varlen_reference(q, k, v, cu_seqlens, group_size=group_size, scale=scale)
     _check_kernel_head_dims(q, v)
     check_batch_heads((cu_seqlens.numel() - 1) * q.shape[1])
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else total
+    if max_seqlen is None:  # a host read of CPU offsets; compiled code and GPU offsets bound the grid by total
+        on_host = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if on_host else total
     layout = _Layout(cu_seqlens.numel() - 1, q.shape[1], total, max_seqlen,
                      cu_seqlens.to(q.device, non_blocking=True), varlen=True)
     return _block_causal_attention_triton(q, k, v, layout, group_size, scale)
@@ -594,17 +606,15 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
 
 def _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, group_size: int, dropout: float):
     """Dense fallback for training with attention-weight dropout, which the fused kernels do not do."""
-    if cu_seqlens is not None:
-        offsets = cu_seqlens.tolist()
-        return torch.cat([
-            _block_causal_attention_with_weight_dropout(
-                *(x[start:end].transpose(0, 1)[None] for x in (q, k, v)), None, group_size, dropout
-            )[0].transpose(0, 1)
-            for start, end in zip(offsets[:-1], offsets[1:])
-        ])
+    if cu_seqlens is not None:  # packed (total, H, D): one dense masked attention over all rows
+        allowed = varlen_block_causal_mask(cu_seqlens.to(q.device), q.shape[0], group_size)
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    else:
+        allowed = block_causal_mask(q.shape[-2], group_size, q.device)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~block_causal_mask(q.shape[-2], group_size, q.device), float("-inf"))
-    return nn.functional.dropout(scores.softmax(dim=-1), p=dropout, training=True) @ v
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = nn.functional.dropout(scores.softmax(dim=-1), p=dropout, training=True) @ v
+    return out if cu_seqlens is None else out.transpose(0, 1)
 
 
 class BlockCausalMultiheadAttention(nn.Module):

@@ -579,20 +579,21 @@ def _routing_summary(logits, experts):
 
 
 def _reference_parts(x, gate_weight, w1, b1, w2, b2):
-    """(y, logits, experts) by a per-expert loop in float32 (float64 for float64 inputs)."""
+    """(y, logits, experts) by a per-expert loop in float32 (float64 for float64 inputs). Every expert runs on every
+    row and keeps the rows that chose it (no data-dependent shapes, so it compiles); the two terms of a row are
+    added in expert order, like the kernels' combine."""
     compute = torch.promote_types(x.dtype, torch.float32)
     x_c = x.to(compute)
     logits = x_c @ gate_weight.to(compute).t()
     top_logits, experts = logits.topk(2, dim=-1)
     alpha = top_logits.softmax(dim=-1)
     y = x_c.new_zeros(x.shape[0], w2.shape[-1])
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, experts, True)  # (N, E)
+    row_weights = torch.zeros_like(logits).scatter(1, experts, alpha)  # (N, E): alpha where chosen, else 0
     for e in range(gate_weight.shape[0]):
-        rows, slot = (experts == e).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            continue
-        hidden = nn.functional.gelu(x_c[rows] @ w1[e].to(compute) + b1[e].to(compute))
+        hidden = nn.functional.gelu(x_c @ w1[e].to(compute) + b1[e].to(compute))
         out = hidden @ w2[e].to(compute) + b2[e].to(compute)
-        y = y.index_add(0, rows, alpha[rows, slot, None] * out)
+        y = y + torch.where(chosen[:, e, None], row_weights[:, e, None] * out, 0.0)
     return y.to(x.dtype), logits, experts
 
 
