@@ -95,7 +95,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.attention == "vanilla":
             z, context, weights = self.attention(h, valid, need_weights=need_weights)
         else:
-            z, context, weights = self.attention(h, return_context=True, need_weights=need_weights)
+            z, context, weights = self.attention.forward_with_context(h, need_weights=need_weights)
         gamma = torch.sigmoid(self.gate(torch.cat([h, z], dim=-1)))  # eq. 7
         return self.norm(h + gamma * z), context, weights  # eq. 8
 

@@ -42,3 +42,16 @@ def check_scale(scale) -> None:
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not (scale == scale) or scale in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {scale}")
+
+
+def check_mha_unsupported(**arguments) -> None:
+    """nn.MultiheadAttention arguments that the attention modules do not implement must keep their defaults
+    (None or False)."""
+    reasons = {"attn_mask": "the module's mask is fixed (block-causal or causal)",
+               "is_causal": "the module's mask is fixed (block-causal or causal)",
+               "key_padding_mask": "under the causal mask right-padded batches need none"}
+    for name, value in arguments.items():
+        if value is not None and value is not False:
+            shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+            reason = f": {reasons[name]}" if name in reasons else ""
+            raise ValueError(f"{name}={shown} is not supported{reason}")

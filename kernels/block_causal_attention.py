@@ -15,11 +15,12 @@ import contextlib
 from typing import Iterator, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from torch import nn
 
-from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
+from ._checks import check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
 from .backend import use_triton
@@ -469,7 +470,8 @@ def block_causal_mask(t: int, group_size: int, device=None) -> torch.Tensor:
 
 
 @autocast_op
-def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
+def block_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, group_size: int = 3,
+                                     scale: Optional[float] = None) -> Tensor:
     """Dense mask + softmax, in float64 for float64 inputs and float32 otherwise.
     q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in v's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -490,7 +492,8 @@ def varlen_block_causal_mask(cu_seqlens: torch.Tensor, total: int, group_size: i
     return (sequence[:, None] == sequence[None, :]) & (block[None, :] <= block[:, None])
 
 
-def block_causal_attention_varlen_reference(q, k, v, cu_seqlens, *, group_size=3, scale=None):
+def block_causal_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
+                                            group_size: int = 3, scale: Optional[float] = None) -> Tensor:
     """:func:`block_causal_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one
     dense masked attention over all rows (O(total^2) memory; no host read of the offsets, so it compiles)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -535,7 +538,8 @@ def _check_kernel_head_dims(q, v) -> None:
 
 
 @autocast_op
-def block_causal_attention(q, k, v, *, group_size=3, scale=None):
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, group_size: int = 3,
+                           scale: Optional[float] = None) -> Tensor:
     """Block-causal attention: query i sees key j iff ``j // group_size <= i // group_size``.
 
     q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in q's dtype. k and v may come from another sequence
@@ -570,7 +574,9 @@ def _check_cu_seqlens(cu_seqlens, total: int, validate: bool) -> None:
 
 
 @autocast_op
-def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group_size=3, scale=None, validate=None):
+def block_causal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
+                                  max_seqlen: Optional[int] = None, group_size: int = 3,
+                                  scale: Optional[float] = None, validate: Optional[bool] = None) -> Tensor:
     """Block-causal attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
 
     ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends
@@ -619,27 +625,49 @@ def _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, group_size:
 
 class BlockCausalMultiheadAttention(nn.Module):
     """Multi-head block-causal attention with ``nn.MultiheadAttention``'s parameters (``in_proj_weight`` (3E, E),
-    ``in_proj_bias`` (3E,), ``out_proj``), so state dicts load both ways with
+    ``in_proj_bias`` (3E,), ``out_proj``) and call conventions, so state dicts load both ways with
     ``nn.MultiheadAttention(E, H, batch_first=True)``; that module given ``attn_mask=~block_causal_mask(T, G)``
     computes the same output.
 
-    forward(query, key=None, value=None, *, cu_seqlens=None): batch-first (B, T, E), or packed (total, E) with
-    ``cu_seqlens``; key defaults to query and value to key. Returns the attended output only (no weights).
-    ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that runs a dense
-    (non-fused) path, so leave it 0 where speed matters.
+    Constructor as ``nn.MultiheadAttention``'s (``dropout`` positional; ``batch_first`` defaults to True here and
+    False is supported; ``add_bias_kv``, ``add_zero_attn`` and other ``kdim``/``vdim`` are refused) plus the
+    keyword ``group_size``. ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that
+    runs a dense (non-fused) path, so leave it 0 where speed matters.
+
+    forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True,
+    cu_seqlens=None) -> (output, weights or None) like ``nn.MultiheadAttention``: (B, T, E) (or (T, B, E) without
+    ``batch_first``), or packed (total, E) with ``cu_seqlens``; key defaults to query and value to key (same length
+    as query). ``key_padding_mask`` (B, T) bool, True = padding, marks the padded positions of query and key alike:
+    the valid tokens of each row form its sequence (positions counted among them) and run through the packed kernels
+    (unpad, varlen, pad back), so padded batches of any lengths are right; padded positions output zeros. This path
+    reads the mask's lengths on the host (data-dependent shapes, a graph break under torch.compile). Weights
+    (B, T, T) averaged over heads, or (B, H, T, T), are computed densely when asked for. ``attn_mask`` and
+    ``is_causal`` are refused: the mask is block-causal by construction.
     """
 
-    def __init__(self, embed_dim, num_heads, *, group_size=3, dropout=0.0, bias=True):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = True, device=None, dtype=None, *,
+                 group_size: int = 3):
         super().__init__()
         if num_heads <= 0 or embed_dim <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_mha_unsupported(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim not in (None, embed_dim):
+                raise ValueError(f"{name} must be None or embed_dim ({embed_dim}): keys and values share the "
+                                 f"queries' width, got {dim}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
         _check_group_size(group_size)
         self.embed_dim, self.num_heads, self.group_size, self.dropout = embed_dim, num_heads, group_size, dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.batch_first = batch_first
+        factory = dict(device=device, dtype=dtype)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -649,41 +677,114 @@ class BlockCausalMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key=None, value=None, *, cu_seqlens=None):
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, group_size={self.group_size}, "
+                f"dropout={self.dropout}, bias={self.in_proj_bias is not None}, batch_first={self.batch_first}")
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                *, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        check_mha_unsupported(attn_mask=attn_mask, is_causal=is_causal)
         key = query if key is None else key
         value = key if value is None else value
+        if cu_seqlens is not None:
+            if key_padding_mask is not None:
+                raise ValueError("pass key_padding_mask (padded batch) or cu_seqlens (packed), not both")
+            for name, x in (("query", query), ("key", key), ("value", value)):
+                check_tensor(name, x, ndim=2)
+            return self._attend(query, key, value, cu_seqlens, need_weights, average_attn_weights)
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, x, ndim=3)
+        if not self.batch_first:  # (T, B, E) -> (B, T, E)
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+            raise ValueError(f"key and value must have query's (batch, length) {tuple(query.shape[:2])} (block-causal "
+                             f"positions are shared), got {tuple(key.shape[:2])} and {tuple(value.shape[:2])}")
+        if key_padding_mask is None:
+            out, weights = self._attend(query, key, value, None, need_weights, average_attn_weights)
+        else:
+            out, weights = self._attend_padded(query, key, value, key_padding_mask, need_weights,
+                                               average_attn_weights)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _attend_padded(self, query, key, value, key_padding_mask, need_weights, average_attn_weights):
+        """Unpad the valid tokens, attend packed, pad back (zeros at padded positions)."""
+        b, t = query.shape[:2]
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+        if key_padding_mask.shape != (b, t):
+            raise ValueError(f"key_padding_mask must have shape {(b, t)} (batch, length), got "
+                             f"{tuple(key_padding_mask.shape)}")
+        valid = ~key_padding_mask.to(query.device)
+        rows = valid.flatten().nonzero().squeeze(1)  # the valid tokens, row by row
+        lengths = valid.sum(dim=1)
+        lengths = lengths[lengths > 0]  # an all-padded row is no sequence
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        packed = [x.flatten(0, 1).index_select(0, rows) for x in (query, key, value)]
+        out, _ = self._attend(*packed, cu_seqlens, False, average_attn_weights, max_seqlen=t)
+        out = out.new_zeros(b * t, out.shape[-1]).index_copy(0, rows, out).view(b, t, -1)
+        weights = None
+        if need_weights:
+            position = valid.cumsum(dim=1) - 1  # position among the row's valid tokens
+            allowed = (valid[:, :, None] & valid[:, None, :]
+                       & (position[:, None, :] // self.group_size <= position[:, :, None] // self.group_size))
+            weights = self._dense_weights(query, key, allowed[:, None], average_attn_weights)
+        return out, weights
+
+    def _split_heads(self, query, key, value, packed: bool):
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         h, head_dim = self.num_heads, self.embed_dim // self.num_heads
         # (B, T, E) -> (B, H, T, Dh) as a strided view, or packed (total, E) -> (total, H, Dh): no copies
-        if cu_seqlens is None:
-            split = lambda x: x.unflatten(-1, (h, head_dim)).transpose(1, 2)
-        else:
-            split = lambda x: x.unflatten(-1, (h, head_dim))
-        q = split(nn.functional.linear(query, w_q, b_q))
-        k = split(nn.functional.linear(key, w_k, b_k))
-        v = split(nn.functional.linear(value, w_v, b_v))
+        split = (lambda x: x.unflatten(-1, (h, head_dim))) if packed else (
+            lambda x: x.unflatten(-1, (h, head_dim)).transpose(1, 2))
+        return (split(nn.functional.linear(query, w_q, b_q)), split(nn.functional.linear(key, w_k, b_k)),
+                split(nn.functional.linear(value, w_v, b_v)))
+
+    def _attend(self, query, key, value, cu_seqlens, need_weights, average_attn_weights, max_seqlen=None):
+        q, k, v = self._split_heads(query, key, value, packed=cu_seqlens is not None)
         if self.training and self.dropout > 0:
             out = _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, self.group_size, self.dropout)
         elif cu_seqlens is None:
             out = block_causal_attention(q, k, v, group_size=self.group_size)
         else:
-            out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=self.group_size)
+            out = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen,
+                                                group_size=self.group_size)
         out = out.transpose(1, 2).flatten(-2) if cu_seqlens is None else out.flatten(-2)
-        return self.out_proj(out)
+        weights = None
+        if need_weights:
+            if cu_seqlens is None:
+                allowed = block_causal_mask(query.shape[-2], self.group_size, query.device)
+            else:
+                allowed = varlen_block_causal_mask(cu_seqlens.to(query.device), query.shape[0], self.group_size)
+            weights = self._dense_weights(query, key, allowed, average_attn_weights)
+        return self.out_proj(out), weights
+
+    def _dense_weights(self, query, key, allowed, average_attn_weights):
+        """softmax(mask(q k^T / sqrt(Dh))) (.., H, T, T), zero rows where nothing is allowed; averaged over heads
+        when ``average_attn_weights``. Packed inputs give (H, total, total) (or (total, total))."""
+        packed = query.dim() == 2
+        q, k, _ = self._split_heads(query, key, key, packed=packed)
+        if packed:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0).to(query.dtype)
+        return weights.mean(dim=-3) if average_attn_weights else weights
 
 
 class BlockCausalTransformerLayer(nn.Module):
     """Transformer layer over :class:`BlockCausalMultiheadAttention`: attention, GELU feed-forward, residuals and
     LayerNorm (post-norm, or pre-norm with ``norm_first``).
 
-    forward(x, context=None, *, cu_seqlens=None): x (B, T, d_model) or packed (total, d_model). Self-attention
+    forward(x, context=None, *, key_padding_mask=None, cu_seqlens=None): x (B, T, d_model) (key_padding_mask (B, T)
+    as in :class:`BlockCausalMultiheadAttention`) or packed (total, d_model). Self-attention
     when ``context`` is None; otherwise x's queries attend ``context``'s keys/values (same length: hyperedges
     attend nodes and back, CaM-HG eq. 10). ``dropout`` applies to the residual branches and inside the
     feed-forward, not to the attention weights, so training keeps the fused kernel.
     """
 
-    def __init__(self, d_model, nhead, dim_feedforward=None, dropout=0.1, *, group_size=3, norm_first=False):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: Optional[int] = None, dropout: float = 0.1, *,
+                 group_size: int = 3, norm_first: bool = False):
         super().__init__()
         dim_feedforward = dim_feedforward or 4 * d_model
         self.norm_first = norm_first
@@ -693,15 +794,22 @@ class BlockCausalTransformerLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x, context=None, *, cu_seqlens=None):
+    def extra_repr(self) -> str:
+        return f"norm_first={self.norm_first}"
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, *,
+                key_padding_mask: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        attend = lambda q, kv: self.attn(q, kv, kv, key_padding_mask=key_padding_mask,  # noqa: E731
+                                         cu_seqlens=cu_seqlens)[0]
         if self.norm_first:
             query = self.norm1(x)
             # keys/values from another sequence get the same pre-norm as the queries
             context = query if context is None else self.norm1(context)
-            x = x + self.dropout1(self.attn(query, context, context, cu_seqlens=cu_seqlens))
+            x = x + self.dropout1(attend(query, context))
             return x + self.dropout2(self.ff(self.norm2(x)))
         context = x if context is None else context
-        x = self.norm1(x + self.dropout1(self.attn(x, context, context, cu_seqlens=cu_seqlens)))
+        x = self.norm1(x + self.dropout1(attend(x, context)))
         return self.norm2(x + self.dropout2(self.ff(x)))
 
 

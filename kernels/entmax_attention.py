@@ -21,10 +21,11 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
+from ._checks import check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from .aot import AotConfig
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
@@ -489,7 +490,8 @@ _entmax15_last_dim.register_autograd(_entmax15_backward, setup_context=_entmax15
 
 
 @autocast_op
-def entmax15_attention_weights(q, k, *, causal=True, scale=None):
+def entmax15_attention_weights(q: Tensor, k: Tensor, *, causal: bool = True,
+                               scale: Optional[float] = None) -> Tensor:
     """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), with the ``entmax`` package, computed in
     float32 or in the inputs' dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory."""
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -503,7 +505,8 @@ def entmax15_attention_weights(q, k, *, causal=True, scale=None):
 
 
 @autocast_op
-def entmax15_attention_reference(q, k, v, *, causal=True, scale=None):
+def entmax15_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                                 scale: Optional[float] = None) -> Tensor:
     """``entmax15(mask(q k^T * scale)) @ v`` (B, H, T, Dv) in plain PyTorch, computed in float32 (float64 for
     float64 inputs) and returned in v's dtype."""
     weights = entmax15_attention_weights(q, k, causal=causal, scale=scale)
@@ -590,7 +593,8 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
 
 
 @autocast_op
-def entmax15_attention(q, k, v, *, causal=True, scale=None):
+def entmax15_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                       scale: Optional[float] = None) -> Tensor:
     """Entmax-1.5 attention: ``entmax15(mask(q k^T * scale)) @ v``.
 
     q, k: (B, H, T, D); v: (B, H, T, Dv); fp32, fp16 or bf16 (any strides). Returns (B, H, T, Dv) in the inputs'
@@ -676,28 +680,66 @@ class EntmaxCausalAttention(torch.nn.Module):
     """Multi-head entmax-1.5 self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
     with the same arguments and ``state_dict`` keys.
 
-    forward(x (B, T, E), *, return_context=False, need_weights=False) returns ``output`` (B, T, E) alone, or an
-    ``EntmaxAttentionOutput`` when a flag is set. The context ``A @ x`` (CARN's causal parents) comes from the same
-    attention call, with x appended to every head's values; the weights are recomputed by the reference formula.
+    Constructor: ``(embed_dim, num_heads=1, dropout=0.0, bias=True, *, out_proj=True, causal=True,
+    batch_first=True)``; ``dropout`` is ``nn.MultiheadAttention``'s positional argument and must be 0 (entmax
+    weights are not dropped); ``batch_first=False`` takes (T, B, E).
+
+    ``forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True)``
+    returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
+    query itself); output (B, T, E); weights (B, T, T) averaged over heads or (B, H, T, T), recomputed by the
+    reference formula. Right-padded batches need no ``key_padding_mask`` under the causal mask (a valid query never
+    sees a later, padded key); any other mask, ``attn_mask`` and ``is_causal`` are refused.
+
+    ``forward_with_context(x, *, need_weights=False)`` returns ``EntmaxAttentionOutput(output, context, weights)``
+    (three fields, so it cannot be unpacked as the pair above): ``context = A @ x`` averaged over heads (CARN's causal
+    parents) comes from the same attention call, with x appended to every head's values; weights (B, H, T, T).
     """
 
     _attention = staticmethod(entmax15_attention_reference)
 
-    def __init__(self, embed_dim: int, num_heads: int = 1, *, bias: bool = True, out_proj: bool = True,
-                 causal: bool = True):
+    def __init__(self, embed_dim: int, num_heads: int = 1, dropout: float = 0.0, bias: bool = True, *,
+                 out_proj: bool = True, causal: bool = True, batch_first: bool = True):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.embed_dim, self.num_heads, self.causal = embed_dim, num_heads, causal
+        if dropout != 0.0:
+            raise ValueError(f"dropout must be 0.0: entmax attention weights are not dropped, got {dropout}")
+        for name, flag in (("causal", causal), ("batch_first", batch_first)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.embed_dim, self.num_heads, self.causal, self.batch_first = embed_dim, num_heads, causal, batch_first
         self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
 
-    def forward(self, x, *, return_context: bool = False, need_weights: bool = False):
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}, "
+                f"out_proj={self.out_proj is not None}, batch_first={self.batch_first}")
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                *, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        check_mha_unsupported(attn_mask=attn_mask, is_causal=is_causal, key_padding_mask=key_padding_mask)
+        for name, other in (("key", key), ("value", value)):
+            if other is not None and other is not query:
+                raise ValueError(f"{name} must be None or query itself: {type(self).__name__} is self-attention")
+        result = self._attend(query, return_context=False, need_weights=need_weights)
+        weights = result.weights
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return result.output, weights
+
+    def forward_with_context(self, x: torch.Tensor, *, need_weights: bool = False) -> EntmaxAttentionOutput:
+        return self._attend(x, return_context=True, need_weights=need_weights)
+
+    def _attend(self, x: torch.Tensor, *, return_context: bool, need_weights: bool) -> EntmaxAttentionOutput:
         check_tensor("x", x, ndim=3)
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have embed_dim = {self.embed_dim} features, got shape {tuple(x.shape)}")
+        if not self.batch_first:  # (T, B, E) -> (B, T, E)
+            x = x.transpose(0, 1)
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
         q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -707,10 +749,10 @@ class EntmaxCausalAttention(torch.nn.Module):
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
-        if not (return_context or need_weights):
-            return output
         context = attended[..., dh:].mean(dim=1) if return_context else None
-        weights = entmax15_attention_weights(q, k, causal=self.causal).to(x.dtype) if need_weights else None
+        weights = entmax15_attention_weights(q, k, causal=self.causal).to(output.dtype) if need_weights else None
+        if not self.batch_first:
+            output, context = output.transpose(0, 1), None if context is None else context.transpose(0, 1)
         return EntmaxAttentionOutput(output, context, weights)
 
 

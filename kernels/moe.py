@@ -31,9 +31,10 @@ Float32 inputs use IEEE float32 products in ``tl.dot`` (torch's default for floa
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Union
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from torch import nn
@@ -598,7 +599,8 @@ def _reference_parts(x, gate_weight, w1, b1, w2, b2):
 
 
 @autocast_op
-def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
+def moe_top2_reference(x: Tensor, gate_weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, *,
+                       return_routing: bool = False) -> Union[Tensor, tuple[Tensor, MoERouting]]:
     """Per-expert loop reference of ``moe_top2`` (float32 math; float64 for float64 inputs). Same signature."""
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES + (torch.float64,))
     y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2)
@@ -606,7 +608,8 @@ def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
 
 
 @autocast_op
-def moe_top2(x, gate_weight, w1, b1, w2, b2, *, return_routing=False):
+def moe_top2(x: Tensor, gate_weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, *,
+             return_routing: bool = False) -> Union[Tensor, tuple[Tensor, MoERouting]]:
     """Top-2 mixture of experts: x (N, d) -> y (N, d_out); see the module docstring for the math.
 
     gate_weight (E, d) with 2 <= E <= 64, w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out); float32,
@@ -631,7 +634,8 @@ class Top2MoE(nn.Module):
     or (y, MoERouting) with experts/weights shaped (..., 2).
     """
 
-    def __init__(self, d_model, num_experts=4, hidden=None, d_out=None):
+    def __init__(self, d_model: int, num_experts: int = 4, hidden: Optional[int] = None,
+                 d_out: Optional[int] = None):
         super().__init__()
         if not 2 <= num_experts <= MAX_EXPERTS:
             raise ValueError(f"num_experts must be in 2..{MAX_EXPERTS}, got {num_experts}")
@@ -645,7 +649,7 @@ class Top2MoE(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, d_out))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         for parameters, fan_in in (((self.gate_weight, self.w1, self.b1), self.d_model), ((self.w2, self.b2), self.hidden)):
             bound = 1.0 / math.sqrt(fan_in)
             for parameter in parameters:
@@ -654,7 +658,7 @@ class Top2MoE(nn.Module):
     def _op(self, *args, return_routing):
         return moe_top2(*args, return_routing=return_routing)
 
-    def forward(self, x, *, return_routing=False):
+    def forward(self, x: Tensor, *, return_routing: bool = False) -> Union[Tensor, tuple[Tensor, MoERouting]]:
         flat = x.reshape(-1, x.shape[-1])
         result = self._op(flat, self.gate_weight, self.w1, self.b1, self.w2, self.b2, return_routing=return_routing)
         y, routing = result if return_routing else (result, None)
@@ -664,7 +668,7 @@ class Top2MoE(nn.Module):
         lead = x.shape[:-1]
         return y, MoERouting(routing.experts.reshape(*lead, 2), routing.weights.reshape(*lead, 2), routing.aux_loss)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, hidden={self.hidden}, d_out={self.d_out}"
 
 

@@ -209,12 +209,15 @@ def test_module_twins_share_state_and_outputs(triton_backend, tiles, num_heads, 
         for parameter in source.parameters():  # fresh weights each way, so that each load is tested
             torch.nn.init.normal_(parameter.data)
         target.load_state_dict(source.state_dict())
-        got = fused(x, return_context=True, need_weights=True)
-        want = twin(x, return_context=True, need_weights=True)
+        got = fused.forward_with_context(x, need_weights=True)
+        want = twin.forward_with_context(x, need_weights=True)
         assert isinstance(got, EntmaxAttentionOutput)
         for name in EntmaxAttentionOutput._fields:
             torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
-    torch.testing.assert_close(fused(x), got.output, atol=0, rtol=0)
+    output, weights = fused(x, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(output, got.output, atol=0, rtol=0)
+    torch.testing.assert_close(weights, got.weights, atol=0, rtol=0)
+    assert fused(x)[1] is None
     # the context is A @ x averaged over heads, A from the reference formula on the module's projections
     split = lambda y: y.view(2, t, num_heads, embed_dim // num_heads).transpose(1, 2)  # noqa: E731
     weights = entmax15_attention_weights(split(twin.q_proj(x)), split(twin.k_proj(x)))

@@ -87,7 +87,7 @@ def test_entmax_context_under_autocast(backend):
     module = FusedEntmaxCausalAttention(8, 1, out_proj=False)
     x = torch.randn(2, 5, 8, requires_grad=True)
     with use_backend(backend), _autocast():
-        res = module(x, return_context=True, need_weights=True)
+        res = module.forward_with_context(x, need_weights=True)
         (res.output.float().sum() + res.context.float().sum()).backward()
     assert res.context.dtype == torch.bfloat16 and res.context.shape == x.shape
     assert x.grad is not None and torch.isfinite(x.grad).all()
