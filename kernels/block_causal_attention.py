@@ -481,7 +481,6 @@ def block_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, group_s
     return (scores.softmax(dim=-1) @ v.to(compute)).to(v.dtype)
 
 
-@autocast_op
 def varlen_block_causal_mask(cu_seqlens: torch.Tensor, total: int, group_size: int) -> torch.Tensor:
     """(total, total) bool, True where packed row i may see packed row j: same sequence and block-causal in the
     positions counted from the sequence's start. Built on the offsets' device without reading them on the host."""
@@ -492,6 +491,7 @@ def varlen_block_causal_mask(cu_seqlens: torch.Tensor, total: int, group_size: i
     return (sequence[:, None] == sequence[None, :]) & (block[None, :] <= block[:, None])
 
 
+@autocast_op
 def block_causal_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
                                             group_size: int = 3, scale: Optional[float] = None) -> Tensor:
     """:func:`block_causal_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one

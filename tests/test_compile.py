@@ -139,7 +139,6 @@ def _compare_model(model, call):
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.slow  # 12-30 s each on 2 shared cores (tracing forward and backward dominates)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_carn_compiles_fullgraph(backend):
     from carn.model import CARN
@@ -156,7 +155,6 @@ def test_carn_compiles_fullgraph(backend):
             *(out.css_prediction[x] for x in MODALITIES), *(out.reconstruction[x] for x in MODALITIES)))
 
 
-@pytest.mark.slow  # 12-30 s each on 2 shared cores (tracing forward and backward dominates)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_camhg_compiles_fullgraph(backend):
     from camhg import CaMHG

@@ -55,6 +55,18 @@ def test_ops_run_in_the_autocast_dtype(backend):
         _check_op(moe_top2, moe_inputs)
 
 
+def test_references_run_in_the_autocast_dtype():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    _check_op(reference.entmax15_attention_reference, (q, k, v))
+    _check_op(reference.block_causal_attention_reference, (q, k, v), group_size=2)
+    packed = [x[0].transpose(0, 1).contiguous() for x in (q, k, v)]
+    _check_op(reference.block_causal_attention_varlen_reference,
+              (*packed, torch.tensor([0, 2, 5], dtype=torch.int32)))
+    _check_op(reference.moe_top2_reference, (torch.randn(6, 8), torch.randn(4, 8), torch.randn(4, 8, 12) / 3,
+                                             torch.randn(4, 12), torch.randn(4, 12, 8) / 3, torch.randn(4, 8)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", [
     lambda: FusedEntmaxCausalAttention(8, 2),
