@@ -167,3 +167,19 @@ def test_camhg_compiles_fullgraph(backend):
     with use_backend(backend):
         _compare_model(model, lambda m: ((out := m(features, present, speakers)).logits, out.restored,
                                          out.aux_loss))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph_under_autocast(backend):
+    """The ops' autocast casting (kernels._amp) traces too: compiled == eager in bf16."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(FusedEntmaxCausalAttention(8, 2), _First(), Top2MoE(8))
+    with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        _compare(module, (torch.randn(2, 6, 8),), atol=1e-2)
+
+
+class _First(torch.nn.Module):
+    """(output, weights) -> output, to chain an attention module in nn.Sequential."""
+
+    def forward(self, pair):
+        return pair[0]
