@@ -1,4 +1,4 @@
-"""Mixed precision for the ops: under ``torch.autocast`` an op runs in the autocast dtype (docs/design.md section 1).
+"""Mixed precision for the ops: under ``torch.autocast`` an op runs in the autocast dtype (docs/design.md section 5).
 
 ``torch.amp.custom_fwd(cast_inputs=...)`` fixes one dtype per device at decoration time; the ops instead follow the
 active autocast dtype of their inputs' device (bf16 or fp16 on CUDA, bf16 on CPU): every floating-point tensor
