@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mer.precision import check_precision
+
 ABLATIONS = ("full", "no_hypergraph", "no_imputation", "no_moe", "no_causal_factor", "no_gating")
 """Paper Table 4's variants: w/o H (plain causal Transformer instead of the hypergraph), w/o I (no imputation),
 w/o MoE (a single MLP generator), w/o C (no causal factor extractor), w/o G (no confidence gate)."""
@@ -40,6 +42,7 @@ class CaMHGConfig:
     label_smoothing: float = 0.0
     scheduler: str = "plateau"
     grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32, bf16 or fp16 training (autocast; fp16 adds a GradScaler), mer.precision
     # Evaluation (Tables 2-3: eta in 0.0 .. 0.7).
     missing_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     seed: int = 0  # initialisation, shuffling, dropout and training masks
@@ -58,6 +61,7 @@ class CaMHGConfig:
         if self.epochs[1] > 0 and self.epochs[2] == 0 and self.ablation != "no_imputation":
             raise ValueError(f"epochs {self.epochs} end in phase 2, which trains the generator alone and leaves no "
                              f"classifier to evaluate: give phase 3 at least one epoch")
+        check_precision(self.precision)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.chunk_size is not None and self.chunk_size <= 0:

@@ -96,7 +96,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.attention == "vanilla":
             z, context, weights = self.attention(h, valid, need_weights=need_weights)
         else:
-            z, context, weights = self.attention(h, return_context=True, need_weights=need_weights)
+            z, context, weights = self.attention.forward_with_context(h, need_weights=need_weights)
         gamma = torch.sigmoid(self.gate(torch.cat([h, z], dim=-1)))  # eq. 7
         return self.norm(h + gamma * z), context, weights  # eq. 8
 
@@ -107,7 +107,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.use_cce:
             f, context, weights = self.causal_cue(h, valid, need_weights=need_weights)
             if self.config.uses_css:
-                prediction = self.css_predictor(context)  # eq. 15-16: ctx_i = sum_j A_ij h_j (DESIGN.md 3)
+                prediction = self.css_predictor(context)  # eq. 15-16: ctx_i = sum_j A_ij h_j (docs/design.md section 2)
                 target = self.css_target(h).detach()
         else:  # "w/o CCE": the Transformer encoder alone
             f = h

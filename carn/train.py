@@ -50,6 +50,7 @@ from mer.cli import (
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
 from mer.metrics import ResultTable
 from mer.missing import batch_missing_mask
+from mer.precision import autocast, backward_and_step, grad_scaler
 from mer.training import (
     CheckpointManager,
     LossGuard,
@@ -101,10 +102,12 @@ def _missing_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
 
 
 def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, train_config: TrainConfig, device,
-                guard: LossGuard, show_progress: bool) -> dict[str, float]:
+                guard: LossGuard, show_progress: bool,
+                scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
     """One epoch of ``stage``; returns the mean of every loss term over the batches. ``guard`` stops a non-finite or
-    diverged loss."""
+    diverged loss; ``scaler`` (default: the one of ``train_config.precision``) scales fp16 losses."""
     model.train()
+    scaler = scaler if scaler is not None else grad_scaler(train_config.precision, device)
     totals: dict[str, float] = {}
     batches = progress(loader, desc=f"epoch {epoch}/{train_config.epochs} (stage {stage})", enabled=show_progress)
     for step, batch in enumerate(batches):
@@ -113,14 +116,13 @@ def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, 
             observed = full
         else:
             observed = full.with_present(batch_missing_mask(full, train_config.missing_rate, _missing_rng(seed, epoch, step)))
-        output = model(observed.features, observed.present, observed.valid)
-        losses = stage_losses(output, full, observed, stage, model.config, train_config)
+        with autocast(train_config.precision, device):
+            output = model(observed.features, observed.present, observed.valid)
+            losses = stage_losses(output, full, observed, stage, model.config, train_config)
         guard.check(losses["loss"], epoch=epoch, phase=stage, where=f"epoch {epoch} step {step} (stage {stage})")
         optimizer.zero_grad()
-        losses["loss"].backward()
-        if train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        backward_and_step(losses["loss"], optimizer, scaler, parameters=model.parameters(),
+                          grad_clip=train_config.grad_clip)
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
     return {f"train_{name}": total / len(loader) for name, total in totals.items()}
@@ -187,6 +189,7 @@ def _run_training(
         model_config = model_config_for(splits.info, data.dataset, ablation=ablation, **(model_overrides or {}))
     model = CARN(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    scaler = grad_scaler(train_config.precision, device)
     shuffle = make_generator(seed)
     loader = DataLoader(splits.train, batch_size=train_config.batch_size, shuffle=True, generator=shuffle,
                         collate_fn=collate_dialogues)
@@ -197,6 +200,7 @@ def _run_training(
         guard.checkpoint_saved(state["epoch"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("grad_scaler", {}))
         shuffle.set_state(state["shuffle"])
         restore_rng_state(state["rng_state"])
         start = state["epoch"] + 1
@@ -222,7 +226,7 @@ def _run_training(
         model.set_stage(stage)
         began = time.perf_counter()
         values = train_epoch(model, loader, optimizer, epoch=epoch, stage=stage, seed=seed, train_config=train_config,
-                             device=device, guard=guard, show_progress=show_progress)
+                             device=device, guard=guard, show_progress=show_progress, scaler=scaler)
         values["stage"] = stage
         values["seconds"] = time.perf_counter() - began
         if splits.valid is not None:
@@ -232,6 +236,7 @@ def _run_training(
         logger.log(epoch, values)
         payload = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(),
+            "grad_scaler": scaler.state_dict(),
             "model_config": to_dict(model_config), "train_config": to_dict(train_config),
             "data": dataclasses.asdict(data), "seed": seed, "ablation": ablation,
             "row_name": ABLATION_TITLES[ablation],
@@ -308,8 +313,9 @@ def data_spec(args) -> DataSpec:
 
 
 def train_config_of(args) -> TrainConfig:
-    """The preset's TrainConfig with ``--epochs --batch-size --lr --missing-rate`` applied."""
-    overrides = {"batch_size": args.batch_size, "lr": args.lr, "missing_rate": getattr(args, "missing_rate", None)}
+    """The preset's TrainConfig with ``--epochs --batch-size --lr --missing-rate --precision`` applied."""
+    overrides = {"batch_size": args.batch_size, "lr": args.lr, "missing_rate": getattr(args, "missing_rate", None),
+                 "precision": args.precision}
     if args.epochs is not None:
         overrides.update(epochs_stage1=args.epochs[0], epochs_stage2=args.epochs[1])
     try:
