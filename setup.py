@@ -1,10 +1,15 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# the version lives in kernels/_version.py (kernels.__version__); read, not imported (importing needs torch)
+VERSION = re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("kernels").joinpath("_version.py")
+                    .read_text(encoding="utf-8")).group(1)
+
 setup(
     name="carn-camhg-kernels",
-    version="0.1.0",
+    version=VERSION,
     description="Fused Triton kernels (entmax-1.5 attention, block-causal attention, top-2 MoE) and the "
     "CARN and CaM-HG models of multimodal emotion recognition with missing modalities",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),

@@ -134,7 +134,7 @@ def test_entmax_module_with_context_gpu(benchmark, device, fused, embed_dim, dty
     x = torch.randn(32, 110, embed_dim, device=device, dtype=dtype, requires_grad=backward)
 
     def step():
-        out = module(x, return_context=True)
+        out = module.forward_with_context(x)
         if backward:
             (out.output.float().sum() + out.context.float().sum()).backward()
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mer.precision import check_precision
 from mer.protocols import SENTIMENT_LOSSES, VALIDATIONS
 
 ABLATIONS = ("full", "no_hypergraph", "no_imputation", "no_moe", "no_causal_factor", "no_gating")
@@ -48,6 +49,7 @@ class CaMHGConfig:
     sentiment_loss: str = "regression"
     scheduler: str = "plateau"
     grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32, bf16 or fp16 training (autocast; fp16 adds a GradScaler), mer.precision
     # Evaluation (Tables 2-3: eta in 0.0 .. 0.7).
     missing_rates: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     seed: int = 0  # initialisation, shuffling, dropout and training masks
@@ -73,6 +75,7 @@ class CaMHGConfig:
         if self.epochs[1] > 0 and self.epochs[2] == 0 and self.ablation != "no_imputation":
             raise ValueError(f"epochs {self.epochs} end in phase 2, which trains the generator alone and leaves no "
                              f"classifier to evaluate: give phase 3 at least one epoch")
+        check_precision(self.precision)
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         if self.chunk_size is not None and self.chunk_size <= 0:

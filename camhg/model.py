@@ -3,7 +3,7 @@
 Shapes: B dialogues, L utterances (right-padded), d = ``hidden``, M = 3 modalities in ``mer.data.MODALITIES``
 order (a, t, v). The hypergraph has 3L nodes in temporal order: node ``3 * t + m`` is modality m of utterance t.
 Every attention only looks backwards in time (group 1 over utterances, group 3 over nodes), so the prediction
-for utterance t never depends on a later utterance, and right padding needs no mask (DESIGN.md section 2).
+for utterance t never depends on a later utterance, and right padding needs no mask (docs/design.md section 1).
 """
 from __future__ import annotations
 

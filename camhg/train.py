@@ -60,6 +60,7 @@ from mer.protocols import (
     with_validation,
 )
 from mer.missing import batch_missing_mask, camhg_training_mask
+from mer.precision import autocast, clip_and_step, grad_scaler
 from mer.training import (
     CheckpointManager,
     DistContext,
@@ -176,9 +177,11 @@ def dialogues_slice(batch: Batch, start: int, stop: int) -> Batch:
 
 
 def backward_in_chunks(model: torch.nn.Module, batch: Batch, present: torch.Tensor, eta: float, phase: int,
-                       config: CaMHGConfig, info: DatasetInfo, *, rdrop: bool) -> tuple[torch.Tensor, dict]:
+                       config: CaMHGConfig, info: DatasetInfo, *, rdrop: bool,
+                       scaler: Optional[torch.amp.GradScaler] = None) -> tuple[torch.Tensor, dict]:
     """``phase_loss(...).backward()`` for ``batch`` run over chunks of ``config.chunk_size`` dialogues, each loss
-    weighted by its share of the valid utterances; returns the weighted loss and parts (detached).
+    weighted by its share of the valid utterances; returns the weighted loss and parts (detached). The forward runs
+    under the autocast of ``config.precision`` (``mer.precision``); ``scaler`` (fp16) scales the losses backpropagated.
 
     Every loss term is a mean over valid utterances, so the gradients equal those of the whole batch (up to float
     rounding) except the MoE load-balancing term, which becomes the weighted mean of the chunks' ones. Memory grows
@@ -194,9 +197,11 @@ def backward_in_chunks(model: torch.nn.Module, batch: Batch, present: torch.Tens
         last = index == len(starts) - 1
         synced = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
         with synced:
-            loss, parts, _ = phase_loss(model, chunk, present[start:start + size, :chunk.max_len], eta, phase,
-                                        config, info, rdrop=rdrop)
-            (loss * weight).backward()
+            with autocast(config.precision, present.device):
+                loss, parts, _ = phase_loss(model, chunk, present[start:start + size, :chunk.max_len], eta, phase,
+                                            config, info, rdrop=rdrop)
+            weighted = loss * weight
+            (weighted if scaler is None else scaler.scale(weighted)).backward()
         loss_sum = loss_sum + weight * loss.detach()
         for name, value in parts.items():
             parts_sum[name] = parts_sum.get(name, 0.0) + weight * value.detach()
@@ -350,12 +355,14 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
         f"{sum(p.numel() for p in model.parameters()):,} parameters (float32), d = {config.hidden}, epochs "
         f"{' + '.join(map(str, epochs))} (phases 1-3), device {torch_device}"
         f"{f' x {ctx.world_size} processes' if ctx.enabled else ''}; run folder {run_dir}", flush=True)
+    scaler = grad_scaler(config.precision, torch_device)
     if state is not None:
         model.set_phase(state["phase"])  # so that entering phase 3 after a resume still resets the gate bias
         model.load_state_dict(state["model"])
         start = state["epoch"]
         guard.checkpoint_saved(state["epoch"])
         shuffle.set_state(state["shuffle"])
+        scaler.load_state_dict(state.get("grad_scaler", {}))
         mask_generator.set_state(state["rank_states"][ctx.rank]["mask_generator"])
         logger.drop_after(state["epoch"])
         say(f"resuming after epoch {state['epoch']} of {total_epochs} (phase {state['phase']})", flush=True)
@@ -389,13 +396,11 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
                 present, eta = camhg_training_mask(batch, mask_generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss, parts = backward_in_chunks(train_model, batch, present, eta, phase, config, info,
-                                                 rdrop=config.rdrop_alpha > 0)
+                                                 rdrop=config.rdrop_alpha > 0, scaler=scaler)
                 # after the backward, before the step: the model is unchanged when the guard stops the run
                 guard.check(loss, epoch=epoch, phase=phase, where=f"phase {phase}, epoch {epoch + 1}, step {step + 1}")
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   config.grad_clip)
-                optimizer.step()
+                trained = (p for p in model.parameters() if p.requires_grad)
+                clip_and_step(optimizer, scaler, parameters=trained, grad_clip=config.grad_clip)
                 for name, value in {"loss": loss, **parts}.items():
                     running[name] = running.get(name, 0.0) + value.detach()
                 steps += 1
@@ -417,6 +422,7 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
             if ctx.is_main:
                 payload = {"config": config.to_dict(), "info": vars(info), "model": model.state_dict(),
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                           "grad_scaler": scaler.state_dict(),
                            "phase": phase, "shuffle": shuffle.get_state(), "rank_states": rank_states}
                 with deferred_interrupt():  # Ctrl-C waits for the checkpoint of this epoch
                     checkpoints.save(payload, epoch=epoch + 1)
@@ -484,7 +490,7 @@ def preset_overrides(args, fold: Optional[int] = None) -> dict:
     overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = tuple(args.epochs)
-    for name in ("batch_size", "lr", "hidden", "dropout", "p3_lr", "sentiment_loss"):
+    for name in ("batch_size", "lr", "hidden", "dropout", "p3_lr", "sentiment_loss", "precision"):
         if getattr(args, name, None) is not None:
             overrides[name] = getattr(args, name)
     overrides["validation"] = args.validation

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mer.precision import check_precision
 from mer.protocols import SENTIMENT_LOSSES
 
 ATTENTION_KINDS = ("causal_entmax", "vanilla")
@@ -108,6 +109,7 @@ class TrainConfig:
     css_weight: float = 1.0
     rec_weight: float = 1.0
     grad_clip: float = 0.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 adds a GradScaler), mer.precision
 
     def __post_init__(self):
         if self.epochs_stage1 < 0 or self.epochs_stage2 < 0 or self.epochs_stage1 + self.epochs_stage2 == 0:
@@ -116,6 +118,7 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.missing_rate < 1.0:
             raise ValueError(f"missing_rate must be in [0, 1), got {self.missing_rate}")
+        check_precision(self.precision)
         if self.stage2 not in STAGE2_KINDS:
             raise ValueError(f"stage2 must be one of {STAGE2_KINDS}, got {self.stage2!r}")
 

@@ -114,7 +114,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.attention == "vanilla":
             z, context, weights = self.attention(h, valid, need_weights=need_weights or strict)
         else:
-            z, context, weights = self.attention(h, return_context=not strict, need_weights=need_weights or strict)
+            z, context, weights = self.attention.forward_with_context(h, need_weights=need_weights or strict)
         if strict:  # the weights' O(L^2) matrix: short dialogues, and only with this option
             context = strict_parents_context(weights[:, 0], h)
         gamma = torch.sigmoid(self.gate(torch.cat([h, z], dim=-1)))  # eq. 7
@@ -127,7 +127,7 @@ class CausalCueEncoder(nn.Module):
         if self.config.use_cce:
             f, context, weights = self.causal_cue(h, valid, need_weights=need_weights)
             if self.config.uses_css:
-                prediction = self.css_predictor(context)  # eq. 15-16: ctx_i = sum_j A_ij h_j (DESIGN.md 3)
+                prediction = self.css_predictor(context)  # eq. 15-16: ctx_i = sum_j A_ij h_j (docs/design.md section 2)
                 target = self.css_target(h).detach()
         else:  # "w/o CCE": the Transformer encoder alone
             f = h

@@ -54,6 +54,7 @@ from mer.cli import (
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
 from mer.metrics import ResultTable
 from mer.missing import batch_missing_mask, condition_mask
+from mer.precision import autocast, backward_and_step, grad_scaler
 from mer.protocols import (
     FOLDS,
     average_over_folds,
@@ -144,11 +145,13 @@ def _missing_rng(seed: int, epoch: int, step: int) -> np.random.Generator:
 
 
 def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, train_config: TrainConfig, device,
-                guard: LossGuard, show_progress: bool, condition: Optional[str] = None) -> dict[str, float]:
+                guard: LossGuard, show_progress: bool, condition: Optional[str] = None,
+                scaler: Optional[torch.amp.GradScaler] = None) -> dict[str, float]:
     """One epoch of ``stage``; returns the mean of every loss term over the batches. Stage 2 masks every utterance
     with ``condition`` when given (stage 2 per condition), else draws random masks. ``guard`` stops a non-finite or
-    diverged loss."""
+    diverged loss; ``scaler`` (default: the one of ``train_config.precision``) scales fp16 losses."""
     model.train()
+    scaler = scaler if scaler is not None else grad_scaler(train_config.precision, device)
     totals: dict[str, float] = {}
     batches = progress(loader, desc=f"epoch {epoch}/{train_config.epochs} (stage {stage})", enabled=show_progress)
     for step, batch in enumerate(batches):
@@ -159,16 +162,15 @@ def train_epoch(model, loader, optimizer, *, epoch: int, stage: int, seed: int, 
             observed = full.with_present(condition_mask(full, condition))
         else:
             observed = full.with_present(batch_missing_mask(full, train_config.missing_rate, _missing_rng(seed, epoch, step)))
-        output = model(observed.features, observed.present, observed.valid)
-        losses = stage_losses(output, full, observed, stage, model.config, train_config)
+        with autocast(train_config.precision, device):
+            output = model(observed.features, observed.present, observed.valid)
+            losses = stage_losses(output, full, observed, stage, model.config, train_config)
         # each stage-2 model of a condition is its own objective for the guard
         guard.check(losses["loss"], epoch=epoch, phase=stage if condition is None else (stage, condition),
                     where=f"epoch {epoch} step {step} (stage {stage})")
         optimizer.zero_grad()
-        losses["loss"].backward()
-        if train_config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        backward_and_step(losses["loss"], optimizer, scaler, parameters=model.parameters(),
+                          grad_clip=train_config.grad_clip)
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
     return {f"train_{name}": total / len(loader) for name, total in totals.items()}
@@ -239,6 +241,7 @@ def _run_training(
         return torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
 
     optimizer = new_optimizer()
+    scaler = grad_scaler(train_config.precision, device)
     shuffle = make_generator(seed)
     loader = DataLoader(splits.train, batch_size=train_config.batch_size, shuffle=True, generator=shuffle,
                         collate_fn=collate_dialogues)
@@ -249,6 +252,7 @@ def _run_training(
         guard.checkpoint_saved(state["epoch"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("grad_scaler", {}))
         shuffle.set_state(state["shuffle"])
         restore_rng_state(state["rng_state"])
         start = state["epoch"] + 1
@@ -278,6 +282,7 @@ def _run_training(
     def payload_now(epoch_model) -> dict:
         return {
             "model": epoch_model.state_dict(), "optimizer": optimizer.state_dict(), "shuffle": shuffle.get_state(),
+            "grad_scaler": scaler.state_dict(),
             "model_config": to_dict(model_config), "train_config": to_dict(train_config),
             "data": dataclasses.asdict(data), "seed": seed, "ablation": ablation,
             "row_name": ABLATION_TITLES[ablation],
@@ -293,7 +298,8 @@ def _run_training(
         model.set_stage(stage)
         began = time.perf_counter()
         values = train_epoch(model, loader, optimizer, epoch=epoch, stage=stage, seed=seed, train_config=train_config,
-                             device=device, guard=guard, show_progress=show_progress, condition=condition)
+                             device=device, guard=guard, show_progress=show_progress, condition=condition,
+                             scaler=scaler)
         values["stage"] = stage
         values["seconds"] = time.perf_counter() - began
         if splits.valid is not None:
@@ -430,9 +436,9 @@ def data_spec(args, fold: Optional[int] = None) -> DataSpec:
 
 
 def train_config_of(args) -> TrainConfig:
-    """The preset's TrainConfig with ``--epochs --batch-size --lr --missing-rate --stage2`` applied."""
+    """The preset's TrainConfig with ``--epochs --batch-size --lr --missing-rate --stage2 --precision`` applied."""
     overrides = {"batch_size": args.batch_size, "lr": args.lr, "missing_rate": getattr(args, "missing_rate", None),
-                 "stage2": getattr(args, "stage2", None)}
+                 "stage2": getattr(args, "stage2", None), "precision": args.precision}
     if args.epochs is not None:
         overrides.update(epochs_stage1=args.epochs[0], epochs_stage2=args.epochs[1])
     try:

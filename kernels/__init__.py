@@ -4,6 +4,7 @@ Every op dispatches on ``KERNELS_BACKEND`` (see ``kernels.backend``); ``kernels.
 plain PyTorch references and the reference twins of the modules.
 """
 from . import reference
+from ._version import __version__
 from .backend import use_backend
 from .block_causal_attention import (
     BlockCausalMultiheadAttention,
@@ -14,6 +15,7 @@ from .entmax_attention import FusedEntmaxCausalAttention, entmax15_attention
 from .moe import Top2MoE, moe_top2
 
 __all__ = [
+    "__version__",
     "BlockCausalMultiheadAttention",
     "BlockCausalTransformerLayer",
     "FusedEntmaxCausalAttention",

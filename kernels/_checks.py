@@ -46,14 +46,14 @@ def check_scale(scale) -> None:
 
 def checked_cu_seqlens(cu_seqlens, total: int, validate) -> torch.Tensor:
     """The offsets as a contiguous int32 (num_seqs + 1,) tensor (the kernels index them as a flat array); with
-    ``validate`` (None: when they are on the CPU) also their values: start at 0, strictly increasing, end at
-    ``total``."""
+    ``validate`` (None: when they are on the CPU; never while torch.compile traces) also their values: start at 0,
+    strictly increasing, end at ``total``."""
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
     cu_seqlens = cu_seqlens.contiguous()
-    if not (cu_seqlens.device.type == "cpu" if validate is None else validate):
-        return cu_seqlens
+    if torch.compiler.is_compiling() or not (cu_seqlens.device.type == "cpu" if validate is None else validate):
+        return cu_seqlens  # the value checks read the offsets on the host
     offsets = cu_seqlens.cpu()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {int(offsets[0])}")
@@ -62,3 +62,15 @@ def checked_cu_seqlens(cu_seqlens, total: int, validate) -> torch.Tensor:
     if offsets[-1] != total:
         raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(offsets[-1])}")
     return cu_seqlens
+
+
+def check_mha_unsupported(**arguments) -> None:
+    """nn.MultiheadAttention arguments that the attention modules do not implement must keep their defaults
+    (None or False)."""
+    reasons = {"attn_mask": "the module's mask is fixed (block-causal or causal)",
+               "is_causal": "the module's mask is fixed (block-causal or causal)"}
+    for name, value in arguments.items():
+        if value is not None and value is not False:
+            shown = "a tensor" if isinstance(value, torch.Tensor) else repr(value)
+            reason = f": {reasons[name]}" if name in reasons else ""
+            raise ValueError(f"{name}={shown} is not supported{reason}")

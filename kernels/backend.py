@@ -1,4 +1,4 @@
-"""The one switch between the Triton kernels and the PyTorch references (DESIGN.md section 2).
+"""The one switch between the Triton kernels and the PyTorch references (docs/design.md section 1).
 
 ``KERNELS_BACKEND`` (read at every call, so tests and users may change it between calls):
 

@@ -1,4 +1,4 @@
-"""Block-causal softmax attention (DESIGN.md sections 2 and 4): Triton forward and backward, references, modules.
+"""Block-causal softmax attention (docs/design.md sections 1 and 3): Triton forward and backward, references, modules.
 
 Query i may see key j iff ``j // G <= i // G`` (G = ``group_size``; G = 1 is causal attention). Flash-attention
 style: the forward keeps an online softmax per query row and saves the log-sum-exp (natural log, fp32); the
@@ -15,14 +15,16 @@ import contextlib
 from typing import Iterator, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor, checked_cu_seqlens
+from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
+                      checked_cu_seqlens)
 from ._triton_helpers import (FP32_DOT_PRECISIONS, check_batch_heads, dot_fp32acc, fp32_dot_precision,
                               launch_device_of, tile_arch, upcast_dots_for)
+from ._amp import autocast_op
 from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
@@ -471,29 +473,76 @@ def block_causal_attention_bwd(q, k, v, lse, do, layout: _Layout, group_size: in
     return dq, dk, dv
 
 
-class BlockCausalAttentionFunction(torch.autograd.Function):
-    """Autograd over the Triton kernels; saves q, k, v and the log-sum-exp (never o, nor the T x T matrix).
-    The backward computes only the gradients asked for: no dQ pass without q's, no dK/dV kernel without k's
-    and v's (dV alone still computes dK alongside)."""
+# torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
+# fused backward registered as their autograd formula. The layout travels as (cu_seqlens, batch, max_seqlen, varlen).
+# The backward computes only the gradients asked for: no dQ pass without q's, no dK/dV kernel without k's and v's
+# (dV alone still computes dK alongside); a gradient not computed comes back as an empty (0,) tensor.
 
-    @staticmethod
-    def forward(ctx, q, k, v, layout: _Layout, group_size: int, scale: float):
-        q, k, v = _unit_stride_last_dim(q, k, v)
-        with launch_device_of(q):
-            o, lse = block_causal_attention_fwd(q, k, v, layout, group_size, scale)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.layout, ctx.group_size, ctx.scale = layout, group_size, scale
-        return o
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, lse = ctx.saved_tensors
-        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
-        with launch_device_of(q):
-            dq, dk, dv = block_causal_attention_bwd(q, k, v, lse, do, ctx.layout, ctx.group_size, ctx.scale,
-                                                    need_dq=need_dq, need_dkdv=need_dk or need_dv)
-        return dq, dk if need_dk else None, dv if need_dv else None, None, None, None
+def _layout_of(q: torch.Tensor, cu_seqlens: torch.Tensor, batch: int, max_seqlen: int, varlen: bool) -> _Layout:
+    rows = q.shape[0] if varlen else q.shape[2]
+    return _Layout(batch, q.shape[1], rows, max_seqlen, cu_seqlens, varlen)
+
+
+@torch.library.custom_op("kernels::block_causal_attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int batch, int max_seqlen, "
+                                "bool varlen, int group_size, float scale) -> (Tensor, Tensor)")
+def _block_causal_fwd_op(q, k, v, cu_seqlens, batch, max_seqlen, varlen, group_size, scale):
+    """Triton forward on unit-stride head dims: (o like v, lse float32)."""
+    with launch_device_of(q):
+        return block_causal_attention_fwd(q, k, v, _layout_of(q, cu_seqlens, batch, max_seqlen, varlen),
+                                          group_size, scale)
+
+
+@_block_causal_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, batch, max_seqlen, varlen, group_size, scale):
+    layout = _layout_of(q, cu_seqlens, batch, max_seqlen, varlen)
+    return torch.empty_like(v), q.new_empty(layout.lse_shape(), dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::block_causal_attention_bwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor lse, Tensor do, Tensor cu_seqlens, "
+                                "int batch, int max_seqlen, bool varlen, int group_size, float scale, bool need_dq, "
+                                "bool need_dkdv) -> (Tensor, Tensor, Tensor)")
+def _block_causal_bwd_op(q, k, v, lse, do, cu_seqlens, batch, max_seqlen, varlen, group_size, scale, need_dq,
+                         need_dkdv):
+    """Triton backward: (dq, dk, dv) like q, k, v; empty (0,) where not needed."""
+    with launch_device_of(q):
+        grads = block_causal_attention_bwd(q, k, v, lse, do, _layout_of(q, cu_seqlens, batch, max_seqlen, varlen),
+                                           group_size, scale, need_dq=need_dq, need_dkdv=need_dkdv)
+    return tuple(q.new_empty(0) if g is None else g for g in grads)
+
+
+@_block_causal_bwd_op.register_fake
+def _(q, k, v, lse, do, cu_seqlens, batch, max_seqlen, varlen, group_size, scale, need_dq, need_dkdv):
+    return (torch.empty_like(q) if need_dq else q.new_empty(0),
+            *((torch.empty_like(k), torch.empty_like(v)) if need_dkdv else (k.new_empty(0), v.new_empty(0))))
+
+
+def _block_causal_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, batch, max_seqlen, varlen, group_size, scale = inputs
+    _, lse = output
+    ctx.save_for_backward(q, k, v, lse, cu_seqlens)
+    ctx.layout_args, ctx.group_size, ctx.scale = (batch, max_seqlen, varlen), group_size, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _block_causal_backward(ctx, do, _d_lse):
+    q, k, v, lse, cu_seqlens = ctx.saved_tensors
+    need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
+    dq, dk, dv = _block_causal_bwd_op(q, k, v, lse, do, cu_seqlens, *ctx.layout_args, ctx.group_size, ctx.scale,
+                                      need_dq, need_dk or need_dv)
+    return (dq if need_dq else None, dk if need_dk else None, dv if need_dv else None,
+            None, None, None, None, None, None)
+
+
+_block_causal_fwd_op.register_autograd(_block_causal_backward, setup_context=_block_causal_setup_context)
+
+
+def _block_causal_attention_triton(q, k, v, layout: _Layout, group_size: int, scale: float) -> torch.Tensor:
+    q, k, v = _unit_stride_last_dim(q, k, v)
+    return _block_causal_fwd_op(q, k, v, layout.cu_seqlens, layout.batch, layout.max_seqlen, layout.varlen,
+                                group_size, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,7 +556,9 @@ def block_causal_mask(t: int, group_size: int, device=None) -> torch.Tensor:
     return index[None, :] <= index[:, None]
 
 
-def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
+@autocast_op
+def block_causal_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, group_size: int = 3,
+                                     scale: Optional[float] = None) -> Tensor:
     """Dense mask + softmax, in float64 for float64 inputs and float32 otherwise.
     q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in v's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -517,15 +568,28 @@ def block_causal_attention_reference(q, k, v, *, group_size=3, scale=None):
     return (scores.softmax(dim=-1) @ v.to(compute)).to(v.dtype)
 
 
-def block_causal_attention_varlen_reference(q, k, v, cu_seqlens, *, group_size=3, scale=None):
-    """Per-sequence :func:`block_causal_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
-    outputs = []
-    offsets = cu_seqlens.tolist()
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, L, D)
-        out = block_causal_attention_reference(*per_sequence, group_size=group_size, scale=scale)
-        outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs)
+def varlen_block_causal_mask(cu_seqlens: torch.Tensor, total: int, group_size: int) -> torch.Tensor:
+    """(total, total) bool, True where packed row i may see packed row j: same sequence and block-causal in the
+    positions counted from the sequence's start. Built on the offsets' device without reading them on the host."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    offsets = cu_seqlens.long()
+    sequence = torch.searchsorted(offsets[1:], rows, right=True)
+    block = (rows - offsets[sequence]) // group_size
+    return (sequence[:, None] == sequence[None, :]) & (block[None, :] <= block[:, None])
+
+
+@autocast_op
+def block_causal_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
+                                            group_size: int = 3, scale: Optional[float] = None) -> Tensor:
+    """:func:`block_causal_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one
+    dense masked attention over all rows (O(total^2) memory; no host read of the offsets, so it compiles)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_h, k_h, v_h = (x.to(compute).transpose(0, 1) for x in (q, k, v))  # (H, total, D)
+    scores = (q_h @ k_h.transpose(-1, -2)) * scale
+    allowed = varlen_block_causal_mask(cu_seqlens.to(q.device), q.shape[0], group_size)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(dim=-1) @ v_h).transpose(0, 1).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,7 +624,9 @@ def _check_kernel_head_dims(q, v) -> None:
                              f"{t.shape[-1]}")
 
 
-def block_causal_attention(q, k, v, *, group_size=3, scale=None):
+@autocast_op
+def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, *, group_size: int = 3,
+                           scale: Optional[float] = None) -> Tensor:
     """Block-causal attention: query i sees key j iff ``j // group_size <= i // group_size``.
 
     q, k: (B, H, T, D); v: (B, H, T, Dv) -> (B, H, T, Dv) in q's dtype. k and v may come from another sequence
@@ -576,10 +642,13 @@ def block_causal_attention(q, k, v, *, group_size=3, scale=None):
     b, h, t, _ = q.shape
     check_batch_heads(b * h)
     layout = _Layout(b, h, t, t, q.new_zeros(1, dtype=torch.int32), varlen=False)
-    return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
+    return _block_causal_attention_triton(q, k, v, layout, group_size, scale)
 
 
-def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group_size=3, scale=None, validate=None):
+@autocast_op
+def block_causal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
+                                  max_seqlen: Optional[int] = None, group_size: int = 3,
+                                  scale: Optional[float] = None, validate: Optional[bool] = None) -> Tensor:
     """Block-causal attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
 
     ``cu_seqlens`` (num_seqs + 1,) int32 tensor (any stride): sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]``
@@ -600,11 +669,12 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
         return block_causal_attention_varlen_reference(q, k, v, cu_seqlens, group_size=group_size, scale=scale)
     _check_kernel_head_dims(q, v)
     check_batch_heads((cu_seqlens.numel() - 1) * q.shape[1])
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.device.type == "cpu" else total
+    if max_seqlen is None:  # a host read of CPU offsets; compiled code and GPU offsets bound the grid by total
+        on_host = cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if on_host else total
     layout = _Layout(cu_seqlens.numel() - 1, q.shape[1], total, max_seqlen,
                      cu_seqlens.to(q.device, non_blocking=True), varlen=True)
-    return BlockCausalAttentionFunction.apply(q, k, v, layout, group_size, scale)
+    return _block_causal_attention_triton(q, k, v, layout, group_size, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,44 +684,64 @@ def block_causal_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, group
 
 def _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, group_size: int, dropout: float):
     """Dense fallback for training with attention-weight dropout, which the fused kernels do not do."""
-    if cu_seqlens is not None:
-        offsets = cu_seqlens.tolist()
-        return torch.cat([
-            _block_causal_attention_with_weight_dropout(
-                *(x[start:end].transpose(0, 1)[None] for x in (q, k, v)), None, group_size, dropout
-            )[0].transpose(0, 1)
-            for start, end in zip(offsets[:-1], offsets[1:])
-        ])
+    if cu_seqlens is not None:  # packed (total, H, D): one dense masked attention over all rows
+        allowed = varlen_block_causal_mask(cu_seqlens.to(q.device), q.shape[0], group_size)
+        q, k, v = (x.transpose(0, 1) for x in (q, k, v))
+    else:
+        allowed = block_causal_mask(q.shape[-2], group_size, q.device)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~block_causal_mask(q.shape[-2], group_size, q.device), float("-inf"))
-    return nn.functional.dropout(scores.softmax(dim=-1), p=dropout, training=True) @ v
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = nn.functional.dropout(scores.softmax(dim=-1), p=dropout, training=True) @ v
+    return out if cu_seqlens is None else out.transpose(0, 1)
 
 
 class BlockCausalMultiheadAttention(nn.Module):
     """Multi-head block-causal attention with ``nn.MultiheadAttention``'s parameters (``in_proj_weight`` (3E, E),
-    ``in_proj_bias`` (3E,), ``out_proj``), so state dicts load both ways with
+    ``in_proj_bias`` (3E,), ``out_proj``) and call conventions, so state dicts load both ways with
     ``nn.MultiheadAttention(E, H, batch_first=True)``; that module given ``attn_mask=~block_causal_mask(T, G)``
     computes the same output.
 
-    forward(query, key=None, value=None, *, cu_seqlens=None, max_seqlen=None): batch-first (B, T, E), or packed
-    (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (the longest sequence: pass it with GPU offsets,
-    or the grid is sized by the packed length; see :func:`block_causal_attention_varlen`); key defaults to query
-    and value to key. Returns the attended output only (no weights).
-    ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that runs a dense
-    (non-fused) path, so leave it 0 where speed matters.
+    Constructor as ``nn.MultiheadAttention``'s (``dropout`` positional; ``batch_first`` defaults to True here and
+    False is supported; ``add_bias_kv``, ``add_zero_attn`` and other ``kdim``/``vdim`` are refused) plus the
+    keyword ``group_size``. ``dropout`` drops attention weights in training, as nn.MultiheadAttention does; that
+    runs a dense (non-fused) path, so leave it 0 where speed matters.
+
+    forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True,
+    cu_seqlens=None, max_seqlen=None) -> (output, weights or None) like ``nn.MultiheadAttention``: (B, T, E) (or
+    (T, B, E) without ``batch_first``), or packed (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (the
+    longest sequence: pass it with GPU offsets, or the grid is sized by the packed length; see
+    :func:`block_causal_attention_varlen`); key defaults to query and value to key (same length as query).
+    ``key_padding_mask`` (B, T) bool, True = padding, marks the padded positions of query and key alike:
+    the valid tokens of each row form its sequence (positions counted among them) and run through the packed kernels
+    (unpad, varlen, pad back), so padded batches of any lengths are right; padded positions output zeros. This path
+    reads the mask's lengths on the host (data-dependent shapes, a graph break under torch.compile). Weights
+    (B, T, T) averaged over heads, or (B, H, T, T), are computed densely when asked for. ``attn_mask`` and
+    ``is_causal`` are refused: the mask is block-causal by construction.
     """
 
-    def __init__(self, embed_dim, num_heads, *, group_size=3, dropout=0.0, bias=True):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = True, device=None, dtype=None, *,
+                 group_size: int = 3):
         super().__init__()
         if num_heads <= 0 or embed_dim <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check_mha_unsupported(add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn)
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim not in (None, embed_dim):
+                raise ValueError(f"{name} must be None or embed_dim ({embed_dim}): keys and values share the "
+                                 f"queries' width, got {dim}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be a bool, got {type(batch_first).__name__}")
         _check_group_size(group_size)
         self.embed_dim, self.num_heads, self.group_size, self.dropout = embed_dim, num_heads, group_size, dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.batch_first = batch_first
+        factory = dict(device=device, dtype=dtype)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -661,42 +751,116 @@ class BlockCausalMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key=None, value=None, *, cu_seqlens=None, max_seqlen=None):
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, group_size={self.group_size}, "
+                f"dropout={self.dropout}, bias={self.in_proj_bias is not None}, batch_first={self.batch_first}")
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                *, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True, is_causal: bool = False,
+                cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        check_mha_unsupported(attn_mask=attn_mask, is_causal=is_causal)
         key = query if key is None else key
         value = key if value is None else value
+        if cu_seqlens is not None:
+            if key_padding_mask is not None:
+                raise ValueError("pass key_padding_mask (padded batch) or cu_seqlens (packed), not both")
+            for name, x in (("query", query), ("key", key), ("value", value)):
+                check_tensor(name, x, ndim=2)
+            return self._attend(query, key, value, cu_seqlens, need_weights, average_attn_weights, max_seqlen)
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, x, ndim=3)
+        if not self.batch_first:  # (T, B, E) -> (B, T, E)
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        if key.shape[:2] != query.shape[:2] or value.shape[:2] != query.shape[:2]:
+            raise ValueError(f"key and value must have query's (batch, length) {tuple(query.shape[:2])} (block-causal "
+                             f"positions are shared), got {tuple(key.shape[:2])} and {tuple(value.shape[:2])}")
+        if key_padding_mask is None:
+            out, weights = self._attend(query, key, value, None, need_weights, average_attn_weights)
+        else:
+            out, weights = self._attend_padded(query, key, value, key_padding_mask, need_weights,
+                                               average_attn_weights)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _attend_padded(self, query, key, value, key_padding_mask, need_weights, average_attn_weights):
+        """Unpad the valid tokens, attend packed, pad back (zeros at padded positions)."""
+        b, t = query.shape[:2]
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+        if key_padding_mask.shape != (b, t):
+            raise ValueError(f"key_padding_mask must have shape {(b, t)} (batch, length), got "
+                             f"{tuple(key_padding_mask.shape)}")
+        valid = ~key_padding_mask.to(query.device)
+        rows = valid.flatten().nonzero().squeeze(1)  # the valid tokens, row by row
+        lengths = valid.sum(dim=1)
+        lengths = lengths[lengths > 0]  # an all-padded row is no sequence
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        packed = [x.flatten(0, 1).index_select(0, rows) for x in (query, key, value)]
+        out, _ = self._attend(*packed, cu_seqlens, False, average_attn_weights, max_seqlen=t)
+        out = out.new_zeros(b * t, out.shape[-1]).index_copy(0, rows, out).view(b, t, -1)
+        weights = None
+        if need_weights:
+            position = valid.cumsum(dim=1) - 1  # position among the row's valid tokens
+            allowed = (valid[:, :, None] & valid[:, None, :]
+                       & (position[:, None, :] // self.group_size <= position[:, :, None] // self.group_size))
+            weights = self._dense_weights(query, key, allowed[:, None], average_attn_weights)
+        return out, weights
+
+    def _split_heads(self, query, key, value, packed: bool):
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         h, head_dim = self.num_heads, self.embed_dim // self.num_heads
         # (B, T, E) -> (B, H, T, Dh) as a strided view, or packed (total, E) -> (total, H, Dh): no copies
-        if cu_seqlens is None:
-            split = lambda x: x.unflatten(-1, (h, head_dim)).transpose(1, 2)
-        else:
-            split = lambda x: x.unflatten(-1, (h, head_dim))
-        q = split(nn.functional.linear(query, w_q, b_q))
-        k = split(nn.functional.linear(key, w_k, b_k))
-        v = split(nn.functional.linear(value, w_v, b_v))
+        split = (lambda x: x.unflatten(-1, (h, head_dim))) if packed else (
+            lambda x: x.unflatten(-1, (h, head_dim)).transpose(1, 2))
+        return (split(nn.functional.linear(query, w_q, b_q)), split(nn.functional.linear(key, w_k, b_k)),
+                split(nn.functional.linear(value, w_v, b_v)))
+
+    def _attend(self, query, key, value, cu_seqlens, need_weights, average_attn_weights, max_seqlen=None):
+        q, k, v = self._split_heads(query, key, value, packed=cu_seqlens is not None)
         if self.training and self.dropout > 0:
             out = _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, self.group_size, self.dropout)
         elif cu_seqlens is None:
             out = block_causal_attention(q, k, v, group_size=self.group_size)
         else:
-            out = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen, group_size=self.group_size)
+            out = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen,
+                                                group_size=self.group_size)
         out = out.transpose(1, 2).flatten(-2) if cu_seqlens is None else out.flatten(-2)
-        return self.out_proj(out)
+        weights = None
+        if need_weights:
+            if cu_seqlens is None:
+                allowed = block_causal_mask(query.shape[-2], self.group_size, query.device)
+            else:
+                allowed = varlen_block_causal_mask(cu_seqlens.to(query.device), query.shape[0], self.group_size)
+            weights = self._dense_weights(query, key, allowed, average_attn_weights)
+        return self.out_proj(out), weights
+
+    def _dense_weights(self, query, key, allowed, average_attn_weights):
+        """softmax(mask(q k^T / sqrt(Dh))) (.., H, T, T), zero rows where nothing is allowed; averaged over heads
+        when ``average_attn_weights``. Packed inputs give (H, total, total) (or (total, total))."""
+        packed = query.dim() == 2
+        q, k, _ = self._split_heads(query, key, key, packed=packed)
+        if packed:
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0).to(query.dtype)
+        return weights.mean(dim=-3) if average_attn_weights else weights
 
 
 class BlockCausalTransformerLayer(nn.Module):
     """Transformer layer over :class:`BlockCausalMultiheadAttention`: attention, GELU feed-forward, residuals and
     LayerNorm (post-norm, or pre-norm with ``norm_first``).
 
-    forward(x, context=None, *, cu_seqlens=None, max_seqlen=None): x (B, T, d_model) or packed (total, d_model)
-    with ``cu_seqlens`` (and ``max_seqlen``, as in :class:`BlockCausalMultiheadAttention`). Self-attention
+    forward(x, context=None, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None): x (B, T, d_model)
+    (key_padding_mask (B, T) as in :class:`BlockCausalMultiheadAttention`) or packed (total, d_model) with
+    ``cu_seqlens`` (and ``max_seqlen``, as in :class:`BlockCausalMultiheadAttention`). Self-attention
     when ``context`` is None; otherwise x's queries attend ``context``'s keys/values (same length: hyperedges
     attend nodes and back, CaM-HG eq. 10). ``dropout`` applies to the residual branches and inside the
     feed-forward, not to the attention weights, so training keeps the fused kernel.
     """
 
-    def __init__(self, d_model, nhead, dim_feedforward=None, dropout=0.1, *, group_size=3, norm_first=False):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: Optional[int] = None, dropout: float = 0.1, *,
+                 group_size: int = 3, norm_first: bool = False):
         super().__init__()
         dim_feedforward = dim_feedforward or 4 * d_model
         self.norm_first = norm_first
@@ -706,16 +870,22 @@ class BlockCausalTransformerLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, x, context=None, *, cu_seqlens=None, max_seqlen=None):
-        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    def extra_repr(self) -> str:
+        return f"norm_first={self.norm_first}"
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, *,
+                key_padding_mask: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
+        attend = lambda q, kv: self.attn(q, kv, kv, key_padding_mask=key_padding_mask,  # noqa: E731
+                                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[0]
         if self.norm_first:
             query = self.norm1(x)
             # keys/values from another sequence get the same pre-norm as the queries
             context = query if context is None else self.norm1(context)
-            x = x + self.dropout1(self.attn(query, context, context, **packed))
+            x = x + self.dropout1(attend(query, context))
             return x + self.dropout2(self.ff(self.norm2(x)))
         context = x if context is None else context
-        x = self.norm1(x + self.dropout1(self.attn(x, context, context, **packed)))
+        x = self.norm1(x + self.dropout1(attend(x, context)))
         return self.norm2(x + self.dropout2(self.ff(x)))
 
 

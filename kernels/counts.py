@@ -406,7 +406,7 @@ def _block_causal(group_size: int):
 
 
 #: (label, D, Dv) of the FLOP counts: two plain head sizes and CARN's causal-cue attention (hidden 256, one head,
-#: ``return_context=True`` appends x (E = 256) to the head's values: Dv = 256 + 256).
+#: ``forward_with_context`` appends x (E = 256) to the head's values: Dv = 256 + 256).
 ENTMAX_HEAD_DIMS = (("D 64", 64, 64), ("D 128", 128, 128), ("CARN, context", 256, 512))
 #: block-causal kernels take D, Dv <= 256
 BLOCK_CAUSAL_HEAD_DIMS = (("D 64 (CaM-HG: 512 / 8 heads)", 64, 64), ("D 128", 128, 128), ("D 256", 256, 256))

@@ -1,4 +1,4 @@
-"""Causal entmax-1.5 attention, fused flash-style in Triton (DESIGN.md sections 2-3).
+"""Causal entmax-1.5 attention, fused flash-style in Triton (docs/design.md sections 1-2).
 
 ``entmax15_attention(q, k, v)`` equals ``entmax.entmax15(scores, dim=-1) @ v`` with
 ``scores = q k^T * scale`` (``-inf`` where ``j > i`` when causal) without ever forming the T x T matrix:
@@ -22,13 +22,15 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from ._checks import check_nonempty, check_same_dtype_and_device, check_scale, check_tensor, checked_cu_seqlens
+from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
+                      checked_cu_seqlens)
 from .aot import AotConfig
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._amp import autocast_op
 from .backend import use_triton
 
 
@@ -515,26 +517,60 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     return dq, dk, dv
 
 
-class EntmaxAttentionFunction(torch.autograd.Function):
-    """Triton entmax-1.5 attention with its fused backward. Saves q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv)
-    and the rows' sequences (T,): memory linear in T."""
+# torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
+# fused backward registered as their autograd formula. The rows' sequences travel as their (T,) int32 start and end
+# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv) and the sequences: memory
+# linear in T.
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, scale: float, sequences: _Sequences):
-        with launch_device_of(q):
-            o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w=True, sequences=sequences)
-        ctx.save_for_backward(q, k, v, rowmax, tau, w, *sequences)
-        ctx.causal, ctx.scale = causal, scale
-        return o
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do):
-        q, k, v, rowmax, tau, w, start, end = ctx.saved_tensors
-        with launch_device_of(q):
-            dq, dk, dv = _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, ctx.causal, ctx.scale,
-                                               _Sequences(start, end))
-        return dq, dk, dv, None, None, None
+@torch.library.custom_op("kernels::entmax15_attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_end, bool causal, "
+                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor)")
+def _entmax15_attention_fwd_op(q, k, v, seq_start, seq_end, causal, scale, store_w):
+    """Triton forward: (o, rowmax, tau, w); w is empty (0,) without ``store_w``."""
+    with launch_device_of(q):
+        o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w, _Sequences(seq_start, seq_end))
+    return o, rowmax, tau, w if w is not None else tau.new_zeros(0)
+
+
+@_entmax15_attention_fwd_op.register_fake
+def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
+    B, H, T, _ = q.shape
+    shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
+    return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32))
+
+
+@torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor rowmax, Tensor tau, Tensor w, "
+                                "Tensor seq_start, Tensor seq_end, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
+def _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
+    """Triton backward: (dq, dk, dv)."""
+    with launch_device_of(q):
+        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end))
+
+
+@_entmax15_attention_bwd_op.register_fake
+def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _entmax15_attention_setup_context(ctx, inputs, output):
+    q, k, v, seq_start, seq_end, causal, scale, _ = inputs
+    _, rowmax, tau, w = output
+    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(rowmax, tau, w)
+
+
+def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w):
+    q, k, v, rowmax, tau, w, seq_start, seq_end = ctx.saved_tensors
+    dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_entmax15_attention_fwd_op.register_autograd(_entmax15_attention_backward,
+                                             setup_context=_entmax15_attention_setup_context)
 
 
 def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
@@ -682,7 +718,9 @@ def entmax15(scores: torch.Tensor) -> torch.Tensor:
     return _Entmax15Function.apply(scores)
 
 
-def entmax15_attention_weights(q, k, *, causal=True, scale=None):
+@autocast_op
+def entmax15_attention_weights(q: Tensor, k: Tensor, *, causal: bool = True,
+                               scale: Optional[float] = None) -> Tensor:
     """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), computed in float32 or in the inputs'
     dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory. A query row whose visible
     scores hold NaN or ``+inf`` (NaN or infinite q or k) is NaN."""
@@ -696,7 +734,9 @@ def entmax15_attention_weights(q, k, *, causal=True, scale=None):
     return entmax15(scores)
 
 
-def entmax15_attention_reference(q, k, v, *, causal=True, scale=None):
+@autocast_op
+def entmax15_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                                 scale: Optional[float] = None) -> Tensor:
     """``entmax15(mask(q k^T * scale)) @ v`` (B, H, T, Dv) in plain PyTorch, computed in float32 (float64 for
     float64 inputs) and returned in v's dtype. NaN rows as in :func:`entmax15`."""
     weights = entmax15_attention_weights(q, k, causal=causal, scale=scale)
@@ -717,7 +757,9 @@ def _check_attention_inputs(q, k, v, causal, scale) -> None:
     check_scale(scale)
 
 
-def entmax15_attention(q, k, v, *, causal=True, scale=None):
+@autocast_op
+def entmax15_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                       scale: Optional[float] = None) -> Tensor:
     """Entmax-1.5 attention: ``entmax15(mask(q k^T * scale)) @ v``.
 
     q, k: (B, H, T, D); v: (B, H, T, Dv); fp32, fp16 or bf16 (any strides). Returns (B, H, T, Dv) in the inputs'
@@ -733,13 +775,13 @@ def entmax15_attention(q, k, v, *, causal=True, scale=None):
 
 
 def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _Sequences):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return EntmaxAttentionFunction.apply(q, k, v, causal, scale, sequences)
-    with launch_device_of(q):
-        return _entmax_attention_fwd(q, k, v, causal, scale, store_w=False, sequences=sequences)[0]
+    store_w = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))  # the backward needs w
+    return _entmax15_attention_fwd_op(q, k, v, *sequences, causal, scale, store_w)[0]
 
 
-def entmax15_attention_varlen_reference(q, k, v, cu_seqlens, *, causal=True, scale=None):
+@autocast_op
+def entmax15_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = True,
+                                        scale: Optional[float] = None) -> Tensor:
     """Per-sequence :func:`entmax15_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
     outputs = []
     offsets = cu_seqlens.tolist()
@@ -750,7 +792,10 @@ def entmax15_attention_varlen_reference(q, k, v, cu_seqlens, *, causal=True, sca
     return torch.cat(outputs)
 
 
-def entmax15_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, causal=True, scale=None, validate=None):
+@autocast_op
+def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
+                              max_seqlen: Optional[int] = None, causal: bool = True, scale: Optional[float] = None,
+                              validate: Optional[bool] = None) -> Tensor:
     """Entmax-1.5 attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
 
     ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends only
@@ -758,6 +803,7 @@ def entmax15_attention_varlen(q, k, v, cu_seqlens, *, max_seqlen=None, causal=Tr
     query tile's sequences, so padding costs nothing. ``max_seqlen`` is accepted for the varlen convention of
     ``block_causal_attention_varlen`` and checked, not needed. ``validate`` checks the offsets (start at 0, strictly
     increasing, end at total); None means "when cu_seqlens is on the CPU" (checking GPU offsets syncs with the host).
+    Under ``torch.autocast`` it runs in the autocast dtype, like :func:`entmax15_attention`.
     """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor, ndim=3)
@@ -852,32 +898,73 @@ class EntmaxCausalAttention(torch.nn.Module):
     """Multi-head entmax-1.5 self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
     with the same arguments and ``state_dict`` keys.
 
-    forward(x (B, T, E), *, return_context=False, need_weights=False, key_padding_mask=None) returns ``output``
-    (B, T, E) alone, or an ``EntmaxAttentionOutput`` when a flag is set. The context ``A @ x`` (CARN's causal
-    parents) comes from the same attention call, with x appended to every head's values; the weights are recomputed
-    by the reference formula. ``key_padding_mask`` (B, T) bool, True at padding (``nn.MultiheadAttention``'s
-    convention): the unpadded positions of each row form one sequence, run packed (varlen), and padded positions
-    attend nothing (zero attention output and context).
+    Constructor: ``(embed_dim, num_heads=1, dropout=0.0, bias=True, *, out_proj=True, causal=True,
+    batch_first=True)``; ``dropout`` is ``nn.MultiheadAttention``'s positional argument and must be 0 (entmax
+    weights are not dropped); ``batch_first=False`` takes (T, B, E).
+
+    ``forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True)``
+    returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
+    query itself); output (B, T, E); weights (B, T, T) averaged over heads or (B, H, T, T), recomputed by the
+    reference formula. ``key_padding_mask`` (B, T) bool, True at padding (``nn.MultiheadAttention``'s convention):
+    the unpadded positions of each row form one sequence, run packed (varlen), and padded positions attend nothing
+    (zero attention output and context); it does not combine with ``need_weights``. ``attn_mask`` and
+    ``is_causal`` are refused.
+
+    ``forward_with_context(x, *, need_weights=False, key_padding_mask=None)`` returns
+    ``EntmaxAttentionOutput(output, context, weights)`` (three fields, so it cannot be unpacked as the pair above):
+    ``context = A @ x`` averaged over heads (CARN's causal parents) comes from the same attention call, with x
+    appended to every head's values; weights (B, H, T, T).
     """
 
     _attention = staticmethod(entmax15_attention_reference)
     _attention_varlen = staticmethod(entmax15_attention_varlen_reference)
 
-    def __init__(self, embed_dim: int, num_heads: int = 1, *, bias: bool = True, out_proj: bool = True,
-                 causal: bool = True):
+    def __init__(self, embed_dim: int, num_heads: int = 1, dropout: float = 0.0, bias: bool = True, *,
+                 out_proj: bool = True, causal: bool = True, batch_first: bool = True):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        self.embed_dim, self.num_heads, self.causal = embed_dim, num_heads, causal
+        if dropout != 0.0:
+            raise ValueError(f"dropout must be 0.0: entmax attention weights are not dropped, got {dropout}")
+        for name, flag in (("causal", causal), ("batch_first", batch_first)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.embed_dim, self.num_heads, self.causal, self.batch_first = embed_dim, num_heads, causal, batch_first
         self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
 
-    def forward(self, x, *, return_context: bool = False, need_weights: bool = False, key_padding_mask=None):
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}, "
+                f"out_proj={self.out_proj is not None}, batch_first={self.batch_first}")
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                *, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        check_mha_unsupported(attn_mask=attn_mask, is_causal=is_causal)
+        for name, other in (("key", key), ("value", value)):
+            if other is not None and other is not query:
+                raise ValueError(f"{name} must be None or query itself: {type(self).__name__} is self-attention")
+        result = self._attend(query, return_context=False, need_weights=need_weights,
+                              key_padding_mask=key_padding_mask)
+        weights = result.weights
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return result.output, weights
+
+    def forward_with_context(self, x: torch.Tensor, *, need_weights: bool = False,
+                             key_padding_mask: Optional[torch.Tensor] = None) -> EntmaxAttentionOutput:
+        return self._attend(x, return_context=True, need_weights=need_weights, key_padding_mask=key_padding_mask)
+
+    def _attend(self, x: torch.Tensor, *, return_context: bool, need_weights: bool,
+                key_padding_mask: Optional[torch.Tensor]) -> EntmaxAttentionOutput:
         check_tensor("x", x, ndim=3)
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have embed_dim = {self.embed_dim} features, got shape {tuple(x.shape)}")
+        if not self.batch_first:  # (T, B, E) -> (B, T, E)
+            x = x.transpose(0, 1)
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
         if key_padding_mask is not None:
@@ -891,15 +978,15 @@ class EntmaxCausalAttention(torch.nn.Module):
         else:
             q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
             if return_context:
-                v = torch.cat([v, x.unsqueeze(1).expand(b, h, t, e)], dim=-1)
+                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h, t, e)], dim=-1)  # v is bf16 under autocast
             attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
-        if not (return_context or need_weights):
-            return output
         context = attended[..., dh:].mean(dim=1) if return_context else None
-        weights = entmax15_attention_weights(q, k, causal=self.causal).to(x.dtype) if need_weights else None
+        weights = entmax15_attention_weights(q, k, causal=self.causal).to(output.dtype) if need_weights else None
+        if not self.batch_first:
+            output, context = output.transpose(0, 1), None if context is None else context.transpose(0, 1)
         return EntmaxAttentionOutput(output, context, weights)
 
     def _packed_attention(self, x, keep, return_context: bool):
@@ -914,7 +1001,7 @@ class EntmaxCausalAttention(torch.nn.Module):
             return out.transpose(1, 2)
         q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if return_context:
-            v = torch.cat([v, rows.unsqueeze(1).expand(-1, h, e)], dim=-1)
+            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h, e)], dim=-1)  # v is bf16 under autocast
         cu_seqlens = torch.nn.functional.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
         out[keep] = self._attention_varlen(q, k, v, cu_seqlens, causal=self.causal).to(out.dtype)
         return out.transpose(1, 2)

@@ -1,4 +1,4 @@
-"""Top-2 mixture-of-experts dispatch (DESIGN.md sections 2 and 5), Triton forward and backward.
+"""Top-2 mixture-of-experts dispatch (docs/design.md sections 1 and 4), Triton forward and backward.
 
 ``moe_top2(x, gate_weight, w1, b1, w2, b2)``: x (N, d), gate_weight (E, d), w1 (E, d, h), b1 (E, h),
 w2 (E, h, d_out), b2 (E, d_out) -> y (N, d_out)::
@@ -40,18 +40,19 @@ products (see ``kernels._triton_helpers.fp32_dot_precision``).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Union
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
 from ._triton_helpers import (FP32_DOT_PRECISIONS, dot_fp32acc, fp32_dot_precision, launch_device_of, tile_arch,
                               upcast_dots_for)
+from ._amp import autocast_op
 from .backend import use_triton
 
 #: the router kernel holds all logits of a row in one [BM, MAX_EXPERTS] tile
@@ -484,31 +485,27 @@ def _router_grad(dy, y_pairs, groups, alpha, tiles):
     return d_top
 
 
-class _MoETop2Function(torch.autograd.Function):
-    """(x, gate_weight, w1, b1, w2, b2, row_mask) -> (y, logits, experts); logits carry the aux loss's gradient
-    back. row_mask: (N,) bool or None (not differentiable)."""
+# torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
+# backward kernels registered as their autograd formula. The forward returns what the backward needs after
+# (y, logits, experts): alpha (N, 2) fp32, the pair groups (sorted_pairs (2N,), expert_offsets (E + 1,),
+# pair_position (2N,) int64) and the per-pair h_pre, h_act (2N, h) and y_pairs (2N, d_out) in x's dtype.
+# row_mask: (N,) bool or None (not differentiable).
 
-    @staticmethod
-    def forward(ctx, x, gate_weight, w1, b1, w2, b2, row_mask):
-        with launch_device_of(x):
-            return _MoETop2Function._forward(ctx, x, gate_weight, w1, b1, w2, b2, row_mask)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy, d_logits, _d_experts):
-        with launch_device_of(dy):
-            return (*_MoETop2Function._backward(ctx, dy, d_logits), None)
-
-    @staticmethod
-    def _forward(ctx, x, gate_weight, w1, b1, w2, b2, row_mask):
-        n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
-        ctx.empty = n == 0
-        if ctx.empty:  # nothing to route; the backward returns zero gradients
-            ctx.save_for_backward(x, gate_weight, w1, b1, w2, b2)
-            experts = torch.zeros(0, 2, device=x.device, dtype=torch.int64)
-            ctx.mark_non_differentiable(experts)
-            logits = torch.zeros(0, num_experts, device=x.device, dtype=torch.float32)
-            return x.new_zeros(0, d_out), logits, experts
+@torch.library.custom_op("kernels::moe_top2_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor gate_weight, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
+                                "Tensor? row_mask) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2, row_mask):
+    n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
+    if n == 0:  # nothing to route; the backward returns zero gradients
+        pair_index = torch.zeros(0, device=x.device, dtype=torch.int64)
+        hidden = x.new_zeros(0, w1.shape[2])
+        return (x.new_zeros(0, d_out), x.new_zeros(0, num_experts, dtype=torch.float32),
+                torch.zeros(0, 2, device=x.device, dtype=torch.int64), x.new_zeros(0, 2, dtype=torch.float32),
+                pair_index, torch.zeros(num_experts + 1, device=x.device, dtype=torch.int64), pair_index.clone(),
+                hidden, hidden.clone(), x.new_zeros(0, d_out))
+    with launch_device_of(x):
         tiles = _launch_tiles(x)
         logits, experts, alpha = _route(x, gate_weight, row_mask, tiles)
         groups = _group_pairs(experts, num_experts)
@@ -516,22 +513,41 @@ class _MoETop2Function(torch.autograd.Function):
         h_act, h_pre = _grouped_matmul(x, groups, w1, pair_alpha, gather_a=True, bias=b1, epilogue=1, tiles=tiles)
         y_pairs = _grouped_matmul(h_act, groups, w2, pair_alpha, gather_a=False, bias=b2, tiles=tiles)
         y = _combine(y_pairs, groups, pair_alpha, weighted=True, tiles=tiles)
-        ctx.save_for_backward(x, gate_weight, w1, w2, experts, alpha, *groups, h_pre, h_act, y_pairs)
-        ctx.mark_non_differentiable(experts)
-        return y, logits, experts
+        if row_mask is not None:  # the left-out pairs (sorted first) are never written: define them (0), as an op must
+            left_out = (torch.arange(2 * n, device=x.device) < groups.expert_offsets[0])[:, None]
+            for per_pair in (h_pre, h_act, y_pairs):
+                per_pair.masked_fill_(left_out, 0.0)
+    return (y, logits, experts, alpha, *groups, h_pre, h_act, y_pairs)
 
-    @staticmethod
-    def _backward(ctx, dy, d_logits):
-        if ctx.empty:
-            return tuple(torch.zeros_like(t) for t in ctx.saved_tensors)
-        x, gate_weight, w1, w2, experts, alpha, *group_tensors, h_pre, h_act, y_pairs = ctx.saved_tensors
-        groups = _PairGroups(*group_tensors)
-        num_experts = gate_weight.shape[0]
-        need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
-        tiles = _launch_tiles(x)
-        pair_alpha = alpha.reshape(-1)
-        dx = d_gate = dw1 = db1 = dw2 = db2 = None
 
+@_moe_top2_fwd_op.register_fake
+def _(x, gate_weight, w1, b1, w2, b2, row_mask):
+    n, num_experts, hidden, d_out = x.shape[0], gate_weight.shape[0], w1.shape[2], w2.shape[2]
+    index = dict(dtype=torch.int64)
+    return (x.new_empty(n, d_out), x.new_empty(n, num_experts, dtype=torch.float32), x.new_empty(n, 2, **index),
+            x.new_empty(n, 2, dtype=torch.float32), x.new_empty(2 * n, **index), x.new_empty(num_experts + 1, **index),
+            x.new_empty(2 * n, **index), x.new_empty(2 * n, hidden), x.new_empty(2 * n, hidden),
+            x.new_empty(2 * n, d_out))
+
+
+@torch.library.custom_op("kernels::moe_top2_bwd", mutates_args=(),
+                         schema="(Tensor dy, Tensor d_logits, Tensor x, Tensor gate_weight, Tensor w1, Tensor w2, "
+                                "Tensor experts, Tensor alpha, Tensor sorted_pairs, Tensor expert_offsets, "
+                                "Tensor pair_position, Tensor h_pre, Tensor h_act, Tensor y_pairs, bool[] needs) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _moe_top2_bwd_op(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert_offsets,
+                     pair_position, h_pre, h_act, y_pairs, needs):
+    """(dx, d_gate, dw1, db1, dw2, db2); a gradient that ``needs`` does not ask for is an empty (0,) tensor."""
+    need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = needs
+    num_experts, hidden, d_out = gate_weight.shape[0], w1.shape[2], w2.shape[2]
+    shapes = (x.shape, gate_weight.shape, w1.shape, (num_experts, hidden), w2.shape, (num_experts, d_out))
+    if x.shape[0] == 0:
+        return tuple(x.new_zeros(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    groups = _PairGroups(sorted_pairs, expert_offsets, pair_position)
+    tiles = _launch_tiles(x)
+    pair_alpha = alpha.reshape(-1)
+    dx = d_gate = dw1 = db1 = dw2 = db2 = None
+    with launch_device_of(dy):
         d_top = _router_grad(dy, y_pairs, groups, alpha, tiles)
         # gradient of all E logits: the two chosen ones from the combine, plus what the aux loss sent back (rows
         # left out have d_top = 0 and expert -1, clamped to a valid index)
@@ -552,7 +568,32 @@ class _MoETop2Function(torch.autograd.Function):
         if need_w2 or need_b2:
             dw2, db2 = _grouped_wgrad(h_act, dy, groups, pair_alpha, num_experts, gather_a=False, gather_b=True,
                                       scale_b=True, tiles=tiles)
-        return dx, d_gate, dw1, db1, dw2, db2
+    grads = (dx, d_gate, dw1, db1, dw2, db2)
+    return tuple(g if need else x.new_zeros(0) for g, need in zip(grads, needs))
+
+
+@_moe_top2_bwd_op.register_fake
+def _(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert_offsets, pair_position, h_pre,
+      h_act, y_pairs, needs):
+    num_experts, hidden, d_out = gate_weight.shape[0], w1.shape[2], w2.shape[2]
+    shapes = (x.shape, gate_weight.shape, w1.shape, (num_experts, hidden), w2.shape, (num_experts, d_out))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _moe_top2_setup_context(ctx, inputs, output):
+    x, gate_weight, w1, _, w2, _, _ = inputs
+    _, _, experts, alpha, *rest = output
+    ctx.save_for_backward(x, gate_weight, w1, w2, experts, alpha, *rest)
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _moe_top2_backward(ctx, dy, d_logits, *_non_differentiable):
+    needs = list(ctx.needs_input_grad[:6])
+    grads = _moe_top2_bwd_op(dy, d_logits, *ctx.saved_tensors, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None)  # no gradient for row_mask
+
+
+_moe_top2_fwd_op.register_autograd(_moe_top2_backward, setup_context=_moe_top2_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -623,7 +664,9 @@ def _routing_summary(logits, experts, row_mask=None):
 
 def _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask=None):
     """(y, logits, experts) by a per-expert loop in float32 (float64 for float64 inputs); rows that row_mask
-    leaves out get experts -1 and output 0."""
+    leaves out get experts -1 and output 0. Every expert runs on every row and keeps the rows that chose it (no
+    data-dependent shapes, so it compiles); the two terms of a row are added in expert order, like the kernels'
+    combine."""
     compute = torch.promote_types(x.dtype, torch.float32)
     x_c = x.to(compute)
     logits = x_c @ gate_weight.to(compute).t()
@@ -632,13 +675,14 @@ def _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask=None):
     if row_mask is not None:
         experts = experts.masked_fill(~row_mask[:, None], -1)
     y = x_c.new_zeros(x.shape[0], w2.shape[-1])
+    kept, index = experts >= 0, experts.clamp(min=0)  # rows left out: experts -1, chosen nowhere
+    chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, index, kept)  # (N, E)
+    row_weights = torch.zeros_like(logits).scatter(1, index, torch.where(kept, alpha, 0.0))  # alpha where chosen
     for e in range(gate_weight.shape[0]):
-        rows, slot = (experts == e).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            continue
-        hidden = nn.functional.gelu(x_c[rows] @ w1[e].to(compute) + b1[e].to(compute))
+        rows = torch.where(chosen[:, e, None], x_c, 0.0)  # rows of other experts: no gradient, even from NaN rows
+        hidden = nn.functional.gelu(rows @ w1[e].to(compute) + b1[e].to(compute))
         out = hidden @ w2[e].to(compute) + b2[e].to(compute)
-        y = y.index_add(0, rows, alpha[rows, slot, None] * out)
+        y = y + torch.where(chosen[:, e, None], row_weights[:, e, None] * out, 0.0)
     return y.to(x.dtype), logits, experts
 
 
@@ -653,7 +697,10 @@ def _check_row_mask(row_mask, x) -> None:
         raise ValueError(f"row_mask is on {row_mask.device} but x is on {x.device}; they must match")
 
 
-def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, row_mask=None, return_routing=False):
+@autocast_op
+def moe_top2_reference(x: Tensor, gate_weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, *,
+                       row_mask: Optional[Tensor] = None,
+                       return_routing: bool = False) -> Union[Tensor, tuple[Tensor, MoERouting]]:
     """Per-expert loop reference of ``moe_top2`` (float32 math; float64 for float64 inputs). Same signature."""
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES + (torch.float64,))
     _check_row_mask(row_mask, x)
@@ -661,7 +708,10 @@ def moe_top2_reference(x, gate_weight, w1, b1, w2, b2, *, row_mask=None, return_
     return (y, _routing_summary(logits, experts, row_mask)) if return_routing else y
 
 
-def moe_top2(x, gate_weight, w1, b1, w2, b2, *, row_mask=None, return_routing=False):
+@autocast_op
+def moe_top2(x: Tensor, gate_weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, *,
+             row_mask: Optional[Tensor] = None,
+             return_routing: bool = False) -> Union[Tensor, tuple[Tensor, MoERouting]]:
     """Top-2 mixture of experts: x (N, d) -> y (N, d_out); see the module docstring for the math.
 
     gate_weight (E, d) with 2 <= E <= 64, w1 (E, d, h), b1 (E, h), w2 (E, h, d_out), b2 (E, d_out); float32,
@@ -673,7 +723,7 @@ def moe_top2(x, gate_weight, w1, b1, w2, b2, *, row_mask=None, return_routing=Fa
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES)
     _check_row_mask(row_mask, x)
     if use_triton(x, gate_weight, w1, b1, w2, b2):
-        y, logits, experts = _MoETop2Function.apply(x, gate_weight, w1, b1, w2, b2, row_mask)
+        y, logits, experts = _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2, row_mask)[:3]
     else:
         y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask)
     return (y, _routing_summary(logits, experts, row_mask)) if return_routing else y
@@ -690,7 +740,8 @@ class Top2MoE(nn.Module):
     that take part (see ``moe_top2``).
     """
 
-    def __init__(self, d_model, num_experts=4, hidden=None, d_out=None):
+    def __init__(self, d_model: int, num_experts: int = 4, hidden: Optional[int] = None,
+                 d_out: Optional[int] = None):
         super().__init__()
         if not 2 <= num_experts <= MAX_EXPERTS:
             raise ValueError(f"num_experts must be in 2..{MAX_EXPERTS}, got {num_experts}")
@@ -704,7 +755,7 @@ class Top2MoE(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, d_out))
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         for parameters, fan_in in (((self.gate_weight, self.w1, self.b1), self.d_model), ((self.w2, self.b2), self.hidden)):
             bound = 1.0 / math.sqrt(fan_in)
             for parameter in parameters:
@@ -713,7 +764,8 @@ class Top2MoE(nn.Module):
     def _op(self, *args, row_mask, return_routing):
         return moe_top2(*args, row_mask=row_mask, return_routing=return_routing)
 
-    def forward(self, x, *, row_mask=None, return_routing=False):
+    def forward(self, x: Tensor, *, row_mask: Optional[Tensor] = None,
+                return_routing: bool = False) -> Union[Tensor, tuple[Tensor, MoERouting]]:
         flat = x.reshape(-1, x.shape[-1])
         if row_mask is not None:
             check_tensor("row_mask", row_mask, dtypes=(torch.bool,))
@@ -730,7 +782,7 @@ class Top2MoE(nn.Module):
         lead = x.shape[:-1]
         return y, MoERouting(routing.experts.reshape(*lead, 2), routing.weights.reshape(*lead, 2), routing.aux_loss)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}, hidden={self.hidden}, d_out={self.d_out}"
 
 

@@ -2,7 +2,8 @@
 
 Each lives beside its Triton kernels in the op's own file; this module gathers them under one name.
 """
-from .block_causal_attention import block_causal_attention_reference, block_causal_mask
+from .block_causal_attention import (block_causal_attention_reference, block_causal_attention_varlen_reference,
+                                     block_causal_mask)
 from .entmax_attention import EntmaxCausalAttention, entmax15_attention_reference
 from .moe import Top2MoEReference as Top2MoE
 from .moe import moe_top2_reference
@@ -11,6 +12,7 @@ __all__ = [
     "EntmaxCausalAttention",
     "Top2MoE",
     "block_causal_attention_reference",
+    "block_causal_attention_varlen_reference",
     "block_causal_mask",
     "entmax15_attention_reference",
     "moe_top2_reference",

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from mer.precision import PRECISIONS
 from mer.protocols import FOLD_DATASETS, FOLDS, SENTIMENT_LOSSES, VALIDATIONS
 from mer.training import RunDirectoryInUseError, reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
 
@@ -152,7 +153,7 @@ def _Exactly(count: int) -> type:
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, epochs: Sequence[str], epochs_help: str) -> None:
-    """``--epochs --batch-size --lr --hidden --dropout``: overrides of the dataset's preset."""
+    """``--epochs --batch-size --lr --hidden --dropout --precision``: overrides of the dataset's preset."""
     parser.add_argument("--epochs", type=non_negative_int, nargs="+", action=_Exactly(len(epochs)),
                         metavar=" ".join(epochs), default=None, help=f"{epochs_help} (default: the preset's)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
@@ -160,6 +161,9 @@ def add_model_options(parser: argparse.ArgumentParser, *, epochs: Sequence[str],
     parser.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the preset's)")
     parser.add_argument("--hidden", type=positive_int, default=None, help="model width (default: the preset's)")
     parser.add_argument("--dropout", type=fraction, default=None, help="dropout rate (default: the preset's)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="training precision: autocast bf16/fp16 (fp16 with a GradScaler), recorded in the "
+                             "config and checkpoints (default: the preset's, fp32)")
 
 
 def add_run_options(parser: argparse.ArgumentParser, *, model: str, ablations: Sequence[str]) -> None:

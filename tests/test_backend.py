@@ -1,4 +1,4 @@
-"""The backend switch (DESIGN.md section 2)."""
+"""The backend switch (docs/design.md section 1)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""The fused entmax-1.5 attention op and its modules against the float64 reference (DESIGN.md sections 2-3).
+"""The fused entmax-1.5 attention op and its modules against the float64 reference (docs/design.md sections 1-2).
 
 Kernel tests run on the ``triton_backend`` fixture (Triton's interpreter on a CPU) with tiny tiles, so that a few
 dozen positions cover several, partial and skipped tiles, and both tau solvers (rows in registers and multi-pass).
@@ -220,12 +220,15 @@ def test_module_twins_share_state_and_outputs(triton_backend, tiles, num_heads, 
         for parameter in source.parameters():  # fresh weights each way, so that each load is tested
             torch.nn.init.normal_(parameter.data)
         target.load_state_dict(source.state_dict())
-        got = fused(x, return_context=True, need_weights=True)
-        want = twin(x, return_context=True, need_weights=True)
+        got = fused.forward_with_context(x, need_weights=True)
+        want = twin.forward_with_context(x, need_weights=True)
         assert isinstance(got, EntmaxAttentionOutput)
         for name in EntmaxAttentionOutput._fields:
             torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
-    torch.testing.assert_close(fused(x), got.output, atol=0, rtol=0)
+    output, weights = fused(x, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(output, got.output, atol=0, rtol=0)
+    torch.testing.assert_close(weights, got.weights, atol=0, rtol=0)
+    assert fused(x)[1] is None
     # the context is A @ x averaged over heads, A from the reference formula on the module's projections
     split = lambda y: y.view(2, t, num_heads, embed_dim // num_heads).transpose(1, 2)  # noqa: E731
     weights = entmax15_attention_weights(split(twin.q_proj(x)), split(twin.k_proj(x)))
@@ -406,11 +409,11 @@ def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fuse
     padding[0, 7:] = True  # right padding
     padding[1, :4] = True  # left padding
     padding[2, :] = True  # an empty row
-    got = module(x, return_context=True, key_padding_mask=padding)
+    got = module.forward_with_context(x, key_padding_mask=padding)
     got.output.sum().backward()
     for row, keep in enumerate(~padding):
         if keep.any():
-            alone = module(x[row:row + 1, keep].detach(), return_context=True)
+            alone = module.forward_with_context(x[row:row + 1, keep].detach())
             torch.testing.assert_close(got.output[row, keep], alone.output[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got.context[row, keep], alone.context[0], atol=1e-5, rtol=1e-5)
         assert (got.output[row, ~keep] == 0).all() and (got.context[row, ~keep] == 0).all()

@@ -287,12 +287,12 @@ def test_block_causal_attention_varlen_dialogues(dtype):
 
 
 def _attention_with_context(module, x):
-    result = module(x, return_context=True)
+    result = module.forward_with_context(x)
     return {"output": result.output, "context": result.context}
 
 
 def _attention_with_context_formula(module, x):
-    """What ``EntmaxCausalAttention(E, 1, out_proj=False)(x, return_context=True)`` computes, written out, for float64
+    """What ``EntmaxCausalAttention(E, 1, out_proj=False).forward_with_context(x)`` computes, written out, for float64
     (which the modules refuse): z = A (x W_v^T + b_v), context = A x, A = entmax15(causal(q k^T / sqrt(E)))."""
     q, k, v = (projection(x)[:, None] for projection in (module.q_proj, module.k_proj, module.v_proj))
     attended = reference.entmax15_attention_reference(q, k, torch.cat([v, x[:, None]], dim=-1))[:, 0]
@@ -331,15 +331,17 @@ class MaskedMultiheadAttention(torch.nn.MultiheadAttention):
         self.group_size = ours.group_size
         self.load_state_dict(ours.state_dict())
 
-    def forward(self, query, key=None, value=None, *, cu_seqlens=None):
+    def forward(self, query, key=None, value=None, *, key_padding_mask=None, cu_seqlens=None, max_seqlen=None):
+        """(output, None), the fused module's convention; key_padding_mask (always None) and max_seqlen (a grid
+        size) are unused here."""
         key = query if key is None else key
         value = key if value is None else value
         if cu_seqlens is not None:
             offsets = cu_seqlens.tolist()
-            return torch.cat([self(query[None, start:end], key[None, start:end], value[None, start:end])[0]
-                              for start, end in zip(offsets[:-1], offsets[1:])])
+            return torch.cat([self(query[None, start:end], key[None, start:end], value[None, start:end])[0][0]
+                              for start, end in zip(offsets[:-1], offsets[1:])]), None
         hidden = ~reference.block_causal_mask(query.shape[-2], self.group_size, query.device)
-        return super().forward(query, key, value, attn_mask=hidden, need_weights=False)[0]
+        return super().forward(query, key, value, attn_mask=hidden, need_weights=False)[0], None
 
 
 CAMHG_LAYERS = [  # group size, T on the GPU, cross-attention
@@ -385,7 +387,7 @@ def test_camhg_block_causal_multihead_attention_packed(dtype):
     generator = torch.Generator().manual_seed(4)
     inputs = {"x": randn(generator, sum(lengths), e, dtype=dtype)}
     cotangents = {"out": randn(generator, sum(lengths), e, dtype=dtype)}
-    forward = lambda module, x: {"out": module(x, cu_seqlens=cu_seqlens)}  # noqa: E731
+    forward = lambda module, x: {"out": module(x, cu_seqlens=cu_seqlens)[0]}  # noqa: E731
     _, ours_results = run_ours(module_case(ours, forward, inputs, cotangents))
     same_results = module_case(same, forward, inputs, cotangents, backend="reference")()
     truth_results = module_case(truth, forward, inputs, cotangents, backend="reference")()
