@@ -406,6 +406,8 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", "KERNELS_BACKEND": "auto"}
     env.pop("KERNELS_GPU_TESTS_ON_CPU", None)
+    for name in [key for key in env if key.startswith("PYTEST_XDIST") or key == "PYTEST_CURRENT_TEST"]:
+        env.pop(name)  # a calling pytest-xdist worker's: pytest-benchmark would switch timing off in the steps
     if not args.dry_run:
         env["TRITON_INTERPRET"] = "0"  # tests/conftest.py would otherwise switch the interpreter on
     wheels = {}

@@ -263,7 +263,7 @@ def _carn_entmax():
     from kernels import FusedEntmaxCausalAttention
 
     attention = FusedEntmaxCausalAttention(256, 1, out_proj=False)
-    result = attention(torch.randn(32, 110, 256), return_context=True)
+    result = attention.forward_with_context(torch.randn(32, 110, 256))
     _backward(result.output, result.context)
 
 
