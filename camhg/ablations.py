@@ -21,14 +21,13 @@ from mer.metrics import ResultTable, mean_and_spread
 from mer.protocols import FOLDS, validation_caption
 
 from mer.cli import (
-    Interrupted,
     UserError,
     add_data_options,
     add_model_options,
     add_sweep_options,
     check_data_options,
     new_parser,
-    run_command,
+    run_sweep_command,
 )
 from mer.data import EMBEDDED_NAMES
 
@@ -131,16 +130,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """Console script ``camhg-ablations``."""
-    return run_command(resumable_main, argv)
-
-
-def resumable_main(argv=None) -> int:
-    """``main``; after Ctrl-C, says that the same command continues the sweep."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
-                          "stopped one resumes from its last checkpoint)") from None
+    return run_sweep_command(main, argv)
 
 
 if __name__ == "__main__":

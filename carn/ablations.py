@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from mer.cli import (
-    Interrupted,
     UserError,
     folds_of,
     add_data_options,
@@ -26,7 +25,7 @@ from mer.cli import (
     fraction,
     has_checkpoint,
     new_parser,
-    run_command,
+    run_sweep_command,
 )
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES
 from mer.metrics import ResultTable, mean_and_spread
@@ -134,16 +133,7 @@ def main(argv=None):
 
 def cli(argv=None) -> int:
     """Console script ``carn-ablations``."""
-    return run_command(resumable_main, argv)
-
-
-def resumable_main(argv=None) -> int:
-    """``main``; after Ctrl-C, says that the same command continues the sweep."""
-    try:
-        return main(argv)
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
-                          "stopped one resumes from its last checkpoint)") from None
+    return run_sweep_command(main, argv)
 
 
 if __name__ == "__main__":

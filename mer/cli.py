@@ -414,6 +414,19 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
         return EXIT_INTERRUPTED
 
 
+def run_sweep_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """``run_command`` for an ablation sweep: after Ctrl-C it says that the same command continues the sweep."""
+
+    def resumable(args: Optional[Sequence[str]]) -> int:
+        try:
+            return main(args)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; the same command continues the sweep (finished runs are reused, the "
+                              "stopped one resumes from its last checkpoint)") from None
+
+    return run_command(resumable, argv)
+
+
 def epoch_line(epoch: int, total: int, part: str, values: dict) -> str:
     """One line per epoch: ``epoch 3/8 (phase 1) | train loss 1.2 task 1.1 | valid loss 1.3 WAF1 52.10 | 4.2 s``
     from a metrics row whose keys start with ``train_`` and ``val_`` / ``valid_``, plus ``seconds``."""
