@@ -82,7 +82,11 @@ def bench_call(benchmark, fn: Callable[[], T]) -> T:
     timed call ends with ``torch.cuda.synchronize()``, so asynchronous launches are not mistaken for speed,
     and ``benchmark.extra_info["peak_mem_MiB"]`` records ``torch.cuda.max_memory_allocated`` over the timed
     calls (inputs that are alive included); it is None on a machine without CUDA.
+    ``benchmark.extra_info["autotune"]`` lists the candidate each autotuned launch of the warm-up ran
+    (``kernels._autotune.recording_choices``; empty where nothing was autotuned).
     """
+    from kernels._autotune import recording_choices
+
     on_cuda = torch.cuda.is_available()
 
     def timed() -> T:
@@ -91,7 +95,8 @@ def bench_call(benchmark, fn: Callable[[], T]) -> T:
             torch.cuda.synchronize()
         return result
 
-    timed()  # warm-up: compile and autotune outside the timing
+    with recording_choices() as choices:
+        timed()  # warm-up: compile and autotune outside the timing
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -106,6 +111,7 @@ def bench_call(benchmark, fn: Callable[[], T]) -> T:
     benchmark.extra_info["peak_mem_MiB"] = (
         round(torch.cuda.max_memory_allocated() / 2**20, 2) if on_cuda else None
     )
+    benchmark.extra_info["autotune"] = [dict(row) for row in {str(row): row for row in choices}.values()]
     return result
 
 

@@ -239,6 +239,12 @@ def _baseline(rows: list) -> Optional[dict]:
     return named[0] if named else None
 
 
+def _autotune_summary(row: dict) -> list:
+    """``tuned fwd 2/3`` per autotuned kernel of a case (candidate rank / list length; details in the JSON)."""
+    picks = row.get("extra_info", {}).get("autotune") or []
+    return [f"tuned {pick['kernel']} {pick['rank']}/{pick['candidates']}" for pick in picks]
+
+
 def benchmark_tables(records: list) -> list:
     lines = []
     timed = [record for record in records if record["status"] == "ok"]
@@ -254,8 +260,9 @@ def benchmark_tables(records: list) -> list:
         for row in rows:
             stats = row["stats"]
             ratio = f"{stats['mean'] / baseline['stats']['mean']:.2f}" if baseline else ""
-            extra = {key: value for key, value in row.get("extra_info", {}).items() if key != "peak_mem_MiB"}
-            more = ", ".join(f"{key} {value}" for key, value in extra.items())
+            extra = {key: value for key, value in row.get("extra_info", {}).items()
+                     if key not in ("peak_mem_MiB", "autotune")}
+            more = ", ".join([f"{key} {value}" for key, value in extra.items()] + _autotune_summary(row))
             peak = row.get("extra_info", {}).get("peak_mem_MiB")
             lines.append(f"| {row['candidate']} | {_ms(stats['mean'])} | {_ms(stats['min'])} | "
                          f"{stats['rounds']} x {row.get('iterations', 1)} | {ratio} | {'' if peak is None else peak} | "

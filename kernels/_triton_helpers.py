@@ -62,14 +62,6 @@ def launch_device_of(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def tile_arch(device: torch.device) -> int:
-    """The architecture whose tile table a launch on ``device`` uses: 90 for sm_90 and newer, 80 below (sm_80/86/89)
-    and for CPU tensors under the interpreter."""
-    if device.type != "cuda":
-        return 80
-    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
-
-
 MAX_GRID_AXIS = 65535  # CUDA's limit on grid axes 1 and 2, where the kernels put batch * heads
 
 

@@ -8,12 +8,15 @@ so the tests also compile every configuration a launcher can choose, for sm_80 a
 Each op module lists its configurations with ``aot_configurations() -> list[AotConfig]``.
 Run this without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
 
-What is compiled here: every kernel x dtype x constexpr tile configuration, with integer arguments as plain i32.
-At launch Triton also specializes integers equal to 1 and 16-byte-aligned pointers and strides; the kernels mark
-their runtime flags and sizes ``do_not_specialize`` so that those never make a new variant, and leave the strides
-and pointers specialized (unit strides give vectorized loads), so those variants are not compiled here:
-``python -m kernels.report`` compiles exactly the variants that the public ops launch at given shapes, those
-specializations included, and reports their registers, spills and occupancy.
+What is compiled here: every kernel x dtype x constexpr configuration that a launcher can choose (every autotune
+candidate of each architecture's list, ``kernels._autotune``), for the architectures that list it. Integer
+arguments are plain i32 unless a configuration says otherwise: ``divisible`` names the pointers, strides and sizes
+that Triton's launcher specializes as multiples of 16 (16-byte-aligned pointers: ``tt.divisibility``), and unit
+strides may be given as the constexpr 1, as a launch on dense tensors does. Those specializations are what lets
+16-bit tiles load as 16-byte vectors and stream through async copies (cp.async), so the variants compiled here are
+the ones a launch on aligned tensors makes. The kernels mark their runtime flags and sizes ``do_not_specialize`` so
+that those never make a new variant. ``python -m kernels.report`` captures exactly the variants that the public ops
+launch at given shapes and reports their registers, spills, occupancy and async copies.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import importlib
 import io
 import sys
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 #: op name -> module that defines ``aot_configurations()``
 OP_MODULES = {
@@ -38,7 +41,10 @@ class AotConfig(NamedTuple):
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``, ``"i32"``, ...,
     ``"constexpr"`` for compile-time arguments); ``constexprs`` gives the constexpr values.
-    ``num_warps``/``num_stages`` are the launch options the launcher uses with it.
+    ``num_warps``/``num_stages`` are the launch options the launcher uses with it. ``divisible``: arguments
+    specialized as multiples of 16 (pointers: 16-byte aligned), as Triton's launcher does for aligned tensors.
+    ``capabilities``: the compute capabilities whose candidate list holds it (empty: every one compiled).
+    ``default``: whether it is the default (first) candidate of one of them, or holds no alternatives.
     """
 
     label: str
@@ -47,6 +53,17 @@ class AotConfig(NamedTuple):
     constexprs: Dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    divisible: Tuple[str, ...] = ()
+    capabilities: Tuple[int, ...] = ()
+    default: bool = True
+
+    def attrs(self) -> Dict[tuple, list]:
+        """``ASTSource`` attributes: ``tt.divisibility`` 16 on every ``divisible`` argument."""
+        names = list(self.kernel.arg_names)
+        unknown = [name for name in self.divisible if name not in names]
+        if unknown:
+            raise ValueError(f"{self.label}: divisible names {unknown} that are not arguments of the kernel")
+        return {(names.index(name),): [["tt.divisibility", 16]] for name in self.divisible}
 
 
 def compile_source(source, capability: int, options: Dict[str, Any], *, ptxas_log: bool = False):
@@ -72,20 +89,32 @@ def compile_config(config: AotConfig, capability: int):
     """Compile one configuration to PTX and a cubin for ``sm_<capability>``; returns Triton's kernel."""
     from triton.compiler import ASTSource
 
-    source = ASTSource(config.kernel, config.signature, config.constexprs)
+    source = ASTSource(config.kernel, config.signature, config.constexprs, config.attrs())
     return compile_source(source, capability, {"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def configurations(op: str) -> List[AotConfig]:
+def config_targets(config: AotConfig, capabilities: Sequence[int]) -> List[int]:
+    """The ``capabilities`` that ``config`` is compiled for."""
+    return [c for c in capabilities if not config.capabilities or c in config.capabilities]
+
+
+def configurations(op: str, defaults_only: bool = False) -> List[AotConfig]:
+    """``op``'s configurations; with ``defaults_only`` the default autotune candidates alone."""
     if op not in OP_MODULES:
         raise ValueError(f"unknown op {op!r}; known: {sorted(OP_MODULES)}")
-    return list(importlib.import_module(OP_MODULES[op]).aot_configurations())
+    configs = importlib.import_module(OP_MODULES[op]).aot_configurations()
+    return [config for config in configs if config.default or not defaults_only]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", action="append", choices=sorted(OP_MODULES), help="op to compile (default: all)")
     parser.add_argument("--capability", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    parser.add_argument("--defaults-only", action="store_true",
+                        help="only the default autotune candidate of each list (the tests' quick subset)")
+    parser.add_argument("--match", help="only configurations whose label contains this text")
+    parser.add_argument("--async-copies", action="store_true",
+                        help="count each cubin's async-copy instructions (cuobjdump -sass; see kernels.report)")
     args = parser.parse_args(argv)
 
     from kernels.backend import triton_interpreter_enabled
@@ -94,12 +123,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
     failures = 0
     for op in args.op or sorted(OP_MODULES):
-        for config in configurations(op):
-            for capability in args.capability:
+        for config in configurations(op, defaults_only=args.defaults_only):
+            if args.match and args.match not in config.label:
+                continue
+            for capability in config_targets(config, args.capability):
                 start = time.perf_counter()
                 try:
                     compiled = compile_config(config, capability)
                     status = f"ok   {len(compiled.asm['cubin']):>7d} B cubin"
+                    if args.async_copies:
+                        from kernels.report import _cuobjdump, parse_sass
+
+                        copies = parse_sass(_cuobjdump(compiled.asm["cubin"], "-sass"))["async_copies"]
+                        status += f", {sum(copies.values())} async copies"
                 except Exception as error:  # report every failing configuration, not just the first
                     failures += 1
                     status = f"FAIL {type(error).__name__}: {error}".replace("\n", " ")[:2000]

@@ -22,8 +22,9 @@ from torch import nn
 
 from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
                       checked_cu_seqlens)
-from ._triton_helpers import (FP32_DOT_PRECISIONS, check_batch_heads, dot_fp32acc, fp32_dot_precision,
-                              launch_device_of, tile_arch, upcast_dots_for)
+from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision,
+                              launch_device_of, upcast_dots_for)
+from ._autotune import ARCH_CAPABILITY, ARCHS, launch, launch_arch, pick, shape_bucket
 from ._amp import autocast_op
 from .backend import use_triton
 
@@ -314,13 +315,14 @@ class _Tiles(NamedTuple):
     num_warps: int
     num_stages: int
 
+    def config(self) -> triton.Config:
+        return triton.Config({"BM": self.block_m, "BN": self.block_n}, num_warps=self.num_warps,
+                             num_stages=self.num_stages)
+
 
 #: head-dim tile widths the launchers choose from (D and Dv share one tile width, padded up and masked)
 _HEAD_DIM_BLOCKS = (64, 128, 256)
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-#: GPU architectures with their own tiles: sm_80 (Ampere; also taken by sm_86/89, within their smaller shared
-#: memory) and sm_90 (Hopper and newer)
-_ARCHS = (80, 90)
 _forced_tiles: Optional[tuple[int, int]] = None
 
 
@@ -333,38 +335,54 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
-#: (kernel, fp32?, head-dim tile up to 128) -> tiles on sm_80 and on sm_90. Chosen from launch-specialized
-#: ahead-of-time compiles at CaM-HG's layer (B 32, T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128
-#: (bf16, fp16): no register spills, two pipeline stages (async copies) everywhere; see the README. On sm_90,
-#: 64-row tiles use wgmma; 32-row tiles fall back to mma.sync, still tensor cores.
-_TILE_TABLE = {
-    ("fwd", True, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
-    ("fwd", False, 64): {80: _Tiles(64, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
-    ("fwd", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
-    ("bwd_dq", True, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(64, 64, 8, 2)},
-    ("bwd_dq", False, 64): {80: _Tiles(64, 64, 4, 2), 90: _Tiles(64, 64, 4, 2)},
-    ("bwd_dq", False, 128): {80: _Tiles(64, 64, 8, 2), 90: _Tiles(64, 64, 8, 2)},
-    ("bwd_dkdv", True, 64): {80: _Tiles(32, 32, 4, 2), 90: _Tiles(32, 64, 4, 2)},
-    ("bwd_dkdv", False, 64): {80: _Tiles(32, 64, 4, 2), 90: _Tiles(32, 64, 4, 2)},
-    ("bwd_dkdv", False, 128): {80: _Tiles(32, 64, 8, 2), 90: _Tiles(32, 64, 4, 2)},
+#: (kernel, fp32?, head-dim tile up to 128) -> autotune candidates per architecture (``kernels._autotune``), the
+#: default first. The defaults were chosen from launch-specialized ahead-of-time compiles at CaM-HG's layer (B 32,
+#: T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128 (bf16, fp16): two pipeline stages (async copies)
+#: everywhere; see the README. Every candidate compiles without register spills at those shapes
+#: (``python -m kernels.report``, ``kernels/spill_budget.json``). On sm_90, 64-row tiles use wgmma; 32-row tiles
+#: fall back to mma.sync, still tensor cores.
+_CANDIDATE_TILES = {
+    ("fwd", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 4, 2), _Tiles(32, 32, 4, 3)],
+                        "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(32, 64, 4, 2), _Tiles(64, 32, 4, 3)]},
+    ("fwd", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 64, 4, 3)],
+                         "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 64, 4, 3)]},
+    ("fwd", False, 128): {"sm_80": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)],
+                          "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
+    ("bwd_dq", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
+                           "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 2)]},
+    ("bwd_dq", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)],
+                            "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
+    ("bwd_dq", False, 128): {"sm_80": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)],
+                             "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)]},
+    ("bwd_dkdv", True, 64): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 64, 4, 2)],
+                             "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)]},
+    ("bwd_dkdv", False, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)],
+                              "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)]},
+    ("bwd_dkdv", False, 128): {"sm_80": [_Tiles(32, 64, 8, 2), _Tiles(32, 32, 4, 2)],
+                               "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 8, 2)]},
 }
+#: 256-wide heads (no measured target) take one small tile on every architecture, to fit shared memory; fp32 in
+#: one stage (two stages of 32-row fp32 k and v tiles are 128 KB, over the 99 KB of sm_86/89)
+_WIDE_HEAD_TILES = {True: _Tiles(32, 32, 4, 1), False: _Tiles(64, 32, 4, 2)}
+_CONFIGS = {key: {arch: [tiles.config() for tiles in listed] for arch, listed in per_arch.items()}
+            for key, per_arch in _CANDIDATE_TILES.items()}
+_WIDE_HEAD_CONFIGS = {fp32: {arch: [tiles.config()] for arch in ARCHS} for fp32, tiles in _WIDE_HEAD_TILES.items()}
 
 
-def _tiles(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> _Tiles:
-    """Tile sizes and launch options of one kernel (``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"``) for a dtype, head-dim
-    tile and architecture (``_ARCHS``). fp32 at D 128 takes its D 64 tiles. 256-wide heads (no measured target)
-    take small tiles to fit shared memory, fp32 in one stage (two stages of 32-row fp32 k and v tiles are 128 KB,
-    over the 99 KB of sm_86/89)."""
+def _candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: str) -> list[triton.Config]:
+    """Autotune candidates of one kernel (``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"``) for a dtype, head-dim tile and
+    architecture (``sm_80``, ``sm_90`` or ``fallback``, see ``kernels._autotune``), the default first. fp32 at
+    D 128 takes its D 64 tiles."""
     fp32 = dtype == torch.float32
-    if block_d == 256:
-        return _Tiles(32, 32, 4, 1) if fp32 else _Tiles(64, 32, 4, 2)
-    return _TILE_TABLE[(kernel, fp32, 64 if fp32 else block_d)][arch]
+    per_arch = _WIDE_HEAD_CONFIGS[fp32] if block_d == 256 else _CONFIGS[(kernel, fp32, 64 if fp32 else block_d)]
+    return pick(per_arch, arch)
 
 
 @contextlib.contextmanager
 def forced_tiles(block_m: int, block_n: int) -> Iterator[None]:
-    """TEST ONLY: run every kernel with (block_m, block_n) tiles, so that tiny inputs span several tiles in the
-    interpreter. Not listed in ``aot_configurations()``: GPU launches never go through it."""
+    """TEST ONLY: run every kernel with (block_m, block_n) tiles (the default candidate's warps and stages), so that
+    tiny inputs span several tiles in the interpreter. Not listed in ``aot_configurations()``: GPU launches never
+    go through it."""
     global _forced_tiles
     previous, _forced_tiles = _forced_tiles, (block_m, block_n)
     try:
@@ -373,11 +391,22 @@ def forced_tiles(block_m: int, block_n: int) -> Iterator[None]:
         _forced_tiles = previous
 
 
-def _launch_tiles(kernel: str, q: torch.Tensor, block_d: int) -> _Tiles:
-    tiles = _tiles(kernel, q.dtype, block_d, tile_arch(q.device))
+def _launch_candidates(kernel: str, q: torch.Tensor, block_d: int) -> list[triton.Config]:
+    """The candidates of a launch; exact fp32 products (``KERNELS_FP32_PRECISION=ieee``, an accuracy mode) take
+    the default alone."""
+    candidates = _candidates(kernel, q.dtype, block_d, launch_arch(q.device))
+    if _dot_precision(q.dtype) == "ieee" and q.dtype == torch.float32:
+        candidates = candidates[:1]
     if _forced_tiles is not None:
-        tiles = tiles._replace(block_m=_forced_tiles[0], block_n=_forced_tiles[1])
-    return tiles
+        default = candidates[0]
+        return [triton.Config({"BM": _forced_tiles[0], "BN": _forced_tiles[1]}, num_warps=default.num_warps,
+                              num_stages=default.num_stages)]
+    return candidates
+
+
+def _bucket(layout: "_Layout") -> tuple[int, int]:
+    """The tuning key besides dtypes: longest sequence and batch * heads, each rounded up to a power of two."""
+    return shape_bucket(layout.max_seqlen), shape_bucket(layout.batch * layout.heads)
 
 
 def _bth_strides(x: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -417,19 +446,16 @@ def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale:
     varlen = layout.varlen
     d, dv = q.shape[-1], v.shape[-1]
     block_d = _head_dim_block(d, dv)
-    tiles = _launch_tiles("fwd", q, block_d)
     o = torch.empty_like(v)
     lse = torch.empty(layout.lse_shape(), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(layout.max_seqlen, tiles.block_m), layout.batch * layout.heads)
-    block_causal_attn_fwd_kernel[grid](
-        q, k, v, o, lse, layout.cu_seqlens,
-        scale, layout.rows, layout.heads, group_size, d, dv, int(varlen),
-        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
-        *layout.lse_strides(),
-        BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=upcast_dots_for(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    launch(block_causal_attn_fwd_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BM"]),
+                                                       layout.batch * layout.heads),
+           (q, k, v, o, lse, layout.cu_seqlens,
+            scale, layout.rows, layout.heads, group_size, d, dv, int(varlen),
+            *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
+            *layout.lse_strides()),
+           dict(BD=block_d, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=upcast_dots_for(q.dtype)),
+           _launch_candidates("fwd", q, block_d), device=q.device, bucket=_bucket(layout))
     return o, lse
 
 
@@ -446,30 +472,23 @@ def block_causal_attention_bwd(q, k, v, lse, do, layout: _Layout, group_size: in
     delta = torch.empty_like(lse)
     common = (scale, layout.rows, layout.heads, group_size, d, dv_dim, int(varlen))
 
-    tiles = _launch_tiles("bwd_dq", q, block_d)
-    grid = (triton.cdiv(layout.max_seqlen, tiles.block_m), layout.batch * layout.heads)
     dq_or_q = q if dq is None else dq  # an unwritten stand-in when dq is not needed
-    block_causal_attn_bwd_dq_kernel[grid](
-        q, k, v, do, dq_or_q, lse, delta, layout.cu_seqlens, *common, int(need_dq),
-        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
-        *_bth_strides(do, varlen), *_bth_strides(dq_or_q, varlen), *layout.lse_strides(),
-        BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
-        DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    options = dict(BD=block_d, DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype))
+    launch(block_causal_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BM"]),
+                                                          layout.batch * layout.heads),
+           (q, k, v, do, dq_or_q, lse, delta, layout.cu_seqlens, *common, int(need_dq),
+            *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
+            *_bth_strides(do, varlen), *_bth_strides(dq_or_q, varlen), *layout.lse_strides()),
+           options, _launch_candidates("bwd_dq", q, block_d), device=q.device, bucket=_bucket(layout))
     if not need_dkdv:
         return dq, None, None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    tiles = _launch_tiles("bwd_dkdv", q, block_d)
-    grid = (triton.cdiv(layout.max_seqlen, tiles.block_n), layout.batch * layout.heads)
-    block_causal_attn_bwd_dkdv_kernel[grid](
-        q, k, v, do, dk, dv, lse, delta, layout.cu_seqlens, *common,
-        *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(do, varlen),
-        *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *layout.lse_strides(),
-        BM=tiles.block_m, BN=tiles.block_n, BD=block_d,
-        DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    launch(block_causal_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BN"]),
+                                                            layout.batch * layout.heads),
+           (q, k, v, do, dk, dv, lse, delta, layout.cu_seqlens, *common,
+            *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(do, varlen),
+            *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *layout.lse_strides()),
+           options, _launch_candidates("bwd_dkdv", q, block_d), device=q.device, bucket=_bucket(layout))
     return dq, dk, dv
 
 
@@ -895,8 +914,10 @@ class BlockCausalTransformerLayer(nn.Module):
 
 
 def aot_configurations():
-    """Every (kernel, dtype, head-dim tile, fp32 dot precision, tiles) the launchers can choose on any architecture
-    (a configuration two architectures share is listed once)."""
+    """Every (kernel, dtype, head-dim tile, fp32 dot precision, candidate) the launchers can launch, each for the
+    architectures whose candidate list holds it, with the 16-divisibility of pointers, head dims and q/k/v/o
+    strides that a launch on aligned tensors gets (lse/delta strides follow T: left plain); the default candidate
+    also without it (odd head dims)."""
     from .aot import AotConfig
 
     kernels = {
@@ -906,7 +927,7 @@ def aot_configurations():
     }
     configs = []
     for name, (kernel, tensors, fp32_tensors) in kernels.items():
-        signature = {}
+        signature, aligned = {}, []
         for arg in kernel.arg_names:
             if arg in tensors:
                 signature[arg] = "*{dtype}"
@@ -920,18 +941,31 @@ def aot_configurations():
                 signature[arg] = "constexpr"
             else:
                 signature[arg] = "i32"
+            if signature[arg].startswith("*") or arg in ("D", "DV") or (
+                    arg.startswith("stride_") and not arg.startswith("stride_l")):
+                aligned.append(arg)
         for dtype, type_name in _DTYPES.items():
+            typed = {arg: kind.format(dtype=type_name) for arg, kind in signature.items()}
             for block_d in _HEAD_DIM_BLOCKS:
-                # IEEE fp32 (KERNELS_FP32_PRECISION=ieee) compiles up to ~110 s per kernel (D 128, sm_90): only
-                # D <= 64 is compiled ahead of time, wider heads compile on first use
+                candidates = {}  # config -> (architectures, default of any?)
+                for arch in ARCHS:
+                    for rank, config in enumerate(_candidates(name, dtype, block_d, arch)):
+                        archs, default = candidates.get(config, ((), False))
+                        candidates[config] = (archs + (ARCH_CAPABILITY[arch],), default or rank == 0)
+                # IEEE fp32 (KERNELS_FP32_PRECISION=ieee) launches the default candidate only and compiles up to
+                # ~110 s per kernel at D 128 (sm_90): only D <= 64 is compiled ahead of time
                 ieee_too = dtype == torch.float32 and block_d == 64
-                precisions = FP32_DOT_PRECISIONS if ieee_too else ("tf32" if dtype == torch.float32 else "ieee",)
-                for tiles in dict.fromkeys(_tiles(name, dtype, block_d, arch) for arch in _ARCHS):
-                    for precision in precisions:
-                        constexprs = {"BM": tiles.block_m, "BN": tiles.block_n, "BD": block_d,
-                                      "DOT_PRECISION": precision, "UPCAST_DOTS": False}
-                        label = (f"{name}-{type_name}-d{block_d}-{precision}-m{tiles.block_m}n{tiles.block_n}"
-                                 f"w{tiles.num_warps}s{tiles.num_stages}")
-                        typed = {arg: kind.format(dtype=type_name) for arg, kind in signature.items()}
-                        configs.append(AotConfig(label, kernel, typed, constexprs, tiles.num_warps, tiles.num_stages))
+                for config, (archs, default) in candidates.items():
+                    plain = "tf32" if dtype == torch.float32 else "ieee"
+                    for precision in ("tf32", "ieee") if ieee_too and default else (plain,):
+                        constexprs = {**config.kwargs, "BD": block_d, "DOT_PRECISION": precision,
+                                      "UPCAST_DOTS": False}
+                        label = (f"{name}-{type_name}-d{block_d}-{precision}-m{config.kwargs['BM']}"
+                                 f"n{config.kwargs['BN']}w{config.num_warps}s{config.num_stages}")
+                        launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                              capabilities=archs, default=default)
+                        configs.append(AotConfig(label + "-aligned", kernel, typed, constexprs,
+                                                 divisible=tuple(aligned), **launch_options))
+                        if default:
+                            configs.append(AotConfig(label, kernel, typed, constexprs, **launch_options))
     return configs

@@ -39,6 +39,7 @@ products (see ``kernels._triton_helpers.fp32_dot_precision``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Union
 
@@ -50,8 +51,8 @@ from torch import nn
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
-from ._triton_helpers import (FP32_DOT_PRECISIONS, dot_fp32acc, fp32_dot_precision, launch_device_of, tile_arch,
-                              upcast_dots_for)
+from ._autotune import ARCH_CAPABILITY, ARCHS, FALLBACK, config_label, launch, launch_arch, shape_bucket
+from ._triton_helpers import dot_fp32acc, fp32_dot_precision, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
 from .backend import use_triton
 
@@ -79,7 +80,7 @@ class MoERouting(NamedTuple):
 
 
 class MoETiles(NamedTuple):
-    """Tile sizes and launch options of every MoE kernel for one dtype.
+    """Tile sizes and launch options of every MoE kernel for one dtype: one autotune candidate.
 
     Grouped GEMM: [block_m pairs, block_n outputs] tiles reducing over block_k features. Weight gradient:
     [block_m, block_n] tiles of dW reducing over block_k pairs. Router: block_m rows, block_k features.
@@ -95,20 +96,39 @@ class MoETiles(NamedTuple):
     num_stages: int
 
 
-#: tile sizes per (architecture, dtype) (architectures: ``tile_arch``); tests replace this mapping with tiny tiles
-#: to exercise several and partial tiles. Chosen from launch-specialized ahead-of-time compiles at N 3,520,
-#: d = h = 512, E 4 (see the README): no register spills, async copies in every streaming kernel; 16-bit tiles take
-#: 8 warps (with 4 the weight-gradient kernel spilled on sm_80 and the grouped GEMM sat at 255 registers). Both
-#: architectures measured best with the same tiles today; the table keeps them apart for tuning.
-TILES = {
-    (arch, dtype): tiles
-    for arch in (80, 90)
-    for dtype, tiles in (
-        (torch.float16, MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=8, num_stages=3)),
-        (torch.bfloat16, MoETiles(block_m=64, block_n=128, block_k=64, block_rows=16, num_warps=8, num_stages=3)),
-        (torch.float32, MoETiles(block_m=64, block_n=64, block_k=32, block_rows=16, num_warps=4, num_stages=2)),
-    )
+#: autotune candidates per (architecture, dtype) (architectures: ``kernels._autotune``), the default first; each
+#: kernel tunes among the distinct parts of them that it reads (``_kernel_candidates``). Tests replace this mapping
+#: with tiny tiles to exercise several and partial tiles. The defaults were chosen from launch-specialized
+#: ahead-of-time compiles at N 3,520, d = h = 512, E 4 (see the README): async copies in every streaming kernel;
+#: 16-bit tiles take 8 warps (with 4 the weight-gradient kernel spilled on sm_80 and the grouped GEMM sat at 255
+#: registers). Every candidate compiles without register spills at that shape (``python -m kernels.report``).
+_HALF_CANDIDATES = {
+    "sm_80": (MoETiles(64, 128, 64, 16, 8, 3), MoETiles(128, 128, 32, 16, 8, 3), MoETiles(64, 64, 64, 16, 4, 3)),
+    "sm_90": (MoETiles(64, 128, 64, 16, 8, 3), MoETiles(128, 128, 64, 16, 8, 3), MoETiles(64, 64, 64, 16, 4, 4)),
 }
+_FP32_CANDIDATES = (MoETiles(64, 64, 32, 16, 4, 2), MoETiles(64, 128, 32, 16, 8, 2), MoETiles(32, 64, 32, 16, 4, 3))
+TILES = {
+    (arch, dtype): _FP32_CANDIDATES if dtype == torch.float32 else _HALF_CANDIDATES[arch]
+    for arch in ARCHS for dtype in (torch.float16, torch.bfloat16, torch.float32)
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_candidates(kind: str, candidates: tuple[MoETiles, ...]) -> list[triton.Config]:
+    """The distinct configs of kernel ``kind`` (``route``, ``grouped_matmul``, ``grouped_wgrad``, ``combine``,
+    ``router_grad``) among ``candidates``, in their order: the parts of the tiles that the kernel reads."""
+    configs = []
+    for t in candidates:
+        if kind == "route":
+            config = triton.Config({"BM": t.block_m, "BK": t.block_k}, num_warps=t.num_warps, num_stages=t.num_stages)
+        elif kind in ("grouped_matmul", "grouped_wgrad"):
+            config = triton.Config({"BM": t.block_m, "BN": t.block_n, "BK": t.block_k}, num_warps=t.num_warps,
+                                   num_stages=t.num_stages)
+        else:  # gathers: one pipeline stage
+            config = triton.Config({"BM": t.block_rows, "BN": t.block_n}, num_warps=t.num_warps, num_stages=1)
+        if config not in configs:
+            configs.append(config)
+    return configs
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,8 +394,19 @@ def _dot_options(dtype):
     return dict(DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(dtype))
 
 
-def _launch_tiles(x):
-    return TILES[(tile_arch(x.device), x.dtype)]
+def _launch_tiles(x) -> tuple[MoETiles, ...]:
+    """The candidates of a launch on x's device and dtype; exact fp32 products (``KERNELS_FP32_PRECISION=ieee``,
+    an accuracy mode) take the default alone."""
+    arch = launch_arch(x.device)
+    candidates = TILES[("sm_80" if arch == FALLBACK else arch, x.dtype)]  # fallback: the sm_80 default
+    if arch == FALLBACK or (x.dtype == torch.float32 and fp32_dot_precision() == "ieee"):
+        return candidates[:1]
+    return candidates
+
+
+def _launch(kernel, kind, grid, args, kwargs, tiles, device, bucket):
+    """``kernels._autotune.launch`` among kernel ``kind``'s candidates in ``tiles`` (see ``_kernel_candidates``)."""
+    launch(kernel, grid, args, kwargs, _kernel_candidates(kind, tiles), device=device, bucket=bucket)
 
 
 def _route(x, gate_weight, row_mask, tiles):
@@ -388,12 +419,10 @@ def _route(x, gate_weight, row_mask, tiles):
     alpha = torch.empty(n, 2, device=x.device, dtype=torch.float32)
     # uint8, as the kernel reads it; a one-element stand-in when there is no mask
     mask_bytes = x.new_ones(1, dtype=torch.uint8) if row_mask is None else row_mask.to(torch.uint8)
-    _moe_route_kernel[(triton.cdiv(n, tiles.block_m),)](
-        x, gate_weight, logits, experts, alpha, mask_bytes, n, d, e,
-        x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1), int(row_mask is not None),
-        BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **_dot_options(x.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    _launch(_moe_route_kernel, "route", lambda meta: (triton.cdiv(n, meta["BM"]),),
+            (x, gate_weight, logits, experts, alpha, mask_bytes, n, d, e,
+             x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1), int(row_mask is not None)),
+            dict(BE=MAX_EXPERTS, **_dot_options(x.dtype)), tiles, x.device, (shape_bucket(n), d))
     return logits, experts, alpha
 
 
@@ -429,17 +458,16 @@ def _grouped_matmul(a, groups, w, alpha, *, gather_a, tiles, scale_rows=False, b
         pre = torch.empty_like(out)
     # pointers the flags leave unread still need a tensor of the right dtype: w for bias, out for pre
     bias_or_w = w if bias is None else bias
-    grid = (triton.cdiv(num_pairs, tiles.block_m) + num_experts, triton.cdiv(nc, tiles.block_n))
-    _moe_grouped_matmul_kernel[grid](
-        a, groups.sorted_pairs, alpha, w, bias_or_w, out, out if pre is None else pre, groups.expert_offsets,
-        num_experts, k, nc,
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(1),
-        out.stride(0), out.stride(1),
-        int(gather_a), int(scale_rows), int(bias is not None), epilogue,
-        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, BE=MAX_EXPERTS, **_dot_options(a.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    flags = (int(gather_a), int(scale_rows), int(bias is not None), epilogue)
+    _launch(_moe_grouped_matmul_kernel, "grouped_matmul",
+            lambda meta: (triton.cdiv(num_pairs, meta["BM"]) + num_experts, triton.cdiv(nc, meta["BN"])),
+            (a, groups.sorted_pairs, alpha, w, bias_or_w, out, out if pre is None else pre, groups.expert_offsets,
+             num_experts, k, nc,
+             a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+             0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(1),
+             out.stride(0), out.stride(1), *flags),
+            dict(BE=MAX_EXPERTS, **_dot_options(a.dtype)), tiles, a.device,
+            (shape_bucket(num_pairs), k, nc, w.stride(1) == 1, *flags))
     return (out, pre) if epilogue == 1 else out
 
 
@@ -448,15 +476,13 @@ def _grouped_wgrad(a, b, groups, alpha, num_experts, *, gather_a, gather_b, scal
     k, nc = a.shape[1], b.shape[1]
     dw = torch.empty(num_experts, k, nc, device=a.device, dtype=a.dtype)
     db = torch.empty(num_experts, nc, device=a.device, dtype=a.dtype)
-    grid = (num_experts, triton.cdiv(k, tiles.block_m) * triton.cdiv(nc, tiles.block_n))
-    _moe_grouped_wgrad_kernel[grid](
-        a, b, groups.sorted_pairs, alpha, dw, db, groups.expert_offsets, k, nc,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1),
-        int(gather_a), int(gather_b), int(scale_b),
-        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, **_dot_options(a.dtype),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
+    flags = (int(gather_a), int(gather_b), int(scale_b))
+    _launch(_moe_grouped_wgrad_kernel, "grouped_wgrad",
+            lambda meta: (num_experts, triton.cdiv(k, meta["BM"]) * triton.cdiv(nc, meta["BN"])),
+            (a, b, groups.sorted_pairs, alpha, dw, db, groups.expert_offsets, k, nc,
+             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+             dw.stride(0), dw.stride(1), dw.stride(2), db.stride(0), db.stride(1), *flags),
+            _dot_options(a.dtype), tiles, a.device, (shape_bucket(groups.sorted_pairs.numel()), k, nc, *flags))
     return dw, db
 
 
@@ -464,12 +490,10 @@ def _combine(src, groups, alpha, *, weighted, tiles):
     """(N, C): each row's two pair results, weighted by alpha or summed."""
     n, c = groups.pair_position.numel() // 2, src.shape[1]
     out = torch.empty(n, c, device=src.device, dtype=src.dtype)
-    grid = (triton.cdiv(n, tiles.block_rows), triton.cdiv(c, tiles.block_n))
-    _moe_combine_kernel[grid](
-        src, groups.pair_position, alpha, groups.expert_offsets, out, n, c,
-        src.stride(0), src.stride(1), out.stride(0), out.stride(1),
-        int(weighted), BM=tiles.block_rows, BN=tiles.block_n, num_warps=tiles.num_warps, num_stages=1,
-    )
+    _launch(_moe_combine_kernel, "combine", lambda meta: (triton.cdiv(n, meta["BM"]), triton.cdiv(c, meta["BN"])),
+            (src, groups.pair_position, alpha, groups.expert_offsets, out, n, c,
+             src.stride(0), src.stride(1), out.stride(0), out.stride(1), int(weighted)),
+            {}, tiles, src.device, (shape_bucket(n), c))
     return out
 
 
@@ -477,11 +501,10 @@ def _router_grad(dy, y_pairs, groups, alpha, tiles):
     """(N, 2) fp32: the gradient of the two chosen logits of every row."""
     n, c = dy.shape
     d_top = torch.empty(n, 2, device=dy.device, dtype=torch.float32)
-    _moe_router_grad_kernel[(triton.cdiv(n, tiles.block_rows),)](
-        dy, y_pairs, groups.pair_position, alpha, groups.expert_offsets, d_top, n, c,
-        dy.stride(0), dy.stride(1), y_pairs.stride(0), y_pairs.stride(1),
-        BM=tiles.block_rows, BN=tiles.block_n, num_warps=tiles.num_warps, num_stages=1,
-    )
+    _launch(_moe_router_grad_kernel, "router_grad", lambda meta: (triton.cdiv(n, meta["BM"]),),
+            (dy, y_pairs, groups.pair_position, alpha, groups.expert_offsets, d_top, n, c,
+             dy.stride(0), dy.stride(1), y_pairs.stride(0), y_pairs.stride(1)),
+            {}, tiles, dy.device, (shape_bucket(n), c))
     return d_top
 
 
@@ -799,67 +822,75 @@ class Top2MoEReference(Top2MoE):
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+#: per kernel: (argument types, "{t}" = the dtype; the strides that are 1 on dense tensors (the forward's layout);
+#: the constexprs besides the tiles). Every other pointer, stride and feature size is a multiple of 16 at the
+#: model's shapes, as Triton's launcher specializes it.
+_AOT_KERNELS = {
+    "route": (_moe_route_kernel,
+              dict(x="*{t}", gate="*{t}", logits="*fp32", experts="*i64", alpha="*fp32", row_mask="*u8", N="i32",
+                   D="i32+", E="i32", stride_xn="i32+", stride_xd="1", stride_ge="i32+", stride_gd="1",
+                   has_row_mask="i32"), dict(BE=MAX_EXPERTS)),
+    "grouped_matmul": (_moe_grouped_matmul_kernel,
+                       dict(a="*{t}", sorted_pairs="*i64", pair_weights="*fp32", w="*{t}", bias="*{t}", c="*{t}",
+                            c_pre="*{t}", expert_offsets="*i64", E="i32", K="i32+", NC="i32+", stride_am="i32+",
+                            stride_ak="1", stride_we="i32+", stride_wk="i32+", stride_wn="1", stride_be="i32+",
+                            stride_bn="1", stride_cm="i32+", stride_cn="1", gather_a="i32", scale_rows="i32",
+                            has_bias="i32", epilogue="i32"), dict(BE=MAX_EXPERTS)),
+    "grouped_wgrad": (_moe_grouped_wgrad_kernel,
+                      dict(a="*{t}", b="*{t}", sorted_pairs="*i64", pair_weights="*fp32", dw="*{t}", db="*{t}",
+                           expert_offsets="*i64", K="i32+", NC="i32+", stride_am="i32+", stride_ak="1",
+                           stride_bm="i32+", stride_bn="1", stride_dwe="i32+", stride_dwk="i32+", stride_dwn="1",
+                           stride_dbe="i32+", stride_dbn="1", gather_a="i32", gather_b="i32", scale_b="i32"), {}),
+    "combine": (_moe_combine_kernel,
+                dict(src="*{t}", pair_position="*i64", alpha="*fp32", expert_offsets="*i64", out="*{t}", N="i32",
+                     C="i32+", stride_sm="i32+", stride_sc="1", stride_on="i32+", stride_oc="1", weighted="i32"), {}),
+    "router_grad": (_moe_router_grad_kernel,
+                    dict(dy="*{t}", y_pairs="*{t}", pair_position="*i64", alpha="*fp32", expert_offsets="*i64",
+                         d_top="*fp32", N="i32", C="i32+", stride_dn="i32+", stride_dc="1", stride_ym="i32+",
+                         stride_yc="1"), {}),
+}
+
+
+def _plain_type(spec: str, t: str) -> str:
+    """The Triton type of an ``_AOT_KERNELS`` entry without specializations ("1" and "i32+" are i32)."""
+    return "i32" if spec in ("1", "i32+") else spec.format(t=t)
+
 
 def aot_configurations():
-    """Every (kernel, dtype, fp32 dot precision, flags, tiles) the launchers above can launch with, on any
-    architecture (tiles two architectures share are listed once)."""
+    """Every (kernel, dtype, fp32 dot precision, candidate) the launchers above can launch, for the architectures
+    whose candidates hold it, with the specializations of a launch on dense tensors at the model's shapes (unit
+    strides, 16-divisible pointers, strides and feature sizes; ``_AOT_KERNELS``); the default candidate also with
+    every argument plain (odd sizes, strided inputs). The backward's transposed weight views (unit ``stride_wk``)
+    make one more grouped-GEMM variant per candidate, which ``kernels.report`` compiles. The mode flags are
+    runtime arguments: one compiled kernel per dtype covers every mode."""
     configs = []
-    for (dtype, tiles), archs in _distinct_tiles().items():
-        t = _TRITON_TYPES[dtype]
-        arch_label = "/".join(f"sm{arch}" for arch in archs)
-        launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-        blocks_mnk = dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k)
-        dot_flags = {"DOT_PRECISION": "constexpr", "UPCAST_DOTS": "constexpr"}
-        ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
-        for precision in FP32_DOT_PRECISIONS if dtype == torch.float32 else ("ieee",):
-            # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
-            dot_options = dict(DOT_PRECISION=precision, UPCAST_DOTS=False)
-            tag = f"{t} {precision} {arch_label}"
-            configs.append(AotConfig(
-                f"route {tag}", _moe_route_kernel,
-                {"x": f"*{t}", "gate": f"*{t}", "logits": "*fp32", "experts": "*i64", "alpha": "*fp32",
-                 "row_mask": "*u8",
-                 **ints("N", "D", "E", "stride_xn", "stride_xd", "stride_ge", "stride_gd", "has_row_mask"),
-                 "BM": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
-                dict(BM=tiles.block_m, BK=tiles.block_k, BE=MAX_EXPERTS, **dot_options), **launch))
-            # the mode flags are runtime i32 arguments: one compiled kernel per dtype covers every mode
-            configs.append(AotConfig(
-                f"grouped_matmul {tag}", _moe_grouped_matmul_kernel,
-                {"a": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "w": f"*{t}", "bias": f"*{t}",
-                 "c": f"*{t}", "c_pre": f"*{t}", "expert_offsets": "*i64",
-                 **ints("E", "K", "NC", "stride_am", "stride_ak", "stride_we", "stride_wk", "stride_wn",
-                        "stride_be", "stride_bn", "stride_cm", "stride_cn", "gather_a", "scale_rows", "has_bias",
-                        "epilogue"),
-                 "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "BE": "constexpr", **dot_flags},
-                dict(**blocks_mnk, BE=MAX_EXPERTS, **dot_options), **launch))
-            configs.append(AotConfig(
-                f"grouped_wgrad {tag}", _moe_grouped_wgrad_kernel,
-                {"a": f"*{t}", "b": f"*{t}", "sorted_pairs": "*i64", "pair_weights": "*fp32", "dw": f"*{t}",
-                 "db": f"*{t}", "expert_offsets": "*i64",
-                 **ints("K", "NC", "stride_am", "stride_ak", "stride_bm", "stride_bn", "stride_dwe", "stride_dwk",
-                        "stride_dwn", "stride_dbe", "stride_dbn", "gather_a", "gather_b", "scale_b"),
-                 "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", **dot_flags},
-                dict(**blocks_mnk, **dot_options), **launch))
-        tag = f"{t} {arch_label}"
-        configs.append(AotConfig(
-            f"combine {tag}", _moe_combine_kernel,
-            {"src": f"*{t}", "pair_position": "*i64", "alpha": "*fp32", "expert_offsets": "*i64", "out": f"*{t}",
-             **ints("N", "C", "stride_sm", "stride_sc", "stride_on", "stride_oc", "weighted"),
-             "BM": "constexpr", "BN": "constexpr"},
-            dict(BM=tiles.block_rows, BN=tiles.block_n), num_warps=tiles.num_warps, num_stages=1))
-        configs.append(AotConfig(
-            f"router_grad {tag}", _moe_router_grad_kernel,
-            {"dy": f"*{t}", "y_pairs": f"*{t}", "pair_position": "*i64", "alpha": "*fp32",
-             "expert_offsets": "*i64", "d_top": "*fp32",
-             **ints("N", "C", "stride_dn", "stride_dc", "stride_ym", "stride_yc"),
-             "BM": "constexpr", "BN": "constexpr"},
-            dict(BM=tiles.block_rows, BN=tiles.block_n), num_warps=tiles.num_warps, num_stages=1))
+    for kind, (kernel, types, extra) in _AOT_KERNELS.items():
+        for dtype, t in _TRITON_TYPES.items():
+            candidates = {}  # config -> (compute capabilities, default on any?)
+            for arch in ARCHS:
+                for rank, config in enumerate(_kernel_candidates(kind, TILES[(arch, dtype)])):
+                    archs, default = candidates.get(config, ((), False))
+                    candidates[config] = (archs + (ARCH_CAPABILITY[arch],), default or rank == 0)
+            dots = "DOT_PRECISION" in kernel.arg_names
+            for config, (archs, default) in candidates.items():
+                # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
+                precisions = ("tf32", "ieee") if dtype == torch.float32 and default else (
+                    "tf32" if dtype == torch.float32 else "ieee",)
+                for precision in precisions if dots else (None,):
+                    constexprs = {**config.kwargs, **extra}
+                    if dots:
+                        constexprs.update(DOT_PRECISION=precision, UPCAST_DOTS=False)
+                    label = " ".join([kind, t, *([precision] if dots else []), "/".join(f"sm{c}" for c in archs),
+                                      config_label(config)])
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=archs,
+                                   default=default)
+                    plain = {arg: "constexpr" if arg in constexprs else _plain_type(types[arg], t)
+                             for arg in kernel.arg_names}
+                    aligned = {**plain, **{arg: "constexpr" for arg, ty in types.items() if ty == "1"}}
+                    configs.append(AotConfig(label + " aligned", kernel, aligned,
+                                             {**constexprs, **{arg: 1 for arg, ty in types.items() if ty == "1"}},
+                                             divisible=tuple(arg for arg, ty in types.items()
+                                                             if ty.startswith("*") or ty.endswith("+")), **options))
+                    if default:
+                        configs.append(AotConfig(label, kernel, plain, constexprs, **options))
     return configs
-
-
-def _distinct_tiles():
-    """{(dtype, tiles): architectures using them} over ``TILES``."""
-    distinct = {}
-    for (arch, dtype), tiles in TILES.items():
-        distinct.setdefault((dtype, tiles), []).append(arch)
-    return distinct

@@ -54,8 +54,9 @@ def reference_backend():
         yield
 
 
-def compile_ahead_of_time(op: str, capabilities=(80, 90)) -> subprocess.CompletedProcess:
-    """Compile every configuration of ``op`` for the given GPU targets in a fresh, non-interpreted process."""
+def compile_ahead_of_time(op: str, capabilities=(80, 90), extra=()) -> subprocess.CompletedProcess:
+    """Compile every configuration of ``op`` for the given GPU targets in a fresh, non-interpreted process
+    (``extra``: more ``kernels.aot`` options)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kernels.aot", "--op", op, "--capability", *map(str, capabilities)]
+    command = [sys.executable, "-m", "kernels.aot", "--op", op, "--capability", *map(str, capabilities), *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)

@@ -1,15 +1,45 @@
-"""Every kernel configuration a launcher can choose compiles for sm_80 and sm_90 (no GPU needed)."""
+"""Every kernel configuration a launcher can choose compiles for sm_80 and sm_90 (no GPU needed).
+
+The quick tests compile the default autotune candidate of every list (aligned and plain variants); every candidate
+of every list is compiled by ``pytest -m full_aot`` (deselected by default: minutes) and measured by
+``python -m kernels.report``."""
+import re
+
 import pytest
 
 from conftest import compile_ahead_of_time
-from kernels.aot import OP_MODULES, configurations
+from kernels.aot import OP_MODULES, config_targets, configurations
 
 
-@pytest.mark.parametrize("op", sorted(OP_MODULES))
-def test_every_configuration_compiles_for_sm80_and_sm90(op):
-    assert configurations(op), f"{op} lists no kernel configuration to compile"
-    result = compile_ahead_of_time(op)
+def _check_compiled(op, result, configs):
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     compiled = [line for line in result.stdout.splitlines() if line.startswith(op) and ": ok " in line]
-    assert len(compiled) == 2 * len(configurations(op)), report
+    assert len(compiled) == sum(len(config_targets(config, (80, 90))) for config in configs), report
+
+
+@pytest.mark.parametrize("op", sorted(OP_MODULES))
+def test_every_default_configuration_compiles_for_sm80_and_sm90(op):
+    configs = configurations(op, defaults_only=True)
+    assert configs, f"{op} lists no kernel configuration to compile"
+    _check_compiled(op, compile_ahead_of_time(op, extra=("--defaults-only",)), configs)
+
+
+@pytest.mark.full_aot
+@pytest.mark.parametrize("op", sorted(OP_MODULES))
+def test_every_autotune_candidate_compiles_for_sm80_and_sm90(op):
+    _check_compiled(op, compile_ahead_of_time(op), configurations(op))
+
+
+def test_aligned_16bit_block_causal_candidate_streams_through_async_copies():
+    """The 16-divisibility attributes give the variant a launch on aligned tensors makes: 16-byte loads that
+    cp.async takes. An alternative (not default) candidate, compiled with and without them for sm_80."""
+    label = "fwd-bf16-d64-ieee-m128n64w8s2"
+    (aligned,) = [c for c in configurations("block_causal_attention") if c.label == label + "-aligned"]
+    assert not aligned.default and 80 in aligned.capabilities and "stride_qt" in aligned.divisible
+    result = compile_ahead_of_time("block_causal_attention", capabilities=(80,),
+                                   extra=("--match", label, "--async-copies"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    copies = {line.split(": ")[0].split()[-1]: int(re.search(r"(\d+) async copies", line).group(1))
+              for line in result.stdout.splitlines() if " async copies" in line}
+    assert copies[label + "-aligned"] > 0, result.stdout

@@ -14,7 +14,7 @@ TINY_TILES = MoETiles(block_m=16, block_n=16, block_k=16, block_rows=4, num_warp
 @pytest.fixture
 def tiny_tiles(monkeypatch):
     """16-wide tiles, so small problems still span several tiles with partial ones at the edges."""
-    monkeypatch.setattr(moe, "TILES", {dtype: TINY_TILES for dtype in moe.TILES})
+    monkeypatch.setattr(moe, "TILES", {key: (TINY_TILES,) for key in moe.TILES})
 
 
 def make_inputs(n, num_experts, d, h, d_out, dtype=torch.float32, seed=0, gate_bias=None):
@@ -100,7 +100,7 @@ def test_uneven_loads_and_experts_without_rows(triton_backend, tiny_tiles):
 
 def test_thousands_of_rows(triton_backend, monkeypatch):
     # the interpreter is slow: tiny features, 64-row tiles (still about a hundred pair tiles)
-    monkeypatch.setattr(moe, "TILES", {dtype: MoETiles(64, 16, 16, 64, 1, 1) for dtype in moe.TILES})
+    monkeypatch.setattr(moe, "TILES", {key: (MoETiles(64, 16, 16, 64, 1, 1),) for key in moe.TILES})
     check_against_reference(make_inputs(3001, 4, 3, 5, 2, seed=5), torch.float32)
 
 

@@ -268,7 +268,7 @@ def test_moe_top2_kernel_matches_reference(case):
             return y
         return run
 
-    with mock.patch.object(moe, "TILES", {key: tiles for key in moe.TILES}), use_backend("triton"):
+    with mock.patch.object(moe, "TILES", {key: (tiles,) for key in moe.TILES}), use_backend("triton"):
         (out, grads), (out64, grads64), _ = _run_both(routed(moe_top2, "kernel"),
                                                       routed(moe_top2_reference, "reference"), inputs, case["seed"])
     assert torch.equal(chosen["kernel"], chosen["reference"]), "different experts chosen"

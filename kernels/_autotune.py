@@ -1,0 +1,119 @@
+"""Per-architecture launch configurations, autotuned on the GPU (docs/design.md section 6).
+
+Each kernel that streams tiles has a short list of candidate configurations (``triton.Config``: tile constexprs,
+``num_warps``, ``num_stages``) per architecture: ``sm_80`` (compute capability 8.x), ``sm_90`` (9.x) and
+``fallback`` (any other GPU: the sm_80 default, which fits the 99 KB of shared memory of the smallest parts).
+The first candidate of a list is its default. :func:`launch` runs a kernel with one of them:
+
+- on a GPU, ``triton.autotune`` times every candidate of the device's list at the first launch of each key (the
+  tensors' dtypes plus a shape bucket chosen by the launcher, e.g. the sequence length rounded up to a power of
+  two) and keeps the fastest; later launches of that key only look it up (no host sync). None of the kernels
+  accumulates into its outputs or writes its inputs, so the repeated benchmark launches need no
+  ``reset_to_zero`` / ``restore_value``; a kernel that does must pass them here;
+- under ``TRITON_INTERPRET=1`` and with ``KERNELS_AUTOTUNE=0`` it launches the default, deterministically;
+- under ``kernels.report``'s capture (CPU tensors, a stand-in driver naming the target) it goes through the
+  autotuner, which the report replaces by a capture of every candidate of the target's list.
+
+Every candidate of the sm_80 and sm_90 lists is compiled ahead of time by ``kernels.aot`` (``aot_configurations()``
+of each op) and measured by ``kernels.report``; tuning on first use can therefore not hit a compile error. The
+first launch of a key costs ~0.1 s per candidate (``triton.testing.do_bench``); set ``KERNELS_AUTOTUNE=0``, or
+launch once before, when that cannot happen (CUDA-graph capture). :func:`recording_choices` lists what was chosen.
+"""
+from __future__ import annotations
+
+import os
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import triton
+
+from . import backend
+from ._triton_helpers import _KERNELS_INTERPRETED
+
+#: the architectures with their own candidate lists, compiled ahead of time; other GPUs take ``FALLBACK``
+ARCHS = ("sm_80", "sm_90")
+FALLBACK = "fallback"
+ARCH_CAPABILITY = {"sm_80": 80, "sm_90": 90}
+
+_tuners: Dict[tuple, Any] = {}  # (kernel, candidates, bucket) -> triton Autotuner
+_recording: Optional[List[Dict[str, Any]]] = None  # see ``recording_choices``
+
+
+def autotune_enabled() -> bool:
+    """``KERNELS_AUTOTUNE`` (read at every launch): ``1`` (default) autotunes on GPUs, ``0`` launches the default
+    candidate everywhere."""
+    value = os.environ.get("KERNELS_AUTOTUNE", "1").strip() or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"KERNELS_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def launch_arch(device: torch.device) -> str:
+    """Which candidate list a launch on ``device`` uses: ``sm_90`` for compute capability 9.x, ``sm_80`` for 8.x,
+    ``fallback`` for other GPUs; for CPU tensors the target of ``kernels.report``'s capture, else ``sm_80`` (the
+    interpreter)."""
+    if device.type == "cuda":
+        major = torch.cuda.get_device_capability(device)[0]
+    elif backend._capturing_launches:
+        from triton.runtime.driver import driver
+
+        major = driver.active.get_current_target().arch // 10
+    else:
+        return "sm_80"
+    return {8: "sm_80", 9: "sm_90"}.get(major, FALLBACK)
+
+
+def pick(candidates: Dict[str, Sequence[triton.Config]], arch: str) -> List[triton.Config]:
+    """The candidate list of ``arch``; ``fallback`` (not listed) takes the first sm_80 candidate."""
+    if arch == FALLBACK and FALLBACK not in candidates:
+        return [candidates["sm_80"][0]]
+    return list(candidates[arch])
+
+
+def shape_bucket(n: int) -> int:
+    """``n`` rounded up to a power of two: sizes in one bucket share a tuning result."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def launch(kernel, grid: Callable[[Dict[str, Any]], tuple], args: Sequence[Any], kwargs: Dict[str, Any],
+           candidates: Sequence[triton.Config], *, device: torch.device, bucket: tuple = ()) -> None:
+    """``kernel[grid](*args, **kwargs)`` with one of ``candidates`` (the first is the default; see the module
+    docstring for which). ``grid`` maps the launch's arguments (the candidate's constexprs included) to the grid;
+    ``bucket`` (hashable) keys the tuning result besides the tensors' dtypes."""
+    tune = backend._capturing_launches or (device.type == "cuda" and not _KERNELS_INTERPRETED
+                                           and len(candidates) > 1 and autotune_enabled())
+    if not tune:
+        kernel[grid](*args, **kwargs, **candidates[0].all_kwargs())
+        return
+    key = (kernel, tuple(candidates), bucket)
+    tuner = _tuners.get(key)
+    if tuner is None:
+        tuner = _tuners[key] = triton.autotune(configs=list(candidates), key=[])(kernel)
+    tuner[grid](*args, **kwargs)
+    if _recording is not None and not backend._capturing_launches:
+        _recording.append(_choice(kernel, candidates, bucket, tuner.best_config))
+
+
+def config_label(config: triton.Config) -> str:
+    """``BM=64 BN=64 num_warps=4 num_stages=2``: a candidate in one line."""
+    return " ".join(f"{k}={v}" for k, v in {**config.kwargs, "num_warps": config.num_warps,
+                                             "num_stages": config.num_stages}.items())
+
+
+def _choice(kernel, candidates, bucket, config) -> Dict[str, Any]:
+    return {"kernel": kernel.fn.__name__, "bucket": list(bucket), "config": config_label(config),
+            "rank": candidates.index(config) + 1, "candidates": len(candidates)}
+
+
+@contextlib.contextmanager
+def recording_choices() -> Iterator[List[Dict[str, Any]]]:
+    """Within the block, every autotuned launch appends what it ran to the yielded list: kernel, shape bucket,
+    the candidate (``config_label``), its rank in the list (1 = the default) and the list's length. Launches of
+    the default without tuning (interpreter, ``KERNELS_AUTOTUNE=0``, one candidate) add nothing."""
+    global _recording
+    previous, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = previous

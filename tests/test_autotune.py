@@ -1,0 +1,122 @@
+"""Per-architecture autotune candidates (``kernels._autotune``): the lists of block-causal attention and the MoE,
+the default under the interpreter, ``KERNELS_AUTOTUNE``, and what the ahead-of-time compile lists."""
+import importlib
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _autotune
+from kernels._autotune import ARCHS, FALLBACK, autotune_enabled, launch, launch_arch, pick, recording_choices
+from kernels.aot import configurations
+
+bc = importlib.import_module("kernels.block_causal_attention")
+moe = importlib.import_module("kernels.moe")
+
+
+@triton.jit
+def _write_block(out, BLOCK: tl.constexpr):
+    tl.store(out + tl.arange(0, 16), tl.full([16], BLOCK, tl.int32))
+
+
+CANDIDATES = [triton.Config({"BLOCK": 32}, num_warps=2, num_stages=1), triton.Config({"BLOCK": 64}, num_warps=4)]
+
+
+def test_interpreter_launches_the_default_candidate_without_tuning():
+    out = torch.zeros(16, dtype=torch.int32)
+    before = dict(_autotune._tuners)
+    with recording_choices() as picks:
+        for _ in range(2):
+            launch(_write_block, lambda meta: (1,), (out,), {}, CANDIDATES, device=out.device, bucket=(16,))
+    assert out.eq(32).all()  # BLOCK of the first candidate
+    assert picks == [] and _autotune._tuners == before  # nothing timed, no tuner made
+
+
+def test_kernels_autotune_variable(monkeypatch):
+    monkeypatch.delenv("KERNELS_AUTOTUNE", raising=False)
+    assert autotune_enabled()
+    monkeypatch.setenv("KERNELS_AUTOTUNE", "0")
+    assert not autotune_enabled()
+    monkeypatch.setenv("KERNELS_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="KERNELS_AUTOTUNE must be 0 or 1"):
+        autotune_enabled()
+
+
+def test_cpu_launches_take_the_sm80_list_and_fallback_its_default():
+    assert launch_arch(torch.device("cpu")) == "sm_80"
+    per_arch = {"sm_80": CANDIDATES, "sm_90": CANDIDATES[::-1]}
+    assert pick(per_arch, "sm_90") == CANDIDATES[::-1]
+    assert pick(per_arch, FALLBACK) == CANDIDATES[:1]
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "bwd_dq", "bwd_dkdv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_d", [64, 128, 256])
+def test_block_causal_candidates_per_architecture(kernel, dtype, block_d):
+    for arch in ARCHS:
+        listed = bc._candidates(kernel, dtype, block_d, arch)
+        assert listed and len(set(map(str, listed))) == len(listed), listed  # no duplicates
+        if block_d < 256:  # the default is the table's first entry
+            table = bc._CANDIDATE_TILES[(kernel, dtype == torch.float32, 64 if dtype == torch.float32 else block_d)]
+            assert listed[0] == table[arch][0].config()
+    assert bc._candidates(kernel, dtype, block_d, FALLBACK) == bc._candidates(kernel, dtype, block_d, "sm_80")[:1]
+    q = torch.zeros(1, 1, 4, 8, dtype=dtype)
+    assert bc._launch_candidates(kernel, q, block_d) == bc._candidates(kernel, dtype, block_d, "sm_80")
+
+
+def test_ieee_fp32_launches_only_the_default(monkeypatch):
+    monkeypatch.setenv("KERNELS_FP32_PRECISION", "ieee")
+    q = torch.zeros(1, 1, 4, 8)
+    assert bc._launch_candidates("fwd", q, 64) == bc._candidates("fwd", torch.float32, 64, "sm_80")[:1]
+    assert moe._launch_tiles(q) == moe.TILES[("sm_80", torch.float32)][:1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_moe_candidates_per_architecture(dtype):
+    for arch in ARCHS:
+        tiles = moe.TILES[(arch, dtype)]
+        assert len(tiles) > 1
+        for kind in ("route", "grouped_matmul", "grouped_wgrad", "combine", "router_grad"):
+            configs = moe._kernel_candidates(kind, tiles)
+            assert configs[0].num_warps == tiles[0].num_warps and configs[0].kwargs["BM"] in (
+                tiles[0].block_m, tiles[0].block_rows)
+            assert len(set(map(str, configs))) == len(configs)
+    assert moe._launch_tiles(torch.zeros(2, 2, dtype=dtype)) == moe.TILES[("sm_80", dtype)]
+
+
+@pytest.mark.parametrize("op", ["block_causal_attention", "moe_top2"])
+def test_aot_lists_every_candidate_of_both_architectures_with_alignment(op):
+    configs = configurations(op)
+    compiled = {(config.kernel, tuple(sorted(config.constexprs.items())), config.num_warps, config.num_stages, c)
+                for config in configs if config.divisible for c in config.capabilities}
+    kernels = {config.kernel for config in configs}
+    for arch in ARCHS:
+        capability = _autotune.ARCH_CAPABILITY[arch]
+        for kernel in kernels:
+            listed = [c for c in compiled if c[0] is kernel and c[4] == capability]
+            launched = _launched_candidates(op, kernel, arch)
+            assert launched and all(any(_same(candidate, c) for c in listed) for candidate in launched), (
+                kernel.fn.__name__, arch)
+    assert configurations(op, defaults_only=True) == [c for c in configs if c.default]
+    assert len(configurations(op, defaults_only=True)) < len(configs)
+
+
+def _launched_candidates(op, kernel, arch):
+    """Every candidate config of ``kernel`` on ``arch`` over dtypes and head-dim tiles."""
+    if op == "moe_top2":
+        kind = {moe._moe_route_kernel: "route", moe._moe_grouped_matmul_kernel: "grouped_matmul",
+                moe._moe_grouped_wgrad_kernel: "grouped_wgrad", moe._moe_combine_kernel: "combine",
+                moe._moe_router_grad_kernel: "router_grad"}[kernel]
+        return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
+    name = {bc.block_causal_attn_fwd_kernel: "fwd", bc.block_causal_attn_bwd_dq_kernel: "bwd_dq",
+            bc.block_causal_attn_bwd_dkdv_kernel: "bwd_dkdv"}[kernel]
+    return [c for dtype in (torch.float32, torch.float16, torch.bfloat16) for block_d in bc._HEAD_DIM_BLOCKS
+            for c in bc._candidates(name, dtype, block_d, arch)]
+
+
+def _same(candidate, listed):
+    constexprs = dict(listed[1])
+    return (all(constexprs.get(k) == v for k, v in candidate.kwargs.items())
+            and (candidate.num_warps, candidate.num_stages) == listed[2:4])
