@@ -95,6 +95,17 @@ def launch(kernel, grid: Callable[[Dict[str, Any]], tuple], args: Sequence[Any],
         _recording.append(_choice(kernel, candidates, bucket, tuner.best_config))
 
 
+def aot_candidates(candidates_of: Callable[[str], Sequence[triton.Config]]) -> List[tuple]:
+    """``(config, compute capabilities, default?)`` for every candidate of the ``ARCHS`` lists
+    (``candidates_of(arch)``), once per role: a config that is the default of one architecture and an alternative
+    of another is listed twice, so that the default candidates alone can be compiled (``kernels.aot``)."""
+    roles: Dict[tuple, tuple] = {}
+    for arch in ARCHS:
+        for rank, config in enumerate(candidates_of(arch)):
+            roles[(config, rank == 0)] = roles.get((config, rank == 0), ()) + (ARCH_CAPABILITY[arch],)
+    return [(config, capabilities, default) for (config, default), capabilities in roles.items()]
+
+
 def config_label(config: triton.Config) -> str:
     """``BM=64 BN=64 num_warps=4 num_stages=2``: a candidate in one line."""
     return " ".join(f"{k}={v}" for k, v in {**config.kwargs, "num_warps": config.num_warps,

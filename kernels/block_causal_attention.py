@@ -24,7 +24,7 @@ from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_an
                       checked_cu_seqlens)
 from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision,
                               launch_device_of, upcast_dots_for)
-from ._autotune import ARCH_CAPABILITY, ARCHS, launch, launch_arch, pick, shape_bucket
+from ._autotune import ARCHS, aot_candidates, launch, launch_arch, pick, shape_bucket
 from ._amp import autocast_op
 from .backend import use_triton
 
@@ -916,8 +916,8 @@ class BlockCausalTransformerLayer(nn.Module):
 def aot_configurations():
     """Every (kernel, dtype, head-dim tile, fp32 dot precision, candidate) the launchers can launch, each for the
     architectures whose candidate list holds it, with the 16-divisibility of pointers, head dims and q/k/v/o
-    strides that a launch on aligned tensors gets (lse/delta strides follow T: left plain); the default candidate
-    also without it (odd head dims)."""
+    strides that a launch on aligned tensors gets (lse/delta strides follow T: left plain); the default candidates
+    also without it (odd head dims). ``default`` marks the aligned default candidates (the tests' quick subset)."""
     from .aot import AotConfig
 
     kernels = {
@@ -947,25 +947,19 @@ def aot_configurations():
         for dtype, type_name in _DTYPES.items():
             typed = {arg: kind.format(dtype=type_name) for arg, kind in signature.items()}
             for block_d in _HEAD_DIM_BLOCKS:
-                candidates = {}  # config -> (architectures, default of any?)
-                for arch in ARCHS:
-                    for rank, config in enumerate(_candidates(name, dtype, block_d, arch)):
-                        archs, default = candidates.get(config, ((), False))
-                        candidates[config] = (archs + (ARCH_CAPABILITY[arch],), default or rank == 0)
                 # IEEE fp32 (KERNELS_FP32_PRECISION=ieee) launches the default candidate only and compiles up to
                 # ~110 s per kernel at D 128 (sm_90): only D <= 64 is compiled ahead of time
                 ieee_too = dtype == torch.float32 and block_d == 64
-                for config, (archs, default) in candidates.items():
-                    plain = "tf32" if dtype == torch.float32 else "ieee"
+                plain = "tf32" if dtype == torch.float32 else "ieee"
+                for config, archs, default in aot_candidates(lambda arch: _candidates(name, dtype, block_d, arch)):
                     for precision in ("tf32", "ieee") if ieee_too and default else (plain,):
                         constexprs = {**config.kwargs, "BD": block_d, "DOT_PRECISION": precision,
                                       "UPCAST_DOTS": False}
                         label = (f"{name}-{type_name}-d{block_d}-{precision}-m{config.kwargs['BM']}"
                                  f"n{config.kwargs['BN']}w{config.num_warps}s{config.num_stages}")
-                        launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages,
-                                              capabilities=archs, default=default)
+                        options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=archs)
                         configs.append(AotConfig(label + "-aligned", kernel, typed, constexprs,
-                                                 divisible=tuple(aligned), **launch_options))
+                                                 divisible=tuple(aligned), default=default, **options))
                         if default:
-                            configs.append(AotConfig(label, kernel, typed, constexprs, **launch_options))
+                            configs.append(AotConfig(label, kernel, typed, constexprs, default=False, **options))
     return configs

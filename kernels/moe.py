@@ -51,7 +51,7 @@ from torch import nn
 
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_tensor
 from .aot import AotConfig
-from ._autotune import ARCH_CAPABILITY, ARCHS, FALLBACK, config_label, launch, launch_arch, shape_bucket
+from ._autotune import ARCHS, FALLBACK, aot_candidates, config_label, launch, launch_arch, shape_bucket
 from ._triton_helpers import dot_fp32acc, fp32_dot_precision, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
 from .backend import use_triton
@@ -860,19 +860,15 @@ def aot_configurations():
     """Every (kernel, dtype, fp32 dot precision, candidate) the launchers above can launch, for the architectures
     whose candidates hold it, with the specializations of a launch on dense tensors at the model's shapes (unit
     strides, 16-divisible pointers, strides and feature sizes; ``_AOT_KERNELS``); the default candidate also with
-    every argument plain (odd sizes, strided inputs). The backward's transposed weight views (unit ``stride_wk``)
+    every argument plain (odd sizes, strided inputs); ``default`` marks the aligned default candidates (the tests'
+    quick subset). The backward's transposed weight views (unit ``stride_wk``)
     make one more grouped-GEMM variant per candidate, which ``kernels.report`` compiles. The mode flags are
     runtime arguments: one compiled kernel per dtype covers every mode."""
     configs = []
     for kind, (kernel, types, extra) in _AOT_KERNELS.items():
         for dtype, t in _TRITON_TYPES.items():
-            candidates = {}  # config -> (compute capabilities, default on any?)
-            for arch in ARCHS:
-                for rank, config in enumerate(_kernel_candidates(kind, TILES[(arch, dtype)])):
-                    archs, default = candidates.get(config, ((), False))
-                    candidates[config] = (archs + (ARCH_CAPABILITY[arch],), default or rank == 0)
             dots = "DOT_PRECISION" in kernel.arg_names
-            for config, (archs, default) in candidates.items():
+            for config, archs, default in aot_candidates(lambda arch: _kernel_candidates(kind, TILES[(arch, dtype)])):
                 # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
                 precisions = ("tf32", "ieee") if dtype == torch.float32 and default else (
                     "tf32" if dtype == torch.float32 else "ieee",)
@@ -882,15 +878,15 @@ def aot_configurations():
                         constexprs.update(DOT_PRECISION=precision, UPCAST_DOTS=False)
                     label = " ".join([kind, t, *([precision] if dots else []), "/".join(f"sm{c}" for c in archs),
                                       config_label(config)])
-                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=archs,
-                                   default=default)
+                    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=archs)
                     plain = {arg: "constexpr" if arg in constexprs else _plain_type(types[arg], t)
                              for arg in kernel.arg_names}
                     aligned = {**plain, **{arg: "constexpr" for arg, ty in types.items() if ty == "1"}}
                     configs.append(AotConfig(label + " aligned", kernel, aligned,
                                              {**constexprs, **{arg: 1 for arg, ty in types.items() if ty == "1"}},
                                              divisible=tuple(arg for arg, ty in types.items()
-                                                             if ty.startswith("*") or ty.endswith("+")), **options))
+                                                             if ty.startswith("*") or ty.endswith("+")),
+                                             default=default, **options))
                     if default:
-                        configs.append(AotConfig(label, kernel, plain, constexprs, **options))
+                        configs.append(AotConfig(label, kernel, plain, constexprs, default=False, **options))
     return configs

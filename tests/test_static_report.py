@@ -1,5 +1,6 @@
 """The static report (``python -m kernels.report``): launch capture and Triton's specializations, the occupancy
 formula, the ptxas / SASS readers, and the CI spill guard (``kernels/spill_budget.json``)."""
+import importlib
 import json
 import os
 import subprocess
@@ -191,3 +192,11 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
         assert kernels, f"no kernel of {op} captured"
         for kernel in kernels:
             assert {row["target"] for row in rows if row["kernel"] == kernel} == {"sm_80", "sm_90"}, kernel
+    # every autotune candidate of the capture target's own list is captured and compiled (kernels._autotune)
+    block_causal = importlib.import_module("kernels.block_causal_attention")
+    for arch in ("sm_80", "sm_90"):
+        captured = {(row["constexprs"]["BM"], row["constexprs"]["BN"], row["num_warps"], row["num_stages"])
+                    for row in rows if row["kernel"] == "block_causal_attn_fwd_kernel" and row["target"] == arch}
+        listed = {(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
+                  for c in block_causal._candidates("fwd", torch.float32, 64, arch)}
+        assert captured == listed, (arch, captured, listed)
