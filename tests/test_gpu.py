@@ -34,6 +34,7 @@ from kernels import (
     reference,
     use_backend,
 )
+from kernels._autotune import recording_choices
 from kernels.backend import triton_interpreter_enabled
 from kernels.block_causal_attention import block_causal_attention_varlen
 
@@ -242,6 +243,28 @@ def test_block_causal_attention_long(dtype, gpu_shape, cpu_shape, group_size):
     same = op_case(reference_op, tensors, cotangents, dtype, group_size=group_size)()
     truth = op_case(reference_op, tensors, cotangents, torch.float64, group_size=group_size)()
     assert_matches(ours, same, truth, TOLERANCE["block_causal"][dtype])
+
+
+@pytest.mark.skipif(ON_CPU, reason="autotuning happens on GPUs only")
+def test_autotune_picks_listed_candidates_and_kernels_autotune_0_pins_the_default(monkeypatch):
+    """Block-causal bf16 at T 2048: the first call times the device's candidates (kernels._autotune), the second
+    reuses the choice without a host sync; KERNELS_AUTOTUNE=0 launches the defaults untimed. Both are accurate."""
+    tensors, cotangents = random_attention_inputs((1, 4, 2048, 64, 64), BF16)
+    case = op_case(block_causal_attention, tensors, cotangents, BF16, group_size=3)
+    with recording_choices() as picks:
+        _, tuned = run_ours(case)
+    assert {pick["kernel"] for pick in picks} == {"block_causal_attn_fwd_kernel", "block_causal_attn_bwd_dq_kernel",
+                                                  "block_causal_attn_bwd_dkdv_kernel"}, picks
+    assert all(1 <= pick["rank"] <= pick["candidates"] and pick["candidates"] > 1 for pick in picks), picks
+    monkeypatch.setenv("KERNELS_AUTOTUNE", "0")
+    with recording_choices() as pinned, use_backend(OURS):
+        default = case()
+    assert pinned == []
+    reference_op = reference.block_causal_attention_reference
+    same = op_case(reference_op, tensors, cotangents, BF16, group_size=3)()
+    truth = op_case(reference_op, tensors, cotangents, torch.float64, group_size=3)()
+    for ours in (tuned, default):
+        assert_matches(ours, same, truth, TOLERANCE["block_causal"][BF16])
 
 
 def dialogue_node_counts(num_dialogues: int, seed: int = 0) -> list:

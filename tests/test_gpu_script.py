@@ -93,3 +93,13 @@ def test_outcomes_of_a_stopped_tests_step_are_read_from_its_log():
     outcomes = _gpu_run_module().outcomes_from_log(log)
     assert (outcomes["passed"], outcomes["failed"], outcomes["errors"], outcomes["skipped"]) == (2, 1, 0, 1)
     assert [failure["test"] for failure in outcomes["failures"]] == ["tests/test_gpu.py::test_b[fp16]"]
+
+
+def test_benchmark_tables_show_the_autotuned_candidates():
+    gpu_run = _gpu_run_module()
+    pick = {"kernel": "block_causal_attn_fwd_kernel", "bucket": [4096, 4], "config": "BM=128 BN=64 num_warps=8 "
+            "num_stages=2", "rank": 2, "candidates": 3}
+    record = {"status": "ok", "group": "fwd T=4096", "nodeid": "x", "candidate": "ours", "iterations": 1,
+              "stats": {"mean": 1e-3, "min": 1e-3, "rounds": 3}, "extra_info": {"peak_mem_MiB": 5.0, "autotune": [pick]}}
+    (row,) = [line for line in gpu_run.benchmark_tables([record]) if line.startswith("| ours")]
+    assert "tuned block_causal_attn_fwd_kernel 2/3" in row and "num_warps" not in row, row
