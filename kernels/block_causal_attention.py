@@ -342,21 +342,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
 #: (``python -m kernels.report``, ``kernels/spill_budget.json``). On sm_90, 64-row tiles use wgmma; 32-row tiles
 #: fall back to mma.sync, still tensor cores.
 _CANDIDATE_TILES = {
-    ("fwd", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 4, 2), _Tiles(32, 32, 4, 3)],
+    ("fwd", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
                         "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(32, 64, 4, 2), _Tiles(64, 32, 4, 3)]},
+    ("fwd", True, 128): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
+                         "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 32, 4, 3)]},
     ("fwd", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 64, 4, 3)],
                          "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 64, 4, 3)]},
     ("fwd", False, 128): {"sm_80": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)],
                           "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
     ("bwd_dq", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
                            "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 2)]},
+    ("bwd_dq", True, 128): {"sm_80": [_Tiles(32, 64, 8, 2)],
+                            "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 32, 4, 2)]},
     ("bwd_dq", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)],
                             "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
     ("bwd_dq", False, 128): {"sm_80": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)],
                              "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)]},
-    ("bwd_dkdv", True, 64): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 64, 4, 2)],
+    ("bwd_dkdv", True, 64): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 32, 4, 3)],
                              "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)]},
-    ("bwd_dkdv", False, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)],
+    ("bwd_dkdv", True, 128): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 32, 4, 3)],
+                              "sm_90": [_Tiles(32, 32, 4, 3), _Tiles(32, 32, 4, 2)]},
+    ("bwd_dkdv", False, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 4, 3)],
                               "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)]},
     ("bwd_dkdv", False, 128): {"sm_80": [_Tiles(32, 64, 8, 2), _Tiles(32, 32, 4, 2)],
                                "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 8, 2)]},
@@ -371,10 +377,9 @@ _WIDE_HEAD_CONFIGS = {fp32: {arch: [tiles.config()] for arch in ARCHS} for fp32,
 
 def _candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: str) -> list[triton.Config]:
     """Autotune candidates of one kernel (``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"``) for a dtype, head-dim tile and
-    architecture (``sm_80``, ``sm_90`` or ``fallback``, see ``kernels._autotune``), the default first. fp32 at
-    D 128 takes its D 64 tiles."""
+    architecture (``sm_80``, ``sm_90`` or ``fallback``, see ``kernels._autotune``), the default first."""
     fp32 = dtype == torch.float32
-    per_arch = _WIDE_HEAD_CONFIGS[fp32] if block_d == 256 else _CONFIGS[(kernel, fp32, 64 if fp32 else block_d)]
+    per_arch = _WIDE_HEAD_CONFIGS[fp32] if block_d == 256 else _CONFIGS[(kernel, fp32, block_d)]
     return pick(per_arch, arch)
 
 
