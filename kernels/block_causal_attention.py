@@ -955,9 +955,9 @@ def aot_configurations():
                 # IEEE fp32 (KERNELS_FP32_PRECISION=ieee) launches the default candidate only and compiles up to
                 # ~110 s per kernel at D 128 (sm_90): only D <= 64 is compiled ahead of time
                 ieee_too = dtype == torch.float32 and block_d == 64
-                plain = "tf32" if dtype == torch.float32 else "ieee"
+                base_precision = "tf32" if dtype == torch.float32 else "ieee"
                 for config, archs, default in aot_candidates(lambda arch: _candidates(name, dtype, block_d, arch)):
-                    for precision in ("tf32", "ieee") if ieee_too and default else (plain,):
+                    for precision in ("tf32", "ieee") if ieee_too and default else (base_precision,):
                         constexprs = {**config.kwargs, "BD": block_d, "DOT_PRECISION": precision,
                                       "UPCAST_DOTS": False}
                         label = (f"{name}-{type_name}-d{block_d}-{precision}-m{config.kwargs['BM']}"
