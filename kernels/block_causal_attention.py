@@ -360,7 +360,7 @@ _CANDIDATE_TILES = {
                              "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)]},
     ("bwd_dkdv", True, 64): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 32, 4, 3)],
                              "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)]},
-    ("bwd_dkdv", True, 128): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 32, 4, 3)],
+    ("bwd_dkdv", True, 128): {"sm_80": [_Tiles(32, 32, 4, 2)],  # three stages: 168 KB of shared memory
                               "sm_90": [_Tiles(32, 32, 4, 3), _Tiles(32, 32, 4, 2)]},
     ("bwd_dkdv", False, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 4, 3)],
                               "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)]},
