@@ -21,8 +21,8 @@ launch once before, when that cannot happen (CUDA-graph capture). :func:`recordi
 """
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch

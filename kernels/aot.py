@@ -44,7 +44,8 @@ class AotConfig(NamedTuple):
     ``num_warps``/``num_stages`` are the launch options the launcher uses with it. ``divisible``: arguments
     specialized as multiples of 16 (pointers: 16-byte aligned), as Triton's launcher does for aligned tensors.
     ``capabilities``: the compute capabilities whose candidate list holds it (empty: every one compiled).
-    ``default``: whether it is the default (first) candidate of one of them, or holds no alternatives.
+    ``default``: part of the quick subset (``--defaults-only``, the tests): for ops with autotune candidates the
+    default (first) candidate of those architectures, launched on aligned tensors; True for ops without them.
     """
 
     label: str
