@@ -7,9 +7,9 @@ The first candidate of a list is its default. :func:`launch` runs a kernel with 
 
 - on a GPU, ``triton.autotune`` times every candidate of the device's list at the first launch of each key (the
   tensors' dtypes plus a shape bucket chosen by the launcher, e.g. the sequence length rounded up to a power of
-  two) and keeps the fastest; later launches of that key only look it up (no host sync). None of the kernels
-  accumulates into its outputs or writes its inputs, so the repeated benchmark launches need no
-  ``reset_to_zero`` / ``restore_value``; a kernel that does must pass them here;
+  two) and keeps the fastest; later launches of that key only look it up (no host sync). No block-causal or MoE
+  kernel accumulates into its outputs or writes its inputs, so their repeated timing launches need no
+  ``reset_to_zero`` / ``restore_value``; a kernel that does passes them to :func:`launch`;
 - under ``TRITON_INTERPRET=1`` and with ``KERNELS_AUTOTUNE=0`` it launches the default, deterministically;
 - under ``kernels.report``'s capture (CPU tensors, a stand-in driver naming the target) it goes through the
   autotuner, which the report replaces by a capture of every candidate of the target's list.
@@ -36,7 +36,7 @@ ARCHS = ("sm_80", "sm_90")
 FALLBACK = "fallback"
 ARCH_CAPABILITY = {"sm_80": 80, "sm_90": 90}
 
-_tuners: Dict[tuple, Any] = {}  # (kernel, candidates, bucket) -> triton Autotuner
+_tuners: Dict[tuple, Any] = {}  # (kernel, candidates, bucket, reset_to_zero, restore_value) -> triton Autotuner
 _recording: Optional[List[Dict[str, Any]]] = None  # see ``recording_choices``
 
 
@@ -77,19 +77,23 @@ def shape_bucket(n: int) -> int:
 
 
 def launch(kernel, grid: Callable[[Dict[str, Any]], tuple], args: Sequence[Any], kwargs: Dict[str, Any],
-           candidates: Sequence[triton.Config], *, device: torch.device, bucket: tuple = ()) -> None:
+           candidates: Sequence[triton.Config], *, device: torch.device, bucket: tuple = (),
+           reset_to_zero: Sequence[str] = (), restore_value: Sequence[str] = ()) -> None:
     """``kernel[grid](*args, **kwargs)`` with one of ``candidates`` (the first is the default; see the module
     docstring for which). ``grid`` maps the launch's arguments (the candidate's constexprs included) to the grid;
-    ``bucket`` (hashable) keys the tuning result besides the tensors' dtypes."""
+    ``bucket`` (hashable) keys the tuning result besides the tensors' dtypes. ``reset_to_zero`` / ``restore_value``:
+    names of tensor arguments that the timing launches must zero before each run (outputs accumulated with
+    atomics) or restore after it (tensors written in place), as in ``triton.autotune``."""
     tune = backend._capturing_launches or (device.type == "cuda" and not _KERNELS_INTERPRETED
                                            and len(candidates) > 1 and autotune_enabled())
     if not tune:
         kernel[grid](*args, **kwargs, **candidates[0].all_kwargs())
         return
-    key = (kernel, tuple(candidates), bucket)
+    key = (kernel, tuple(candidates), bucket, tuple(reset_to_zero), tuple(restore_value))
     tuner = _tuners.get(key)
     if tuner is None:
-        tuner = _tuners[key] = triton.autotune(configs=list(candidates), key=[])(kernel)
+        tuner = _tuners[key] = triton.autotune(configs=list(candidates), key=[], reset_to_zero=list(reset_to_zero),
+                                               restore_value=list(restore_value))(kernel)
     tuner[grid](*args, **kwargs)
     if _recording is not None and not backend._capturing_launches:
         _recording.append(_choice(kernel, candidates, bucket, tuner.best_config))
