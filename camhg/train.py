@@ -335,7 +335,7 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
     model = CaMHG(config, info.dims, config.num_outputs(info.task, info.num_classes)).to(torch_device)
     checkpoints = CheckpointManager(checkpoints_dir, keep_every=keep_every) if ctx.is_main else None
     logger = RunLogger(run_dir, step_name="epoch", enabled=ctx.is_main)
-    guard = LossGuard(checkpoints)
+    guard = LossGuard(checkpoints, ctx=ctx)  # one stop decision for all ranks
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
