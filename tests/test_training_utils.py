@@ -332,8 +332,11 @@ def test_all_reduce_mean_over_two_gloo_processes(tmp_path):
 
 
 def _trained_ddp_wrapper() -> weakref.ref:
+    """A trained DDP wrapper that only a reference cycle keeps alive. In camhg.train a step alone makes that cycle
+    (DDP's hooks); with torch._dynamo loaded it does not, so the test makes one of its own."""
     model = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
-    model(torch.randn(3, 2)).sum().backward()  # a step puts the wrapper in a reference cycle
+    model(torch.randn(3, 2)).sum().backward()
+    model.cycle = [model]
     return weakref.ref(model)
 
 
