@@ -11,9 +11,7 @@ every (variant, seed) runs on the five leave-one-session-out folds and the cells
 """
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +26,7 @@ from mer.cli import (
     check_data_options,
     new_parser,
     run_sweep_command,
+    sweep_run,
 )
 from mer.data import EMBEDDED_NAMES
 
@@ -48,22 +47,13 @@ def run_variant(config, run_dir: Path, *, data_root, device: str, show_progress:
                 collect_only: bool = False) -> ResultTable:
     """The missing-rate table of one (variant, seed) run: reused when it finished with the same configuration,
     resumed when it was stopped, trained otherwise (``collect_only``: only reused)."""
-    saved, started = run_dir / "missing_rates.json", (run_dir / "checkpoints" / "last.pt").exists()
-    if (saved.exists() or started) and (
-            json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(config.to_dict()))):
-        raise UserError(f"{run_dir} holds a run with another configuration: delete it or pass another --sweep-name")
-    if collect_only and not saved.exists():
-        raise UserError(f"--collect-only: {run_dir} holds no finished run; train it first (without --collect-only)")
-    if saved.exists():
-        print(f"{run_dir.name}: reusing the finished run", flush=True)
-    else:
-        began = time.perf_counter()
-        train(None if started else config, run_dir=run_dir, resume=started, data_root=data_root, device=device,
-              keep_every=0,
-              plots=False, show_progress=show_progress)
-        print(f"{run_dir.name}: {'resumed' if started else 'trained'} and evaluated in "
-              f"{time.perf_counter() - began:.0f} s", flush=True)
-    return ResultTable.load(saved)
+    def train_run(resume: bool) -> str:
+        train(None if resume else config, run_dir=run_dir, resume=resume, data_root=data_root, device=device,
+              keep_every=0, plots=False, show_progress=show_progress)
+        return " and evaluated"
+
+    return ResultTable.load(sweep_run(run_dir, finished="missing_rates.json", configuration=config.to_dict,
+                                      collect_only=collect_only, train=train_run))
 
 
 def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, out_dir: Path, data_root=None,

@@ -27,17 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mer.cli import (
-    Interrupted,
     UserError,
     add_data_options,
     add_model_options,
     add_protocol_options,
     add_run_options,
     check_data_options,
-    folds_command,
     check_new_run,
     check_resumable,
-    cleanup_on_failure,
     command_name,
     default_run_name,
     deferred_interrupt,
@@ -45,9 +42,11 @@ from mer.cli import (
     new_parser,
     positive_float,
     reject_options_on_resume,
-    resume_hint,
+    resumed_folds_arguments,
     run_command,
+    run_folds,
     save_folds_command,
+    training_run,
 )
 from mer.data import EMBEDDED_NAMES, Batch, DatasetInfo, DialogueDataset, collate_dialogues, load_dataset
 from mer.metrics import ResultTable, task_metrics, valid_targets
@@ -335,7 +334,7 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
     model = CaMHG(config, info.dims, config.num_outputs(info.task, info.num_classes)).to(torch_device)
     checkpoints = CheckpointManager(checkpoints_dir, keep_every=keep_every) if ctx.is_main else None
     logger = RunLogger(run_dir, step_name="epoch", enabled=ctx.is_main)
-    guard = LossGuard(checkpoints)
+    guard = LossGuard(checkpoints, ctx=ctx)  # one stop decision for all ranks
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -518,12 +517,8 @@ def config_from_args(args, fold: Optional[int] = None) -> CaMHGConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.resume is not None and folds_command(args.resume) is not None:  # a --folds all run: the whole set
-        parser = build_parser()
-        started = parser.parse_args(folds_command(args.resume))
-        for name in ("data_root", "device", "plots", "progress"):
-            if getattr(args, name) != parser.get_default(name):
-                setattr(started, name, getattr(args, name))
+    started = resumed_folds_arguments(build_parser(), args)
+    if started is not None:  # --resume of a --folds all run: the whole set
         for table in train_folds(started, args.resume).values():
             table.print()
         print(f"run folder: {args.resume} (one folder per fold)")
@@ -552,17 +547,13 @@ def main(argv=None) -> int:
         return 0
     ctx = init_distributed()
     try:
-        with cleanup_on_failure(run_dir):
+        with training_run(MODULE, run_dir):
             result = train(config, run_dir=run_dir, resume=args.resume is not None, data_root=args.data_root,
                            stop_after_epoch=args.stop_after_epoch, plots=args.plots, device=args.device,
                            show_progress=args.progress, ctx=ctx, keep_every=args.keep_checkpoints, verbose=True)
-    except KeyboardInterrupt:
-        raise Interrupted(resume_hint(command_name(MODULE), run_dir)) from None
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad data or run folder: one line
-        raise UserError(str(error)) from None
     finally:
         cleanup_distributed(ctx)
     if ctx.is_main:
@@ -582,27 +573,15 @@ def train_folds(args, run_dir: Path) -> dict:
     """``--folds all``: one run per IEMOCAP session held out, in ``run_dir/fold<k>`` (one process); saves and returns
     each result table averaged over the folds (``run_dir/<table>_folds``). A finished fold is reused, a stopped one
     resumed (``--resume RUN_DIR`` of a ``--folds all`` run comes here with the arguments it started with)."""
-    per_fold = []
-    for fold in FOLDS:
-        fold_dir = run_dir / f"fold{fold}"
-        if (fold_dir / "missing_rates.json").is_file():
-            print(f"fold {fold} of {len(FOLDS)}: finished, reused", flush=True)
-            per_fold.append({name: ResultTable.load(fold_dir / f"{name}.json") for name in FOLD_TABLES})
-            continue
-        started = (fold_dir / "checkpoints" / "last.pt").is_file()
-        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out{', resumed' if started else ''}", flush=True)
-        try:
-            with cleanup_on_failure(fold_dir):
-                result = train(None if started else config_from_args(args, fold), run_dir=fold_dir,
-                               resume=started, data_root=args.data_root, plots=args.plots, device=args.device,
-                               show_progress=args.progress, keep_every=args.keep_checkpoints, verbose=True)
-        except KeyboardInterrupt:
-            raise Interrupted(resume_hint(command_name(MODULE), fold_dir)) from None
-        except NonFiniteLossError as error:
-            raise UserError(f"training stopped in fold {fold}: {error}") from None
-        except (ValueError, FileNotFoundError, FileExistsError) as error:
-            raise UserError(str(error)) from None
-        per_fold.append(result.tables)
+    def train_fold(fold: int, fold_dir: Path, resume: bool) -> dict:
+        return train(None if resume else config_from_args(args, fold), run_dir=fold_dir, resume=resume,
+                     data_root=args.data_root, plots=args.plots, device=args.device, show_progress=args.progress,
+                     keep_every=args.keep_checkpoints, verbose=True).tables
+
+    def load(fold_dir: Path) -> dict:
+        return {name: ResultTable.load(fold_dir / f"{name}.json") for name in FOLD_TABLES}
+
+    per_fold = run_folds(MODULE, run_dir, finished="missing_rates.json", load=load, train=train_fold)
     config = config_from_args(args, FOLDS[0])
     validation = validation_caption(config.dataset, config.dataset_options, config.validation)
     averaged = {}

@@ -10,9 +10,7 @@ With ``--folds all`` (IEMOCAP) every (variant, seed) runs on the five leave-one-
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-import time
 from pathlib import Path
 
 from mer.cli import (
@@ -23,9 +21,9 @@ from mer.cli import (
     add_sweep_options,
     check_data_options,
     fraction,
-    has_checkpoint,
     new_parser,
     run_sweep_command,
+    sweep_run,
 )
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES
 from mer.metrics import ResultTable, mean_and_spread
@@ -48,27 +46,20 @@ def run_variant(data: DataSpec, splits, *, seed: int, ablation: str, overrides: 
                 device: str, show_progress: bool, collect_only: bool) -> ResultTable:
     """The Table 1 row of one (variant, seed) run: reused when it finished with the same configuration, resumed
     when it was stopped, trained otherwise (``collect_only``: only reused)."""
-    finished, started = run_dir / "table1.json", has_checkpoint(run_dir)
-    if finished.exists() or started:
-        wanted = {"model_config": to_dict(model_config_for(splits.info, data.dataset, ablation=ablation, **overrides)),
-                  "train_config": to_dict(train_config), "data": dataclasses.asdict(data), "seed": seed,
-                  "ablation": ablation}
-        if json.loads((run_dir / "config.json").read_text()) != json.loads(json.dumps(wanted, default=str)):
-            raise UserError(f"{run_dir} holds a run with another configuration: delete it or pass another "
-                            f"--sweep-name")
-    if collect_only and not finished.exists():
-        raise UserError(f"--collect-only: {run_dir} holds no finished run; train it first (without --collect-only)")
-    if finished.exists():
-        print(f"{run_dir.name}: reusing the finished run", flush=True)
-    else:
-        began = time.perf_counter()
+    def configuration() -> dict:
+        return {"model_config": to_dict(model_config_for(splits.info, data.dataset, ablation=ablation, **overrides)),
+                "train_config": to_dict(train_config), "data": dataclasses.asdict(data), "seed": seed,
+                "ablation": ablation}
+
+    def train(resume: bool) -> str:
         result = run_training(data, seed=seed, ablation=ablation, model_overrides=overrides,
-                              train_config=train_config, run_dir=run_dir, resume=started, device=device,
+                              train_config=train_config, run_dir=run_dir, resume=resume, device=device,
                               show_progress=show_progress, make_plots=False, splits=splits, verbose=False,
                               keep_every=0)
-        print(f"{run_dir.name}: {'resumed' if started else 'trained'}, average {result.results['Average']} "
-              f"({time.perf_counter() - began:.0f} s)", flush=True)
-    return ResultTable.load(finished)
+        return f", average {result.results['Average']}"
+
+    return ResultTable.load(sweep_run(run_dir, finished="table1.json", configuration=configuration,
+                                      collect_only=collect_only, train=train))
 
 
 MODULE = "carn.ablations"

@@ -28,7 +28,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from mer.cli import (
-    Interrupted,
     UserError,
     add_data_options,
     add_model_options,
@@ -37,19 +36,18 @@ from mer.cli import (
     check_data_options,
     check_new_run,
     check_resumable,
-    cleanup_on_failure,
     command_name,
     default_run_name,
     deferred_interrupt,
     epoch_line,
-    folds_command,
     fraction,
-    has_checkpoint,
     new_parser,
     reject_options_on_resume,
-    resume_hint,
+    resumed_folds_arguments,
     run_command,
+    run_folds,
     save_folds_command,
+    training_run,
 )
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES, MODALITIES, DatasetSplits, collate_dialogues, load_dataset
 from mer.metrics import ResultTable
@@ -451,28 +449,14 @@ def train_folds(args, train_config: TrainConfig, model_overrides: dict, run_dir:
     """``--folds all``: one run per IEMOCAP session held out, in ``run_dir/fold<k>``; saves and returns their Table 1
     averaged over the folds (``run_dir/table1_folds``). A finished fold is reused, a stopped one resumed (``--resume
     RUN_DIR`` of a ``--folds all`` run comes here with the arguments it started with)."""
-    tables = []
-    for fold in FOLDS:
-        fold_dir = run_dir / f"fold{fold}"
-        if (fold_dir / "table1.json").is_file():
-            print(f"fold {fold} of {len(FOLDS)}: finished, reused", flush=True)
-            tables.append(ResultTable.load(fold_dir / "table1.json"))
-            continue
-        started = has_checkpoint(fold_dir)
-        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out{', resumed' if started else ''}", flush=True)
-        try:
-            with cleanup_on_failure(fold_dir):
-                result = run_training(
-                    data_spec(args, fold), seed=args.seed, ablation=args.ablation, model_overrides=model_overrides,
-                    train_config=train_config, run_dir=fold_dir, resume=started, device=args.device,
-                    show_progress=args.progress, make_plots=args.plots, keep_every=args.keep_checkpoints)
-        except KeyboardInterrupt:
-            raise Interrupted(resume_hint(command_name(MODULE), fold_dir)) from None
-        except NonFiniteLossError as error:
-            raise UserError(f"training stopped in fold {fold}: {error}") from None
-        except (ValueError, FileNotFoundError, FileExistsError) as error:
-            raise UserError(str(error)) from None
-        tables.append(result.table)
+    def train(fold: int, fold_dir: Path, resume: bool) -> ResultTable:
+        return run_training(
+            data_spec(args, fold), seed=args.seed, ablation=args.ablation, model_overrides=model_overrides,
+            train_config=train_config, run_dir=fold_dir, resume=resume, device=args.device,
+            show_progress=args.progress, make_plots=args.plots, keep_every=args.keep_checkpoints).table
+
+    tables = run_folds(MODULE, run_dir, finished="table1.json",
+                       load=lambda fold_dir: ResultTable.load(fold_dir / "table1.json"), train=train)
     data = data_spec(args, FOLDS[0])
     title = (f"CARN on {args.dataset} (test sessions, seed {args.seed}, {train_config.epochs_stage1}+"
              f"{train_config.epochs_stage2} epochs, stage 2 {train_config.stage2}; 5-fold leave-one-session-out; "
@@ -486,11 +470,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     reject_options_on_resume(parser, args, allowed=RESUME_OPTIONS)
-    if args.resume is not None and folds_command(args.resume) is not None:  # a --folds all run: the whole set
-        started = parser.parse_args(folds_command(args.resume))
-        for name in ("data_root", "device", "plots", "progress"):
-            if getattr(args, name) != parser.get_default(name):
-                setattr(started, name, getattr(args, name))
+    started = resumed_folds_arguments(parser, args)
+    if started is not None:  # --resume of a --folds all run: the whole set
         began = time.perf_counter()
         table = train_folds(started, train_config_of(started), model_overrides_of(started), args.resume)
         table.print()
@@ -518,20 +499,16 @@ def main(argv=None) -> int:
         print(f"run folder: {run_dir} (one folder per fold; {time.perf_counter() - began:.0f} s)")
         return 0
     try:
-        with cleanup_on_failure(run_dir):
+        with training_run(MODULE, run_dir):
             result = run_training(
                 data, seed=args.seed, ablation=args.ablation, model_overrides=model_overrides,
                 train_config=train_config, run_dir=run_dir, resume=args.resume is not None, device=args.device,
                 show_progress=args.progress, make_plots=args.plots, stop_after_epoch=args.stop_after_epoch,
                 keep_every=args.keep_checkpoints,
             )
-    except KeyboardInterrupt:
-        raise Interrupted(resume_hint(command_name(MODULE), run_dir)) from None
     except NonFiniteLossError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad data or run folder: one line
-        raise UserError(str(error)) from None
     if result.table is not None:
         result.table.print()
     else:

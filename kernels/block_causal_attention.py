@@ -26,6 +26,7 @@ from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision
                               launch_device_of, upcast_dots_for)
 from ._autotune import ARCHS, aot_candidates, launch, launch_arch, pick, shape_bucket
 from ._amp import autocast_op
+from ._packing import pack_padding, sequence_ids
 from .backend import use_triton
 
 #: largest head dimension (of q/k and of v) the kernels take: one head row must fit in a register tile
@@ -596,9 +597,8 @@ def varlen_block_causal_mask(cu_seqlens: torch.Tensor, total: int, group_size: i
     """(total, total) bool, True where packed row i may see packed row j: same sequence and block-causal in the
     positions counted from the sequence's start. Built on the offsets' device without reading them on the host."""
     rows = torch.arange(total, device=cu_seqlens.device)
-    offsets = cu_seqlens.long()
-    sequence = torch.searchsorted(offsets[1:], rows, right=True)
-    block = (rows - offsets[sequence]) // group_size
+    sequence = sequence_ids(cu_seqlens, total)
+    block = (rows - cu_seqlens.long()[sequence]) // group_size
     return (sequence[:, None] == sequence[None, :]) & (block[None, :] <= block[:, None])
 
 
@@ -815,13 +815,12 @@ class BlockCausalMultiheadAttention(nn.Module):
             raise ValueError(f"key_padding_mask must have shape {(b, t)} (batch, length), got "
                              f"{tuple(key_padding_mask.shape)}")
         valid = ~key_padding_mask.to(query.device)
-        rows = valid.flatten().nonzero().squeeze(1)  # the valid tokens, row by row
-        lengths = valid.sum(dim=1)
-        lengths = lengths[lengths > 0]  # an all-padded row is no sequence
-        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-        packed = [x.flatten(0, 1).index_select(0, rows) for x in (query, key, value)]
-        out, _ = self._attend(*packed, cu_seqlens, False, average_attn_weights, max_seqlen=t)
-        out = out.new_zeros(b * t, out.shape[-1]).index_copy(0, rows, out).view(b, t, -1)
+        # each row's valid tokens, then its padding, as sequences of a static total B * T: no host read, so it
+        # compiles; the padding sequences (maybe empty, which the offset check refuses) are discarded
+        packing = pack_padding(valid)
+        out, _ = self._attend(*(packing.pack(x) for x in (query, key, value)), packing.cu_seqlens, False,
+                              average_attn_weights, max_seqlen=t, validate=False)
+        out = packing.unpack(out)
         weights = None
         if need_weights:
             position = valid.cumsum(dim=1) - 1  # position among the row's valid tokens
@@ -840,7 +839,8 @@ class BlockCausalMultiheadAttention(nn.Module):
         return (split(nn.functional.linear(query, w_q, b_q)), split(nn.functional.linear(key, w_k, b_k)),
                 split(nn.functional.linear(value, w_v, b_v)))
 
-    def _attend(self, query, key, value, cu_seqlens, need_weights, average_attn_weights, max_seqlen=None):
+    def _attend(self, query, key, value, cu_seqlens, need_weights, average_attn_weights, max_seqlen=None,
+                validate=None):
         q, k, v = self._split_heads(query, key, value, packed=cu_seqlens is not None)
         if self.training and self.dropout > 0:
             out = _block_causal_attention_with_weight_dropout(q, k, v, cu_seqlens, self.group_size, self.dropout)
@@ -848,7 +848,7 @@ class BlockCausalMultiheadAttention(nn.Module):
             out = block_causal_attention(q, k, v, group_size=self.group_size)
         else:
             out = block_causal_attention_varlen(q, k, v, cu_seqlens, max_seqlen=max_seqlen,
-                                                group_size=self.group_size)
+                                                group_size=self.group_size, validate=validate)
         out = out.transpose(1, 2).flatten(-2) if cu_seqlens is None else out.flatten(-2)
         weights = None
         if need_weights:

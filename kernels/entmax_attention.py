@@ -19,6 +19,7 @@ feature dimensions in chunks, so D and Dv may be any size.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -29,6 +30,7 @@ import triton.language as tl
 from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
                       checked_cu_seqlens)
 from .aot import AotConfig
+from ._packing import pack_padding, sequence_ids
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
 from .backend import use_triton
@@ -724,12 +726,18 @@ def entmax15_attention_weights(q: Tensor, k: Tensor, *, causal: bool = True,
     """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), computed in float32 or in the inputs'
     dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory. A query row whose visible
     scores hold NaN or ``+inf`` (NaN or infinite q or k) is NaN."""
+    t = q.shape[-2]
+    hidden = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1) if causal else None
+    return _masked_entmax15_weights(q, k, hidden, scale)
+
+
+def _masked_entmax15_weights(q: Tensor, k: Tensor, hidden: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """``entmax15(q k^T * scale)`` (..., T, T) with ``-inf`` where ``hidden`` (T, T) (None: nothing hidden), in
+    float32 or the inputs' dtype if wider."""
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
-    if causal:
-        t = q.shape[-2]
-        hidden = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    if hidden is not None:
         scores = scores.masked_fill(hidden, float("-inf"))
     return entmax15(scores)
 
@@ -782,14 +790,16 @@ def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _
 @autocast_op
 def entmax15_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = True,
                                         scale: Optional[float] = None) -> Tensor:
-    """Per-sequence :func:`entmax15_attention_reference` on packed q, k: (total, H, D), v: (total, H, Dv)."""
-    outputs = []
-    offsets = cu_seqlens.tolist()
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]  # (1, H, L, D)
-        out = entmax15_attention_reference(*per_sequence, causal=causal, scale=scale)
-        outputs.append(out[0].transpose(0, 1))
-    return torch.cat(outputs)
+    """:func:`entmax15_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one
+    dense masked attention over all rows (O(total^2) memory; no host read of the offsets, so it compiles)."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    sequence = sequence_ids(cu_seqlens.to(q.device), q.shape[0])
+    hidden = sequence[:, None] != sequence[None, :]
+    if causal:
+        hidden |= rows[None, :] > rows[:, None]
+    q_h, k_h, v_h = (x.transpose(0, 1) for x in (q, k, v))  # (H, total, D)
+    weights = _masked_entmax15_weights(q_h, k_h, hidden, scale)
+    return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
 
 
 @autocast_op
@@ -990,25 +1000,22 @@ class EntmaxCausalAttention(torch.nn.Module):
         return EntmaxAttentionOutput(output, context, weights)
 
     def _packed_attention(self, x, keep, return_context: bool):
-        """Attention over the kept positions ``keep`` (B, T) of each row, packed: (B, H, T, dh [+ E]), zeros at the
-        other positions."""
+        """Attention over the kept positions ``keep`` (B, T) of each row, packed (``kernels._packing``; no host
+        read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
-        rows = x[keep]  # (total, E): each batch row's kept positions, in order
-        lengths = keep.sum(1)
-        out = x.new_zeros(b, t, h, dh + (e if return_context else 0))
-        if rows.shape[0] == 0:
-            return out.transpose(1, 2)
+        packing = pack_padding(keep)
+        rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding
         q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if return_context:
             v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h, e)], dim=-1)  # v is bf16 under autocast
-        cu_seqlens = torch.nn.functional.pad(lengths[lengths > 0].cumsum(0), (1, 0)).to(torch.int32)
-        out[keep] = self._attention_varlen(q, k, v, cu_seqlens, causal=self.causal).to(out.dtype)
-        return out.transpose(1, 2)
+        out = self._attention_varlen(q, k, v, packing.cu_seqlens, causal=self.causal)
+        return packing.unpack(out.to(x.dtype)).transpose(1, 2)
 
 
 class FusedEntmaxCausalAttention(EntmaxCausalAttention):
     """``EntmaxCausalAttention`` on the fused op (Triton kernels where ``kernels.backend`` selects them)."""
 
     _attention = staticmethod(entmax15_attention)
-    _attention_varlen = staticmethod(entmax15_attention_varlen)
+    # the packing of a padded batch holds empty sequences, which the kernels take and the offset check refuses
+    _attention_varlen = staticmethod(functools.partial(entmax15_attention_varlen, validate=False))

@@ -18,14 +18,17 @@ import math
 import shutil
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 from mer.precision import PRECISIONS
 from mer.protocols import FOLD_DATASETS, FOLDS, SENTIMENT_LOSSES, VALIDATIONS
-from mer.training import RunDirectoryInUseError, reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
+from mer.training import NonFiniteLossError, RunDirectoryInUseError
+from mer.training import reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
 
+T = TypeVar("T")
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 EXIT_USER_ERROR = 2
@@ -267,6 +270,23 @@ def folds_command(run_dir: Path) -> Optional[list]:
     return json.loads(path.read_text())["argv"] if path.is_file() else None
 
 
+FOLDS_RESUME_OPTIONS = ("data_root", "device", "plots", "progress")  # what a resume of a --folds all run may change
+
+
+def resumed_folds_arguments(parser: argparse.ArgumentParser,
+                            args: argparse.Namespace) -> Optional[argparse.Namespace]:
+    """For ``--resume RUN_DIR`` of a ``--folds all`` run: the arguments it was started with, with those of
+    ``FOLDS_RESUME_OPTIONS`` that ``args`` gives (not at their default) taken from ``args``; None otherwise."""
+    command = None if args.resume is None else folds_command(args.resume)
+    if command is None:
+        return None
+    started = parser.parse_args(command)
+    for name in FOLDS_RESUME_OPTIONS:
+        if getattr(args, name) != parser.get_default(name):
+            setattr(started, name, getattr(args, name))
+    return started
+
+
 def check_data_options(args: argparse.Namespace, embedded_names: Sequence[str]) -> None:
     """UserError for data flags that do not fit ``--dataset`` (before anything is created)."""
     embedded = args.dataset in embedded_names
@@ -357,6 +377,67 @@ def cleanup_on_failure(run_dir: Path) -> Iterator[None]:
         if not existed and Path(run_dir).is_dir() and not has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+@contextmanager
+def training_run(module: str, run_dir: Path, *, fold: Optional[int] = None) -> Iterator[None]:
+    """How a training command runs one training in ``run_dir``: the folder is removed when it fails before its
+    first checkpoint (:func:`cleanup_on_failure`); Ctrl-C becomes :class:`Interrupted` with the command that resumes
+    it; bad data or run folder (ValueError, FileNotFoundError, FileExistsError) a one-line :class:`UserError`; a stop
+    of the loss guard (``NonFiniteLossError``) a UserError naming ``fold`` in a ``--folds all`` run, and is left to
+    the caller otherwise (it prints it and exits with status 1)."""
+    try:
+        with cleanup_on_failure(run_dir):
+            yield
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(command_name(module), run_dir)) from None
+    except NonFiniteLossError as error:
+        if fold is None:
+            raise
+        raise UserError(f"training stopped in fold {fold}: {error}") from None
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise UserError(str(error)) from None
+
+
+def run_folds(module: str, run_dir: Path, *, finished: str, load: Callable[[Path], T],
+              train: Callable[[int, Path, bool], T]) -> list[T]:
+    """``--folds all``: one run per IEMOCAP session held out, in ``run_dir/fold<k>``, one after the other. A fold
+    whose ``finished`` file exists is reused (``load(fold_dir)``); ``train(fold, fold_dir, resume)`` trains the
+    others, resuming a started one (under :func:`training_run`). Returns the results in fold order."""
+    results = []
+    for fold in FOLDS:
+        fold_dir = run_dir / f"fold{fold}"
+        if (fold_dir / finished).is_file():
+            print(f"fold {fold} of {len(FOLDS)}: finished, reused", flush=True)
+            results.append(load(fold_dir))
+            continue
+        started = has_checkpoint(fold_dir)
+        print(f"fold {fold} of {len(FOLDS)}: Session {fold} held out{', resumed' if started else ''}", flush=True)
+        with training_run(module, fold_dir, fold=fold):
+            results.append(train(fold, fold_dir, started))
+    return results
+
+
+def sweep_run(run_dir: Path, *, finished: str, configuration: Callable[[], dict], collect_only: bool,
+              train: Callable[[bool], str]) -> Path:
+    """One (variant, seed) run of an ablation sweep: reused when it finished (``run_dir/finished`` exists) with the
+    same ``configuration()`` as its config.json, resumed when it was stopped, trained otherwise by
+    ``train(resume)`` (which returns what to print after "trained"/"resumed"); ``collect_only``: only reused.
+    Returns the finished run's ``finished`` file."""
+    done, started = run_dir / finished, has_checkpoint(run_dir)
+    if (done.exists() or started) and (json.loads((run_dir / "config.json").read_text())
+                                       != json.loads(json.dumps(configuration(), default=str))):
+        raise UserError(f"{run_dir} holds a run with another configuration: delete it or pass another --sweep-name")
+    if collect_only and not done.exists():
+        raise UserError(f"--collect-only: {run_dir} holds no finished run; train it first (without --collect-only)")
+    if done.exists():
+        print(f"{run_dir.name}: reusing the finished run", flush=True)
+    else:
+        began = time.perf_counter()
+        detail = train(started)
+        print(f"{run_dir.name}: {'resumed' if started else 'trained'}{detail} ({time.perf_counter() - began:.0f} s)",
+              flush=True)
+    return done
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import gc
 import math
 import os
 import random
@@ -497,12 +498,18 @@ class LossGuard:
     on ranks that do not save). Call ``checkpoint_saved(epoch)`` after each save and after resuming: a checkpoint
     is known good once a step after it passed; when the failing step is the first since the save, the loss was
     computed with that checkpoint's weights, and the message names the epoch file before it as the last good one.
+
+    Under torchrun (``ctx`` enabled) each rank checks its own loss, and the decision is collective (one all-reduce
+    of a flag per step): when any rank stops, every rank raises at the same step (the others a
+    ``NonFiniteLossError`` naming the rank that stopped), so that no rank is left waiting in the next collective.
     """
 
-    def __init__(self, checkpoints: Optional[CheckpointManager], *, factor: float = DIVERGENCE_FACTOR):
+    def __init__(self, checkpoints: Optional[CheckpointManager], *, factor: float = DIVERGENCE_FACTOR,
+                 ctx: Optional[DistContext] = None):
         if not factor > 1:
             raise ValueError(f"factor must be > 1, got {factor}")
         self.checkpoints = checkpoints
+        self.ctx = ctx
         self.factor = float(factor)
         self._phase = self._epoch = None
         self._reference: Optional[float] = None
@@ -525,19 +532,34 @@ class LossGuard:
                 self._reference = min(self._reference, self._epoch_sum / self._epoch_steps)
             self._epoch, self._epoch_sum, self._epoch_steps = epoch, 0.0, 0
         value = float(loss.detach())
+        error = None
         if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss ({value}) at {where}; {self._kept()}")
-        if self._reference is not None and self._reference > 0 and value > self.factor * self._reference:
-            raise DivergedLossError(
+            error = NonFiniteLossError(f"non-finite loss ({value}) at {where}; {self._kept()}")
+        elif self._reference is not None and self._reference > 0 and value > self.factor * self._reference:
+            error = DivergedLossError(
                 f"diverged loss ({value:.4g}, over {self.factor:g} x {self._reference:.4g}, the smallest epoch-mean "
                 f"loss of this phase so far or its first loss; try a lower learning rate) at {where}; {self._kept()}"
             )
+        if self.ctx is not None and self.ctx.enabled:
+            error = self._agree(error, where)
+        if error is not None:
+            raise error
         if self._reference is None:
             self._reference = value
         self._epoch_sum += value
         self._epoch_steps += 1
         self._checked_since_save = True
         return value
+
+    def _agree(self, error: Optional[NonFiniteLossError], where: str) -> Optional[NonFiniteLossError]:
+        """Every rank's verdict on this step: ``error`` if this rank stops, another rank's stop if one does."""
+        flag = torch.tensor(0.0 if error is None else self.ctx.rank + 1.0, device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # the highest stopping rank + 1, or 0
+        stopping = int(flag.item()) - 1
+        if error is None and stopping >= 0:
+            error = NonFiniteLossError(f"process {stopping} stopped the run at {where} (its loss is not finite or "
+                                       f"diverged, see its message); {self._kept()}")
+        return error
 
     def _kept(self) -> str:
         if self.checkpoints is None:
@@ -648,6 +670,13 @@ def barrier(ctx: DistContext) -> None:
 
 
 def cleanup_distributed(ctx: DistContext) -> None:
-    """Leave the process group (no-op in a single-process run)."""
+    """Leave the process group (no-op in a single-process run).
+
+    ``DistributedDataParallel`` sits in a reference cycle, so a wrapper outlives its last name until the cyclic
+    garbage collector runs, and its reducer keeps the process group alive: destroyed then, during interpreter
+    shutdown, the gloo group's worker threads could abort the process at exit ("terminate called without an active
+    exception", SIGABRT). The collection here frees those wrappers first, so the group is torn down now.
+    """
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

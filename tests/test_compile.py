@@ -12,6 +12,7 @@ import torch
 from kernels import (BlockCausalMultiheadAttention, BlockCausalTransformerLayer, FusedEntmaxCausalAttention, Top2MoE,
                      block_causal_attention, entmax15_attention, moe_top2, reference, use_backend)
 from kernels.block_causal_attention import block_causal_attention_varlen
+from kernels.entmax_attention import entmax15_attention_varlen
 
 BACKENDS = ["reference", "triton"]
 
@@ -102,6 +103,51 @@ def test_ops_compile_fullgraph(backend):
         _compare(lambda *t: block_causal_attention(*t, group_size=2), (q, k, v))
         _compare(lambda *t: block_causal_attention_varlen(*t, cu_seqlens, group_size=2), packed)
         _compare(lambda *t: moe_top2(*t, return_routing=True), _moe_args(7))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_ops_compile_fullgraph(backend):
+    """Offsets as a graph input (read on the device only) and a row mask: sequences of different lengths."""
+    torch.manual_seed(0)
+    packed = _tensors((9, 2, 8), (9, 2, 8), (9, 2, 4))
+    cu_seqlens = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
+    row_mask = torch.tensor([True, False, True, True, False, True, True])
+    with use_backend(backend):
+        _compare(lambda q, k, v, cu: entmax15_attention_varlen(q, k, v, cu), (*packed, cu_seqlens))
+        _compare(lambda q, k, v, cu: entmax15_attention_varlen(q, k, v, cu, causal=False), (*packed, cu_seqlens))
+        _compare(lambda q, k, v, cu: block_causal_attention_varlen(q, k, v, cu, group_size=3), (*packed, cu_seqlens))
+        _compare(lambda *t: moe_top2(*t[:-1], row_mask=t[-1], return_routing=True), (*_moe_args(7), row_mask))
+        moe = Top2MoE(8)
+        _compare(lambda x, m: moe(x, row_mask=m), (torch.randn(2, 5, 8), row_mask[:5].expand(2, 5)))
+
+
+# a padded batch of different lengths: right and left padding, an unpadded row and an all-padding row
+_PADDING = torch.tensor([[False] * 4 + [True] * 3, [True] * 2 + [False] * 5, [False] * 7, [True] * 7])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [
+    lambda: FusedEntmaxCausalAttention(8, 2),
+    lambda: reference.EntmaxCausalAttention(8, 2),
+    lambda: BlockCausalMultiheadAttention(8, 2, group_size=3),
+    lambda: BlockCausalTransformerLayer(8, 2, dropout=0.0, group_size=3),
+], ids=["fused_entmax", "reference_entmax", "block_causal_mha", "block_causal_layer"])
+def test_key_padding_mask_compiles_fullgraph(backend, make):
+    """The padded path packs on the device (kernels._packing): no host read of the lengths, no graph break."""
+    torch.manual_seed(0)
+    module = make()
+    call = lambda x, mask: module(x, key_padding_mask=mask)  # noqa: E731
+    with use_backend(backend):
+        _compare(call, (torch.randn(4, 7, 8), _PADDING))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entmax_context_with_padding_compiles_fullgraph(backend):
+    torch.manual_seed(0)
+    module = FusedEntmaxCausalAttention(8, 1, out_proj=False)
+    with use_backend(backend):
+        _compare(lambda x, mask: tuple(module.forward_with_context(x, key_padding_mask=mask)),
+                 (torch.randn(4, 7, 8), _PADDING))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

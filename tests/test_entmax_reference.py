@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import entmax15_attention, use_backend
-from kernels.entmax_attention import entmax15, entmax15_attention_reference
+from kernels.entmax_attention import entmax15, entmax15_attention_reference, entmax15_attention_varlen_reference
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -99,6 +99,28 @@ def test_attention_reference_keeps_huge_fp16_inputs_exact():
     q = torch.full((1, 2, 7, 4), 60000.0, dtype=torch.float16)  # scores 7.2e9: every visible key ties
     out = entmax15_attention_reference(q, q, q)
     assert torch.all(out == 60000.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_reference_is_the_reference_per_sequence(causal):
+    """The packed reference (one masked (total x total) attention) equals the reference on each sequence alone,
+    forward and gradients; an empty sequence owns no row."""
+    generator = torch.Generator().manual_seed(3)
+    lengths = [4, 1, 0, 6]
+    cu_seqlens = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 2, n, generator=generator, dtype=torch.float64, requires_grad=True)
+               for n in (5, 5, 3))
+    out = entmax15_attention_varlen_reference(q, k, v, cu_seqlens, causal=causal, scale=0.7)
+    do = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        if end == start:
+            continue
+        alone = [x[start:end].detach().transpose(0, 1)[None].requires_grad_() for x in (q, k, v)]  # (1, H, L, D)
+        expected = entmax15_attention_reference(*alone, causal=causal, scale=0.7)[0].transpose(0, 1)
+        torch.testing.assert_close(out[start:end], expected)
+        for grad, expected_grad in zip(grads, torch.autograd.grad(expected, alone, do[start:end]), strict=True):
+            torch.testing.assert_close(grad[start:end], expected_grad[0].transpose(0, 1))
 
 
 def test_attention_reference_nan_query_row_stays_in_its_row():

@@ -1,8 +1,10 @@
 """mer.training: RNG state, exact-resume checkpoints, the metric logger, the loss guard, distributed helpers."""
 import argparse
 import csv
+import gc
 import random
 import socket
+import weakref
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mer.training import (
     CheckpointManager,
+    DivergedLossError,
+    LossGuard,
     NonFiniteLossError,
     RunLogger,
     all_reduce_mean,
@@ -325,6 +329,52 @@ def test_all_reduce_mean_over_two_gloo_processes(tmp_path):
         assert result["floats"].tolist() == [1.5, 3.0]
         assert result["counts"].dtype == torch.float32 and result["counts"].tolist() == [0.5, 10.0]
         assert result["input_kept"] == [rank + 1.0, 2.0 * (rank + 1)]
+
+
+def _trained_ddp_wrapper() -> weakref.ref:
+    """A trained DDP wrapper that only a reference cycle keeps alive. In camhg.train a step alone makes that cycle
+    (DDP's hooks); with torch._dynamo loaded it does not, so the test makes one of its own."""
+    model = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+    model(torch.randn(3, 2)).sum().backward()
+    model.cycle = [model]
+    return weakref.ref(model)
+
+
+def _loss_guard_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 1's loss diverges at step 3 (of epoch 1), rank 0's stays finite: where each rank's guard stops, and
+    whether cleanup_distributed freed a DDP wrapper that only a reference cycle kept alive."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = init_distributed(backend="gloo")
+    guard, stopped = LossGuard(None, factor=10.0, ctx=ctx), None
+    losses = {0: [1.0, 1.5, 2.0, 1.0], 1: [1.0, 1.2, 50.0, 1.0]}[rank]
+    for step, loss in enumerate(losses):
+        try:
+            guard.check(torch.tensor(loss), epoch=1, where=f"step {step}")
+        except NonFiniteLossError as error:
+            stopped = (step, type(error).__name__, str(error))
+            break
+    gc.disable()  # as for a long-lived wrapper, which sits in the oldest generation, collected rarely
+    wrapper = _trained_ddp_wrapper()
+    alive_before = wrapper() is not None
+    cleanup_distributed(ctx)
+    torch.save({"stopped": stopped, "ddp": (alive_before, wrapper() is not None)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_loss_guard_stops_every_rank_at_the_same_step_and_cleanup_frees_ddp(tmp_path):
+    """Without the collective decision rank 0 would run on into the next collective and wait there forever."""
+    world_size = 2
+    mp.start_processes(_loss_guard_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size,
+                       start_method="fork")
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    assert results[1]["stopped"][:2] == (2, DivergedLossError.__name__)
+    assert results[0]["stopped"][:2] == (2, NonFiniteLossError.__name__)
+    assert "process 1 stopped the run at step 2" in results[0]["stopped"][2]
+    # the wrapper outlived its last name (a reference cycle) until cleanup_distributed collected it
+    assert all(result["ddp"] == (True, False) for result in results)
 
 
 def test_resume_rejects_options_it_would_ignore(capsys):
