@@ -31,15 +31,19 @@ def test_every_autotune_candidate_compiles_for_sm80_and_sm90(op):
     _check_compiled(op, compile_ahead_of_time(op), configurations(op))
 
 
-def test_aligned_16bit_block_causal_candidate_streams_through_async_copies():
+def test_aligned_16bit_block_causal_candidates_stream_through_async_copies():
     """The 16-divisibility attributes give the variant a launch on aligned tensors makes: 16-byte loads that
-    cp.async takes. An alternative (not default) candidate, compiled with and without them for sm_80."""
-    label = "fwd-bf16-d64-ieee-m128n64w8s2"
-    (aligned,) = [c for c in configurations("block_causal_attention") if c.label == label + "-aligned"]
-    assert not aligned.default and 80 in aligned.capabilities and "stride_qt" in aligned.divisible
+    cp.async takes. Every sm_80 candidate of the bf16 forward (D 64) compiled with them has cp.async; the default
+    compiled without them (odd head dims) has none."""
+    prefix = "fwd-bf16-d64-ieee-"
+    listed = [c for c in configurations("block_causal_attention") if c.label.startswith(prefix) and 80 in c.capabilities]
+    aligned = [c.label for c in listed if c.divisible]
+    assert len(aligned) == 3 and any(not c.default for c in listed if c.divisible), aligned
     result = compile_ahead_of_time("block_causal_attention", capabilities=(80,),
-                                   extra=("--match", label, "--async-copies"))
+                                   extra=("--match", prefix, "--async-copies"))
     assert result.returncode == 0, result.stdout + result.stderr
     copies = {line.split(": ")[0].split()[-1]: int(re.search(r"(\d+) async copies", line).group(1))
               for line in result.stdout.splitlines() if " async copies" in line}
-    assert copies[label + "-aligned"] > 0, result.stdout
+    assert set(copies) == {c.label for c in listed}, result.stdout
+    assert all(copies[label] > 0 for label in aligned), copies
+    assert [copies[c.label] for c in listed if not c.divisible] == [0], copies
