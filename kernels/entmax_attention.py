@@ -1004,8 +1004,8 @@ class EntmaxCausalAttention(torch.nn.Module):
         read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
-        packing = pack_padding(keep)
-        rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding
+        packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
+        rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
         q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if return_context:
             v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h, e)], dim=-1)  # v is bf16 under autocast
