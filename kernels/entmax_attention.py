@@ -53,6 +53,9 @@ class Tiles(NamedTuple):
     wide_block_dv: int = 128
     num_warps: int = 8
     num_stages: int = 2
+    bwd_block_m: Optional[int] = None
+    bwd_block_n: Optional[int] = None
+    bwd_block_dv: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -321,109 +324,98 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_dq_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dq,
-                          stride_qb, stride_qh, stride_qt, stride_qd,
-                          stride_kb, stride_kh, stride_kt, stride_kd,
-                          stride_vb, stride_vh, stride_vt, stride_vd,
-                          stride_ob, stride_oh, stride_ot, stride_od,
-                          H, T, D, Dv, half_scale, scale, causal,
-                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                          UPCAST_DOTS: tl.constexpr):
-    """dq[:, :, :, chunk] (B, H, T, D) = scale * dS @ k with ``dS = G (dO v^T - c)``.
-    Grid (cdiv(T, BM), cdiv(D, BD), B*H)."""
-    i_m, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
-    p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < T
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-
-    b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-    b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
-    b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
-    for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:
-            b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
-                             BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-            b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0)
-            b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
-                          mask=(o_n[:, None] < T) & m_d[None, :], other=0.0)  # [BN, BD]
-            b_dq += dot_fp32acc(b_ds.to(b_k.dtype), b_k, "tf32x3", UPCAST_DOTS)
-
-    o_out = (i_bh.to(tl.int64) * T + o_m)[:, None] * D + o_d[None, :]
-    tl.store(dq + o_out, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+@triton.jit
+def _tile_has_support(support, stride_sb, stride_sm, stride_sn, i_bh, m0, n0, T,
+                      BM: tl.constexpr, BN: tl.constexpr, SUP_BM: tl.constexpr, SUP_BN: tl.constexpr):
+    """Whether the per-tile support mask (B*H, cdiv(T, SUP_BM), cdiv(T, SUP_BN)) uint8 marks any entry covering the
+    queries [m0, m0 + BM) x keys [n0, n0 + BN). Exact when each tile size divides the mask's or is a multiple of it
+    and m0, n0 are multiples of BM, BN: one entry (tile inside a mask tile) or the OR of the covered entries."""
+    o_r = m0 // SUP_BM + tl.arange(0, (BM + SUP_BM - 1) // SUP_BM)
+    o_c = n0 // SUP_BN + tl.arange(0, (BN + SUP_BN - 1) // SUP_BN)
+    m_rc = (o_r[:, None] < tl.cdiv(T, SUP_BM)) & (o_c[None, :] < tl.cdiv(T, SUP_BN))
+    b_s = tl.load(support + i_bh.to(tl.int64) * stride_sb + o_r[:, None] * stride_sm + o_c[None, :] * stride_sn,
+                  mask=m_rc, other=0)
+    return tl.max(tl.max(b_s.to(tl.int32), 1), 0) != 0
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_dkdv_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dk, dv,
-                            stride_qb, stride_qh, stride_qt, stride_qd,
-                            stride_kb, stride_kh, stride_kt, stride_kd,
-                            stride_vb, stride_vh, stride_vt, stride_vd,
-                            stride_ob, stride_oh, stride_ot, stride_od,
-                            H, T, D, Dv, half_scale, scale, causal,
-                            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                            UPCAST_DOTS: tl.constexpr):
-    """For one key tile, feature chunk i_c of dk (B, H, T, D) = scale * dS^T @ q and of dv (B, H, T, Dv) = p^T @ dO,
-    sharing the scores. Grid (cdiv(T, BN), max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
+def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support, dq, dk, dv,
+                       stride_qb, stride_qh, stride_qt, stride_qd,
+                       stride_kb, stride_kh, stride_kt, stride_kd,
+                       stride_vb, stride_vh, stride_vt, stride_vd,
+                       stride_ob, stride_oh, stride_ot, stride_od,
+                       stride_sb, stride_sm, stride_sn,
+                       H, T, D, Dv, half_scale, scale, causal,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                       WHOLE_DV: tl.constexpr, SUP_BM: tl.constexpr, SUP_BN: tl.constexpr,
+                       UPCAST_DOTS: tl.constexpr):
+    """The whole backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
+    ``dP = dO v^T`` and ``dS = G (dP - c)`` once per tile pair, then dv[:, :, tile, chunk] (B, H, T, Dv) =
+    p^T @ dO, dk[:, :, tile] (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k
+    (unscaled; zero-filled by the caller). Grid (cdiv(T, BN), cdiv(Dv, BDV), B*H).
+
+    D fits one tile (BD >= D): k stays on chip, QK^T is one dot. With WHOLE_DV (BDV >= Dv) v stays on chip too
+    and the grid has one program per key tile: five dots per tile pair, FA2's count. Otherwise program i_c owns the
+    Dv chunk i_c of dv; each one recomputes z and dP (dP over every chunk), and only chunk 0 adds dk and dq.
+    Query tiles whose ``support`` entry (see :func:`_tile_has_support`) is 0 are skipped, loads included."""
     i_n, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
     p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
     p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    o_n = i_n * BN + tl.arange(0, BN)
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
     m_n = o_n < T
-    o_d = i_c * BD + tl.arange(0, BD)
+    o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_dv = i_c * BDV + tl.arange(0, BDV)
     m_dv = o_dv < Dv
-    # when D != Dv, the programs past the narrower one skip its half
-    has_dk = i_c * BD < D
-    has_dv = i_c * BDV < Dv
+    has_dk = i_c == 0  # chunked Dv: dk and dq come from the first chunk's programs only
 
+    b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
+                  mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+    if WHOLE_DV:
+        b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                      mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
     b_key_start, b_key_end = _row_sequences(seq_start, seq_end, o_n, T)
     lo, hi = _seeing_queries(i_n, o_n, b_key_start, b_key_end, T, causal, BM, BN)
     for m0 in range(lo, hi, BM):
-        o_m = m0 + tl.arange(0, BM)
-        m_m = o_m < T
-        b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-        b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-        b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:
+        if _tile_has_support(support, stride_sb, stride_sm, stride_sn, i_bh, m0, n0, T, BM, BN, SUP_BM, SUP_BN):
+            o_m = m0 + tl.arange(0, BM)
+            m_m = o_m < T
+            o_row = i_bh.to(tl.int64) * T + o_m
+            b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+            b_max = tl.load(rowmax + o_row, mask=m_m, other=0.0)  # [BM]
+            b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
+            b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
+            b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
+                          mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+            b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
+                           mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
+            m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
+                & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
+            b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
+            b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
+            b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
-                b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
-                                 BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-                b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0)
-                b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
-                              mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-                b_dk += dot_fp32acc(tl.trans(b_ds.to(b_q.dtype)), b_q, "tf32x3", UPCAST_DOTS)
-            if has_dv:
-                b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
-                               mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
-                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+                if WHOLE_DV:
+                    b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
+                else:
+                    b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
+                                     BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
+                b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0).to(b_q.dtype)
+                b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
+                tl.atomic_add(dq + o_row[:, None] * D + o_d[None, :], dot_fp32acc(b_ds, b_k, "tf32x3", UPCAST_DOTS),
+                              mask=m_m[:, None] & m_d[None, :], sem="relaxed")
 
-    o_row = i_bh.to(tl.int64) * T + o_n
-    tl.store(dk + o_row[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
-             mask=m_n[:, None] & m_d[None, :])
-    tl.store(dv + o_row[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+    o_key = i_bh.to(tl.int64) * T + o_n
+    if has_dk:
+        tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+                 mask=m_n[:, None] & m_d[None, :])
+    tl.store(dv + o_key[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_n[:, None] & m_dv[None, :])
 
 
@@ -493,28 +485,43 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     return o, rowmax, tau, w
 
 
-def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences):
-    """Launch the two backward kernels. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype."""
+def _backward_tiles(tiles: Tiles, D: int, Dv: int):
+    """(BM, BN, BD, BDV) of the backward kernel: the tiles' ``bwd_*`` sizes, D whole (next power of two, at least
+    16 for the tensor cores), Dv whole up to ``bwd_block_dv``, else in chunks of it."""
+    block_m = tiles.bwd_block_m or tiles.block_m
+    block_n = tiles.bwd_block_n or tiles.block_n
+    block_dv = min(max(triton.next_power_of_2(Dv), 16), tiles.bwd_block_dv or tiles.block_dv)
+    return block_m, block_n, max(triton.next_power_of_2(D), 16), block_dv
+
+
+def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
+                          support: Optional[torch.Tensor] = None):
+    """Launch the backward kernel. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype.
+
+    ``support`` (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, the threshold pass's per-tile mask (0: every
+    probability of that tile pair is 0; any strides); None means every tile may have support."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
-    half_scale = 0.5 * scale
+    block_m, block_n, block_d, block_dv = _backward_tiles(tiles, D, Dv)
+    for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
+        if size % mask_size and mask_size % size:
+            raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
+    if support is None:
+        support = torch.ones((1, 1, 1), dtype=torch.uint8, device=q.device).expand(
+            B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n))
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
     dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
-                  UPCAST_DOTS=upcast_dots_for(q.dtype))
-    _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
-        q, k, v, do, *sequences, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks,
+    _entmax_bwd_kernel[(triton.cdiv(T, block_n), triton.cdiv(Dv, block_dv), B * H)](
+        q, k, v, do, *sequences, rowmax, tau, c, support, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *support.stride(),
+        H, T, D, Dv, 0.5 * scale, scale, int(causal), BM=block_m, BN=block_n, BD=block_d, BDV=block_dv,
+        WHOLE_DV=block_dv >= Dv, SUP_BM=tiles.block_m, SUP_BN=tiles.block_n, UPCAST_DOTS=upcast_dots_for(q.dtype),
         **_launch_options(tiles))
-    chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
-    _entmax_bwd_dkdv_kernel[(triton.cdiv(T, tiles.block_n), chunks, B * H)](
-        q, k, v, do, *sequences, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
-        **blocks, **_launch_options(tiles))
-    return dq, dk, dv
+    return (dq * scale).to(q.dtype), dk, dv
 
 
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
@@ -543,15 +550,17 @@ def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
 
 @torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
                          schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor rowmax, Tensor tau, Tensor w, "
-                                "Tensor seq_start, Tensor seq_end, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
-def _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
-    """Triton backward: (dq, dk, dv)."""
+                                "Tensor seq_start, Tensor seq_end, bool causal, float scale, Tensor? support=None) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale, support=None):
+    """Triton backward: (dq, dk, dv); ``support``: the per-tile mask of :func:`_entmax_attention_bwd`."""
     with launch_device_of(q):
-        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end))
+        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end),
+                                     support)
 
 
 @_entmax15_attention_bwd_op.register_fake
-def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
+def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale, support=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -565,7 +574,8 @@ def _entmax15_attention_setup_context(ctx, inputs, output):
 
 def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w):
     q, k, v, rowmax, tau, w, seq_start, seq_end = ctx.saved_tensors
-    dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale)
+    dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale,
+                                            support=None)  # the threshold pass's per-tile mask, once it saves one
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -831,7 +841,10 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
-_FP32_POINTERS = ("rowmax", "tau", "w", "c")
+_FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq")
+_UINT8_POINTERS = ("support",)
+#: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
+_AOT_BWD_HEAD_DIMS = ((64, 64), (128, 128), (256, 512))
 _INT32_POINTERS = ("seq_start", "seq_end")
 _FLOAT_SCALARS = ("half_scale", "scale")
 
@@ -846,6 +859,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*fp32"
         elif name in _INT32_POINTERS:
             signature[name] = "*i32"
+        elif name in _UINT8_POINTERS:
+            signature[name] = "*u8"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
@@ -868,9 +883,12 @@ def aot_configurations() -> List[AotConfig]:
              dict(ROW_IN_REGISTERS=True, BM=t.row_block_m, BN=t.row_block_n, **solver)),
             ("tau passes", _entmax_tau_kernel, dict(ROW_IN_REGISTERS=False, BM=t.block_m, BN=t.block_n, **solver)),
             ("fwd", _entmax_fwd_kernel, blocks),
-            ("bwd dq", _entmax_bwd_dq_kernel, blocks),
-            ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
         ]
+        for d, dv in _AOT_BWD_HEAD_DIMS:
+            bm, bn, bd, bdv = _backward_tiles(t, d, dv)
+            variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel,
+                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE_DV=bdv >= dv, SUP_BM=t.block_m,
+                                  SUP_BN=t.block_n, UPCAST_DOTS=False)))
         if t.wide_block_dv != t.block_dv:
             variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
         for label, kernel, constexprs in variants:
