@@ -55,7 +55,8 @@ class Tiles(NamedTuple):
     num_stages: int = 2
     bwd_block_m: Optional[int] = None
     bwd_block_n: Optional[int] = None
-    bwd_block_dv: Optional[int] = None
+    bwd_whole_d: int = 128
+    bwd_block_d: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -63,9 +64,10 @@ class Tiles(NamedTuple):
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
 #: tile) needs 32 x 32 tiles and 32-feature chunks.
 _DEFAULT_TILES = {
-    torch.float16: Tiles(row_block_m=16),
-    torch.bfloat16: Tiles(row_block_m=16),
-    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32),
+    torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
+    torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
+    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32,
+                         bwd_block_m=16, bwd_block_n=16),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -338,6 +340,17 @@ def _tile_has_support(support, stride_sb, stride_sm, stride_sn, i_bh, m0, n0, T,
     return tl.max(tl.max(b_s.to(tl.int32), 1), 0) != 0
 
 
+@triton.jit
+def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS: tl.constexpr):
+    """With ``dS = G (dP - c)`` of one tile pair: returns ``b_dk + dS^T @ q`` and adds ``dS @ k`` to the rows
+    ``o_row`` of dq (fp32, row stride D) atomically."""
+    b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0).to(b_q.dtype)
+    b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
+    tl.atomic_add(dq + o_row[:, None] * D + o_d[None, :], dot_fp32acc(b_ds, b_k, "tf32x3", UPCAST_DOTS),
+                  mask=m_m[:, None] & m_d[None, :], sem="relaxed")
+    return b_dk
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support, dq, dk, dv,
                        stride_qb, stride_qh, stride_qt, stride_qd,
@@ -347,18 +360,19 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support,
                        stride_sb, stride_sm, stride_sn,
                        H, T, D, Dv, half_scale, scale, causal,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       WHOLE_DV: tl.constexpr, SUP_BM: tl.constexpr, SUP_BN: tl.constexpr,
+                       WHOLE: tl.constexpr, SUP_BM: tl.constexpr, SUP_BN: tl.constexpr,
                        UPCAST_DOTS: tl.constexpr):
-    """The whole backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
-    ``dP = dO v^T`` and ``dS = G (dP - c)`` once per tile pair, then dv[:, :, tile, chunk] (B, H, T, Dv) =
-    p^T @ dO, dk[:, :, tile] (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k
-    (unscaled; zero-filled by the caller). Grid (cdiv(T, BN), cdiv(Dv, BDV), B*H).
+    """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
+    ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, T, Dv) = p^T @ dO, dk[:, :, tile]
+    (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
+    caller). Query tiles whose ``support`` entry (:func:`_tile_has_support`) is 0 are skipped, loads included.
 
-    D fits one tile (BD >= D): k stays on chip, QK^T is one dot. With WHOLE_DV (BDV >= Dv) v stays on chip too
-    and the grid has one program per key tile: five dots per tile pair, FA2's count. Otherwise program i_c owns the
-    Dv chunk i_c of dv; each one recomputes z and dP (dP over every chunk), and only chunk 0 adds dk and dq.
-    Query tiles whose ``support`` entry (see :func:`_tile_has_support`) is 0 are skipped, loads included."""
-    i_n, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
+    dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
+    and dv (BDV wide) and recomputes z (and dP if it has a dk chunk) in chunked reductions: the fallback for head
+    sizes too wide for registers. Grid (cdiv(T, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(2)
+    i_c = tl.program_id(1) * (1 - WHOLE)  # 0 (a constant) when WHOLE
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
@@ -367,15 +381,17 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support,
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < T
-    o_d = tl.arange(0, BD)
+    o_d = i_c * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_dv = i_c * BDV + tl.arange(0, BDV)
     m_dv = o_dv < Dv
-    has_dk = i_c == 0  # chunked Dv: dk and dq come from the first chunk's programs only
+    # chunked: when D != Dv, the programs past the narrower one skip its half
+    has_dk = i_c * BD < D
+    has_dv = i_c * BDV < Dv
 
     b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
                   mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-    if WHOLE_DV:
+    if WHOLE:
         b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
@@ -397,24 +413,28 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support,
                            mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
             m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
                 & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
-            b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
+            if WHOLE:
+                b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
+            else:
+                b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+                                UPCAST_DOTS) * half_scale
             b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
-            b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
-            if has_dk:
-                if WHOLE_DV:
+            if WHOLE:  # no has_dv branch here: it costs registers (spills at D = 128 fp32)
+                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+                if has_dk:
                     b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
-                else:
+                    b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
+            else:
+                if has_dv:
+                    b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+                if has_dk:
                     b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
                                      BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-                b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0).to(b_q.dtype)
-                b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
-                tl.atomic_add(dq + o_row[:, None] * D + o_d[None, :], dot_fp32acc(b_ds, b_k, "tf32x3", UPCAST_DOTS),
-                              mask=m_m[:, None] & m_d[None, :], sem="relaxed")
+                    b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
 
     o_key = i_bh.to(tl.int64) * T + o_n
-    if has_dk:
-        tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
-                 mask=m_n[:, None] & m_d[None, :])
+    tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+             mask=m_n[:, None] & m_d[None, :])
     tl.store(dv + o_key[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_n[:, None] & m_dv[None, :])
 
@@ -486,12 +506,15 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
 
 
 def _backward_tiles(tiles: Tiles, D: int, Dv: int):
-    """(BM, BN, BD, BDV) of the backward kernel: the tiles' ``bwd_*`` sizes, D whole (next power of two, at least
-    16 for the tensor cores), Dv whole up to ``bwd_block_dv``, else in chunks of it."""
+    """(BM, BN, BD, BDV, WHOLE) of the backward kernel: D and Dv whole (their next powers of two, at least 16 for
+    the tensor cores) when both fit ``bwd_whole_d``, else both in chunks of ``bwd_block_d``."""
     block_m = tiles.bwd_block_m or tiles.block_m
     block_n = tiles.bwd_block_n or tiles.block_n
-    block_dv = min(max(triton.next_power_of_2(Dv), 16), tiles.bwd_block_dv or tiles.block_dv)
-    return block_m, block_n, max(triton.next_power_of_2(D), 16), block_dv
+    block_d, block_dv = (max(triton.next_power_of_2(n), 16) for n in (D, Dv))
+    if max(block_d, block_dv) <= tiles.bwd_whole_d:
+        return block_m, block_n, block_d, block_dv, True
+    chunk = tiles.bwd_block_d or tiles.block_d
+    return block_m, block_n, chunk, chunk, False
 
 
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
@@ -503,7 +526,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
-    block_m, block_n, block_d, block_dv = _backward_tiles(tiles, D, Dv)
+    block_m, block_n, block_d, block_dv, whole = _backward_tiles(tiles, D, Dv)
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
         if size % mask_size and mask_size % size:
             raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
@@ -515,11 +538,12 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
     dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
-    _entmax_bwd_kernel[(triton.cdiv(T, block_n), triton.cdiv(Dv, block_dv), B * H)](
+    chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
+    _entmax_bwd_kernel[(triton.cdiv(T, block_n), chunks, B * H)](
         q, k, v, do, *sequences, rowmax, tau, c, support, dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *support.stride(),
         H, T, D, Dv, 0.5 * scale, scale, int(causal), BM=block_m, BN=block_n, BD=block_d, BDV=block_dv,
-        WHOLE_DV=block_dv >= Dv, SUP_BM=tiles.block_m, SUP_BN=tiles.block_n, UPCAST_DOTS=upcast_dots_for(q.dtype),
+        WHOLE=whole, SUP_BM=tiles.block_m, SUP_BN=tiles.block_n, UPCAST_DOTS=upcast_dots_for(q.dtype),
         **_launch_options(tiles))
     return (dq * scale).to(q.dtype), dk, dv
 
@@ -885,9 +909,9 @@ def aot_configurations() -> List[AotConfig]:
             ("fwd", _entmax_fwd_kernel, blocks),
         ]
         for d, dv in _AOT_BWD_HEAD_DIMS:
-            bm, bn, bd, bdv = _backward_tiles(t, d, dv)
+            bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
             variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel,
-                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE_DV=bdv >= dv, SUP_BM=t.block_m,
+                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole, SUP_BM=t.block_m,
                                   SUP_BN=t.block_n, UPCAST_DOTS=False)))
         if t.wide_block_dv != t.block_dv:
             variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
