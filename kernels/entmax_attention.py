@@ -67,7 +67,7 @@ _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
     torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
     torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32,
-                         bwd_block_m=16, bwd_block_n=16),
+                         bwd_block_m=16, bwd_block_n=16, bwd_block_d=64),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
