@@ -327,20 +327,6 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
 
 
 @triton.jit
-def _tile_has_support(support, stride_sb, stride_sm, stride_sn, i_bh, m0, n0, T,
-                      BM: tl.constexpr, BN: tl.constexpr, SUP_BM: tl.constexpr, SUP_BN: tl.constexpr):
-    """Whether the per-tile support mask (B*H, cdiv(T, SUP_BM), cdiv(T, SUP_BN)) uint8 marks any entry covering the
-    queries [m0, m0 + BM) x keys [n0, n0 + BN). Exact when each tile size divides the mask's or is a multiple of it
-    and m0, n0 are multiples of BM, BN: one entry (tile inside a mask tile) or the OR of the covered entries."""
-    o_r = m0 // SUP_BM + tl.arange(0, (BM + SUP_BM - 1) // SUP_BM)
-    o_c = n0 // SUP_BN + tl.arange(0, (BN + SUP_BN - 1) // SUP_BN)
-    m_rc = (o_r[:, None] < tl.cdiv(T, SUP_BM)) & (o_c[None, :] < tl.cdiv(T, SUP_BN))
-    b_s = tl.load(support + i_bh.to(tl.int64) * stride_sb + o_r[:, None] * stride_sm + o_c[None, :] * stride_sn,
-                  mask=m_rc, other=0)
-    return tl.max(tl.max(b_s.to(tl.int32), 1), 0) != 0
-
-
-@triton.jit
 def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS: tl.constexpr):
     """With ``dS = G (dP - c)`` of one tile pair: returns ``b_dk + dS^T @ q`` and adds ``dS @ k`` to the rows
     ``o_row`` of dq (fp32, row stride D) atomically."""
@@ -352,16 +338,14 @@ def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCA
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support, dq, dk, dv,
+def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_rows, tile_counts, dq, dk, dv,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_ob, stride_oh, stride_ot, stride_od,
-                       stride_sb, stride_sm, stride_sn,
                        H, T, D, Dv, half_scale, scale, causal,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       WHOLE: tl.constexpr, SUP_BM: tl.constexpr, SUP_BN: tl.constexpr,
-                       UPCAST_DOTS: tl.constexpr):
+                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
     ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, T, Dv) = p^T @ dO, dk[:, :, tile]
     (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
@@ -396,41 +380,42 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, support,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    b_key_start, b_key_end = _row_sequences(seq_start, seq_end, o_n, T)
-    lo, hi = _seeing_queries(i_n, o_n, b_key_start, b_key_end, T, causal, BM, BN)
-    for m0 in range(lo, hi, BM):
-        if _tile_has_support(support, stride_sb, stride_sm, stride_sn, i_bh, m0, n0, T, BM, BN, SUP_BM, SUP_BN):
-            o_m = m0 + tl.arange(0, BM)
-            m_m = o_m < T
-            o_row = i_bh.to(tl.int64) * T + o_m
-            b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-            b_max = tl.load(rowmax + o_row, mask=m_m, other=0.0)  # [BM]
-            b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
-            b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
-            b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
-                          mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-            b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
-                           mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
-            m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
-                & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
-            if WHOLE:
-                b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
-            else:
-                b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
-                                UPCAST_DOTS) * half_scale
-            b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
-            if WHOLE:  # no has_dv branch here: it costs registers (spills at D = 128 fp32)
+    # the query tiles to visit, listed by the launcher: a loop without a branch, so that its loads stream with
+    # async copies (Triton does not pipeline loads whose dots sit under an ``if``)
+    o_list = i_bh.to(tl.int64) * tl.cdiv(T, BN) + i_n
+    p_rows = tile_rows + o_list * tl.cdiv(T, BM)
+    for i_row in range(0, tl.load(tile_counts + o_list)):
+        m0 = tl.load(p_rows + i_row) * BM
+        o_m = m0 + tl.arange(0, BM)
+        m_m = o_m < T
+        o_row = i_bh.to(tl.int64) * T + o_m
+        b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
+        b_max = tl.load(rowmax + o_row, mask=m_m, other=0.0)  # [BM]
+        b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
+        b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
+        b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
+                      mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
+                       mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
+        m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
+            & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
+        if WHOLE:
+            b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
+        else:
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+                            UPCAST_DOTS) * half_scale
+        b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
+        if WHOLE:
+            b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+            b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
+            b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
+        else:
+            if has_dv:
                 b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
-                if has_dk:
-                    b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
-                    b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
-            else:
-                if has_dv:
-                    b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
-                if has_dk:
-                    b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
-                                     BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-                    b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
+            if has_dk:
+                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
+                                 BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
+                b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
 
     o_key = i_bh.to(tl.int64) * T + o_n
     tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
@@ -517,12 +502,52 @@ def _backward_tiles(tiles: Tiles, D: int, Dv: int):
     return block_m, block_n, chunk, chunk, False
 
 
+def _covering(mask: torch.Tensor, dim: int, size: int, mask_size: int, tiles: int) -> torch.Tensor:
+    """``mask`` (uint8) regridded along ``dim`` from tiles of ``mask_size`` to ``tiles`` tiles of ``size``: a tile
+    inside a mask tile takes its entry, a tile over several takes their OR (sizes divide one another)."""
+    if size <= mask_size:
+        return mask.repeat_interleave(mask_size // size, dim=dim).narrow(dim, 0, tiles)
+    factor = size // mask_size
+    padded = torch.nn.functional.pad(mask, (0, 0, 0, tiles * factor - mask.shape[1]) if dim == 1 else
+                                     (0, tiles * factor - mask.shape[2]))
+    shape = list(padded.shape)
+    shape[dim:dim + 1] = [tiles, factor]
+    return padded.view(shape).amax(dim + 1)
+
+
+def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, block_m: int, block_n: int,
+                      mask_m: int, mask_n: int, batch_heads: int):
+    """Per batch-head and key tile, the query tiles the backward visits: visible and with support. Returns
+    (rows (B*H, cdiv(T, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
+    counts (B*H, cdiv(T, block_n)) int32). Built on the device without a host sync."""
+    tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    # visible tile pairs, from each query tile's keys [lo, hi) (as the forward's _visible_keys)
+    pad = tiles_m * block_m - T
+    start = torch.nn.functional.pad(sequences.start, (0, pad), value=T).view(tiles_m, block_m).amin(1)
+    if causal:
+        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=T)
+    else:
+        hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
+    key_tile = torch.arange(tiles_n, device=start.device) * block_n
+    visible = (key_tile[None, :] < hi[:, None]) & (key_tile[None, :] + block_n > start[:, None])  # [tiles_m, n]
+    if support is None:
+        visit = visible.expand(batch_heads, tiles_m, tiles_n)
+    else:
+        visit = _covering(_covering((support != 0).to(torch.uint8), 1, block_m, mask_m, tiles_m), 2, block_n,
+                          mask_n, tiles_n)
+        visit = (visit != 0) & visible
+    visit = visit.transpose(1, 2)  # (B*H, key tiles, query tiles)
+    rows = torch.sort((~visit).to(torch.uint8), dim=2, stable=True).indices  # visited query tiles first, ascending
+    return rows.to(torch.int32).contiguous(), visit.sum(2, dtype=torch.int32).contiguous()
+
+
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
                           support: Optional[torch.Tensor] = None):
     """Launch the backward kernel. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype.
 
     ``support`` (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, the threshold pass's per-tile mask (0: every
-    probability of that tile pair is 0; any strides); None means every tile may have support."""
+    probability of that tile pair is 0); None means every visible tile may have support. The backward tiles must
+    divide the mask's or be multiples of them (:func:`_covering`)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
@@ -530,9 +555,12 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
         if size % mask_size and mask_size % size:
             raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
-    if support is None:
-        support = torch.ones((1, 1, 1), dtype=torch.uint8, device=q.device).expand(
-            B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n))
+    shape = (B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n))
+    if support is not None and tuple(support.shape) != shape:
+        raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
+                         f"{tuple(support.shape)}")
+    rows, counts = _query_tile_lists(support, sequences, causal, T, block_m, block_n, tiles.block_m, tiles.block_n,
+                                     B * H)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
@@ -540,11 +568,10 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
     _entmax_bwd_kernel[(triton.cdiv(T, block_n), chunks, B * H)](
-        q, k, v, do, *sequences, rowmax, tau, c, support, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *support.stride(),
+        q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         H, T, D, Dv, 0.5 * scale, scale, int(causal), BM=block_m, BN=block_n, BD=block_d, BDV=block_dv,
-        WHOLE=whole, SUP_BM=tiles.block_m, SUP_BN=tiles.block_n, UPCAST_DOTS=upcast_dots_for(q.dtype),
-        **_launch_options(tiles))
+        WHOLE=whole, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
     return (dq * scale).to(q.dtype), dk, dv
 
 
@@ -866,10 +893,9 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
 _FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq")
-_UINT8_POINTERS = ("support",)
+_INT32_POINTERS = ("seq_start", "seq_end", "tile_rows", "tile_counts")
 #: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
 _AOT_BWD_HEAD_DIMS = ((64, 64), (128, 128), (256, 512))
-_INT32_POINTERS = ("seq_start", "seq_end")
 _FLOAT_SCALARS = ("half_scale", "scale")
 
 
@@ -883,8 +909,6 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*fp32"
         elif name in _INT32_POINTERS:
             signature[name] = "*i32"
-        elif name in _UINT8_POINTERS:
-            signature[name] = "*u8"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
@@ -911,8 +935,7 @@ def aot_configurations() -> List[AotConfig]:
         for d, dv in _AOT_BWD_HEAD_DIMS:
             bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
             variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel,
-                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole, SUP_BM=t.block_m,
-                                  SUP_BN=t.block_n, UPCAST_DOTS=False)))
+                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole, UPCAST_DOTS=False)))
         if t.wide_block_dv != t.block_dv:
             variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
         for label, kernel, constexprs in variants:
