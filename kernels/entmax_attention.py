@@ -11,11 +11,12 @@
 2. ``_entmax_fwd_kernel``: ``o = sum_j G_j^2 v_j`` with ``G = max(z - rowmax - tau, 0)`` over the visible key
    tiles, skipping tiles whose probabilities are all zero. For training it also stores
    ``w_i = sum_j G_ij v_j / sum_j G_ij``, from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
-3. ``_entmax_bwd_dq_kernel`` (per query tile) and ``_entmax_bwd_dkdv_kernel`` (per key tile): flash-attention's
-   backward with ``dS = G (dP - c)`` (the gradient w.r.t. the unhalved scores), skipping hidden and all-zero tiles.
+3. ``_entmax_bwd_kernel`` (per key tile, FA2's loop): flash-attention's backward with ``dS = G (dP - c)`` (the
+   gradient w.r.t. the unhalved scores); QK^T and dP once per tile pair, dk and dv in registers, dq by atomic adds.
+   It visits only the query tiles that the launcher lists: visible ones whose per-tile support mask entry is 1.
 
-Every kernel takes strides (inputs may be non-contiguous views), accumulates in fp32 and loops over the
-feature dimensions in chunks, so D and Dv may be any size.
+Every kernel takes strides (inputs may be non-contiguous views) and accumulates in fp32; D and Dv may be any size
+(features in chunks where a tile cannot hold them whole).
 """
 from __future__ import annotations
 
@@ -41,7 +42,11 @@ class Tiles(NamedTuple):
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
     The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
-    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options."""
+    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options.
+    The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
+    the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
+    (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
+    ``block_d``), recomputing QK^T per chunk."""
 
     block_m: int = 64
     block_n: int = 64
@@ -62,7 +67,9 @@ class Tiles(NamedTuple):
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
 #: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
-#: tile) needs 32 x 32 tiles and 32-feature chunks.
+#: tile) needs 32 x 32 tiles and 32-feature chunks. The backward (read from ``python -m kernels.report``, which
+#: specializes as a launch does) holds D = Dv = 128 whole without spilling in 32 x 32 tiles (16-bit) and 16 x 16
+#: (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks.
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
     torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
