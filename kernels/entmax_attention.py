@@ -148,13 +148,6 @@ def _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.
 
 
 @triton.jit
-def _seeing_queries(i_n, o_n, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
-    """Queries [lo, hi) that can see key tile ``i_n`` (lo a multiple of BM), from its keys' sequences."""
-    lo = tl.where(causal != 0, i_n * BN, tl.min(tl.where(o_n < T, b_start, T), 0)) // BM * BM
-    return lo, tl.max(b_end, 0)
-
-
-@triton.jit
 def _probability_roots(b_z, b_max, b_tau):
     """``G = max((z - rowmax) - tau, 0)`` [BM, BN] (``p = G^2``), with tau relative to the row maximum so that scores
     of any magnitude keep their differences: ``z - rowmax`` is exact for scores within a factor 2 of the maximum."""
@@ -356,7 +349,8 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
     ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, T, Dv) = p^T @ dO, dk[:, :, tile]
     (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
-    caller). Query tiles whose ``support`` entry (:func:`_tile_has_support`) is 0 are skipped, loads included.
+    caller). The query tiles visited are the first ``tile_counts[bh, i_n]`` entries of ``tile_rows[bh, i_n]``
+    (:func:`_query_tile_lists`: visible, with support, ascending); the others cost no dot and no load.
 
     WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
     dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
