@@ -460,9 +460,11 @@ def _exact_support(p, block_m, block_n):
     return padded.reshape(b * h, rows, block_m, cols, block_n).any(4).any(2).to(torch.uint8)
 
 
-def _backward_with(q, k, v, do, causal, scale, sequences, support):
-    o, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True, sequences)
-    return entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences, support)
+def _backward_with(q, k, v, do, causal, scale, sequences, supports):
+    """The backward launcher's (dq, dk, dv) with each mask of ``supports``, after one forward."""
+    _, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True, sequences)
+    return [entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences, support)
+            for support in supports]
 
 
 _PACKED = [7, 1, 11]
@@ -502,9 +504,8 @@ def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles,
         visible = _exact_support(_reference_probabilities(q, q, causal, 0.0, lengths), tile_set.block_m,
                                  tile_set.block_n)  # scale 0: uniform rows, p > 0 wherever visible
         assert support.sum() < visible.sum(), "peaked rows must leave visible tiles without support"
-    exact = _backward_with(q, k, v, do, causal, scale, sequences, support)
-    ones = _backward_with(q, k, v, do, causal, scale, sequences, torch.ones_like(support))
-    default = _backward_with(q, k, v, do, causal, scale, sequences, None)
+    exact, ones, default = _backward_with(q, k, v, do, causal, scale, sequences,
+                                          [support, torch.ones_like(support), None])
     for name, a, b, c, x in zip("qkv", exact, ones, default, leaves):
         assert torch.equal(a, b) and torch.equal(a, c), f"d{name} depends on the mask"
         _assert_close(a, x.grad, 5e-5, f"d{name}")
@@ -537,4 +538,4 @@ def test_backward_rejects_tiles_that_do_not_nest_in_the_mask(triton_backend, til
     q, k, v = (x.detach() for x in _inputs(1, 1, 9, 4, 4))
     with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
         _backward_with(q, k, v, torch.randn(1, 1, 9, 4), True, 0.5, entmax_attention._whole_sequences(9, "cpu"),
-                       None)
+                       [None])
