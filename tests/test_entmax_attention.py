@@ -484,8 +484,7 @@ _PACKED = [7, 1, 11]
 def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles, q_scale, lengths, causal,
                                                           tile_set):
     """Gradients with the exact per-tile mask, an all-ones mask and none are identical, and match float64; peaked
-    rows (q = k) leave visible tiles without support. Odd sizes (T = 19, D = 11, Dv = 20), two
-    heads."""
+    rows (q = k) leave visible tiles without support. Odd sizes (T = 19, D = 11, Dv = 20), two heads."""
     tiles(tile_set)
     t, d, dv = 19, 11, 20
     q, k, v = (x.detach() for x in _inputs(1, 2, t, d, dv, seed=21))
@@ -524,8 +523,8 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
     sequences = entmax_attention._whole_sequences(t, q.device)
     pairs = {"exact": int(support.sum()), "ones": (t // bm) * (t // bm + 1) // 2}
     assert pairs["exact"] < pairs["ones"]
+    _, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
     for name, mask in (("exact", support), ("ones", torch.ones_like(support))):
-        o, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
         with InterpreterCounter({"q": q, "do": do}) as counter:
             entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
         assert counter.dot_flops("_entmax_bwd_kernel") == pairs[name] * bm * bm * 2 * (3 * d + 2 * d), name
@@ -533,9 +532,12 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
         assert counter.loaded("do", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
 
 
-def test_backward_rejects_tiles_that_do_not_nest_in_the_mask(triton_backend, tiles):
-    tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
+def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks(triton_backend, tiles):
     q, k, v = (x.detach() for x in _inputs(1, 1, 9, 4, 4))
+    do, sequences = torch.randn(1, 1, 9, 4), entmax_attention._whole_sequences(9, "cpu")
+    tiles(TINY)
+    with pytest.raises(ValueError, match=r"support must have shape \(B\*H, query tiles, key tiles\) = \(1, 2, 2\)"):
+        _backward_with(q, k, v, do, True, 0.5, sequences, [torch.ones(1, 2, 1, dtype=torch.uint8)])
+    tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
     with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
-        _backward_with(q, k, v, torch.randn(1, 1, 9, 4), True, 0.5, entmax_attention._whole_sequences(9, "cpu"),
-                       [None])
+        _backward_with(q, k, v, do, True, 0.5, sequences, [None])
