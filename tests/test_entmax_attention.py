@@ -10,6 +10,7 @@ import torch
 
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax_attention
+from kernels.counts import InterpreterCounter
 from kernels.entmax_attention import (
     EntmaxAttentionOutput,
     Tiles,
@@ -422,3 +423,121 @@ def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fuse
         module(x, key_padding_mask=padding[:, :5])
     with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
         module(x, key_padding_mask=padding.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward: the per-tile support mask
+# ----------------------------------------------------------------------------------------------------------------
+
+#: mask tiles 8 x 8, backward tiles 4 x 4 inside them (one mask entry per tile pair)
+SUB_TILES = TINY._replace(bwd_block_m=4, bwd_block_n=4)
+#: mask tiles 4 x 4, backward tiles 8 x 8 over 2 x 2 of them (their OR)
+SUPER_TILES = TINY._replace(block_m=4, block_n=4, row_block_m=4, row_block_n=4, bwd_block_m=8, bwd_block_n=8)
+#: D and Dv wider than ``bwd_whole_d``: the chunked backward (dk/dq and dv chunks of 8, z and dP recomputed)
+CHUNKED = TINY._replace(bwd_whole_d=8, bwd_block_d=8)
+
+
+def _reference_probabilities(q, k, causal, scale, lengths=None):
+    """The float64 attention matrix (B, H, T, T) of the reference, differentiable in q and k; with ``lengths`` the
+    packed sequences' blocks on the diagonal (zero elsewhere)."""
+    lengths = lengths or [q.shape[2]]
+    p = q.new_zeros(*q.shape[:2], q.shape[2], q.shape[2], dtype=torch.float64)
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        p[:, :, rows, rows] = entmax15_attention_weights(q[:, :, rows].double(), k[:, :, rows].double(),
+                                                         causal=causal, scale=scale)
+        start += n
+    return p
+
+
+def _exact_support(p, block_m, block_n):
+    """The per-tile mask of the contract: (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, 1 iff some p > 0 in the
+    tile pair."""
+    b, h, t, _ = p.shape
+    rows, cols = -(-t // block_m), -(-t // block_n)
+    padded = torch.nn.functional.pad(p.detach() > 0, (0, cols * block_n - t, 0, rows * block_m - t))
+    return padded.reshape(b * h, rows, block_m, cols, block_n).any(4).any(2).to(torch.uint8)
+
+
+def _backward_with(q, k, v, do, causal, scale, sequences, supports):
+    """The backward launcher's (dq, dk, dv) with each mask of ``supports``, after one forward."""
+    _, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True, sequences)
+    return [entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences, support)
+            for support in supports]
+
+
+_PACKED = [7, 1, 11]
+
+
+@pytest.mark.parametrize("tile_set, q_scale, lengths, causal", [
+    pytest.param(TINY, 1.0, None, True, id="mask-tiles-causal-random"),
+    pytest.param(TINY, 12.0, None, False, id="mask-tiles-full-peaked"),
+    pytest.param(TINY, 0.01, _PACKED, True, id="mask-tiles-packed-causal-flat"),
+    pytest.param(SUB_TILES, 12.0, None, True, id="sub-tiles-causal-peaked"),
+    pytest.param(SUB_TILES, 1.0, _PACKED, False, id="sub-tiles-packed-full-random"),
+    pytest.param(SUPER_TILES, 0.01, None, False, id="super-tiles-full-flat"),
+    pytest.param(SUPER_TILES, 12.0, _PACKED, True, id="super-tiles-packed-causal-peaked"),
+    pytest.param(CHUNKED, 1.0, None, True, id="chunked-causal-random"),
+    pytest.param(CHUNKED, 12.0, _PACKED, False, id="chunked-packed-full-peaked"),
+])
+def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles, q_scale, lengths, causal,
+                                                          tile_set):
+    """Gradients with the exact per-tile mask, an all-ones mask and none are identical, and match float64; peaked
+    rows (q = k) leave visible tiles without support. Odd sizes (T = 19, D = 11, Dv = 20), two heads."""
+    tiles(tile_set)
+    t, d, dv = 19, 11, 20
+    q, k, v = (x.detach() for x in _inputs(1, 2, t, d, dv, seed=21))
+    # scores q . k / sqrt(D) of std ~q_scale (0.01: nearly flat rows); peaked: q = k, each row peaks on its own key
+    q = k * q_scale if q_scale > 1 else q * q_scale
+    do = torch.randn(1, 2, t, dv, generator=torch.Generator().manual_seed(22))
+    scale = d ** -0.5
+    sequences = (entmax_attention._whole_sequences(t, q.device) if lengths is None else
+                 entmax_attention._packed_sequences(torch.tensor([0, 7, 8, 19], dtype=torch.int32), t, q.device))
+    assert lengths in (None, _PACKED)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    p = _reference_probabilities(leaves[0], leaves[1], causal, scale, lengths)
+    (p @ leaves[2]).backward(do.double())
+    support = _exact_support(p, tile_set.block_m, tile_set.block_n)
+    if q_scale > 1:
+        visible = _exact_support(_reference_probabilities(q, q, causal, 0.0, lengths), tile_set.block_m,
+                                 tile_set.block_n)  # scale 0: uniform rows, p > 0 wherever visible
+        assert support.sum() < visible.sum(), "peaked rows must leave visible tiles without support"
+    exact, ones, default = _backward_with(q, k, v, do, causal, scale, sequences,
+                                          [support, torch.ones_like(support), None])
+    for name, a, b, c, x in zip("qkv", exact, ones, default, leaves):
+        assert torch.equal(a, b) and torch.equal(a, c), f"d{name} depends on the mask"
+        _assert_close(a, x.grad, 5e-5, f"d{name}")
+
+
+def test_backward_work_follows_the_support_mask(triton_backend, tiles):
+    """One key tile program per key tile; each query tile with support costs FA2's five dots (2 (3 D + 2 Dv) FLOPs
+    per score, D and Dv whole) and one q tile load; tiles without support cost nothing."""
+    tiles(TINY)
+    t, d, bm = 32, 16, 8
+    # unit rows with q = k at a large scale: each row attends to itself and its few near-duplicates
+    q = torch.nn.functional.normalize(torch.randn(1, 1, t, d, generator=torch.Generator().manual_seed(23)), dim=-1)
+    k, v, do = q.clone(), torch.randn(1, 1, t, d), torch.randn(1, 1, t, d)
+    scale = 6.0
+    support = _exact_support(_reference_probabilities(q, k, True, scale), bm, bm)
+    sequences = entmax_attention._whole_sequences(t, q.device)
+    pairs = {"exact": int(support.sum()), "ones": (t // bm) * (t // bm + 1) // 2}
+    assert pairs["exact"] < pairs["ones"]
+    _, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
+    for name, mask in (("exact", support), ("ones", torch.ones_like(support))):
+        with InterpreterCounter({"q": q, "do": do}) as counter:
+            entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
+        assert counter.dot_flops("_entmax_bwd_kernel") == pairs[name] * bm * bm * 2 * (3 * d + 2 * d), name
+        assert counter.loaded("q", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
+        assert counter.loaded("do", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
+
+
+def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks(triton_backend, tiles):
+    q, k, v = (x.detach() for x in _inputs(1, 1, 9, 4, 4))
+    do, sequences = torch.randn(1, 1, 9, 4), entmax_attention._whole_sequences(9, "cpu")
+    tiles(TINY)
+    with pytest.raises(ValueError, match=r"support must have shape \(B\*H, query tiles, key tiles\) = \(1, 2, 2\)"):
+        _backward_with(q, k, v, do, True, 0.5, sequences, [torch.ones(1, 2, 1, dtype=torch.uint8)])
+    tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
+    with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
+        _backward_with(q, k, v, do, True, 0.5, sequences, [None])
