@@ -62,7 +62,7 @@ class Tiles(NamedTuple):
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16),
     torch.bfloat16: Tiles(row_block_m=16),
-    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32),
+    torch.float32: Tiles(block_n=16, block_d=32, row_block_m=16, wide_block_dv=64),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -200,9 +200,10 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
+                       stride_sb, stride_sm, stride_sn,
                        H, T, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
@@ -217,6 +218,7 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
@@ -257,11 +259,17 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
             b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                 b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
+            # support bound of this pass: tau where solved, else the lower bracket lo <= tau; rows past T or NaN: none
+            b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
                                T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                b_zr = b_zt - b_max[:, None]
                 b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                    b_zt - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                    b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
+                m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
+                tl.store(p_sup + (n0 // BN) * stride_sn, m_hit.to(tl.uint8))
         b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
                                                     b_done)
         i_pass += 1
@@ -272,10 +280,11 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
-def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
+                       stride_sb, stride_sm, stride_sn,
                        H, T, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                        UPCAST_DOTS: tl.constexpr):
@@ -298,18 +307,20 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
     b_gsum = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
-            b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
-                          mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
-            b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-            if store_w != 0:
-                b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                b_gsum += tl.sum(b_g, 1)
+        if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
+            o_n = n0 + tl.arange(0, BN)
+            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
+                          half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
+            if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
+                b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                              mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
+                b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                if store_w != 0:
+                    b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    b_gsum += tl.sum(b_g, 1)
 
     # a NaN row has NaN tau and no support: give it NaN, not zeros
     b_o = tl.where((b_tau == b_tau)[:, None], b_o, float("nan"))
@@ -458,39 +469,55 @@ def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequence
                         for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
 
 
+def _support_shape(B: int, H: int, T: int, tiles: Tiles):
+    """Shape of the per-tile support mask: (B*H, query tiles, key tiles) of ``block_m`` x ``block_n``."""
+    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n)
+
+
 def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
-    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
+    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32, and the per-tile
+    support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8: 0 where every probability of the (query tile, key
+    tile) pair is 0, 1 where some may not be (docs/design.md section 2). Rows solved in registers (T <= row_block_n)
+    mark every tile that a causal (or any) query tile can reach."""
     B, H, T, D = q.shape
     tiles = _tiles(q.dtype)
     rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     in_registers = T <= tiles.row_block_n
+    shape = _support_shape(B, H, T, tiles)
+    if in_registers:
+        i_m = torch.arange(shape[1], device=q.device)[:, None]
+        i_n = torch.arange(shape[2], device=q.device)[None, :]
+        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=T)) | (not causal)
+        support = reachable.to(torch.uint8).expand(shape).contiguous()
+    else:  # the kernel writes every tile that a query tile visits; the others stay 0
+        support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
     block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, *sequences, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
-        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
-        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
-    return rowmax, tau
+        q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D, 0.5 * scale,
+        int(causal), ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m,
+        BN=block_n, BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    return rowmax, tau, support
 
 
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
-    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32 and, with
-    ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
+    support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
-    rowmax, tau = _entmax_tau(q, k, causal, scale, sequences)
+    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
     block_dv = tiles.block_dv if Dv <= tiles.block_dv else tiles.wide_block_dv
     grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
     _entmax_fwd_kernel[grid](
-        q, k, v, *sequences, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
-        *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
+        q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # w unused without store_w: any fp32
+        *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
         BDV=block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
-    return o, rowmax, tau, w
+    return o, rowmax, tau, support, w
 
 
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences):
@@ -519,18 +546,19 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
 
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
 # fused backward registered as their autograd formula. The rows' sequences travel as their (T,) int32 start and end
-# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv) and the sequences: memory
-# linear in T.
+# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv), the sequences and the
+# per-tile support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8 (T^2 / 1,024 bytes per head with 64 x 16 tiles).
 
 
 @torch.library.custom_op("kernels::entmax15_attention_fwd", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_end, bool causal, "
-                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor)")
+                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _entmax15_attention_fwd_op(q, k, v, seq_start, seq_end, causal, scale, store_w):
-    """Triton forward: (o, rowmax, tau, w); w is empty (0,) without ``store_w``."""
+    """Triton forward: (o, rowmax, tau, w, support); w is empty (0,) without ``store_w``."""
     with launch_device_of(q):
-        o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w, _Sequences(seq_start, seq_end))
-    return o, rowmax, tau, w if w is not None else tau.new_zeros(0)
+        o, rowmax, tau, support, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                           _Sequences(seq_start, seq_end))
+    return o, rowmax, tau, w if w is not None else tau.new_zeros(0), support
 
 
 @_entmax15_attention_fwd_op.register_fake
@@ -538,7 +566,8 @@ def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
     B, H, T, _ = q.shape
     shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
     return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
-            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32))
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32),
+            q.new_empty(_support_shape(B, H, T, _tiles(q.dtype)), dtype=torch.uint8))
 
 
 @torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
@@ -557,14 +586,15 @@ def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
 
 def _entmax15_attention_setup_context(ctx, inputs, output):
     q, k, v, seq_start, seq_end, causal, scale, _ = inputs
-    _, rowmax, tau, w = output
-    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end)
+    _, rowmax, tau, w, support = output
+    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end, support)
     ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(rowmax, tau, w)
+    ctx.mark_non_differentiable(rowmax, tau, w, support)
 
 
-def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w):
-    q, k, v, rowmax, tau, w, seq_start, seq_end = ctx.saved_tensors
+def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support):
+    # support (the last saved tensor) goes to the backward op once its kernels take the mask (helper entbwd)
+    q, k, v, rowmax, tau, w, seq_start, seq_end, _support = ctx.saved_tensors
     dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
 
@@ -832,6 +862,7 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
 _FP32_POINTERS = ("rowmax", "tau", "w", "c")
+_UINT8_POINTERS = ("support",)
 _INT32_POINTERS = ("seq_start", "seq_end")
 _FLOAT_SCALARS = ("half_scale", "scale")
 
@@ -846,6 +877,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*fp32"
         elif name in _INT32_POINTERS:
             signature[name] = "*i32"
+        elif name in _UINT8_POINTERS:
+            signature[name] = "*u8"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
