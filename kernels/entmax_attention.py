@@ -612,9 +612,23 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
     ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
     ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else ``(block_m, block_n)``; a tile
     passes over K until its last row is solved. K traffic of the forward in single flash passes is the tiles' mean
-    weighted by their visible keys, plus one for the output kernel. Rows go a chunk at a time (about 64 MB of
-    scores per chunk), so T = 16k fits in memory.
+    weighted by their visible keys, plus the output kernel's share of visited tiles (:func:`tau_support_tiles`).
+    Rows go a chunk at a time (about 64 MB of scores per chunk), so T = 16k fits in memory.
     """
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=False)
+
+
+def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
+    """The per-tile support mask that ``_entmax_tau_kernel`` writes with ``block_m`` x ``block_n`` tiles (T >
+    ``row_block_n``), (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like
+    :func:`tau_solver_passes` (``tests/test_entmax_attention.py`` proves it equal to the kernel's mask on small
+    shapes). A tile pair is marked when, in its query tile's last pass, some row's score exceeds that row's bound
+    (tau if the row was solved before, else its lower bracket); ``kernels.counts`` reports the share of key tiles
+    the output kernel visits from it at lengths the interpreter cannot run."""
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True)
+
+
+def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool) -> torch.Tensor:
     _check_attention_inputs(q, k, k, causal, scale)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -622,35 +636,52 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     B, H, T, _ = q.shape
-    tiles = triton.cdiv(T, block_m)
-    if T <= block_n:
+    tiles, key_tiles = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    if T <= block_n and not with_support:
         return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     candidates = _tiles(q.dtype).candidates
-    rows_per_chunk = max(1, (1 << 24) // (T * candidates))
-    passes = torch.zeros((B, H, tiles * block_m), dtype=torch.int64, device=q.device)
+    tiles_per_chunk = max(1, (1 << 24) // (T * candidates * block_m))  # whole query tiles per chunk
+    out = torch.zeros((B, H, tiles, key_tiles) if with_support else (B, H, tiles), dtype=torch.int64,
+                      device=q.device)
     for b in range(B):
         for h in range(H):
-            for start in range(0, T, rows_per_chunk):
-                stop = min(start + rows_per_chunk, T)
+            for first in range(0, tiles, tiles_per_chunk):
+                start, stop = first * block_m, min((first + tiles_per_chunk) * block_m, T)
                 z = (q[b, h, start:stop].float() @ k[b, h].float().T) * (0.5 * scale)  # [rows, T]
                 rows = torch.arange(start, stop, device=z.device)
                 if causal:
                     z = z.masked_fill(torch.arange(T, device=z.device)[None, :] > rows[:, None], float("-inf"))
                 visible = rows + 1 if causal else torch.full_like(rows, T)
-                passes[b, h, start:stop] = _solver_passes_of_rows(z, visible, candidates)
-    return passes.view(B, H, tiles, block_m).amax(-1)
+                passes, zr, bound_last = _solver_passes_of_rows(z, visible, candidates)
+                tile_passes = torch.nn.functional.pad(passes, (0, -(stop - start) % block_m)).view(-1, block_m)
+                tile_passes = tile_passes.amax(-1)  # [tiles in chunk]
+                if not with_support:
+                    out[b, h, first:first + tile_passes.numel()] = tile_passes
+                    continue
+                # rows solved before their tile's last pass bound the support by tau (-sqrt(max p)), the others by
+                # their lower bracket at the start of that pass; rows of one pass (NaN rows) never mark a tile
+                last = passes == tile_passes.repeat_interleave(block_m)[:stop - start]
+                tau = -_entmax15_rows(2 * zr).amax(-1).sqrt()
+                bound = torch.where(last, bound_last, tau)
+                hit = zr > bound[:, None]  # [rows, T]
+                hit = torch.nn.functional.pad(hit, (0, -T % block_n, 0, -(stop - start) % block_m))
+                hit = hit.view(-1, block_m, key_tiles, block_n).any(-1).any(1) & (tile_passes > 1)[:, None]
+                out[b, h, first:first + tile_passes.numel()] = hit.long()
+    return out.bool() if with_support else out
 
 
-def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int) -> torch.Tensor:
+def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int):
     """Per row of halved scores z (rows, T) fp32 with ``visible`` keys each: the passes of the multi-pass solver
-    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes)."""
+    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes), the scores
+    relative to the row maximum and each row's lower bracket at the start of its last pass (+inf for NaN rows)."""
     finite = ~z.isnan().any(-1)
     rowmax = torch.where(z.isnan(), float("-inf"), z).amax(-1)
     done = ~finite | rowmax.isinf()
     zr = z - torch.where(done, 0.0, rowmax)[:, None]
     lo = torch.full_like(rowmax, -1.0)
     hi = visible.float().rsqrt().neg()
+    bound_last = torch.where(done, float("inf"), lo)
     passes = torch.ones_like(rowmax, dtype=torch.int64)
     spread = torch.arange(candidates, device=z.device).float() / (candidates - 1)
     for _ in range(_MAX_PASSES):
@@ -658,6 +689,7 @@ def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: i
             break
         passes += (~done).long()
         rows = (~done).nonzero()[:, 0]
+        bound_last[rows] = lo[rows]
         t = lo[rows, None] + (hi - lo)[rows, None] * spread  # (rows, NC)
         w = zr[rows, None, :] - t[:, :, None]  # (rows, NC, T)
         support = w > 0
@@ -678,7 +710,7 @@ def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: i
         new_hi = torch.minimum(hi[rows], upper.amin(-1))
         lo[rows], hi[rows] = new_lo, torch.maximum(new_hi, new_lo)
         done[rows] = exact.any(-1) | (new_hi <= new_lo)
-    return passes
+    return passes, zr, bound_last
 
 
 # ----------------------------------------------------------------------------------------------------------------
