@@ -7,9 +7,10 @@
    magnitude): one pass for the maximum, then passes that evaluate many candidate thresholds at once over the row's
    bracket ``[max - 1, max - n^-1/2]``, narrowing it, until some candidate's support is provably the root's; then
    the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows recompute
-   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps.
+   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps, with a per-tile
+   support mask (1 byte per ``block_m`` x ``block_n`` tile pair) that the last candidate pass writes for free.
 2. ``_entmax_fwd_kernel``: ``o = sum_j G_j^2 v_j`` with ``G = max(z - rowmax - tau, 0)`` over the visible key
-   tiles, skipping tiles whose probabilities are all zero. For training it also stores
+   tiles, skipping QK^T and V of the tiles the mask leaves out (all probabilities zero). For training it also stores
    ``w_i = sum_j G_ij v_j / sum_j G_ij``, from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
 3. ``_entmax_bwd_dq_kernel`` (per query tile) and ``_entmax_bwd_dkdv_kernel`` (per key tile): flash-attention's
    backward with ``dS = G (dP - c)`` (the gradient w.r.t. the unhalved scores), skipping hidden and all-zero tiles.
@@ -41,6 +42,8 @@ class Tiles(NamedTuple):
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
     The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
+    ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
+    scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
     ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options."""
 
     block_m: int = 64
@@ -58,11 +61,12 @@ class Tiles(NamedTuple):
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
 #: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
-#: tile) needs 32 x 32 tiles and 32-feature chunks.
+#: tile) fits 64-row tiles with 16-key tiles and 32-feature D chunks (Dv chunks of 64, or 128 when Dv > 64): 64 x 64
+#: or 64 x 32 tiles spill in the forward on sm_80, 32 x 32 tiles double K traffic.
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16),
     torch.bfloat16: Tiles(row_block_m=16),
-    torch.float32: Tiles(block_n=16, block_d=32, row_block_m=16, wide_block_dv=64),
+    torch.float32: Tiles(block_n=16, block_d=32, row_block_m=16, wide_block_dv=128),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -213,7 +217,10 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
 
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
-    of the tile is solved exactly (:func:`_candidate_step`)."""
+    of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
+    (B*H, cdiv(T, BM), cdiv(T, BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds its
+    bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
+    section 2, tile classification). With ROW_IN_REGISTERS the launcher fills the mask instead."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -289,7 +296,8 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                        UPCAST_DOTS: tl.constexpr):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
-    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H)."""
+    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H).
+    Key tiles whose ``support`` byte (the threshold kernel's mask, tiles BM x BN) is 0 are skipped before QK^T."""
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -618,17 +626,18 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
     return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=False)
 
 
-def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
+def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, exact=False) -> torch.Tensor:
     """The per-tile support mask that ``_entmax_tau_kernel`` writes with ``block_m`` x ``block_n`` tiles (T >
     ``row_block_n``), (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like
     :func:`tau_solver_passes` (``tests/test_entmax_attention.py`` proves it equal to the kernel's mask on small
     shapes). A tile pair is marked when, in its query tile's last pass, some row's score exceeds that row's bound
     (tau if the row was solved before, else its lower bracket); ``kernels.counts`` reports the share of key tiles
-    the output kernel visits from it at lengths the interpreter cannot run."""
-    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True)
+    the output kernel visits from it at lengths the interpreter cannot run. ``exact=True`` gives the tightest sound
+    mask instead: the tile pairs with some p > 0 (every row bounded by its tau)."""
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True, exact=exact)
 
 
-def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool) -> torch.Tensor:
+def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool, exact: bool = False) -> torch.Tensor:
     _check_attention_inputs(q, k, k, causal, scale)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -663,7 +672,7 @@ def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool) ->
                 # their lower bracket at the start of that pass; rows of one pass (NaN rows) never mark a tile
                 last = passes == tile_passes.repeat_interleave(block_m)[:stop - start]
                 tau = -_entmax15_rows(2 * zr).amax(-1).sqrt()
-                bound = torch.where(last, bound_last, tau)
+                bound = torch.where(last & (not exact), bound_last, tau)
                 hit = zr > bound[:, None]  # [rows, T]
                 hit = torch.nn.functional.pad(hit, (0, -T % block_n, 0, -(stop - start) % block_m))
                 hit = hit.view(-1, block_m, key_tiles, block_n).any(-1).any(1) & (tile_passes > 1)[:, None]
