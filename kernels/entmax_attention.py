@@ -40,7 +40,8 @@ class Tiles(NamedTuple):
     per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
     The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
-    The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
+    The forward kernel takes Dv in chunks of up to ``wide_block_dv`` (the next power of two of Dv, at least
+    ``block_dv``; :func:`_forward_block_dv`): each chunk recomputes
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
     ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
     scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
@@ -61,12 +62,12 @@ class Tiles(NamedTuple):
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
 #: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
-#: tile) fits 64-row tiles with 16-key tiles and 32-feature D chunks (Dv chunks of 64, or 128 when Dv > 64): 64 x 64
-#: or 64 x 32 tiles spill in the forward on sm_80, 32 x 32 tiles double K traffic.
+#: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
+#: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16),
     torch.bfloat16: Tiles(row_block_m=16),
-    torch.float32: Tiles(block_n=16, block_d=32, row_block_m=16, wide_block_dv=128),
+    torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -508,6 +509,11 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
     return rowmax, tau, support
 
 
+def _forward_block_dv(tiles: Tiles, dv: int) -> int:
+    """Dv chunk of the output kernel: ``block_dv``, or the next power of two of Dv up to ``wide_block_dv``."""
+    return tiles.block_dv if dv <= tiles.block_dv else min(tiles.wide_block_dv, triton.next_power_of_2(dv))
+
+
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
     """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
     support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
@@ -518,7 +524,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
-    block_dv = tiles.block_dv if Dv <= tiles.block_dv else tiles.wide_block_dv
+    block_dv = _forward_block_dv(tiles, Dv)
     grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
     _entmax_fwd_kernel[grid](
         q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # w unused without store_w: any fp32
@@ -945,8 +951,10 @@ def aot_configurations() -> List[AotConfig]:
             ("bwd dq", _entmax_bwd_dq_kernel, blocks),
             ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
         ]
-        if t.wide_block_dv != t.block_dv:
-            variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
+        block_dv = t.block_dv
+        while block_dv < t.wide_block_dv:  # every wider Dv chunk of _forward_block_dv
+            block_dv *= 2
+            variants.append((f"fwd BDV={block_dv}", _entmax_fwd_kernel, dict(blocks, BDV=block_dv)))
         for label, kernel, constexprs in variants:
             configs.append(AotConfig(
                 label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),
