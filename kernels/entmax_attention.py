@@ -561,7 +561,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
 # fused backward registered as their autograd formula. The rows' sequences travel as their (T,) int32 start and end
 # (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv), the sequences and the
-# per-tile support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8 (T^2 / 1,024 bytes per head with 64 x 16 tiles).
+# per-tile support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8 (T^2 / 1,024 bytes per head at 64 x 16).
 
 
 @torch.library.custom_op("kernels::entmax15_attention_fwd", mutates_args=(),
