@@ -7,9 +7,10 @@
    magnitude): one pass for the maximum, then passes that evaluate many candidate thresholds at once over the row's
    bracket ``[max - 1, max - n^-1/2]``, narrowing it, until some candidate's support is provably the root's; then
    the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows recompute
-   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps.
+   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps, with a per-tile
+   support mask (1 byte per ``block_m`` x ``block_n`` tile pair) that the last candidate pass writes for free.
 2. ``_entmax_fwd_kernel``: ``o = sum_j G_j^2 v_j`` with ``G = max(z - rowmax - tau, 0)`` over the visible key
-   tiles, skipping tiles whose probabilities are all zero. For training it also stores
+   tiles, skipping QK^T and V of the tiles the mask leaves out (all probabilities zero). For training it also stores
    ``w_i = sum_j G_ij v_j / sum_j G_ij``, from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
 3. ``_entmax_bwd_kernel`` (per key tile, FA2's loop): flash-attention's backward with ``dS = G (dP - c)`` (the
    gradient w.r.t. the unhalved scores); QK^T and dP once per tile pair, dk and dv in registers, dq by atomic adds.
@@ -42,8 +43,11 @@ class Tiles(NamedTuple):
     per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
     The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
-    The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
+    The forward kernel takes Dv in chunks of up to ``wide_block_dv`` (the next power of two of Dv, at least
+    ``block_dv``; :func:`_forward_block_dv`): each chunk recomputes
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
+    ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
+    scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
     ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options.
     The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
@@ -69,14 +73,15 @@ class Tiles(NamedTuple):
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
 #: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
-#: tile) needs 32 x 32 tiles and 32-feature chunks. The backward (read from ``python -m kernels.report``, which
-#: specializes as a launch does) holds D = Dv = 128 whole without spilling in 32 x 32 tiles (16-bit) and 16 x 16
-#: (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks.
+#: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
+#: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
+#: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
+#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks.
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
     torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
-    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32,
-                         bwd_block_m=16, bwd_block_n=16, bwd_block_d=64),
+    torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, bwd_block_m=16, bwd_block_n=16,
+                         bwd_block_d=64),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -207,9 +212,10 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
+                       stride_sb, stride_sm, stride_sn,
                        H, T, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
@@ -219,11 +225,15 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
 
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
-    of the tile is solved exactly (:func:`_candidate_step`)."""
+    of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
+    (B*H, cdiv(T, BM), cdiv(T, BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds its
+    bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
+    section 2, tile classification). With ROW_IN_REGISTERS the launcher fills the mask instead."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
@@ -264,11 +274,17 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
             b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                 b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
+            # support bound of this pass: tau where solved, else the lower bracket lo <= tau; rows past T or NaN: none
+            b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
                                T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                b_zr = b_zt - b_max[:, None]
                 b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                    b_zt - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                    b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
+                m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
+                tl.store(p_sup + (n0 // BN) * stride_sn, m_hit.to(tl.uint8))
         b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
                                                     b_done)
         i_pass += 1
@@ -279,15 +295,17 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
-def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
+                       stride_sb, stride_sm, stride_sn,
                        H, T, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                        UPCAST_DOTS: tl.constexpr):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
-    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H)."""
+    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H).
+    Key tiles whose ``support`` byte (the threshold kernel's mask, tiles BM x BN) is 0 are skipped before QK^T."""
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -305,18 +323,20 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
     b_gsum = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
-            b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
-                          mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
-            b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-            if store_w != 0:
-                b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                b_gsum += tl.sum(b_g, 1)
+        if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
+            o_n = n0 + tl.arange(0, BN)
+            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
+                          half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
+            if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
+                b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                              mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
+                b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                if store_w != 0:
+                    b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    b_gsum += tl.sum(b_g, 1)
 
     # a NaN row has NaN tau and no support: give it NaN, not zeros
     b_o = tl.where((b_tau == b_tau)[:, None], b_o, float("nan"))
@@ -458,39 +478,60 @@ def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequence
                         for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
 
 
+def _support_shape(B: int, H: int, T: int, tiles: Tiles):
+    """Shape of the per-tile support mask: (B*H, query tiles, key tiles) of ``block_m`` x ``block_n``."""
+    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n)
+
+
 def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
-    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
+    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32, and the per-tile
+    support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8: 0 where every probability of the (query tile, key
+    tile) pair is 0, 1 where some may not be (docs/design.md section 2). Rows solved in registers (T <= row_block_n)
+    mark every tile that a causal (or any) query tile can reach."""
     B, H, T, D = q.shape
     tiles = _tiles(q.dtype)
     rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     in_registers = T <= tiles.row_block_n
+    shape = _support_shape(B, H, T, tiles)
+    if in_registers:
+        i_m = torch.arange(shape[1], device=q.device)[:, None]
+        i_n = torch.arange(shape[2], device=q.device)[None, :]
+        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=T)) | (not causal)
+        support = reachable.to(torch.uint8).expand(shape).contiguous()
+    else:  # the kernel writes every tile that a query tile visits; the others stay 0
+        support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
     block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, *sequences, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
-        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
-        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
-    return rowmax, tau
+        q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D, 0.5 * scale,
+        int(causal), ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m,
+        BN=block_n, BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    return rowmax, tau, support
+
+
+def _forward_block_dv(tiles: Tiles, dv: int) -> int:
+    """Dv chunk of the output kernel: ``block_dv``, or the next power of two of Dv up to ``wide_block_dv``."""
+    return tiles.block_dv if dv <= tiles.block_dv else min(tiles.wide_block_dv, triton.next_power_of_2(dv))
 
 
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
-    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32 and, with
-    ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
+    support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
-    rowmax, tau = _entmax_tau(q, k, causal, scale, sequences)
+    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
-    block_dv = tiles.block_dv if Dv <= tiles.block_dv else tiles.wide_block_dv
+    block_dv = _forward_block_dv(tiles, Dv)
     grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
     _entmax_fwd_kernel[grid](
-        q, k, v, *sequences, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
-        *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
+        q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # w unused without store_w: any fp32
+        *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
         BDV=block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
-    return o, rowmax, tau, w
+    return o, rowmax, tau, support, w
 
 
 def _backward_tiles(tiles: Tiles, D: int, Dv: int):
@@ -580,18 +621,19 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
 
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
 # fused backward registered as their autograd formula. The rows' sequences travel as their (T,) int32 start and end
-# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv) and the sequences: memory
-# linear in T.
+# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv), the sequences and the
+# per-tile support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8 (T^2 / 1,024 bytes per head at 64 x 16).
 
 
 @torch.library.custom_op("kernels::entmax15_attention_fwd", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_end, bool causal, "
-                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor)")
+                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _entmax15_attention_fwd_op(q, k, v, seq_start, seq_end, causal, scale, store_w):
-    """Triton forward: (o, rowmax, tau, w); w is empty (0,) without ``store_w``."""
+    """Triton forward: (o, rowmax, tau, w, support); w is empty (0,) without ``store_w``."""
     with launch_device_of(q):
-        o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w, _Sequences(seq_start, seq_end))
-    return o, rowmax, tau, w if w is not None else tau.new_zeros(0)
+        o, rowmax, tau, support, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                           _Sequences(seq_start, seq_end))
+    return o, rowmax, tau, w if w is not None else tau.new_zeros(0), support
 
 
 @_entmax15_attention_fwd_op.register_fake
@@ -599,7 +641,8 @@ def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
     B, H, T, _ = q.shape
     shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
     return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
-            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32))
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32),
+            q.new_empty(_support_shape(B, H, T, _tiles(q.dtype)), dtype=torch.uint8))
 
 
 @torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
@@ -620,16 +663,16 @@ def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale, support=No
 
 def _entmax15_attention_setup_context(ctx, inputs, output):
     q, k, v, seq_start, seq_end, causal, scale, _ = inputs
-    _, rowmax, tau, w = output
-    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end)
+    _, rowmax, tau, w, support = output
+    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end, support)
     ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(rowmax, tau, w)
+    ctx.mark_non_differentiable(rowmax, tau, w, support)
 
 
-def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w):
-    q, k, v, rowmax, tau, w, seq_start, seq_end = ctx.saved_tensors
+def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support):
+    q, k, v, rowmax, tau, w, seq_start, seq_end, support = ctx.saved_tensors
     dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale,
-                                            support=None)  # the threshold pass's per-tile mask, once it saves one
+                                            support=support)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -646,9 +689,24 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
     ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
     ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else ``(block_m, block_n)``; a tile
     passes over K until its last row is solved. K traffic of the forward in single flash passes is the tiles' mean
-    weighted by their visible keys, plus one for the output kernel. Rows go a chunk at a time (about 64 MB of
-    scores per chunk), so T = 16k fits in memory.
+    weighted by their visible keys, plus the output kernel's share of visited tiles (:func:`tau_support_tiles`).
+    Rows go a chunk at a time (about 64 MB of scores per chunk), so T = 16k fits in memory.
     """
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=False)
+
+
+def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, exact=False) -> torch.Tensor:
+    """The per-tile support mask that ``_entmax_tau_kernel`` writes with ``block_m`` x ``block_n`` tiles (T >
+    ``row_block_n``), (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like
+    :func:`tau_solver_passes` (``tests/test_entmax_attention.py`` proves it equal to the kernel's mask on small
+    shapes). A tile pair is marked when, in its query tile's last pass, some row's score exceeds that row's bound
+    (tau if the row was solved before, else its lower bracket); ``kernels.counts`` reports the share of key tiles
+    the output kernel visits from it at lengths the interpreter cannot run. ``exact=True`` gives the tightest sound
+    mask instead: the tile pairs with some p > 0 (every row bounded by its tau)."""
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True, exact=exact)
+
+
+def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool, exact: bool = False) -> torch.Tensor:
     _check_attention_inputs(q, k, k, causal, scale)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -656,35 +714,52 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     B, H, T, _ = q.shape
-    tiles = triton.cdiv(T, block_m)
-    if T <= block_n:
+    tiles, key_tiles = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    if T <= block_n and not with_support:
         return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     candidates = _tiles(q.dtype).candidates
-    rows_per_chunk = max(1, (1 << 24) // (T * candidates))
-    passes = torch.zeros((B, H, tiles * block_m), dtype=torch.int64, device=q.device)
+    tiles_per_chunk = max(1, (1 << 24) // (T * candidates * block_m))  # whole query tiles per chunk
+    out = torch.zeros((B, H, tiles, key_tiles) if with_support else (B, H, tiles), dtype=torch.int64,
+                      device=q.device)
     for b in range(B):
         for h in range(H):
-            for start in range(0, T, rows_per_chunk):
-                stop = min(start + rows_per_chunk, T)
+            for first in range(0, tiles, tiles_per_chunk):
+                start, stop = first * block_m, min((first + tiles_per_chunk) * block_m, T)
                 z = (q[b, h, start:stop].float() @ k[b, h].float().T) * (0.5 * scale)  # [rows, T]
                 rows = torch.arange(start, stop, device=z.device)
                 if causal:
                     z = z.masked_fill(torch.arange(T, device=z.device)[None, :] > rows[:, None], float("-inf"))
                 visible = rows + 1 if causal else torch.full_like(rows, T)
-                passes[b, h, start:stop] = _solver_passes_of_rows(z, visible, candidates)
-    return passes.view(B, H, tiles, block_m).amax(-1)
+                passes, zr, bound_last = _solver_passes_of_rows(z, visible, candidates)
+                tile_passes = torch.nn.functional.pad(passes, (0, -(stop - start) % block_m)).view(-1, block_m)
+                tile_passes = tile_passes.amax(-1)  # [tiles in chunk]
+                if not with_support:
+                    out[b, h, first:first + tile_passes.numel()] = tile_passes
+                    continue
+                # rows solved before their tile's last pass bound the support by tau (-sqrt(max p)), the others by
+                # their lower bracket at the start of that pass; rows of one pass (NaN rows) never mark a tile
+                last = passes == tile_passes.repeat_interleave(block_m)[:stop - start]
+                tau = -_entmax15_rows(2 * zr).amax(-1).sqrt()
+                bound = torch.where(last & (not exact), bound_last, tau)
+                hit = zr > bound[:, None]  # [rows, T]
+                hit = torch.nn.functional.pad(hit, (0, -T % block_n, 0, -(stop - start) % block_m))
+                hit = hit.view(-1, block_m, key_tiles, block_n).any(-1).any(1) & (tile_passes > 1)[:, None]
+                out[b, h, first:first + tile_passes.numel()] = hit.long()
+    return out.bool() if with_support else out
 
 
-def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int) -> torch.Tensor:
+def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int):
     """Per row of halved scores z (rows, T) fp32 with ``visible`` keys each: the passes of the multi-pass solver
-    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes)."""
+    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes), the scores
+    relative to the row maximum and each row's lower bracket at the start of its last pass (+inf for NaN rows)."""
     finite = ~z.isnan().any(-1)
     rowmax = torch.where(z.isnan(), float("-inf"), z).amax(-1)
     done = ~finite | rowmax.isinf()
     zr = z - torch.where(done, 0.0, rowmax)[:, None]
     lo = torch.full_like(rowmax, -1.0)
     hi = visible.float().rsqrt().neg()
+    bound_last = torch.where(done, float("inf"), lo)
     passes = torch.ones_like(rowmax, dtype=torch.int64)
     spread = torch.arange(candidates, device=z.device).float() / (candidates - 1)
     for _ in range(_MAX_PASSES):
@@ -692,6 +767,7 @@ def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: i
             break
         passes += (~done).long()
         rows = (~done).nonzero()[:, 0]
+        bound_last[rows] = lo[rows]
         t = lo[rows, None] + (hi - lo)[rows, None] * spread  # (rows, NC)
         w = zr[rows, None, :] - t[:, :, None]  # (rows, NC, T)
         support = w > 0
@@ -712,7 +788,7 @@ def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: i
         new_hi = torch.minimum(hi[rows], upper.amin(-1))
         lo[rows], hi[rows] = new_lo, torch.maximum(new_hi, new_lo)
         done[rows] = exact.any(-1) | (new_hi <= new_lo)
-    return passes
+    return passes, zr, bound_last
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -904,6 +980,7 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
 _FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq")
+_UINT8_POINTERS = ("support",)
 _INT32_POINTERS = ("seq_start", "seq_end", "tile_rows", "tile_counts")
 #: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
 _AOT_BWD_HEAD_DIMS = ((64, 64), (128, 128), (256, 512))
@@ -920,6 +997,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*fp32"
         elif name in _INT32_POINTERS:
             signature[name] = "*i32"
+        elif name in _UINT8_POINTERS:
+            signature[name] = "*u8"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
@@ -947,8 +1026,10 @@ def aot_configurations() -> List[AotConfig]:
             bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
             variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel,
                              dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole, UPCAST_DOTS=False)))
-        if t.wide_block_dv != t.block_dv:
-            variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
+        block_dv = t.block_dv
+        while block_dv < t.wide_block_dv:  # every wider Dv chunk of _forward_block_dv
+            block_dv *= 2
+            variants.append((f"fwd BDV={block_dv}", _entmax_fwd_kernel, dict(blocks, BDV=block_dv)))
         for label, kernel, constexprs in variants:
             configs.append(AotConfig(
                 label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),

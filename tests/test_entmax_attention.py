@@ -18,6 +18,7 @@ from kernels.entmax_attention import (
     entmax15_attention_varlen_reference,
     entmax15_attention_weights,
     tau_solver_passes,
+    tau_support_tiles,
 )
 
 # the interpreter computes -inf - -inf on padded rows; the kernels mask those results
@@ -271,7 +272,7 @@ def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q
     q, k, _ = (x.detach() for x in _inputs(1, 2, t, 8, 1, seed=8))
     q = q * q_scale
     whole = entmax_attention._whole_sequences(t, q.device)
-    rowmax, tau = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
+    rowmax, tau, _ = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
     expected = _float64_tau(q, k)
     torch.testing.assert_close((rowmax + tau).double(), expected, atol=1e-6, rtol=1e-6)
     # the flat case is what the tolerance is for: rows of near-equal scores, tau near max - n^-1/2
@@ -350,6 +351,86 @@ def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monk
             visible_keys = min((i_m + 1) * 8, t)
             assert counts[(i_m, i_bh, 0)] == passes[0, i_bh, i_m] * visible_keys * d, (i_m, i_bh)
     assert passes.max() >= least_most_passes  # random rows: some tile needs a second candidate pass
+
+
+def _tiles_with_support(p, block_m, block_n):
+    """(B*H, cdiv(T, block_m), cdiv(T, block_n)) bool: tile pairs of the float64 reference probabilities p
+    (B, H, T, T) with any p > 1e-20: the reference's clamp at max - 1 leaves (2^-52)^2 ~ 5e-32 on the keys at or
+    below it in one-hot rows (tau = max - 1 to rounding), where the exact p is 0."""
+    b, h, t, _ = p.shape
+    padded = torch.nn.functional.pad(p > 1e-20, (0, -t % block_n, 0, -t % block_m))
+    return padded.view(b * h, -(-t // block_m), block_m, -(-t // block_n), block_n).any(-1).any(2)
+
+
+def _visible_tiles(t, block_m, block_n):
+    i_m = torch.arange(-(-t // block_m))[:, None]
+    i_n = torch.arange(-(-t // block_n))[None, :]
+    return i_n * block_n < torch.clamp((i_m + 1) * block_m, max=t)
+
+
+@pytest.mark.parametrize(
+    "q_scale, scale",
+    [pytest.param(0.01, None, id="flat-std0.01"), pytest.param(1.0, None, id="random"),
+     pytest.param(30.0, None, id="peaked"), pytest.param(1.0, 1e9, id="scale-1e9")],
+)
+def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_scale, scale):
+    """The threshold pass's per-tile mask covers every p > 0, is 0 above the diagonal, equals its PyTorch mirror,
+    and the output kernel reads K only for the tiles it marks; the output stays exact."""
+    from kernels.counts import InterpreterCounter
+
+    tiles(TINY)
+    b, h, t, d = 1, 2, 45, 8
+    q, k, v = (x.detach() for x in _inputs(b, h, t, d, 3, seed=15))
+    q = q * q_scale
+    scale = d ** -0.5 if scale is None else scale
+    _, _, support = entmax_attention._entmax_tau(q, k, True, scale, entmax_attention._whole_sequences(t, q.device))
+    assert support.dtype == torch.uint8 and support.shape == (b * h, 6, 6) and support.is_contiguous()
+    with_support = _tiles_with_support(entmax15_attention_weights(q.double(), k.double(), scale=scale), 8, 8)
+    mask = support.bool()
+    assert not (with_support & ~mask).any(), "a tile with p > 0 is not marked"
+    assert not (mask & ~_visible_tiles(t, 8, 8)).any(), "a hidden tile is marked"
+    assert torch.equal(mask.view(b, h, 6, 6), tau_support_tiles(q, k, scale=scale, block_m=8, block_n=8))
+    assert (mask & ~with_support).sum() <= 0.05 * mask.sum(), "the last pass's bracket should be nearly tight"
+    if q_scale == 30.0:  # peaked rows: visible tiles without support are skipped
+        assert mask.sum() < _visible_tiles(t, 8, 8).sum() * b * h
+    with InterpreterCounter({"k": k}) as counter:
+        out = entmax15_attention(q, k, v, scale=scale)
+    key_tile_sizes = torch.tensor([min(8, t - 8 * j) for j in range(6)])
+    expected_loads = int((mask.long() * key_tile_sizes).sum()) * d
+    assert counter.loaded("k", "_entmax_fwd_kernel") == expected_loads
+    expected = reference.entmax15_attention_reference(q.double(), k.double(), v.double(), scale=scale)
+    _assert_close(out, expected, 2e-5, "output")
+
+
+def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_backend, tiles):
+    tiles(TINY)
+    q, k, _ = (x.detach() for x in _inputs(1, 2, 7, 4, 1, seed=16))
+    whole = entmax_attention._whole_sequences(7, q.device)
+    _, _, support = entmax_attention._entmax_tau(q, k, True, 0.5, whole)  # T <= row_block_n = 8
+    assert torch.equal(support.bool(), _visible_tiles(7, 8, 8).expand(2, 1, 1))
+    _, _, support = entmax_attention._entmax_tau(q, k, False, 0.5, whole)
+    assert support.bool().all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal):
+    """Tiles mixing sequences: a tile pair is marked wherever a row has p > 0 for a key of its own sequence."""
+    tiles(TINY)
+    lengths = [5, 1, 12, 9, 3]
+    total = sum(lengths)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, _ = (x.detach()[0] for x in _inputs(1, 2, total, 4, 1, seed=17))  # (H, total, D)
+    scores = (q @ k.transpose(-1, -2)).double() * 4.0  # peaked enough to leave tiles empty
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    hidden = sequence[:, None] != sequence[None, :]
+    if causal:
+        hidden |= torch.ones(total, total, dtype=torch.bool).triu(1)
+    p = entmax_attention.entmax15(scores.masked_fill(hidden, float("-inf")))
+    sequences = entmax_attention._packed_sequences(cu_seqlens, total, q.device)
+    _, _, support = entmax_attention._entmax_tau(q[None], k[None], causal, 4.0, sequences)
+    with_support = _tiles_with_support(p[None], 8, 8)
+    assert not (with_support & ~support.bool()).any()
+    assert support.sum() < with_support.numel()  # tiles of other sequences are never marked
 
 
 @pytest.mark.parametrize(
