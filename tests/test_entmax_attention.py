@@ -542,9 +542,12 @@ def _exact_support(p, block_m, block_n):
 
 
 def _backward_with(q, k, v, do, causal, scale, sequences, supports):
-    """The backward launcher's (dq, dk, dv) with each mask of ``supports``, after one forward."""
-    _, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True, sequences)
-    return [entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences, support)
+    """The backward launcher's (dq, dk, dv) with each mask of ``supports`` ("forward": the mask the forward's
+    threshold pass wrote), after one forward."""
+    _, rowmax, tau, forward_support, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True,
+                                                                                sequences)
+    return [entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences,
+                                                   forward_support if isinstance(support, str) else support)
             for support in supports]
 
 
@@ -564,7 +567,8 @@ _PACKED = [7, 1, 11]
 ])
 def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles, q_scale, lengths, causal,
                                                           tile_set):
-    """Gradients with the exact per-tile mask, an all-ones mask and none are identical, and match float64; peaked
+    """Gradients with the exact per-tile mask, the forward's own mask, an all-ones mask and none are identical, and
+    match float64; peaked
     rows (q = k) leave visible tiles without support. Odd sizes (T = 19, D = 11, Dv = 20), two heads."""
     tiles(tile_set)
     t, d, dv = 19, 11, 20
@@ -584,10 +588,10 @@ def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles,
         visible = _exact_support(_reference_probabilities(q, q, causal, 0.0, lengths), tile_set.block_m,
                                  tile_set.block_n)  # scale 0: uniform rows, p > 0 wherever visible
         assert support.sum() < visible.sum(), "peaked rows must leave visible tiles without support"
-    exact, ones, default = _backward_with(q, k, v, do, causal, scale, sequences,
-                                          [support, torch.ones_like(support), None])
-    for name, a, b, c, x in zip("qkv", exact, ones, default, leaves):
-        assert torch.equal(a, b) and torch.equal(a, c), f"d{name} depends on the mask"
+    exact, ones, default, forward = _backward_with(q, k, v, do, causal, scale, sequences,
+                                                   [support, torch.ones_like(support), None, "forward"])
+    for name, a, b, c, f, x in zip("qkv", exact, ones, default, forward, leaves):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, f), f"d{name} depends on the mask"
         _assert_close(a, x.grad, 5e-5, f"d{name}")
 
 
@@ -604,7 +608,7 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
     sequences = entmax_attention._whole_sequences(t, q.device)
     pairs = {"exact": int(support.sum()), "ones": (t // bm) * (t // bm + 1) // 2}
     assert pairs["exact"] < pairs["ones"]
-    _, rowmax, tau, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
+    _, rowmax, tau, _support, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
     for name, mask in (("exact", support), ("ones", torch.ones_like(support))):
         with InterpreterCounter({"q": q, "do": do}) as counter:
             entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
