@@ -17,9 +17,10 @@ class PackedPadding(NamedTuple):
     """A padded batch as packed rows of a static size B * T.
 
     ``order`` (B * T,) int64: the flattened (B * T) rows, each batch row's valid tokens first (in their order), then
-    its padding. ``cu_seqlens`` (2B + 1,) int32: per batch row b, one sequence of its valid tokens and one of its
-    padding, each of length >= 0. ``valid`` (B, T) bool. The padding sequences are computed and discarded: padded
-    tokens never see valid ones, nor valid tokens padded ones, and no size depends on the lengths.
+    its padding. ``cu_seqlens`` int32: per batch row b, one sequence of its valid tokens, then its padding as one
+    sequence ((2B + 1,) offsets) or, with ``singleton_padding``, as one sequence per padded token ((B (T + 1) + 1,)
+    offsets; empty sequences fill the rest, so no size depends on the lengths). ``valid`` (B, T) bool. The padding
+    rows are computed and discarded; padded tokens never see valid ones, nor valid tokens padded ones.
     """
 
     order: torch.Tensor
@@ -39,11 +40,20 @@ class PackedPadding(NamedTuple):
         return x.masked_fill(~self.valid.view(b, t, *(1,) * (packed.dim() - 1)), 0)
 
 
-def pack_padding(valid: torch.Tensor) -> PackedPadding:
-    """The packing of a padded batch from ``valid`` (B, T) bool (True at real tokens), all on its device."""
+def pack_padding(valid: torch.Tensor, *, singleton_padding: bool = False) -> PackedPadding:
+    """The packing of a padded batch from ``valid`` (B, T) bool (True at real tokens), all on its device.
+
+    ``singleton_padding``: each padded token its own sequence, so that padding costs O(padding) instead of
+    O(padding^2) in kernels that bound each row by its own sequence (entmax); kernels whose grid counts sequences
+    (block-causal) take the two-sequence form."""
     b, t = valid.shape
     start = torch.arange(b, device=valid.device) * t
     order = (torch.argsort((~valid).to(torch.uint8), dim=1, stable=True) + start[:, None]).flatten()
-    bounds = torch.stack([start + valid.sum(dim=1), start + t], dim=1).flatten()
+    lengths = valid.sum(dim=1)
+    if singleton_padding:  # per row: the valid sequence's end, then one offset per padded token, clamped to T
+        steps = torch.arange(t + 1, device=valid.device)
+        bounds = (start[:, None] + torch.clamp(lengths[:, None] + steps, max=t)).flatten()
+    else:
+        bounds = torch.stack([start + lengths, start + t], dim=1).flatten()
     cu_seqlens = torch.cat([bounds.new_zeros(1), bounds]).to(torch.int32)
     return PackedPadding(order, cu_seqlens, valid)

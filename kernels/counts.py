@@ -9,7 +9,10 @@
 2. **Threshold solver passes over K per query tile** (mean and max over tiles) at long T, from
    ``kernels.entmax_attention.tau_solver_passes``, the PyTorch mirror of the solver's pass count that
    ``tests/test_counts.py`` proves equal to the kernel's own count.
-3. **Dot FLOPs per visible score** of every op's forward and backward kernels against the minimum.
+3. **Key tiles the entmax output kernel visits**: the share of visible (query tile, key tile) pairs that the
+   threshold pass's support mask marks (``kernels.entmax_attention.tau_support_tiles``, the mirror that
+   ``tests/test_entmax_attention.py`` proves equal to the kernel's mask), against the share with any p > 0.
+4. **Dot FLOPs per visible score** of every op's forward and backward kernels against the minimum.
 
 :class:`InterpreterCounter` is the instrument: it intercepts the interpreter's loads and ``tl.dot``s, so it observes
 whatever the kernels do without knowing how they do it. The counts are exact properties of the kernels' memory
@@ -42,7 +45,7 @@ from triton.runtime import interpreter
 
 from .backend import triton_interpreter_enabled, use_backend
 from .block_causal_attention import block_causal_attention
-from .entmax_attention import _tiles, entmax15_attention, tau_solver_passes
+from .entmax_attention import _tiles, entmax15_attention, tau_solver_passes, tau_support_tiles
 
 #: Query rows per tile of the flash-attention pass that K traffic is measured against.
 FA_BLOCK_M = 64
@@ -375,6 +378,20 @@ def solver_pass_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
             "block_m": block_m, "block_n": block_n}
 
 
+def support_tile_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
+    """Shares of the visible (query tile, key tile) pairs of the fp32 threshold tiles (T > ``row_block_n``) that the
+    support mask marks (``visited``: the output kernel computes QK^T and PV there) and that hold some p > 0
+    (``with_support``: the tightest sound mask), on :func:`sample_qkv` inputs, causal."""
+    q, k, _ = sample_qkv(t, d, 1, q_scale, seed)
+    tiles = _tiles(torch.float32)
+    i_m = torch.arange(triton.cdiv(t, tiles.block_m))[:, None]
+    i_n = torch.arange(triton.cdiv(t, tiles.block_n))[None, :]
+    visible = int((i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=t)).sum())
+    shares = {name: int(tau_support_tiles(q, k, block_m=tiles.block_m, block_n=tiles.block_n, exact=exact).sum())
+              / visible for name, exact in (("visited", False), ("with_support", True))}
+    return {**shares, "visible_tiles": visible, "block_m": tiles.block_m, "block_n": tiles.block_n}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs per visible score
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,13 +465,14 @@ class Settings:
 
     traffic_lengths: Tuple[int, ...] = (1024, 2048)
     solver_lengths: Tuple[int, ...] = (4096, 16384)
+    support_lengths: Tuple[int, ...] = (16384,)
     flops_length: int = 512
     head_dim: int = 64
     entmax_head_dims: tuple = ENTMAX_HEAD_DIMS
     block_causal_head_dims: tuple = BLOCK_CAUSAL_HEAD_DIMS
 
 
-QUICK = Settings(traffic_lengths=(128, 256), solver_lengths=(512, 1024), flops_length=64,
+QUICK = Settings(traffic_lengths=(128, 256), solver_lengths=(512, 1024), support_lengths=(1024,), flops_length=64,
                  entmax_head_dims=ENTMAX_HEAD_DIMS[:1], block_causal_head_dims=BLOCK_CAUSAL_HEAD_DIMS[:1])
 
 
@@ -512,6 +530,19 @@ def solver_rows(settings: Settings, log: Callable[[str], None]) -> List[dict]:
     return rows
 
 
+def support_rows(settings: Settings, log: Callable[[str], None]) -> List[dict]:
+    rows = []
+    for t in settings.support_lengths:
+        for q_scale, seed in DISTRIBUTIONS:
+            start = time.perf_counter()
+            stats = support_tile_stats(t, settings.head_dim, q_scale, seed)
+            rows.append({"T": t, "D": settings.head_dim, "q_scale": q_scale, "seed": seed, **stats,
+                         "wall_s": round(time.perf_counter() - start, 1)})
+            log(f"key tiles T={t} q x{q_scale:g}: visited {stats['visited']:.3f}, "
+                f"with support {stats['with_support']:.3f}")
+    return rows
+
+
 def _table(header: List[str], rows: List[List[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -521,6 +552,7 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
 def render_markdown(report: dict) -> str:
     """The report's tables in markdown."""
     traffic, solver, flops = report["k_traffic"], report["solver_passes"], report["flops_per_score"]
+    support = report["support_tiles"]
     out = [f"# Algorithmic counts, {report['date']}", "",
            f"`{report['command']}`; {report['versions_line']}. Inputs: q, k, v ~ N(0, 1) (float32, B = H = 1, "
            f"`torch.Generator().manual_seed(seed)`, drawn q, k, v in that order), q multiplied by 1, 4, 16 with seeds "
@@ -543,6 +575,12 @@ def render_markdown(report: dict) -> str:
             _table(["T", "q scale", "tiles", "mean", "max"],
                    [[str(r["T"]), f"x{r['q_scale']:g}", f"{r['tiles']} of {r['block_m']}x{r['block_n']}",
                      f"{r['mean']:.2f}", str(r["max"])] for r in solver]), ""]
+    out += ["## Key tiles the output kernel visits (support mask, `tau_support_tiles`, fp32 tiles, D = 64, causal)", "",
+            "Share of the visible (query tile, key tile) pairs: marked by the threshold pass's mask (QK^T and PV "
+            "computed) and holding some p > 0 (the tightest sound mask).", "",
+            _table(["T", "q scale", "tiles", "visited", "with support"],
+                   [[str(r["T"]), f"x{r['q_scale']:g}", f"{r['block_m']}x{r['block_n']}",
+                     f"{r['visited']:.1%}", f"{r['with_support']:.1%}"] for r in support]), ""]
     out += [f"## Dot FLOPs per visible score (fp32, default tiles, T = {flops[0]['T'] if flops else '-'}, q x1 seed 0)",
             "",
             "Minimum: forward 2 (D + Dv) (QK^T, PV); backward 2 (3 D + 2 Dv) (FA2's five matmuls: QK^T recomputed, "
@@ -563,11 +601,13 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     start = time.perf_counter()
     traffic, adasplash_note = k_traffic_rows(settings, log)
     solver = solver_rows(settings, log)
+    support = support_rows(settings, log)
     flops = flops_per_score_rows(settings.flops_length, settings.entmax_head_dims, settings.block_causal_head_dims)
     for row in flops:
         log(f"FLOPs {row['op']} {row['case']}: fwd {row['inference_per_score']:.0f}, "
             f"bwd {row['backward_per_score']:.0f} per score ({row['wall_s']} s)")
-    return {"k_traffic": traffic, "solver_passes": solver, "flops_per_score": flops, "adasplash": adasplash_note,
+    return {"k_traffic": traffic, "solver_passes": solver, "support_tiles": support, "flops_per_score": flops,
+            "adasplash": adasplash_note,
             "settings": {key: value for key, value in vars(settings).items()},
             "distributions": [{"q_scale": s, "seed": seed} for s, seed in DISTRIBUTIONS],
             "wall_s": time.perf_counter() - start}

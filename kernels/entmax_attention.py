@@ -7,15 +7,17 @@
    magnitude): one pass for the maximum, then passes that evaluate many candidate thresholds at once over the row's
    bracket ``[max - 1, max - n^-1/2]``, narrowing it, until some candidate's support is provably the root's; then
    the closed form on that support. Rows that fit one key tile keep their scores in registers; longer rows recompute
-   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps.
+   them on every pass. rowmax and tau (B, H, T) are the only per-row state the forward keeps, with a per-tile
+   support mask (1 byte per ``block_m`` x ``block_n`` tile pair) that the last candidate pass writes for free.
 2. ``_entmax_fwd_kernel``: ``o = sum_j G_j^2 v_j`` with ``G = max(z - rowmax - tau, 0)`` over the visible key
-   tiles, skipping tiles whose probabilities are all zero. For training it also stores
+   tiles, skipping QK^T and V of the tiles the mask leaves out (all probabilities zero). For training it also stores
    ``w_i = sum_j G_ij v_j / sum_j G_ij``, from which the backward gets ``c_i = dO_i . w_i`` with one row-wise product.
-3. ``_entmax_bwd_dq_kernel`` (per query tile) and ``_entmax_bwd_dkdv_kernel`` (per key tile): flash-attention's
-   backward with ``dS = G (dP - c)`` (the gradient w.r.t. the unhalved scores), skipping hidden and all-zero tiles.
+3. ``_entmax_bwd_kernel`` (per key tile, FA2's loop): flash-attention's backward with ``dS = G (dP - c)`` (the
+   gradient w.r.t. the unhalved scores); QK^T and dP once per tile pair, dk and dv in registers, dq by atomic adds.
+   It visits only the query tiles that the launcher lists: visible ones whose per-tile support mask entry is 1.
 
-Every kernel takes strides (inputs may be non-contiguous views), accumulates in fp32 and loops over the
-feature dimensions in chunks, so D and Dv may be any size.
+Every kernel takes strides (inputs may be non-contiguous views) and accumulates in fp32; D and Dv may be any size
+(features in chunks where a tile cannot hold them whole).
 """
 from __future__ import annotations
 
@@ -41,9 +43,16 @@ class Tiles(NamedTuple):
     per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
     The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
-    The forward kernel takes Dv in chunks of ``wide_block_dv`` when Dv exceeds ``block_dv``: each chunk recomputes
+    The forward kernel takes Dv in chunks of up to ``wide_block_dv`` (the next power of two of Dv, at least
+    ``block_dv``; :func:`_forward_block_dv`): each chunk recomputes
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
-    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options."""
+    ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
+    scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
+    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options.
+    The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
+    the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
+    (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
+    ``block_d``), recomputing QK^T per chunk."""
 
     block_m: int = 64
     block_n: int = 64
@@ -55,16 +64,24 @@ class Tiles(NamedTuple):
     wide_block_dv: int = 128
     num_warps: int = 8
     num_stages: int = 2
+    bwd_block_m: Optional[int] = None
+    bwd_block_n: Optional[int] = None
+    bwd_whole_d: int = 128
+    bwd_block_d: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
 #: and reading the cubins' registers (cuobjdump -res-usage): 16-bit inputs fit 64 x 64 tiles (16 x 128 for rows in
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
-#: tile) needs 32 x 32 tiles and 32-feature chunks.
+#: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
+#: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
+#: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
+#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks.
 _DEFAULT_TILES = {
-    torch.float16: Tiles(row_block_m=16),
-    torch.bfloat16: Tiles(row_block_m=16),
-    torch.float32: Tiles(block_m=32, block_n=32, block_d=32, block_dv=32, row_block_m=16, wide_block_dv=32),
+    torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
+    torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
+    torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, bwd_block_m=16, bwd_block_n=16,
+                         bwd_block_d=64),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -138,13 +155,6 @@ def _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.
 
 
 @triton.jit
-def _seeing_queries(i_n, o_n, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
-    """Queries [lo, hi) that can see key tile ``i_n`` (lo a multiple of BM), from its keys' sequences."""
-    lo = tl.where(causal != 0, i_n * BN, tl.min(tl.where(o_n < T, b_start, T), 0)) // BM * BM
-    return lo, tl.max(b_end, 0)
-
-
-@triton.jit
 def _probability_roots(b_z, b_max, b_tau):
     """``G = max((z - rowmax) - tau, 0)`` [BM, BN] (``p = G^2``), with tau relative to the row maximum so that scores
     of any magnitude keep their differences: ``z - rowmax`` is exact for scores within a factor 2 of the maximum."""
@@ -202,9 +212,10 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
+                       stride_sb, stride_sm, stride_sn,
                        H, T, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
@@ -214,11 +225,15 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
 
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
-    of the tile is solved exactly (:func:`_candidate_step`)."""
+    of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
+    (B*H, cdiv(T, BM), cdiv(T, BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds its
+    bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
+    section 2, tile classification). With ROW_IN_REGISTERS the launcher fills the mask instead."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
@@ -259,11 +274,17 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
             b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                 b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
+            # support bound of this pass: tau where solved, else the lower bracket lo <= tau; rows past T or NaN: none
+            b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
                                T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                b_zr = b_zt - b_max[:, None]
                 b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                    b_zt - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                    b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
+                m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
+                tl.store(p_sup + (n0 // BN) * stride_sn, m_hit.to(tl.uint8))
         b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
                                                     b_done)
         i_pass += 1
@@ -274,15 +295,17 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau,
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
-def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
+                       stride_sb, stride_sm, stride_sn,
                        H, T, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                        UPCAST_DOTS: tl.constexpr):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
-    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H)."""
+    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H).
+    Key tiles whose ``support`` byte (the threshold kernel's mask, tiles BM x BN) is 0 are skipped before QK^T."""
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -300,18 +323,20 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
     b_gsum = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:  # a tile of zero probabilities contributes nothing: skip its V
-            b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
-                          mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
-            b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-            if store_w != 0:
-                b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                b_gsum += tl.sum(b_g, 1)
+        if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
+            o_n = n0 + tl.arange(0, BN)
+            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
+                          half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
+            if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
+                b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                              mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
+                b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                if store_w != 0:
+                    b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    b_gsum += tl.sum(b_g, 1)
 
     # a NaN row has NaN tau and no support: give it NaN, not zeros
     b_o = tl.where((b_tau == b_tau)[:, None], b_o, float("nan"))
@@ -323,109 +348,102 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, o, w,
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
 
 
+@triton.jit
+def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS: tl.constexpr):
+    """With ``dS = G (dP - c)`` of one tile pair: returns ``b_dk + dS^T @ q`` and adds ``dS @ k`` to the rows
+    ``o_row`` of dq (fp32, row stride D) atomically."""
+    b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0).to(b_q.dtype)
+    b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
+    tl.atomic_add(dq + o_row[:, None] * D + o_d[None, :], dot_fp32acc(b_ds, b_k, "tf32x3", UPCAST_DOTS),
+                  mask=m_m[:, None] & m_d[None, :], sem="relaxed")
+    return b_dk
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_dq_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dq,
-                          stride_qb, stride_qh, stride_qt, stride_qd,
-                          stride_kb, stride_kh, stride_kt, stride_kd,
-                          stride_vb, stride_vh, stride_vt, stride_vd,
-                          stride_ob, stride_oh, stride_ot, stride_od,
-                          H, T, D, Dv, half_scale, scale, causal,
-                          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                          UPCAST_DOTS: tl.constexpr):
-    """dq[:, :, :, chunk] (B, H, T, D) = scale * dS @ k with ``dS = G (dO v^T - c)``.
-    Grid (cdiv(T, BM), cdiv(D, BD), B*H)."""
-    i_m, i_d, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_rows, tile_counts, dq, dk, dv,
+                       stride_qb, stride_qh, stride_qt, stride_qd,
+                       stride_kb, stride_kh, stride_kt, stride_kd,
+                       stride_vb, stride_vh, stride_vt, stride_vd,
+                       stride_ob, stride_oh, stride_ot, stride_od,
+                       H, T, D, Dv, half_scale, scale, causal,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
+    ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, T, Dv) = p^T @ dO, dk[:, :, tile]
+    (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
+    caller). The query tiles visited are the first ``tile_counts[bh, i_n]`` entries of ``tile_rows[bh, i_n]``
+    (:func:`_query_tile_lists`: visible, with support, ascending); the others cost no dot and no load.
+
+    WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
+    dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
+    and dv (BDV wide) and recomputes z (and dP if it has a dk chunk) in chunked reductions: the fallback for head
+    sizes too wide for registers. Grid (cdiv(T, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(2)
+    i_c = tl.program_id(1) * (1 - WHOLE)  # 0 (a constant) when WHOLE
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
     p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
     p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < T
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-
-    b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-    b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
-    b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
-    b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
-    for n0 in range(lo, hi, BN):
-        o_n = n0 + tl.arange(0, BN)
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:
-            b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
-                             BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-            b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0)
-            b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
-                          mask=(o_n[:, None] < T) & m_d[None, :], other=0.0)  # [BN, BD]
-            b_dq += dot_fp32acc(b_ds.to(b_k.dtype), b_k, "tf32x3", UPCAST_DOTS)
-
-    o_out = (i_bh.to(tl.int64) * T + o_m)[:, None] * D + o_d[None, :]
-    tl.store(dq + o_out, (b_dq * scale).to(dq.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-
-
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_dkdv_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, dk, dv,
-                            stride_qb, stride_qh, stride_qt, stride_qd,
-                            stride_kb, stride_kh, stride_kt, stride_kd,
-                            stride_vb, stride_vh, stride_vt, stride_vd,
-                            stride_ob, stride_oh, stride_ot, stride_od,
-                            H, T, D, Dv, half_scale, scale, causal,
-                            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                            UPCAST_DOTS: tl.constexpr):
-    """For one key tile, feature chunk i_c of dk (B, H, T, D) = scale * dS^T @ q and of dv (B, H, T, Dv) = p^T @ dO,
-    sharing the scores. Grid (cdiv(T, BN), max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
-    i_n, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_v = v + i_b.to(tl.int64) * stride_vb + i_h.to(tl.int64) * stride_vh
-    p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    o_n = i_n * BN + tl.arange(0, BN)
+    n0 = i_n * BN
+    o_n = n0 + tl.arange(0, BN)
     m_n = o_n < T
     o_d = i_c * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_dv = i_c * BDV + tl.arange(0, BDV)
     m_dv = o_dv < Dv
-    # when D != Dv, the programs past the narrower one skip its half
+    # chunked: when D != Dv, the programs past the narrower one skip its half
     has_dk = i_c * BD < D
     has_dv = i_c * BDV < Dv
 
+    b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
+                  mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+    if WHOLE:
+        b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                      mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
-    b_key_start, b_key_end = _row_sequences(seq_start, seq_end, o_n, T)
-    lo, hi = _seeing_queries(i_n, o_n, b_key_start, b_key_end, T, causal, BM, BN)
-    for m0 in range(lo, hi, BM):
+    # the query tiles to visit, listed by the launcher: a loop without a branch, so that its loads stream with
+    # async copies (Triton does not pipeline loads whose dots sit under an ``if``)
+    o_list = i_bh.to(tl.int64) * tl.cdiv(T, BN) + i_n
+    p_rows = tile_rows + o_list * tl.cdiv(T, BM)
+    for i_row in range(0, tl.load(tile_counts + o_list)):
+        m0 = tl.load(p_rows + i_row) * BM
         o_m = m0 + tl.arange(0, BM)
         m_m = o_m < T
+        o_row = i_bh.to(tl.int64) * T + o_m
         b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-        b_max = tl.load(rowmax + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
-        b_tau = tl.load(tau + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=float("inf"))  # [BM]
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
-        b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
-        if tl.max(tl.max(b_g, 1), 0) > 0:
+        b_max = tl.load(rowmax + o_row, mask=m_m, other=0.0)  # [BM]
+        b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
+        b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
+        b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
+                      mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
+                       mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
+        m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
+            & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
+        if WHOLE:
+            b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
+        else:
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+                            UPCAST_DOTS) * half_scale
+        b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
+        if WHOLE:
+            b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+            b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
+            b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
+        else:
+            if has_dv:
+                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
-                b_c = tl.load(c + i_bh.to(tl.int64) * T + o_m, mask=m_m, other=0.0)  # [BM]
                 b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
                                  BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-                b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0)
-                b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
-                              mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-                b_dk += dot_fp32acc(tl.trans(b_ds.to(b_q.dtype)), b_q, "tf32x3", UPCAST_DOTS)
-            if has_dv:
-                b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
-                               mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
-                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+                b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
 
-    o_row = i_bh.to(tl.int64) * T + o_n
-    tl.store(dk + o_row[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
+    o_key = i_bh.to(tl.int64) * T + o_n
+    tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
-    tl.store(dv + o_row[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
+    tl.store(dv + o_key[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_n[:, None] & m_dv[None, :])
 
 
@@ -460,79 +478,162 @@ def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequence
                         for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
 
 
+def _support_shape(B: int, H: int, T: int, tiles: Tiles):
+    """Shape of the per-tile support mask: (B*H, query tiles, key tiles) of ``block_m`` x ``block_n``."""
+    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n)
+
+
 def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
-    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32."""
+    """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32, and the per-tile
+    support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8: 0 where every probability of the (query tile, key
+    tile) pair is 0, 1 where some may not be (docs/design.md section 2). Rows solved in registers (T <= row_block_n)
+    mark every tile that a causal (or any) query tile can reach."""
     B, H, T, D = q.shape
     tiles = _tiles(q.dtype)
     rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     in_registers = T <= tiles.row_block_n
+    shape = _support_shape(B, H, T, tiles)
+    if in_registers:
+        i_m = torch.arange(shape[1], device=q.device)[:, None]
+        i_n = torch.arange(shape[2], device=q.device)[None, :]
+        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=T)) | (not causal)
+        support = reachable.to(torch.uint8).expand(shape).contiguous()
+    else:  # the kernel writes every tile that a query tile visits; the others stay 0
+        support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
     block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
     _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, *sequences, rowmax, tau, *q.stride(), *k.stride(), H, T, D, 0.5 * scale, int(causal),
-        ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m, BN=block_n,
-        BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
-    return rowmax, tau
+        q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D, 0.5 * scale,
+        int(causal), ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m,
+        BN=block_n, BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    return rowmax, tau, support
+
+
+def _forward_block_dv(tiles: Tiles, dv: int) -> int:
+    """Dv chunk of the output kernel: ``block_dv``, or the next power of two of Dv up to ``wide_block_dv``."""
+    return tiles.block_dv if dv <= tiles.block_dv else min(tiles.wide_block_dv, triton.next_power_of_2(dv))
 
 
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
-    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32 and, with
-    ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+    """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
+    support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
-    rowmax, tau = _entmax_tau(q, k, causal, scale, sequences)
+    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
-    block_dv = tiles.block_dv if Dv <= tiles.block_dv else tiles.wide_block_dv
+    block_dv = _forward_block_dv(tiles, Dv)
     grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
     _entmax_fwd_kernel[grid](
-        q, k, v, *sequences, rowmax, tau, o, tau if w is None else w,  # w unused without store_w: any fp32 pointer
-        *q.stride(), *k.stride(), *v.stride(), H, T, D, Dv, half_scale,
+        q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # w unused without store_w: any fp32
+        *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale,
         int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
         BDV=block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
-    return o, rowmax, tau, w
+    return o, rowmax, tau, support, w
 
 
-def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences):
-    """Launch the two backward kernels. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype."""
+def _backward_tiles(tiles: Tiles, D: int, Dv: int):
+    """(BM, BN, BD, BDV, WHOLE) of the backward kernel: D and Dv whole (their next powers of two, at least 16 for
+    the tensor cores) when both fit ``bwd_whole_d``, else both in chunks of ``bwd_block_d``."""
+    block_m = tiles.bwd_block_m or tiles.block_m
+    block_n = tiles.bwd_block_n or tiles.block_n
+    block_d, block_dv = (max(triton.next_power_of_2(n), 16) for n in (D, Dv))
+    if max(block_d, block_dv) <= tiles.bwd_whole_d:
+        return block_m, block_n, block_d, block_dv, True
+    chunk = tiles.bwd_block_d or tiles.block_d
+    return block_m, block_n, chunk, chunk, False
+
+
+def _covering(mask: torch.Tensor, dim: int, size: int, mask_size: int, tiles: int) -> torch.Tensor:
+    """``mask`` (uint8) regridded along ``dim`` from tiles of ``mask_size`` to ``tiles`` tiles of ``size``: a tile
+    inside a mask tile takes its entry, a tile over several takes their OR (sizes divide one another)."""
+    if size <= mask_size:
+        return mask.repeat_interleave(mask_size // size, dim=dim).narrow(dim, 0, tiles)
+    factor = size // mask_size
+    padded = torch.nn.functional.pad(mask, (0, 0, 0, tiles * factor - mask.shape[1]) if dim == 1 else
+                                     (0, tiles * factor - mask.shape[2]))
+    shape = list(padded.shape)
+    shape[dim:dim + 1] = [tiles, factor]
+    return padded.view(shape).amax(dim + 1)
+
+
+def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, block_m: int, block_n: int,
+                      mask_m: int, mask_n: int, batch_heads: int):
+    """Per batch-head and key tile, the query tiles the backward visits: visible and with support. Returns
+    (rows (B*H, cdiv(T, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
+    counts (B*H, cdiv(T, block_n)) int32). Built on the device without a host sync."""
+    tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    # visible tile pairs, from each query tile's keys [lo, hi) (as the forward's _visible_keys)
+    pad = tiles_m * block_m - T
+    start = torch.nn.functional.pad(sequences.start, (0, pad), value=T).view(tiles_m, block_m).amin(1)
+    if causal:
+        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=T)
+    else:
+        hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
+    key_tile = torch.arange(tiles_n, device=start.device) * block_n
+    visible = (key_tile[None, :] < hi[:, None]) & (key_tile[None, :] + block_n > start[:, None])  # [tiles_m, n]
+    if support is None:
+        visit = visible.expand(batch_heads, tiles_m, tiles_n)
+    else:
+        visit = _covering(_covering((support != 0).to(torch.uint8), 1, block_m, mask_m, tiles_m), 2, block_n,
+                          mask_n, tiles_n)
+        visit = (visit != 0) & visible
+    visit = visit.transpose(1, 2)  # (B*H, key tiles, query tiles)
+    rows = torch.sort((~visit).to(torch.uint8), dim=2, stable=True).indices  # visited query tiles first, ascending
+    return rows.to(torch.int32).contiguous(), visit.sum(2, dtype=torch.int32).contiguous()
+
+
+def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
+                          support: Optional[torch.Tensor] = None):
+    """Launch the backward kernel. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype.
+
+    ``support`` (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, the threshold pass's per-tile mask (0: every
+    probability of that tile pair is 0); None means every visible tile may have support. The backward tiles must
+    divide the mask's or be multiples of them (:func:`_covering`)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     tiles = _tiles(q.dtype)
-    half_scale = 0.5 * scale
+    block_m, block_n, block_d, block_dv, whole = _backward_tiles(tiles, D, Dv)
+    for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
+        if size % mask_size and mask_size % size:
+            raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
+    shape = (B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n))
+    if support is not None and tuple(support.shape) != shape:
+        raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
+                         f"{tuple(support.shape)}")
+    rows, counts = _query_tile_lists(support, sequences, causal, T, block_m, block_n, tiles.block_m, tiles.block_n,
+                                     B * H)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
     dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    blocks = dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=tiles.block_dv,
-                  UPCAST_DOTS=upcast_dots_for(q.dtype))
-    _entmax_bwd_dq_kernel[(triton.cdiv(T, tiles.block_m), triton.cdiv(D, tiles.block_d), B * H)](
-        q, k, v, do, *sequences, rowmax, tau, c, dq, *strides, H, T, D, Dv, half_scale, scale, int(causal), **blocks,
-        **_launch_options(tiles))
-    chunks = max(triton.cdiv(D, tiles.block_d), triton.cdiv(Dv, tiles.block_dv))
-    _entmax_bwd_dkdv_kernel[(triton.cdiv(T, tiles.block_n), chunks, B * H)](
-        q, k, v, do, *sequences, rowmax, tau, c, dk, dv, *strides, H, T, D, Dv, half_scale, scale, int(causal),
-        **blocks, **_launch_options(tiles))
-    return dq, dk, dv
+    chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
+    _entmax_bwd_kernel[(triton.cdiv(T, block_n), chunks, B * H)](
+        q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        H, T, D, Dv, 0.5 * scale, scale, int(causal), BM=block_m, BN=block_n, BD=block_d, BDV=block_dv,
+        WHOLE=whole, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    return (dq * scale).to(q.dtype), dk, dv
 
 
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
 # fused backward registered as their autograd formula. The rows' sequences travel as their (T,) int32 start and end
-# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv) and the sequences: memory
-# linear in T.
+# (``_Sequences``). Saved per call: q, k, v, rowmax and tau (B, H, T), w (B, H, T, Dv), the sequences and the
+# per-tile support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8 (T^2 / 1,024 bytes per head at 64 x 16).
 
 
 @torch.library.custom_op("kernels::entmax15_attention_fwd", mutates_args=(),
                          schema="(Tensor q, Tensor k, Tensor v, Tensor seq_start, Tensor seq_end, bool causal, "
-                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor)")
+                                "float scale, bool store_w) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _entmax15_attention_fwd_op(q, k, v, seq_start, seq_end, causal, scale, store_w):
-    """Triton forward: (o, rowmax, tau, w); w is empty (0,) without ``store_w``."""
+    """Triton forward: (o, rowmax, tau, w, support); w is empty (0,) without ``store_w``."""
     with launch_device_of(q):
-        o, rowmax, tau, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w, _Sequences(seq_start, seq_end))
-    return o, rowmax, tau, w if w is not None else tau.new_zeros(0)
+        o, rowmax, tau, support, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                           _Sequences(seq_start, seq_end))
+    return o, rowmax, tau, w if w is not None else tau.new_zeros(0), support
 
 
 @_entmax15_attention_fwd_op.register_fake
@@ -540,34 +641,38 @@ def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
     B, H, T, _ = q.shape
     shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
     return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
-            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32))
+            q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32),
+            q.new_empty(_support_shape(B, H, T, _tiles(q.dtype)), dtype=torch.uint8))
 
 
 @torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
                          schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor rowmax, Tensor tau, Tensor w, "
-                                "Tensor seq_start, Tensor seq_end, bool causal, float scale) -> (Tensor, Tensor, Tensor)")
-def _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
-    """Triton backward: (dq, dk, dv)."""
+                                "Tensor seq_start, Tensor seq_end, bool causal, float scale, Tensor? support=None) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale, support=None):
+    """Triton backward: (dq, dk, dv); ``support``: the per-tile mask of :func:`_entmax_attention_bwd`."""
     with launch_device_of(q):
-        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end))
+        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end),
+                                     support)
 
 
 @_entmax15_attention_bwd_op.register_fake
-def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale):
+def _(do, q, k, v, rowmax, tau, w, seq_start, seq_end, causal, scale, support=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _entmax15_attention_setup_context(ctx, inputs, output):
     q, k, v, seq_start, seq_end, causal, scale, _ = inputs
-    _, rowmax, tau, w = output
-    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end)
+    _, rowmax, tau, w, support = output
+    ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end, support)
     ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(rowmax, tau, w)
+    ctx.mark_non_differentiable(rowmax, tau, w, support)
 
 
-def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w):
-    q, k, v, rowmax, tau, w, seq_start, seq_end = ctx.saved_tensors
-    dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale)
+def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support):
+    q, k, v, rowmax, tau, w, seq_start, seq_end, support = ctx.saved_tensors
+    dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale,
+                                            support=support)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -584,9 +689,24 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
     ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
     ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else ``(block_m, block_n)``; a tile
     passes over K until its last row is solved. K traffic of the forward in single flash passes is the tiles' mean
-    weighted by their visible keys, plus one for the output kernel. Rows go a chunk at a time (about 64 MB of
-    scores per chunk), so T = 16k fits in memory.
+    weighted by their visible keys, plus the output kernel's share of visited tiles (:func:`tau_support_tiles`).
+    Rows go a chunk at a time (about 64 MB of scores per chunk), so T = 16k fits in memory.
     """
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=False)
+
+
+def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, exact=False) -> torch.Tensor:
+    """The per-tile support mask that ``_entmax_tau_kernel`` writes with ``block_m`` x ``block_n`` tiles (T >
+    ``row_block_n``), (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like
+    :func:`tau_solver_passes` (``tests/test_entmax_attention.py`` proves it equal to the kernel's mask on small
+    shapes). A tile pair is marked when, in its query tile's last pass, some row's score exceeds that row's bound
+    (tau if the row was solved before, else its lower bracket); ``kernels.counts`` reports the share of key tiles
+    the output kernel visits from it at lengths the interpreter cannot run. ``exact=True`` gives the tightest sound
+    mask instead: the tile pairs with some p > 0 (every row bounded by its tau)."""
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True, exact=exact)
+
+
+def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool, exact: bool = False) -> torch.Tensor:
     _check_attention_inputs(q, k, k, causal, scale)
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -594,35 +714,52 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
     B, H, T, _ = q.shape
-    tiles = triton.cdiv(T, block_m)
-    if T <= block_n:
+    tiles, key_tiles = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    if T <= block_n and not with_support:
         return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     candidates = _tiles(q.dtype).candidates
-    rows_per_chunk = max(1, (1 << 24) // (T * candidates))
-    passes = torch.zeros((B, H, tiles * block_m), dtype=torch.int64, device=q.device)
+    tiles_per_chunk = max(1, (1 << 24) // (T * candidates * block_m))  # whole query tiles per chunk
+    out = torch.zeros((B, H, tiles, key_tiles) if with_support else (B, H, tiles), dtype=torch.int64,
+                      device=q.device)
     for b in range(B):
         for h in range(H):
-            for start in range(0, T, rows_per_chunk):
-                stop = min(start + rows_per_chunk, T)
+            for first in range(0, tiles, tiles_per_chunk):
+                start, stop = first * block_m, min((first + tiles_per_chunk) * block_m, T)
                 z = (q[b, h, start:stop].float() @ k[b, h].float().T) * (0.5 * scale)  # [rows, T]
                 rows = torch.arange(start, stop, device=z.device)
                 if causal:
                     z = z.masked_fill(torch.arange(T, device=z.device)[None, :] > rows[:, None], float("-inf"))
                 visible = rows + 1 if causal else torch.full_like(rows, T)
-                passes[b, h, start:stop] = _solver_passes_of_rows(z, visible, candidates)
-    return passes.view(B, H, tiles, block_m).amax(-1)
+                passes, zr, bound_last = _solver_passes_of_rows(z, visible, candidates)
+                tile_passes = torch.nn.functional.pad(passes, (0, -(stop - start) % block_m)).view(-1, block_m)
+                tile_passes = tile_passes.amax(-1)  # [tiles in chunk]
+                if not with_support:
+                    out[b, h, first:first + tile_passes.numel()] = tile_passes
+                    continue
+                # rows solved before their tile's last pass bound the support by tau (-sqrt(max p)), the others by
+                # their lower bracket at the start of that pass; rows of one pass (NaN rows) never mark a tile
+                last = passes == tile_passes.repeat_interleave(block_m)[:stop - start]
+                tau = -_entmax15_rows(2 * zr).amax(-1).sqrt()
+                bound = torch.where(last & (not exact), bound_last, tau)
+                hit = zr > bound[:, None]  # [rows, T]
+                hit = torch.nn.functional.pad(hit, (0, -T % block_n, 0, -(stop - start) % block_m))
+                hit = hit.view(-1, block_m, key_tiles, block_n).any(-1).any(1) & (tile_passes > 1)[:, None]
+                out[b, h, first:first + tile_passes.numel()] = hit.long()
+    return out.bool() if with_support else out
 
 
-def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int) -> torch.Tensor:
+def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: int):
     """Per row of halved scores z (rows, T) fp32 with ``visible`` keys each: the passes of the multi-pass solver
-    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes)."""
+    (the row-maximum pass, then one per candidate pass until the row is solved or its bracket closes), the scores
+    relative to the row maximum and each row's lower bracket at the start of its last pass (+inf for NaN rows)."""
     finite = ~z.isnan().any(-1)
     rowmax = torch.where(z.isnan(), float("-inf"), z).amax(-1)
     done = ~finite | rowmax.isinf()
     zr = z - torch.where(done, 0.0, rowmax)[:, None]
     lo = torch.full_like(rowmax, -1.0)
     hi = visible.float().rsqrt().neg()
+    bound_last = torch.where(done, float("inf"), lo)
     passes = torch.ones_like(rowmax, dtype=torch.int64)
     spread = torch.arange(candidates, device=z.device).float() / (candidates - 1)
     for _ in range(_MAX_PASSES):
@@ -630,6 +767,7 @@ def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: i
             break
         passes += (~done).long()
         rows = (~done).nonzero()[:, 0]
+        bound_last[rows] = lo[rows]
         t = lo[rows, None] + (hi - lo)[rows, None] * spread  # (rows, NC)
         w = zr[rows, None, :] - t[:, :, None]  # (rows, NC, T)
         support = w > 0
@@ -650,7 +788,7 @@ def _solver_passes_of_rows(z: torch.Tensor, visible: torch.Tensor, candidates: i
         new_hi = torch.minimum(hi[rows], upper.amin(-1))
         lo[rows], hi[rows] = new_lo, torch.maximum(new_hi, new_lo)
         done[rows] = exact.any(-1) | (new_hi <= new_lo)
-    return passes
+    return passes, zr, bound_last
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -841,8 +979,11 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
-_FP32_POINTERS = ("rowmax", "tau", "w", "c")
-_INT32_POINTERS = ("seq_start", "seq_end")
+_FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq")
+_UINT8_POINTERS = ("support",)
+_INT32_POINTERS = ("seq_start", "seq_end", "tile_rows", "tile_counts")
+#: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
+_AOT_BWD_HEAD_DIMS = ((64, 64), (128, 128), (256, 512))
 _FLOAT_SCALARS = ("half_scale", "scale")
 
 
@@ -856,6 +997,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*fp32"
         elif name in _INT32_POINTERS:
             signature[name] = "*i32"
+        elif name in _UINT8_POINTERS:
+            signature[name] = "*u8"
         elif name in pointers:
             signature[name] = f"*{dtype}"
         elif name in _FLOAT_SCALARS:
@@ -878,11 +1021,15 @@ def aot_configurations() -> List[AotConfig]:
              dict(ROW_IN_REGISTERS=True, BM=t.row_block_m, BN=t.row_block_n, **solver)),
             ("tau passes", _entmax_tau_kernel, dict(ROW_IN_REGISTERS=False, BM=t.block_m, BN=t.block_n, **solver)),
             ("fwd", _entmax_fwd_kernel, blocks),
-            ("bwd dq", _entmax_bwd_dq_kernel, blocks),
-            ("bwd dkdv", _entmax_bwd_dkdv_kernel, blocks),
         ]
-        if t.wide_block_dv != t.block_dv:
-            variants.append(("fwd wide", _entmax_fwd_kernel, dict(blocks, BDV=t.wide_block_dv)))
+        for d, dv in _AOT_BWD_HEAD_DIMS:
+            bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
+            variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel,
+                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole, UPCAST_DOTS=False)))
+        block_dv = t.block_dv
+        while block_dv < t.wide_block_dv:  # every wider Dv chunk of _forward_block_dv
+            block_dv *= 2
+            variants.append((f"fwd BDV={block_dv}", _entmax_fwd_kernel, dict(blocks, BDV=block_dv)))
         for label, kernel, constexprs in variants:
             configs.append(AotConfig(
                 label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),
@@ -1004,8 +1151,8 @@ class EntmaxCausalAttention(torch.nn.Module):
         read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
         b, t, e = x.shape
         h, dh = self.num_heads, e // self.num_heads
-        packing = pack_padding(keep)
-        rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding
+        packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
+        rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
         q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if return_context:
             v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h, e)], dim=-1)  # v is bf16 under autocast

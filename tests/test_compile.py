@@ -38,7 +38,7 @@ def _opcheck_cases():
     in_packed = (torch.tensor([0, 0, 2, 2, 2], dtype=torch.int32), torch.tensor([2, 2, 5, 5, 5], dtype=torch.int32))
     row_mask = torch.tensor([True, False, True, True, False, True, True])
     with torch.no_grad():
-        o, rowmax, tau, w = ops.entmax15_attention_fwd(q, k, v, *whole, True, 0.3, True)
+        o, rowmax, tau, w, _ = ops.entmax15_attention_fwd(q, k, v, *whole, True, 0.3, True)
         o_bc, lse = ops.block_causal_attention_fwd(q, k, v, pad, 1, 5, False, 2, 0.3)
         moe_outputs = ops.moe_top2_fwd(*_moe_args(7), None)
     x, gate_weight, w1, _, w2, _ = _moe_args(7)

@@ -219,8 +219,8 @@ def test_flops_per_score_of_the_real_kernels_cover_the_minimum(monkeypatch):
 def test_command_writes_its_report(monkeypatch, tmp_path, capsys):
     """``python -m kernels.counts --quick --out DIR`` at tiny sizes: tables printed, markdown and JSON written, and
     the K traffic equal to a direct count."""
-    tiny = counts.Settings(traffic_lengths=(64,), solver_lengths=(70,), flops_length=9, head_dim=16,
-                           entmax_head_dims=(("tiny", 4, 3),), block_causal_head_dims=(("tiny", 4, 3),))
+    tiny = counts.Settings(traffic_lengths=(64,), solver_lengths=(70,), support_lengths=(200,), flops_length=9,
+                           head_dim=16, entmax_head_dims=(("tiny", 4, 3),), block_causal_head_dims=(("tiny", 4, 3),))
     monkeypatch.setattr(counts, "QUICK", tiny)
     monkeypatch.setattr(counts, "DISTRIBUTIONS", counts.DISTRIBUTIONS[:1])
     report = counts.main(["--quick", "--out", str(tmp_path)])
@@ -231,5 +231,7 @@ def test_command_writes_its_report(monkeypatch, tmp_path, capsys):
     (row,) = report["k_traffic"]
     direct = counts.count_forward_k_traffic(counts._ours, *counts.sample_qkv(64, 16, 16, 1.0, 0))
     assert row["ours"]["ratio"] == direct["ratio"] and row["ours"]["mirror_equals_kernel"]
+    (support,) = report["support_tiles"]
+    assert 0 < support["with_support"] <= support["visited"] <= 1
     if counts.adasplash_status()[0] is not None:  # the peer ran (T = 64 is AdaSplash-2's shortest length)
         assert row["adasplash2"]["ratio"] >= 1

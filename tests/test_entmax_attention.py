@@ -10,6 +10,7 @@ import torch
 
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax_attention
+from kernels.counts import InterpreterCounter
 from kernels.entmax_attention import (
     EntmaxAttentionOutput,
     Tiles,
@@ -17,6 +18,7 @@ from kernels.entmax_attention import (
     entmax15_attention_varlen_reference,
     entmax15_attention_weights,
     tau_solver_passes,
+    tau_support_tiles,
 )
 
 # the interpreter computes -inf - -inf on padded rows; the kernels mask those results
@@ -270,7 +272,7 @@ def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q
     q, k, _ = (x.detach() for x in _inputs(1, 2, t, 8, 1, seed=8))
     q = q * q_scale
     whole = entmax_attention._whole_sequences(t, q.device)
-    rowmax, tau = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
+    rowmax, tau, _ = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
     expected = _float64_tau(q, k)
     torch.testing.assert_close((rowmax + tau).double(), expected, atol=1e-6, rtol=1e-6)
     # the flat case is what the tolerance is for: rows of near-equal scores, tau near max - n^-1/2
@@ -351,6 +353,86 @@ def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monk
     assert passes.max() >= least_most_passes  # random rows: some tile needs a second candidate pass
 
 
+def _tiles_with_support(p, block_m, block_n):
+    """(B*H, cdiv(T, block_m), cdiv(T, block_n)) bool: tile pairs of the float64 reference probabilities p
+    (B, H, T, T) with any p > 1e-20: the reference's clamp at max - 1 leaves (2^-52)^2 ~ 5e-32 on the keys at or
+    below it in one-hot rows (tau = max - 1 to rounding), where the exact p is 0."""
+    b, h, t, _ = p.shape
+    padded = torch.nn.functional.pad(p > 1e-20, (0, -t % block_n, 0, -t % block_m))
+    return padded.view(b * h, -(-t // block_m), block_m, -(-t // block_n), block_n).any(-1).any(2)
+
+
+def _visible_tiles(t, block_m, block_n):
+    i_m = torch.arange(-(-t // block_m))[:, None]
+    i_n = torch.arange(-(-t // block_n))[None, :]
+    return i_n * block_n < torch.clamp((i_m + 1) * block_m, max=t)
+
+
+@pytest.mark.parametrize(
+    "q_scale, scale",
+    [pytest.param(0.01, None, id="flat-std0.01"), pytest.param(1.0, None, id="random"),
+     pytest.param(30.0, None, id="peaked"), pytest.param(1.0, 1e9, id="scale-1e9")],
+)
+def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_scale, scale):
+    """The threshold pass's per-tile mask covers every p > 0, is 0 above the diagonal, equals its PyTorch mirror,
+    and the output kernel reads K only for the tiles it marks; the output stays exact."""
+    from kernels.counts import InterpreterCounter
+
+    tiles(TINY)
+    b, h, t, d = 1, 2, 45, 8
+    q, k, v = (x.detach() for x in _inputs(b, h, t, d, 3, seed=15))
+    q = q * q_scale
+    scale = d ** -0.5 if scale is None else scale
+    _, _, support = entmax_attention._entmax_tau(q, k, True, scale, entmax_attention._whole_sequences(t, q.device))
+    assert support.dtype == torch.uint8 and support.shape == (b * h, 6, 6) and support.is_contiguous()
+    with_support = _tiles_with_support(entmax15_attention_weights(q.double(), k.double(), scale=scale), 8, 8)
+    mask = support.bool()
+    assert not (with_support & ~mask).any(), "a tile with p > 0 is not marked"
+    assert not (mask & ~_visible_tiles(t, 8, 8)).any(), "a hidden tile is marked"
+    assert torch.equal(mask.view(b, h, 6, 6), tau_support_tiles(q, k, scale=scale, block_m=8, block_n=8))
+    assert (mask & ~with_support).sum() <= 0.05 * mask.sum(), "the last pass's bracket should be nearly tight"
+    if q_scale == 30.0:  # peaked rows: visible tiles without support are skipped
+        assert mask.sum() < _visible_tiles(t, 8, 8).sum() * b * h
+    with InterpreterCounter({"k": k}) as counter:
+        out = entmax15_attention(q, k, v, scale=scale)
+    key_tile_sizes = torch.tensor([min(8, t - 8 * j) for j in range(6)])
+    expected_loads = int((mask.long() * key_tile_sizes).sum()) * d
+    assert counter.loaded("k", "_entmax_fwd_kernel") == expected_loads
+    expected = reference.entmax15_attention_reference(q.double(), k.double(), v.double(), scale=scale)
+    _assert_close(out, expected, 2e-5, "output")
+
+
+def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_backend, tiles):
+    tiles(TINY)
+    q, k, _ = (x.detach() for x in _inputs(1, 2, 7, 4, 1, seed=16))
+    whole = entmax_attention._whole_sequences(7, q.device)
+    _, _, support = entmax_attention._entmax_tau(q, k, True, 0.5, whole)  # T <= row_block_n = 8
+    assert torch.equal(support.bool(), _visible_tiles(7, 8, 8).expand(2, 1, 1))
+    _, _, support = entmax_attention._entmax_tau(q, k, False, 0.5, whole)
+    assert support.bool().all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal):
+    """Tiles mixing sequences: a tile pair is marked wherever a row has p > 0 for a key of its own sequence."""
+    tiles(TINY)
+    lengths = [5, 1, 12, 9, 3]
+    total = sum(lengths)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q, k, _ = (x.detach()[0] for x in _inputs(1, 2, total, 4, 1, seed=17))  # (H, total, D)
+    scores = (q @ k.transpose(-1, -2)).double() * 4.0  # peaked enough to leave tiles empty
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    hidden = sequence[:, None] != sequence[None, :]
+    if causal:
+        hidden |= torch.ones(total, total, dtype=torch.bool).triu(1)
+    p = entmax_attention.entmax15(scores.masked_fill(hidden, float("-inf")))
+    sequences = entmax_attention._packed_sequences(cu_seqlens, total, q.device)
+    _, _, support = entmax_attention._entmax_tau(q[None], k[None], causal, 4.0, sequences)
+    with_support = _tiles_with_support(p[None], 8, 8)
+    assert not (with_support & ~support.bool()).any()
+    assert support.sum() < with_support.numel()  # tiles of other sequences are never marked
+
+
 @pytest.mark.parametrize(
     "lengths, causal, tile_set",
     [
@@ -422,3 +504,125 @@ def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fuse
         module(x, key_padding_mask=padding[:, :5])
     with pytest.raises(TypeError, match="key_padding_mask must have dtype"):
         module(x, key_padding_mask=padding.float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward: the per-tile support mask
+# ----------------------------------------------------------------------------------------------------------------
+
+#: mask tiles 8 x 8, backward tiles 4 x 4 inside them (one mask entry per tile pair)
+SUB_TILES = TINY._replace(bwd_block_m=4, bwd_block_n=4)
+#: mask tiles 4 x 4, backward tiles 8 x 8 over 2 x 2 of them (their OR)
+SUPER_TILES = TINY._replace(block_m=4, block_n=4, row_block_m=4, row_block_n=4, bwd_block_m=8, bwd_block_n=8)
+#: D and Dv wider than ``bwd_whole_d``: the chunked backward (dk/dq and dv chunks of 8, z and dP recomputed)
+CHUNKED = TINY._replace(bwd_whole_d=8, bwd_block_d=8)
+
+
+def _reference_probabilities(q, k, causal, scale, lengths=None):
+    """The float64 attention matrix (B, H, T, T) of the reference, differentiable in q and k; with ``lengths`` the
+    packed sequences' blocks on the diagonal (zero elsewhere)."""
+    lengths = lengths or [q.shape[2]]
+    p = q.new_zeros(*q.shape[:2], q.shape[2], q.shape[2], dtype=torch.float64)
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        p[:, :, rows, rows] = entmax15_attention_weights(q[:, :, rows].double(), k[:, :, rows].double(),
+                                                         causal=causal, scale=scale)
+        start += n
+    return p
+
+
+def _exact_support(p, block_m, block_n):
+    """The per-tile mask of the contract: (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, 1 iff some p > 0 in the
+    tile pair."""
+    b, h, t, _ = p.shape
+    rows, cols = -(-t // block_m), -(-t // block_n)
+    padded = torch.nn.functional.pad(p.detach() > 0, (0, cols * block_n - t, 0, rows * block_m - t))
+    return padded.reshape(b * h, rows, block_m, cols, block_n).any(4).any(2).to(torch.uint8)
+
+
+def _backward_with(q, k, v, do, causal, scale, sequences, supports):
+    """The backward launcher's (dq, dk, dv) with each mask of ``supports`` ("forward": the mask the forward's
+    threshold pass wrote), after one forward."""
+    _, rowmax, tau, forward_support, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True,
+                                                                                sequences)
+    return [entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences,
+                                                   forward_support if isinstance(support, str) else support)
+            for support in supports]
+
+
+_PACKED = [7, 1, 11]
+
+
+@pytest.mark.parametrize("tile_set, q_scale, lengths, causal", [
+    pytest.param(TINY, 1.0, None, True, id="mask-tiles-causal-random"),
+    pytest.param(TINY, 12.0, None, False, id="mask-tiles-full-peaked"),
+    pytest.param(TINY, 0.01, _PACKED, True, id="mask-tiles-packed-causal-flat"),
+    pytest.param(SUB_TILES, 12.0, None, True, id="sub-tiles-causal-peaked"),
+    pytest.param(SUB_TILES, 1.0, _PACKED, False, id="sub-tiles-packed-full-random"),
+    pytest.param(SUPER_TILES, 0.01, None, False, id="super-tiles-full-flat"),
+    pytest.param(SUPER_TILES, 12.0, _PACKED, True, id="super-tiles-packed-causal-peaked"),
+    pytest.param(CHUNKED, 1.0, None, True, id="chunked-causal-random"),
+    pytest.param(CHUNKED, 12.0, _PACKED, False, id="chunked-packed-full-peaked"),
+])
+def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles, q_scale, lengths, causal,
+                                                          tile_set):
+    """Gradients with the exact per-tile mask, the forward's own mask, an all-ones mask and none are identical, and
+    match float64; peaked
+    rows (q = k) leave visible tiles without support. Odd sizes (T = 19, D = 11, Dv = 20), two heads."""
+    tiles(tile_set)
+    t, d, dv = 19, 11, 20
+    q, k, v = (x.detach() for x in _inputs(1, 2, t, d, dv, seed=21))
+    # scores q . k / sqrt(D) of std ~q_scale (0.01: nearly flat rows); peaked: q = k, each row peaks on its own key
+    q = k * q_scale if q_scale > 1 else q * q_scale
+    do = torch.randn(1, 2, t, dv, generator=torch.Generator().manual_seed(22))
+    scale = d ** -0.5
+    sequences = (entmax_attention._whole_sequences(t, q.device) if lengths is None else
+                 entmax_attention._packed_sequences(torch.tensor([0, 7, 8, 19], dtype=torch.int32), t, q.device))
+    assert lengths in (None, _PACKED)
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    p = _reference_probabilities(leaves[0], leaves[1], causal, scale, lengths)
+    (p @ leaves[2]).backward(do.double())
+    support = _exact_support(p, tile_set.block_m, tile_set.block_n)
+    if q_scale > 1:
+        visible = _exact_support(_reference_probabilities(q, q, causal, 0.0, lengths), tile_set.block_m,
+                                 tile_set.block_n)  # scale 0: uniform rows, p > 0 wherever visible
+        assert support.sum() < visible.sum(), "peaked rows must leave visible tiles without support"
+    exact, ones, default, forward = _backward_with(q, k, v, do, causal, scale, sequences,
+                                                   [support, torch.ones_like(support), None, "forward"])
+    for name, a, b, c, f, x in zip("qkv", exact, ones, default, forward, leaves):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, f), f"d{name} depends on the mask"
+        _assert_close(a, x.grad, 5e-5, f"d{name}")
+
+
+def test_backward_work_follows_the_support_mask(triton_backend, tiles):
+    """One key tile program per key tile; each query tile with support costs FA2's five dots (2 (3 D + 2 Dv) FLOPs
+    per score, D and Dv whole) and one q tile load; tiles without support cost nothing."""
+    tiles(TINY)
+    t, d, bm = 32, 16, 8
+    # unit rows with q = k at a large scale: each row attends to itself and its few near-duplicates
+    q = torch.nn.functional.normalize(torch.randn(1, 1, t, d, generator=torch.Generator().manual_seed(23)), dim=-1)
+    k, v, do = q.clone(), torch.randn(1, 1, t, d), torch.randn(1, 1, t, d)
+    scale = 6.0
+    support = _exact_support(_reference_probabilities(q, k, True, scale), bm, bm)
+    sequences = entmax_attention._whole_sequences(t, q.device)
+    pairs = {"exact": int(support.sum()), "ones": (t // bm) * (t // bm + 1) // 2}
+    assert pairs["exact"] < pairs["ones"]
+    _, rowmax, tau, _support, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
+    for name, mask in (("exact", support), ("ones", torch.ones_like(support))):
+        with InterpreterCounter({"q": q, "do": do}) as counter:
+            entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
+        assert counter.dot_flops("_entmax_bwd_kernel") == pairs[name] * bm * bm * 2 * (3 * d + 2 * d), name
+        assert counter.loaded("q", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
+        assert counter.loaded("do", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
+
+
+def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks(triton_backend, tiles):
+    q, k, v = (x.detach() for x in _inputs(1, 1, 9, 4, 4))
+    do, sequences = torch.randn(1, 1, 9, 4), entmax_attention._whole_sequences(9, "cpu")
+    tiles(TINY)
+    with pytest.raises(ValueError, match=r"support must have shape \(B\*H, query tiles, key tiles\) = \(1, 2, 2\)"):
+        _backward_with(q, k, v, do, True, 0.5, sequences, [torch.ones(1, 2, 1, dtype=torch.uint8)])
+    tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
+    with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
+        _backward_with(q, k, v, do, True, 0.5, sequences, [None])
