@@ -32,6 +32,7 @@ import triton.language as tl
 from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
                       checked_cu_seqlens)
 from .aot import AotConfig
+from ._autotune import ARCHS, aot_candidates, launch, launch_arch, shape_bucket
 from ._packing import pack_padding, sequence_ids
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
@@ -92,6 +93,35 @@ _MAX_PASSES = 32
 
 def _tiles(dtype: torch.dtype) -> Tiles:
     return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES[dtype]
+
+
+#: Autotune alternatives (``kernels._autotune``) to each kernel's default ``(Tiles.num_warps, Tiles.num_stages)``,
+#: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"bwd"``), fp32
+#: or not, and architecture: (num_warps, num_stages) pairs. Only the launch options are tuned, not the tiles: the
+#: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
+#: kernels at those tiles) and the backward's query-tile lists are built on the host for its tiles. Every
+#: candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
+#: entmax15_attention``; README, "Launch configurations").
+_ALTERNATIVES = {
+    (kernel, fp32): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 3)] if kernel != "tau registers" else [(4, 2)]}
+    for kernel in ("tau registers", "tau passes", "fwd", "bwd") for fp32 in (False, True)
+}
+
+
+def _candidates(kernel: str, dtype: torch.dtype, constexprs: dict, arch: str) -> List[triton.Config]:
+    """Autotune candidates of ``kernel`` (a key of ``_ALTERNATIVES``) for inputs of ``dtype`` on ``arch``
+    (``sm_80``, ``sm_90`` or ``fallback``), all with the tile ``constexprs``; the default (``Tiles``' launch
+    options) first and alone on ``fallback`` and under ``_TILE_OVERRIDE``."""
+    tiles = _tiles(dtype)
+    options = [(tiles.num_warps, tiles.num_stages)]
+    if _TILE_OVERRIDE is None and arch in ARCHS:
+        options += _ALTERNATIVES[(kernel, dtype == torch.float32)][arch]
+    return [triton.Config(dict(constexprs), num_warps=warps, num_stages=stages) for warps, stages in options]
+
+
+def _bucket(batch_heads: int, t: int) -> tuple:
+    """The tuning key besides dtypes and tiles: T and B*H, each rounded up to a power of two."""
+    return shape_bucket(t), shape_bucket(batch_heads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,10 +482,6 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch_options(tiles: Tiles):
-    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
-
-
 class _Sequences(NamedTuple):
     """Per position t of the T (or packed) rows: its sequence's rows [start[t], end[t]), int32 (T,) each. A row sees
     only keys of its own sequence."""
@@ -502,10 +528,15 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
     else:  # the kernel writes every tile that a query tile visits; the others stay 0
         support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
     block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
-    _entmax_tau_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D, 0.5 * scale,
-        int(causal), ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, BM=block_m,
-        BN=block_n, BD=tiles.block_d, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
+    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, block_m), B * H),
+           (q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D,
+            0.5 * scale, int(causal)),
+           dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates,
+                UPCAST_DOTS=upcast_dots_for(q.dtype)),
+           _candidates("tau registers" if in_registers else "tau passes", q.dtype,
+                       dict(BM=block_m, BN=block_n, BD=tiles.block_d), launch_arch(q.device)),
+           device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
 
 
@@ -525,12 +556,14 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
     block_dv = _forward_block_dv(tiles, Dv)
-    grid = (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H)
-    _entmax_fwd_kernel[grid](
-        q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # w unused without store_w: any fp32
-        *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale,
-        int(causal), int(store_w), BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d,
-        BDV=block_dv, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H),
+           (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
+            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale, int(causal),
+            int(store_w)),
+           dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
+           _candidates("fwd", q.dtype, dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
+                       launch_arch(q.device)),
+           device=q.device, bucket=_bucket(B * H, T))
     return o, rowmax, tau, support, w
 
 
@@ -611,11 +644,13 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
-    _entmax_bwd_kernel[(triton.cdiv(T, block_n), chunks, B * H)](
-        q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        H, T, D, Dv, 0.5 * scale, scale, int(causal), BM=block_m, BN=block_n, BD=block_d, BDV=block_dv,
-        WHOLE=whole, UPCAST_DOTS=upcast_dots_for(q.dtype), **_launch_options(tiles))
+    launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(T, block_n), chunks, B * H),
+           (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, D, Dv, 0.5 * scale, scale, int(causal)),
+           dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
+           _candidates("bwd", q.dtype, dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
+                       launch_arch(q.device)),
+           device=q.device, bucket=_bucket(B * H, T), reset_to_zero=("dq",))  # dq: atomic adds
     return (dq * scale).to(q.dtype), dk, dv
 
 
@@ -985,6 +1020,10 @@ _INT32_POINTERS = ("seq_start", "seq_end", "tile_rows", "tile_counts")
 #: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
 _AOT_BWD_HEAD_DIMS = ((64, 64), (128, 128), (256, 512))
 _FLOAT_SCALARS = ("half_scale", "scale")
+#: arguments that a launch on aligned tensors with D, Dv multiples of 16 specializes as multiples of 16 (besides the
+#: q/k/v/do batch, head and row strides): every pointer and the head sizes
+_ALIGNED_ARGS = {"q", "k", "v", "do", "o", "w", "dq", "dk", "dv", "seq_start", "seq_end", "rowmax", "tau",
+                 "support", "c", "tile_rows", "tile_counts", "D", "Dv"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -1009,31 +1048,46 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 
 
 def aot_configurations() -> List[AotConfig]:
-    """Every (kernel, dtype, constexpr) combination the launchers can launch with the default tiles on a GPU (causal
-    and store_w are runtime flags; UPCAST_DOTS is set only under the interpreter)."""
+    """Every (kernel, dtype, tiles, candidate) the launchers can launch on a GPU, each for the architectures whose
+    candidate list holds it (``_candidates``; causal and store_w are runtime flags, UPCAST_DOTS is set only under
+    the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
+    a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
+    sizes). ``default`` marks the aligned default candidates (the tests' quick subset)."""
     configs = []
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
-        blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv, UPCAST_DOTS=False)
-        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, BD=t.block_d, UPCAST_DOTS=False)
+        blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
+        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, UPCAST_DOTS=False)
+        # (label, kernel, candidate list, tile constexprs, other constexprs)
         variants = [
-            ("tau registers", _entmax_tau_kernel,
-             dict(ROW_IN_REGISTERS=True, BM=t.row_block_m, BN=t.row_block_n, **solver)),
-            ("tau passes", _entmax_tau_kernel, dict(ROW_IN_REGISTERS=False, BM=t.block_m, BN=t.block_n, **solver)),
-            ("fwd", _entmax_fwd_kernel, blocks),
+            ("tau registers", _entmax_tau_kernel, "tau registers",
+             dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver)),
+            ("tau passes", _entmax_tau_kernel, "tau passes", dict(BM=t.block_m, BN=t.block_n, BD=t.block_d),
+             dict(ROW_IN_REGISTERS=False, **solver)),
+            ("fwd", _entmax_fwd_kernel, "fwd", blocks, dict(UPCAST_DOTS=False)),
         ]
         for d, dv in _AOT_BWD_HEAD_DIMS:
             bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
-            variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel,
-                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole, UPCAST_DOTS=False)))
+            variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel, "bwd",
+                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole), dict(UPCAST_DOTS=False)))
         block_dv = t.block_dv
         while block_dv < t.wide_block_dv:  # every wider Dv chunk of _forward_block_dv
             block_dv *= 2
-            variants.append((f"fwd BDV={block_dv}", _entmax_fwd_kernel, dict(blocks, BDV=block_dv)))
-        for label, kernel, constexprs in variants:
-            configs.append(AotConfig(
-                label=f"{label} {dtype}", kernel=kernel, signature=_signature(kernel, dtype, constexprs),
-                constexprs=constexprs, num_warps=t.num_warps, num_stages=t.num_stages))
+            variants.append((f"fwd BDV={block_dv}", _entmax_fwd_kernel, "fwd", dict(blocks, BDV=block_dv),
+                             dict(UPCAST_DOTS=False)))
+        for label, kernel, name, tiles, fixed in variants:
+            aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
+                            or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
+            for config, capabilities, default in aot_candidates(
+                    lambda arch: _candidates(name, torch_dtype, tiles, arch)):
+                constexprs = {**fixed, **config.kwargs}
+                signature = _signature(kernel, dtype, constexprs)
+                full = f"{label} {dtype} w{config.num_warps}s{config.num_stages}"
+                options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=capabilities)
+                configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
+                                         default=default, **options))
+                if default:
+                    configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
     return configs
 
 

@@ -1,5 +1,5 @@
-"""Per-architecture autotune candidates (``kernels._autotune``): the lists of block-causal attention and the MoE,
-the default under the interpreter, ``KERNELS_AUTOTUNE``, and what the ahead-of-time compile lists."""
+"""Per-architecture autotune candidates (``kernels._autotune``): the lists of block-causal attention, entmax
+attention and the MoE, the default under the interpreter, ``KERNELS_AUTOTUNE``, and what the ahead-of-time compile lists."""
 import importlib
 
 import pytest
@@ -13,6 +13,7 @@ from kernels.aot import configurations
 
 bc = importlib.import_module("kernels.block_causal_attention")
 moe = importlib.import_module("kernels.moe")
+em = importlib.import_module("kernels.entmax_attention")
 
 
 @triton.jit
@@ -85,7 +86,42 @@ def test_moe_candidates_per_architecture(dtype):
     assert moe._launch_tiles(torch.zeros(2, 2, dtype=dtype)) == moe.TILES[("sm_80", dtype)]
 
 
-@pytest.mark.parametrize("op", ["block_causal_attention", "moe_top2"])
+@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "bwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_entmax_candidates_per_architecture(kernel, dtype):
+    tiles = em._DEFAULT_TILES[dtype]
+    constexprs = {"BM": 64, "BN": 16}
+    for arch in ARCHS:
+        listed = em._candidates(kernel, dtype, constexprs, arch)
+        assert len(listed) > 1 and len(set(map(str, listed))) == len(listed), listed
+        assert (listed[0].num_warps, listed[0].num_stages) == (tiles.num_warps, tiles.num_stages)
+        # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
+        assert all(config.kwargs == constexprs for config in listed)
+    assert em._candidates(kernel, dtype, constexprs, FALLBACK) == em._candidates(kernel, dtype, constexprs,
+                                                                               "sm_80")[:1]
+
+
+def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
+    """The backward zeros dq (atomic adds) before each timed run, the threshold kernel restores the support mask
+    (written only at the tiles it visits); the tests' tiny tiles launch their default alone."""
+    monkeypatch.setattr(em, "_TILE_OVERRIDE", em.Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4,
+                                                       row_block_n=8, candidates=4, wide_block_dv=16))
+    launches = {}
+
+    def recording(kernel, grid, args, kwargs, candidates, **options):
+        launches[kernel.fn.__name__] = (len(candidates), options.get("reset_to_zero", ()),
+                                        options.get("restore_value", ()))
+        launch(kernel, grid, args, kwargs, candidates, **options)
+
+    monkeypatch.setattr(em, "launch", recording)
+    q, k, v = (torch.randn(1, 1, 12, 4, requires_grad=True) for _ in range(3))
+    em.entmax15_attention(q, k, v).sum().backward()
+    assert launches == {"_entmax_tau_kernel": (1, (), ("support",)), "_entmax_fwd_kernel": (1, (), ()),
+                        "_entmax_bwd_kernel": (1, ("dq",), ())}
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("op", ["block_causal_attention", "moe_top2", "entmax15_attention"])
 def test_aot_lists_every_candidate_of_both_architectures_with_alignment(op):
     configs = configurations(op)
     compiled = {(config.kernel, tuple(sorted(config.constexprs.items())), config.num_warps, config.num_stages, c)
@@ -110,6 +146,12 @@ def _launched_candidates(op, kernel, arch):
                 moe._moe_router_grad_kernel: "router_grad"}[kernel]
         return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
+    if op == "entmax15_attention":  # every tile shape of aot_configurations(), with each candidate list
+        return [c for config in configurations(op) if config.kernel is kernel
+                for c in em._candidates(_entmax_list(config.label), _ENTMAX_DTYPES[config.signature["q"]],
+                                        {k: config.constexprs[k] for k in ("BM", "BN", "BD")
+                                         + (("BDV",) if "BDV" in config.constexprs else ())
+                                         + (("WHOLE",) if "WHOLE" in config.constexprs else ())}, arch)]
     name = {bc.block_causal_attn_fwd_kernel: "fwd", bc.block_causal_attn_bwd_dq_kernel: "bwd_dq",
             bc.block_causal_attn_bwd_dkdv_kernel: "bwd_dkdv"}[kernel]
     return [c for dtype in (torch.float32, torch.float16, torch.bfloat16) for block_d in bc._HEAD_DIM_BLOCKS
@@ -120,3 +162,10 @@ def _same(candidate, listed):
     constexprs = dict(listed[1])
     return (all(constexprs.get(k) == v for k, v in candidate.kwargs.items())
             and (candidate.num_warps, candidate.num_stages) == listed[2:4])
+
+
+_ENTMAX_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
+
+
+def _entmax_list(label):
+    return next(name for name in ("tau registers", "tau passes", "fwd", "bwd") if label.startswith(name))
