@@ -49,7 +49,8 @@ class Tiles(NamedTuple):
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
     ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
     scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
-    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the launch options.
+    ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the default launch options
+    of every kernel; on a GPU each kernel autotunes them among ``_ALTERNATIVES`` too (``kernels._autotune``).
     The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
     (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
@@ -101,10 +102,17 @@ def _tiles(dtype: torch.dtype) -> Tiles:
 #: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
 #: kernels at those tiles) and the backward's query-tile lists are built on the host for its tiles. Every
 #: candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
-#: entmax15_attention``; README, "Launch configurations").
+#: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
+#: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64).
 _ALTERNATIVES = {
-    (kernel, fp32): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 3)] if kernel != "tau registers" else [(4, 2)]}
-    for kernel in ("tau registers", "tau passes", "fwd", "bwd") for fp32 in (False, True)
+    ("tau registers", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 2), (8, 3)]},
+    ("tau passes", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 3)]},
+    ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("bwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
 }
 
 
