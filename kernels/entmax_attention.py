@@ -105,7 +105,7 @@ def _tiles(dtype: torch.dtype) -> Tiles:
 #: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
 #: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64).
 _ALTERNATIVES = {
-    ("tau registers", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 2), (8, 3)]},
     ("tau passes", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 3)]},
