@@ -1,5 +1,6 @@
 """Per-architecture autotune candidates (``kernels._autotune``): the lists of block-causal attention, entmax
-attention and the MoE, the default under the interpreter, ``KERNELS_AUTOTUNE``, and what the ahead-of-time compile lists."""
+attention and the MoE, the default under the interpreter, ``KERNELS_AUTOTUNE``, and what the ahead-of-time compile
+lists."""
 import importlib
 
 import pytest
