@@ -33,6 +33,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
@@ -629,12 +630,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for <date>.md/.json (default {RESULTS_DIR.relative_to(RESULTS_DIR.parents[2])};"
                              " --quick writes nothing unless given)")
+    parser.add_argument("--traffic-lengths", type=int, nargs="+", default=None, metavar="T",
+                        help="sequence lengths of the K-traffic table (default 1024 2048; each T = 2048 case takes "
+                             "about 25 min of interpreter time)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
+    if args.traffic_lengths:
+        settings = dataclasses.replace(settings, traffic_lengths=tuple(args.traffic_lengths))
     report = run(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     versions = _versions()
-    command = "python -m kernels.counts" + (" --quick" if args.quick else "")
+    command = "python -m kernels.counts" + (" --quick" if args.quick else "") + (
+        " --traffic-lengths " + " ".join(map(str, args.traffic_lengths)) if args.traffic_lengths else "")
     report.update(date=today, versions=versions, command=command,
                   versions_line=", ".join(f"{key} {value}" for key, value in versions.items()))
     markdown = render_markdown(report)
