@@ -100,7 +100,7 @@ def _tiles(dtype: torch.dtype) -> Tiles:
 #: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"bwd"``), fp32
 #: or not, and architecture: (num_warps, num_stages) pairs. Only the launch options are tuned, not the tiles: the
 #: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
-#: kernels at those tiles) and the backward's query-tile lists are built on the host for its tiles. Every
+#: kernels at those tiles) and the backward's query-tile lists are built for its tiles before it launches. Every
 #: candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
 #: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
 #: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64).

@@ -163,12 +163,13 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_run_resumes(reference_backend, 
     """SIGINT mid-training: exit 130, the resume command printed, no traceback; the run then resumes from there,
     evaluate takes its folder, and the other model's evaluate refuses its checkpoint in one line."""
     run_dir = tmp_path / "runs" / "carn" / "embedded" / "r"
-    process = run_module("carn.train", *TINY_CARN, "--epochs", "1", "60", "--runs-dir", "runs", "--run-name", "r",
+    # more epochs than a loaded machine runs before the signal arrives (stdout is read with a delay)
+    process = run_module("carn.train", *TINY_CARN, "--epochs", "1", "5000", "--runs-dir", "runs", "--run-name", "r",
                          cwd=tmp_path)
     lines = []
     for line in process.stdout:  # wait for the first finished epoch, then press Ctrl-C
         lines.append(line)
-        if line.startswith("epoch 1/61"):
+        if line.startswith("epoch 1/5001"):
             break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)
@@ -180,7 +181,7 @@ def test_ctrl_c_saves_says_how_to_resume_and_the_run_resumes(reference_backend, 
 
     assert carn.train.cli(["--resume", str(run_dir), "--stop-after-epoch", str(saved[-1] + 1), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert f"resuming after epoch {saved[-1]} of 61" in out and f"epoch {saved[-1] + 1}/61 (stage 2)" in out
+    assert f"resuming after epoch {saved[-1]} of 5001" in out and f"epoch {saved[-1] + 1}/5001 (stage 2)" in out
 
     assert carn.evaluate.cli([str(run_dir), "--no-plots", "--no-progress"]) == 0  # a run folder
     assert (run_dir / "evaluation" / "table1_last_test.md").is_file()
