@@ -154,8 +154,11 @@ def test_gcnet_dataset_folder_holds_both_iemocap_variants(tmp_path):
 
 def run_module(module: str, *arguments, cwd: Path, **popen) -> subprocess.Popen:
     env = {**os.environ, "KERNELS_BACKEND": "reference", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # SIGINT back to its default in the child: a process that starts with it ignored (as pytest-xdist's workers
+    # leave it, and as a shell does for background jobs) never sees Ctrl-C, and Python keeps it ignored
     return subprocess.Popen([sys.executable, "-m", module, *arguments], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 @pytest.mark.slow  # about 13-22 s on a shared 2-core machine: a Python start, an interrupted run, a resume
