@@ -519,29 +519,29 @@ def k_traffic_rows(settings: Settings, log: Callable[[str], None]) -> Tuple[List
     return rows, adasplash_note
 
 
-def solver_rows(settings: Settings, log: Callable[[str], None]) -> List[dict]:
+def _per_distribution_rows(lengths: Tuple[int, ...], head_dim: int, stats_of: Callable[..., dict],
+                           describe: Callable[[dict], str], log: Callable[[str], None]) -> List[dict]:
+    """One row of ``stats_of(T, D, q_scale, seed)`` per length and q distribution, each logged with ``describe``."""
     rows = []
-    for t in settings.solver_lengths:
+    for t in lengths:
         for q_scale, seed in DISTRIBUTIONS:
             start = time.perf_counter()
-            stats = solver_pass_stats(t, settings.head_dim, q_scale, seed)
-            rows.append({"T": t, "D": settings.head_dim, "q_scale": q_scale, "seed": seed, **stats,
+            stats = stats_of(t, head_dim, q_scale, seed)
+            rows.append({"T": t, "D": head_dim, "q_scale": q_scale, "seed": seed, **stats,
                          "wall_s": round(time.perf_counter() - start, 1)})
-            log(f"solver passes T={t} q x{q_scale:g}: mean {stats['mean']:.2f}, max {stats['max']}")
+            log(f"T={t} q x{q_scale:g}: {describe(stats)}")
     return rows
+
+
+def solver_rows(settings: Settings, log: Callable[[str], None]) -> List[dict]:
+    return _per_distribution_rows(settings.solver_lengths, settings.head_dim, solver_pass_stats,
+                                  lambda s: f"solver passes mean {s['mean']:.2f}, max {s['max']}", log)
 
 
 def support_rows(settings: Settings, log: Callable[[str], None]) -> List[dict]:
-    rows = []
-    for t in settings.support_lengths:
-        for q_scale, seed in DISTRIBUTIONS:
-            start = time.perf_counter()
-            stats = support_tile_stats(t, settings.head_dim, q_scale, seed)
-            rows.append({"T": t, "D": settings.head_dim, "q_scale": q_scale, "seed": seed, **stats,
-                         "wall_s": round(time.perf_counter() - start, 1)})
-            log(f"key tiles T={t} q x{q_scale:g}: visited {stats['visited']:.3f}, "
-                f"with support {stats['with_support']:.3f}")
-    return rows
+    return _per_distribution_rows(settings.support_lengths, settings.head_dim, support_tile_stats,
+                                  lambda s: f"key tiles visited {s['visited']:.3f}, with support "
+                                            f"{s['with_support']:.3f}", log)
 
 
 def _table(header: List[str], rows: List[List[str]]) -> str:
