@@ -640,7 +640,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
         if size % mask_size and mask_size % size:
             raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
-    shape = (B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n))
+    shape = _support_shape(B, H, T, tiles)
     if support is not None and tuple(support.shape) != shape:
         raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
                          f"{tuple(support.shape)}")
