@@ -26,7 +26,7 @@ import importlib
 import io
 import sys
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 #: op name -> module that defines ``aot_configurations()``
 OP_MODULES = {
@@ -41,7 +41,8 @@ class AotConfig(NamedTuple):
 
     ``signature`` maps every argument name to a Triton type string (``"*fp32"``, ``"i32"``, ...,
     ``"constexpr"`` for compile-time arguments); ``constexprs`` gives the constexpr values.
-    ``num_warps``/``num_stages`` are the launch options the launcher uses with it. ``divisible``: arguments
+    ``num_warps``/``num_stages`` (and ``maxnreg``, the cap on registers per thread, None: ptxas's choice) are the
+    launch options the launcher uses with it. ``divisible``: arguments
     specialized as multiples of 16 (pointers: 16-byte aligned), as Triton's launcher does for aligned tensors.
     ``capabilities``: the compute capabilities whose candidate list holds it (empty: every one compiled).
     ``default``: part of the quick subset (``--defaults-only``, the tests): for ops with autotune candidates the
@@ -54,6 +55,7 @@ class AotConfig(NamedTuple):
     constexprs: Dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: Optional[int] = None
     divisible: Tuple[str, ...] = ()
     capabilities: Tuple[int, ...] = ()
     default: bool = True
@@ -91,7 +93,10 @@ def compile_config(config: AotConfig, capability: int):
     from triton.compiler import ASTSource
 
     source = ASTSource(config.kernel, config.signature, config.constexprs, config.attrs())
-    return compile_source(source, capability, {"num_warps": config.num_warps, "num_stages": config.num_stages})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:
+        options["maxnreg"] = config.maxnreg
+    return compile_source(source, capability, options)
 
 
 def config_targets(config: AotConfig, capabilities: Sequence[int]) -> List[int]:

@@ -44,6 +44,10 @@ class Tiles(NamedTuple):
     per program); longer rows use ``block_m`` x ``block_n`` tiles. Features go in chunks of ``block_d``/``block_dv``.
     The threshold solver evaluates ``candidates`` thresholds per row and pass: 16 keep it at most 3 passes over K on
     the benchmarks' scores (T = 2048, D = 64, q scaled x1/x4/x16; ``tau_solver_passes``), 8 need up to 4.
+    The threshold kernel's long-row passes take D in chunks of ``tau_block_d`` (None: ``block_d``): the dots
+    chain their 16-feature steps in the same order whatever the chunk (16-bit inputs: the same scores bit for bit;
+    fp32's tf32x3 adds each chunk's three products to the sum, so its scores may differ in the last bits), and
+    smaller chunks hold fewer operand registers, which is what lets that kernel reach 12 resident warps per SM.
     The forward kernel takes Dv in chunks of up to ``wide_block_dv`` (the next power of two of Dv, at least
     ``block_dv``; :func:`_forward_block_dv`): each chunk recomputes
     QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
@@ -70,6 +74,7 @@ class Tiles(NamedTuple):
     bwd_block_n: Optional[int] = None
     bwd_whole_d: int = 128
     bwd_block_d: Optional[int] = None
+    tau_block_d: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -78,12 +83,14 @@ class Tiles(NamedTuple):
 #: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
 #: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
 #: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
-#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks.
+#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The
+#: threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes, sm_80 and
+#: sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4).
 _DEFAULT_TILES = {
-    torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
-    torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32),
+    torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32, tau_block_d=16),
+    torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32, tau_block_d=16),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, bwd_block_m=16, bwd_block_n=16,
-                         bwd_block_d=64),
+                         bwd_block_d=64, tau_block_d=16),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -96,18 +103,27 @@ def _tiles(dtype: torch.dtype) -> Tiles:
     return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES[dtype]
 
 
+def _tau_block_d(tiles: Tiles) -> int:
+    """Feature chunk of the threshold kernel's long-row passes."""
+    return tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d
+
+
 #: Autotune alternatives (``kernels._autotune``) to each kernel's default ``(Tiles.num_warps, Tiles.num_stages)``,
 #: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"bwd"``), fp32
-#: or not, and architecture: (num_warps, num_stages) pairs. Only the launch options are tuned, not the tiles: the
+#: or not, and architecture: (num_warps, num_stages) pairs, or triples whose third entry caps the registers per
+#: thread (``maxnreg``). Only the launch options are tuned, not the tiles: the
 #: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
 #: kernels at those tiles) and the backward's query-tile lists are built for its tiles before it launches. Every
 #: candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
 #: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
-#: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64).
+#: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64). The threshold
+#: passes (16-feature chunks) reach 12 resident warps per SM in 4 warps within 168 registers: fp32 on both
+#: architectures unforced, 16-bit on sm_90 with 3 stages and the cap (2 stages spill under it; sm_80 spills 32-52
+#: bytes under it, so its 16-bit passes stay at 8 warps per SM).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
-    ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 2), (8, 3)]},
+    ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 3, 168), (4, 2), (8, 3)]},
     ("tau passes", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 3)]},
     ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
@@ -124,7 +140,8 @@ def _candidates(kernel: str, dtype: torch.dtype, constexprs: dict, arch: str) ->
     options = [(tiles.num_warps, tiles.num_stages)]
     if _TILE_OVERRIDE is None and arch in ARCHS:
         options += _ALTERNATIVES[(kernel, dtype == torch.float32)][arch]
-    return [triton.Config(dict(constexprs), num_warps=warps, num_stages=stages) for warps, stages in options]
+    return [triton.Config(dict(constexprs), num_warps=option[0], num_stages=option[1],
+                          maxnreg=option[2] if len(option) > 2 else None) for option in options]
 
 
 def _bucket(batch_heads: int, t: int) -> tuple:
@@ -543,7 +560,8 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates,
                 UPCAST_DOTS=upcast_dots_for(q.dtype)),
            _candidates("tau registers" if in_registers else "tau passes", q.dtype,
-                       dict(BM=block_m, BN=block_n, BD=tiles.block_d), launch_arch(q.device)),
+                       dict(BM=block_m, BN=block_n, BD=tiles.block_d if in_registers else _tau_block_d(tiles)),
+                       launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
 
@@ -1070,7 +1088,7 @@ def aot_configurations() -> List[AotConfig]:
         variants = [
             ("tau registers", _entmax_tau_kernel, "tau registers",
              dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver)),
-            ("tau passes", _entmax_tau_kernel, "tau passes", dict(BM=t.block_m, BN=t.block_n, BD=t.block_d),
+            ("tau passes", _entmax_tau_kernel, "tau passes", dict(BM=t.block_m, BN=t.block_n, BD=_tau_block_d(t)),
              dict(ROW_IN_REGISTERS=False, **solver)),
             ("fwd", _entmax_fwd_kernel, "fwd", blocks, dict(UPCAST_DOTS=False)),
         ]
@@ -1090,8 +1108,10 @@ def aot_configurations() -> List[AotConfig]:
                     lambda arch: _candidates(name, torch_dtype, tiles, arch)):
                 constexprs = {**fixed, **config.kwargs}
                 signature = _signature(kernel, dtype, constexprs)
-                full = f"{label} {dtype} w{config.num_warps}s{config.num_stages}"
-                options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=capabilities)
+                full = f"{label} {dtype} w{config.num_warps}s{config.num_stages}" + (
+                    f"r{config.maxnreg}" if config.maxnreg else "")
+                options = dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
+                               capabilities=capabilities)
                 configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
                                          default=default, **options))
                 if default:
