@@ -54,7 +54,8 @@ class Tiles(NamedTuple):
     ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
     scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
     ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the default launch options
-    of every kernel; on a GPU each kernel autotunes them among ``_ALTERNATIVES`` too (``kernels._autotune``).
+    of every kernel (the threshold kernel's long-row passes: ``tau_num_warps`` warps, None: ``num_warps``); on a GPU
+    each kernel autotunes them among ``_ALTERNATIVES`` too (``kernels._autotune``).
     The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
     (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
@@ -75,6 +76,7 @@ class Tiles(NamedTuple):
     bwd_whole_d: int = 128
     bwd_block_d: Optional[int] = None
     tau_block_d: Optional[int] = None
+    tau_num_warps: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -85,12 +87,13 @@ class Tiles(NamedTuple):
 #: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
 #: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The
 #: threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes, sm_80 and
-#: sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4).
+#: sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4); fp32 runs them in 4
+#: warps (166-168 registers: 12 resident warps per SM; 8 warps hold 160-170: 8 per SM).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32, tau_block_d=16),
     torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32, tau_block_d=16),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, bwd_block_m=16, bwd_block_n=16,
-                         bwd_block_d=64, tau_block_d=16),
+                         bwd_block_d=64, tau_block_d=16, tau_num_warps=4),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -108,23 +111,23 @@ def _tau_block_d(tiles: Tiles) -> int:
     return tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d
 
 
-#: Autotune alternatives (``kernels._autotune``) to each kernel's default ``(Tiles.num_warps, Tiles.num_stages)``,
+#: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`),
 #: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"bwd"``), fp32
 #: or not, and architecture: (num_warps, num_stages) pairs, or triples whose third entry caps the registers per
-#: thread (``maxnreg``). Only the launch options are tuned, not the tiles: the
-#: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
-#: kernels at those tiles) and the backward's query-tile lists are built for its tiles before it launches. Every
-#: candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
-#: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
-#: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64). The threshold
-#: passes (16-feature chunks) reach 12 resident warps per SM in 4 warps within 168 registers: fp32 on both
-#: architectures unforced, 16-bit on sm_90 with 3 stages and the cap (2 stages spill under it; sm_80 spills 32-52
-#: bytes under it, so its 16-bit passes stay at 8 warps per SM).
+#: thread (``maxnreg``). Only the launch options are tuned, not the tiles: the threshold kernel's long-row tiles are
+#: the support mask's (allocated before it launches, read by the other two kernels at those tiles) and the
+#: backward's query-tile lists are built for its tiles before it launches. Every candidate compiles without register
+#: spills at the report's shapes (``python -m kernels.report --ops entmax15_attention``; README, "Launch
+#: configurations"); 4 warps spill in the output kernel (all dtypes) and the fp32 backward, 3 stages in the 16-bit
+#: sm_90 backward (D 64). The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most
+#: 168 registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, 168) (2
+#: stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such
+#: candidate: 4 warps use 255 registers unforced and spill 32-52 bytes under the cap.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 3, 168), (4, 2), (8, 3)]},
-    ("tau passes", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 3)]},
+    ("tau passes", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
     ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
@@ -132,12 +135,19 @@ _ALTERNATIVES = {
 }
 
 
+def _default_options(kernel: str, tiles: Tiles) -> tuple:
+    """``(num_warps, num_stages)`` that ``kernel`` (a key of ``_ALTERNATIVES``) launches with untuned."""
+    if kernel == "tau passes" and tiles.tau_num_warps is not None:
+        return tiles.tau_num_warps, tiles.num_stages
+    return tiles.num_warps, tiles.num_stages
+
+
 def _candidates(kernel: str, dtype: torch.dtype, constexprs: dict, arch: str) -> List[triton.Config]:
     """Autotune candidates of ``kernel`` (a key of ``_ALTERNATIVES``) for inputs of ``dtype`` on ``arch``
     (``sm_80``, ``sm_90`` or ``fallback``), all with the tile ``constexprs``; the default (``Tiles``' launch
     options) first and alone on ``fallback`` and under ``_TILE_OVERRIDE``."""
     tiles = _tiles(dtype)
-    options = [(tiles.num_warps, tiles.num_stages)]
+    options = [_default_options(kernel, tiles)]
     if _TILE_OVERRIDE is None and arch in ARCHS:
         options += _ALTERNATIVES[(kernel, dtype == torch.float32)][arch]
     return [triton.Config(dict(constexprs), num_warps=option[0], num_stages=option[1],

@@ -95,7 +95,8 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
     for arch in ARCHS:
         listed = em._candidates(kernel, dtype, constexprs, arch)
         assert len(listed) > 1 and len(set(map(str, listed))) == len(listed), listed
-        assert (listed[0].num_warps, listed[0].num_stages) == (tiles.num_warps, tiles.num_stages)
+        assert (listed[0].num_warps, listed[0].num_stages) == em._default_options(kernel, tiles)
+        assert listed[0].maxnreg is None
         # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
         assert all(config.kwargs == constexprs for config in listed)
     assert em._candidates(kernel, dtype, constexprs, FALLBACK) == em._candidates(kernel, dtype, constexprs,
@@ -125,8 +126,8 @@ def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
 @pytest.mark.parametrize("op", ["block_causal_attention", "moe_top2", "entmax15_attention"])
 def test_aot_lists_every_candidate_of_both_architectures_with_alignment(op):
     configs = configurations(op)
-    compiled = {(config.kernel, tuple(sorted(config.constexprs.items())), config.num_warps, config.num_stages, c)
-                for config in configs if config.divisible for c in config.capabilities}
+    compiled = {(config.kernel, tuple(sorted(config.constexprs.items())), config.num_warps, config.num_stages, c,
+                 config.maxnreg) for config in configs if config.divisible for c in config.capabilities}
     kernels = {config.kernel for config in configs}
     for arch in ARCHS:
         capability = _autotune.ARCH_CAPABILITY[arch]
@@ -162,7 +163,7 @@ def _launched_candidates(op, kernel, arch):
 def _same(candidate, listed):
     constexprs = dict(listed[1])
     return (all(constexprs.get(k) == v for k, v in candidate.kwargs.items())
-            and (candidate.num_warps, candidate.num_stages) == listed[2:4])
+            and (candidate.num_warps, candidate.num_stages) == listed[2:4] and candidate.maxnreg == listed[5])
 
 
 _ENTMAX_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
