@@ -280,6 +280,26 @@ def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q
     _assert_close(out, entmax15_attention_weights(q.double(), k.double()), 2e-5, "weights")
 
 
+def test_threshold_passes_take_d_in_their_own_chunks(triton_backend, tiles, monkeypatch):
+    """``Tiles.tau_block_d`` chunks D in the long-row passes only (D = 10: chunks of 4, the last one partial)."""
+    tiles(TINY._replace(tau_block_d=4))
+    chunks, launch = [], entmax_attention.launch
+
+    def recording(kernel, grid, args, kwargs, candidates, **options):
+        chunks.append((kwargs["ROW_IN_REGISTERS"], candidates[0].kwargs["BD"]))
+        launch(kernel, grid, args, kwargs, candidates, **options)
+
+    q, k, _ = (x.detach() for x in _inputs(1, 2, 21, 10, 1, seed=8))
+    with monkeypatch.context() as patch:
+        patch.setattr(entmax_attention, "launch", recording)
+        for t in (21, 8):  # passes, then rows in registers (block_d chunks)
+            whole = entmax_attention._whole_sequences(t, q.device)
+            rowmax, tau, _ = entmax_attention._entmax_tau(q[:, :, :t], k[:, :, :t], True, 10 ** -0.5, whole)
+            torch.testing.assert_close((rowmax + tau).double(), _float64_tau(q[:, :, :t], k[:, :, :t]), atol=1e-6,
+                                       rtol=1e-6)
+    assert chunks == [(False, 4), (True, 8)]
+
+
 @pytest.mark.parametrize("t", [pytest.param(6, id="in-registers"), pytest.param(21, id="passes")])
 def test_scores_of_any_magnitude(triton_backend, tiles, t):
     tiles(TINY)
