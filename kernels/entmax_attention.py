@@ -121,8 +121,9 @@ def _tau_block_d(tiles: Tiles) -> int:
 #: configurations"); 4 warps spill in the output kernel (all dtypes) and the fp32 backward, 3 stages in the 16-bit
 #: sm_90 backward (D 64). The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most
 #: 168 registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, 168) (2
-#: stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such
-#: candidate: 4 warps use 255 registers unforced and spill 32-52 bytes under the cap.
+#: stages spill under that cap); the other candidates hold 8 (142-212 registers; bench/results/static/
+#: 2026-12-01-tau.md). 16-bit sm_80 has no such candidate: 4 warps use 255 registers unforced and spill 32-52
+#: bytes under the cap.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
