@@ -85,8 +85,8 @@ class Tiles(NamedTuple):
 #: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
 #: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
 #: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The output
-#: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, no spills; 64 rows
-#: spill with Dv chunks of 256, and 16 rows with 4 warps at Dv = 512).
+#: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, 228-245 registers,
+#: no spills; with 4 warps they spill 0.8-8 KB, and so do 64 rows with Dv chunks of 256 except 16-bit on sm_90).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32),
@@ -116,7 +116,7 @@ def _tiles(dtype: torch.dtype) -> Tiles:
 #: --ops entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
 #: fp32 backward and the 16-bit sm_80 threshold passes, 3 stages in the 16-bit sm_90 backward (D 64). The wide
 #: alternatives trade FLOPs for rows: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512),
-#: 64 rows (sm_90: HGMMA) with chunks of 128 four times.
+#: 64 rows on sm_90 (HGMMA) with chunks of 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
@@ -125,7 +125,7 @@ _ALTERNATIVES = {
     ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd wide", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256})],
-                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
+                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 256})]},
     ("fwd wide", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 16, "BDV": 256})],
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
     ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
