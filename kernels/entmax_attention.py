@@ -86,7 +86,8 @@ class Tiles(NamedTuple):
 #: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
 #: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The output
 #: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, 228-245 registers,
-#: no spills; with 4 warps they spill 0.8-8 KB, and so do 64 rows with Dv chunks of 256 except 16-bit on sm_90).
+#: no spills; with 4 warps they spill 0.8-8.5 KB, and 64 rows with Dv chunks of 256 0.1-1.4 KB, except 16-bit on
+#: sm_90).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32),
@@ -1111,7 +1112,8 @@ def aot_configurations() -> List[AotConfig]:
         # every (list, BM, BDV) of _forward_tiles (its chunks stop growing at the widest); labels name each
         # candidate's own tiles
         widest = max(t.wide_block_dv, t.wide_dv_block_dv or 0)
-        for name, block_m, block_dv in dict.fromkeys(_forward_tiles(t, 1 << i) for i in range(widest.bit_length() + 1)):
+        forward_tiles = dict.fromkeys(_forward_tiles(t, 1 << i) for i in range(widest.bit_length() + 1))
+        for name, block_m, block_dv in forward_tiles:
             variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
                              dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False)))
         for d, dv in _AOT_BWD_HEAD_DIMS:
