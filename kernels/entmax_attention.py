@@ -48,14 +48,18 @@ class Tiles(NamedTuple):
     chain their 16-feature steps in the same order whatever the chunk (16-bit inputs: the same scores bit for bit;
     fp32's tf32x3 adds each chunk's three products to the sum, so its scores may differ in the last bits), and
     smaller chunks hold fewer operand registers, which is what lets that kernel reach 12 resident warps per SM.
-    The forward kernel takes Dv in chunks of up to ``wide_block_dv`` (the next power of two of Dv, at least
-    ``block_dv``; :func:`_forward_block_dv`): each chunk recomputes
-    QK^T, so fewer chunks mean fewer FLOPs (D = Dv = 128: one QK^T instead of two).
     ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
     scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
+    The output kernel (:func:`_forward_tiles`) takes Dv up to ``wide_block_dv`` in one chunk (its next power of two,
+    at least ``block_dv``) with ``block_m``-row query tiles; a wider Dv in chunks of up to ``wide_dv_block_dv`` with
+    ``wide_dv_block_m``-row query tiles (a divisor of ``block_m``: a tile reads the mask entry of the ``block_m`` tile
+    that holds it; None: ``block_m`` / ``wide_block_dv``). Each chunk recomputes QK^T, and a [BM, BDV] accumulator
+    (two with ``store_w``) must fit in registers: fewer rows make room for wider chunks (CARN's Dv = 512 in one
+    chunk of 16 rows: QK^T once per score, not four times), at the cost of streaming K (and V) once per 16 rows.
     ``num_warps`` and ``num_stages`` (>= 2: K and V tiles streamed with async copies) are the default launch options
     of every kernel (the threshold kernel's long-row passes: ``tau_num_warps`` warps, None: ``num_warps``); on a GPU
-    each kernel autotunes them among ``_ALTERNATIVES`` too (``kernels._autotune``).
+    each kernel autotunes them among ``_ALTERNATIVES`` too (``kernels._autotune``), the wide-Dv output kernel its
+    query rows and Dv chunk as well.
     The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
     (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
@@ -69,6 +73,8 @@ class Tiles(NamedTuple):
     row_block_n: int = 128
     candidates: int = 16
     wide_block_dv: int = 128
+    wide_dv_block_m: Optional[int] = None
+    wide_dv_block_dv: Optional[int] = None
     num_warps: int = 8
     num_stages: int = 2
     bwd_block_m: Optional[int] = None
@@ -85,15 +91,20 @@ class Tiles(NamedTuple):
 #: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
 #: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
 #: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
-#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The
-#: threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes, sm_80 and
-#: sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4); fp32 runs them in 4
-#: warps (166-168 registers: 12 resident warps per SM; 8 warps hold 160-170: 8 per SM).
+#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The output
+#: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, 228-245 registers,
+#: no spills; with 4 warps they spill 0.8-8.5 KB, and 64 rows with Dv chunks of 256 0.1-1.4 KB, except 16-bit on
+#: sm_90). The threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes,
+#: sm_80 and sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4); fp32 runs them
+#: in 4 warps (166-168 registers: 12 resident warps per SM; 8 warps hold 160-170: 8 per SM).
 _DEFAULT_TILES = {
-    torch.float16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32, tau_block_d=16),
-    torch.bfloat16: Tiles(row_block_m=16, bwd_block_m=32, bwd_block_n=32, tau_block_d=16),
-    torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, bwd_block_m=16, bwd_block_n=16,
-                         bwd_block_d=64, tau_block_d=16, tau_num_warps=4),
+    torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
+                         tau_block_d=16),
+    torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
+                          tau_block_d=16),
+    torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
+                         wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=64, tau_block_d=16,
+                         tau_num_warps=4),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -112,25 +123,33 @@ def _tau_block_d(tiles: Tiles) -> int:
 
 
 #: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`),
-#: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"bwd"``), fp32
-#: or not, and architecture: (num_warps, num_stages) pairs, or triples whose third entry caps the registers per
-#: thread (``maxnreg``). Only the launch options are tuned, not the tiles: the threshold kernel's long-row tiles are
-#: the support mask's (allocated before it launches, read by the other two kernels at those tiles) and the
-#: backward's query-tile lists are built for its tiles before it launches. Every candidate compiles without register
-#: spills at the report's shapes (``python -m kernels.report --ops entmax15_attention``; README, "Launch
+#: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"fwd wide"``:
+#: the output kernel for Dv up to / above ``Tiles.wide_block_dv``, ``"bwd"``), fp32 or not, and architecture:
+#: (num_warps, num_stages) pairs, or triples whose third entry holds ``maxnreg`` (a cap on the registers per thread)
+#: or, for the wide output kernel, its tiles ``BM`` (query rows) and ``BDV`` (Dv chunk, at most the default's): its
+#: tiles are its own (it reads the support mask at the mask's tiles, ``MASK_BM``). The other tiles are fixed: the
+#: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
+#: kernels at those tiles), the output kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and
+#: the backward's query-tile lists are built for its tiles before it launches. Every candidate compiles without
+#: register spills at the report's shapes (``python -m kernels.report --ops entmax15_attention``; README, "Launch
 #: configurations"); 4 warps spill in the output kernel (all dtypes) and the fp32 backward, 3 stages in the 16-bit
 #: sm_90 backward (D 64). The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most
-#: 168 registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, 168) (2
-#: stages spill under that cap); the other candidates hold 8 (142-212 registers; bench/results/static/
-#: 2026-12-01-tau.md). 16-bit sm_80 has no such candidate: 4 warps use 255 registers unforced and spill 32-52
-#: bytes under the cap.
+#: 168 registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, maxnreg 168)
+#: (2 stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such
+#: candidate: 4 warps use 255 registers unforced and spill 32-52 bytes under the cap. The wide alternatives trade
+#: FLOPs for rows: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90
+#: (HGMMA) with chunks of 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
-    ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 3, 168), (4, 2), (8, 3)]},
+    ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 3, {"maxnreg": 168}), (4, 2), (8, 3)]},
     ("tau passes", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
     ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("fwd wide", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256})],
+                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 256})]},
+    ("fwd wide", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 16, "BDV": 256})],
+                         "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
     ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("bwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
 }
@@ -145,14 +164,24 @@ def _default_options(kernel: str, tiles: Tiles) -> tuple:
 
 def _candidates(kernel: str, dtype: torch.dtype, constexprs: dict, arch: str) -> List[triton.Config]:
     """Autotune candidates of ``kernel`` (a key of ``_ALTERNATIVES``) for inputs of ``dtype`` on ``arch``
-    (``sm_80``, ``sm_90`` or ``fallback``), all with the tile ``constexprs``; the default (``Tiles``' launch
-    options) first and alone on ``fallback`` and under ``_TILE_OVERRIDE``."""
+    (``sm_80``, ``sm_90`` or ``fallback``), with the tile ``constexprs`` (the wide output kernel's alternatives
+    replace BM and BDV, the chunk capped at the default's); the default (``Tiles``' launch options) first and alone
+    on ``fallback`` and under ``_TILE_OVERRIDE``; no two alike."""
     tiles = _tiles(dtype)
     options = [_default_options(kernel, tiles)]
     if _TILE_OVERRIDE is None and arch in ARCHS:
         options += _ALTERNATIVES[(kernel, dtype == torch.float32)][arch]
-    return [triton.Config(dict(constexprs), num_warps=option[0], num_stages=option[1],
-                          maxnreg=option[2] if len(option) > 2 else None) for option in options]
+    configs = []
+    for warps, stages, *extra in options:
+        extra = dict(extra[0]) if extra else {}
+        maxnreg = extra.pop("maxnreg", None)
+        tile = dict(constexprs, **extra)
+        if "BDV" in extra:
+            tile["BDV"] = min(tile["BDV"], constexprs["BDV"])
+        config = triton.Config(tile, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+        if all(str(config) != str(other) for other in configs):
+            configs.append(config)
+    return configs
 
 
 def _bucket(batch_heads: int, t: int) -> tuple:
@@ -368,10 +397,12 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
                        stride_sb, stride_sm, stride_sn,
                        H, T, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       UPCAST_DOTS: tl.constexpr):
+                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
     w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H).
-    Key tiles whose ``support`` byte (the threshold kernel's mask, tiles BM x BN) is 0 are skipped before QK^T."""
+    Key tiles whose ``support`` byte (the threshold kernel's mask, tiles MASK_BM x BN; BM divides MASK_BM: a query
+    tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T."""
+    tl.static_assert(MASK_BM % BM == 0)
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -389,7 +420,7 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
     b_gsum = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
-    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
+    p_sup = support + i_bh.to(tl.int64) * stride_sb + ((i_m * BM) // MASK_BM).to(tl.int64) * stride_sm
     for n0 in range(lo, hi, BN):
         if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
             o_n = n0 + tl.arange(0, BN)
@@ -577,9 +608,16 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
     return rowmax, tau, support
 
 
-def _forward_block_dv(tiles: Tiles, dv: int) -> int:
-    """Dv chunk of the output kernel: ``block_dv``, or the next power of two of Dv up to ``wide_block_dv``."""
-    return tiles.block_dv if dv <= tiles.block_dv else min(tiles.wide_block_dv, triton.next_power_of_2(dv))
+def _forward_tiles(tiles: Tiles, dv: int):
+    """(candidate list, query rows BM, Dv chunk BDV) of the output kernel (``Tiles``): ``block_m`` rows and one
+    chunk of ``block_dv`` or Dv's next power of two for Dv up to ``wide_block_dv``, else ``wide_dv_block_m`` rows
+    and chunks of Dv's next power of two up to ``wide_dv_block_dv``."""
+    if dv <= tiles.wide_block_dv:
+        return "fwd", tiles.block_m, max(tiles.block_dv, triton.next_power_of_2(dv))
+    block_m = tiles.wide_dv_block_m or tiles.block_m
+    if tiles.block_m % block_m:
+        raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
+    return "fwd wide", block_m, min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
 
 
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
@@ -592,13 +630,13 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
-    block_dv = _forward_block_dv(tiles, Dv)
-    launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, tiles.block_m), triton.cdiv(Dv, block_dv), B * H),
+    name, block_m, block_dv = _forward_tiles(tiles, Dv)
+    launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
             *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale, int(causal),
             int(store_w)),
-           dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
-           _candidates("fwd", q.dtype, dict(BM=tiles.block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
+           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype)),
+           _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
                        launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T))
     return o, rowmax, tau, support, w
@@ -1090,7 +1128,7 @@ def aot_configurations() -> List[AotConfig]:
     the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset)."""
-    configs = []
+    configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
         blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
@@ -1101,25 +1139,32 @@ def aot_configurations() -> List[AotConfig]:
              dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver)),
             ("tau passes", _entmax_tau_kernel, "tau passes", dict(BM=t.block_m, BN=t.block_n, BD=_tau_block_d(t)),
              dict(ROW_IN_REGISTERS=False, **solver)),
-            ("fwd", _entmax_fwd_kernel, "fwd", blocks, dict(UPCAST_DOTS=False)),
         ]
+        # every (list, BM, BDV) of _forward_tiles (its chunks stop growing at the widest); labels name each
+        # candidate's own tiles
+        widest = max(t.wide_block_dv, t.wide_dv_block_dv or 0)
+        forward_tiles = dict.fromkeys(_forward_tiles(t, 1 << i) for i in range(widest.bit_length() + 1))
+        for name, block_m, block_dv in forward_tiles:
+            variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
+                             dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False)))
         for d, dv in _AOT_BWD_HEAD_DIMS:
             bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
             variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel, "bwd",
                              dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole), dict(UPCAST_DOTS=False)))
-        block_dv = t.block_dv
-        while block_dv < t.wide_block_dv:  # every wider Dv chunk of _forward_block_dv
-            block_dv *= 2
-            variants.append((f"fwd BDV={block_dv}", _entmax_fwd_kernel, "fwd", dict(blocks, BDV=block_dv),
-                             dict(UPCAST_DOTS=False)))
         for label, kernel, name, tiles, fixed in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles, arch)):
                 constexprs = {**fixed, **config.kwargs}
+                # a wide output kernel's alternative may be another list's candidate too: compile it once
+                identity = (kernel, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
+                            config.maxnreg)
+                if set(capabilities) <= listed.get(identity, set()):
+                    continue
+                listed.setdefault(identity, set()).update(capabilities)
                 signature = _signature(kernel, dtype, constexprs)
-                full = f"{label} {dtype} w{config.num_warps}s{config.num_stages}" + (
+                full = f"{label.format(**config.kwargs)} {dtype} w{config.num_warps}s{config.num_stages}" + (
                     f"r{config.maxnreg}" if config.maxnreg else "")
                 options = dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
                                capabilities=capabilities)

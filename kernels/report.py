@@ -257,13 +257,14 @@ def _qkv(b, h, t, d, dv, dtype):
     return q, k, torch.randn(b, h, t, dv, dtype=dtype, requires_grad=True)
 
 
-def _carn_entmax():
+def _carn_entmax(dtype):
     """CARN's causal-cue encoder: ``FusedEntmaxCausalAttention(256, 1, out_proj=False)`` with its context (v gets x
-    appended: D = 256, Dv = 512), IEMOCAP batch (32 dialogues x 110 utterances), fp32 (carn/model.py)."""
+    appended: D = 256, Dv = 512), IEMOCAP batch (32 dialogues x 110 utterances), fp32 (carn/model.py); in bf16 for
+    the 16-bit wide-Dv kernels."""
     from kernels import FusedEntmaxCausalAttention
 
-    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False)
-    result = attention.forward_with_context(torch.randn(32, 110, 256))
+    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False).to(dtype)
+    result = attention.forward_with_context(torch.randn(32, 110, 256, dtype=dtype))
     _backward(result.output, result.context)
 
 
@@ -305,7 +306,8 @@ def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
     """Every (op or peer, shape, dtype) of the report; ``quick`` keeps the models' own shapes; without
     ``all_peer_shapes`` the peers' long shapes are T=4096 bf16 only (AdaSplash-2 makes T a constexpr and autotunes
     over 30 + 5 x 6 configs: some 130 compiles per shape and target)."""
-    out = [Case("entmax15_attention", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32", _carn_entmax, True)]
+    out = [Case("entmax15_attention", f"CARN B=32 H=1 T=110 D=256 Dv=512 {n}", n,
+                lambda dt=DTYPES[n]: _carn_entmax(dt), n == "fp32") for n in ("fp32", "bf16")]
     out += [Case("block_causal_attention", f"CaM-HG layer(512, 8 heads, group 3) B=32 T=330 {n}", n,
                  lambda dt=DTYPES[n]: _camhg_layer(dt), n == "fp32") for n in ("fp32", "bf16")]
     out += [Case("moe_top2", f"CaM-HG Top2MoE N=3520 d=512 h=512 E=4 {n}", n,

@@ -87,20 +87,31 @@ def test_moe_candidates_per_architecture(dtype):
     assert moe._launch_tiles(torch.zeros(2, 2, dtype=dtype)) == moe.TILES[("sm_80", dtype)]
 
 
-@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "bwd"])
+@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "fwd wide", "bwd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_entmax_candidates_per_architecture(kernel, dtype):
     tiles = em._DEFAULT_TILES[dtype]
-    constexprs = {"BM": 64, "BN": 16}
+    constexprs = {"BM": 16, "BN": 16, "BDV": 512}
     for arch in ARCHS:
         listed = em._candidates(kernel, dtype, constexprs, arch)
         assert len(listed) > 1 and len(set(map(str, listed))) == len(listed), listed
         assert (listed[0].num_warps, listed[0].num_stages) == em._default_options(kernel, tiles)
         assert listed[0].maxnreg is None
-        # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
-        assert all(config.kwargs == constexprs for config in listed)
+        assert listed[0].kwargs == constexprs
+        if kernel != "fwd wide":
+            # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
+            assert all(config.kwargs == constexprs for config in listed)
+            continue
+        # the wide output kernel tunes its own query rows (dividing the mask's) and Dv chunk (at most the default's)
+        assert len({(c.kwargs["BM"], c.kwargs["BDV"]) for c in listed}) > 1
+        for config in listed:
+            assert tiles.block_m % config.kwargs["BM"] == 0 and config.kwargs["BDV"] <= constexprs["BDV"]
+            assert {k: v for k, v in config.kwargs.items() if k not in ("BM", "BDV")} == {"BN": 16}
     assert em._candidates(kernel, dtype, constexprs, FALLBACK) == em._candidates(kernel, dtype, constexprs,
                                                                                "sm_80")[:1]
+    # a Dv chunk narrower than an alternative's caps it, and alternatives that become the default are dropped
+    narrow = em._candidates(kernel, dtype, dict(constexprs, BDV=128), "sm_90")
+    assert len(set(map(str, narrow))) == len(narrow) and all(c.kwargs["BDV"] <= 128 for c in narrow)
 
 
 def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
@@ -148,8 +159,8 @@ def _launched_candidates(op, kernel, arch):
                 moe._moe_router_grad_kernel: "router_grad"}[kernel]
         return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
-    if op == "entmax15_attention":  # every tile shape of aot_configurations(), with each candidate list
-        return [c for config in configurations(op) if config.kernel is kernel
+    if op == "entmax15_attention":  # every default tile shape of aot_configurations(), with each candidate list
+        return [c for config in configurations(op, defaults_only=True) if config.kernel is kernel
                 for c in em._candidates(_entmax_list(config.label), _ENTMAX_DTYPES[config.signature["q"]],
                                         {k: config.constexprs[k] for k in ("BM", "BN", "BD")
                                          + (("BDV",) if "BDV" in config.constexprs else ())
@@ -170,4 +181,4 @@ _ENTMAX_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch
 
 
 def _entmax_list(label):
-    return next(name for name in ("tau registers", "tau passes", "fwd", "bwd") if label.startswith(name))
+    return next(name for name in ("tau registers", "tau passes", "fwd wide", "fwd", "bwd") if label.startswith(name))

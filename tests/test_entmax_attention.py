@@ -33,6 +33,10 @@ pytestmark = [
 TINY = Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4, row_block_n=8, candidates=4, wide_block_dv=16)
 #: BM != BN: the causal start of the dk/dv loop is rounded down to a query tile; 2 candidates: the bracket's ends
 SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_block_n=8, candidates=2)
+#: Dv above 16: the output kernel's own 4-row query tiles inside the 8-row mask tiles, Dv in chunks of up to 32
+WIDE_ROWS = TINY._replace(wide_dv_block_m=4, wide_dv_block_dv=32)
+#: Dv above 4: 2-row query tiles in 8 x 4 mask tiles, Dv in chunks of up to 8
+SKEWED_WIDE_ROWS = SKEWED._replace(wide_block_dv=4, wide_dv_block_m=2, wide_dv_block_dv=8)
 
 #: (forward atol, gradient atol) against float64 on the same inputs; rtol is the same as atol
 TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 8e-2)}
@@ -84,6 +88,10 @@ def _check_against_reference(q, k, v, causal=True, scale=None):
         pytest.param(1, 1, 9, 4, 4, False, None, TINY, id="T9-first-length-in-passes"),
         pytest.param(1, 1, 19, 11, 9, True, None, TINY, id="T19-passes-partial-tiles-causal"),
         pytest.param(1, 1, 19, 6, 20, True, None, TINY, id="T19-Dv20-two-wide-forward-chunks"),
+        pytest.param(2, 1, 19, 6, 20, True, None, WIDE_ROWS, id="T19-Dv20-4-row-forward-tiles-one-chunk"),
+        pytest.param(1, 2, 21, 7, 40, False, None, WIDE_ROWS, id="T21-Dv40-4-row-forward-tiles-two-chunks-full"),
+        pytest.param(1, 1, 7, 7, 20, True, None, WIDE_ROWS, id="T7-Dv20-4-row-forward-tiles-in-registers"),
+        pytest.param(1, 1, 13, 6, 11, True, 0.7, SKEWED_WIDE_ROWS, id="T13-Dv11-2-row-forward-tiles-BN4"),
         pytest.param(1, 1, 19, 11, 9, False, None, TINY, id="T19-passes-not-causal"),
         pytest.param(1, 1, 13, 6, 5, True, 0.7, SKEWED, id="T13-BM8-BN4-scale0.7"),
         pytest.param(2, 2, 19, 5, 3, False, None, SKEWED, id="T19-B2H2-BM8-BN4-not-causal"),
@@ -422,6 +430,47 @@ def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_sc
     _assert_close(out, expected, 2e-5, "output")
 
 
+@pytest.mark.parametrize("d, dv, chunks", [pytest.param(16, 24, 1, id="Dv24-one-chunk"),
+                                            pytest.param(8, 40, 2, id="Dv40-two-chunks")])
+def test_wide_dv_output_kernel_computes_qk_once_per_chunk_on_its_own_rows(triton_backend, tiles, d, dv, chunks):
+    """With Dv above ``wide_block_dv`` the output kernel runs 4-row query tiles inside the mask's 8-row tiles: each
+    visits the key tiles that its mask tile marks and it can see, computing QK^T there once per Dv chunk (and PV
+    where its own rows have support)."""
+    tiles(WIDE_ROWS)
+    t, scale = 30, 6.0
+    # unit rows with q = k at a large scale: each row attends to itself alone, except rows 8-11, which attend to
+    # keys 0-3: the 8-row mask tile of rows 8-15 marks key tile 0, where rows 12-15 have no support
+    k = torch.nn.functional.normalize(torch.randn(1, 1, t, d, generator=torch.Generator().manual_seed(24)), dim=-1)
+    q, v = k.clone(), torch.randn(1, 1, t, dv, generator=torch.Generator().manual_seed(25))
+    q[:, :, 8:12] = k[:, :, 0:4]
+    sequences = entmax_attention._whole_sequences(t, q.device)
+    _, _, _, support, _ = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, False, sequences)
+    # the mask (8 x 8 tiles) per 4-row tile, and the key tiles each 4-row tile can see
+    visited = support[0].bool().repeat_interleave(2, 0)[:-(-t // 4)] & _visible_tiles(t, 4, 8)
+    assert visited.sum() < _visible_tiles(t, 4, 8).sum(), "peaked rows must leave visible tiles unmarked"
+    with InterpreterCounter({"k": k, "v": v}) as counter:
+        out = entmax15_attention(q, k, v, scale=scale)
+    (launch,) = counter.of("_entmax_fwd_kernel")
+    assert launch.grid == (-(-t // 4), chunks, 1)
+    key_tile_sizes = torch.tensor([min(8, t - 8 * j) for j in range(-(-t // 8))])
+    assert counter.loaded("k", "_entmax_fwd_kernel") == chunks * int((visited.long() * key_tile_sizes).sum()) * d
+    # QK^T on 4 x 8 tiles over D, once per chunk and visited tile; PV on 4 x 8 x 32 (the chunk) where G > 0
+    qk_flops = chunks * int(visited.sum()) * 2 * 4 * 8 * d
+    pv_tiles, rest = divmod(counter.dot_flops("_entmax_fwd_kernel") - qk_flops, chunks * 2 * 4 * 8 * 32)
+    with_support = _tiles_with_support(entmax15_attention_weights(q.double(), k.double(), scale=scale), 4, 8)
+    assert rest == 0 and with_support.sum() <= pv_tiles <= visited.sum()
+    assert with_support.sum() < visited.sum(), "some visited 4-row tile must skip PV"
+    _assert_close(out, reference.entmax15_attention_reference(q.double(), k.double(), v.double(), scale=scale),
+                  2e-5, "output")
+
+
+def test_output_kernel_rows_must_divide_the_mask_tiles(triton_backend, tiles):
+    tiles(TINY._replace(wide_dv_block_m=3))
+    q, k, v = _inputs(1, 1, 9, 4, 17)
+    with pytest.raises(ValueError, match="output kernel tile 3 must divide the support mask's 8"):
+        entmax15_attention(q, k, v)
+
+
 def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_backend, tiles):
     tiles(TINY)
     q, k, _ = (x.detach() for x in _inputs(1, 2, 7, 4, 1, seed=16))
@@ -454,21 +503,23 @@ def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal
 
 
 @pytest.mark.parametrize(
-    "lengths, causal, tile_set",
+    "lengths, causal, tile_set, dv",
     [
-        pytest.param([3, 1, 4], True, TINY, id="in-registers-causal"),
-        pytest.param([5, 1, 12, 9], True, TINY, id="passes-causal"),
-        pytest.param([5, 1, 12, 9], False, TINY, id="passes-not-causal"),
-        pytest.param([9, 2, 6], False, SKEWED, id="BM8-BN4-not-causal"),
+        pytest.param([3, 1, 4], True, TINY, 3, id="in-registers-causal"),
+        pytest.param([5, 1, 12, 9], True, TINY, 3, id="passes-causal"),
+        pytest.param([5, 1, 12, 9], False, TINY, 3, id="passes-not-causal"),
+        pytest.param([9, 2, 6], False, SKEWED, 3, id="BM8-BN4-not-causal"),
+        pytest.param([5, 1, 12, 9], True, WIDE_ROWS, 19, id="4-row-forward-tiles-causal"),
+        pytest.param([9, 2, 6], False, SKEWED_WIDE_ROWS, 9, id="2-row-forward-tiles-BN4-not-causal"),
     ],
 )
-def test_varlen_matches_per_sequence_reference(triton_backend, tiles, lengths, causal, tile_set):
+def test_varlen_matches_per_sequence_reference(triton_backend, tiles, lengths, causal, tile_set, dv):
     """Sequences straddle tiles, so tiles mix sequences; forward and gradients against float64 per sequence."""
     tiles(tile_set)
     total, h = sum(lengths), 2
     cu_seqlens = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     generator = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(total, h, n, generator=generator).requires_grad_() for n in (5, 5, 3))
+    q, k, v = (torch.randn(total, h, n, generator=generator).requires_grad_() for n in (5, 5, dv))
     out = entmax15_attention_varlen(q, k, v, cu_seqlens, causal=causal)
     assert out.shape == v.shape
     do = torch.randn_like(out)
@@ -584,6 +635,8 @@ _PACKED = [7, 1, 11]
     pytest.param(SUPER_TILES, 12.0, _PACKED, True, id="super-tiles-packed-causal-peaked"),
     pytest.param(CHUNKED, 1.0, None, True, id="chunked-causal-random"),
     pytest.param(CHUNKED, 12.0, _PACKED, False, id="chunked-packed-full-peaked"),
+    pytest.param(WIDE_ROWS, 12.0, None, True, id="4-row-forward-tiles-causal-peaked"),
+    pytest.param(WIDE_ROWS, 1.0, _PACKED, False, id="4-row-forward-tiles-packed-full-random"),
 ])
 def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles, q_scale, lengths, causal,
                                                           tile_set):
