@@ -146,8 +146,8 @@ def test_ptxas_log_and_sass_readers():
     assert parsed["async_copies"] == {"LDGSTS.E.BYPASS.128": 1, "UTMALDG.2D": 1}
 
 
-def _row(kernel, target, stores, loads, case="shape A", op="moe_top2"):
-    return {"op": op, "kernel": kernel, "target": target, "cases": [case], "spill_store_bytes": stores,
+def _row(kernel, target, stores, loads, case="shape A"):
+    return {"op": "moe_top2", "kernel": kernel, "target": target, "cases": [case], "spill_store_bytes": stores,
             "spill_load_bytes": loads}
 
 
