@@ -2,8 +2,11 @@
 
 Each kernel that streams tiles has a short list of candidate configurations (``triton.Config``: tile constexprs,
 ``num_warps``, ``num_stages``) per architecture: ``sm_80`` (compute capability 8.x), ``sm_90`` (9.x) and
-``fallback`` (any other GPU: the sm_80 default, which fits the 99 KB of shared memory of the smallest parts).
-The first candidate of a list is its default. :func:`launch` runs a kernel with one of them:
+``fallback`` (any other GPU: the sm_80 default). The first candidate of a list is its default. The sm_80 defaults
+fit ``SMALLEST_SHARED_MEMORY`` (``tests/test_aot_compile.py``), the 99 KB per block of 8.6 and 8.9; other sm_80
+candidates may need up to A100's 163 KB: on 8.6 / 8.9 Triton's autotuner times one that does not fit
+(``OutOfResources`` at its first launch, before anything runs) as infinitely slow, so it is never chosen.
+:func:`launch` runs a kernel with one of them:
 
 - on a GPU, ``triton.autotune`` times every candidate of the device's list at the first launch of each key (the
   tensors' dtypes plus a shape bucket chosen by the launcher, e.g. the sequence length rounded up to a power of
@@ -35,6 +38,10 @@ from ._triton_helpers import _KERNELS_INTERPRETED
 ARCHS = ("sm_80", "sm_90")
 FALLBACK = "fallback"
 ARCH_CAPABILITY = {"sm_80": 80, "sm_90": 90}
+#: bytes of shared memory per block on compute capability 8.6 and 8.9 (RTX 30xx / 40xx, A6000, L40; A100 has 163 KB):
+#: an sm_80 default must fit, being what launches there without tuning (``KERNELS_AUTOTUNE=0``, IEEE fp32, lists of
+#: one candidate) and on ``fallback`` GPUs
+SMALLEST_SHARED_MEMORY = 99 * 1024
 
 _tuners: Dict[tuple, Any] = {}  # (kernel, candidates, bucket, reset_to_zero, restore_value) -> triton Autotuner
 _recording: Optional[List[Dict[str, Any]]] = None  # see ``recording_choices``

@@ -15,7 +15,9 @@ that Triton's launcher specializes as multiples of 16 (16-byte-aligned pointers:
 strides may be given as the constexpr 1, as a launch on dense tensors does. Those specializations are what lets
 16-bit tiles load as 16-byte vectors and stream through async copies (cp.async), so the variants compiled here are
 the ones a launch on aligned tensors makes. The kernels mark their runtime flags and sizes ``do_not_specialize`` so
-that those never make a new variant. ``python -m kernels.report`` captures exactly the variants that the public ops
+that those never make a new variant. Each line reports the cubin's size and the shared memory a launch requests
+(Triton's ``metadata.shared``, which its launcher compares with the device's per-block maximum; Triton's kernels
+declare no static shared memory). ``python -m kernels.report`` captures exactly the variants that the public ops
 launch at given shapes and reports their registers, spills, occupancy and async copies.
 """
 from __future__ import annotations
@@ -136,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 start = time.perf_counter()
                 try:
                     compiled = compile_config(config, capability)
-                    status = f"ok   {len(compiled.asm['cubin']):>7d} B cubin"
+                    status = (f"ok   {len(compiled.asm['cubin']):>7d} B cubin, "
+                              f"{compiled.metadata.shared:>6d} B shared memory")
                     if args.async_copies:
                         from kernels.report import _cuobjdump, parse_sass
 

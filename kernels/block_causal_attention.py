@@ -24,7 +24,7 @@ from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_an
                       checked_cu_seqlens)
 from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision,
                               launch_device_of, upcast_dots_for)
-from ._autotune import ARCHS, aot_candidates, launch, launch_arch, pick, shape_bucket
+from ._autotune import aot_candidates, launch, launch_arch, pick, shape_bucket
 from ._amp import autocast_op
 from ._packing import pack_padding, sequence_ids
 from .backend import use_triton
@@ -336,12 +336,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return fp32_dot_precision() if dtype == torch.float32 else "ieee"
 
 
-#: (kernel, fp32?, head-dim tile up to 128) -> autotune candidates per architecture (``kernels._autotune``), the
+#: (kernel, fp32?, head-dim tile) -> autotune candidates per architecture (``kernels._autotune``), the
 #: default first. The defaults were chosen from launch-specialized ahead-of-time compiles at CaM-HG's layer (B 32,
 #: T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128 (bf16, fp16): two pipeline stages (async copies)
 #: everywhere; see the README. Every candidate compiles without register spills at those shapes
 #: (``python -m kernels.report``, ``kernels/spill_budget.json``). On sm_90, 64-row tiles use wgmma; 32-row tiles
-#: fall back to mma.sync, still tensor cores.
+#: fall back to mma.sync, still tensor cores. The sm_80 defaults fit the 99 KB of shared memory per block of compute
+#: capability 8.6 / 8.9 (``SMALLEST_SHARED_MEMORY``), where they launch untuned; the fp32 backward's A100 tiles at
+#: D 128 (dQ 32 x 64 in 8 warps: 112 KB, dK/dV 32 x 32: 100 KB) come second, behind tiles that read K/V (dQ: 32
+#: query rows) or Q/dO (dK/dV: 32 keys) as often in about half the shared memory (56 and 66 KB), and the autotuner
+#: times them there as infinitely slow.
 _CANDIDATE_TILES = {
     ("fwd", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
                         "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(32, 64, 4, 2), _Tiles(64, 32, 4, 3)]},
@@ -353,7 +357,7 @@ _CANDIDATE_TILES = {
                           "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
     ("bwd_dq", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
                            "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 2)]},
-    ("bwd_dq", True, 128): {"sm_80": [_Tiles(32, 64, 8, 2)],
+    ("bwd_dq", True, 128): {"sm_80": [_Tiles(32, 16, 4, 2), _Tiles(32, 64, 8, 2)],
                             "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 32, 4, 2)]},
     ("bwd_dq", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)],
                             "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
@@ -361,27 +365,31 @@ _CANDIDATE_TILES = {
                              "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)]},
     ("bwd_dkdv", True, 64): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 32, 4, 3)],
                              "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)]},
-    ("bwd_dkdv", True, 128): {"sm_80": [_Tiles(32, 32, 4, 2)],  # three stages: 168 KB of shared memory
+    ("bwd_dkdv", True, 128): {"sm_80": [_Tiles(16, 32, 4, 2), _Tiles(32, 32, 4, 2)],  # 3 stages: 168 KB
                               "sm_90": [_Tiles(32, 32, 4, 3), _Tiles(32, 32, 4, 2)]},
     ("bwd_dkdv", False, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 4, 3)],
                               "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)]},
     ("bwd_dkdv", False, 128): {"sm_80": [_Tiles(32, 64, 8, 2), _Tiles(32, 32, 4, 2)],
                                "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 8, 2)]},
+    # 256-wide heads (no measured target): one tile that fits shared memory, fp32 forward in one stage. The
+    # backward's sm_90 tiles need 128 KB (dQ) and 192 KB (dK/dV) in fp32, 100 and 164.5 KB in 16 bits; on sm_80
+    # smaller ones fit 99 KB without spilling (fp32: 80 and 97 KB, 16-bit: 84 and 65 KB)
+    ("fwd", True, 256): {"sm_80": [_Tiles(32, 32, 4, 1)], "sm_90": [_Tiles(32, 32, 4, 1)]},
+    ("fwd", False, 256): {"sm_80": [_Tiles(64, 32, 4, 2)], "sm_90": [_Tiles(64, 32, 4, 2)]},
+    ("bwd_dq", True, 256): {"sm_80": [_Tiles(16, 16, 4, 2)], "sm_90": [_Tiles(32, 32, 4, 1)]},
+    ("bwd_dq", False, 256): {"sm_80": [_Tiles(64, 16, 4, 2)], "sm_90": [_Tiles(64, 32, 4, 2)]},
+    ("bwd_dkdv", True, 256): {"sm_80": [_Tiles(16, 16, 4, 2)], "sm_90": [_Tiles(32, 32, 4, 1)]},
+    ("bwd_dkdv", False, 256): {"sm_80": [_Tiles(16, 32, 4, 2)], "sm_90": [_Tiles(64, 32, 4, 2)]},
 }
-#: 256-wide heads (no measured target) take one small tile on every architecture, to fit shared memory; fp32 in
-#: one stage (two stages of 32-row fp32 k and v tiles are 128 KB, over the 99 KB of sm_86/89)
-_WIDE_HEAD_TILES = {True: _Tiles(32, 32, 4, 1), False: _Tiles(64, 32, 4, 2)}
 _CONFIGS = {key: {arch: [tiles.config() for tiles in listed] for arch, listed in per_arch.items()}
             for key, per_arch in _CANDIDATE_TILES.items()}
-_WIDE_HEAD_CONFIGS = {fp32: {arch: [tiles.config()] for arch in ARCHS} for fp32, tiles in _WIDE_HEAD_TILES.items()}
 
 
 def _candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: str) -> list[triton.Config]:
     """Autotune candidates of one kernel (``"fwd"``, ``"bwd_dq"``, ``"bwd_dkdv"``) for a dtype, head-dim tile and
     architecture (``sm_80``, ``sm_90`` or ``fallback``, see ``kernels._autotune``), the default first."""
     fp32 = dtype == torch.float32
-    per_arch = _WIDE_HEAD_CONFIGS[fp32] if block_d == 256 else _CONFIGS[(kernel, fp32, block_d)]
-    return pick(per_arch, arch)
+    return pick(_CONFIGS[(kernel, fp32, block_d)], arch)
 
 
 @contextlib.contextmanager

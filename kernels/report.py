@@ -24,8 +24,9 @@ that target (``ptxas-blackwell`` for sm_90), and read back:
 
 Writes ``bench/results/static/<date>.{md,json}``. ``--check-budget`` fails (exit 1) when a kernel spills more than
 ``kernels/spill_budget.json`` allows or a budgeted kernel is missing; ``--write-budget`` writes that file from the
-run. Run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be captured or compiled). Written against
-Triton 3.9.
+run. Both concern only what the run covers (the ``--ops``, the shapes, ``--targets``): other entries are neither
+checked nor rewritten. Run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be captured or compiled).
+Written against Triton 3.9.
 """
 from __future__ import annotations
 
@@ -511,10 +512,17 @@ def spill_budget(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
     return dict(sorted(budget.items()))
 
 
-def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]], ran_cases: Sequence[str],
+def _ran(key: str, ran: Sequence[tuple[str, str]], targets: Sequence[str]) -> bool:
+    """Whether the budget entry ``key`` belongs to this run: its (op, case) pair in ``ran`` and its target in
+    ``targets`` (case names repeat across ops: the op counts too)."""
+    op, case, _, target = key.split(" | ")
+    return (op, case) in ran and target in targets
+
+
+def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]], ran: Sequence[tuple[str, str]],
                  targets: Sequence[str]) -> List[str]:
-    """Violations: a kernel spilling more than its budget (no entry: 0), or a budgeted kernel of a case and target
-    that ran but launched no such kernel."""
+    """Violations: a kernel spilling more than its budget (no entry: 0), or a budgeted kernel of an (op, case) pair
+    of ``ran`` and a target of ``targets`` that launched no such kernel."""
     measured = spill_budget(rows)
     problems = []
     for key, spills in measured.items():
@@ -524,13 +532,20 @@ def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int
                 problems.append(f"{key}: {field.replace('_', ' ')} {value} > budget {allowed.get(field, 0)}"
                                 + ("" if key in budget else " (kernel not in the budget)"))
     for key in budget:
-        op, case, kernel, target = key.split(" | ")
-        if case in ran_cases and target in targets and key not in measured:
+        if _ran(key, ran, targets) and key not in measured:
             problems.append(f"{key}: budgeted kernel missing from the run (renamed or no longer launched? "
                             f"rewrite the budget with --write-budget)")
     problems += [f"{row['op']} | {row['kernel']} | {row['target']}: failed to compile: {row['error']}"
                  for row in rows if "error" in row and row["op"] not in PEERS]
     return problems
+
+
+def rewritten_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]],
+                     ran: Sequence[tuple[str, str]], targets: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """``budget`` with the entries of this run (``ran``, ``targets``: as in ``check_budget``) replaced by what it
+    measured; a run of some ops, shapes or targets keeps the others' entries."""
+    kept = {key: value for key, value in budget.items() if not _ran(key, ran, targets)}
+    return dict(sorted({**kept, **spill_budget(rows)}.items()))
 
 
 def _kib(n: int) -> str:
@@ -689,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(variants)} distinct variants ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     compile_variants(variants, args.jobs)
     rows = rows_of(variants)
-    ran_cases = [case.name for case in selected]
+    ran = [(case.op, case.name) for case in selected]
     targets = [f"sm_{c}" for c in args.targets]
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -710,11 +725,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(ours)} spill), {sum('error' in r for r in rows)} failed to compile; wrote {stem}.md and .json "
           f"({report['wall_seconds']:.0f} s)", flush=True)
     if args.write_budget:
-        BUDGET_PATH.write_text(json.dumps(spill_budget(rows), indent=1) + "\n")
+        budget = rewritten_budget(rows, json.loads(BUDGET_PATH.read_text()), ran, targets)
+        BUDGET_PATH.write_text(json.dumps(budget, indent=1) + "\n")
         print(f"wrote {BUDGET_PATH}")
     if args.check_budget:
         budget = json.loads(BUDGET_PATH.read_text())
-        problems = check_budget(rows, budget, ran_cases, targets)
+        problems = check_budget(rows, budget, ran, targets)
         for problem in problems:
             print(f"SPILL BUDGET: {problem}", flush=True)
         if problems:

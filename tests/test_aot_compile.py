@@ -1,13 +1,14 @@
 """Every kernel configuration a launcher can choose compiles for sm_80 and sm_90 (no GPU needed).
 
-The quick tests compile the default autotune candidate of every list (aligned and plain variants); every candidate
-of every list is compiled by ``pytest -m full_aot`` (deselected by default: minutes) and measured by
-``python -m kernels.report``."""
+The quick tests compile the default autotune candidate of every list (aligned variants) and check that the sm_80
+defaults fit the shared memory of compute capability 8.6 / 8.9; every candidate of every list is compiled by
+``pytest -m full_aot`` (deselected by default: minutes) and measured by ``python -m kernels.report``."""
 import re
 
 import pytest
 
 from conftest import compile_ahead_of_time
+from kernels._autotune import SMALLEST_SHARED_MEMORY
 from kernels.aot import OP_MODULES, config_targets, configurations
 
 
@@ -18,11 +19,32 @@ def _check_compiled(op, result, configs):
     assert len(compiled) == sum(len(config_targets(config, (80, 90))) for config in configs), report
 
 
-@pytest.mark.parametrize("op", sorted(OP_MODULES))
-def test_every_default_configuration_compiles_for_sm80_and_sm90(op):
+@pytest.fixture(scope="module", params=sorted(OP_MODULES))
+def default_compiles(request):
+    """(op, its default configurations, ``kernels.aot --defaults-only`` run for sm_80 and sm_90), once per op."""
+    op = request.param
     configs = configurations(op, defaults_only=True)
     assert configs, f"{op} lists no kernel configuration to compile"
-    _check_compiled(op, compile_ahead_of_time(op, extra=("--defaults-only",)), configs)
+    return op, configs, compile_ahead_of_time(op, extra=("--defaults-only",))
+
+
+def test_every_default_configuration_compiles_for_sm80_and_sm90(default_compiles):
+    op, configs, result = default_compiles
+    _check_compiled(op, result, configs)
+
+
+def test_sm80_defaults_fit_the_shared_memory_of_sm86_and_sm89(default_compiles):
+    """Compute capability 8.6 / 8.9 takes the sm_80 lists but allows 99 KB of shared memory per block (A100: 163):
+    every sm_80 default, which launches there untuned (kernels._autotune), must fit."""
+    op, configs, result = default_compiles
+    shared = {}
+    for line in result.stdout.splitlines():
+        match = re.match(rf"{op} sm_80 (.+): ok .* (\d+) B shared memory", line)
+        if match:
+            shared[match.group(1)] = int(match.group(2))
+    assert set(shared) == {c.label for c in configs if 80 in config_targets(c, (80,))}, result.stdout
+    too_big = {label: size for label, size in shared.items() if size > SMALLEST_SHARED_MEMORY}
+    assert not too_big, f"sm_80 defaults over {SMALLEST_SHARED_MEMORY} B of shared memory: {too_big}"
 
 
 @pytest.mark.full_aot

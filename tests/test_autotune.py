@@ -59,9 +59,8 @@ def test_block_causal_candidates_per_architecture(kernel, dtype, block_d):
     for arch in ARCHS:
         listed = bc._candidates(kernel, dtype, block_d, arch)
         assert listed and len(set(map(str, listed))) == len(listed), listed  # no duplicates
-        if block_d < 256:  # the default is the table's first entry
-            table = bc._CANDIDATE_TILES[(kernel, dtype == torch.float32, block_d)]
-            assert listed[0] == table[arch][0].config()
+        table = bc._CANDIDATE_TILES[(kernel, dtype == torch.float32, block_d)]
+        assert listed[0] == table[arch][0].config()  # the default is the table's first entry
     assert bc._candidates(kernel, dtype, block_d, FALLBACK) == bc._candidates(kernel, dtype, block_d, "sm_80")[:1]
     q = torch.zeros(1, 1, 4, 8, dtype=dtype)
     assert bc._launch_candidates(kernel, q, block_d) == bc._candidates(kernel, dtype, block_d, "sm_80")

@@ -229,3 +229,38 @@ def test_checkpoints_kept_every_nth_epoch_and_the_newest(tmp_path):
     for epoch in range(1, 4):
         none.save({}, epoch=epoch)
     assert [p.name for p in none.epoch_files()] == ["epoch_003.pt"] and none.last_path.is_file()
+
+
+_FAULTS_OF_A_64_MB_TENSOR = """
+import resource, sys, torch
+import camhg.ablations, camhg.evaluate, camhg.train, carn.ablations, carn.evaluate, carn.train  # noqa: F401
+from mer.cli import run_command
+
+def main(argv):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 << 20, dtype=torch.uint8)  # written: every page faults in
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return 0
+
+sys.exit(run_command(main, []))
+"""
+
+
+@pytest.mark.skipif("[never]" in (Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+                                  if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() else "[never]"),
+                    reason="no transparent huge pages on this machine")
+def test_entry_points_back_large_tensors_with_huge_pages():
+    """``run_command`` (every entry point, after importing its modules) has PyTorch ask for 2 MB pages for large CPU
+    tensors: a 64 MB tensor faults in far fewer than its 16,384 pages of 4 KB; an explicit
+    ``THP_MEM_ALLOC_ENABLE=0`` is kept."""
+    faults = {}
+    for setting in ("default", "0"):
+        env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+        if setting != "default":
+            env["THP_MEM_ALLOC_ENABLE"] = setting
+        env["PYTHONPATH"] = str(REPO)
+        result = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_64_MB_TENSOR], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        faults[setting] = int(result.stdout.split()[-1])
+    assert faults["0"] >= (64 << 20) // 4096 and faults["default"] < faults["0"] // 8, faults

@@ -22,6 +22,7 @@ from kernels.report import (
     occupancy,
     parse_ptxas_log,
     parse_sass,
+    rewritten_budget,
 )
 
 
@@ -154,14 +155,62 @@ def test_budget_check_names_kernel_shape_and_bytes():
     budget = {"moe_top2 | shape A | k1 | sm_80": {"spill_store_bytes": 100, "spill_load_bytes": 100},
               "moe_top2 | shape A | k2 | sm_80": {"spill_store_bytes": 0, "spill_load_bytes": 0},
               "moe_top2 | shape B | k1 | sm_80": {"spill_store_bytes": 0, "spill_load_bytes": 0}}
+    ran = [("moe_top2", "shape A")]
     within = [_row("k1", "sm_80", 100, 64), _row("k2", "sm_80", 0, 0)]
-    assert check_budget(within, budget, ["shape A"], ["sm_80"]) == []  # shape B did not run: not missing
-    over = check_budget([_row("k1", "sm_80", 101, 64), _row("k2", "sm_80", 0, 0)], budget, ["shape A"], ["sm_80"])
+    assert check_budget(within, budget, ran, ["sm_80"]) == []  # shape B did not run: not missing
+    over = check_budget([_row("k1", "sm_80", 101, 64), _row("k2", "sm_80", 0, 0)], budget, ran, ["sm_80"])
     assert len(over) == 1 and "k1" in over[0] and "shape A" in over[0] and "101" in over[0]
-    missing = check_budget([_row("k1", "sm_80", 0, 0)], budget, ["shape A"], ["sm_80"])
+    missing = check_budget([_row("k1", "sm_80", 0, 0)], budget, ran, ["sm_80"])
     assert len(missing) == 1 and "k2" in missing[0] and "missing" in missing[0]
-    unbudgeted = check_budget(within + [_row("k3", "sm_80", 0, 8)], budget, ["shape A"], ["sm_80"])
+    unbudgeted = check_budget(within + [_row("k3", "sm_80", 0, 8)], budget, ran, ["sm_80"])
     assert len(unbudgeted) == 1 and "k3" in unbudgeted[0] and "8 > budget 0" in unbudgeted[0]
+
+
+#: two ops with a case of the same name, on two targets
+_SHARED_NAME_BUDGET = {f"{op} | shape A | {kernel} | {target}": {"spill_store_bytes": 0, "spill_load_bytes": 0}
+                       for op, kernel in (("moe_top2", "k_moe"), ("entmax15_attention", "k_entmax"))
+                       for target in ("sm_80", "sm_90")}
+
+
+def test_budget_check_of_some_ops_leaves_the_other_ops_entries_alone():
+    """``--ops``: a case name that another op also has does not make that op's kernels missing."""
+    moe_only = [_row("k_moe", "sm_80", 0, 0)]
+    assert check_budget(moe_only, _SHARED_NAME_BUDGET, [("moe_top2", "shape A")], ["sm_80"]) == []
+    both = check_budget(moe_only, _SHARED_NAME_BUDGET, [("moe_top2", "shape A"), ("entmax15_attention", "shape A")],
+                        ["sm_80"])
+    assert len(both) == 1 and "missing" in both[0]
+    assert both[0].startswith("entmax15_attention | shape A | k_entmax | sm_80")
+
+
+def test_budget_rewrite_of_some_ops_and_targets_keeps_the_other_entries():
+    rows = [_row("k_moe", "sm_80", 8, 16), _row("k_new", "sm_80", 0, 0)]
+    rewritten = rewritten_budget(rows, _SHARED_NAME_BUDGET, [("moe_top2", "shape A")], ["sm_80"])
+    expected = dict(_SHARED_NAME_BUDGET)
+    expected["moe_top2 | shape A | k_moe | sm_80"] = {"spill_store_bytes": 8, "spill_load_bytes": 16}
+    expected["moe_top2 | shape A | k_new | sm_80"] = {"spill_store_bytes": 0, "spill_load_bytes": 0}
+    assert rewritten == expected
+    # a kernel of the run that no longer launches leaves the budget
+    assert "moe_top2 | shape A | k_moe | sm_80" not in rewritten_budget(
+        [_row("k_new", "sm_80", 0, 0)], _SHARED_NAME_BUDGET, [("moe_top2", "shape A")], ["sm_80"])
+
+
+def test_check_budget_of_one_op_reports_only_that_ops_entries(monkeypatch, tmp_path, capsys):
+    """``--ops block_causal_attention --check-budget`` on a run that launched nothing: every budgeted kernel of
+    block-causal attention at the run's shapes and targets is missing, and nothing of the other ops (entmax has
+    cases of the same names). No capture or compile: both are replaced."""
+    import kernels.report as report
+
+    monkeypatch.setattr(report, "capture_variants", lambda selected, capabilities: ([], []))
+    monkeypatch.setattr(report, "compile_variants", lambda variants, jobs: None)
+    op = "block_causal_attention"
+    assert report.main(["--ops", op, "--targets", "80", "--check-budget", "--out", str(tmp_path)]) == 1
+    missing = {line.removeprefix("SPILL BUDGET: ").split(": ")[0] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("SPILL BUDGET: ")}
+    budget = json.loads(BUDGET_PATH.read_text())
+    names = {case.name for case in cases(quick=False) if case.op == op}
+    assert names & {case.name for case in cases(quick=False) if case.op != op}, "no case name shared with another op"
+    assert missing == {key for key in budget if key.startswith(f"{op} |") and key.endswith("| sm_80")
+                       and key.split(" | ")[1] in names}
 
 
 def test_budget_covers_every_quick_case_and_both_targets():
