@@ -23,9 +23,9 @@ that target (``ptxas-blackwell`` for sm_90), and read back:
   ``SM_LIMITS`` and the rules of CUDA's occupancy calculator (``cuda_occupancy.h``).
 
 Writes ``bench/results/static/<date>.{md,json}``. ``--check-budget`` fails (exit 1) when a kernel spills more than
-``kernels/spill_budget.json`` allows or a budgeted kernel is missing; ``--write-budget`` writes that file from the
-run. Run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be captured or compiled). Written against
-Triton 3.9.
+``kernels/spill_budget.json`` allows or a budgeted kernel is missing; ``--write-budget`` rewrites that file's
+entries of the ops, shapes and targets that ran (keeping the others). Run without ``TRITON_INTERPRET=1``
+(interpreted kernels cannot be captured or compiled). Written against Triton 3.9.
 """
 from __future__ import annotations
 
@@ -511,10 +511,24 @@ def spill_budget(rows: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, int]]:
     return dict(sorted(budget.items()))
 
 
-def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]], ran_cases: Sequence[str],
+def _ran(key: str, ran_cases: Sequence[tuple], targets: Sequence[str]) -> bool:
+    """Whether the budget entry ``key`` belongs to an (op, case) of ``ran_cases`` and a target of ``targets``."""
+    op, case, _, target = key.split(" | ")
+    return (op, case) in ran_cases and target in targets
+
+
+def updated_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]], ran_cases: Sequence[tuple],
+                   targets: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """``budget`` with the entries of the (op, case) pairs and targets that ran replaced by this run's spills; the
+    others (ops, cases or targets left out of the run) kept."""
+    kept = {key: value for key, value in budget.items() if not _ran(key, ran_cases, targets)}
+    return dict(sorted({**kept, **spill_budget(rows)}.items()))
+
+
+def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]], ran_cases: Sequence[tuple],
                  targets: Sequence[str]) -> List[str]:
-    """Violations: a kernel spilling more than its budget (no entry: 0), or a budgeted kernel of a case and target
-    that ran but launched no such kernel."""
+    """Violations: a kernel spilling more than its budget (no entry: 0), or a budgeted kernel of an (op, case) of
+    ``ran_cases`` and a target that ran but launched no such kernel."""
     measured = spill_budget(rows)
     problems = []
     for key, spills in measured.items():
@@ -524,8 +538,7 @@ def check_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int
                 problems.append(f"{key}: {field.replace('_', ' ')} {value} > budget {allowed.get(field, 0)}"
                                 + ("" if key in budget else " (kernel not in the budget)"))
     for key in budget:
-        op, case, kernel, target = key.split(" | ")
-        if case in ran_cases and target in targets and key not in measured:
+        if _ran(key, ran_cases, targets) and key not in measured:
             problems.append(f"{key}: budgeted kernel missing from the run (renamed or no longer launched? "
                             f"rewrite the budget with --write-budget)")
     problems += [f"{row['op']} | {row['kernel']} | {row['target']}: failed to compile: {row['error']}"
@@ -675,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of <date>.md and <date>.json")
     parser.add_argument("--check-budget", action="store_true", help=f"exit 1 on spills over {BUDGET_PATH.name}")
-    parser.add_argument("--write-budget", action="store_true", help=f"write {BUDGET_PATH.name} from this run")
+    parser.add_argument("--write-budget", action="store_true",
+                        help=f"rewrite {BUDGET_PATH.name}'s entries of this run's ops, shapes and targets")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -689,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(variants)} distinct variants ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     compile_variants(variants, args.jobs)
     rows = rows_of(variants)
-    ran_cases = [case.name for case in selected]
+    ran_cases = [(case.op, case.name) for case in selected]
     targets = [f"sm_{c}" for c in args.targets]
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -710,7 +724,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{len(ours)} spill), {sum('error' in r for r in rows)} failed to compile; wrote {stem}.md and .json "
           f"({report['wall_seconds']:.0f} s)", flush=True)
     if args.write_budget:
-        BUDGET_PATH.write_text(json.dumps(spill_budget(rows), indent=1) + "\n")
+        budget = json.loads(BUDGET_PATH.read_text()) if BUDGET_PATH.exists() else {}
+        BUDGET_PATH.write_text(json.dumps(updated_budget(rows, budget, ran_cases, targets), indent=1) + "\n")
         print(f"wrote {BUDGET_PATH}")
     if args.check_budget:
         budget = json.loads(BUDGET_PATH.read_text())

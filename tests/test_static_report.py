@@ -22,6 +22,7 @@ from kernels.report import (
     occupancy,
     parse_ptxas_log,
     parse_sass,
+    updated_budget,
 )
 
 
@@ -155,13 +156,28 @@ def test_budget_check_names_kernel_shape_and_bytes():
               "moe_top2 | shape A | k2 | sm_80": {"spill_store_bytes": 0, "spill_load_bytes": 0},
               "moe_top2 | shape B | k1 | sm_80": {"spill_store_bytes": 0, "spill_load_bytes": 0}}
     within = [_row("k1", "sm_80", 100, 64), _row("k2", "sm_80", 0, 0)]
-    assert check_budget(within, budget, ["shape A"], ["sm_80"]) == []  # shape B did not run: not missing
-    over = check_budget([_row("k1", "sm_80", 101, 64), _row("k2", "sm_80", 0, 0)], budget, ["shape A"], ["sm_80"])
+    ran = [("moe_top2", "shape A")]
+    assert check_budget(within, budget, ran, ["sm_80"]) == []  # shape B did not run: not missing
+    over = check_budget([_row("k1", "sm_80", 101, 64), _row("k2", "sm_80", 0, 0)], budget, ran, ["sm_80"])
     assert len(over) == 1 and "k1" in over[0] and "shape A" in over[0] and "101" in over[0]
-    missing = check_budget([_row("k1", "sm_80", 0, 0)], budget, ["shape A"], ["sm_80"])
+    missing = check_budget([_row("k1", "sm_80", 0, 0)], budget, ran, ["sm_80"])
     assert len(missing) == 1 and "k2" in missing[0] and "missing" in missing[0]
-    unbudgeted = check_budget(within + [_row("k3", "sm_80", 0, 8)], budget, ["shape A"], ["sm_80"])
+    unbudgeted = check_budget(within + [_row("k3", "sm_80", 0, 8)], budget, ran, ["sm_80"])
     assert len(unbudgeted) == 1 and "k3" in unbudgeted[0] and "8 > budget 0" in unbudgeted[0]
+    # another op's entries at a shape of the same name did not run (``--ops``): not missing
+    other = {"entmax15_attention | shape A | k4 | sm_80": {"spill_store_bytes": 0, "spill_load_bytes": 0}}
+    assert check_budget(within, {**budget, **other}, ran, ["sm_80"]) == []
+
+
+def test_budget_rewrite_keeps_the_entries_of_what_did_not_run():
+    zero = {"spill_store_bytes": 0, "spill_load_bytes": 0}
+    budget = {"moe_top2 | shape A | gone | sm_80": zero, "moe_top2 | shape A | k1 | sm_80": zero,
+              "moe_top2 | shape A | k1 | sm_90": zero, "moe_top2 | shape B | k1 | sm_80": zero,
+              "entmax15_attention | shape A | k1 | sm_80": zero}
+    updated = updated_budget([_row("k1", "sm_80", 8, 4)], budget, [("moe_top2", "shape A")], ["sm_80"])
+    assert updated == {"entmax15_attention | shape A | k1 | sm_80": zero,
+                       "moe_top2 | shape A | k1 | sm_80": {"spill_store_bytes": 8, "spill_load_bytes": 4},
+                       "moe_top2 | shape A | k1 | sm_90": zero, "moe_top2 | shape B | k1 | sm_80": zero}
 
 
 def test_budget_covers_every_quick_case_and_both_targets():
