@@ -91,7 +91,9 @@ class Tiles(NamedTuple):
 #: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
 #: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
 #: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
-#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 fp32 goes in 64-feature chunks. The output
+#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 goes in 64-feature chunks in fp32 and in
+#: 128-feature chunks in 16-bit (8 warps, 231-240 registers, no spills; per key tile QK^T 4 and dP 2 times, where
+#: 64-feature chunks compute them 8 and 4 times and spill 8 bytes on sm_90 at 128 registers). The output
 #: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, 228-245 registers,
 #: no spills; with 4 warps they spill 0.8-8.5 KB, and 64 rows with Dv chunks of 256 0.1-1.4 KB, except 16-bit on
 #: sm_90). The threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes,
@@ -99,9 +101,9 @@ class Tiles(NamedTuple):
 #: in 4 warps (166-168 registers: 12 resident warps per SM; 8 warps hold 160-170: 8 per SM).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                         tau_block_d=16),
+                         bwd_block_d=128, tau_block_d=16),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                          tau_block_d=16),
+                          bwd_block_d=128, tau_block_d=16),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=64, tau_block_d=16,
                          tau_num_warps=4),
@@ -124,23 +126,26 @@ def _tau_block_d(tiles: Tiles) -> int:
 
 #: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`),
 #: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"fwd wide"``:
-#: the output kernel for Dv up to / above ``Tiles.wide_block_dv``, ``"bwd"``), fp32 or not, and architecture:
-#: (num_warps, num_stages) pairs, or triples whose third entry holds ``maxnreg`` (a cap on the registers per thread)
-#: or, for the wide output kernel, its tiles ``BM`` (query rows) and ``BDV`` (Dv chunk, at most the default's): its
+#: the output kernel for Dv up to / above ``Tiles.wide_block_dv``, ``"bwd"``, ``"bwd chunked"``: the backward with
+#: D and Dv whole / in chunks), fp32 or not, and architecture: (num_warps, num_stages) pairs, or triples whose third
+#: entry holds ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM``
+#: (query rows) and ``BDV`` (Dv chunk, at most the default's): its
 #: tiles are its own (it reads the support mask at the mask's tiles, ``MASK_BM``). The other tiles are fixed: the
 #: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
 #: kernels at those tiles), the output kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and
 #: the backward's query-tile lists are built for its tiles before it launches. Every candidate compiles without
 #: register spills at the report's shapes (``python -m kernels.report --ops entmax15_attention``; README, "Launch
-#: configurations"); 4 warps spill in the output kernel (all dtypes) and the fp32 backward, 3 stages in the 16-bit
-#: sm_90 backward (D 64). The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most
+#: configurations"); 4 warps spill in the output kernel (all dtypes), the fp32 backward and the 16-bit chunked one
+#: (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers, 16-bit sm_80: 4 warps use 96
+#: registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the 8-warp default: 79, 24).
+#: The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most
 #: 168 registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, maxnreg 168)
 #: (2 stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such
 #: candidate: 4 warps use 255 registers unforced and spill 32-52 bytes under the cap. The wide alternatives trade
 #: FLOPs for rows: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90
 #: (HGMMA) with chunks of 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
-    ("tau registers", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 3, {"maxnreg": 168}), (4, 2), (8, 3)]},
     ("tau passes", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
@@ -152,6 +157,8 @@ _ALTERNATIVES = {
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
     ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("bwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("bwd chunked", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
+    ("bwd chunked", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
 }
 
 
@@ -723,7 +730,8 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
            (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, D, Dv, 0.5 * scale, scale, int(causal)),
            dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
-           _candidates("bwd", q.dtype, dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
+           _candidates("bwd" if whole else "bwd chunked", q.dtype,
+                       dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
                        launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), reset_to_zero=("dq",))  # dq: atomic adds
     return (dq * scale).to(q.dtype), dk, dv
@@ -1149,7 +1157,8 @@ def aot_configurations() -> List[AotConfig]:
                              dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False)))
         for d, dv in _AOT_BWD_HEAD_DIMS:
             bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
-            variants.append((f"bwd D{d} Dv{dv}", _entmax_bwd_kernel, "bwd",
+            name = "bwd" if whole else "bwd chunked"
+            variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
                              dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole), dict(UPCAST_DOTS=False)))
         for label, kernel, name, tiles, fixed in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS

@@ -86,7 +86,7 @@ def test_moe_candidates_per_architecture(dtype):
     assert moe._launch_tiles(torch.zeros(2, 2, dtype=dtype)) == moe.TILES[("sm_80", dtype)]
 
 
-@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "fwd wide", "bwd"])
+@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "fwd wide", "bwd", "bwd chunked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_entmax_candidates_per_architecture(kernel, dtype):
     tiles = em._DEFAULT_TILES[dtype]
@@ -180,4 +180,5 @@ _ENTMAX_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch
 
 
 def _entmax_list(label):
-    return next(name for name in ("tau registers", "tau passes", "fwd wide", "fwd", "bwd") if label.startswith(name))
+    return next(name for name in ("tau registers", "tau passes", "fwd wide", "fwd", "bwd chunked", "bwd")
+                if label.startswith(name))
