@@ -399,11 +399,14 @@ def support_tile_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
 
 
 def count_dot_flops(op: Callable, q, k, v, seed: int = 0) -> Dict[str, int]:
-    """``tl.dot`` FLOPs of ``op(q, k, v)``: ``inference`` (forward under no_grad), ``training_forward`` (forward with
-    q, k, v requiring grad, which may store more for the backward) and ``backward`` (from a N(0, 1) output grad)."""
+    """``tl.dot`` FLOPs of ``op(q, k, v)``: ``inference`` (forward under no_grad), ``inference_by_kernel`` (the same
+    per kernel name), ``training_forward`` (forward with q, k, v requiring grad, which may store more for the
+    backward) and ``backward`` (from a N(0, 1) output grad)."""
     with torch.no_grad(), InterpreterCounter({}) as counter:
         op(q, k, v)
-    flops = {"inference": counter.dot_flops()}
+    flops = {"inference": counter.dot_flops(),
+             "inference_by_kernel": {name: counter.dot_flops(name)
+                                     for name in dict.fromkeys(launch.kernel for launch in counter.launches)}}
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     with InterpreterCounter({}) as counter:
         out = op(*leaves)
@@ -588,11 +591,13 @@ def render_markdown(report: dict) -> str:
             "dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q). Visible scores: causal T (T + 1) / 2, block-causal "
             "pairs with j // g <= i // g. Counted: every `tl.dot` of the op's kernels, 2 M N K on whole tiles.", "",
             _table(["op", "D, Dv", "inference fwd", "training fwd", "min fwd", "backward", "min bwd",
-                    "fwd / min", "bwd / min"],
+                    "fwd / min", "fwd / min per kernel", "bwd / min"],
                    [[r["op"], f"{r['D']}, {r['Dv']} ({r['case']})", f"{r['inference_per_score']:.0f}",
                      f"{r['training_forward_per_score']:.0f}", str(r["minimum_forward_per_score"]),
                      f"{r['backward_per_score']:.0f}", str(r["minimum_backward_per_score"]),
                      f"{r['inference_per_score'] / r['minimum_forward_per_score']:.2f}",
+                     ", ".join(f"{name} {value / r['visible_scores'] / r['minimum_forward_per_score']:.2f}"
+                               for name, value in r["flops"]["inference_by_kernel"].items()),
                      f"{r['backward_per_score'] / r['minimum_backward_per_score']:.2f}"] for r in flops]), ""]
     return "\n".join(out)
 

@@ -214,6 +214,9 @@ def test_flops_per_score_of_the_real_kernels_cover_the_minimum(monkeypatch):
         assert row["visible_scores"] == counts.visible_scores(t, group_size=3 if "block" in row["op"] else None)
         assert row["inference_per_score"] >= row["minimum_forward_per_score"] == 2 * (6 + 5)
         assert row["backward_per_score"] >= row["minimum_backward_per_score"] == 2 * (3 * 6 + 2 * 5)
+        by_kernel = row["flops"]["inference_by_kernel"]
+        assert sum(by_kernel.values()) == row["flops"]["inference"] and all(by_kernel.values())
+    assert set(rows[0]["flops"]["inference_by_kernel"]) == {"_entmax_tau_kernel", "_entmax_fwd_kernel"}
 
 
 def test_command_writes_its_report(monkeypatch, tmp_path, capsys):
