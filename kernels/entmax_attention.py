@@ -124,26 +124,25 @@ def _tau_block_d(tiles: Tiles) -> int:
     return tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d
 
 
-#: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`),
-#: per kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"fwd wide"``:
-#: the output kernel for Dv up to / above ``Tiles.wide_block_dv``, ``"bwd"``, ``"bwd chunked"``: the backward with
-#: D and Dv whole / in chunks), fp32 or not, and architecture: (num_warps, num_stages) pairs, or triples whose third
-#: entry holds ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM``
-#: (query rows) and ``BDV`` (Dv chunk, at most the default's): its
-#: tiles are its own (it reads the support mask at the mask's tiles, ``MASK_BM``). The other tiles are fixed: the
-#: threshold kernel's long-row tiles are the support mask's (allocated before it launches, read by the other two
-#: kernels at those tiles), the output kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and
-#: the backward's query-tile lists are built for its tiles before it launches. Every candidate compiles without
-#: register spills at the report's shapes (``python -m kernels.report --ops entmax15_attention``; README, "Launch
-#: configurations"); 4 warps spill in the output kernel (all dtypes), the fp32 backward and the 16-bit chunked one
-#: (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers, 16-bit sm_80: 4 warps use 96
-#: registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the 8-warp default: 79, 24).
-#: The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most
-#: 168 registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, maxnreg 168)
-#: (2 stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such
-#: candidate: 4 warps use 255 registers unforced and spill 32-52 bytes under the cap. The wide alternatives trade
-#: FLOPs for rows: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90
-#: (HGMMA) with chunks of 256 (16-bit) twice, with chunks of 128 (fp32) four times.
+#: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`), per
+#: kernel (``"tau registers"``, ``"tau passes"``: the threshold kernel's two modes, ``"fwd"``, ``"fwd wide"``: the
+#: output kernel for Dv up to / above ``Tiles.wide_block_dv``, ``"bwd"``, ``"bwd chunked"``: the backward with D and Dv
+#: whole / in chunks), fp32 or not, and architecture: (num_warps, num_stages) pairs, or triples whose third entry holds
+#: ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM`` (query rows) and
+#: ``BDV`` (Dv chunk, at most the default's): its tiles are its own (it reads the support mask at the mask's tiles,
+#: ``MASK_BM``). The other tiles are fixed: the threshold kernel's long-row tiles are the support mask's (allocated
+#: before it launches, read by the other two kernels at those tiles), the output kernel's for Dv <= 128 keep K traffic
+#: at one stream per ``block_m`` rows, and the backward's query-tile lists are built for its tiles before it launches.
+#: Every candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
+#: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
+#: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
+#: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
+#: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most 168
+#: registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, maxnreg 168) (2
+#: stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such candidate: 4
+#: warps use 255 registers unforced and spill 32-52 bytes under the cap. The wide alternatives trade FLOPs for rows: 32
+#: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
+#: (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
