@@ -648,15 +648,23 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     return o, rowmax, tau, support, w
 
 
+#: Feature chunk cap of the chunked backward when D or Dv is not a multiple of 16: without vector loads, 16-bit
+#: 128-feature chunks spill (44-148 bytes on sm_90 / sm_80), 64-feature chunks do not (216-218 registers).
+_UNALIGNED_BWD_BLOCK_D = 64
+
+
 def _backward_tiles(tiles: Tiles, D: int, Dv: int):
     """(BM, BN, BD, BDV, WHOLE) of the backward kernel: D and Dv whole (their next powers of two, at least 16 for
-    the tensor cores) when both fit ``bwd_whole_d``, else both in chunks of ``bwd_block_d``."""
+    the tensor cores) when both fit ``bwd_whole_d``, else both in chunks of ``bwd_block_d`` (at most
+    ``_UNALIGNED_BWD_BLOCK_D`` when D or Dv is not a multiple of 16)."""
     block_m = tiles.bwd_block_m or tiles.block_m
     block_n = tiles.bwd_block_n or tiles.block_n
     block_d, block_dv = (max(triton.next_power_of_2(n), 16) for n in (D, Dv))
     if max(block_d, block_dv) <= tiles.bwd_whole_d:
         return block_m, block_n, block_d, block_dv, True
     chunk = tiles.bwd_block_d or tiles.block_d
+    if D % 16 or Dv % 16:
+        chunk = min(chunk, _UNALIGNED_BWD_BLOCK_D)
     return block_m, block_n, chunk, chunk, False
 
 
@@ -1140,12 +1148,14 @@ def aot_configurations() -> List[AotConfig]:
         t = _DEFAULT_TILES[torch_dtype]
         blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
         solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, UPCAST_DOTS=False)
-        # (label, kernel, candidate list, tile constexprs, other constexprs)
+        # (label, kernel, candidate list, tile constexprs, other constexprs, alignments compiled: "aligned" for
+        # every candidate, "unaligned" for the default)
+        both = ("aligned", "unaligned")
         variants = [
             ("tau registers", _entmax_tau_kernel, "tau registers",
-             dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver)),
+             dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver), both),
             ("tau passes", _entmax_tau_kernel, "tau passes", dict(BM=t.block_m, BN=t.block_n, BD=_tau_block_d(t)),
-             dict(ROW_IN_REGISTERS=False, **solver)),
+             dict(ROW_IN_REGISTERS=False, **solver), both),
         ]
         # every (list, BM, BDV) of _forward_tiles (its chunks stop growing at the widest); labels name each
         # candidate's own tiles
@@ -1153,20 +1163,25 @@ def aot_configurations() -> List[AotConfig]:
         forward_tiles = dict.fromkeys(_forward_tiles(t, 1 << i) for i in range(widest.bit_length() + 1))
         for name, block_m, block_dv in forward_tiles:
             variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
-                             dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False)))
+                             dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False), both))
         for d, dv in _AOT_BWD_HEAD_DIMS:
             bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
             name = "bwd" if whole else "bwd chunked"
-            variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
-                             dict(BM=bm, BN=bn, BD=bd, BDV=bdv, WHOLE=whole), dict(UPCAST_DOTS=False)))
-        for label, kernel, name, tiles, fixed in variants:
+            # odd head sizes of this width (d - 1: same powers of two) may take narrower chunks
+            odd = _backward_tiles(t, d - 1, dv - 1)
+            for tiles, alignments in ([((bm, bn, bd, bdv, whole), both)] if odd == (bm, bn, bd, bdv, whole) else
+                                      [((bm, bn, bd, bdv, whole), ("aligned",)), (odd, ("unaligned",))]):
+                variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
+                                 dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)), dict(UPCAST_DOTS=False),
+                                 alignments))
+        for label, kernel, name, tiles, fixed, alignments in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles, arch)):
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once
-                identity = (kernel, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
+                identity = (kernel, dtype, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
                             config.maxnreg)
                 if set(capabilities) <= listed.get(identity, set()):
                     continue
@@ -1176,9 +1191,10 @@ def aot_configurations() -> List[AotConfig]:
                     f"r{config.maxnreg}" if config.maxnreg else "")
                 options = dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
                                capabilities=capabilities)
-                configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
-                                         default=default, **options))
-                if default:
+                if "aligned" in alignments:
+                    configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
+                                             default=default, **options))
+                if default and "unaligned" in alignments:
                     configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
     return configs
 
