@@ -1165,12 +1165,12 @@ def aot_configurations() -> List[AotConfig]:
             variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
                              dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False), both))
         for d, dv in _AOT_BWD_HEAD_DIMS:
-            bm, bn, bd, bdv, whole = _backward_tiles(t, d, dv)
-            name = "bwd" if whole else "bwd chunked"
-            # odd head sizes of this width (d - 1: same powers of two) may take narrower chunks
-            odd = _backward_tiles(t, d - 1, dv - 1)
-            for tiles, alignments in ([((bm, bn, bd, bdv, whole), both)] if odd == (bm, bn, bd, bdv, whole) else
-                                      [((bm, bn, bd, bdv, whole), ("aligned",)), (odd, ("unaligned",))]):
+            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks
+            aligned_tiles, odd_tiles = _backward_tiles(t, d, dv), _backward_tiles(t, d - 1, dv - 1)
+            name = "bwd" if aligned_tiles[4] else "bwd chunked"
+            per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
+                             [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
+            for tiles, alignments in per_alignment:
                 variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
                                  dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)), dict(UPCAST_DOTS=False),
                                  alignments))
