@@ -47,7 +47,9 @@ class Tiles(NamedTuple):
     The threshold kernel's long-row passes take D in chunks of ``tau_block_d`` (None: ``block_d``): the dots
     chain their 16-feature steps in the same order whatever the chunk (16-bit inputs: the same scores bit for bit;
     fp32's tf32x3 adds each chunk's three products to the sum, so its scores may differ in the last bits), and
-    smaller chunks hold fewer operand registers, which is what lets that kernel reach 12 resident warps per SM.
+    smaller chunks hold fewer operand registers; they stream K in key tiles of ``tau_block_n`` (None: ``block_n``;
+    a divisor of it: the mask's tile is the OR of its key tiles). Both are what lets that kernel reach 12 resident
+    warps per SM.
     ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
     scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
     The output kernel (:func:`_forward_tiles`) takes Dv up to ``wide_block_dv`` in one chunk (its next power of two,
@@ -82,6 +84,7 @@ class Tiles(NamedTuple):
     bwd_whole_d: int = 128
     bwd_block_d: Optional[int] = None
     tau_block_d: Optional[int] = None
+    tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
 
 
@@ -97,13 +100,15 @@ class Tiles(NamedTuple):
 #: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, 228-245 registers,
 #: no spills; with 4 warps they spill 0.8-8.5 KB, and 64 rows with Dv chunks of 256 0.1-1.4 KB, except 16-bit on
 #: sm_90). The threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes,
-#: sm_80 and sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4); fp32 runs them
-#: in 4 warps (166-168 registers: 12 resident warps per SM; 8 warps hold 160-170: 8 per SM).
+#: sm_80 and sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4) and K in 16-key
+#: tiles (``tau_block_n``; fp32's mask tiles are 16 keys wide anyway) in 4 warps: 152-168 registers, 12 resident
+#: warps per SM on both architectures (8 warps hold 160-212: 8 per SM; 16-bit 64-key tiles in 4 warps use 255
+#: registers on sm_80 and spill under a cap of 168).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                         bwd_block_d=128, tau_block_d=16),
+                         bwd_block_d=128, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                          bwd_block_d=128, tau_block_d=16),
+                          bwd_block_d=128, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=64, tau_block_d=16,
                          tau_num_warps=4),
@@ -119,9 +124,12 @@ def _tiles(dtype: torch.dtype) -> Tiles:
     return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES[dtype]
 
 
-def _tau_block_d(tiles: Tiles) -> int:
-    """Feature chunk of the threshold kernel's long-row passes."""
-    return tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d
+def _tau_pass_tiles(tiles: Tiles) -> dict:
+    """Tile constexprs (BM, BN, BD) of the threshold kernel's long-row passes."""
+    block_n = tiles.block_n if tiles.tau_block_n is None else tiles.tau_block_n
+    if tiles.block_n % block_n:
+        raise ValueError(f"threshold key tile {block_n} must divide the support mask's {tiles.block_n}")
+    return dict(BM=tiles.block_m, BN=block_n, BD=tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d)
 
 
 #: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`), per
@@ -130,23 +138,26 @@ def _tau_block_d(tiles: Tiles) -> int:
 #: whole / in chunks), fp32 or not, and architecture: (num_warps, num_stages) pairs, or triples whose third entry holds
 #: ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM`` (query rows) and
 #: ``BDV`` (Dv chunk, at most the default's): its tiles are its own (it reads the support mask at the mask's tiles,
-#: ``MASK_BM``). The other tiles are fixed: the threshold kernel's long-row tiles are the support mask's (allocated
-#: before it launches, read by the other two kernels at those tiles), the output kernel's for Dv <= 128 keep K traffic
-#: at one stream per ``block_m`` rows, and the backward's query-tile lists are built for its tiles before it launches.
+#: ``MASK_BM``); for the threshold passes, their key tile ``BN`` (a divisor of the mask's ``block_n``: each mask tile
+#: is written as the OR of its key tiles, ``MASK_BN``). The other tiles are fixed: the threshold passes' query rows
+#: are the support mask's (allocated before they launch, read by the other two kernels at its tiles), the output
+#: kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and the backward's query-tile lists are
+#: built for its tiles before it launches.
 #: Every candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
 #: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
-#: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 12 resident warps per SM (4 warps, at most 168
-#: registers) with fp32's default on both architectures and with the 16-bit sm_90 candidate (4, 3, maxnreg 168) (2
-#: stages spill under that cap); the other candidates hold 8 (142-212 registers). 16-bit sm_80 has no such candidate: 4
-#: warps use 255 registers unforced and spill 32-52 bytes under the cap. The wide alternatives trade FLOPs for rows: 32
+#: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default
+#: (4 warps, 16-key tiles, 152-168 registers), 16 with the 16-bit sm_90 candidate (4, 3, maxnreg 128: 128, no spill;
+#: on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 8-warp ones (142-212); the 16-bit 64-key candidates keep
+#: wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows: 32
 #: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
 #: (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
-    ("tau passes", False): {"sm_80": [(8, 3)], "sm_90": [(4, 3, {"maxnreg": 168}), (4, 2), (8, 3)]},
+    ("tau passes", False): {"sm_80": [(4, 3), (8, 3, {"BN": 64})],
+                            "sm_90": [(4, 3, {"maxnreg": 128}), (4, 3, {"BN": 64, "maxnreg": 168}), (8, 3, {"BN": 64})]},
     ("tau passes", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
     ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
@@ -319,7 +330,8 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
                        stride_sb, stride_sm, stride_sn,
                        H, T, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BN: tl.constexpr,
+                       UPCAST_DOTS: tl.constexpr):
     """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` and the threshold relative to it, tau (B*H, T)
     fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score (or no finite one) get NaN
     tau and rowmax 0. Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs T <= BN.
@@ -327,9 +339,10 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
     of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
-    (B*H, cdiv(T, BM), cdiv(T, BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds its
-    bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
-    section 2, tile classification). With ROW_IN_REGISTERS the launcher fills the mask instead."""
+    (B*H, cdiv(T, BM), cdiv(T, MASK_BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds
+    its bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
+    section 2, tile classification); a mask tile of MASK_BN keys (a multiple of BN) holds the OR of its BN-key
+    tiles. With ROW_IN_REGISTERS the launcher fills the mask instead."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -385,7 +398,9 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
                     b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
                 # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
                 m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
-                tl.store(p_sup + (n0 // BN) * stride_sn, m_hit.to(tl.uint8))
+                # a mask tile's first visited key tile writes its mark, the others only add theirs (an OR)
+                tl.store(p_sup + (n0 // MASK_BN) * stride_sn, m_hit.to(tl.uint8),
+                         mask=(m_hit > 0) | (n0 == lo) | (n0 % MASK_BN == 0))
         b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
                                                     b_done)
         i_pass += 1
@@ -598,18 +613,17 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
         i_n = torch.arange(shape[2], device=q.device)[None, :]
         reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=T)) | (not causal)
         support = reachable.to(torch.uint8).expand(shape).contiguous()
+        blocks = dict(BM=tiles.row_block_m, BN=tiles.row_block_n, BD=tiles.block_d)
     else:  # the kernel writes every tile that a query tile visits; the others stay 0
         support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
-    block_m, block_n = (tiles.row_block_m, tiles.row_block_n) if in_registers else (tiles.block_m, tiles.block_n)
+        blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
-    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, block_m), B * H),
+    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, blocks["BM"]), B * H),
            (q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D,
             0.5 * scale, int(causal)),
-           dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates,
+           dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
                 UPCAST_DOTS=upcast_dots_for(q.dtype)),
-           _candidates("tau registers" if in_registers else "tau passes", q.dtype,
-                       dict(BM=block_m, BN=block_n, BD=tiles.block_d if in_registers else _tau_block_d(tiles)),
-                       launch_arch(q.device)),
+           _candidates("tau registers" if in_registers else "tau passes", q.dtype, blocks, launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
 
@@ -1147,14 +1161,14 @@ def aot_configurations() -> List[AotConfig]:
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
         blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
-        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, UPCAST_DOTS=False)
+        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, MASK_BN=t.block_n, UPCAST_DOTS=False)
         # (label, kernel, candidate list, tile constexprs, other constexprs, alignments compiled: "aligned" for
         # every candidate, "unaligned" for the default)
         both = ("aligned", "unaligned")
         variants = [
             ("tau registers", _entmax_tau_kernel, "tau registers",
              dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver), both),
-            ("tau passes", _entmax_tau_kernel, "tau passes", dict(BM=t.block_m, BN=t.block_n, BD=_tau_block_d(t)),
+            ("tau passes BN={BN}", _entmax_tau_kernel, "tau passes", _tau_pass_tiles(t),
              dict(ROW_IN_REGISTERS=False, **solver), both),
         ]
         # every (list, BM, BDV) of _forward_tiles (its chunks stop growing at the widest); labels name each

@@ -37,6 +37,8 @@ SKEWED = Tiles(block_m=8, block_n=4, block_d=4, block_dv=4, row_block_m=8, row_b
 WIDE_ROWS = TINY._replace(wide_dv_block_m=4, wide_dv_block_dv=32)
 #: Dv above 4: 2-row query tiles in 8 x 4 mask tiles, Dv in chunks of up to 8
 SKEWED_WIDE_ROWS = SKEWED._replace(wide_block_dv=4, wide_dv_block_m=2, wide_dv_block_dv=8)
+#: the threshold passes stream K in 2-key tiles inside the mask's 8-key tiles (each mask tile the OR of four)
+SUB_KEY_TILES = TINY._replace(tau_block_n=2)
 
 #: (forward atol, gradient atol) against float64 on the same inputs; rtol is the same as atol
 TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 8e-2)}
@@ -397,16 +399,19 @@ def _visible_tiles(t, block_m, block_n):
 
 
 @pytest.mark.parametrize(
-    "q_scale, scale",
-    [pytest.param(0.01, None, id="flat-std0.01"), pytest.param(1.0, None, id="random"),
-     pytest.param(30.0, None, id="peaked"), pytest.param(1.0, 1e9, id="scale-1e9")],
+    "q_scale, scale, tile_set",
+    [pytest.param(0.01, None, TINY, id="flat-std0.01"), pytest.param(1.0, None, TINY, id="random"),
+     pytest.param(30.0, None, TINY, id="peaked"), pytest.param(1.0, 1e9, TINY, id="scale-1e9"),
+     pytest.param(1.0, None, SUB_KEY_TILES, id="random-2-key-threshold-tiles"),
+     pytest.param(30.0, None, SUB_KEY_TILES, id="peaked-2-key-threshold-tiles")],
 )
-def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_scale, scale):
-    """The threshold pass's per-tile mask covers every p > 0, is 0 above the diagonal, equals its PyTorch mirror,
-    and the output kernel reads K only for the tiles it marks; the output stays exact."""
+def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_scale, scale, tile_set):
+    """The threshold pass's per-tile mask covers every p > 0, is 0 above the diagonal, equals its PyTorch mirror
+    (also when the passes stream K in key tiles narrower than the mask's), and the output kernel reads K only for
+    the tiles it marks; the output stays exact."""
     from kernels.counts import InterpreterCounter
 
-    tiles(TINY)
+    tiles(tile_set)
     b, h, t, d = 1, 2, 45, 8
     q, k, v = (x.detach() for x in _inputs(b, h, t, d, 3, seed=15))
     q = q * q_scale
@@ -471,6 +476,13 @@ def test_output_kernel_rows_must_divide_the_mask_tiles(triton_backend, tiles):
         entmax15_attention(q, k, v)
 
 
+def test_threshold_key_tiles_must_divide_the_mask_tiles(triton_backend, tiles):
+    tiles(TINY._replace(tau_block_n=3))
+    q, k, v = _inputs(1, 1, 9, 4, 4)
+    with pytest.raises(ValueError, match="threshold key tile 3 must divide the support mask's 8"):
+        entmax15_attention(q, k, v)
+
+
 def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_backend, tiles):
     tiles(TINY)
     q, k, _ = (x.detach() for x in _inputs(1, 2, 7, 4, 1, seed=16))
@@ -481,10 +493,13 @@ def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_back
     assert support.bool().all()
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal):
-    """Tiles mixing sequences: a tile pair is marked wherever a row has p > 0 for a key of its own sequence."""
-    tiles(TINY)
+@pytest.mark.parametrize("causal, tile_set", [pytest.param(True, TINY, id="causal"),
+                                               pytest.param(False, TINY, id="not-causal"),
+                                               pytest.param(True, SUB_KEY_TILES, id="causal-2-key-threshold-tiles")])
+def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal, tile_set):
+    """Tiles mixing sequences: a tile pair is marked wherever a row has p > 0 for a key of its own sequence (with
+    2-key threshold tiles, a sequence's first visited key tile may lie inside a mask tile)."""
+    tiles(tile_set)
     lengths = [5, 1, 12, 9, 3]
     total = sum(lengths)
     cu_seqlens = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
@@ -508,6 +523,7 @@ def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal
         pytest.param([3, 1, 4], True, TINY, 3, id="in-registers-causal"),
         pytest.param([5, 1, 12, 9], True, TINY, 3, id="passes-causal"),
         pytest.param([5, 1, 12, 9], False, TINY, 3, id="passes-not-causal"),
+        pytest.param([5, 1, 12, 9], True, SUB_KEY_TILES, 3, id="passes-2-key-threshold-tiles-causal"),
         pytest.param([9, 2, 6], False, SKEWED, 3, id="BM8-BN4-not-causal"),
         pytest.param([5, 1, 12, 9], True, WIDE_ROWS, 19, id="4-row-forward-tiles-causal"),
         pytest.param([9, 2, 6], False, SKEWED_WIDE_ROWS, 9, id="2-row-forward-tiles-BN4-not-causal"),
