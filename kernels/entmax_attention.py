@@ -182,8 +182,8 @@ def _default_options(kernel: str, tiles: Tiles) -> tuple:
 def _candidates(kernel: str, dtype: torch.dtype, constexprs: dict, arch: str) -> List[triton.Config]:
     """Autotune candidates of ``kernel`` (a key of ``_ALTERNATIVES``) for inputs of ``dtype`` on ``arch``
     (``sm_80``, ``sm_90`` or ``fallback``), with the tile ``constexprs`` (the wide output kernel's alternatives
-    replace BM and BDV, the chunk capped at the default's); the default (``Tiles``' launch options) first and alone
-    on ``fallback`` and under ``_TILE_OVERRIDE``; no two alike."""
+    replace BM and BDV, the chunk capped at the default's; the threshold passes' replace BN); the default
+    (``Tiles``' launch options) first and alone on ``fallback`` and under ``_TILE_OVERRIDE``; no two alike."""
     tiles = _tiles(dtype)
     options = [_default_options(kernel, tiles)]
     if _TILE_OVERRIDE is None and arch in ARCHS:
