@@ -26,6 +26,7 @@ setup(
         "scikit-learn>=1.3",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "scipy>=1.10",  # Welch tests of the ablation tables (mer.metrics); scikit-learn installs it anyway
     ],
     # the same commands as python -m carn.train etc. (README)
     entry_points={

@@ -5,7 +5,9 @@
 trains every (variant, seed) run under ``runs/camhg/<dataset>/ablations/<sweep-name>/`` (a finished run with the same
 configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped) and writes
 the headline metric (WAF1, or Acc-2 for sentiment) by missing rate, mean ± std over the seeds, to
-``results/camhg/ablations_<dataset>.{md,json,csv}`` (the per-seed tables beside it). With ``--folds all`` (IEMOCAP)
+``results/camhg/ablations_<dataset>.{md,json,csv}`` (the per-seed tables beside it, and with several seeds
+``ablations_<dataset>_differences``: each variant's average against the full model, Welch's t-test over the seeds;
+``python -m mer.combine`` joins the per-seed tables of several sweeps). With ``--folds all`` (IEMOCAP)
 every (variant, seed) runs on the five leave-one-session-out folds and the cells are mean ± std over all
 (seed, fold) runs.
 """
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from mer.metrics import ResultTable, mean_and_spread
+from mer.metrics import ResultTable, differences_from, mean_and_spread
 from mer.protocols import FOLDS, validation_caption
 
 from mer.cli import (
@@ -83,6 +85,8 @@ def sweep(dataset: str, seeds, ablations, *, overrides: dict, runs_dir: Path, ou
             per_run.append(table)
     summary = mean_and_spread(per_run)
     summary.save(out_dir / f"ablations_{dataset}")
+    if "full" in ablations and len(ablations) > 1 and len(per_run) > 1:
+        differences_from(per_run, VARIANT_NAMES["full"], ["Average"]).save(out_dir / f"ablations_{dataset}_differences")
     return summary
 
 

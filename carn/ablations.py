@@ -3,7 +3,9 @@
 ``python -m carn.ablations --seeds 0 1 2`` trains every variant of ``carn.config.ABLATIONS`` once per seed with
 ``carn.train.run_training`` (runs under ``runs/carn/<dataset>/ablations/<sweep-name>/``; a finished run with the same
 configuration is reused and a stopped one resumed, so an interrupted sweep continues where it stopped), evaluates each under the six
-available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv) under ``results/carn/``.
+available-modality conditions and writes ``table1`` and ``table2`` (.md, .json, .csv) under ``results/carn/``, and
+with several seeds ``table2_differences`` (each variant's averages against the full model: mean difference, 95 %
+confidence interval, Welch's t-test p over the seeds).
 With ``--folds all`` (IEMOCAP) every (variant, seed) runs on the five leave-one-session-out folds
 (``<variant>-seed<seed>-fold<k>``) and the cells are mean ± std over all (seed, fold) runs.
 """
@@ -26,7 +28,7 @@ from mer.cli import (
     sweep_run,
 )
 from mer.data import DATASET_NAMES, EMBEDDED_NAMES
-from mer.metrics import ResultTable, mean_and_spread
+from mer.metrics import ResultTable, differences_from, mean_and_spread
 from mer.protocols import validation_caption
 
 from .config import ABLATION_TITLES, ABLATIONS, model_config_for, preset, to_dict
@@ -111,10 +113,14 @@ def main(argv=None):
                f"lr {train_config.lr:g}, dataset options {data.dataset_options}; seeds {args.seeds}; "
                f"{validation_caption(args.dataset, data.dataset_options, args.validation)})")
     full = ABLATION_TITLES["full"]
+    per_run_table2 = [merged(rows, task, f"Table 2 (ablations): {caption}") for rows in per_run]
     tables = {
         "table1": mean_and_spread([merged({full: rows[full]}, task, f"Table 1: {caption}") for rows in per_run]),
-        "table2": mean_and_spread([merged(rows, task, f"Table 2 (ablations): {caption}") for rows in per_run]),
+        "table2": mean_and_spread(per_run_table2),
     }
+    if len(args.ablations) > 1 and len(per_run) > 1:  # each variant against the full model, over the runs
+        averages = [column for column in table_columns(task) if column.startswith("Average")]
+        tables["table2_differences"] = differences_from(per_run_table2, full, averages)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         table.print()

@@ -3,14 +3,18 @@
 Emotion classes: WA (accuracy), UA (mean per-class recall over the classes present in the labels) and WAF1
 (support-weighted F1), in percent. Sentiment (MOSI/MOSEI): Acc2 and weighted F1 of positive vs negative over the
 utterances whose label is non-zero (percent), MAE and Pearson correlation over all utterances. Padding never
-counts: :func:`valid_targets` flattens a padded batch's valid positions first.
+counts: :func:`valid_targets` flattens a padded batch's valid positions first. Over seeds: mean ± std
+(:func:`mean_and_spread`), each row's difference from a baseline row with Welch's t-test
+(:func:`differences_from`), and the per-seed tables of several sweeps joined (:func:`merge_seed_tables`).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -178,3 +182,98 @@ def mean_and_spread(tables: list[ResultTable]) -> ResultTable:
             cells[column] = f"{values.mean():.2f} ± {spread:.2f}"
         result.add_row(name, cells)
     return result
+
+
+def welch_detectable_spreads(runs: int, level: float = 0.05) -> float:
+    """The smallest difference of means, in units of the common sample std, that Welch's t-test calls significant
+    at ``level`` (two-sided) with ``runs`` + ``runs`` runs of equal spread: t(1 - level / 2, 2 runs - 2) sqrt(2 / runs)."""
+    from scipy import stats
+
+    if runs < 2:
+        raise ValueError(f"runs must be at least 2, got {runs}")
+    return float(stats.t.ppf(1 - level / 2, 2 * runs - 2) * math.sqrt(2 / runs))
+
+
+def differences_from(tables: list[ResultTable], baseline: str, columns: Sequence[str]) -> ResultTable:
+    """How each row of per-run ``tables`` (e.g. one per seed: the same rows and columns, numeric) differs from row
+    ``baseline`` in ``columns``, over the runs: the mean difference (row - baseline), its 95 % confidence interval
+    and the two-sided p-value of Welch's t-test (unequal variances; "-" when both rows have no spread), and the
+    difference in units of the rows' common spread sqrt((s_row^2 + s_baseline^2) / 2). The title says how many
+    spreads a difference needs to reach p < 0.05 with this many runs (:func:`welch_detectable_spreads`)."""
+    from scipy import stats
+
+    if len(tables) < 2:
+        raise ValueError(f"differences need at least 2 runs per row, got {len(tables)}")
+    first = tables[0]
+    if baseline not in first.rows:
+        raise ValueError(f"baseline row {baseline!r} is not in the tables (rows: {list(first.rows)})")
+    unknown = [column for column in columns if column not in first.columns]
+    if unknown:
+        raise ValueError(f"columns {unknown} are not in the tables (columns: {first.columns})")
+    for table in tables[1:]:
+        if table.columns != first.columns or list(table.rows) != list(first.rows):
+            raise ValueError("tables must have the same rows and columns to be compared")
+    runs = len(tables)
+    title = (f"{first.title}: difference from {baseline} over {runs} + {runs} runs (Welch's t-test; p < 0.05 needs "
+             f"about {welch_detectable_spreads(runs):.2f} spreads)")
+    headers = [f"{column} {part}" for column in columns for part in ("difference", "95 % CI", "p", "spreads")]
+    result = ResultTable(title, first.row_name, headers)
+
+    def values(name, column):
+        return np.array([float(table.rows[name][column]) for table in tables])
+
+    for name in first.rows:
+        if name == baseline:
+            continue
+        cells = {}
+        for column in columns:
+            row, base = values(name, column), values(baseline, column)
+            difference = row.mean() - base.mean()
+            var_row, var_base = row.var(ddof=1) / runs, base.var(ddof=1) / runs
+            error = math.sqrt(var_row + var_base)
+            spread = math.sqrt((row.var(ddof=1) + base.var(ddof=1)) / 2)
+            if error > 0:
+                dof = error ** 4 / ((var_row ** 2 + var_base ** 2) / (runs - 1))
+                half = float(stats.t.ppf(0.975, dof)) * error
+                p = f"{2 * float(stats.t.sf(abs(difference) / error, dof)):.3f}"
+            else:
+                half, p = 0.0, "-"
+            cells.update({f"{column} difference": f"{difference:+.2f}",
+                          f"{column} 95 % CI": f"{difference - half:+.2f} to {difference + half:+.2f}",
+                          f"{column} p": p,
+                          f"{column} spreads": f"{difference / spread:+.2f}" if spread > 0 else "-"})
+        result.add_row(name, cells)
+    return result
+
+
+def merge_seed_tables(folders: Sequence[Path], stem: str) -> dict[str, ResultTable]:
+    """The per-seed tables ``<stem>_seed<S>[-fold<k>].json`` of several sweeps' result folders, joined per seed
+    (and fold): {"<S>[-fold<k>]": table with the rows of every folder}, in seed order. A row that two folders hold
+    for the same seed must be identical (the same deterministic run), and every seed must end up with the same rows
+    and columns; otherwise ValueError."""
+    pattern = re.compile(re.escape(stem) + r"_seed(\d+(?:-fold\d+)?)\.json")
+    joined: dict[str, ResultTable] = {}
+    origin: dict[tuple[str, str], Path] = {}  # (seed, row) -> the file it came from
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder")
+        found = sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name))
+        if not found:
+            raise ValueError(f"{folder} holds no {stem}_seed<S>.json table")
+        for path in found:
+            seed, table = pattern.fullmatch(path.name).group(1), ResultTable.load(path)
+            target = joined.setdefault(seed, ResultTable(table.title, table.row_name, table.columns))
+            if (table.title, table.row_name, table.columns) != (target.title, target.row_name, target.columns):
+                raise ValueError(f"{path}: title, row name or columns differ from the other seed {seed} tables")
+            for name, values in table.rows.items():
+                if name in target.rows and target.rows[name] != values:
+                    raise ValueError(f"seed {seed}: row {name!r} of {path} differs from {origin[seed, name]}")
+                origin.setdefault((seed, name), path)
+                target.add_row(name, values)
+    union = list(dict.fromkeys(name for table in joined.values() for name in table.rows))
+    for seed, table in joined.items():
+        missing = [name for name in union if name not in table.rows]
+        if missing:
+            raise ValueError(f"seed {seed} lacks rows {missing}")
+        table.rows = {name: table.rows[name] for name in union}
+    return dict(sorted(joined.items(), key=lambda item: tuple(int(n) for n in re.findall(r"\d+", item[0]))))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from camhg import ABLATIONS, CaMHG, CaMHGConfig, preset
 from camhg.ablations import sweep
 from camhg.model import GATE_BIAS_INIT, PHASES
 from mer.cli import UserError
+from mer.metrics import ResultTable
 from mer.training import CheckpointManager, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +245,12 @@ def test_ablation_sweep_writes_mean_and_spread(reference_backend, tmp_path, monk
     assert all("±" in cell for row in summary.rows.values() for cell in row.values())
     for suffix in ("md", "json", "csv"):
         assert (tmp_path / "results" / f"ablations_embedded.{suffix}").is_file()
+    # the variant's average against the full model over the two seeds, from the per-seed tables beside it
+    per_seed = [ResultTable.load(tmp_path / "results" / f"ablations_embedded_seed{seed}.json") for seed in (0, 1)]
+    differences = ResultTable.load(tmp_path / "results" / "ablations_embedded_differences.json")
+    assert list(differences.rows) == ["w/o imputation (I)"] and "over 2 + 2 runs" in differences.title
+    expected = np.mean([t.rows["w/o imputation (I)"]["Average"] - t.rows["CaM-HG (full)"]["Average"] for t in per_seed])
+    assert float(differences.rows["w/o imputation (I)"]["Average difference"]) == pytest.approx(expected, abs=0.005)
     # a rerun reuses the finished runs (no training: the model cannot be built) and gives the same table
     monkeypatch.setattr(camhg_ablations, "train", lambda *args, **kwargs: pytest.fail("retrained a finished run"))
     assert sweep("embedded", [0, 1], ["full", "no_imputation"], **arguments).rows == summary.rows

@@ -355,3 +355,25 @@ def test_bad_inputs_raise_clear_errors(reference_backend, kind, error, match):
 def test_bad_configs_raise(field, value, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**{field: value})
+
+
+def test_ablation_command_writes_tables_and_differences(reference_backend, tmp_path, capsys):
+    """Table 2 over two seeds, and each variant's averages against the full model (Welch's t-test) beside it."""
+    import carn.ablations
+    from mer.metrics import ResultTable
+
+    argv = ["--dims", "small", "--num-dialogues", "4", "1", "2", "--hidden", "8", "--batch-size", "2", "--epochs",
+            "1", "1", "--seeds", "0", "1", "--ablations", "full", "no_cce", "--runs-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "results"), "--no-progress"]
+    assert carn.ablations.cli(argv) == 0
+    table2 = ResultTable.load(tmp_path / "results" / "table2.json")
+    differences = ResultTable.load(tmp_path / "results" / "table2_differences.json")
+    (variant,) = differences.rows
+    assert list(table2.rows) == ["CARN", variant] and "over 2 + 2 runs" in differences.title
+    assert set(differences.columns) == {f"Average {metric} {part}" for metric in ("WA", "UA")
+                                        for part in ("difference", "95 % CI", "p", "spreads")}
+    for metric in ("WA", "UA"):
+        means = [float(table2.rows[name][f"Average {metric}"].split(" ± ")[0]) for name in ("CARN", variant)]
+        assert float(differences.rows[variant][f"Average {metric} difference"]) == pytest.approx(
+            means[1] - means[0], abs=0.011)
+    assert "Welch" in capsys.readouterr().out

@@ -19,6 +19,7 @@ import camhg.train
 import carn.ablations
 import carn.evaluate
 import carn.train
+import mer.combine
 from mer.cli import HelpFormatter
 from mer.data import load_dataset
 
@@ -39,9 +40,9 @@ def options(parser: argparse.ArgumentParser) -> set[str]:
     return {flag for action in parser._actions for flag in action.option_strings} - {"-h", "--help"}
 
 
-@pytest.mark.parametrize("name", list(ENTRY_POINTS))
+@pytest.mark.parametrize("name", [*ENTRY_POINTS, "mer.combine"])
 def test_every_flag_has_help_and_its_default(name):
-    parser = ENTRY_POINTS[name].build_parser()
+    parser = {**ENTRY_POINTS, "mer.combine": mer.combine}[name].build_parser()
     assert parser.prog == f"python -m {name}"
     formatter = HelpFormatter(parser.prog)
     for action in parser._actions:
