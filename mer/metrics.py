@@ -186,7 +186,8 @@ def mean_and_spread(tables: list[ResultTable]) -> ResultTable:
 
 def welch_detectable_spreads(runs: int, level: float = 0.05) -> float:
     """The smallest difference of means, in units of the common sample std, that Welch's t-test calls significant
-    at ``level`` (two-sided) with ``runs`` + ``runs`` runs of equal spread: t(1 - level / 2, 2 runs - 2) sqrt(2 / runs)."""
+    at ``level`` (two-sided) with ``runs`` + ``runs`` runs of equal spread:
+    t(1 - level / 2, 2 runs - 2) sqrt(2 / runs)."""
     from scipy import stats
 
     if runs < 2:
