@@ -162,6 +162,13 @@ class ResultTable:
         return table
 
 
+def _check_same_layout(tables: list[ResultTable], purpose: str) -> None:
+    first = tables[0]
+    for table in tables[1:]:
+        if table.columns != first.columns or list(table.rows) != list(first.rows):
+            raise ValueError(f"tables must have the same rows and columns to be {purpose}")
+
+
 def mean_and_spread(tables: list[ResultTable]) -> ResultTable:
     """One table of "mean ± std" cells (sample std over the tables, e.g. seeds; 0 for a single table).
 
@@ -169,10 +176,8 @@ def mean_and_spread(tables: list[ResultTable]) -> ResultTable:
     """
     if len(tables) == 0:
         raise ValueError("tables must not be empty")
+    _check_same_layout(tables, "averaged")
     first = tables[0]
-    for table in tables[1:]:
-        if table.columns != first.columns or list(table.rows) != list(first.rows):
-            raise ValueError("tables must have the same rows and columns to be averaged")
     result = ResultTable(f"{first.title} (mean ± std over {len(tables)})", first.row_name, first.columns)
     for name in first.rows:
         cells = {}
@@ -211,9 +216,7 @@ def differences_from(tables: list[ResultTable], baseline: str, columns: Sequence
     unknown = [column for column in columns if column not in first.columns]
     if unknown:
         raise ValueError(f"columns {unknown} are not in the tables (columns: {first.columns})")
-    for table in tables[1:]:
-        if table.columns != first.columns or list(table.rows) != list(first.rows):
-            raise ValueError("tables must have the same rows and columns to be compared")
+    _check_same_layout(tables, "compared")
     runs = len(tables)
     title = (f"{first.title}: difference from {baseline} over {runs} + {runs} runs (Welch's t-test; p < 0.05 needs "
              f"about {welch_detectable_spreads(runs):.2f} spreads)")
