@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from conftest import bench_call, requires_cuda, skip_in_quick_run
 from kernels import block_causal_attention
-from kernels.block_causal_attention import (
+from kernels.block_causal import (
     block_causal_attention_reference,
     block_causal_attention_varlen,
     block_causal_mask,

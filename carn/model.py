@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import FusedEntmaxCausalAttention
-from kernels.entmax_attention import EntmaxAttentionOutput
+from kernels.entmax import EntmaxAttentionOutput
 from mer.data import MODALITIES
 from mer.inputs import check_dialogue_inputs
 

@@ -6,12 +6,12 @@ plain PyTorch references and the reference twins of the modules.
 from . import reference
 from ._version import __version__
 from .backend import use_backend
-from .block_causal_attention import (
+from .block_causal import (
     BlockCausalMultiheadAttention,
     BlockCausalTransformerLayer,
     block_causal_attention,
 )
-from .entmax_attention import FusedEntmaxCausalAttention, entmax15_attention
+from .entmax import FusedEntmaxCausalAttention, entmax15_attention
 from .moe import Top2MoE, moe_top2
 
 __all__ = [

@@ -14,11 +14,11 @@ candidates may need up to A100's 163 KB: on 8.6 / 8.9 Triton's autotuner times o
   kernel accumulates into its outputs or writes its inputs, so their repeated timing launches need no
   ``reset_to_zero`` / ``restore_value``; a kernel that does passes them to :func:`launch`;
 - under ``TRITON_INTERPRET=1`` and with ``KERNELS_AUTOTUNE=0`` it launches the default, deterministically;
-- under ``kernels.report``'s capture (CPU tensors, a stand-in driver naming the target) it goes through the
+- under ``kernels.tools.report``'s capture (CPU tensors, a stand-in driver naming the target) it goes through the
   autotuner, which the report replaces by a capture of every candidate of the target's list.
 
 Every candidate of the sm_80 and sm_90 lists is compiled ahead of time by ``kernels.aot`` (``aot_configurations()``
-of each op) and measured by ``kernels.report``; tuning on first use can therefore not hit a compile error. The
+of each op) and measured by ``kernels.tools.report``; tuning on first use can therefore not hit a compile error. The
 first launch of a key costs ~0.1 s per candidate (``triton.testing.do_bench``); set ``KERNELS_AUTOTUNE=0``, or
 launch once before, when that cannot happen (CUDA-graph capture). :func:`recording_choices` lists what was chosen.
 """
@@ -58,7 +58,7 @@ def autotune_enabled() -> bool:
 
 def launch_arch(device: torch.device) -> str:
     """Which candidate list a launch on ``device`` uses: ``sm_90`` for compute capability 9.x, ``sm_80`` for 8.x,
-    ``fallback`` for other GPUs; for CPU tensors the target of ``kernels.report``'s capture, else ``sm_80`` (the
+    ``fallback`` for other GPUs; for CPU tensors the target of ``kernels.tools.report``'s capture, else ``sm_80`` (the
     interpreter)."""
     if device.type == "cuda":
         major = torch.cuda.get_device_capability(device)[0]

@@ -17,7 +17,7 @@ strides may be given as the constexpr 1, as a launch on dense tensors does. Thos
 the ones a launch on aligned tensors makes. The kernels mark their runtime flags and sizes ``do_not_specialize`` so
 that those never make a new variant. Each line reports the cubin's size and the shared memory a launch requests
 (Triton's ``metadata.shared``, which its launcher compares with the device's per-block maximum; Triton's kernels
-declare no static shared memory). ``python -m kernels.report`` captures exactly the variants that the public ops
+declare no static shared memory). ``python -m kernels.tools.report`` captures exactly the variants that the public ops
 launch at given shapes and reports their registers, spills, occupancy and async copies.
 """
 from __future__ import annotations
@@ -26,14 +26,19 @@ import argparse
 import contextlib
 import importlib
 import io
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
+from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 #: op name -> module that defines ``aot_configurations()``
 OP_MODULES = {
-    "entmax15_attention": "kernels.entmax_attention",
-    "block_causal_attention": "kernels.block_causal_attention",
+    "entmax15_attention": "kernels.entmax",
+    "block_causal_attention": "kernels.block_causal",
     "moe_top2": "kernels.moe",
 }
 
@@ -114,6 +119,42 @@ def configurations(op: str, defaults_only: bool = False) -> List[AotConfig]:
     return [config for config in configs if config.default or not defaults_only]
 
 
+TENSOR_CORE_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA")
+ASYNC_COPY_OPS = {"LDGSTS": "cp.async", "UTMALDG": "TMA", "UBLKCP": "TMA"}
+_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
+
+
+def parse_ptxas_log(log: str) -> Dict[str, int]:
+    """Registers, spill store/load and stack bytes from ``ptxas -v`` (one kernel)."""
+    def number(pattern):
+        match = re.search(pattern, log)
+        return int(match.group(1)) if match else 0
+
+    if not re.search(r"Used \d+ registers", log):
+        raise ValueError(f"no register count in the ptxas log:\n{log}")
+    return {"registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
+            "spill_load_bytes": number(r"(\d+) bytes spill loads"), "stack_bytes": number(r"(\d+) bytes stack frame")}
+
+
+def parse_sass(sass: str) -> Dict[str, Any]:
+    """Tensor-core instructions (kind -> count) and async-copy instructions (opcode -> count) in ``cuobjdump -sass``."""
+    opcodes = Counter(_SASS_OPCODE.findall(sass))
+    mma = {op: n for op, n in opcodes.items() if op.split(".")[0] in TENSOR_CORE_OPS}
+    copies = {op: n for op, n in opcodes.items() if op.split(".")[0] in ASYNC_COPY_OPS}
+    return {"instructions": sum(opcodes.values()), "tensor_core": dict(sorted(mma.items())),
+            "async_copies": dict(sorted(copies.items()))}
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, str(path)], check=True, capture_output=True,
+                              text=True).stdout
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", action="append", choices=sorted(OP_MODULES), help="op to compile (default: all)")
@@ -122,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only the default autotune candidate of each list (the tests' quick subset)")
     parser.add_argument("--match", help="only configurations whose label contains this text")
     parser.add_argument("--async-copies", action="store_true",
-                        help="count each cubin's async-copy instructions (cuobjdump -sass; see kernels.report)")
+                        help="count each cubin's async-copy instructions (cuobjdump -sass; see kernels.tools.report)")
     args = parser.parse_args(argv)
 
     from kernels.backend import triton_interpreter_enabled
@@ -141,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     status = (f"ok   {len(compiled.asm['cubin']):>7d} B cubin, "
                               f"{compiled.metadata.shared:>6d} B shared memory")
                     if args.async_copies:
-                        from kernels.report import _cuobjdump, parse_sass
-
                         copies = parse_sass(_cuobjdump(compiled.asm["cubin"], "-sass"))["async_copies"]
                         status += f", {sum(copies.values())} async copies"
                 except Exception as error:  # report every failing configuration, not just the first

@@ -8,7 +8,7 @@
 - ``reference``: always the PyTorch reference.
 
 ``use_backend(name)`` overrides the variable inside a ``with`` block. ``capturing_launches()`` is for
-``kernels.report`` only: it lets CPU tensors take the Triton path without the interpreter while the report
+``kernels.tools.report`` only: it lets CPU tensors take the Triton path without the interpreter while the report
 intercepts every launch (no kernel runs) to compile it for a GPU.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def use_backend(name: str) -> Iterator[None]:
 @contextlib.contextmanager
 def capturing_launches() -> Iterator[None]:
     """Inside the block, ``triton`` lets CPU tensors reach the kernels' launches without the interpreter; only for a
-    caller that intercepts the launches (``kernels.report``): a kernel actually launched on CPU tensors would fail."""
+    caller that intercepts the launches (``kernels.tools.report``): a kernel actually launched on CPU tensors would fail."""
     global _capturing_launches
     previous, _capturing_launches = _capturing_launches, True
     try:

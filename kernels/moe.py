@@ -101,7 +101,7 @@ class MoETiles(NamedTuple):
 #: with tiny tiles to exercise several and partial tiles. The defaults were chosen from launch-specialized
 #: ahead-of-time compiles at N 3,520, d = h = 512, E 4 (see the README): async copies in every streaming kernel;
 #: 16-bit tiles take 8 warps (with 4 the weight-gradient kernel spilled on sm_80 and the grouped GEMM sat at 255
-#: registers). Every candidate compiles without register spills at that shape (``python -m kernels.report``).
+#: registers). Every candidate compiles without register spills at that shape (``python -m kernels.tools.report``).
 _HALF_CANDIDATES = {
     "sm_80": (MoETiles(64, 128, 64, 16, 8, 3), MoETiles(128, 128, 32, 16, 8, 3), MoETiles(64, 64, 64, 16, 4, 3)),
     "sm_90": (MoETiles(64, 128, 64, 16, 8, 3), MoETiles(128, 128, 64, 16, 8, 3), MoETiles(64, 64, 64, 16, 4, 4)),
@@ -862,7 +862,7 @@ def aot_configurations():
     strides, 16-divisible pointers, strides and feature sizes; ``_AOT_KERNELS``); the default candidate also with
     every argument plain (odd sizes, strided inputs); ``default`` marks the aligned default candidates (the tests'
     quick subset). The backward's transposed weight views (unit ``stride_wk``)
-    make one more grouped-GEMM variant per candidate, which ``kernels.report`` compiles. The mode flags are
+    make one more grouped-GEMM variant per candidate, which ``kernels.tools.report`` compiles. The mode flags are
     runtime arguments: one compiled kernel per dtype covers every mode."""
     configs = []
     for kind, (kernel, types, extra) in _AOT_KERNELS.items():

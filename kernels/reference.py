@@ -2,9 +2,9 @@
 
 Each lives beside its Triton kernels in the op's own file; this module gathers them under one name.
 """
-from .block_causal_attention import (block_causal_attention_reference, block_causal_attention_varlen_reference,
+from .block_causal import (block_causal_attention_reference, block_causal_attention_varlen_reference,
                                      block_causal_mask)
-from .entmax_attention import EntmaxCausalAttention, entmax15_attention_reference
+from .entmax import EntmaxCausalAttention, entmax15_attention_reference
 from .moe import Top2MoEReference as Top2MoE
 from .moe import moe_top2_reference
 

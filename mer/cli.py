@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence, TypeVar
 from mer.precision import PRECISIONS
 from mer.protocols import FOLD_DATASETS, FOLDS, SENTIMENT_LOSSES, VALIDATIONS
 from mer.training import NonFiniteLossError, RunDirectoryInUseError
-from mer.training import reject_options_on_resume  # re-exported: the entry points take their CLI helpers from here
+from mer.training import reject_options_on_resume  # noqa: F401 -- re-exported: the entry points take their CLI helpers from here
 
 T = TypeVar("T")
 CHECKPOINTS = "checkpoints"

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mer.data import MODALITIES, DatasetInfo, DatasetSplits, Dialogue, DialogueDataset
+from mer.dialogues import MODALITIES, DatasetInfo, DatasetSplits, Dialogue, DialogueDataset
 
 FULL_DIMS = {"a": 512, "t": 1024, "v": 1024}
 SMALL_DIMS = {"a": 32, "t": 48, "v": 40}

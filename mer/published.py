@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mer.data import MODALITIES, DatasetInfo, DatasetSplits, Dialogue, DialogueDataset
+from mer.dialogues import MODALITIES, DatasetInfo, DatasetSplits, Dialogue, DialogueDataset
 
 DEFAULT_FEATURES = {"a": "wav2vec-large-c-UTT", "t": "deberta-large-4-UTT", "v": "manet_UTT"}
 

@@ -2,7 +2,7 @@
 
 The quick tests compile the default autotune candidate of every list (aligned variants) and check that the sm_80
 defaults fit the shared memory of compute capability 8.6 / 8.9; every candidate of every list is compiled by
-``pytest -m full_aot`` (deselected by default: minutes) and measured by ``python -m kernels.report``."""
+``pytest -m full_aot`` (deselected by default: minutes) and measured by ``python -m kernels.tools.report``."""
 import re
 
 import pytest

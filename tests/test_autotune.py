@@ -12,9 +12,9 @@ from kernels import _autotune
 from kernels._autotune import ARCHS, FALLBACK, autotune_enabled, launch, launch_arch, pick, recording_choices
 from kernels.aot import configurations
 
-bc = importlib.import_module("kernels.block_causal_attention")
+bc = importlib.import_module("kernels.block_causal")
 moe = importlib.import_module("kernels.moe")
-em = importlib.import_module("kernels.entmax_attention")
+em = importlib.import_module("kernels.entmax")
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""The interpreter counter of ``kernels.counts`` on purpose-written kernels whose counts follow from the launch, the
+"""The interpreter counter of ``kernels.tools.counts`` on purpose-written kernels whose counts follow from the launch, the
 K-traffic ratio against an independently computed flash-attention pass, and ``tau_solver_passes`` (the PyTorch mirror
 of the entmax threshold solver) against the kernel's own count of its passes over K.
 """
@@ -9,9 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import counts, entmax_attention
-from kernels.counts import InterpreterCounter
-from kernels.entmax_attention import Tiles, tau_solver_passes
+from kernels import entmax
+from kernels.tools import counts
+from kernels.tools.counts import InterpreterCounter
+from kernels.entmax import Tiles, tau_solver_passes
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -178,13 +179,13 @@ def test_tau_solver_passes_equal_the_kernels_count(monkeypatch, triton_backend, 
                                                    tile_set):
     """The mirror equals the threshold kernel's own count: per query-tile program, the K elements it loaded divided
     by the distinct K elements it loaded (how many times it read its keys)."""
-    monkeypatch.setattr(entmax_attention, "_TILE_OVERRIDE", tile_set)
+    monkeypatch.setattr(entmax, "_TILE_OVERRIDE", tile_set)
     h, d = 1, 6
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, t, d, generator=generator) * q_scale
     k, v = torch.randn(b, h, t, d, generator=generator), torch.randn(b, h, t, d, generator=generator)
     with torch.no_grad(), InterpreterCounter({"k": k}, track_distinct=True) as counter:
-        entmax_attention.entmax15_attention(q, k, v, causal=causal)
+        entmax.entmax15_attention(q, k, v, causal=causal)
     counted = counts.counted_solver_passes(counter, "_entmax_tau_kernel")
     block_m, block_n = counts.solver_tiles(t)
     mirror = tau_solver_passes(q, k, causal=causal, block_m=block_m, block_n=block_n)
@@ -206,7 +207,7 @@ def test_tau_solver_passes_rejects_bad_input():
 
 def test_flops_per_score_of_the_real_kernels_cover_the_minimum(monkeypatch):
     """Counted dot FLOPs of both ops, forward and backward, are at least the minimum for their visible scores."""
-    monkeypatch.setattr(entmax_attention, "_TILE_OVERRIDE", TINY)
+    monkeypatch.setattr(entmax, "_TILE_OVERRIDE", TINY)
     t = 11
     rows = counts.flops_per_score_rows(t, [("tiny", 6, 5)], [("tiny", 6, 5)])
     assert [row["op"] for row in rows] == ["entmax15_attention", "block_causal_attention (group 3)"]
@@ -220,7 +221,7 @@ def test_flops_per_score_of_the_real_kernels_cover_the_minimum(monkeypatch):
 
 
 def test_command_writes_its_report(monkeypatch, tmp_path, capsys):
-    """``python -m kernels.counts --quick --out DIR`` at tiny sizes: tables printed, markdown and JSON written, and
+    """``python -m kernels.tools.counts --quick --out DIR`` at tiny sizes: tables printed, markdown and JSON written, and
     the K traffic equal to a direct count."""
     tiny = counts.Settings(traffic_lengths=(64,), solver_lengths=(70,), support_lengths=(200,), flops_length=9,
                            head_dim=16, entmax_head_dims=(("tiny", 4, 3),), block_causal_head_dims=(("tiny", 4, 3),))

@@ -1,4 +1,4 @@
-"""The PyTorch entmax-1.5 of the reference path (``kernels.entmax_attention.entmax15``): against the ``entmax``
+"""The PyTorch entmax-1.5 of the reference path (``kernels.entmax.entmax15``): against the ``entmax``
 package on ordinary rows (forward and gradients), and where that package fails: rows with NaN, +inf or no finite
 score (NaN rows), and huge scores (exact). Last, the Triton op against the reference on those rows.
 """
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import entmax15_attention, use_backend
-from kernels.entmax_attention import entmax15, entmax15_attention_reference, entmax15_attention_varlen_reference
+from kernels.entmax import entmax15, entmax15_attention_reference, entmax15_attention_varlen_reference
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),

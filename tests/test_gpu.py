@@ -36,7 +36,7 @@ from kernels import (
 )
 from kernels._autotune import recording_choices
 from kernels.backend import triton_interpreter_enabled
-from kernels.block_causal_attention import block_causal_attention_varlen
+from kernels.block_causal import block_causal_attention_varlen
 
 #: On the CPU, our side on the reference backend: "1" at tiny shapes (seconds), "full" at the GPU's shapes (minutes);
 #: "interpreter": our side on the Triton kernels through the interpreter (TRITON_INTERPRET=1) at tiny shapes.
@@ -69,7 +69,7 @@ DTYPES = [pytest.param(FP32, id="fp32"), pytest.param(FP16, id="fp16"), pytest.p
 #: fp16 and bf16: 8 unit roundoffs (u = 2^-11 and 2^-8), since the kernels round P (or the hidden layer) and the
 #: result to the dtype. fp32: entmax (tf32x3 dots) and the MoE (IEEE dots) are about as exact as fp32 (errors near
 #: 1e-6, a 100x margin); block-causal attention runs TF32 tensor cores on fp32 inputs (10-bit mantissas, u = 2^-11,
-#: rounding the scores' factors as well as P and V): 20 unit roundoffs, tests/test_block_causal_attention.py's 1e-2.
+#: rounding the scores' factors as well as P and V): 20 unit roundoffs, tests/test_block_causal.py's 1e-2.
 TOLERANCE = {
     "entmax": {FP32: 1e-4, FP16: 4e-3, BF16: 3e-2},
     "block_causal": {FP32: 1e-2, FP16: 4e-3, BF16: 3e-2},

@@ -9,8 +9,8 @@ from torch import nn
 
 from kernels import (BlockCausalMultiheadAttention, BlockCausalTransformerLayer, FusedEntmaxCausalAttention, reference,
                      use_backend)
-from kernels.block_causal_attention import block_causal_mask
-from kernels.entmax_attention import EntmaxAttentionOutput
+from kernels.block_causal import block_causal_mask
+from kernels.entmax import EntmaxAttentionOutput
 
 BACKENDS = ["reference", "triton"]
 ENTMAX_MODULES = [FusedEntmaxCausalAttention, reference.EntmaxCausalAttention]

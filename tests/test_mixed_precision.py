@@ -12,8 +12,8 @@ import torch
 
 from kernels import (BlockCausalMultiheadAttention, BlockCausalTransformerLayer, FusedEntmaxCausalAttention, Top2MoE,
                      block_causal_attention, entmax15_attention, moe_top2, reference, use_backend)
-from kernels.block_causal_attention import block_causal_attention_varlen
-from kernels.entmax_attention import entmax15_attention_varlen
+from kernels.block_causal import block_causal_attention_varlen
+from kernels.entmax import entmax15_attention_varlen
 
 BACKENDS = ["reference", "triton"]
 

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernels import block_causal_attention, entmax15_attention, moe_top2, use_backend
-from kernels import entmax_attention, moe
-from kernels.block_causal_attention import (
+from kernels import entmax, moe
+from kernels.block_causal import (
     block_causal_attention_reference,
     block_causal_attention_varlen,
     block_causal_attention_varlen_reference,
     forced_tiles,
 )
-from kernels.entmax_attention import Tiles, entmax15_attention_reference
+from kernels.entmax import Tiles, entmax15_attention_reference
 from kernels.moe import MoETiles, moe_top2_reference
 
 #: The largest |q k^T * scale| drawn for entmax (the kernel solves tau relative to the row maximum: any magnitude).
@@ -156,7 +156,7 @@ def test_entmax15_attention_kernel_matches_reference(case):
         q[0, 0, t // 2, 0] = case["poison"]
     options = dict(causal=case["causal"], scale=case["scale"])
     tiles = Tiles(block_m=8, block_n=8, block_d=4, block_dv=4, row_block_m=4, row_block_n=8)
-    with mock.patch.object(entmax_attention, "_TILE_OVERRIDE", tiles), use_backend("triton"):
+    with mock.patch.object(entmax, "_TILE_OVERRIDE", tiles), use_backend("triton"):
         results = _run_both(lambda *x: entmax15_attention(*x, **options),
                             lambda *x: entmax15_attention_reference(*x, **options), (q, k, v), case["seed"])
     _check_attention(results, q, k, v, case["scale"], *TOLERANCE[case["dtype"]])

@@ -1,5 +1,5 @@
-"""The static report (``python -m kernels.report``): launch capture and Triton's specializations, the occupancy
-formula, the ptxas / SASS readers, and the CI spill guard (``kernels/spill_budget.json``)."""
+"""The static report (``python -m kernels.tools.report``): launch capture and Triton's specializations, the occupancy
+formula, the ptxas / SASS readers, and the CI spill guard (``kernels/tools/spill_budget.json``)."""
 import importlib
 import json
 import os
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from kernels.report import (
+from kernels.tools.report import (
     BUDGET_PATH,
     SM_LIMITS,
     _round_up,
@@ -198,7 +198,7 @@ def test_check_budget_of_one_op_reports_only_that_ops_entries(monkeypatch, tmp_p
     """``--ops block_causal_attention --check-budget`` on a run that launched nothing: every budgeted kernel of
     block-causal attention at the run's shapes and targets is missing, and nothing of the other ops (entmax has
     cases of the same names). No capture or compile: both are replaced."""
-    import kernels.report as report
+    import kernels.tools.report as report
 
     monkeypatch.setattr(report, "capture_variants", lambda selected, capabilities: ([], []))
     monkeypatch.setattr(report, "compile_variants", lambda variants, jobs: None)
@@ -227,7 +227,7 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
     """Every kernel of every op at the models' shapes, compiled for sm_90 and sm_80: none spills more than the
     budget allows (in a fresh process without the interpreter: interpreted kernels cannot be compiled)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kernels.report", "--quick", "--no-peers", "--check-budget",
+    command = [sys.executable, "-m", "kernels.tools.report", "--quick", "--no-peers", "--check-budget",
                "--out", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr[-5000:]
@@ -242,7 +242,7 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
         for kernel in kernels:
             assert {row["target"] for row in rows if row["kernel"] == kernel} == {"sm_80", "sm_90"}, kernel
     # every autotune candidate of the capture target's own list is captured and compiled (kernels._autotune)
-    block_causal = importlib.import_module("kernels.block_causal_attention")
+    block_causal = importlib.import_module("kernels.block_causal")
     for arch in ("sm_80", "sm_90"):
         captured = {(row["constexprs"]["BM"], row["constexprs"]["BN"], row["num_warps"], row["num_stages"])
                     for row in rows if row["kernel"] == "block_causal_attn_fwd_kernel" and row["target"] == arch}

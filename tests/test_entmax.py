@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
-from kernels import entmax_attention
-from kernels.counts import InterpreterCounter
-from kernels.entmax_attention import (
+from kernels import entmax
+from kernels.tools.counts import InterpreterCounter
+from kernels.entmax import (
     EntmaxAttentionOutput,
     Tiles,
     entmax15_attention_varlen,
@@ -47,7 +47,7 @@ TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bf
 @pytest.fixture
 def tiles(monkeypatch):
     def use(value):
-        monkeypatch.setattr(entmax_attention, "_TILE_OVERRIDE", value)
+        monkeypatch.setattr(entmax, "_TILE_OVERRIDE", value)
 
     return use
 
@@ -281,8 +281,8 @@ def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q
     tiles(TINY)
     q, k, _ = (x.detach() for x in _inputs(1, 2, t, 8, 1, seed=8))
     q = q * q_scale
-    whole = entmax_attention._whole_sequences(t, q.device)
-    rowmax, tau, _ = entmax_attention._entmax_tau(q, k, True, 8 ** -0.5, whole)
+    whole = entmax._whole_sequences(t, q.device)
+    rowmax, tau, _ = entmax._entmax_tau(q, k, True, 8 ** -0.5, whole)
     expected = _float64_tau(q, k)
     torch.testing.assert_close((rowmax + tau).double(), expected, atol=1e-6, rtol=1e-6)
     # the flat case is what the tolerance is for: rows of near-equal scores, tau near max - n^-1/2
@@ -293,7 +293,7 @@ def test_tau_is_exact_on_flat_random_and_peaked_rows(triton_backend, tiles, t, q
 def test_threshold_passes_take_d_in_their_own_chunks(triton_backend, tiles, monkeypatch):
     """``Tiles.tau_block_d`` chunks D in the long-row passes only (D = 10: chunks of 4, the last one partial)."""
     tiles(TINY._replace(tau_block_d=4))
-    chunks, launch = [], entmax_attention.launch
+    chunks, launch = [], entmax.launch
 
     def recording(kernel, grid, args, kwargs, candidates, **options):
         chunks.append((kwargs["ROW_IN_REGISTERS"], candidates[0].kwargs["BD"]))
@@ -301,10 +301,10 @@ def test_threshold_passes_take_d_in_their_own_chunks(triton_backend, tiles, monk
 
     q, k, _ = (x.detach() for x in _inputs(1, 2, 21, 10, 1, seed=8))
     with monkeypatch.context() as patch:
-        patch.setattr(entmax_attention, "launch", recording)
+        patch.setattr(entmax, "launch", recording)
         for t in (21, 8):  # passes, then rows in registers (block_d chunks)
-            whole = entmax_attention._whole_sequences(t, q.device)
-            rowmax, tau, _ = entmax_attention._entmax_tau(q[:, :, :t], k[:, :, :t], True, 10 ** -0.5, whole)
+            whole = entmax._whole_sequences(t, q.device)
+            rowmax, tau, _ = entmax._entmax_tau(q[:, :, :t], k[:, :, :t], True, 10 ** -0.5, whole)
             torch.testing.assert_close((rowmax + tau).double(), _float64_tau(q[:, :, :t], k[:, :, :t]), atol=1e-6,
                                        rtol=1e-6)
     assert chunks == [(False, 4), (True, 8)]
@@ -373,7 +373,7 @@ def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monk
     q, k, _ = (x.detach() for x in _inputs(b, h, t, d, 1, seed=12))
     q = q * q_scale
     counts = _interpreter_loads_per_program(monkeypatch, k)
-    entmax_attention._entmax_tau(q, k, True, d ** -0.5, entmax_attention._whole_sequences(t, q.device))
+    entmax._entmax_tau(q, k, True, d ** -0.5, entmax._whole_sequences(t, q.device))
     passes = tau_solver_passes(q, k, block_m=8, block_n=8)
     assert passes.shape == (b, h, 6)
     for i_bh in range(b * h):
@@ -409,14 +409,14 @@ def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_sc
     """The threshold pass's per-tile mask covers every p > 0, is 0 above the diagonal, equals its PyTorch mirror
     (also when the passes stream K in key tiles narrower than the mask's), and the output kernel reads K only for
     the tiles it marks; the output stays exact."""
-    from kernels.counts import InterpreterCounter
+    from kernels.tools.counts import InterpreterCounter
 
     tiles(tile_set)
     b, h, t, d = 1, 2, 45, 8
     q, k, v = (x.detach() for x in _inputs(b, h, t, d, 3, seed=15))
     q = q * q_scale
     scale = d ** -0.5 if scale is None else scale
-    _, _, support = entmax_attention._entmax_tau(q, k, True, scale, entmax_attention._whole_sequences(t, q.device))
+    _, _, support = entmax._entmax_tau(q, k, True, scale, entmax._whole_sequences(t, q.device))
     assert support.dtype == torch.uint8 and support.shape == (b * h, 6, 6) and support.is_contiguous()
     with_support = _tiles_with_support(entmax15_attention_weights(q.double(), k.double(), scale=scale), 8, 8)
     mask = support.bool()
@@ -448,8 +448,8 @@ def test_wide_dv_output_kernel_computes_qk_once_per_chunk_on_its_own_rows(triton
     k = torch.nn.functional.normalize(torch.randn(1, 1, t, d, generator=torch.Generator().manual_seed(24)), dim=-1)
     q, v = k.clone(), torch.randn(1, 1, t, dv, generator=torch.Generator().manual_seed(25))
     q[:, :, 8:12] = k[:, :, 0:4]
-    sequences = entmax_attention._whole_sequences(t, q.device)
-    _, _, _, support, _ = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, False, sequences)
+    sequences = entmax._whole_sequences(t, q.device)
+    _, _, _, support, _ = entmax._entmax_attention_fwd(q, k, v, True, scale, False, sequences)
     # the mask (8 x 8 tiles) per 4-row tile, and the key tiles each 4-row tile can see
     visited = support[0].bool().repeat_interleave(2, 0)[:-(-t // 4)] & _visible_tiles(t, 4, 8)
     assert visited.sum() < _visible_tiles(t, 4, 8).sum(), "peaked rows must leave visible tiles unmarked"
@@ -486,10 +486,10 @@ def test_threshold_key_tiles_must_divide_the_mask_tiles(triton_backend, tiles):
 def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_backend, tiles):
     tiles(TINY)
     q, k, _ = (x.detach() for x in _inputs(1, 2, 7, 4, 1, seed=16))
-    whole = entmax_attention._whole_sequences(7, q.device)
-    _, _, support = entmax_attention._entmax_tau(q, k, True, 0.5, whole)  # T <= row_block_n = 8
+    whole = entmax._whole_sequences(7, q.device)
+    _, _, support = entmax._entmax_tau(q, k, True, 0.5, whole)  # T <= row_block_n = 8
     assert torch.equal(support.bool(), _visible_tiles(7, 8, 8).expand(2, 1, 1))
-    _, _, support = entmax_attention._entmax_tau(q, k, False, 0.5, whole)
+    _, _, support = entmax._entmax_tau(q, k, False, 0.5, whole)
     assert support.bool().all()
 
 
@@ -509,9 +509,9 @@ def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal
     hidden = sequence[:, None] != sequence[None, :]
     if causal:
         hidden |= torch.ones(total, total, dtype=torch.bool).triu(1)
-    p = entmax_attention.entmax15(scores.masked_fill(hidden, float("-inf")))
-    sequences = entmax_attention._packed_sequences(cu_seqlens, total, q.device)
-    _, _, support = entmax_attention._entmax_tau(q[None], k[None], causal, 4.0, sequences)
+    p = entmax.entmax15(scores.masked_fill(hidden, float("-inf")))
+    sequences = entmax._packed_sequences(cu_seqlens, total, q.device)
+    _, _, support = entmax._entmax_tau(q[None], k[None], causal, 4.0, sequences)
     with_support = _tiles_with_support(p[None], 8, 8)
     assert not (with_support & ~support.bool()).any()
     assert support.sum() < with_support.numel()  # tiles of other sequences are never marked
@@ -631,9 +631,9 @@ def _exact_support(p, block_m, block_n):
 def _backward_with(q, k, v, do, causal, scale, sequences, supports):
     """The backward launcher's (dq, dk, dv) with each mask of ``supports`` ("forward": the mask the forward's
     threshold pass wrote), after one forward."""
-    _, rowmax, tau, forward_support, w = entmax_attention._entmax_attention_fwd(q, k, v, causal, scale, True,
+    _, rowmax, tau, forward_support, w = entmax._entmax_attention_fwd(q, k, v, causal, scale, True,
                                                                                 sequences)
-    return [entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences,
+    return [entmax._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences,
                                                    forward_support if isinstance(support, str) else support)
             for support in supports]
 
@@ -666,8 +666,8 @@ def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles,
     q = k * q_scale if q_scale > 1 else q * q_scale
     do = torch.randn(1, 2, t, dv, generator=torch.Generator().manual_seed(22))
     scale = d ** -0.5
-    sequences = (entmax_attention._whole_sequences(t, q.device) if lengths is None else
-                 entmax_attention._packed_sequences(torch.tensor([0, 7, 8, 19], dtype=torch.int32), t, q.device))
+    sequences = (entmax._whole_sequences(t, q.device) if lengths is None else
+                 entmax._packed_sequences(torch.tensor([0, 7, 8, 19], dtype=torch.int32), t, q.device))
     assert lengths in (None, _PACKED)
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     p = _reference_probabilities(leaves[0], leaves[1], causal, scale, lengths)
@@ -694,13 +694,13 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
     k, v, do = q.clone(), torch.randn(1, 1, t, d), torch.randn(1, 1, t, d)
     scale = 6.0
     support = _exact_support(_reference_probabilities(q, k, True, scale), bm, bm)
-    sequences = entmax_attention._whole_sequences(t, q.device)
+    sequences = entmax._whole_sequences(t, q.device)
     pairs = {"exact": int(support.sum()), "ones": (t // bm) * (t // bm + 1) // 2}
     assert pairs["exact"] < pairs["ones"]
-    _, rowmax, tau, _support, w = entmax_attention._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
+    _, rowmax, tau, _support, w = entmax._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
     for name, mask in (("exact", support), ("ones", torch.ones_like(support))):
         with InterpreterCounter({"q": q, "do": do}) as counter:
-            entmax_attention._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
+            entmax._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
         assert counter.dot_flops("_entmax_bwd_kernel") == pairs[name] * bm * bm * 2 * (3 * d + 2 * d), name
         assert counter.loaded("q", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
         assert counter.loaded("do", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
@@ -708,7 +708,7 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
 
 def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks(triton_backend, tiles):
     q, k, v = (x.detach() for x in _inputs(1, 1, 9, 4, 4))
-    do, sequences = torch.randn(1, 1, 9, 4), entmax_attention._whole_sequences(9, "cpu")
+    do, sequences = torch.randn(1, 1, 9, 4), entmax._whole_sequences(9, "cpu")
     tiles(TINY)
     with pytest.raises(ValueError, match=r"support must have shape \(B\*H, query tiles, key tiles\) = \(1, 2, 2\)"):
         _backward_with(q, k, v, do, True, 0.5, sequences, [torch.ones(1, 2, 1, dtype=torch.uint8)])

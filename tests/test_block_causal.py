@@ -1,4 +1,4 @@
-"""Block-causal attention (kernels/block_causal_attention.py): Triton forward and gradients against the dense
+"""Block-causal attention (kernels/block_causal.py): Triton forward and gradients against the dense
 reference on fresh random inputs, packed and padded batches, strided inputs, bad input, and the modules.
 
 Tiny tiles (``forced_tiles(16, 16)``) make T <= 40 span several query and key tiles, so fully visible,
@@ -14,7 +14,7 @@ from kernels import (
     block_causal_attention,
     use_backend,
 )
-from kernels.block_causal_attention import (
+from kernels.block_causal import (
     block_causal_attention_reference,
     block_causal_attention_varlen,
     block_causal_attention_varlen_reference,
@@ -170,7 +170,7 @@ def test_gradients_on_peaked_scores_as_accurate_as_dense_low_precision(triton_ba
 def test_only_needed_gradients_are_computed(triton_backend, monkeypatch, needed):
     """Inputs without requires_grad get None, the others the reference's gradients; without k's and v's gradients
     the dK/dV kernel never runs."""
-    module = __import__("kernels.block_causal_attention", fromlist=["_"])
+    module = __import__("kernels.block_causal", fromlist=["_"])
     launches = []
 
     class Counted:

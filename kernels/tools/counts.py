@@ -1,17 +1,17 @@
 """Algorithmic counts of the Triton kernels, measured in Triton's CPU interpreter: no GPU needed.
 
-``python -m kernels.counts [--quick]`` prints markdown tables and writes ``bench/results/counts/<date>.{md,json}``:
+``python -m kernels.tools.counts [--quick]`` prints markdown tables and writes ``bench/results/counts/<date>.{md,json}``:
 
 1. **K traffic of the entmax forward**: the elements that every forward kernel of one no-grad, causal
    ``entmax15_attention(q, k, v)`` call (B = H = 1) loads from K, divided by what one flash-attention pass with 64-row
    query tiles loads (each query tile reads each visible key once: FA2 = 1.0), for ours and for AdaSplash-2 at its
    default settings where the ``adasplash`` package is installed.
 2. **Threshold solver passes over K per query tile** (mean and max over tiles) at long T, from
-   ``kernels.entmax_attention.tau_solver_passes``, the PyTorch mirror of the solver's pass count that
+   ``kernels.entmax.tau_solver_passes``, the PyTorch mirror of the solver's pass count that
    ``tests/test_counts.py`` proves equal to the kernel's own count.
 3. **Key tiles the entmax output kernel visits**: the share of visible (query tile, key tile) pairs that the
-   threshold pass's support mask marks (``kernels.entmax_attention.tau_support_tiles``, the mirror that
-   ``tests/test_entmax_attention.py`` proves equal to the kernel's mask), against the share with any p > 0.
+   threshold pass's support mask marks (``kernels.entmax.tau_support_tiles``, the mirror that
+   ``tests/test_entmax.py`` proves equal to the kernel's mask), against the share with any p > 0.
 4. **Dot FLOPs per visible score** of every op's forward and backward kernels against the minimum.
 
 :class:`InterpreterCounter` is the instrument: it intercepts the interpreter's loads and ``tl.dot``s, so it observes
@@ -44,15 +44,15 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 
-from .backend import triton_interpreter_enabled, use_backend
-from .block_causal_attention import block_causal_attention
-from .entmax_attention import _tiles, entmax15_attention, tau_solver_passes, tau_support_tiles
+from kernels.backend import triton_interpreter_enabled, use_backend
+from kernels.block_causal import block_causal_attention
+from kernels.entmax import _tiles, entmax15_attention, tau_solver_passes, tau_support_tiles
 
 #: Query rows per tile of the flash-attention pass that K traffic is measured against.
 FA_BLOCK_M = 64
 #: (q multiplier, seed) of the inputs: q, k, v ~ N(0, 1), q multiplied to make the attention sparser.
 DISTRIBUTIONS = ((1.0, 0), (4.0, 1), (16.0, 2))
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "results" / "counts"
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results" / "counts"
 
 Program = Tuple[int, int, int]
 
@@ -353,7 +353,7 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
 def solver_tiles(t: int, dtype: torch.dtype = torch.float32):
     """(block_m, block_n) of the entmax threshold kernel's launch at length ``t`` for ``dtype`` inputs: the row tiles
     when rows fit in registers (``T <= row_block_n``), else the pass tiles (the launcher's choice,
-    ``kernels.entmax_attention``)."""
+    ``kernels.entmax``)."""
     tiles = _tiles(dtype)
     return (tiles.row_block_m, tiles.row_block_n) if t <= tiles.row_block_n else (tiles.block_m, tiles.block_n)
 
@@ -630,7 +630,7 @@ def _versions() -> Dict[str, str]:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m kernels.counts", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kernels.tools.counts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small lengths and head sizes (seconds, not minutes)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"folder for <date>.md/.json (default {RESULTS_DIR.relative_to(RESULTS_DIR.parents[2])};"
@@ -645,7 +645,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     report = run(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     versions = _versions()
-    command = "python -m kernels.counts" + (" --quick" if args.quick else "") + (
+    command = "python -m kernels.tools.counts" + (" --quick" if args.quick else "") + (
         " --traffic-lengths " + " ".join(map(str, args.traffic_lengths)) if args.traffic_lengths else "")
     report.update(date=today, versions=versions, command=command,
                   versions_line=", ".join(f"{key} {value}" for key, value in versions.items()))
@@ -663,6 +663,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
 if __name__ == "__main__":
     if not triton_interpreter_enabled():
         # Triton decides at decoration time, i.e. when ``kernels`` was imported, whether kernels are interpreted
-        os.execve(sys.executable, [sys.executable, "-m", "kernels.counts", *sys.argv[1:]],
+        os.execve(sys.executable, [sys.executable, "-m", "kernels.tools.counts", *sys.argv[1:]],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     main()

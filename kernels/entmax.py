@@ -93,7 +93,7 @@ class Tiles(NamedTuple):
 #: registers, Dv chunks of 128 in the forward) in 8 warps without spilling; fp32 (tf32x3 dots, three products per
 #: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
 #: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
-#: ``python -m kernels.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
+#: ``python -m kernels.tools.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
 #: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 goes in 64-feature chunks in fp32 and in
 #: 128-feature chunks in 16-bit (8 warps, 231-240 registers, no spills; per key tile QK^T 4 and dP 2 times, where
 #: 64-feature chunks compute them 8 and 4 times and spill 8 bytes on sm_90 at 128 registers). The output
@@ -143,7 +143,7 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: are the support mask's (allocated before they launch, read by the other two kernels at its tiles), the output
 #: kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and the backward's query-tile lists are
 #: built for its tiles before it launches.
-#: Every candidate compiles without register spills at the report's shapes (``python -m kernels.report --ops
+#: Every candidate compiles without register spills at the report's shapes (``python -m kernels.tools.report --ops
 #: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
@@ -823,8 +823,8 @@ _entmax15_attention_fwd_op.register_autograd(_entmax15_attention_backward,
 def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
     """Passes over the visible keys of each query tile that ``_entmax_tau_kernel`` makes (the row-maximum pass
     included), (B, H, cdiv(T, block_m)) int64: a PyTorch mirror of the solver with the current ``Tiles.candidates``,
-    for lengths where the interpreter is too slow to count (``kernels.counts``; ``tests/test_counts.py`` and
-    ``tests/test_entmax_attention.py`` prove it equal to the kernel's own count on small shapes).
+    for lengths where the interpreter is too slow to count (``kernels.tools.counts``; ``tests/test_counts.py`` and
+    ``tests/test_entmax.py`` prove it equal to the kernel's own count on small shapes).
 
     ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
     ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else ``(block_m, block_n)``; a tile
@@ -838,9 +838,9 @@ def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) 
 def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, exact=False) -> torch.Tensor:
     """The per-tile support mask that ``_entmax_tau_kernel`` writes with ``block_m`` x ``block_n`` tiles (T >
     ``row_block_n``), (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like
-    :func:`tau_solver_passes` (``tests/test_entmax_attention.py`` proves it equal to the kernel's mask on small
+    :func:`tau_solver_passes` (``tests/test_entmax.py`` proves it equal to the kernel's mask on small
     shapes). A tile pair is marked when, in its query tile's last pass, some row's score exceeds that row's bound
-    (tau if the row was solved before, else its lower bracket); ``kernels.counts`` reports the share of key tiles
+    (tau if the row was solved before, else its lower bracket); ``kernels.tools.counts`` reports the share of key tiles
     the output kernel visits from it at lengths the interpreter cannot run. ``exact=True`` gives the tightest sound
     mask instead: the tile pairs with some p > 0 (every row bounded by its tau)."""
     return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True, exact=exact)

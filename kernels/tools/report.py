@@ -1,8 +1,8 @@
 """Static performance report: what a GPU launch of each op compiles, measured without a GPU.
 
-    python -m kernels.report                 # every op and peer at the benchmark shapes, sm_90 and sm_80 (minutes)
-    python -m kernels.report --quick         # the models' shapes only: every kernel once per target
-    python -m kernels.report --ops moe_top2 --targets 80 --no-peers --jobs 2
+    python -m kernels.tools.report                 # every op and peer at the benchmark shapes, sm_90 and sm_80 (minutes)
+    python -m kernels.tools.report --quick         # the models' shapes only: every kernel once per target
+    python -m kernels.tools.report --ops moe_top2 --targets 80 --no-peers --jobs 2
 
 How: each public op runs forward and backward on CPU tensors while Triton's launch is intercepted
 (``triton.knobs.runtime.jit_cache_hook``, called by ``JITFunction.run`` right before it would compile, returns True
@@ -23,7 +23,7 @@ that target (``ptxas-blackwell`` for sm_90), and read back:
   ``SM_LIMITS`` and the rules of CUDA's occupancy calculator (``cuda_occupancy.h``).
 
 Writes ``bench/results/static/<date>.{md,json}``. ``--check-budget`` fails (exit 1) when a kernel spills more than
-``kernels/spill_budget.json`` allows or a budgeted kernel is missing; ``--write-budget`` writes that file from the
+``kernels/tools/spill_budget.json`` allows or a budgeted kernel is missing; ``--write-budget`` writes that file from the
 run. Both concern only what the run covers (the ``--ops``, the shapes, ``--targets``): other entries are neither
 checked nor rewritten. Run without ``TRITON_INTERPRET=1`` (interpreted kernels cannot be captured or compiled).
 Written against Triton 3.9.
@@ -37,9 +37,7 @@ import dataclasses
 import datetime
 import json
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,7 +46,9 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from kernels.aot import ASYNC_COPY_OPS, _cuobjdump, parse_ptxas_log, parse_sass
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO_ROOT / "bench" / "results" / "static"
 BUDGET_PATH = Path(__file__).resolve().parent / "spill_budget.json"
 OPS = ("entmax15_attention", "block_causal_attention", "moe_top2")
@@ -161,7 +161,7 @@ def _capture_driver(capability: int):
             return torch.device("cpu")
 
         def get_benchmarker(self):
-            raise NotImplementedError("kernels.report never runs a kernel")
+            raise NotImplementedError("kernels.tools.report never runs a kernel")
 
         def get_current_device(self):
             return capability  # JITFunction caches its binder (and target) per device: one device per target
@@ -337,42 +337,6 @@ def adasplash_version() -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # Compile and read back
 # ---------------------------------------------------------------------------------------------------------------
-
-TENSOR_CORE_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA")
-ASYNC_COPY_OPS = {"LDGSTS": "cp.async", "UTMALDG": "TMA", "UBLKCP": "TMA"}
-_SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
-
-
-def parse_ptxas_log(log: str) -> Dict[str, int]:
-    """Registers, spill store/load and stack bytes from ``ptxas -v`` (one kernel)."""
-    def number(pattern):
-        match = re.search(pattern, log)
-        return int(match.group(1)) if match else 0
-
-    if not re.search(r"Used \d+ registers", log):
-        raise ValueError(f"no register count in the ptxas log:\n{log}")
-    return {"registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
-            "spill_load_bytes": number(r"(\d+) bytes spill loads"), "stack_bytes": number(r"(\d+) bytes stack frame")}
-
-
-def parse_sass(sass: str) -> Dict[str, Any]:
-    """Tensor-core instructions (kind -> count) and async-copy instructions (opcode -> count) in ``cuobjdump -sass``."""
-    opcodes = Counter(_SASS_OPCODE.findall(sass))
-    mma = {op: n for op, n in opcodes.items() if op.split(".")[0] in TENSOR_CORE_OPS}
-    copies = {op: n for op, n in opcodes.items() if op.split(".")[0] in ASYNC_COPY_OPS}
-    return {"instructions": sum(opcodes.values()), "tensor_core": dict(sorted(mma.items())),
-            "async_copies": dict(sorted(copies.items()))}
-
-
-def _cuobjdump(cubin: bytes, flag: str) -> str:
-    from triton import knobs
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "kernel.cubin"
-        path.write_bytes(cubin)
-        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, str(path)], check=True, capture_output=True,
-                              text=True).stdout
-
 
 def analyze(launch: Launch, capability: int) -> Dict[str, Any]:
     """Compile ``launch``'s variant for ``sm_<capability>`` and measure it."""
@@ -614,7 +578,7 @@ def markdown(report: Dict[str, Any]) -> str:
              f"{report['torch']}, ptxas {report['ptxas']['sm_80']} (sm_80) / {report['ptxas']['sm_90']} (sm_90), "
              f"AdaSplash {report['adasplash'] or 'not installed'}. No GPU: every variant that the public ops launch "
              f"at these shapes (forward + backward) is captured from Triton's launcher and compiled "
-             f"(`kernels/report.py`). Occupancy: resident warps per SM on {SM_LIMITS[90].gpu} (sm_90) and "
+             f"(`kernels/tools/report.py`). Occupancy: resident warps per SM on {SM_LIMITS[90].gpu} (sm_90) and "
              f"{SM_LIMITS[80].gpu} (sm_80) from registers, shared memory and warps per block.", "",
              f"**Ours: {len(ours)} kernel variants x target, {len(spilling)} spill** (worst: {_worst(spilling)}).", "",
              "## Per kernel and target (worst case over shapes, dtypes and configs)", "", *kernel_table(rows), "",
@@ -708,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = [f"sm_{c}" for c in args.targets]
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python -m kernels.report " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m kernels.tools.report " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "triton": triton.__version__, "torch": torch.__version__, "adasplash": adasplash_version(),
         "ptxas": {f"sm_{c}": get_ptxas(c).version for c in (80, 90)},

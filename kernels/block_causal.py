@@ -340,7 +340,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 #: default first. The defaults were chosen from launch-specialized ahead-of-time compiles at CaM-HG's layer (B 32,
 #: T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128 (bf16, fp16): two pipeline stages (async copies)
 #: everywhere; see the README. Every candidate compiles without register spills at those shapes
-#: (``python -m kernels.report``, ``kernels/spill_budget.json``). On sm_90, 64-row tiles use wgmma; 32-row tiles
+#: (``python -m kernels.tools.report``, ``kernels/tools/spill_budget.json``). On sm_90, 64-row tiles use wgmma; 32-row tiles
 #: fall back to mma.sync, still tensor cores. The sm_80 defaults fit the 99 KB of shared memory per block of compute
 #: capability 8.6 / 8.9 (``SMALLEST_SHARED_MEMORY``), where they launch untuned; the fp32 backward's A100 tiles at
 #: D 128 (dQ 32 x 64 in 8 warps: 112 KB, dK/dV 32 x 32: 100 KB) come second, behind tiles that read K/V (dQ: 32

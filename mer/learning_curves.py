@@ -1,7 +1,7 @@
 """Validation learning curves of an ablation sweep, mean ± std over its seeds, as a CSV and a plot.
 
-    python results/learning_curves.py runs/camhg/embedded/ablations/L40 results/camhg/learning_curves_embedded_12+4+24
-    python results/learning_curves.py runs/carn/embedded/ablations/default results/carn/learning_curves_embedded_5+8 \
+    python -m mer.learning_curves runs/camhg/embedded/ablations/L40 results/camhg/learning_curves_embedded_12+4+24
+    python -m mer.learning_curves runs/carn/embedded/ablations/default results/carn/learning_curves_embedded_5+8 \
         --metric valid_average_WA
 
 reads ``<sweep>/<variant>-seed<s>/metrics.csv`` of every finished run (one with ``missing_rates.json`` or
