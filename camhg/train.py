@@ -1,6 +1,6 @@
 """Train CaM-HG with the three-phase curriculum of Algorithm 1, then evaluate it (paper Tables 2-3 and 7, Fig. 4).
 
-    python -m camhg.train                                  # embedded dataset, CPU-sized, a few minutes
+    python -m camhg.train                                  # embedded dataset, 1-2 minutes on a CPU
     python -m camhg.train --dataset iemocap4 --data-root DATA
     python -m camhg.train --resume runs/camhg/embedded/RUN # continue a stopped run exactly
     torchrun --nproc-per-node 2 -m camhg.train             # DistributedDataParallel (gloo on CPU)

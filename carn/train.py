@@ -1,10 +1,10 @@
-"""Train and evaluate CARN: ``python -m carn.train`` (embedded dataset, a few minutes on a laptop CPU).
+"""Train and evaluate CARN: ``python -m carn.train`` (embedded dataset, under a minute on one CPU thread).
 
 Two stages (paper section 3.4): stage 1 on full modalities (per-modality cross-entropies + causal self-supervised
 loss), stage 2 on randomly missing modalities (fused cross-entropy + reconstruction MSE of the missing parts).
 Then the test split is evaluated under the six available-modality conditions (paper Table 1).
 
-    python -m carn.train                                   # embedded dataset, CPU-sized, under a minute
+    python -m carn.train                                   # embedded dataset, under a minute on a CPU
     python -m carn.train --dataset iemocap4 --data-root DATA
     python -m carn.train --resume runs/carn/embedded/RUN   # continue a stopped run exactly
 

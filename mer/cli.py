@@ -1,9 +1,11 @@
 """The command lines of both models, one style for all six entry points (CARN and CaM-HG: train, evaluate, ablations).
 
 Flags that mean the same thing have the same name in both models, every flag says its default, values are checked
-by argparse (``error: argument --lr: must be a positive finite number, got -1``), and mistakes a user can fix end
-in one line on stderr, without a traceback (:class:`UserError`, exit status 2). Ctrl-C ends a command with exit
-status 130 (:func:`run_command`); the training commands first print how to resume.
+by argparse, and every mistake ends in one line on stderr, without a usage block or a traceback, exit status 2:
+``prog: error: argument --lr: must be a positive finite number, got -1`` from argparse (:class:`Parser`),
+``error: ...`` for mistakes found later (:class:`UserError`). Ctrl-C ends a command with exit status 130
+(:func:`run_command`); the training commands first print how to resume. PyTorch runs on ``--threads`` CPU threads,
+by default ``$OMP_NUM_THREADS`` when set, else 1 (:func:`set_threads`).
 
 Run folders: ``RUNS_DIR/<model>/<dataset>/<ablation>-seed<seed>-<YYYYmmdd-HHMMSS>`` (:func:`default_run_name`),
 each with ``config.json``, ``metrics.csv``, ``checkpoints/`` (``last.pt``, ``best.pt`` and ``epoch_NNN.pt`` for
@@ -16,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -112,6 +115,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``prog: error: message`` (exit status 2), like every other
+    mistake of the commands: argparse's default prints the whole usage block first."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def plain_text(docstring: Optional[str]) -> Optional[str]:
+    """A module docstring as a terminal shows it: reStructuredText markup (````code````, ``:func:`name```) removed."""
+    if docstring is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", docstring)
+    return text.replace("``", "")
+
+
 def command_name(module: str) -> str:
     """How the entry point ``module`` (``camhg.train``) was run: its console script ``camhg-train`` or
     ``python -m camhg.train``."""
@@ -120,10 +139,10 @@ def command_name(module: str) -> str:
 
 
 def new_parser(module: str, description: Optional[str]) -> argparse.ArgumentParser:
-    """An ArgumentParser for the entry point ``module`` named as it was run (:func:`command_name`), the module's
-    docstring as description."""
-    return argparse.ArgumentParser(prog=command_name(module), description=description, formatter_class=HelpFormatter,
-                                   allow_abbrev=False)
+    """A :class:`Parser` for the entry point ``module`` named as it was run (:func:`command_name`), the module's
+    docstring as description (:func:`plain_text`)."""
+    return Parser(prog=command_name(module), description=plain_text(description), formatter_class=HelpFormatter,
+                  allow_abbrev=False)
 
 
 def add_data_options(parser: argparse.ArgumentParser, datasets: Sequence[str]) -> None:
@@ -192,9 +211,12 @@ def add_run_options(parser: argparse.ArgumentParser, *, model: str, ablations: S
 
 
 def add_device_options(parser: argparse.ArgumentParser, *, progress: bool = True) -> None:
-    """``--device`` and ``--progress/--no-progress``."""
+    """``--device``, ``--threads`` and ``--progress/--no-progress``."""
     parser.add_argument("--device", type=device_name, default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N; torchrun picks one per rank")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads of PyTorch (default: $OMP_NUM_THREADS when set, else 1; the embedded "
+                             "presets gain little from more, and the stored results were made with 1)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=progress,
                         help="progress bars while training and evaluating")
 
@@ -368,15 +390,21 @@ def resume_hint(command: str, run_dir: Path) -> str:
 @contextmanager
 def cleanup_on_failure(run_dir: Path) -> Iterator[None]:
     """Remove ``run_dir`` when the body fails (error or Ctrl-C) before it saved a checkpoint and the folder did not
-    exist before: a failed start leaves nothing behind."""
-    existed = Path(run_dir).exists()
+    exist before, and the empty folders above it that the body created (``runs/<model>/<dataset>``): a failed start
+    leaves nothing behind."""
+    run_dir = Path(run_dir)
+    existed = run_dir.exists()
+    created = [folder for folder in run_dir.parents if not folder.exists()]  # nearest first
     try:
         yield
     except RunDirectoryInUseError:  # another process claimed the folder first: it is that run's, not ours
         raise
     except BaseException:
-        if not existed and Path(run_dir).is_dir() and not has_checkpoint(run_dir):
+        if not existed and run_dir.is_dir() and not has_checkpoint(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in created:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         raise
 
 
@@ -487,10 +515,47 @@ def configure_cpu_memory() -> None:
         pass
 
 
+DEFAULT_THREADS = 1
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """Have PyTorch compute on ``threads`` CPU threads; None: ``$OMP_NUM_THREADS`` when set, else
+    ``DEFAULT_THREADS`` (1). One thread: the embedded presets' tensors are too small for more to pay (the default
+    CaM-HG job measured 1.2x faster in wall time with 2 threads for 1.9x the CPU time on an idle 2-core machine, and
+    several times slower with 2 threads on a busy one), and a thread count is part of a run's float rounding: the
+    stored results were made with 1."""
+    import torch
+
+    if threads is None:
+        environment = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(environment) if environment.isdigit() and int(environment) >= 1 else DEFAULT_THREADS
+    torch.set_num_threads(threads)
+
+
+def _threads_argument(argv: Optional[Sequence[str]]) -> Optional[int]:
+    """The value of ``--threads N`` / ``--threads=N`` in ``argv`` when it is a positive integer (the entry point's
+    own parser reports a bad one), else None."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    for index, argument in enumerate(arguments):
+        value = None
+        if argument == "--threads" and index + 1 < len(arguments):
+            value = arguments[index + 1]
+        elif argument.startswith("--threads="):
+            value = argument.split("=", 1)[1]
+        if value is not None and value.isdigit() and int(value) >= 1:
+            return int(value)
+    return None
+
+
 def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run an entry point's ``main``: UserError -> one line, exit 2; Ctrl-C -> exit 130 (``main`` prints how to
-    resume when there is something to resume)."""
+    """Run an entry point's ``main`` on ``--threads`` CPU threads (:func:`set_threads`; the previous count is
+    restored after it): UserError -> one line, exit 2; Ctrl-C -> exit 130 (``main`` prints how to resume when there
+    is something to resume)."""
+    import torch
+
     configure_cpu_memory()
+    previous_threads = torch.get_num_threads()
+    set_threads(_threads_argument(argv))
     try:
         return main(argv)
     except UserError as error:
@@ -502,6 +567,8 @@ def run_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[S
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def run_sweep_command(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:

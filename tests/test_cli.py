@@ -84,6 +84,51 @@ def test_bad_values_are_argparse_errors_naming_the_flag(model, arguments, flag, 
     assert f"argument {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("arguments, message", [
+    pytest.param(["--dataset", "foo"], "argument --dataset: invalid choice: 'foo'", id="unknown-dataset"),
+    pytest.param(["--device", "cuda:99"], "argument --device:", id="missing-gpu"),
+    pytest.param(["--resume", "X", "--epochs", "5", "5", "5", "5"], "argument --epochs: takes", id="epochs-count"),
+    pytest.param(["--threads", "0"], "argument --threads: must be a positive integer", id="zero-threads"),
+])
+@pytest.mark.parametrize("model", ["carn", "camhg"])
+def test_argparse_errors_are_one_line_without_the_usage_block(model, arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ENTRY_POINTS[f"{model}.train"].cli(arguments)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"python -m {model}.train: error: {message}"), err
+
+
+@pytest.mark.parametrize("name", [*ENTRY_POINTS, "mer.combine"])
+def test_help_is_plain_text(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        {**ENTRY_POINTS, "mer.combine": mer.combine}[name].build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert "``" not in shown and ":func:" not in shown and ":class:" not in shown, shown
+    assert name == "mer.combine" or "--threads" in shown
+
+
+def test_threads_default_flag_and_environment(monkeypatch):
+    """Every entry point runs on ``--threads`` CPU threads, by default $OMP_NUM_THREADS or 1, and gives the previous
+    count back when it returns (so a test calling it leaves the process as it was)."""
+    import torch
+
+    from mer.cli import run_command
+
+    seen = []
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for argv in ([], ["--threads", "3"], ["--threads=2"], ["--threads", "x"]):
+        run_command(lambda args: seen.append(torch.get_num_threads()) or 0, argv)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    run_command(lambda args: seen.append(torch.get_num_threads()) or 0, [])
+    assert seen == [1, 3, 2, 1, 2] and torch.get_num_threads() == before
+    for name, module in ENTRY_POINTS.items():
+        assert module.build_parser().parse_args(
+            ["RUN"] * name.endswith("evaluate") + ["--threads", "4"]).threads == 4, name
+
+
 def test_epochs_per_model(capsys):
     assert carn.train.build_parser().parse_args(["--epochs", "2", "3"]).epochs == [2, 3]
     assert camhg.train.build_parser().parse_args(["--epochs", "2", "0", "3"]).epochs == [2, 0, 3]
@@ -111,8 +156,7 @@ def test_data_mistakes_get_one_line_and_leave_nothing(reference_backend, model, 
     (tmp_path / "empty").mkdir()  # a folder without the label file: found only after the run folder is made
     assert "IEMOCAP_features_raw_4way.pkl" in error_of(
         train, ["--dataset", "iemocap4", "--data-root", str(tmp_path / "empty"), *runs], capsys)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.*"))
-    assert not (tmp_path / "runs" / model / "iemocap4" / "r").exists()
+    assert not (tmp_path / "runs").exists()  # not even the empty runs/<model>/<dataset>/ above the run folder
 
 
 @pytest.mark.parametrize("model", ["carn", "camhg"])
