@@ -1,8 +1,8 @@
 """CaM-HG end to end: inference throughput/latency and a training step, fused kernels vs the reference path.
 
 Shape of the IEMOCAP-6 test set (paper Table 1): 31 dialogues, 1,623 utterances, d = 512, features
-a 512 / t 1024 / v 1024. The paper reports 2,613.83 utterances/s (0.38 ms/utt) on an RTX 4090; the issue's targets
-are 20x that on one H100-class GPU and 3x the reference path on the same GPU. ``extra_info`` records
+a 512 / t 1024 / v 1024. The paper reports 2,613.83 utterances/s (0.38 ms/utt) on an RTX 4090; the targets are 20x
+that on one H100-class GPU and 3x the reference path on the same GPU. ``extra_info`` records
 utterances/s and ms/utterance of every case. On CPU only a tiny reference case runs.
 
     pytest bench/test_bench_camhg.py --benchmark-only

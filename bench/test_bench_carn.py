@@ -1,8 +1,8 @@
 """CARN end to end: inference throughput and a training step of each stage, fused kernels vs the reference path.
 
-IEMOCAP scale (the issue's shape): 32 dialogues of up to 110 utterances, features a 512 / t 1024 / v 1024, the
-published-feature model width (``carn.config`` preset ``iemocap4``). The issue's target is at least 3x the reference
-path on the same GPU. ``extra_info`` records utterances/s of every case. On CPU only a tiny reference case runs.
+IEMOCAP scale: 32 dialogues of up to 110 utterances, features a 512 / t 1024 / v 1024, the published-feature model
+width (``carn.config`` preset ``iemocap4``). The target: the fused path at least 3x as fast as the reference path on
+the same GPU. ``extra_info`` records utterances/s of every case. On CPU only a tiny reference case runs.
 
     pytest bench/test_bench_carn.py --benchmark-only
 """
