@@ -112,7 +112,7 @@ def per_class_accuracy(model: CARN | dict[str, CARN], dataset: DialogueDataset, 
 @torch.no_grad()
 def mean_self_attention(model: CARN, dataset: DialogueDataset, *, batch_size: int, device) -> dict[str, float]:
     """{modality: mean A_ii} over the valid utterances of ``dataset`` with every modality present: how much of the
-    causal context ``ctx_i`` is the step itself (the CSS shortcut, README: CARN)."""
+    causal context ``ctx_i`` is the step itself (the CSS shortcut, docs/models.md: CARN)."""
     model.eval()
     totals, count = {m: 0.0 for m in MODALITIES}, 0
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_dialogues):

@@ -498,7 +498,7 @@ def configure_cpu_memory() -> None:
 
     By default glibc raises that threshold (up to 32 MB) as large blocks are freed and keeps the freed ones in its
     heap, where the differently sized activation buffers of padded batches fragment it: the default CaM-HG job's
-    peak memory then grows from epoch to epoch (README, Performance). Each fresh mapping is paged in by the kernel
+    peak memory then grows from epoch to epoch (docs/performance.md). Each fresh mapping is paged in by the kernel
     on first touch, though, one fault per 4 KB page: 40 % of the CaM-HG job's CPU time went to those faults.
     ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch's CPU allocator at its first allocation: the entry modules allocate
     no tensor at import, ``tests/test_cli.py``; an explicit value in the environment is kept) has it ask for 2 MB
