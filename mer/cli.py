@@ -216,7 +216,7 @@ def add_device_options(parser: argparse.ArgumentParser, *, progress: bool = True
                         help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N; torchrun picks one per rank")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads of PyTorch (default: $OMP_NUM_THREADS when set, else 1; the embedded "
-                             "presets gain little from more, and the stored results were made with 1)")
+                             "presets gain little from more)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=progress,
                         help="progress bars while training and evaluating")
 
