@@ -520,10 +520,9 @@ DEFAULT_THREADS = 1
 
 def set_threads(threads: Optional[int]) -> None:
     """Have PyTorch compute on ``threads`` CPU threads; None: ``$OMP_NUM_THREADS`` when set, else
-    ``DEFAULT_THREADS`` (1). One thread: the embedded presets' tensors are too small for more to pay (the default
-    CaM-HG job measured 1.2x faster in wall time with 2 threads for 1.9x the CPU time on an idle 2-core machine, and
-    several times slower with 2 threads on a busy one), and a thread count is part of a run's float rounding: the
-    stored results were made with 1."""
+    ``DEFAULT_THREADS`` (1). One thread: the embedded presets' tensors are too small for more to pay. The default
+    CaM-HG job on 2 cores: 2 threads took 14 % less wall time for twice the CPU time on an idle machine, and ten
+    times the wall time and four times the CPU time on a busy one (docs/performance.md)."""
     import torch
 
     if threads is None:
