@@ -453,7 +453,7 @@ def _train(config: Optional[CaMHGConfig], *, run_dir: Path, data_root: Optional[
 
 # --------------------------------------------------------------------------------------------------------- CLI
 MODULE = "camhg.train"
-RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "plots", "progress", "keep_checkpoints")
+RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "threads", "plots", "progress", "keep_checkpoints")
 
 
 def build_parser():

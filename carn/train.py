@@ -380,7 +380,7 @@ def save_plots(model: CARN | dict[str, CARN], splits: DatasetSplits, run_dir: Pa
 
 
 MODULE = "carn.train"
-RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "plots", "progress", "keep_checkpoints")
+RESUME_OPTIONS = ("data_root", "stop_after_epoch", "device", "threads", "plots", "progress", "keep_checkpoints")
 
 
 def add_carn_protocol_options(parser) -> None:

@@ -293,7 +293,8 @@ def folds_command(run_dir: Path) -> Optional[list]:
     return json.loads(path.read_text())["argv"] if path.is_file() else None
 
 
-FOLDS_RESUME_OPTIONS = ("data_root", "device", "plots", "progress")  # what a resume of a --folds all run may change
+# what a resume of a --folds all run may change
+FOLDS_RESUME_OPTIONS = ("data_root", "device", "threads", "plots", "progress")
 
 
 def resumed_folds_arguments(parser: argparse.ArgumentParser,

@@ -171,6 +171,7 @@ def test_run_folder_mistakes(model, tmp_path, capsys):
     assert "nothing to resume" in error_of(train, ["--resume", str(run_dir)], capsys)
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # no empty checkpoints/ left behind
     assert "no such folder" in error_of(train, ["--resume", str(tmp_path / "nowhere")], capsys)
+    assert "no such folder" in error_of(train, ["--resume", str(tmp_path / "nowhere"), "--threads", "2"], capsys)
     evaluate = ENTRY_POINTS[f"{model}.evaluate"]
     assert "holds no checkpoints/last.pt" in error_of(evaluate, [str(run_dir)], capsys)
     assert "does not exist" in error_of(evaluate, [str(run_dir / "last.pt")], capsys)

@@ -282,6 +282,7 @@ def test_the_checker_finds_what_is_wrong(tmp_path, help_texts):
 
 
 def test_github_slugs():
-    assert github_slug("Causal entmax-1.5 attention (`kernels/entmax.py`)") == "causal-entmax-15-attention-kernelsentmaxpy"
+    slug = github_slug("Causal entmax-1.5 attention (`kernels/entmax.py`)")
+    assert slug == "causal-entmax-15-attention-kernelsentmaxpy"
     assert github_slug("entmax15_attention") == "entmax15_attention"
     assert anchors_of("# A\n## A\n```\n# not a heading\n```\n") == {"a", "a-1"}

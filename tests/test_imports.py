@@ -138,7 +138,8 @@ def test_import_graph_reads_relative_and_nested_imports(tmp_path):
 
 def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():
     order = topological_order(import_graph(project_modules()))
-    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint(len(sys.argv) - 1)"
+    script = ("import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+              "print(len(sys.argv) - 1)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", script, *order], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
