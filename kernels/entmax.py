@@ -1241,8 +1241,8 @@ class EntmaxCausalAttention(torch.nn.Module):
     query itself); output (B, T, E); weights (B, T, T) averaged over heads or (B, H, T, T), recomputed by the
     reference formula. ``key_padding_mask`` (B, T) bool, True at padding (``nn.MultiheadAttention``'s convention):
     the unpadded positions of each row form one sequence, run packed (varlen), and padded positions output exactly 0
-    (no ``out_proj`` bias; zero context) and pass no gradient; it does not combine with ``need_weights``. ``attn_mask`` and
-    ``is_causal`` are refused.
+    (no ``out_proj`` bias; zero context) and pass no gradient; it does not combine with ``need_weights``.
+    ``attn_mask`` and ``is_causal`` are refused.
 
     ``forward_with_context(x, *, need_weights=False, key_padding_mask=None)`` returns
     ``EntmaxAttentionOutput(output, context, weights)`` (three fields, so it cannot be unpacked as the pair above):
