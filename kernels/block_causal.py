@@ -766,9 +766,10 @@ class BlockCausalMultiheadAttention(nn.Module):
 
     forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True,
     cu_seqlens=None, max_seqlen=None) -> (output, weights or None) like ``nn.MultiheadAttention``: (B, T, E) (or
-    (T, B, E) without ``batch_first``), or packed (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (the
-    longest sequence: pass it with GPU offsets, or the grid is sized by the packed length; see
-    :func:`block_causal_attention_varlen`); key defaults to query and value to key (same length as query).
+    (T, B, E) without ``batch_first``), or packed (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (at
+    least the longest sequence: pass it with GPU offsets, or the grid is sized by the packed length; a smaller one
+    raises on checked offsets and gives NaN rows otherwise, see :func:`block_causal_attention_varlen`); key defaults
+    to query and value to key (same length as query).
     ``key_padding_mask`` (B, T) bool, True = padding, marks the padded positions of query and key alike:
     the valid tokens of each row form its sequence (positions counted among them) and run through the packed kernels
     (unpad, varlen, pad back), so padded batches of any lengths are right; padded positions output exactly 0 (no
