@@ -44,13 +44,16 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be finite, got {scale}")
 
 
-def checked_cu_seqlens(cu_seqlens, total: int, validate) -> torch.Tensor:
+def checked_cu_seqlens(cu_seqlens, total: int, validate, max_seqlen: int | None = None) -> torch.Tensor:
     """The offsets as a contiguous int32 (num_seqs + 1,) tensor (the kernels index them as a flat array); with
     ``validate`` (None: when they are on the CPU; never while torch.compile traces) also their values: start at 0,
-    strictly increasing, end at ``total``."""
+    strictly increasing, end at ``total``. ``max_seqlen`` (the grid bound of a varlen launch; None: none given)
+    must be a positive int and, where the values are checked, at least the longest sequence."""
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
     cu_seqlens = cu_seqlens.contiguous()
     if torch.compiler.is_compiling() or not (cu_seqlens.device.type == "cpu" if validate is None else validate):
         return cu_seqlens  # the value checks read the offsets on the host
@@ -61,6 +64,11 @@ def checked_cu_seqlens(cu_seqlens, total: int, validate) -> torch.Tensor:
         raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets.tolist()}")
     if offsets[-1] != total:
         raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(offsets[-1])}")
+    if max_seqlen is not None:
+        longest = int((offsets[1:] - offsets[:-1]).max())
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen ({max_seqlen}) is below the longest sequence ({longest}): it bounds the "
+                             f"kernels' grid, so it must be at least every sequence's length")
     return cu_seqlens
 
 

@@ -52,6 +52,19 @@ def _sequence_bounds(cu_seqlens, i_b, T, is_varlen):
     return bos, seqlen
 
 
+@triton.jit
+def _store_nan_rows(p, stride_t, n_rows, width, BM: tl.constexpr, BD: tl.constexpr):
+    """NaN into rows [0, n_rows) (none when n_rows <= 0) of the (rows, width) array at p (row stride stride_t, unit
+    feature stride; a vector is width 1, stride 1)."""
+    o_i = tl.arange(0, BM)
+    o_d = tl.arange(0, BD)
+    b_nan = tl.full([BM, BD], float("nan"), dtype=tl.float32).to(p.dtype.element_ty)
+    for r0 in range(0, n_rows, BM):
+        tl.store(p + o_i[:, None] * stride_t + o_d[None, :], b_nan,
+                 mask=((r0 + o_i) < n_rows)[:, None] & (o_d < width)[None, :])
+        p += BM * stride_t
+
+
 # D and DV are left specializable: a head dim divisible by 16 (all real ones) lets the head-dim mask stay constant
 # over 16 lanes, so 16-bit tiles load as 16-byte vectors and stream through async copies (cp.async, TMA); with a
 # runtime-opaque D the mask split every 16-bit load to 2 bytes, which no async copy takes.
@@ -126,6 +139,11 @@ def block_causal_attn_fwd_kernel(
     tl.store(o + o_i[:, None] * stride_ot + o_d[None, :], b_o.to(o.dtype.element_ty),
              mask=m_m[:, None] & m_dv[None, :])
     tl.store(lse + o_i, (b_max + tl.log2(b_sum)) * 0.6931471805599453, mask=m_m)
+    if i_m == tl.num_programs(0) - 1:
+        # a sequence longer than the grid (max_seqlen below its length on unchecked offsets): the last tile's
+        # program makes the rows that no program reaches NaN, so they never read as stale memory
+        _store_nan_rows(o + BM * stride_ot, stride_ot, seqlen - m1, DV, BM, BD)
+        _store_nan_rows(lse + BM, 1, seqlen - m1, 1, BM, BD)
 
 
 @triton.jit(do_not_specialize=["T", "H", "G", "is_varlen", "need_dq"])  # no variant per runtime value 1
@@ -195,6 +213,10 @@ def block_causal_attn_bwd_dq_kernel(
         p_k += BN * stride_kt
         p_v += BN * stride_vt
     tl.store(delta + o_i, b_delta, mask=m_m)
+    if i_m == tl.num_programs(0) - 1:  # rows past the grid: NaN, as in the forward
+        _store_nan_rows(delta + BM, 1, seqlen - m1, 1, BM, BD)
+        if need_dq != 0:
+            _store_nan_rows(dq + BM * stride_dqt, stride_dqt, seqlen - m1, D, BM, BD)
     if need_dq == 0:  # only dK/dV asked for: they need delta alone
         return
 
@@ -269,8 +291,8 @@ def block_causal_attn_bwd_dkdv_kernel(
     # rows from (n0 // G) * G on see part of the tile; rows from ((n1 - 1) // G) * G on see all of it
     m_partial_start = (((n0 // G) * G) // BM) * BM
     m_visible_start = tl.minimum(tl.cdiv(((n1 - 1) // G) * G, BM) * BM, seqlen)
-    # partial, then visible query tiles. Past the end, q = dO = 0 and lse = +inf make a row's contribution
-    # exactly 0, so visible tiles need no element mask
+    # partial, then visible query tiles. Past the end, q = dO = 0 and lse = +inf make a row's contribution 0,
+    # except where a key holds an infinity (0 * inf = NaN): the last query tile, the one holding such rows, is masked
     p_q = q + m_partial_start.to(tl.int64) * stride_qt  # 64-bit pointers advance, offsets in a tile stay int32
     p_do = do + m_partial_start.to(tl.int64) * stride_dot
     for m0 in range(m_partial_start, seqlen, BM):
@@ -289,8 +311,8 @@ def block_causal_attn_bwd_dkdv_kernel(
         b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
         b_delta = tl.load(delta + o_m, mask=m_m, other=0.)
         b_pt = tl.exp2(dot_fp32acc(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
-        if m0 < m_visible_start:
-            m_allowed = (o_n[:, None] // G) <= (o_m[None, :] // G)
+        if (m0 < m_visible_start) | (m0 + BM > seqlen):
+            m_allowed = ((o_n[:, None] // G) <= (o_m[None, :] // G)) & m_m[None, :]
             b_pt = tl.where(m_allowed, b_pt, 0.)
         b_dv += dot_fp32acc(b_pt.to(b_do.dtype), b_do, DOT_PRECISION, UPCAST_DOTS)
         b_dpt = dot_fp32acc(b_v, b_dot, DOT_PRECISION, UPCAST_DOTS)  # [BN, BM]
@@ -303,6 +325,9 @@ def block_causal_attn_bwd_dkdv_kernel(
              mask=m_n[:, None] & m_d[None, :])
     tl.store(dv + o_j[:, None] * stride_dvt + o_d[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_n[:, None] & m_dv[None, :])
+    if i_n == tl.num_programs(0) - 1:  # keys past the grid: NaN, as in the forward
+        _store_nan_rows(dk + BN * stride_dkt, stride_dkt, seqlen - n1, D, BN, BD)
+        _store_nan_rows(dv + BN * stride_dvt, stride_dvt, seqlen - n1, DV, BN, BD)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -684,18 +709,19 @@ def block_causal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: T
     """Block-causal attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
 
     ``cu_seqlens`` (num_seqs + 1,) int32 tensor (any stride): sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]``
-    and attends only within itself, with positions counted from its start. ``max_seqlen`` (the longest sequence) sizes the
-    grid; when None it is read from CPU offsets, or taken as ``total`` for GPU offsets (no host sync; programs
-    past a sequence's end return at once). ``validate`` checks the offsets (start at 0, strictly increasing,
-    end at total); None means "when cu_seqlens is on the CPU", since checking GPU offsets syncs with the host.
+    and attends only within itself, with positions counted from its start. ``max_seqlen`` (at least the longest
+    sequence) sizes the grid; when None it is read from CPU offsets, or taken as ``total`` for GPU offsets (no host
+    sync; programs past a sequence's end return at once). ``validate`` checks the offsets (start at 0, strictly
+    increasing, end at total) and that ``max_seqlen`` is at least the longest sequence (``ValueError`` otherwise);
+    None means "when cu_seqlens is on the CPU", since checking GPU offsets syncs with the host. Unchecked, a
+    ``max_seqlen`` below a sequence's length leaves that sequence's rows past the grid (rounded up to whole tiles)
+    unreached: the kernels make them NaN in the output and in every gradient, never stale memory.
     """
     _check_qkv(q, k, v, ndim=3)
     _check_group_size(group_size)
     check_scale(scale)
     total = q.shape[0]
-    cu_seqlens = checked_cu_seqlens(cu_seqlens, total, validate)
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+    cu_seqlens = checked_cu_seqlens(cu_seqlens, total, validate, max_seqlen)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not use_triton(q, k, v):
         return block_causal_attention_varlen_reference(q, k, v, cu_seqlens, group_size=group_size, scale=scale)
@@ -740,13 +766,16 @@ class BlockCausalMultiheadAttention(nn.Module):
 
     forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True,
     cu_seqlens=None, max_seqlen=None) -> (output, weights or None) like ``nn.MultiheadAttention``: (B, T, E) (or
-    (T, B, E) without ``batch_first``), or packed (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (the
-    longest sequence: pass it with GPU offsets, or the grid is sized by the packed length; see
-    :func:`block_causal_attention_varlen`); key defaults to query and value to key (same length as query).
+    (T, B, E) without ``batch_first``), or packed (total, E) with ``cu_seqlens`` and optionally ``max_seqlen`` (at
+    least the longest sequence: pass it with GPU offsets, or the grid is sized by the packed length; a smaller one
+    raises on checked offsets and gives NaN rows otherwise, see :func:`block_causal_attention_varlen`); key defaults
+    to query and value to key (same length as query).
     ``key_padding_mask`` (B, T) bool, True = padding, marks the padded positions of query and key alike:
     the valid tokens of each row form its sequence (positions counted among them) and run through the packed kernels
-    (unpad, varlen, pad back), so padded batches of any lengths are right; padded positions output zeros. This path
-    reads the mask's lengths on the host (data-dependent shapes, a graph break under torch.compile). Weights
+    (unpad, varlen, pad back), so padded batches of any lengths are right; padded positions output exactly 0 (no
+    ``out_proj`` bias) and pass no gradient, in every attention module of this package (``nn.MultiheadAttention``
+    computes them from the valid keys; its users ignore them). The packing is built on the device: no host read of
+    the lengths, so ``torch.compile(fullgraph=True)`` traces it. Weights
     (B, T, T) averaged over heads, or (B, H, T, T), are computed densely when asked for. ``attn_mask`` and
     ``is_causal`` are refused: the mask is block-causal by construction.
     """

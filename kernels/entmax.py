@@ -1240,9 +1240,9 @@ class EntmaxCausalAttention(torch.nn.Module):
     returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
     query itself); output (B, T, E); weights (B, T, T) averaged over heads or (B, H, T, T), recomputed by the
     reference formula. ``key_padding_mask`` (B, T) bool, True at padding (``nn.MultiheadAttention``'s convention):
-    the unpadded positions of each row form one sequence, run packed (varlen), and padded positions attend nothing
-    (zero attention output and context); it does not combine with ``need_weights``. ``attn_mask`` and
-    ``is_causal`` are refused.
+    the unpadded positions of each row form one sequence, run packed (varlen), and padded positions output exactly 0
+    (no ``out_proj`` bias; zero context) and pass no gradient; it does not combine with ``need_weights``.
+    ``attn_mask`` and ``is_causal`` are refused.
 
     ``forward_with_context(x, *, need_weights=False, key_padding_mask=None)`` returns
     ``EntmaxAttentionOutput(output, context, weights)`` (three fields, so it cannot be unpacked as the pair above):
@@ -1317,6 +1317,8 @@ class EntmaxCausalAttention(torch.nn.Module):
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
+        if key_padding_mask is not None:  # padded positions output exactly 0 (no out_proj bias), as in every module
+            output = output.masked_fill(key_padding_mask.to(x.device)[..., None], 0)
         context = attended[..., dh:].mean(dim=1) if return_context else None
         weights = entmax15_attention_weights(q, k, causal=self.causal).to(output.dtype) if need_weights else None
         if not self.batch_first:

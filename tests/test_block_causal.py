@@ -343,6 +343,81 @@ def test_varlen_bad_max_seqlen_and_shapes_raise(triton_backend):
         block_causal_attention_varlen(q[None], k, v, cu_seqlens)
 
 
+
+# a sequence of 60 rows under a max_seqlen of 16: the grid, sized by max_seqlen, reaches 16-row tiles only
+SHORT_BOUND_OFFSETS = [0, 60, 63]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_max_seqlen_below_the_longest_sequence_raises_on_checked_offsets(backend):
+    q, k, v = (torch.randn(63, 1, 8) for _ in range(3))
+    cu_seqlens = torch.tensor(SHORT_BOUND_OFFSETS, dtype=torch.int32)
+    module = BlockCausalMultiheadAttention(8, 1, group_size=1)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match=r"max_seqlen \(16\) is below the longest sequence \(60\)"):
+            block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=1, max_seqlen=16)
+        with pytest.raises(ValueError, match=r"max_seqlen \(16\) is below the longest sequence \(60\)"):
+            module(q[:, 0], cu_seqlens=cu_seqlens, max_seqlen=16)
+        block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=1, max_seqlen=60)  # the exact bound passes
+
+
+def _zero_filled(allocate):
+    def zeros(*args, **kwargs):
+        return allocate(*args, **kwargs).zero_()
+    return zeros
+
+
+def test_max_seqlen_below_the_longest_sequence_poisons_unreached_rows(triton_backend, monkeypatch):
+    """Unchecked offsets (GPU offsets, or ``validate=False``): the rows and keys the grid cannot reach come back
+    NaN in the output and every gradient, never stale memory; the reached rows and the other sequences are right."""
+    # unwritten memory reads as zeros here (not the NaN poison): only the kernels' own NaN can pass
+    monkeypatch.setattr(torch, "empty_like", _zero_filled(torch.empty_like))
+    monkeypatch.setattr(torch, "empty", _zero_filled(torch.empty))
+    q, k, v = (torch.randn(63, 1, 8, requires_grad=True) for _ in range(3))
+    cu_seqlens = torch.tensor(SHORT_BOUND_OFFSETS, dtype=torch.int32)
+    reached = 16  # one tile of the grid's 16-row tiles
+    with forced_tiles(TILE, TILE):
+        out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=1, max_seqlen=16, validate=False)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    expected_out = block_causal_attention_varlen_reference(q64, k64, v64, cu_seqlens, group_size=1)
+    expected = (expected_out, *torch.autograd.grad(expected_out, (q64, k64, v64), do.double()))
+    for name, actual, wanted in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+        assert actual[reached:60].isnan().all(), f"{name}: rows past the grid must be NaN"
+        assert_close(actual[60:], wanted[60:], torch.float32, f"{name} of the second sequence")
+    for name, actual, wanted in zip(("out", "dq"), (out, grads[0]), expected[:2]):
+        assert_close(actual[:reached], wanted[:reached], torch.float32, f"{name} of the reached rows")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the dq NaN below
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_key_with_minus_infinite_scores_gets_zero_gradients(backend, layout):
+    """A key that every query scores -inf has probability 0: dk and dv of it are 0 on every path, not NaN (rows
+    past a tile's end once multiplied its -inf by their zero-filled q)."""
+    q, k, v = (torch.randn(1, 1, 6, 4) for _ in range(3))
+    q[..., 0] = 1.0
+    k[0, 0, 3, 0] = float("-inf")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with use_backend(backend), forced_tiles(4, 4):  # 6 rows: a full and a partial tile
+        if layout == "padded":
+            out = block_causal_attention(q, k, v, group_size=1)
+        else:
+            cu_seqlens = torch.tensor([0, 6], dtype=torch.int32)
+            out = block_causal_attention_varlen(*(x[0].transpose(0, 1) for x in (q, k, v)), cu_seqlens,
+                                                group_size=1).transpose(0, 1)[None]
+        do = torch.randn_like(out)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    expected_out, expected_dq, expected_dk, expected_dv = reference_with_grads(q, k, v, do, 1)
+    assert_close(out, expected_out, torch.float32, "out")
+    assert (dk[0, 0, 3] == 0).all() and (dv[0, 0, 3] == 0).all()
+    for name, actual, wanted in (("dk", dk, expected_dk), ("dv", dv, expected_dv)):
+        assert_close(actual, wanted, torch.float32, name)
+    # dq's feature 0 multiplies the -inf by a zero probability in the reference too (NaN); the rest agrees
+    torch.testing.assert_close(dq.double(), expected_dq, atol=2e-5, rtol=2e-5, equal_nan=True)
+
+
 # ------------------------------------------------------------------------------------------------- modules
 
 
