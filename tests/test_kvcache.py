@@ -12,6 +12,7 @@ from kernels.block_causal import block_causal_attention_reference
 from kernels.entmax import entmax15_attention_reference
 from kernels.reference import (block_causal_attention_with_kvcache_reference,
                                entmax_attention_with_kvcache_reference)
+from kernels.tools import counts
 
 
 @pytest.fixture(autouse=True)
@@ -316,3 +317,13 @@ def test_kernels_on_16bit_caches_laid_out_time_major(tiny_tiles, dtype):
         atol = 2e-2 if dtype == torch.bfloat16 else 3e-3
         torch.testing.assert_close(out.double(), expected, atol=atol, rtol=atol)
         torch.testing.assert_close(k_store.transpose(1, 2)[1, :, 50:52], k[1], rtol=0, atol=0)
+
+
+def test_decoding_reads_k_once_and_v_only_at_tiles_with_a_nonzero_probability():
+    """Counted in the interpreter (kernels.tools.counts): one decoding step's K loads equal Hkv T D, its V loads Dv
+    times the keys of the tiles where some query of the GQA group has p > 0, fewer than all of V; softmax decoding
+    reads K and V once."""
+    row = counts.count_decode_traffic(160, 4.0, 1, shape=(1, 4, 2, 16))
+    assert row["k_loaded"] == row["k_formula"] == 2 * 160 * 16
+    assert row["v_loaded"] == row["v_formula"] < row["v_dense"]
+    assert row["softmax_k_loaded"] == row["softmax_v_loaded"] == row["v_dense"]
