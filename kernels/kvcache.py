@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._autotune import launch
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
-from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._triton_helpers import MAX_GRID_AXIS, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
 from .entmax import entmax15
 
@@ -597,6 +597,13 @@ def _softmax_decode(q, k_cache, v_cache, lengths, scale: float) -> Tensor:
 _LOG2E = 1.4426950408889634
 
 
+def _check_grid(batch_kv_heads: int) -> None:
+    """The split kernels put B * Hkv on grid axis 1."""
+    if batch_kv_heads > MAX_GRID_AXIS:
+        raise ValueError(f"the caches have B * Hkv = {batch_kv_heads} batch-heads; the Triton kernels take at most "
+                         f"{MAX_GRID_AXIS}")
+
+
 def _check_kernel_head_dims(q: Tensor, v_cache: Tensor) -> None:
     for name, t in (("q", q), ("v_cache", v_cache)):
         if t.shape[-1] > MAX_HEAD_DIM:
@@ -732,7 +739,7 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         return entmax_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v, alpha=alpha,
                                                        causal=causal, scale=scale)
     _check_kernel_head_dims(q, v_cache)
-    check_batch_heads(q.shape[0] * k_cache.shape[1])  # grid axis 1: B * Hkv
+    _check_grid(q.shape[0] * k_cache.shape[1])
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _entmax_decode(q, k_cache, v_cache, lengths, alpha, causal, scale)
@@ -753,7 +760,7 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
         return block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v,
                                                              scale=scale)
     _check_kernel_head_dims(q, v_cache)
-    check_batch_heads(q.shape[0] * k_cache.shape[1])  # grid axis 1: B * Hkv
+    _check_grid(q.shape[0] * k_cache.shape[1])
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _softmax_decode(q, k_cache, v_cache, lengths, scale)

@@ -327,3 +327,12 @@ def test_decoding_reads_k_once_and_v_only_at_tiles_with_a_nonzero_probability():
     assert row["k_loaded"] == row["k_formula"] == 2 * 160 * 16
     assert row["v_loaded"] == row["v_formula"] < row["v_dense"]
     assert row["softmax_k_loaded"] == row["softmax_v_loaded"] == row["v_dense"]
+
+
+def test_kernels_refuse_heads_wider_than_one_tile(triton_backend):
+    q, k_cache, v_cache, seqlens, _, _ = decoding_inputs([1], 2, 1, 1, 4, d=kvcache.MAX_HEAD_DIM + 1, dv=4,
+                                                         dtype=torch.float32, append=False)
+    with pytest.raises(ValueError, match="q head dimension must be <= 256"):
+        entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens)
+    with pytest.raises(ValueError, match="q head dimension must be <= 256"):
+        block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens)
