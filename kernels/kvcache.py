@@ -453,16 +453,22 @@ class DecodeTiles(NamedTuple):
 
     block_n: int
     block_t: int
-    num_warps: int
+    num_warps: int  # split and combine kernels, heads wider than 64
     threshold_num_warps: int
+    narrow_num_warps: int = 4  # split and combine kernels, heads of at most 64 features
     programs_per_sm: int = 4
     tiles_per_split: Optional[int] = None
 
+    def split_warps(self, width: int) -> int:
+        """Warps of the split and combine kernels whose widest head tile is ``width``."""
+        return self.num_warps if width > 64 else self.narrow_num_warps
 
-#: 64-key tiles in 8 warps for 16-bit caches, 32-key tiles in 4 warps for fp32: at D = Dv = 128 and 16 group rows
-#: every kernel compiles without spills for sm_80 and sm_90 (ptxas, ``aot_configurations``): the split kernels hold
-#: 92-246 registers per thread (the general-alpha output kernel the most; 16-bit ones spill 16-116 bytes in 4 warps),
-#: the threshold kernel 80-96, the combine kernel 22-32.
+
+#: 64-key tiles for 16-bit caches (8 warps for heads wider than 64, else 4), 32-key tiles in 4 warps for fp32: with
+#: 16 group rows every kernel compiles without spills for sm_80 and sm_90 at D = Dv = 128 and 64 (ptxas,
+#: ``aot_configurations``): the split kernels hold 72-246 registers per thread (the general-alpha output kernel the
+#: most; 16-bit ones spill 16-116 bytes at D 128 in 4 warps, 4 bytes at D 64 on sm_90 in 8), the threshold kernel
+#: 72-96, the combine kernel 22-32.
 _DEFAULT_TILES = {
     torch.float16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
     torch.bfloat16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
@@ -524,7 +530,7 @@ def _combine(partial, split_max, split_sum, rowsum, lengths, shape, dtype, split
     launch(_decode_combine_kernel, lambda meta: (batch * heads * tq,),
            (partial, split_max, split_sum, rowsum, lengths, out, heads, tq, dv, splits.n_splits,
             splits.tiles_per_split, int(causal)),
-           dict(SOFTMAX=softmax, BN=tiles.block_n, BDV=_dim_block(dv)), _config(tiles.num_warps),
+           dict(SOFTMAX=softmax, BN=tiles.block_n, BDV=_dim_block(dv)), _config(tiles.split_warps(_dim_block(dv))),
            device=device)
     return out
 
@@ -555,7 +561,7 @@ def _entmax_decode(q, k_cache, v_cache, lengths, alpha: Alpha, causal: bool, sca
                (q, k_cache, lengths, scores, split_max, *q.stride(), *k_cache.stride(), *common, d, splits.width,
                 splits.n_splits, splits.tiles_per_split, scale, int(causal)),
                dict(BM=block_m, BN=tiles.block_n, BD=_dim_block(d), UPCAST_DOTS=upcast),
-               _config(tiles.num_warps), device=device)
+               _config(tiles.split_warps(_dim_block(d))), device=device)
         launch(_entmax_decode_threshold_kernel, lambda meta: (rows,),
                (scores, split_max, lengths, alpha_heads, rowmax, tau, rowsum, flags, heads, tq, splits.width,
                 splits.n_splits, splits.n_tiles, splits.tiles_per_split, int(causal)),
@@ -565,7 +571,7 @@ def _entmax_decode(q, k_cache, v_cache, lengths, alpha: Alpha, causal: bool, sca
                (scores, v_cache, lengths, alpha_heads, rowmax, tau, flags, partial, *v_cache.stride(), *common, dv,
                 splits.width, splits.n_splits, splits.n_tiles, splits.tiles_per_split, int(causal)),
                dict(ALPHA_KIND=kind, BM=block_m, BN=tiles.block_n, BDV=_dim_block(dv), UPCAST_DOTS=upcast),
-               _config(tiles.num_warps), device=device)
+               _config(tiles.split_warps(_dim_block(dv))), device=device)
         return _combine(partial, split_max, split_max, rowsum, lengths, (batch, heads, tq, dv), v_cache.dtype,
                         splits, causal, False, tiles, device)
 
@@ -589,7 +595,8 @@ def _softmax_decode(q, k_cache, v_cache, lengths, scale: float) -> Tensor:
                 *v_cache.stride(), heads, kv_heads, groups, tq, d, dv, splits.n_splits, splits.tiles_per_split,
                 scale * _LOG2E),
                dict(BM=_dim_block(groups * tq), BN=tiles.block_n, BD=_dim_block(d), BDV=_dim_block(dv),
-                    UPCAST_DOTS=upcast_dots_for(q.dtype)), _config(tiles.num_warps), device=device)
+                    UPCAST_DOTS=upcast_dots_for(q.dtype)),
+               _config(tiles.split_warps(max(_dim_block(d), _dim_block(dv)))), device=device)
         return _combine(partial, split_max, split_sum, split_sum, lengths, (batch, heads, tq, dv), v_cache.dtype,
                         splits, False, True, tiles, device)
 
@@ -775,9 +782,9 @@ _INPUT_POINTERS = ("q", "k_cache", "v_cache", "o")
 _FP32_POINTERS = ("scores", "split_max", "split_sum", "rowmax", "tau", "rowsum", "partial", "alpha")
 _FLOAT_SCALARS = ("scale", "scale_log2")
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd")
-#: the head size of the compiled variants (BD = BDV = 128; any D, Dv up to 128 launches them) and the GQA group's
-#: rows (G * Tq <= 16)
-_AOT_HEAD_DIM = 128
+#: head sizes of the compiled variants (BD = BDV; 128 is the default set, 64 CaM-HG's and small models') and the GQA
+#: group's rows (G * Tq <= 16)
+_AOT_HEAD_DIMS = (128, 64)
 _AOT_GROUP_ROWS = 16
 
 
@@ -808,34 +815,44 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, tuple]:
 def aot_configurations() -> list:
     """Every decoding kernel x dtype x constexpr variant a launch with D, Dv <= 128 and G * Tq <= 16 makes on a GPU
     (one configuration per kernel: no autotuning), for sm_80 and sm_90, with the unit feature strides and the
-    16-divisibility of pointers and strides that dense, aligned tensors get. ``default`` (the tests' quick subset): the bfloat16 variants, which also hold
-    the threshold kernels of 64-key tiles (fp32's 32-key ones are listed under fp32)."""
-    from .aot import AotConfig
-
+    16-divisibility of pointers and strides that dense, aligned tensors get, at head sizes 128 and 64. ``default``
+    (the tests' quick subset): the bfloat16 variants of D 128 and the threshold kernels of 64-key tiles."""
     configs = []
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
         head = dict(BM=_AOT_GROUP_ROWS, BN=t.block_n, UPCAST_DOTS=False)
-        variants = [
-            ("scores", _entmax_decode_scores_kernel, dict(head, BD=_AOT_HEAD_DIM), t.num_warps),
-            ("softmax split", _softmax_decode_split_kernel, dict(head, BD=_AOT_HEAD_DIM, BDV=_AOT_HEAD_DIM),
-             t.num_warps),
-        ]
-        for kind in (_GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX):
-            variants.append((f"output alpha{kind}", _entmax_decode_output_kernel,
-                             dict(head, BDV=_AOT_HEAD_DIM, ALPHA_KIND=kind), t.num_warps))
-            if torch_dtype != torch.float16:  # scratch in fp32: the threshold kernel depends on BN alone
-                variants.append((f"threshold alpha{kind}", _entmax_decode_threshold_kernel,
-                                 dict(ALPHA_KIND=kind, MAX_PASSES=_MAX_PASSES, BT=t.block_t, BN=t.block_n,
-                                      BS=_SPLIT_MAXIMA_BLOCK), t.threshold_num_warps))
-        for softmax in (False, True):
-            variants.append((f"combine softmax={softmax}", _decode_combine_kernel,
-                             dict(SOFTMAX=softmax, BN=t.block_n, BDV=_AOT_HEAD_DIM), t.num_warps))
-        for label, kernel, constexprs, num_warps in variants:
-            # dense q and caches: a launch specializes their unit feature strides as the constexpr 1
-            constexprs = {**constexprs, **{name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names}}
-            signature, aligned = _signature(kernel, dtype, constexprs)
-            configs.append(AotConfig(f"{label} {dtype} BN={t.block_n} w{num_warps}", kernel, signature, constexprs,
-                                     num_warps=num_warps, num_stages=1, divisible=aligned,
-                                     default=torch_dtype == torch.bfloat16))
+        for width in _AOT_HEAD_DIMS:
+            # (label, kernel, constexprs, default)
+            default = torch_dtype == torch.bfloat16 and width == _AOT_HEAD_DIMS[0]
+            variants = [
+                ("scores", _entmax_decode_scores_kernel, dict(head, BD=width), default),
+                ("softmax split", _softmax_decode_split_kernel, dict(head, BD=width, BDV=width), default),
+            ]
+            for kind in (_GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX):
+                variants.append((f"output alpha{kind}", _entmax_decode_output_kernel,
+                                 dict(head, BDV=width, ALPHA_KIND=kind), default))
+            for softmax in (False, True):
+                variants.append((f"combine softmax={softmax}", _decode_combine_kernel,
+                                 dict(SOFTMAX=softmax, BN=t.block_n, BDV=width), default))
+            for label, kernel, constexprs, default in variants:
+                num_warps = t.split_warps(width)
+                configs.append(_aot_config(f"{label} {dtype} D{width} BN={t.block_n} w{num_warps}", kernel, dtype,
+                                           constexprs, num_warps, default))
+        if torch_dtype != torch.float16:  # scratch in fp32, no head size: the threshold kernel depends on BN alone
+            for kind in (_GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX):
+                constexprs = dict(ALPHA_KIND=kind, MAX_PASSES=_MAX_PASSES, BT=t.block_t, BN=t.block_n,
+                                  BS=_SPLIT_MAXIMA_BLOCK)
+                configs.append(_aot_config(f"threshold alpha{kind} BN={t.block_n} w{t.threshold_num_warps}",
+                                           _entmax_decode_threshold_kernel, dtype, constexprs,
+                                           t.threshold_num_warps, torch_dtype == torch.bfloat16))
     return configs
+
+
+def _aot_config(label: str, kernel, dtype: str, constexprs: dict, num_warps: int, default: bool):
+    from .aot import AotConfig
+
+    # dense q and caches: a launch specializes their unit feature strides as the constexpr 1
+    constexprs = {**constexprs, **{name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names}}
+    signature, aligned = _signature(kernel, dtype, constexprs)
+    return AotConfig(label, kernel, signature, constexprs, num_warps=num_warps, num_stages=1, divisible=aligned,
+                     default=default)
