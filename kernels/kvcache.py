@@ -468,7 +468,7 @@ class DecodeTiles(NamedTuple):
 #: 16 group rows every kernel compiles without spills for sm_80 and sm_90 at D = Dv = 128 and 64 (ptxas,
 #: ``aot_configurations``): the split kernels hold 72-246 registers per thread (the general-alpha output kernel the
 #: most; 16-bit ones spill 16-116 bytes at D 128 in 4 warps, 4 bytes at D 64 on sm_90 in 8), the threshold kernel
-#: 72-96, the combine kernel 22-32.
+#: 64-96, the combine kernel 22-32.
 _DEFAULT_TILES = {
     torch.float16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
     torch.bfloat16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
