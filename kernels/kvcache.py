@@ -14,7 +14,14 @@ Both ops follow FlashAttention's ``flash_attn_with_kvcache`` contract, with cach
 The caller must keep ``cache_seqlens[b] + Tq <= Tmax``; it is checked when ``cache_seqlens`` is on the CPU (reading
 it there costs nothing), not when it is on the GPU, where checking would stall the host on every decoding step.
 Both ops are forward only (inference): they run without autograd, and outputs never require grad. They run in the
-inputs' dtype: autocast does not cast their inputs, since the caches are written in place.
+caches' dtype. Under ``torch.autocast`` the caches, written in place, are not cast: ``q``, ``k`` and ``v`` are cast
+to the caches' dtype (e.g. bf16 projections appended to fp32 caches), the op runs with autocast disabled, as it
+would without autocast, and returns the caches' dtype. Outside autocast, every tensor must share one dtype.
+
+``torch.compile(fullgraph=True)`` traces both ops without a graph break: the append is the torch.library op
+``kernels::kvcache_append`` (mutating the caches), the Triton attention the functional ops
+``kernels::entmax_attention_with_kvcache_fwd`` and ``kernels::block_causal_attention_with_kvcache_fwd`` (opaque,
+with fake implementations); the reference path traces as plain PyTorch.
 
 The Triton path (flash-decoding: the key range split across programs, no host synchronization) after the append:
 
@@ -29,6 +36,7 @@ The Triton path (flash-decoding: the key range split across programs, no host sy
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -96,9 +104,9 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, dtype
                              f"cache_seqlens = {cache_seqlens.tolist()}")
 
 
-def _checked_alpha(alpha: Alpha, heads: int, device: torch.device) -> Tensor:
-    """``alpha`` as a float32 (H,) tensor on ``device``; a float must lie in (1, 2], so must a tensor's values when
-    it is on the CPU (on the GPU they are not read on the host)."""
+def _check_alpha(alpha: Alpha, heads: int) -> None:
+    """``alpha`` is a float in (1, 2] or an (H,) floating-point tensor whose values lie there, checked when it is on
+    the CPU (on the GPU they are not read on the host)."""
     if isinstance(alpha, Tensor):
         if not alpha.is_floating_point():
             raise TypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
@@ -107,27 +115,69 @@ def _checked_alpha(alpha: Alpha, heads: int, device: torch.device) -> Tensor:
         if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
             if not bool(((alpha > 1) & (alpha <= 2)).all()):
                 raise ValueError(f"alpha must lie in (1, 2], got {alpha.tolist()}")
-        return alpha.to(device=device, dtype=torch.float32)
+        return
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float in (1, 2] or an (H,) tensor, got {type(alpha).__name__}")
     if not 1 < alpha <= 2:
         raise ValueError(f"alpha must lie in (1, 2] (1.5: entmax-1.5, 2: sparsemax), got {alpha}")
-    return torch.full((heads,), float(alpha), device=device, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_alpha(alpha: float, heads: int, device: torch.device) -> Tensor:
+    """The (H,) float32 tensor of one alpha for every head, built once per (alpha, H, device) and only read."""
+    return torch.full((heads,), alpha, device=device, dtype=torch.float32)
+
+
+# The append is its own op, mutating the caches (torch.compile functionalizes it and keeps the write in place under
+# inductor); the attention that follows is functional: it reads the caches after the append.
+@torch.library.custom_op("kernels::kvcache_append", mutates_args=("k_cache", "v_cache"),
+                         schema="(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor k, Tensor v) "
+                                "-> ()")
+def _kvcache_append_op(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor, v: Tensor) -> None:
+    """Write ``k``, ``v`` (B, Hkv, Tq, .) into the caches at ``cache_seqlens[b] + (0 .. Tq - 1)`` (in place, on the
+    caches' device, no host read)."""
+    tq = k.shape[2]
+    positions = cache_seqlens.to(device=k_cache.device, dtype=torch.int64)[:, None] \
+        + torch.arange(tq, device=k_cache.device)  # (B, Tq)
+    index = positions[:, None, :, None]
+    k_cache.scatter_(2, index.expand(k.shape), k)
+    v_cache.scatter_(2, index.expand(v.shape), v)
+
+
+@_kvcache_append_op.register_fake
+def _(k_cache, v_cache, cache_seqlens, k, v):
+    return None
 
 
 def _append_to_cache(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Optional[Tensor],
                      v: Optional[Tensor]) -> Tensor:
-    """Write ``k``, ``v`` (B, Hkv, Tq, .) into the caches at ``cache_seqlens[b] + (0 .. Tq - 1)`` (in place, on the
-    caches' device, no host read) and return the attended lengths (B,) int32: ``cache_seqlens`` plus Tq appended."""
-    lengths = cache_seqlens.to(device=k_cache.device)
+    """Append ``k``, ``v`` when given (``kernels::kvcache_append``) and return the attended lengths (B,) int32 on the
+    caches' device, contiguous: ``cache_seqlens`` plus the Tq appended keys."""
     if k is None:
-        return lengths
-    tq = k.shape[2]
-    positions = lengths.to(torch.int64)[:, None] + torch.arange(tq, device=k_cache.device)  # (B, Tq)
-    index = positions[:, None, :, None]
-    k_cache.scatter_(2, index.expand(k.shape), k)
-    v_cache.scatter_(2, index.expand(v.shape), v)
-    return lengths + tq
+        return cache_seqlens.to(device=k_cache.device).contiguous()
+    _kvcache_append_op(k_cache, v_cache, cache_seqlens, k, v)
+    return cache_seqlens.to(device=k_cache.device) + k.shape[2]
+
+
+def _caches_dtype_under_autocast(fn):
+    """Under ``torch.autocast`` (enabled on the caches' device), cast the floating-point ``q``, ``k``, ``v`` to the
+    caches' dtype (the caches, written in place, cannot be cast) and run ``fn`` with autocast disabled, so that the
+    op computes as without autocast and returns the caches' dtype; outside autocast the arguments pass unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, **options):
+        if not isinstance(k_cache, Tensor) or not torch.is_autocast_enabled(k_cache.device.type):
+            return fn(q, k_cache, v_cache, cache_seqlens, k=k, v=v, **options)
+
+        def cast(value):
+            if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != k_cache.dtype:
+                return value.to(k_cache.dtype)
+            return value
+
+        with torch.autocast(k_cache.device.type, enabled=False):
+            return fn(cast(q), k_cache, v_cache, cache_seqlens, k=cast(k), v=cast(v), **options)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,9 +545,10 @@ class _Splits(NamedTuple):
     n_tiles: int
 
 
+@functools.lru_cache(maxsize=256)
 def _splits(t_max: int, programs: int, device: torch.device, tiles: DecodeTiles) -> _Splits:
     """Enough splits that ``programs`` (B * Hkv) x splits fill the GPU; decided from Tmax, not from the lengths,
-    which stay on the device."""
+    which stay on the device (cached: a decoding loop calls with the same shapes at every step)."""
     n_tiles = triton.cdiv(t_max, tiles.block_n)
     if tiles.tiles_per_split is not None:
         per_split = tiles.tiles_per_split
@@ -519,8 +570,9 @@ def _alpha_kind(alpha: Alpha) -> int:
     return {1.5: _ENTMAX15, 2.0: _SPARSEMAX}.get(float(alpha), _GENERAL_ALPHA)
 
 
-def _config(num_warps: int) -> list:
-    return [triton.Config({}, num_warps=num_warps, num_stages=1)]
+@functools.lru_cache(maxsize=None)
+def _config(num_warps: int) -> tuple:
+    return (triton.Config({}, num_warps=num_warps, num_stages=1),)
 
 
 def _combine(partial, split_max, split_sum, rowsum, lengths, shape, dtype, splits: _Splits, causal: bool,
@@ -536,15 +588,19 @@ def _combine(partial, split_max, split_sum, rowsum, lengths, shape, dtype, split
 
 
 def _entmax_decode(q, k_cache, v_cache, lengths, alpha: Alpha, causal: bool, scale: float) -> Tensor:
-    """The Triton path of :func:`entmax_attention_with_kvcache` after the append: scores, thresholds, outputs of
-    the splits, combine. Four launches, no host read of the lengths."""
+    """The Triton path of :func:`entmax_attention_with_kvcache` after the append (``lengths``: the attended ones,
+    int32 on the device): scores, thresholds, outputs of the splits, combine. Four launches, no host read of the
+    lengths."""
     batch, heads, tq, d = q.shape
     _, kv_heads, t_max, dv = v_cache.shape
     groups = heads // kv_heads
     device = q.device
     tiles = _decode_tiles(q.dtype)
     splits = _splits(t_max, batch * kv_heads, device, tiles)
-    alpha_heads = _checked_alpha(alpha, heads, device)
+    if isinstance(alpha, Tensor):
+        alpha_heads = alpha.to(device=device, dtype=torch.float32)
+    else:
+        alpha_heads = _uniform_alpha(float(alpha), heads, device)
     kind = _alpha_kind(alpha)
     rows = batch * heads * tq
     block_m = _dim_block(groups * tq)
@@ -601,21 +657,45 @@ def _softmax_decode(q, k_cache, v_cache, lengths, scale: float) -> Tensor:
                         splits, False, True, tiles, device)
 
 
+# torch.library ops of the Triton path (opaque to torch.compile, with fake implementations), after the append: they
+# read the caches and the attended lengths (B,) int32 on the caches' device and mutate nothing.
+@torch.library.custom_op("kernels::entmax_attention_with_kvcache_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, Tensor? alpha_heads, "
+                                "float alpha, bool causal, float scale) -> Tensor")
+def _entmax_decode_op(q, k_cache, v_cache, lengths, alpha_heads, alpha, causal, scale):
+    """:func:`_entmax_decode` with ``alpha_heads`` (H,) per-head values, or None: ``alpha`` for every head."""
+    return _entmax_decode(q, k_cache, v_cache, lengths, alpha if alpha_heads is None else alpha_heads, causal, scale)
+
+
+@_entmax_decode_op.register_fake
+def _(q, k_cache, v_cache, lengths, alpha_heads, alpha, causal, scale):
+    return v_cache.new_empty((*q.shape[:3], v_cache.shape[3]))
+
+
+@torch.library.custom_op("kernels::block_causal_attention_with_kvcache_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lengths, float scale) -> Tensor")
+def _softmax_decode_op(q, k_cache, v_cache, lengths, scale):
+    return _softmax_decode(q, k_cache, v_cache, lengths, scale)
+
+
+@_softmax_decode_op.register_fake
+def _(q, k_cache, v_cache, lengths, scale):
+    return v_cache.new_empty((*q.shape[:3], v_cache.shape[3]))
+
+
 _LOG2E = 1.4426950408889634
 
 
-def _check_grid(batch_kv_heads: int) -> None:
-    """The split kernels put B * Hkv on grid axis 1."""
-    if batch_kv_heads > MAX_GRID_AXIS:
-        raise ValueError(f"the caches have B * Hkv = {batch_kv_heads} batch-heads; the Triton kernels take at most "
-                         f"{MAX_GRID_AXIS}")
-
-
-def _check_kernel_head_dims(q: Tensor, v_cache: Tensor) -> None:
+def _check_kernel_arguments(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
+    """The kernels hold a whole head in one tile and put B * Hkv on grid axis 1."""
     for name, t in (("q", q), ("v_cache", v_cache)):
         if t.shape[-1] > MAX_HEAD_DIM:
             raise ValueError(f"{name} head dimension must be <= {MAX_HEAD_DIM} for the Triton kernels, got "
                              f"{t.shape[-1]}")
+    batch_kv_heads = k_cache.shape[0] * k_cache.shape[1]
+    if batch_kv_heads > MAX_GRID_AXIS:
+        raise ValueError(f"the caches have B * Hkv = {batch_kv_heads} batch-heads; the Triton kernels take at most "
+                         f"{MAX_GRID_AXIS}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -683,17 +763,9 @@ def _entmax_weights(scores: Tensor, alpha: Alpha) -> Tensor:
     return _entmax_bisect_rows(scores, torch.tensor(float(alpha), device=scores.device))
 
 
-@torch.no_grad()
-def entmax_attention_with_kvcache_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
-                                            k: Optional[Tensor] = None, v: Optional[Tensor] = None,
-                                            alpha: Alpha = 1.5, causal: bool = True,
-                                            scale: Optional[float] = None) -> Tensor:
-    """:func:`entmax_attention_with_kvcache` in plain PyTorch: the cache append, then dense masked scores over the
-    whole cache, computed in float32 (float64 for float64 inputs) and returned in v_cache's dtype."""
-    _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, _REFERENCE_DTYPES)
-    _check_causal(causal)
-    _checked_alpha(alpha, q.shape[1], q.device)
-    lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+def _entmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, alpha: Alpha,
+                             causal: bool, scale: Optional[float]) -> Tensor:
+    """The reference after the append (``lengths``: the attended ones): dense masked scores over the whole cache."""
     compute = torch.promote_types(q.dtype, torch.float32)
     visible = _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal)
     scores = _masked_scores(q, k_cache, visible, scale, compute)
@@ -701,6 +773,30 @@ def entmax_attention_with_kvcache_reference(q: Tensor, k_cache: Tensor, v_cache:
     return _weighted_values(weights, v_cache, lengths).to(v_cache.dtype)
 
 
+def _softmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                              scale: Optional[float]) -> Tensor:
+    """The softmax reference after the append: every attended key is visible."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    visible = _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal=False)
+    scores = _masked_scores(q, k_cache, visible, scale, compute)
+    weights = torch.where(visible, scores.softmax(dim=-1), 0.0)  # rows that see no key: zeros, not NaN
+    return _weighted_values(weights, v_cache, lengths).to(v_cache.dtype)
+
+
+@_caches_dtype_under_autocast
+@torch.no_grad()
+def entmax_attention_with_kvcache_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
+                                            k: Optional[Tensor] = None, v: Optional[Tensor] = None,
+                                            alpha: Alpha = 1.5, causal: bool = True,
+                                            scale: Optional[float] = None) -> Tensor:
+    """:func:`entmax_attention_with_kvcache` in plain PyTorch: the cache append, then dense masked scores over the
+    whole cache, computed in float32 (float64 for float64 inputs) and returned in v_cache's dtype."""
+    _check_entmax_arguments(q, k_cache, v_cache, cache_seqlens, k, v, alpha, causal, scale, _REFERENCE_DTYPES)
+    lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+    return _entmax_attend_reference(q, k_cache, v_cache, lengths, alpha, causal, scale)
+
+
+@_caches_dtype_under_autocast
 @torch.no_grad()
 def block_causal_attention_with_kvcache_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                                                   *, k: Optional[Tensor] = None, v: Optional[Tensor] = None,
@@ -709,68 +805,70 @@ def block_causal_attention_with_kvcache_reference(q: Tensor, k_cache: Tensor, v_
     attended key, computed in float32 (float64 for float64 inputs) and returned in v_cache's dtype."""
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, _REFERENCE_DTYPES)
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
-    compute = torch.promote_types(q.dtype, torch.float32)
-    visible = _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal=False)
-    scores = _masked_scores(q, k_cache, visible, scale, compute)
-    weights = torch.where(visible, scores.softmax(dim=-1), 0.0)  # rows that see no key: zeros, not NaN
-    return _weighted_values(weights, v_cache, lengths).to(v_cache.dtype)
+    return _softmax_attend_reference(q, k_cache, v_cache, lengths, scale)
 
 
-def _check_causal(causal) -> None:
+def _check_entmax_arguments(q, k_cache, v_cache, cache_seqlens, k, v, alpha, causal, scale, dtypes) -> None:
+    _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, dtypes)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    _check_alpha(alpha, q.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------------
+# Each argument check runs once per call: the public functions check, then run the append and the reference's or
+# the kernels' attention (not the checked public references).
 
 
+@_caches_dtype_under_autocast
 @torch.no_grad()
 def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
                                   k: Optional[Tensor] = None, v: Optional[Tensor] = None, alpha: Alpha = 1.5,
                                   causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """alpha-entmax attention of the new queries ``q`` (B, H, Tq, D) over a KV cache (see the module docstring for
-    the layout, the in-place append of ``k``/``v`` and ``cache_seqlens``). Returns (B, H, Tq, Dv) in the inputs'
-    dtype.
+    the layout, the in-place append of ``k``/``v``, ``cache_seqlens`` and autocast). Returns (B, H, Tq, Dv) in the
+    inputs' dtype.
 
     With L_b attended keys in batch row b, new query i sees key j iff ``j < L_b`` and, when ``causal``
     (bottom-right aligned, as when the Tq queries are the last Tq positions), ``j <= L_b - Tq + i``; a query that
     sees no key returns zeros. ``alpha``: a float in (1, 2] (1.5: entmax-1.5, 2: sparsemax) or an (H,) tensor of
     per-head values; ``scale`` defaults to ``D ** -0.5``. Forward only (no autograd), no host synchronization.
     """
-    _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
-    _check_causal(causal)
-    _checked_alpha(alpha, q.shape[1], q.device)
-    if not use_triton(q, k_cache, v_cache):
-        return entmax_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v, alpha=alpha,
-                                                       causal=causal, scale=scale)
-    _check_kernel_head_dims(q, v_cache)
-    _check_grid(q.shape[0] * k_cache.shape[1])
+    _check_entmax_arguments(q, k_cache, v_cache, cache_seqlens, k, v, alpha, causal, scale, FLOAT_DTYPES)
+    kernels = use_triton(q, k_cache, v_cache)
+    if kernels:
+        _check_kernel_arguments(q, k_cache, v_cache)
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+    if not kernels:
+        return _entmax_attend_reference(q, k_cache, v_cache, lengths, alpha, causal, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _entmax_decode(q, k_cache, v_cache, lengths, alpha, causal, scale)
+    if isinstance(alpha, Tensor):
+        return _entmax_decode_op(q, k_cache, v_cache, lengths, alpha, 0.0, causal, scale)
+    return _entmax_decode_op(q, k_cache, v_cache, lengths, None, float(alpha), causal, scale)
 
 
+@_caches_dtype_under_autocast
 @torch.no_grad()
 def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
                                         k: Optional[Tensor] = None, v: Optional[Tensor] = None,
                                         scale: Optional[float] = None) -> Tensor:
     """Block-causal (softmax) attention of one new group of Tq queries ``q`` (B, H, Tq, D) over a KV cache (see the
-    module docstring for the layout, the in-place append of ``k``/``v`` and ``cache_seqlens``): every new query
-    sees every attended key, i.e. all cached keys and the group's own Tq keys, as the last group of
+    module docstring for the layout, the in-place append of ``k``/``v``, ``cache_seqlens`` and autocast): every new
+    query sees every attended key, i.e. all cached keys and the group's own Tq keys, as the last group of
     :func:`kernels.block_causal_attention` with ``group_size = Tq`` does. Returns (B, H, Tq, Dv) in the inputs'
     dtype; a query that sees no key returns zeros. Forward only (no autograd), no host synchronization.
     """
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
-    if not use_triton(q, k_cache, v_cache):
-        return block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v,
-                                                             scale=scale)
-    _check_kernel_head_dims(q, v_cache)
-    _check_grid(q.shape[0] * k_cache.shape[1])
+    kernels = use_triton(q, k_cache, v_cache)
+    if kernels:
+        _check_kernel_arguments(q, k_cache, v_cache)
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+    if not kernels:
+        return _softmax_attend_reference(q, k_cache, v_cache, lengths, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _softmax_decode(q, k_cache, v_cache, lengths, scale)
+    return _softmax_decode_op(q, k_cache, v_cache, lengths, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------

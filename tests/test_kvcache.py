@@ -336,3 +336,53 @@ def test_kernels_refuse_heads_wider_than_one_tile(triton_backend):
         entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens)
     with pytest.raises(ValueError, match="q head dimension must be <= 256"):
         block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.library ops and torch.compile: the append mutates the caches (kernels::kvcache_append), the Triton attention
+# ops are functional; a decoding step that appends and attends compiles without a graph break
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decoding_step(q, k_cache, v_cache, seqlens, k, v, alpha):
+    """Two appends and attentions, as one step of each op: entmax over the first append, softmax over both."""
+    entmax_out = entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=alpha)
+    return entmax_out, block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens + k.shape[2], k=2 * k,
+                                                           v=2 * v)
+
+
+@pytest.mark.parametrize("backend, compiler, alpha", [
+    ("reference", "eager", 1.5), ("reference", "aot_eager", 1.5), ("triton", "eager", 1.5),
+    ("triton", "aot_eager", "per-head"),
+])
+def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
+    """Compiled (fullgraph) == eager: the outputs and the caches after the step (written in place in both)."""
+    inputs = decoding_inputs([0, 5, 14], 4, 2, 2, 20, dtype=torch.float32)
+    alpha = alpha_of(alpha, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(decoding_step, fullgraph=True, backend=compiler)
+    results = []
+    for fn in (decoding_step, compiled):
+        q, k_cache, v_cache, seqlens, k, v = (x.clone() for x in inputs)
+        with use_backend(backend):
+            outs = fn(q, k_cache, v_cache, seqlens, k, v, alpha)
+        results.append((*outs, k_cache, v_cache))
+        assert torch.equal(seqlens, inputs[3])
+    for eager, compiled_result in zip(*results, strict=True):
+        torch.testing.assert_close(compiled_result, eager, rtol=0, atol=0, equal_nan=True)
+    assert not torch.isnan(results[0][0]).any() and not torch.isnan(results[0][1]).any()
+
+
+def test_opcheck_kvcache_ops(tiny_tiles):
+    """The schemas (the append's mutated caches), fake implementations and dispatch of the three ops."""
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 3], 2, 1, 1, 5, dtype=torch.float32)
+    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # opcheck compares outputs with NaN != NaN
+    ops = torch.ops.kernels
+    torch.library.opcheck(ops.kvcache_append, (k_cache, v_cache, seqlens, k, v))
+    lengths = seqlens + 1
+    with use_backend("triton"):
+        torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
+                              (q, k_cache, v_cache, lengths, None, 1.5, True, 0.3))
+        torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
+                              (q, k_cache, v_cache, lengths, torch.tensor([1.25, 2.0]), 0.0, False, 0.3))
+        torch.library.opcheck(ops.block_causal_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, 0.3))
