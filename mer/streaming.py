@@ -134,7 +134,9 @@ class ModelStream:
             raise ValueError("an active row has no modality present (at least one is needed per utterance)")
         if (active & ((speakers < 0) | (speakers > 1))).any():
             raise ValueError("speaker must be 0 or 1")
-        features = {m: features[m].masked_fill(~present[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
+        # rows not active get zeros: what they write past their cache length stays finite (it is overwritten later)
+        seen = present & active[:, None]
+        features = {m: features[m].masked_fill(~seen[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
         outputs = self._step(features, present, speakers.long(), active)
         self.lengths += active.to(torch.int32)
         self.max_length += 1  # an upper bound; exact once reset() recounts
