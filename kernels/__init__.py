@@ -12,6 +12,7 @@ from .block_causal import (
     block_causal_attention,
 )
 from .entmax import FusedEntmaxCausalAttention, entmax15_attention
+from .kvcache import block_causal_attention_with_kvcache, entmax_attention_with_kvcache
 from .moe import Top2MoE, moe_top2
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "FusedEntmaxCausalAttention",
     "Top2MoE",
     "block_causal_attention",
+    "block_causal_attention_with_kvcache",
     "entmax15_attention",
+    "entmax_attention_with_kvcache",
     "moe_top2",
     "reference",
     "use_backend",

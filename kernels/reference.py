@@ -5,6 +5,7 @@ Each lives beside its Triton kernels in the op's own file; this module gathers t
 from .block_causal import (block_causal_attention_reference, block_causal_attention_varlen_reference,
                                      block_causal_mask)
 from .entmax import EntmaxCausalAttention, entmax15_attention_reference
+from .kvcache import block_causal_attention_with_kvcache_reference, entmax_attention_with_kvcache_reference
 from .moe import Top2MoEReference as Top2MoE
 from .moe import moe_top2_reference
 
@@ -13,7 +14,9 @@ __all__ = [
     "Top2MoE",
     "block_causal_attention_reference",
     "block_causal_attention_varlen_reference",
+    "block_causal_attention_with_kvcache_reference",
     "block_causal_mask",
     "entmax15_attention_reference",
+    "entmax_attention_with_kvcache_reference",
     "moe_top2_reference",
 ]

@@ -1,0 +1,212 @@
+"""Decoding with a KV cache (kernels/kvcache.py): the references against full-sequence computations, the in-place
+cache append, and bad input.
+
+Caches hold NaN beyond each batch row's keys (never written), so a key or value the ops should not read shows up.
+"""
+import entmax
+import pytest
+import torch
+
+from kernels import block_causal_attention_with_kvcache, entmax_attention_with_kvcache, use_backend
+from kernels.block_causal import block_causal_attention_reference
+from kernels.entmax import entmax15_attention_reference
+from kernels.reference import (block_causal_attention_with_kvcache_reference,
+                               entmax_attention_with_kvcache_reference)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Fresh random inputs per test that still reproduce: the seed comes from the test's id, not the run order."""
+    torch.manual_seed(sum(request.node.nodeid.encode()))
+
+
+def decoding_inputs(cache_seqlens, heads, kv_heads, tq, t_max, d=8, dv=6, dtype=torch.float64, append=True):
+    """q (B, H, Tq, D); caches (B, Hkv, Tmax, .) with random keys below ``cache_seqlens`` and NaN above;
+    new k, v (B, Hkv, Tq, .) when ``append``; ``cache_seqlens`` as an int32 tensor."""
+    batch = len(cache_seqlens)
+    q = torch.randn(batch, heads, tq, d, dtype=dtype)
+    k_cache = torch.full((batch, kv_heads, t_max, d), float("nan"), dtype=dtype)
+    v_cache = torch.full((batch, kv_heads, t_max, dv), float("nan"), dtype=dtype)
+    for b, length in enumerate(cache_seqlens):
+        k_cache[b, :, :length] = torch.randn(kv_heads, length, d, dtype=dtype)
+        v_cache[b, :, :length] = torch.randn(kv_heads, length, dv, dtype=dtype)
+    k = torch.randn(batch, kv_heads, tq, d, dtype=dtype) if append else None
+    v = torch.randn(batch, kv_heads, tq, dv, dtype=dtype) if append else None
+    return q, k_cache, v_cache, torch.tensor(cache_seqlens, dtype=torch.int32), k, v
+
+
+def full_sequence(k_cache, v_cache, cache_seqlens, k, v, b):
+    """Batch row b's attended keys and values (Hkv, L, .): its cached ones followed by the new ones."""
+    length = int(cache_seqlens[b])
+    keys, values = k_cache[b, :, :length], v_cache[b, :, :length]
+    if k is not None:
+        keys, values = torch.cat([keys, k[b]], dim=1), torch.cat([values, v[b]], dim=1)
+    return keys, values
+
+
+def expected_entmax_rows(q, keys, values, alpha_heads, causal, scale=None):
+    """One batch row (H, Tq, Dv) by ``entmax.entmax_bisect`` in float64 on the gathered visible scores."""
+    heads, tq, d = q.shape
+    groups = heads // keys.shape[0]
+    length = keys.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(heads, tq, values.shape[-1], dtype=torch.float64)
+    for h in range(heads):
+        for i in range(tq):
+            seen = length - tq + i + 1 if causal else length
+            if seen <= 0:
+                continue
+            scores = (keys[h // groups, :seen].double() @ q[h, i].double()) * scale
+            p = entmax.entmax_bisect(scores[None], alpha=float(alpha_heads[h]), n_iter=100)[0]
+            out[h, i] = p @ values[h // groups, :seen].double()
+    return out
+
+
+ALPHAS = [pytest.param(1.25, id="alpha1.25"), pytest.param(1.5, id="alpha1.5"), pytest.param(2.0, id="alpha2"),
+          pytest.param("per-head", id="alpha-per-head")]
+
+
+def alpha_of(alpha, heads):
+    if alpha == "per-head":
+        return torch.linspace(1.1, 2.0, heads, dtype=torch.float64)
+    return alpha
+
+
+def alpha_heads_of(alpha, heads):
+    return alpha if isinstance(alpha, torch.Tensor) else torch.full((heads,), alpha)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("tq, causal, append", [(1, True, True), (3, True, True), (3, False, True), (2, True, False)],
+                         ids=["Tq1", "Tq3-causal", "Tq3-noncausal", "Tq2-causal-no-append"])
+def test_entmax_reference_matches_entmax_bisect_on_the_gathered_scores(alpha, tq, causal, append):
+    cache_seqlens = [0, 5, 9]  # with Tq = 2, causal, no append: row 0 sees no key, row 1's first query neither
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs(cache_seqlens, 4, 2, tq, 12, append=append)
+    alpha = alpha_of(alpha, 4)
+    expected = [expected_entmax_rows(q[b], *full_sequence(k_cache, v_cache, seqlens, k, v, b),
+                                     alpha_heads_of(alpha, 4), causal) for b in range(len(cache_seqlens))]
+    out = entmax_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=alpha, causal=causal)
+    assert out.shape == (3, 4, tq, 6) and out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.stack(expected), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("tq", [1, 4])
+def test_entmax15_reference_is_the_last_rows_of_full_causal_attention(tq):
+    """Bottom-right causal alignment: the new queries are the last Tq positions of the whole sequence."""
+    cache_seqlens = [3, 7]
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs(cache_seqlens, 4, 2, tq, 11, dtype=torch.float32)
+    caches = k_cache.clone(), v_cache.clone()
+    out = entmax_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens, k=k, v=v)
+    for b, length in enumerate(cache_seqlens):
+        keys, values = full_sequence(*caches, seqlens, k, v, b)
+        earlier = torch.randn(4, length, q.shape[-1])  # queries of the earlier positions: their rows are dropped
+        queries = torch.cat([earlier, q[b]], dim=1)[None]
+        full = entmax15_attention_reference(queries, keys.repeat_interleave(2, 0)[None],
+                                            values.repeat_interleave(2, 0)[None], causal=True)
+        torch.testing.assert_close(out[b], full[0, :, length:], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tq, append", [(1, True), (3, True), (3, False)])
+def test_block_causal_reference_is_the_last_group_of_full_block_causal_attention(tq, append):
+    cache_seqlens = [0, tq, 3 * tq] if append else [tq, 2 * tq, 3 * tq]  # whole groups before the new one
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs(cache_seqlens, 4, 2, tq, 12, append=append)
+    caches = k_cache.clone(), v_cache.clone()
+    out = block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens, k=k, v=v)
+    for b, length in enumerate(cache_seqlens):
+        keys, values = full_sequence(*caches, seqlens, k, v, b)
+        attended = keys.shape[1]
+        earlier = torch.randn(4, attended - tq, q.shape[-1], dtype=q.dtype)
+        queries = torch.cat([earlier, q[b]], dim=1)[None]
+        full = block_causal_attention_reference(queries, keys.repeat_interleave(2, 0)[None],
+                                                values.repeat_interleave(2, 0)[None], group_size=tq)
+        torch.testing.assert_close(out[b], full[0, :, attended - tq:], atol=1e-12, rtol=1e-12)
+
+
+def test_append_writes_the_new_keys_at_each_rows_length_and_nothing_else():
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([2, 0, 6], 2, 1, 3, 9)
+    before_k, before_v, before_lengths = k_cache.clone(), v_cache.clone(), seqlens.clone()
+    block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens, k=k, v=v)
+    assert torch.equal(seqlens, before_lengths)  # the caller advances cache_seqlens
+    for b, length in enumerate([2, 0, 6]):
+        torch.testing.assert_close(k_cache[b, :, length:length + 3], k[b], rtol=0, atol=0)
+        torch.testing.assert_close(v_cache[b, :, length:length + 3], v[b], rtol=0, atol=0)
+        for cache, before in ((k_cache, before_k), (v_cache, before_v)):
+            untouched = torch.ones(9, dtype=torch.bool)
+            untouched[length:length + 3] = False
+            torch.testing.assert_close(cache[b, :, untouched], before[b, :, untouched], rtol=0, atol=0,
+                                       equal_nan=True)
+
+
+def test_rows_that_see_no_key_are_zeros():
+    q, k_cache, v_cache, seqlens, _, _ = decoding_inputs([0, 1], 2, 2, 3, 4, append=False)
+    out = entmax_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # empty cache
+    assert torch.equal(out[1, :, :2], torch.zeros_like(out[1, :, :2]))  # causal: only the last query sees key 0
+    torch.testing.assert_close(out[1, :, 2], v_cache[1, :, 0])
+    softmax_out = block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens)
+    assert torch.equal(softmax_out[0], torch.zeros_like(softmax_out[0]))
+    torch.testing.assert_close(softmax_out[1], v_cache[1, :, :1].expand(-1, 3, -1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_ops_equal_their_references(backend, dtype):
+    inputs = decoding_inputs([1, 4], 4, 2, 2, 8, dtype=dtype)
+    for op, reference, extra in ((entmax_attention_with_kvcache, entmax_attention_with_kvcache_reference,
+                                  {"alpha": 1.25}),
+                                 (block_causal_attention_with_kvcache, block_causal_attention_with_kvcache_reference,
+                                  {})):
+        q, k_cache, v_cache, seqlens, k, v = (x.clone() if x is not None else None for x in inputs)
+        expected = reference(q, k_cache.clone(), v_cache.clone(), seqlens, k=k, v=v, **extra)
+        with use_backend(backend):
+            out = op(q, k_cache, v_cache, seqlens, k=k, v=v, **extra)
+        assert out.dtype == dtype and not out.requires_grad
+        torch.testing.assert_close(out, expected, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def _bad(**changes):
+    def make():
+        q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 2], 4, 2, 2, 5, dtype=torch.float32)
+        arguments = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": seqlens, "k": k, "v": v}
+        for name, change in changes.items():
+            arguments[name] = change(arguments[name])
+        return arguments
+    return make
+
+
+BAD_INPUTS = [
+    pytest.param(_bad(q=lambda q: q[0]), ValueError, "q must have 4 dimensions", id="q-3d"),
+    pytest.param(_bad(q=lambda q: q[:, :3]), ValueError, "Hkv = 2 must divide q's heads H = 3", id="gqa-heads"),
+    pytest.param(_bad(k_cache=lambda c: c[..., :4]), ValueError, "k_cache must have shape", id="k_cache-D"),
+    pytest.param(_bad(v_cache=lambda c: c[:, :, :4]), ValueError, "v_cache must match k_cache", id="v_cache-T"),
+    pytest.param(_bad(v_cache=lambda c: c.half()), TypeError, "v_cache has dtype", id="v_cache-dtype"),
+    pytest.param(_bad(cache_seqlens=lambda s: s.long()), TypeError, "cache_seqlens must have dtype int32",
+                 id="seqlens-int64"),
+    pytest.param(_bad(cache_seqlens=lambda s: s[:1]), ValueError, r"cache_seqlens must have shape \(B,\)",
+                 id="seqlens-shape"),
+    pytest.param(_bad(cache_seqlens=lambda s: s + 2), ValueError, "must fit the cache", id="cache-too-small"),
+    pytest.param(_bad(cache_seqlens=lambda s: s - 2), ValueError, "cache_seqlens must be >= 0", id="seqlens-negative"),
+    pytest.param(_bad(v=lambda v: None), ValueError, "k and v must be given together", id="k-without-v"),
+    pytest.param(_bad(k=lambda k: k[:, :, :1]), ValueError, r"k must have shape \(B, Hkv, Tq, D\)", id="k-shape"),
+    pytest.param(_bad(v=lambda v: v[..., :2]), ValueError, r"v must have shape \(B, Hkv, Tq, Dv\)", id="v-shape"),
+]
+
+
+@pytest.mark.parametrize("make, error, match", BAD_INPUTS)
+@pytest.mark.parametrize("op", [entmax_attention_with_kvcache, block_causal_attention_with_kvcache],
+                         ids=["entmax", "block-causal"])
+def test_bad_inputs_raise_naming_the_argument(op, make, error, match):
+    with pytest.raises(error, match=match):
+        op(**make())
+
+
+@pytest.mark.parametrize("alpha, error, match", [
+    (1.0, ValueError, r"alpha must lie in \(1, 2\]"), (2.5, ValueError, r"alpha must lie in \(1, 2\]"),
+    (True, TypeError, "alpha must be a float"), (torch.full((3,), 1.5), ValueError, r"alpha tensor must have shape"),
+    (torch.tensor([1.5, 1.5, 0.5, 1.5]), ValueError, r"alpha must lie in \(1, 2\]"),
+    (torch.ones(4, dtype=torch.int32), TypeError, "floating-point tensor"),
+])
+def test_bad_alpha_raises(alpha, error, match):
+    arguments = _bad()()
+    with pytest.raises(error, match=match):
+        entmax_attention_with_kvcache(**arguments, alpha=alpha)
