@@ -406,6 +406,8 @@ def run_predict(argv, *, module: str, model: str, doc: Optional[str],
         stream_json_lines(run, sys.stdin, sys.stdout)
         return 0
     conversations = read_inputs(args.inputs, run.dims, run.task, len(run.class_names))
+    print(f"predicting {len(conversations)} conversation(s) with {run.name} on {run.device}", file=sys.stderr,
+          flush=True)
     rows = [row for conversation in conversations for row in predict_conversation(run, conversation)]
     fmt = args.format or ("json" if args.out is not None and args.out.suffix.lower() == ".json" else "csv")
     text = format_rows(rows, fmt)
