@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mer.cli import UserError, run_command
+from mer.cli import UserError, checkpoint_of, run_command
 from mer.predict import RunModel, output_names, run_predict
 from mer.training import CheckpointError, load_checkpoint
 
@@ -22,8 +22,10 @@ from .evaluate import load_model
 MODULE = "camhg.predict"
 
 
-def load_run(path: Path, device: torch.device) -> RunModel:
-    """The CaM-HG of the checkpoint ``path`` (loaded without running code) as a :class:`mer.predict.RunModel`."""
+def load_run(path, device="cpu") -> RunModel:
+    """The CaM-HG of a run folder (its checkpoints/last.pt) or checkpoint file ``path``, loaded without running code,
+    on ``device``, as a :class:`mer.predict.RunModel` (``.model.stream()``, ``.class_names``)."""
+    path, device = checkpoint_of(Path(path)), torch.device(device)
     try:
         state = load_checkpoint(path)
         model, config = load_model(state, device)

@@ -44,7 +44,7 @@ class CaMHGStream(ModelStream):
         with the earlier positions' keys/values from ``cache`` (and the new ones written to it)."""
         attention = layer.attn
 
-        def attend(query, keys):
+        def attend(query, keys=None):  # keys None: self-attention
             q, k, v = (split_heads(y, attention.num_heads)
                        for y in in_projections(attention.in_proj_weight, attention.in_proj_bias, query, keys))
             out = kernels.block_causal_attention_with_kvcache(q, *self.cache_arguments(cache, k, v), k=k, v=v)
@@ -52,9 +52,9 @@ class CaMHGStream(ModelStream):
 
         if layer.norm_first:  # as BlockCausalTransformerLayer.forward
             query = layer.norm1(x)
-            x = x + layer.dropout1(attend(query, query if context is None else layer.norm1(context)))
+            x = x + layer.dropout1(attend(query, None if context is None else layer.norm1(context)))
             return x + layer.dropout2(layer.ff(layer.norm2(x)))
-        x = layer.norm1(x + layer.dropout1(attend(x, x if context is None else context)))
+        x = layer.norm1(x + layer.dropout1(attend(x, context)))
         return layer.norm2(x + layer.dropout2(layer.ff(x)))
 
     def _step(self, features, present, speakers, active) -> torch.Tensor:

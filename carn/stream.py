@@ -58,7 +58,7 @@ class CarnStream(ModelStream):
 
         def attend(y):
             q, k, v = (split_heads(p, attention.num_heads)
-                       for p in in_projections(attention.in_proj_weight, attention.in_proj_bias, y, y))
+                       for p in in_projections(attention.in_proj_weight, attention.in_proj_bias, y))
             out = kernels.block_causal_attention_with_kvcache(q, *self.cache_arguments(cache, k, v), k=k, v=v)
             return layer.dropout1(attention.out_proj(merge_heads(out)))
 

@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Optional, Sequence, TextIO
 import numpy as np
 import torch
 
-from mer.cli import UserError, add_device_options, checkpoint_of, new_parser
+from mer.cli import UserError, add_device_options, new_parser
 from mer.dialogues import MODALITIES
 
 MODALITY_NAMES = {"a": "audio", "t": "text", "v": "video"}  # the input arrays' names
@@ -391,7 +391,7 @@ def build_parser(module: str, model: str, doc: Optional[str]) -> argparse.Argume
 
 def run_predict(argv, *, module: str, model: str, doc: Optional[str],
                 load: Callable[[Path, torch.device], RunModel]) -> int:
-    """The ``predict`` command of a model: ``load(checkpoint path, device)`` builds its :class:`RunModel`."""
+    """The ``predict`` command of a model: ``load(run folder or checkpoint, device)`` builds its :class:`RunModel`."""
     from mer.training import select_device
 
     args = build_parser(module, model, doc).parse_args(argv)
@@ -401,7 +401,7 @@ def run_predict(argv, *, module: str, model: str, doc: Optional[str],
         raise UserError("give INPUT files or folders to predict, or --stream to read utterances from standard input")
     if args.out is not None and not args.out.parent.is_dir():
         raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
-    run = load(checkpoint_of(args.checkpoint), select_device(args.device))
+    run = load(args.checkpoint, select_device(args.device))
     if args.stream:
         stream_json_lines(run, sys.stdin, sys.stdout)
         return 0

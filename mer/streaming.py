@@ -122,18 +122,15 @@ class ModelStream:
         speakers = torch.as_tensor(0 if speaker is None else speaker, device=self.device).reshape(-1).expand(b)
         if speakers.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"speaker must be integer ids, got {speakers.dtype}")
-        bad = []
-        for index, m in enumerate(MODALITIES):
-            finite = torch.isfinite(features[m][:, 0]).all(dim=-1) | ~present[:, index]
-            bad.append(~finite & active)
-        if torch.stack(bad).any():
-            row = int(torch.stack(bad).any(dim=0).nonzero()[0])
-            m = MODALITIES[int(torch.stack(bad)[:, row].nonzero()[0])]
-            raise ValueError(f"{MODALITY_NAMES[m]} holds NaN or inf values (row {row})")
-        if (active & ~present.any(dim=-1)).any():
-            raise ValueError("an active row has no modality present (at least one is needed per utterance)")
-        if (active & ((speakers < 0) | (speakers > 1))).any():
-            raise ValueError("speaker must be 0 or 1")
+        # the value checks, one host sync for all (the details are looked up only on failure)
+        failures = {f"{MODALITY_NAMES[m]} holds NaN or inf values at row": active & present[:, i]
+                    & ~torch.isfinite(features[m][:, 0]).all(dim=-1) for i, m in enumerate(MODALITIES)}
+        failures["an active row has no modality present (at least one is needed per utterance): row"] = (
+            active & ~present.any(dim=-1))
+        failures["speaker must be 0 or 1, got another value at row"] = active & ((speakers < 0) | (speakers > 1))
+        if bool(torch.stack(list(failures.values())).any()):
+            message, where = next((message, where) for message, where in failures.items() if where.any())
+            raise ValueError(f"{message} {int(where.nonzero()[0])}")
         # rows not active get zeros: what they write past their cache length stays finite (it is overwritten later)
         seen = present & active[:, None]
         features = {m: features[m].masked_fill(~seen[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
@@ -169,10 +166,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def in_projections(weight: torch.Tensor, bias: Optional[torch.Tensor], query: torch.Tensor,
-                   context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v of a packed (3E, E) in-projection (``nn.MultiheadAttention``'s layout): q from ``query``, k and v
-    from ``context``, each (B, T, E)."""
-    w_q, w_k, w_v = weight.chunk(3)
-    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
-    linear = nn.functional.linear
-    return linear(query, w_q, b_q), linear(context, w_k, b_k), linear(context, w_v, b_v)
+                   context: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a packed (3E, E) in-projection (``nn.MultiheadAttention``'s layout), each (B, T, E): q from
+    ``query``, k and v from ``context`` (None: self-attention, one matrix product for the three)."""
+    if context is None:
+        return nn.functional.linear(query, weight, bias).chunk(3, dim=-1)
+    w_q, w_kv = weight.split([weight.shape[0] // 3, 2 * weight.shape[0] // 3])
+    b_q, b_kv = bias.split([w_q.shape[0], w_kv.shape[0]]) if bias is not None else (None, None)
+    return (nn.functional.linear(query, w_q, b_q), *nn.functional.linear(context, w_kv, b_kv).chunk(2, dim=-1))

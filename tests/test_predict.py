@@ -99,7 +99,7 @@ def test_npz_files_to_csv_and_json(reference_backend, runs, model, tmp_path, cap
                    capsys=capsys)[0] == 0
     assert json.loads((tmp_path / "p.txt").read_text()) == rows
 
-    run = PREDICT[model].load_run(runs[model] / "checkpoints" / "last.pt", torch.device("cpu"))
+    run = PREDICT[model].load_run(runs[model])
     features = {m: torch.from_numpy(masked[MODALITY_NAMES[m]])[None] * torch.from_numpy(present[:, i])[None, :, None]
                 for i, m in enumerate(SMALL_DIMS)}
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_json_lines_stream_of_carn(reference_backend, runs, tmp_path, capsys):
     conversations keep their own states."""
     arrays = conversation(4, seed=8)
     expected = file_predictions("carn", runs["carn"], arrays, tmp_path, capsys)
-    run = carn.predict.load_run(runs["carn"] / "checkpoints" / "last.pt", torch.device("cpu"))
+    run = carn.predict.load_run(runs["carn"])
     lines = json_lines(arrays)
     other = [line.replace('"conversation": "c"', '"conversation": "d"') for line in lines]
     out = io.StringIO()

@@ -183,7 +183,7 @@ def test_stream_input_errors(reference_backend):
     stream = model.stream()
     with pytest.raises(ValueError, match="audio must have shape"):
         stream.push(audio=torch.zeros(4))
-    with pytest.raises(ValueError, match="text holds NaN or inf"):
+    with pytest.raises(ValueError, match="text holds NaN or inf values at row 0"):
         stream.push(text=torch.full((7,), float("nan")))
     with pytest.raises(ValueError, match="no modality present"):
         stream.push()
