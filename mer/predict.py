@@ -111,19 +111,20 @@ def output_names(task: str, num_outputs: int, dataset: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------- reading
-def _finite(name: str, array: np.ndarray, path) -> None:
+def _finite(name: str, array: np.ndarray, where: str, kind: str) -> None:
     bad = ~np.isfinite(array)
     if bad.any():
         utterance = int(np.argwhere(bad)[0][0])
-        raise UserError(f"{path}: array {name!r} holds NaN or inf values (utterance {utterance})")
+        raise UserError(f"{where}: {kind} {name!r} holds NaN or inf values (utterance {utterance})")
 
 
-def conversation_from_arrays(arrays: dict, dims: dict[str, int], name: str, where: str) -> Conversation:
-    """A :class:`Conversation` from named arrays (the .npz layout above); ``where`` names the source in errors
-    (UserError naming the array)."""
+def conversation_from_arrays(arrays: dict, dims: dict[str, int], name: str, where: str,
+                             kind: str = "array") -> Conversation:
+    """A :class:`Conversation` from named arrays (the .npz layout above); ``where`` names the source and ``kind``
+    what holds the arrays (``array``, ``field``) in the errors (UserError naming the array)."""
     unknown = sorted(set(arrays) - set(NPZ_ARRAYS))
     if unknown:
-        raise UserError(f"{where}: unknown array {unknown[0]!r} (expected some of {', '.join(NPZ_ARRAYS)})")
+        raise UserError(f"{where}: unknown {kind} {unknown[0]!r} (expected some of {', '.join(NPZ_ARRAYS)})")
     given = [m for m in MODALITIES if MODALITY_NAMES[m] in arrays]
     if not given:
         raise UserError(f"{where}: no modality array (expected at least one of audio, text, video)")
@@ -133,34 +134,34 @@ def conversation_from_arrays(arrays: dict, dims: dict[str, int], name: str, wher
         key = MODALITY_NAMES[m]
         x = np.asarray(arrays[key])
         if x.ndim != 2 or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise UserError(f"{where}: array {key!r} has shape {x.shape} ({x.dtype}); expected numbers of shape "
+            raise UserError(f"{where}: {kind} {key!r} has shape {x.shape} ({x.dtype}); expected numbers of shape "
                             f"(L, {dims[m]})")
         if x.shape[1] != dims[m]:
-            raise UserError(f"{where}: array {key!r} has {x.shape[1]} features per utterance; the run was trained on "
-                            f"{dims[m]} (shape (L, {dims[m]}))")
-        _finite(key, x, where)
+            raise UserError(f"{where}: {kind} {key!r} has {x.shape[1]} features per utterance; the run was trained "
+                            f"on {dims[m]} (shape (L, {dims[m]}))")
+        _finite(key, x, where, kind)
         lengths[key] = x.shape[0]
         features[m] = x.astype(np.float32)
     if len(set(lengths.values())) != 1:
         raise UserError(f"{where}: the modality arrays have different numbers of utterances {lengths}")
     length = next(iter(lengths.values()))
     if length == 0:
-        raise UserError(f"{where}: array {MODALITY_NAMES[given[0]]!r} is an empty conversation (0 utterances)")
+        raise UserError(f"{where}: {kind} {MODALITY_NAMES[given[0]]!r} is an empty conversation (0 utterances)")
     observed = np.array([m in features for m in MODALITIES])
     if "present" in arrays:
         present = np.asarray(arrays["present"])
         if present.dtype != np.bool_ or present.shape != (length, len(MODALITIES)):
-            raise UserError(f"{where}: array 'present' has shape {present.shape} ({present.dtype}); expected bool "
+            raise UserError(f"{where}: {kind} 'present' has shape {present.shape} ({present.dtype}); expected bool "
                             f"of shape ({length}, 3)")
         if (present & ~observed).any():
             m = MODALITIES[int(np.argwhere((present & ~observed).any(axis=0))[0][0])]
-            raise UserError(f"{where}: array 'present' marks {MODALITY_NAMES[m]} present, but there is no "
+            raise UserError(f"{where}: {kind} 'present' marks {MODALITY_NAMES[m]} present, but there is no "
                             f"{MODALITY_NAMES[m]!r} array")
     else:
         present = np.broadcast_to(observed, (length, len(MODALITIES))).copy()
     if not present.any(axis=1).all():
         utterance = int(np.argwhere(~present.any(axis=1))[0][0])
-        raise UserError(f"{where}: array 'present' leaves utterance {utterance} with no modality (one is needed)")
+        raise UserError(f"{where}: {kind} 'present' leaves utterance {utterance} with no modality (one is needed)")
     for index, m in enumerate(MODALITIES):
         x = features.get(m, np.zeros((length, dims[m]), np.float32))
         features[m] = np.where(present[:, index, None], x, np.float32(0.0))
@@ -169,7 +170,7 @@ def conversation_from_arrays(arrays: dict, dims: dict[str, int], name: str, wher
         speakers = np.asarray(arrays["speakers"])
         if speakers.shape != (length,) or not np.issubdtype(speakers.dtype, np.integer) \
                 or speakers.min() < 0 or speakers.max() >= NUM_SPEAKERS:
-            raise UserError(f"{where}: array 'speakers' must hold {length} speaker ids in {{0, 1}}, got shape "
+            raise UserError(f"{where}: {kind} 'speakers' must hold {length} speaker ids in {{0, 1}}, got shape "
                             f"{speakers.shape} ({speakers.dtype})")
         speakers = speakers.astype(np.int64)
     labels = None
@@ -177,9 +178,9 @@ def conversation_from_arrays(arrays: dict, dims: dict[str, int], name: str, wher
         labels = np.asarray(arrays["labels"])
         if labels.shape != (length,) or not (np.issubdtype(labels.dtype, np.integer)
                                              or np.issubdtype(labels.dtype, np.floating)):
-            raise UserError(f"{where}: array 'labels' must hold {length} class ids or scores, got shape "
+            raise UserError(f"{where}: {kind} 'labels' must hold {length} class ids or scores, got shape "
                             f"{labels.shape} ({labels.dtype})")
-        _finite("labels", labels[:, None], where)
+        _finite("labels", labels[:, None], where, kind)
     return Conversation(name, features, present, speakers, labels)
 
 
@@ -355,7 +356,7 @@ def _answer_line(run: RunModel, line: str, number: int, streams: dict, counts: d
     if isinstance(speaker, bool) or not isinstance(speaker, int):
         raise UserError(f"{where}: field 'speaker' must be 0 or 1, got {speaker!r}")
     arrays["speakers"] = np.asarray([speaker])
-    parsed = conversation_from_arrays(arrays, run.dims, conversation, where)
+    parsed = conversation_from_arrays(arrays, run.dims, conversation, where, kind="field")
     label = message.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, (int, float))):
         raise UserError(f"{where}: field 'label' must be a class id or a score, got {label!r}")

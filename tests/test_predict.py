@@ -205,7 +205,7 @@ def check_streamed_answers(answers: list[dict], expected: list[dict], bad_line: 
     """The answers to :func:`json_lines`: errors for the two bad lines (the first is input line ``bad_line``), the
     file predictions for the others."""
     assert "error" in answers[2] and f"line {bad_line}:" in answers[2]["error"]
-    assert "'text' has 2 features" in answers[2]["error"]
+    assert "field 'text' has 2 features" in answers[2]["error"]
     assert "error" in answers[3] and "not JSON" in answers[3]["error"]
     streamed = answers[:2] + answers[4:]
     assert [a["utterance"] for a in streamed] == list(range(len(expected)))
