@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Optional, Sequence, TextIO
 import numpy as np
 import torch
 
-from mer.cli import UserError, add_device_options, new_parser
+from mer.cli import UserError, device_name, new_parser
 from mer.dialogues import MODALITIES
 
 MODALITY_NAMES = {"a": "audio", "t": "text", "v": "video"}  # the input arrays' names
@@ -374,8 +374,8 @@ def _answer_line(run: RunModel, line: str, number: int, streams: dict, counts: d
 
 # ----------------------------------------------------------------------------------------------- command line
 def build_parser(module: str, model: str, doc: Optional[str]) -> argparse.ArgumentParser:
-    # the command's docstring, then the formats (this module's docstring after its first paragraph)
-    parser = new_parser(module, (doc or "") + "\n" + __doc__.split("\n\n", 1)[1])
+    # the command's docstring, then the formats (this module's docstring from "Input")
+    parser = new_parser(module, (doc or "") + "\n" + __doc__[__doc__.index("Input, one conversation"):])
     parser.add_argument("checkpoint", type=Path, metavar="RUN_DIR",
                         help=f"a run folder of {model}.train (its checkpoints/last.pt is used) or a .pt file in it")
     parser.add_argument("inputs", type=Path, nargs="*", metavar="INPUT",
@@ -386,7 +386,8 @@ def build_parser(module: str, model: str, doc: Optional[str]) -> argparse.Argume
     parser.add_argument("--stream", action="store_true",
                         help="read one utterance per line of standard input as JSON and answer each at once "
                              "(default: off)")
-    add_device_options(parser, progress=False)
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N")
     return parser
 
 
