@@ -18,12 +18,17 @@ inputs' dtype: autocast does not cast their inputs, since the caches are written
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
+from ._autotune import launch
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
+from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from .backend import use_triton
 from .entmax import entmax15
 
 #: dtypes the references take (float64 for tests); the Triton kernels take ``FLOAT_DTYPES``
@@ -112,6 +117,472 @@ def _append_to_cache(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k:
     k_cache.scatter_(2, index.expand(k.shape), k)
     v_cache.scatter_(2, index.expand(v.shape), v)
     return lengths + tq
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+# Every split kernel has grid (n_splits, B * Hkv): program (s, b * Hkv + kv) owns keys [s * SPLIT, (s + 1) * SPLIT)
+# of key head kv in batch row b (SPLIT = tiles_per_split * BN) and holds all G * Tq queries of that key head's query
+# heads as the rows of one tile (row r: head kv * G + r // Tq, new query r % Tq), so each key tile is loaded once for
+# the whole GQA group. Programs whose split starts at or past the row's attended length return at once. Per-row
+# scratch (fp32) is indexed by ``row = (b * H + h) * Tq + i``.
+_NOT_SPECIALIZED = ["H", "Hkv", "G", "Tq", "W", "n_splits", "n_tiles", "tiles_per_split", "causal"]
+#: ``ALPHA_KIND`` constexpr: the power ``y^(1 / (alpha - 1))`` in closed form for 1.5 (square) and 2 (identity)
+_GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX = 0, 1, 2
+#: Threshold passes before the solver stops (a row converges in a few; the bracket narrowed to fp32 ends it)
+_MAX_PASSES = 48
+
+
+@triton.jit
+def _group_rows(i_bkv, Hkv, G, Tq, H, BM: tl.constexpr):
+    """The rows of a split program: batch row, key head, and per row [BM] its query head, new-query index, validity
+    and scratch row index (int64)."""
+    i_b = i_bkv // Hkv
+    i_kv = i_bkv % Hkv
+    o_r = tl.arange(0, BM)
+    m_r = o_r < G * Tq
+    i_g = o_r // Tq
+    i_q = o_r % Tq
+    i_h = i_kv * G + i_g
+    row = (i_b.to(tl.int64) * H + i_h) * Tq + i_q
+    return i_b, i_kv, i_h, i_q, m_r, row
+
+
+@triton.jit
+def _attended_count(length, Tq, i_q, causal):
+    """Keys new query ``i_q`` sees among the ``length`` attended ones: all, or up to its own position (causal,
+    bottom-right aligned)."""
+    return tl.where(causal != 0, length - Tq + i_q + 1, length)
+
+
+@triton.jit
+def _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """``q . k`` [BM, BN] fp32 of the rows ``b_q`` [BM, BD] against keys ``o_n`` (rows past ``length``: zeros)."""
+    o_d = tl.arange(0, BD)
+    b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
+                  mask=(o_n[:, None] < length) & (o_d[None, :] < D), other=0.0)  # [BN, BD]
+    # fp32: tf32x3 keeps ~fp32 accuracy on tensor cores; 16-bit products are exact whatever the flag
+    return dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS)
+
+
+@triton.jit
+def _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD: tl.constexpr):
+    o_d = tl.arange(0, BD)
+    p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64)[:, None] * stride_qh \
+        + i_q.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd
+    return tl.load(p_q, mask=m_r[:, None] & (o_d[None, :] < D), other=0.0)  # [BM, BD]
+
+
+@triton.jit
+def _entmax_power(b_y, b_gamma, ALPHA_KIND: tl.constexpr):
+    """``y^gamma`` for ``y >= 0`` (0 at 0), ``gamma = 1 / (alpha - 1)``: a square for entmax-1.5, y for sparsemax."""
+    if ALPHA_KIND == 1:
+        b_p = b_y * b_y
+    elif ALPHA_KIND == 2:
+        b_p = b_y
+    else:
+        b_p = tl.where(b_y > 0, tl.exp2(b_gamma * tl.log2(tl.where(b_y > 0, b_y, 1.0))), 0.0)
+    return b_p
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _entmax_decode_scores_kernel(q, k_cache, lengths, scores, split_max,
+                                 stride_qb, stride_qh, stride_qt, stride_qd,
+                                 stride_kb, stride_kh, stride_kt, stride_kd,
+                                 H, Hkv, G, Tq, D, W, n_splits, tiles_per_split, scale, causal,
+                                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """Scores ``scale * q . k`` (B, H, Tq, W) fp32, ``-inf`` at hidden keys, of the keys of one split (each key tile
+    read once for the G * Tq rows of its GQA group), and each row's maximum over the split, split_max
+    (B * H * Tq, n_splits) fp32."""
+    i_s, i_bkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
+    length = tl.load(lengths + i_b)
+    start = i_s * tiles_per_split * BN
+    if start < length:
+        b_q = _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD)
+        p_k = k_cache + i_b.to(tl.int64) * stride_kb + i_kv.to(tl.int64) * stride_kh
+        n_row = _attended_count(length, Tq, i_q, causal)  # [BM]
+        b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
+        for n0 in range(start, tl.minimum(start + tiles_per_split * BN, length), BN):
+            o_n = n0 + tl.arange(0, BN)
+            b_s = _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD, UPCAST_DOTS) * scale
+            b_s = tl.where(o_n[None, :] < n_row[:, None], b_s, float("-inf"))  # [BM, BN]
+            tl.store(scores + row[:, None] * W + o_n[None, :], b_s, mask=m_r[:, None])
+            b_max = tl.maximum(b_max, tl.max(b_s, 1))
+        tl.store(split_max + row * n_splits + i_s, b_max, mask=m_r)
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _entmax_decode_threshold_kernel(scores, split_max, lengths, alpha, rowmax, tau, rowsum, flags,
+                                    H, Tq, W, n_splits, n_tiles, tiles_per_split, causal,
+                                    ALPHA_KIND: tl.constexpr, MAX_PASSES: tl.constexpr, BT: tl.constexpr,
+                                    BN: tl.constexpr, BS: tl.constexpr):
+    """Per row (grid: B * H * Tq), the threshold of alpha-entmax over its scores (the scratch row, not K): with
+    ``x = (alpha - 1) (s - rowmax)``, tau solves ``f(tau) = sum_j [x_j - tau]_+^gamma = 1``, ``gamma = 1 / (alpha -
+    1)``; f is convex and decreasing, and the root lies in ``[-1, -n^(1 - alpha)]`` (n keys seen). Each pass over the
+    row evaluates f and f' at the bracket's left end lo and f at its right end hi: Newton from lo is a lower bound,
+    the secant of the bracket an upper bound. On the support S = {x > lo}, entmax-1.5 also gets the smaller root of
+    ``sum_S (x - t)^2 = 1`` and sparsemax ``(sum_S x - 1) / |S|`` (its Newton step): exact once no x of S falls
+    below it. Other alpha iterate to fp32 rounding. Stores rowmax, tau (relative to rowmax, scaled by alpha - 1),
+    rowsum = f(tau) + 1 (the output divides by it) and flags (B * H * Tq, n_tiles) int8: 1 where a BN-key tile
+    holds a nonzero probability. Rows that see no key store nothing."""
+    row = tl.program_id(0).to(tl.int64)
+    i_b = row // (H * Tq)
+    i_h = (row // Tq) % H
+    i_q = row % Tq
+    length = tl.load(lengths + i_b)
+    n = _attended_count(length, Tq, i_q, causal)
+    if n > 0:
+        split_len = tiles_per_split * BN
+        b_smax = tl.full([BS], float("-inf"), dtype=tl.float32)
+        for s0 in range(0, tl.cdiv(n, split_len), BS):
+            o_s = s0 + tl.arange(0, BS)
+            b_smax = tl.maximum(b_smax, tl.load(split_max + row * n_splits + o_s, mask=o_s * split_len < n,
+                                                other=float("-inf")))
+        s_max = tl.max(b_smax, 0)
+        a_1 = tl.load(alpha + i_h) - 1.0
+        gamma = 1.0 / a_1
+        p_s = scores + row * W
+        lo = tl.full([], -1.0, dtype=tl.float32)
+        hi = -tl.exp2(-a_1 * tl.log2(n.to(tl.float32)))
+        done = hi <= lo  # one key: tau = -1 exactly
+        i_pass = 0
+        while (i_pass < MAX_PASSES) & (done == 0):
+            b_f_lo = tl.zeros([BT], dtype=tl.float32)
+            b_df_lo = tl.zeros([BT], dtype=tl.float32)
+            b_f_hi = tl.zeros([BT], dtype=tl.float32)
+            b_cnt = tl.zeros([BT], dtype=tl.float32)
+            b_a1 = tl.zeros([BT], dtype=tl.float32)
+            b_umin = tl.full([BT], float("inf"), dtype=tl.float32)
+            for n0 in range(0, n, BT):
+                o_n = n0 + tl.arange(0, BT)
+                b_x = a_1 * (tl.load(p_s + o_n, mask=o_n < n, other=float("-inf")) - s_max)
+                b_u = b_x - lo
+                m_on = b_u > 0
+                b_y = tl.where(m_on, b_u, 0.0)
+                b_p = _entmax_power(b_y, gamma, ALPHA_KIND)
+                b_f_lo += b_p
+                b_df_lo += tl.where(m_on, gamma * b_p / tl.where(m_on, b_y, 1.0), 0.0)
+                b_f_hi += _entmax_power(tl.maximum(b_x - hi, 0.0), gamma, ALPHA_KIND)
+                b_cnt += m_on.to(tl.float32)
+                b_a1 += b_y
+                b_umin = tl.minimum(b_umin, tl.where(m_on, b_u, float("inf")))
+            f_lo = tl.sum(b_f_lo, 0) - 1.0  # >= 0: lo is a lower bound (up to rounding)
+            df_lo = tl.sum(b_df_lo, 0)
+            f_hi = tl.sum(b_f_hi, 0) - 1.0  # <= 0
+            cnt = tl.sum(b_cnt, 0)
+            a1 = tl.sum(b_a1, 0)
+            u_min = tl.min(b_umin, 0)
+            new_lo = lo + f_lo / df_lo  # Newton from the left (f convex, decreasing)
+            new_hi = tl.where(f_lo > f_hi, lo + f_lo * (hi - lo) / (f_lo - f_hi), hi)  # the secant's root
+            exact = False  # other alpha: no closed form
+            solution = lo
+            if ALPHA_KIND == 1:
+                # smaller root of sum_S (u - t)^2 = 1, rationalized so that it does not cancel as f -> 0; an upper
+                # bound when S is wider than the root's support, the root when it is not
+                disc = a1 * a1 - cnt * f_lo
+                delta = f_lo / (a1 + tl.sqrt(tl.maximum(disc, 0.0)))
+                exact = (disc >= 0) & (u_min >= delta) & (f_lo >= 0)
+                solution = lo + delta
+                new_hi = tl.where(disc >= 0, tl.minimum(new_hi, solution), new_hi)
+            if ALPHA_KIND == 2:
+                exact = (u_min >= f_lo / cnt) & (f_lo >= 0)  # the Newton step kept its support
+                solution = new_lo
+            new_hi = tl.minimum(new_hi, hi)
+            stalled = (f_lo <= 0) | (new_lo <= lo) | (new_hi <= new_lo) | (f_hi >= 0)
+            lo = tl.where(exact, solution, tl.where(f_hi >= 0, hi, tl.where(f_lo <= 0, lo, new_lo)))
+            hi = new_hi
+            done = exact | stalled
+            i_pass += 1
+        # the last pass over the row: f(tau) + 1 (the normalizer) and the tiles holding a nonzero probability
+        b_sum = tl.zeros([BT], dtype=tl.float32)
+        for n0 in range(0, n, BT):
+            o_n = n0 + tl.arange(0, BT)
+            b_x = a_1 * (tl.load(p_s + o_n, mask=o_n < n, other=float("-inf")) - s_max)
+            b_p = _entmax_power(tl.maximum(b_x - lo, 0.0), gamma, ALPHA_KIND)
+            b_sum += b_p
+            b_hit = tl.max(tl.reshape((b_p > 0).to(tl.int32), [BT // BN, BN]), 1)  # [BT // BN]
+            o_t = n0 // BN + tl.arange(0, BT // BN)
+            tl.store(flags + row * n_tiles + o_t, b_hit.to(tl.int8), mask=o_t * BN < n)
+        tl.store(rowmax + row, s_max)
+        tl.store(tau + row, lo)
+        tl.store(rowsum + row, tl.sum(b_sum, 0))
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _entmax_decode_output_kernel(scores, v_cache, lengths, alpha, rowmax, tau, flags, partial,
+                                 stride_vb, stride_vh, stride_vt, stride_vd,
+                                 H, Hkv, G, Tq, Dv, W, n_splits, n_tiles, tiles_per_split, causal,
+                                 ALPHA_KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDV: tl.constexpr,
+                                 UPCAST_DOTS: tl.constexpr):
+    """Partial outputs ``sum_j p_j v_j`` over one split, partial (B * H * Tq, n_splits, Dv) fp32 (unnormalized:
+    the combine kernel divides by rowsum). A key tile that no row of the group flags is skipped: neither its scores
+    nor its V tile are loaded."""
+    i_s, i_bkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
+    length = tl.load(lengths + i_b)
+    start = i_s * tiles_per_split * BN
+    if start < length:
+        n_row = _attended_count(length, Tq, i_q, causal)  # [BM]
+        m_seen = m_r & (n_row > 0)
+        b_max = tl.load(rowmax + row, mask=m_seen, other=0.0)
+        b_tau = tl.load(tau + row, mask=m_seen, other=0.0)
+        b_a1 = tl.load(alpha + i_h, mask=m_r, other=2.0) - 1.0
+        b_gamma = 1.0 / b_a1
+        p_v = v_cache + i_b.to(tl.int64) * stride_vb + i_kv.to(tl.int64) * stride_vh
+        o_dv = tl.arange(0, BDV)
+        b_o = tl.zeros([BM, BDV], dtype=tl.float32)
+        for n0 in range(start, tl.minimum(start + tiles_per_split * BN, length), BN):
+            b_flag = tl.load(flags + row * n_tiles + n0 // BN, mask=m_r & (n0 < n_row), other=0)
+            if tl.max(b_flag, 0) > 0:  # tiles of zero probabilities: no scores, no V
+                o_n = n0 + tl.arange(0, BN)
+                m_vis = m_r[:, None] & (o_n[None, :] < n_row[:, None])
+                b_s = tl.load(scores + row[:, None] * W + o_n[None, :], mask=m_vis, other=float("-inf"))
+                b_y = tl.maximum(b_a1[:, None] * (b_s - b_max[:, None]) - b_tau[:, None], 0.0)
+                b_p = _entmax_power(b_y, b_gamma[:, None], ALPHA_KIND)  # [BM, BN]
+                b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                              mask=(o_n[:, None] < length) & (o_dv[None, :] < Dv), other=0.0)  # [BN, BDV]
+                b_o += dot_fp32acc(b_p.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+        tl.store(partial + (row * n_splits + i_s)[:, None] * Dv + o_dv[None, :], b_o,
+                 mask=m_r[:, None] & (o_dv[None, :] < Dv))
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _softmax_decode_split_kernel(q, k_cache, v_cache, lengths, partial, split_max, split_sum,
+                                 stride_qb, stride_qh, stride_qt, stride_qd,
+                                 stride_kb, stride_kh, stride_kt, stride_kd,
+                                 stride_vb, stride_vh, stride_vt, stride_vd,
+                                 H, Hkv, G, Tq, D, Dv, n_splits, tiles_per_split, scale_log2,
+                                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                                 UPCAST_DOTS: tl.constexpr):
+    """Flash-decoding's split: over one split's keys (all visible to every new query), the online softmax's running
+    maximum split_max and sum split_sum (B * H * Tq, n_splits) fp32 (base 2) and the unnormalized partial output
+    partial (B * H * Tq, n_splits, Dv) fp32, each K and V tile loaded once for the GQA group's G * Tq rows."""
+    i_s, i_bkv = tl.program_id(0), tl.program_id(1)
+    i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
+    length = tl.load(lengths + i_b)
+    start = i_s * tiles_per_split * BN
+    if start < length:
+        b_q = _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD)
+        p_k = k_cache + i_b.to(tl.int64) * stride_kb + i_kv.to(tl.int64) * stride_kh
+        p_v = v_cache + i_b.to(tl.int64) * stride_vb + i_kv.to(tl.int64) * stride_vh
+        o_dv = tl.arange(0, BDV)
+        b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BM], dtype=tl.float32)
+        b_o = tl.zeros([BM, BDV], dtype=tl.float32)
+        for n0 in range(start, tl.minimum(start + tiles_per_split * BN, length), BN):
+            o_n = n0 + tl.arange(0, BN)
+            b_s = _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD, UPCAST_DOTS) * scale_log2
+            b_s = tl.where(o_n[None, :] < length, b_s, float("-inf"))  # [BM, BN]
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # finite: the split's first key is attended
+            b_rescale = tl.exp2(b_m - b_m_new)
+            b_p = tl.exp2(b_s - b_m_new[:, None])
+            b_l = b_l * b_rescale + tl.sum(b_p, 1)
+            b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                          mask=(o_n[:, None] < length) & (o_dv[None, :] < Dv), other=0.0)  # [BN, BDV]
+            b_o = b_o * b_rescale[:, None] + dot_fp32acc(b_p.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+            b_m = b_m_new
+        tl.store(split_max + row * n_splits + i_s, b_m, mask=m_r)
+        tl.store(split_sum + row * n_splits + i_s, b_l, mask=m_r)
+        tl.store(partial + (row * n_splits + i_s)[:, None] * Dv + o_dv[None, :], b_o,
+                 mask=m_r[:, None] & (o_dv[None, :] < Dv))
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+def _decode_combine_kernel(partial, split_max, split_sum, rowsum, lengths, o,
+                           H, Tq, Dv, n_splits, tiles_per_split, causal,
+                           SOFTMAX: tl.constexpr, BN: tl.constexpr, BDV: tl.constexpr):
+    """o (B, H, Tq, Dv), contiguous, per row (grid: B * H * Tq) from the partial outputs of the splits that hold
+    the row's attended keys: softmax rescales each by ``2^(split_max - max)`` and divides by the rescaled
+    split_sum; entmax adds them and divides by rowsum. Rows that see no key are zeros."""
+    row = tl.program_id(0).to(tl.int64)
+    i_b = row // (H * Tq)
+    i_q = row % Tq
+    n = _attended_count(tl.load(lengths + i_b), Tq, i_q, causal)
+    o_dv = tl.arange(0, BDV)
+    m_dv = o_dv < Dv
+    b_o = tl.zeros([BDV], dtype=tl.float32)
+    if n > 0:
+        used = tl.cdiv(n, tiles_per_split * BN)
+        p_part = partial + row * n_splits * Dv
+        if SOFTMAX:
+            m_all = tl.load(split_max + row * n_splits)
+            for i_s in range(1, used):
+                m_all = tl.maximum(m_all, tl.load(split_max + row * n_splits + i_s))
+            l_all = tl.full([], 0.0, dtype=tl.float32)
+            for i_s in range(0, used):
+                weight = tl.exp2(tl.load(split_max + row * n_splits + i_s) - m_all)
+                l_all += weight * tl.load(split_sum + row * n_splits + i_s)
+                b_o += weight * tl.load(p_part + i_s * Dv + o_dv, mask=m_dv, other=0.0)
+            b_o = b_o / l_all
+        else:
+            for i_s in range(0, used):
+                b_o += tl.load(p_part + i_s * Dv + o_dv, mask=m_dv, other=0.0)
+            b_o = b_o / tl.load(rowsum + row)
+    tl.store(o + row * Dv + o_dv, b_o.to(o.dtype.element_ty), mask=m_dv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DecodeTiles(NamedTuple):
+    """Block sizes of the decoding kernels. ``block_n`` keys per tile (the unit of skipping); the threshold kernel
+    reads a row's scores in chunks of ``block_t`` (a multiple of ``block_n``). ``tiles_per_split`` (None: chosen
+    from the GPU's SM count so that about ``programs_per_sm`` split programs run per SM) tiles per split."""
+
+    block_n: int
+    block_t: int
+    num_warps: int
+    threshold_num_warps: int
+    programs_per_sm: int = 4
+    tiles_per_split: Optional[int] = None
+
+
+#: 64-key tiles: with the group's 16 query rows and D = 128 a 16-bit K tile is 16 KB, loaded once per split step;
+#: see ``aot_configurations`` for the registers and spills of each kernel on sm_80 / sm_90.
+_DEFAULT_TILES = {
+    torch.float16: DecodeTiles(block_n=64, block_t=1024, num_warps=4, threshold_num_warps=4),
+    torch.bfloat16: DecodeTiles(block_n=64, block_t=1024, num_warps=4, threshold_num_warps=4),
+    torch.float32: DecodeTiles(block_n=32, block_t=1024, num_warps=4, threshold_num_warps=4),
+}
+#: Tests set tiny tiles here so that short caches cover several splits, skipped tiles and the reduction.
+_TILE_OVERRIDE: Optional[DecodeTiles] = None
+#: The kernels hold a whole head (D and Dv) in one tile.
+MAX_HEAD_DIM = 256
+_SPLIT_MAXIMA_BLOCK = 64  # BS: split maxima read at once by the threshold kernel
+
+
+def _decode_tiles(dtype: torch.dtype) -> DecodeTiles:
+    return _TILE_OVERRIDE if _TILE_OVERRIDE is not None else _DEFAULT_TILES[dtype]
+
+
+class _Splits(NamedTuple):
+    """How the key range [0, Tmax) is cut: ``n_splits`` splits of ``tiles_per_split`` tiles of ``block_n`` keys;
+    ``width`` = n_splits * tiles_per_split * block_n >= Tmax (the scratch rows' width), ``n_tiles`` its tiles."""
+
+    n_splits: int
+    tiles_per_split: int
+    width: int
+    n_tiles: int
+
+
+def _splits(t_max: int, programs: int, device: torch.device, tiles: DecodeTiles) -> _Splits:
+    """Enough splits that ``programs`` (B * Hkv) x splits fill the GPU; decided from Tmax, not from the lengths,
+    which stay on the device."""
+    n_tiles = triton.cdiv(t_max, tiles.block_n)
+    if tiles.tiles_per_split is not None:
+        per_split = tiles.tiles_per_split
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        n_splits = max(1, min(n_tiles, triton.cdiv(tiles.programs_per_sm * sms, programs)))
+        per_split = triton.cdiv(n_tiles, n_splits)
+    n_splits = triton.cdiv(n_tiles, per_split)
+    return _Splits(n_splits, per_split, n_splits * per_split * tiles.block_n, n_splits * per_split)
+
+
+def _dim_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _alpha_kind(alpha: Alpha) -> int:
+    if isinstance(alpha, Tensor):
+        return _GENERAL_ALPHA
+    return {1.5: _ENTMAX15, 2.0: _SPARSEMAX}.get(float(alpha), _GENERAL_ALPHA)
+
+
+def _config(num_warps: int) -> list:
+    return [triton.Config({}, num_warps=num_warps, num_stages=1)]
+
+
+def _combine(partial, split_max, split_sum, rowsum, lengths, shape, dtype, splits: _Splits, causal: bool,
+             softmax: bool, tiles: DecodeTiles, device) -> Tensor:
+    batch, heads, tq, dv = shape
+    out = torch.empty(shape, dtype=dtype, device=device)
+    launch(_decode_combine_kernel, lambda meta: (batch * heads * tq,),
+           (partial, split_max, split_sum, rowsum, lengths, out, heads, tq, dv, splits.n_splits,
+            splits.tiles_per_split, int(causal)),
+           dict(SOFTMAX=softmax, BN=tiles.block_n, BDV=_dim_block(dv)), _config(tiles.num_warps),
+           device=device)
+    return out
+
+
+def _entmax_decode(q, k_cache, v_cache, lengths, alpha: Alpha, causal: bool, scale: float) -> Tensor:
+    """The Triton path of :func:`entmax_attention_with_kvcache` after the append: scores, thresholds, outputs of
+    the splits, combine. Four launches, no host read of the lengths."""
+    batch, heads, tq, d = q.shape
+    _, kv_heads, t_max, dv = v_cache.shape
+    groups = heads // kv_heads
+    device = q.device
+    tiles = _decode_tiles(q.dtype)
+    splits = _splits(t_max, batch * kv_heads, device, tiles)
+    alpha_heads = _checked_alpha(alpha, heads, device)
+    kind = _alpha_kind(alpha)
+    rows = batch * heads * tq
+    block_m = _dim_block(groups * tq)
+    upcast = upcast_dots_for(q.dtype)
+    scores = torch.empty(batch, heads, tq, splits.width, dtype=torch.float32, device=device)
+    split_max = torch.empty(rows, splits.n_splits, dtype=torch.float32, device=device)
+    rowmax, tau, rowsum = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(3))
+    flags = torch.empty(rows, splits.n_tiles, dtype=torch.int8, device=device)
+    partial = torch.empty(rows, splits.n_splits, dv, dtype=torch.float32, device=device)
+    grid = (splits.n_splits, batch * kv_heads)
+    common = (heads, kv_heads, groups, tq)
+    with launch_device_of(q):
+        launch(_entmax_decode_scores_kernel, lambda meta: grid,
+               (q, k_cache, lengths, scores, split_max, *q.stride(), *k_cache.stride(), *common, d, splits.width,
+                splits.n_splits, splits.tiles_per_split, scale, int(causal)),
+               dict(BM=block_m, BN=tiles.block_n, BD=_dim_block(d), UPCAST_DOTS=upcast),
+               _config(tiles.num_warps), device=device)
+        launch(_entmax_decode_threshold_kernel, lambda meta: (rows,),
+               (scores, split_max, lengths, alpha_heads, rowmax, tau, rowsum, flags, heads, tq, splits.width,
+                splits.n_splits, splits.n_tiles, splits.tiles_per_split, int(causal)),
+               dict(ALPHA_KIND=kind, MAX_PASSES=_MAX_PASSES, BT=tiles.block_t, BN=tiles.block_n,
+                    BS=_SPLIT_MAXIMA_BLOCK), _config(tiles.threshold_num_warps), device=device)
+        launch(_entmax_decode_output_kernel, lambda meta: grid,
+               (scores, v_cache, lengths, alpha_heads, rowmax, tau, flags, partial, *v_cache.stride(), *common, dv,
+                splits.width, splits.n_splits, splits.n_tiles, splits.tiles_per_split, int(causal)),
+               dict(ALPHA_KIND=kind, BM=block_m, BN=tiles.block_n, BDV=_dim_block(dv), UPCAST_DOTS=upcast),
+               _config(tiles.num_warps), device=device)
+        return _combine(partial, split_max, split_max, rowsum, lengths, (batch, heads, tq, dv), v_cache.dtype,
+                        splits, causal, False, tiles, device)
+
+
+def _softmax_decode(q, k_cache, v_cache, lengths, scale: float) -> Tensor:
+    """The Triton path of :func:`block_causal_attention_with_kvcache` after the append: flash-decoding's splits,
+    then the combine. Two launches, no host read of the lengths."""
+    batch, heads, tq, d = q.shape
+    _, kv_heads, t_max, dv = v_cache.shape
+    groups = heads // kv_heads
+    device = q.device
+    tiles = _decode_tiles(q.dtype)
+    splits = _splits(t_max, batch * kv_heads, device, tiles)
+    rows = batch * heads * tq
+    split_max, split_sum = (torch.empty(rows, splits.n_splits, dtype=torch.float32, device=device)
+                            for _ in range(2))
+    partial = torch.empty(rows, splits.n_splits, dv, dtype=torch.float32, device=device)
+    with launch_device_of(q):
+        launch(_softmax_decode_split_kernel, lambda meta: (splits.n_splits, batch * kv_heads),
+               (q, k_cache, v_cache, lengths, partial, split_max, split_sum, *q.stride(), *k_cache.stride(),
+                *v_cache.stride(), heads, kv_heads, groups, tq, d, dv, splits.n_splits, splits.tiles_per_split,
+                scale * _LOG2E),
+               dict(BM=_dim_block(groups * tq), BN=tiles.block_n, BD=_dim_block(d), BDV=_dim_block(dv),
+                    UPCAST_DOTS=upcast_dots_for(q.dtype)), _config(tiles.num_warps), device=device)
+        return _combine(partial, split_max, split_sum, split_sum, lengths, (batch, heads, tq, dv), v_cache.dtype,
+                        splits, False, True, tiles, device)
+
+
+_LOG2E = 1.4426950408889634
+
+
+def _check_kernel_head_dims(q: Tensor, v_cache: Tensor) -> None:
+    for name, t in (("q", q), ("v_cache", v_cache)):
+        if t.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"{name} head dimension must be <= {MAX_HEAD_DIM} for the Triton kernels, got "
+                             f"{t.shape[-1]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,9 +709,14 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
     _check_causal(causal)
     _checked_alpha(alpha, q.shape[1], q.device)
-    # Until the decoding kernels land, the Triton backend runs the reference too.
-    return entmax_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v, alpha=alpha,
-                                                   causal=causal, scale=scale)
+    if not use_triton(q, k_cache, v_cache):
+        return entmax_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v, alpha=alpha,
+                                                       causal=causal, scale=scale)
+    _check_kernel_head_dims(q, v_cache)
+    check_batch_heads(q.shape[0] * k_cache.shape[1])  # grid axis 1: B * Hkv
+    lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _entmax_decode(q, k_cache, v_cache, lengths, alpha, causal, scale)
 
 
 @torch.no_grad()
@@ -254,5 +730,11 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
     dtype; a query that sees no key returns zeros. Forward only (no autograd), no host synchronization.
     """
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
-    # Until the decoding kernels land, the Triton backend runs the reference too.
-    return block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v, scale=scale)
+    if not use_triton(q, k_cache, v_cache):
+        return block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v,
+                                                             scale=scale)
+    _check_kernel_head_dims(q, v_cache)
+    check_batch_heads(q.shape[0] * k_cache.shape[1])  # grid axis 1: B * Hkv
+    lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _softmax_decode(q, k_cache, v_cache, lengths, scale)
