@@ -105,10 +105,17 @@ def test_carn_noncausal_stream_is_the_prefix_prediction(reference_backend, optio
 
 
 @pytest.mark.parametrize("which", ["camhg", "carn"])
-def test_triton_backend_streams_the_offline_prediction(triton_backend, which):
-    """The same equality with the Triton kernels (interpreter) in the offline forward and the stream, at tiny sizes.
-    (The KV-cache ops run their PyTorch references on this backend until their Triton kernels land; the MoE, a
-    per-row op that streaming calls unchanged and whose interpreter run is slow, is left out.)"""
+def test_triton_backend_streams_the_offline_prediction(triton_backend, which, monkeypatch):
+    """The same equality with the Triton kernels (interpreter) in the offline forward and in the stream's KV-cache
+    attention (its references are refused), at tiny sizes. The MoE, a per-row op that streaming calls unchanged and
+    whose interpreter run is slow, is left out."""
+    import kernels.kvcache
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the KV-cache reference ran on the triton backend")
+
+    for name in ("entmax_attention_with_kvcache_reference", "block_causal_attention_with_kvcache_reference"):
+        monkeypatch.setattr(kernels.kvcache, name, refused)
     features, present, speakers, valid = dialogues(2, [3, 2], seed=5)
     if which == "camhg":
         model = camhg_model("no_moe", layers=1)
