@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.kvcache import MAX_HEAD_DIM
 from mer.dialogues import MODALITIES
 from mer.streaming import KVCache, ModelStream, in_projections, merge_heads, split_heads
 
@@ -47,8 +48,11 @@ class CarnStream(ModelStream):
         attention = encoder.attention
         q, k, v = (split_heads(proj(h), attention.num_heads)
                    for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
-        z = merge_heads(kernels.entmax_attention_with_kvcache(q, *self.cache_arguments(cache, k, v), k=k, v=v,
-                                                              alpha=1.5, causal=True))  # eq. 1-6
+        # the decoding kernels hold a head in one tile (D <= kernels.kvcache.MAX_HEAD_DIM); CARN's one-head
+        # attention is hidden wide, so wider models take the reference
+        attend = kernels.entmax_attention_with_kvcache if q.shape[-1] <= MAX_HEAD_DIM \
+            else kernels.reference.entmax_attention_with_kvcache_reference
+        z = merge_heads(attend(q, *self.cache_arguments(cache, k, v), k=k, v=v, alpha=1.5, causal=True))  # eq. 1-6
         gamma = torch.sigmoid(encoder.gate(torch.cat([h, z], dim=-1)))  # eq. 7
         return encoder.norm(h + gamma * z)  # eq. 8
 

@@ -10,6 +10,7 @@ from camhg.config import CaMHGConfig
 from camhg.model import CaMHG
 from carn.config import ModelConfig
 from carn.model import CARN
+from kernels import use_backend
 
 DIMS = {"a": 5, "t": 7, "v": 6}
 CAMHG_ABLATIONS = ("full", "no_hypergraph", "no_gating", "no_moe", "no_causal_factor", "no_imputation")
@@ -212,3 +213,17 @@ def test_stream_caches_grow(reference_backend):
     features, present, speakers, valid = dialogues(1, [37], seed=7)
     offline = model(features, present, speakers, valid=valid).logits
     torch.testing.assert_close(streamed(model, features, present, speakers, valid), offline, atol=1e-5, rtol=1e-5)
+
+
+def test_carn_wider_than_the_decoding_kernels_streams(triton_backend):
+    """CARN's one-head causal-cue attention is ``hidden`` wide: past the decoding kernels' head size it streams on
+    the reference (the Transformer encoders' heads stay on the kernels)."""
+    from kernels.kvcache import MAX_HEAD_DIM
+
+    torch.manual_seed(0)
+    model = CARN(ModelConfig(dims=DIMS, num_classes=3, hidden=MAX_HEAD_DIM + 4, num_heads=4, css_dim=4,
+                             encoder_mask="causal", use_cce=True)).eval()
+    features, present, speakers, valid = dialogues(1, [2], seed=9)
+    with use_backend("reference"):
+        offline = model(features, present, valid).logits
+    torch.testing.assert_close(streamed(model, features, present, speakers, valid), offline, atol=1e-4, rtol=1e-4)
