@@ -40,6 +40,7 @@ OP_MODULES = {
     "entmax15_attention": "kernels.entmax",
     "block_causal_attention": "kernels.block_causal",
     "moe_top2": "kernels.moe",
+    "kvcache": "kernels.kvcache",
 }
 
 

@@ -15,6 +15,17 @@ The caller must keep ``cache_seqlens[b] + Tq <= Tmax``; it is checked when ``cac
 it there costs nothing), not when it is on the GPU, where checking would stall the host on every decoding step.
 Both ops are forward only (inference): they run without autograd, and outputs never require grad. They run in the
 inputs' dtype: autocast does not cast their inputs, since the caches are written in place.
+
+The Triton path (flash-decoding: the key range split across programs, no host synchronization) after the append:
+
+- entmax: ``_entmax_decode_scores_kernel`` reads each K tile once for all G = H / Hkv query heads x Tq queries of its
+  key head and writes fp32 scores to a scratch row per query (B, H, Tq, >= Tmax) with per-split row maxima;
+  ``_entmax_decode_threshold_kernel`` solves each row's threshold over that scratch row (closed forms for alpha 1.5
+  and 2, bracketed Newton / secant otherwise) and flags the key tiles that hold a nonzero probability;
+  ``_entmax_decode_output_kernel`` accumulates ``p @ V`` per split, loading V (and the scores) only at flagged
+  tiles; ``_decode_combine_kernel`` adds the splits and normalizes. K is read once; V only where p > 0.
+- block-causal (softmax): ``_softmax_decode_split_kernel`` runs the online softmax over each split (K and V read
+  once), ``_decode_combine_kernel`` merges the splits by their maxima and sums.
 """
 from __future__ import annotations
 
@@ -27,7 +38,7 @@ from torch import Tensor
 
 from ._autotune import launch
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
-from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._triton_helpers import MAX_GRID_AXIS, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
 from .entmax import entmax15
 
@@ -128,10 +139,11 @@ def _append_to_cache(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k:
 # heads as the rows of one tile (row r: head kv * G + r // Tq, new query r % Tq), so each key tile is loaded once for
 # the whole GQA group. Programs whose split starts at or past the row's attended length return at once. Per-row
 # scratch (fp32) is indexed by ``row = (b * H + h) * Tq + i``.
-_NOT_SPECIALIZED = ["H", "Hkv", "G", "Tq", "W", "n_splits", "n_tiles", "tiles_per_split", "causal"]
+_NOT_SPECIALIZED = ["H", "Hkv", "G", "Tq", "n_splits", "n_tiles", "tiles_per_split", "causal"]
 #: ``ALPHA_KIND`` constexpr: the power ``y^(1 / (alpha - 1))`` in closed form for 1.5 (square) and 2 (identity)
 _GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX = 0, 1, 2
-#: Threshold passes before the solver stops (a row converges in a few; the bracket narrowed to fp32 ends it)
+#: Threshold passes before the solver stops: rows converge in 1-10 passes (random rows of 30 to 32k keys, alpha 1.1
+#: to 2: flat 32k-key rows are the slowest, 7 passes at 1.5, 9-10 near 2); a stalled or collapsed bracket ends it
 _MAX_PASSES = 48
 
 
@@ -221,9 +233,9 @@ def _entmax_decode_threshold_kernel(scores, split_max, lengths, alpha, rowmax, t
                                     BN: tl.constexpr, BS: tl.constexpr):
     """Per row (grid: B * H * Tq), the threshold of alpha-entmax over its scores (the scratch row, not K): with
     ``x = (alpha - 1) (s - rowmax)``, tau solves ``f(tau) = sum_j [x_j - tau]_+^gamma = 1``, ``gamma = 1 / (alpha -
-    1)``; f is convex and decreasing, and the root lies in ``[-1, -n^(1 - alpha)]`` (n keys seen). Each pass over the
-    row evaluates f and f' at the bracket's left end lo and f at its right end hi: Newton from lo is a lower bound,
-    the secant of the bracket an upper bound. On the support S = {x > lo}, entmax-1.5 also gets the smaller root of
+    1)``; the root lies in ``[-1, -n^(1 - alpha)]`` (n keys seen). Each pass over the row evaluates f and f' at the
+    bracket's left end lo and f at its right end hi; on ``g = f^(alpha - 1)`` (convex and decreasing) Newton from lo
+    is a lower bound, the secant of the bracket an upper bound. On the support S = {x > lo}, entmax-1.5 also gets the smaller root of
     ``sum_S (x - t)^2 = 1`` and sparsemax ``(sum_S x - 1) / |S|`` (its Newton step): exact once no x of S falls
     below it. Other alpha iterate to fp32 rounding. Stores rowmax, tau (relative to rowmax, scaled by alpha - 1),
     rowsum = f(tau) + 1 (the output divides by it) and flags (B * H * Tq, n_tiles) int8: 1 where a BN-key tile
@@ -275,8 +287,13 @@ def _entmax_decode_threshold_kernel(scores, split_max, lengths, alpha, rowmax, t
             cnt = tl.sum(b_cnt, 0)
             a1 = tl.sum(b_a1, 0)
             u_min = tl.min(b_umin, 0)
-            new_lo = lo + f_lo / df_lo  # Newton from the left (f convex, decreasing)
-            new_hi = tl.where(f_lo > f_hi, lo + f_lo * (hi - lo) / (f_lo - f_hi), hi)  # the secant's root
+            # Newton and the secant on g = (f + 1)^(alpha - 1), a norm of [x - t]_+: convex and decreasing like f but
+            # nearly linear (exactly so on equal scores), so that flat rows take a few passes, not a dozen
+            g_lo = tl.exp2(a_1 * tl.log2(f_lo + 1.0))
+            g_hi = tl.exp2(a_1 * tl.log2(f_hi + 1.0))
+            new_lo = lo + (g_lo - 1.0) * (f_lo + 1.0) / (a_1 * g_lo * df_lo)  # a lower bound
+            g_drop = tl.where(g_lo > g_hi, g_lo - g_hi, 1.0)
+            new_hi = tl.where(g_lo > g_hi, lo + (g_lo - 1.0) * (hi - lo) / g_drop, hi)  # an upper bound
             exact = False  # other alpha: no closed form
             solution = lo
             if ALPHA_KIND == 1:
@@ -442,11 +459,13 @@ class DecodeTiles(NamedTuple):
     tiles_per_split: Optional[int] = None
 
 
-#: 64-key tiles: with the group's 16 query rows and D = 128 a 16-bit K tile is 16 KB, loaded once per split step;
-#: see ``aot_configurations`` for the registers and spills of each kernel on sm_80 / sm_90.
+#: 64-key tiles in 8 warps for 16-bit caches, 32-key tiles in 4 warps for fp32: at D = Dv = 128 and 16 group rows
+#: every kernel compiles without spills for sm_80 and sm_90 (ptxas, ``aot_configurations``): the split kernels hold
+#: 92-246 registers per thread (the general-alpha output kernel the most; 16-bit ones spill 16-116 bytes in 4 warps),
+#: the threshold kernel 80-96, the combine kernel 22-32.
 _DEFAULT_TILES = {
-    torch.float16: DecodeTiles(block_n=64, block_t=1024, num_warps=4, threshold_num_warps=4),
-    torch.bfloat16: DecodeTiles(block_n=64, block_t=1024, num_warps=4, threshold_num_warps=4),
+    torch.float16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
+    torch.bfloat16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
     torch.float32: DecodeTiles(block_n=32, block_t=1024, num_warps=4, threshold_num_warps=4),
 }
 #: Tests set tiny tiles here so that short caches cover several splits, skipped tiles and the reduction.
@@ -576,6 +595,13 @@ def _softmax_decode(q, k_cache, v_cache, lengths, scale: float) -> Tensor:
 
 
 _LOG2E = 1.4426950408889634
+
+
+def _check_grid(batch_kv_heads: int) -> None:
+    """The split kernels put B * Hkv on grid axis 1."""
+    if batch_kv_heads > MAX_GRID_AXIS:
+        raise ValueError(f"the caches have B * Hkv = {batch_kv_heads} batch-heads; the Triton kernels take at most "
+                         f"{MAX_GRID_AXIS}")
 
 
 def _check_kernel_head_dims(q: Tensor, v_cache: Tensor) -> None:
@@ -713,7 +739,7 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         return entmax_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v, alpha=alpha,
                                                        causal=causal, scale=scale)
     _check_kernel_head_dims(q, v_cache)
-    check_batch_heads(q.shape[0] * k_cache.shape[1])  # grid axis 1: B * Hkv
+    _check_grid(q.shape[0] * k_cache.shape[1])
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _entmax_decode(q, k_cache, v_cache, lengths, alpha, causal, scale)
@@ -734,7 +760,82 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
         return block_causal_attention_with_kvcache_reference(q, k_cache, v_cache, cache_seqlens, k=k, v=v,
                                                              scale=scale)
     _check_kernel_head_dims(q, v_cache)
-    check_batch_heads(q.shape[0] * k_cache.shape[1])  # grid axis 1: B * Hkv
+    _check_grid(q.shape[0] * k_cache.shape[1])
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _softmax_decode(q, k_cache, v_cache, lengths, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INPUT_POINTERS = ("q", "k_cache", "v_cache", "o")
+_FP32_POINTERS = ("scores", "split_max", "split_sum", "rowmax", "tau", "rowsum", "partial", "alpha")
+_FLOAT_SCALARS = ("scale", "scale_log2")
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd")
+#: the head size of the compiled variants (BD = BDV = 128; any D, Dv up to 128 launches them) and the GQA group's
+#: rows (G * Tq <= 16)
+_AOT_HEAD_DIM = 128
+_AOT_GROUP_ROWS = 16
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, tuple]:
+    """(signature, the arguments a launch on aligned tensors specializes as multiples of 16: pointers and the
+    batch, head and row strides of q and the caches)."""
+    signature, aligned = {}, []
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _INPUT_POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name in _FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name == "lengths":
+            signature[name] = "*i32"
+        elif name == "flags":
+            signature[name] = "*i8"
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+        if signature[name].startswith("*") or name == "W" or (name.startswith("stride_") and name[-1] in "bht"):
+            aligned.append(name)
+    return signature, tuple(aligned)
+
+
+def aot_configurations() -> list:
+    """Every decoding kernel x dtype x constexpr variant a launch with D, Dv <= 128 and G * Tq <= 16 makes on a GPU
+    (one configuration per kernel: no autotuning), for sm_80 and sm_90, with the unit feature strides and the
+    16-divisibility of pointers and strides that dense, aligned tensors get. ``default`` (the tests' quick subset): the bfloat16 variants, which also hold
+    the threshold kernels of 64-key tiles (fp32's 32-key ones are listed under fp32)."""
+    from .aot import AotConfig
+
+    configs = []
+    for torch_dtype, dtype in _TRITON_DTYPES.items():
+        t = _DEFAULT_TILES[torch_dtype]
+        head = dict(BM=_AOT_GROUP_ROWS, BN=t.block_n, UPCAST_DOTS=False)
+        variants = [
+            ("scores", _entmax_decode_scores_kernel, dict(head, BD=_AOT_HEAD_DIM), t.num_warps),
+            ("softmax split", _softmax_decode_split_kernel, dict(head, BD=_AOT_HEAD_DIM, BDV=_AOT_HEAD_DIM),
+             t.num_warps),
+        ]
+        for kind in (_GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX):
+            variants.append((f"output alpha{kind}", _entmax_decode_output_kernel,
+                             dict(head, BDV=_AOT_HEAD_DIM, ALPHA_KIND=kind), t.num_warps))
+            if torch_dtype != torch.float16:  # scratch in fp32: the threshold kernel depends on BN alone
+                variants.append((f"threshold alpha{kind}", _entmax_decode_threshold_kernel,
+                                 dict(ALPHA_KIND=kind, MAX_PASSES=_MAX_PASSES, BT=t.block_t, BN=t.block_n,
+                                      BS=_SPLIT_MAXIMA_BLOCK), t.threshold_num_warps))
+        for softmax in (False, True):
+            variants.append((f"combine softmax={softmax}", _decode_combine_kernel,
+                             dict(SOFTMAX=softmax, BN=t.block_n, BDV=_AOT_HEAD_DIM), t.num_warps))
+        for label, kernel, constexprs, num_warps in variants:
+            # dense q and caches: a launch specializes their unit feature strides as the constexpr 1
+            constexprs = {**constexprs, **{name: 1 for name in _UNIT_STRIDES if name in kernel.arg_names}}
+            signature, aligned = _signature(kernel, dtype, constexprs)
+            configs.append(AotConfig(f"{label} {dtype} BN={t.block_n} w{num_warps}", kernel, signature, constexprs,
+                                     num_warps=num_warps, num_stages=1, divisible=aligned,
+                                     default=torch_dtype == torch.bfloat16))
+    return configs

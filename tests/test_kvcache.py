@@ -7,11 +7,12 @@ import entmax
 import pytest
 import torch
 
-from kernels import block_causal_attention_with_kvcache, entmax_attention_with_kvcache, use_backend
+from kernels import block_causal_attention_with_kvcache, entmax_attention_with_kvcache, kvcache, use_backend
 from kernels.block_causal import block_causal_attention_reference
 from kernels.entmax import entmax15_attention_reference
 from kernels.reference import (block_causal_attention_with_kvcache_reference,
                                entmax_attention_with_kvcache_reference)
+from kernels.tools import counts
 
 
 @pytest.fixture(autouse=True)
@@ -148,9 +149,10 @@ def test_rows_that_see_no_key_are_zeros():
     torch.testing.assert_close(softmax_out[1], v_cache[1, :, :1].expand(-1, 3, -1))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("reference", torch.bfloat16),
+                                            ("triton", torch.float32)])
 def test_public_ops_equal_their_references(backend, dtype):
+    """The public ops on either backend (the kernels with their default tiles) against the references."""
     inputs = decoding_inputs([1, 4], 4, 2, 2, 8, dtype=dtype)
     for op, reference, extra in ((entmax_attention_with_kvcache, entmax_attention_with_kvcache_reference,
                                   {"alpha": 1.25}),
@@ -210,3 +212,127 @@ def test_bad_alpha_raises(alpha, error, match):
     arguments = _bad()()
     with pytest.raises(error, match=match):
         entmax_attention_with_kvcache(**arguments, alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels (the interpreter), with tiles small enough for several splits, skipped tiles and the reduction
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY_TILES = kvcache.DecodeTiles(block_n=16, block_t=64, num_warps=4, threshold_num_warps=4, tiles_per_split=2)
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """16-key tiles, 2 per split, threshold chunks of 64: an 80-key cache spans 3 splits of 5 tiles."""
+    monkeypatch.setattr(kvcache, "_TILE_OVERRIDE", TINY_TILES)
+
+
+def run_both(op, reference, inputs, **options):
+    """(op's output on the Triton backend, its caches after the call, the float64 reference, its caches)."""
+    q, k_cache, v_cache, seqlens, k, v = inputs
+    caches = k_cache.double(), v_cache.double()  # copies
+    with use_backend("reference"):
+        expected = reference(q.double(), *caches, seqlens, k=None if k is None else k.double(),
+                             v=None if v is None else v.double(), **options)
+    with use_backend("triton"):
+        out = op(q, k_cache, v_cache, seqlens, k=k, v=v, **options)
+    return out, (k_cache, v_cache), expected, caches
+
+
+@pytest.mark.parametrize("alpha, heads, kv_heads, tq, causal", [
+    *(pytest.param(alpha, 4, 2, 1, True, id=f"G2-Tq1-{alpha}") for alpha in (1.25, 1.5, 2.0, "per-head")),
+    pytest.param(1.5, 2, 1, 3, True, id="G2-Tq3-causal-1.5"),
+    pytest.param("per-head", 2, 1, 3, True, id="G2-Tq3-causal-per-head"),
+    pytest.param(1.25, 3, 1, 2, False, id="G3-Tq2-noncausal-1.25"),
+])
+def test_entmax_kernels_match_the_reference(tiny_tiles, alpha, heads, kv_heads, tq, causal):
+    inputs = decoding_inputs([0, 37, 80 - tq], heads, kv_heads, tq, 80, dtype=torch.float32)
+    inputs[0].mul_(3.0)  # peaked rows: sparse supports, tiles without a nonzero probability
+    out, caches, expected, expected_caches = run_both(entmax_attention_with_kvcache,
+                                                      entmax_attention_with_kvcache_reference, inputs,
+                                                      alpha=alpha_of(alpha, heads), causal=causal)
+    assert out.shape == (3, heads, tq, 6) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+    for cache, wanted in zip(caches, expected_caches):
+        torch.testing.assert_close(cache.double(), wanted, rtol=0, atol=0, equal_nan=True)
+
+
+def test_kernels_give_zeros_to_rows_that_see_no_key(tiny_tiles):
+    """No append: an empty cache sees nothing; with one cached key, causal, only the last of 3 queries sees it."""
+    q, k_cache, v_cache, seqlens, _, _ = decoding_inputs([0, 1, 20], 2, 1, 3, 24, dtype=torch.float32, append=False)
+    with use_backend("triton"):
+        out = entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, alpha=1.25)
+        softmax_out = block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1, :, :2], torch.zeros_like(out[1, :, :2]))
+    torch.testing.assert_close(out[1, :, 2], v_cache[1, :, 0].expand(2, -1))
+    expected = entmax_attention_with_kvcache_reference(q, k_cache, v_cache, seqlens, alpha=1.25)
+    torch.testing.assert_close(out[2], expected[2], atol=2e-5, rtol=2e-5)
+    assert torch.equal(softmax_out[0], torch.zeros_like(softmax_out[0]))
+    torch.testing.assert_close(softmax_out[1], v_cache[1, :, :1].expand(2, 3, -1))
+
+
+@pytest.mark.parametrize("alpha", [1.1, 1.5, 2.0])
+def test_entmax_output_kernel_skips_tiles_without_probability(tiny_tiles, alpha):
+    """Keys 16..47 (two whole tiles) score far below the others, so every row of the group gives them probability
+    0; their values are NaN, which a loaded V tile would spread (0 * NaN) to the output."""
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([60, 70], 2, 1, 1, 72, dtype=torch.float32)
+    direction = torch.randn(8)
+    direction /= direction.norm()
+    q.copy_(10 * direction + 0.1 * q)  # scores of the far keys: 35 below the others
+    k_cache[:, :, 16:48] = -10 * direction
+    v_cache[:, :, 16:48] = float("nan")
+    with use_backend("triton"):
+        out = entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=alpha)
+    v_cache[:, :, 16:48] = 0.0
+    expected = entmax_attention_with_kvcache_reference(q.double(), k_cache.double(), v_cache.double(), seqlens + 1,
+                                                       alpha=alpha)  # the call appended k, v
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, tq, append", [(4, 2, 1, True), (4, 1, 3, True), (2, 2, 2, False)],
+                         ids=["G2-Tq1", "G4-Tq3", "G1-Tq2-no-append"])
+def test_block_causal_kernels_match_the_reference(tiny_tiles, heads, kv_heads, tq, append):
+    inputs = decoding_inputs([0, 33, 77 - tq], heads, kv_heads, tq, 80, dtype=torch.float32, append=append)
+    out, caches, expected, expected_caches = run_both(block_causal_attention_with_kvcache,
+                                                      block_causal_attention_with_kvcache_reference, inputs)
+    torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=2e-6)
+    if not append:
+        assert torch.equal(out[0], torch.zeros_like(out[0]))  # an empty cache: no key
+    for cache, wanted in zip(caches, expected_caches):
+        torch.testing.assert_close(cache.double(), wanted, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_on_16bit_caches_laid_out_time_major(tiny_tiles, dtype):
+    """Caches stored (B, Tmax, Hkv, D) as FlashAttention keeps them, passed as (B, Hkv, Tmax, D) views: the
+    append writes through the view and the kernels take its strides."""
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([5, 50], 4, 2, 2, 64, dtype=dtype)
+    k_time_major, v_time_major = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
+    for op, reference in ((entmax_attention_with_kvcache, entmax_attention_with_kvcache_reference),
+                          (block_causal_attention_with_kvcache, block_causal_attention_with_kvcache_reference)):
+        k_store, v_store = k_time_major.clone(), v_time_major.clone()
+        with use_backend("triton"):
+            out = op(q, k_store.transpose(1, 2), v_store.transpose(1, 2), seqlens, k=k, v=v)
+        expected = reference(q.double(), k_cache.double(), v_cache.double(), seqlens, k=k.double(), v=v.double())
+        atol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+        torch.testing.assert_close(out.double(), expected, atol=atol, rtol=atol)
+        torch.testing.assert_close(k_store.transpose(1, 2)[1, :, 50:52], k[1], rtol=0, atol=0)
+
+
+def test_decoding_reads_k_once_and_v_only_at_tiles_with_a_nonzero_probability():
+    """Counted in the interpreter (kernels.tools.counts): one decoding step's K loads equal Hkv T D, its V loads Dv
+    times the keys of the tiles where some query of the GQA group has p > 0, fewer than all of V; softmax decoding
+    reads K and V once."""
+    row = counts.count_decode_traffic(160, 4.0, 1, shape=(1, 4, 2, 16))
+    assert row["k_loaded"] == row["k_formula"] == 2 * 160 * 16
+    assert row["v_loaded"] == row["v_formula"] < row["v_dense"]
+    assert row["softmax_k_loaded"] == row["softmax_v_loaded"] == row["v_dense"]
+
+
+def test_kernels_refuse_heads_wider_than_one_tile(triton_backend):
+    q, k_cache, v_cache, seqlens, _, _ = decoding_inputs([1], 2, 1, 1, 4, d=kvcache.MAX_HEAD_DIM + 1, dv=4,
+                                                         dtype=torch.float32, append=False)
+    with pytest.raises(ValueError, match="q head dimension must be <= 256"):
+        entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens)
+    with pytest.raises(ValueError, match="q head dimension must be <= 256"):
+        block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens)

@@ -638,7 +638,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--traffic-lengths", type=int, nargs="+", default=None, metavar="T",
                         help="sequence lengths of the K-traffic table (default 1024 2048; each T = 2048 case takes "
                              "about 25 min of interpreter time)")
+    parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="T",
+                        help=f"only the KV-cache decoding traffic at these cache lengths (default {DECODE_LENGTHS})")
     args = parser.parse_args(argv)
+    if args.decode is not None:
+        return {"decode": decode_main(tuple(args.decode) or DECODE_LENGTHS)}
     settings = QUICK if args.quick else Settings()
     if args.traffic_lengths:
         settings = dataclasses.replace(settings, traffic_lengths=tuple(args.traffic_lengths))
@@ -658,6 +662,101 @@ def main(argv: Optional[List[str]] = None) -> dict:
         (out / f"{today}.json").write_text(json.dumps(report, indent=1, default=str) + "\n", encoding="utf-8")
         print(f"wrote {out / today}.md and .json", file=sys.stderr)
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV-cache decoding: K and V traffic (python -m kernels.tools.counts --decode)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: (B, H, Hkv, D) of the decoding counts: GQA groups of 4 query heads
+DECODE_SHAPE = (1, 8, 2, 64)
+DECODE_LENGTHS = (256, 1024)
+
+
+def decode_inputs(t: int, q_scale: float, seed: int, shape=DECODE_SHAPE, dtype=torch.float32):
+    """q (B, H, 1, D) multiplied by ``q_scale``, full caches (B, Hkv, T, D) and ``cache_seqlens`` = T - 1 with one new
+    k, v (B, Hkv, 1, D) to append: T attended keys per batch row, all N(0, 1) from ``seed``."""
+    b, h, h_kv, d = shape
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, d, generator=generator) * q_scale
+    k_cache, v_cache = (torch.randn(b, h_kv, t, d, generator=generator) for _ in range(2))
+    k, v = (torch.randn(b, h_kv, 1, d, generator=generator) for _ in range(2))
+    return (x.to(dtype) for x in (q, k_cache, v_cache)), torch.full((b,), t - 1, dtype=torch.int32), \
+        (k.to(dtype), v.to(dtype))
+
+
+def decode_v_rows_formula(weights: torch.Tensor, kv_heads: int, block_n: int) -> int:
+    """V rows that the entmax decoding output kernel must load: per batch row and key head, the keys of every
+    ``block_n``-key tile where some query of the GQA group has a nonzero probability (``weights`` (B, H, Tq, T),
+    the attended keys only)."""
+    b, h, tq, t = weights.shape
+    nonzero = (weights > 0).view(b, kv_heads, (h // kv_heads) * tq, t).any(2)  # (B, Hkv, T)
+    tiles = torch.nn.functional.pad(nonzero, (0, (-t) % block_n)).view(b, kv_heads, -1, block_n).any(-1)
+    keys_per_tile = torch.full((tiles.shape[-1],), block_n)
+    keys_per_tile[-1] = t - block_n * (tiles.shape[-1] - 1)
+    return int((tiles * keys_per_tile).sum())
+
+
+def count_decode_traffic(t: int, q_scale: float, seed: int, alpha: float = 1.5, shape=DECODE_SHAPE) -> dict:
+    """One decoding step (Tq = 1, T attended keys) of ``entmax_attention_with_kvcache`` and of
+    ``block_causal_attention_with_kvcache`` under the counter: K and V elements loaded per kernel, against the
+    formulas K = Hkv T D per batch row (read once) and, for entmax, V = Dv x the rows of tiles holding a nonzero
+    probability (:func:`decode_v_rows_formula`); softmax reads all of V."""
+    from kernels import kvcache
+
+    (q, k_cache, v_cache), seqlens, (k, v) = decode_inputs(t, q_scale, seed, shape)
+    b, h, h_kv, d = shape
+    caches = k_cache.clone(), v_cache.clone()
+    with use_backend("triton"), InterpreterCounter({"k": k_cache, "v": v_cache}) as counter:
+        kvcache.entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=alpha)
+    with use_backend("triton"), InterpreterCounter({"k": caches[0], "v": caches[1]}) as softmax_counter:
+        kvcache.block_causal_attention_with_kvcache(q, *caches, seqlens, k=k, v=v)
+    # the weights of the attended keys, from the reference on the appended caches
+    visible = kvcache._visible_keys(seqlens + 1, 1, t, causal=True)
+    scores = kvcache._masked_scores(q.double(), k_cache.double(), visible, None, torch.float64)
+    weights = kvcache._entmax_weights(scores, alpha)
+    block_n = kvcache._decode_tiles(q.dtype).block_n
+    v_rows = decode_v_rows_formula(weights, h_kv, block_n)
+    return {"T": t, "q_scale": q_scale, "alpha": alpha, "B": b, "H": h, "Hkv": h_kv, "D": d, "block_n": block_n,
+            "k_loaded": counter.loaded("k"), "k_formula": b * h_kv * t * d,
+            "v_loaded": counter.loaded("v"), "v_formula": v_rows * d, "v_dense": b * h_kv * t * d,
+            "k_per_kernel": counter.loaded_per_kernel("k"), "v_per_kernel": counter.loaded_per_kernel("v"),
+            "softmax_k_loaded": softmax_counter.loaded("k"), "softmax_v_loaded": softmax_counter.loaded("v"),
+            "nonzero_probabilities": int((weights > 0).sum()), "scores": b * h * t}
+
+
+def decode_rows(lengths: Tuple[int, ...] = DECODE_LENGTHS, log: Callable[[str], None] = print) -> List[dict]:
+    rows = []
+    for t in lengths:
+        for q_scale, seed in DISTRIBUTIONS:
+            start = time.perf_counter()
+            row = count_decode_traffic(t, q_scale, seed)
+            row["wall_s"] = round(time.perf_counter() - start, 1)
+            log(f"decode T={t} q x{q_scale:g}: K {row['k_loaded']} (formula {row['k_formula']}), V {row['v_loaded']} "
+                f"(formula {row['v_formula']}, dense {row['v_dense']}) ({row['wall_s']} s)")
+            rows.append(row)
+    return rows
+
+
+def render_decode_markdown(rows: List[dict]) -> str:
+    b, h, h_kv, d = DECODE_SHAPE
+    header = ["T", "q scale", "K loaded / (Hkv T D)", "V loaded", "V formula", "V loaded / dense",
+              "p > 0 / scores", "softmax K, V / dense"]
+    body = [[str(r["T"]), f"x{r['q_scale']:g}", f"{r['k_loaded'] / r['k_formula']:.3f}", str(r["v_loaded"]),
+             str(r["v_formula"]), f"{r['v_loaded'] / r['v_dense']:.3f}",
+             f"{r['nonzero_probabilities'] / r['scores']:.3f}",
+             f"{r['softmax_k_loaded'] / r['v_dense']:.3f}, {r['softmax_v_loaded'] / r['v_dense']:.3f}"] for r in rows]
+    return "\n".join([f"### KV-cache decoding traffic (Tq = 1, B = {b}, H = {h}, Hkv = {h_kv}, D = Dv = {d}, entmax-1.5, "
+                      f"{rows[0]['block_n'] if rows else '?'}-key tiles, fp32)", "",
+                      "K is read once (Hkv T D per batch row); V only in key tiles where some query of the GQA group "
+                      "has p > 0 (V formula: Dv x the keys of those tiles).", "", _table(header, body)])
+
+
+def decode_main(lengths: Tuple[int, ...]) -> List[dict]:
+    """``--decode``: print the decoding traffic table (no file written)."""
+    rows = decode_rows(lengths, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(render_decode_markdown(rows))
+    return rows
 
 
 if __name__ == "__main__":
