@@ -32,7 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             f"{model}-{command}={model}.{command}:cli"
-            for model in ("carn", "camhg") for command in ("train", "evaluate", "ablations")
+            for model in ("carn", "camhg") for command in ("train", "evaluate", "ablations", "predict")
         ],
     },
     extras_require={

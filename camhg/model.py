@@ -185,6 +185,14 @@ class CaMHG(nn.Module):
             self.reset_gate_bias()
         self.phase = phase
 
+    def stream(self, batch_size: int = 1):
+        """A :class:`camhg.stream.CaMHGStream` of ``batch_size`` live conversations (model in eval mode):
+        ``stream.push(audio=..., text=..., video=..., speaker=...)`` returns the prediction at each new utterance,
+        the offline forward's at that utterance, at attention work proportional to the history."""
+        from .stream import CaMHGStream
+
+        return CaMHGStream(self, batch_size)
+
     # ---------------------------------------------------------------------------------------------- forward
     def project(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Eq. 1: LayerNorm(W_m x + b_m) per modality -> (B, L, 3, d); also the reconstruction target of eq. 11."""

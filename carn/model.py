@@ -181,6 +181,16 @@ class CARN(nn.Module):
                 encoder.css_predictor.requires_grad_(stage == 1)
                 encoder.css_target.requires_grad_(False)
 
+    def stream(self, batch_size: int = 1):
+        """A :class:`carn.stream.CarnStream` of ``batch_size`` live conversations (model in eval mode):
+        ``stream.push(audio=..., text=..., video=...)`` returns the prediction at each new utterance. With
+        ``encoder_mask="causal"`` it is the offline forward's at that utterance, at attention work proportional to
+        the history; with the default non-causal encoders the stream re-encodes the history at every utterance
+        (the prediction knowing the utterances so far)."""
+        from .stream import CarnStream
+
+        return CarnStream(self, batch_size)
+
     def forward(
         self, features: dict, present: torch.Tensor, valid: torch.Tensor, *, need_weights: bool = False
     ) -> CarnOutput:

@@ -1,0 +1,93 @@
+"""Streaming cost on the CPU: per-utterance latency at utterance 10 and 100 of a dialogue, and a whole dialogue
+streamed utterance by utterance against one offline forward over it, for CaM-HG and causal CARN (eval mode, random
+weights, every modality present, batch 1).
+
+    python bench/stream_latency.py                       # hidden 64, the small feature sizes (the embedded runs')
+    python bench/stream_latency.py --hidden 512 --dims full --repeats 3
+
+Prints per model: the median wall time of the push of utterance 10 and of utterance 100 and their ratio, the process
+CPU time of the 110 pushes and of one offline forward over the 110 utterances (medians over ``--repeats``) and
+their ratio. ``--threads`` sets torch's intra-op threads (default 1: the numbers of one core, steadier on a shared
+machine). The GPU case is ``bench/test_bench_stream.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from camhg.config import CaMHGConfig
+from camhg.model import CaMHG
+from carn.config import ModelConfig
+from carn.model import CARN
+from kernels.backend import requested_backend
+from mer.embedded import FULL_DIMS, SMALL_DIMS
+
+
+def build(model: str, hidden: int, dims: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model == "camhg":
+        return CaMHG(CaMHGConfig(hidden=hidden, heads=8), dims, 4).eval()
+    return CARN(ModelConfig(dims=dims, num_classes=4, hidden=hidden, encoder_mask="causal")).eval()
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, length: int, repeats: int, device) -> dict:
+    """{"utt10", "utt100"}: median seconds of those pushes; {"stream", "offline"}: median CPU seconds of a whole
+    streamed dialogue and of one offline forward."""
+    dims = model.dims if isinstance(model, CaMHG) else model.config.dims
+    features = {m: torch.randn(1, length, d, device=device) for m, d in dims.items()}
+    present = torch.ones(1, length, 3, dtype=torch.bool, device=device)
+    speakers = torch.randint(0, 2, (1, length), device=device)
+    valid = torch.ones(1, length, dtype=torch.bool, device=device)
+    pushes, streams, offlines = [], [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        stream = model.stream()
+        times = []
+        began = time.process_time()
+        for t in range(length):
+            start = time.perf_counter()
+            stream.push(audio=features["a"][0, t], text=features["t"][0, t], video=features["v"][0, t],
+                        speaker=speakers[0, t])
+            times.append(time.perf_counter() - start)
+        streams.append(time.process_time() - began)
+        pushes.append(times)
+        began = time.process_time()
+        if isinstance(model, CaMHG):
+            model(features, present, speakers, valid=valid)
+        else:
+            model(features, present, valid)
+        offlines.append(time.process_time() - began)
+    pushes, streams, offlines = pushes[1:], streams[1:], offlines[1:]
+    return {"utt10": statistics.median(p[9] for p in pushes), "utt100": statistics.median(p[99] for p in pushes),
+            "stream": statistics.median(streams), "offline": statistics.median(offlines)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=64, help="model width (default 64)")
+    parser.add_argument("--dims", choices=("small", "full"), default="small",
+                        help="feature sizes: small a 32 / t 48 / v 40, full a 512 / t 1024 / v 1024 (default small)")
+    parser.add_argument("--length", type=int, default=110, help="utterances of the dialogue (default 110)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dims = dict(SMALL_DIMS if args.dims == "small" else FULL_DIMS)
+    print(f"CPU, {args.threads} thread(s), hidden {args.hidden}, dims {dims}, a {args.length}-utterance dialogue, "
+          f"medians of {args.repeats} rounds, KERNELS_BACKEND {requested_backend()}")
+    print("| model | utterance 10 (ms) | utterance 100 (ms) | ratio | streamed dialogue (CPU s) | offline forward "
+          "(CPU s) | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in ("camhg", "carn"):
+        r = measure(build(name, args.hidden, dims), args.length, args.repeats, torch.device("cpu"))
+        title = "CaM-HG" if name == "camhg" else "CARN (encoder_mask=causal)"
+        print(f"| {title} | {1e3 * r['utt10']:.2f} | {1e3 * r['utt100']:.2f} | {r['utt100'] / r['utt10']:.2f} | "
+              f"{r['stream']:.3f} | {r['offline']:.3f} | {r['stream'] / r['offline']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
