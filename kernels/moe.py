@@ -395,11 +395,12 @@ def _dot_options(dtype):
 
 
 def _launch_tiles(x) -> tuple[MoETiles, ...]:
-    """The candidates of a launch on x's device and dtype; exact fp32 products (``KERNELS_FP32_PRECISION=ieee``,
-    an accuracy mode) take the default alone."""
+    """The candidates of a launch on x's device and dtype (a ``fallback`` GPU launches the first that fits it,
+    ``kernels._autotune.launch``); exact fp32 products (``KERNELS_FP32_PRECISION=ieee``, an accuracy mode) take the
+    default alone."""
     arch = launch_arch(x.device)
-    candidates = TILES[("sm_80" if arch == FALLBACK else arch, x.dtype)]  # fallback: the sm_80 default
-    if arch == FALLBACK or (x.dtype == torch.float32 and fp32_dot_precision() == "ieee"):
+    candidates = TILES[("sm_80" if arch == FALLBACK else arch, x.dtype)]  # fallback: the sm_80 list, checked to fit
+    if x.dtype == torch.float32 and fp32_dot_precision() == "ieee":
         return candidates[:1]
     return candidates
 
