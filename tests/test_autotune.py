@@ -108,7 +108,7 @@ def test_moe_candidates_per_architecture(dtype):
     for arch in ARCHS:
         tiles = moe.TILES[(arch, dtype)]
         assert len(tiles) > 1
-        for kind in ("route", "grouped_matmul", "grouped_wgrad", "combine", "router_grad"):
+        for kind in ("route", "grouped_matmul", "grouped_wgrad", "combine", "router_grad", "aux_loss"):
             configs = moe._kernel_candidates(kind, tiles)
             assert configs[0].num_warps == tiles[0].num_warps and configs[0].kwargs["BM"] in (
                 tiles[0].block_m, tiles[0].block_rows)
@@ -208,7 +208,7 @@ def _launched_candidates(op, kernel, arch):
     if op == "moe_top2":
         kind = {moe._moe_route_kernel: "route", moe._moe_grouped_matmul_kernel: "grouped_matmul",
                 moe._moe_grouped_wgrad_kernel: "grouped_wgrad", moe._moe_combine_kernel: "combine",
-                moe._moe_router_grad_kernel: "router_grad"}[kernel]
+                moe._moe_router_grad_kernel: "router_grad", moe._moe_aux_loss_kernel: "aux_loss"}[kernel]
         return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
     if op == "entmax15_attention":  # every default tile shape of aot_configurations(), with each candidate list
