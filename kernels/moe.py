@@ -22,17 +22,22 @@ How the Triton path runs (no host-device synchronization anywhere, no atomics, d
    beyond the last expert's rows exit. The first GEMM gathers x's rows and applies bias + GELU in its
    epilogue, the second reads the hidden rows in sorted order.
 4. ``_moe_combine_kernel``: y[n] = alpha_1 * Y[pos(n, 1)] + alpha_2 * Y[pos(n, 2)] by a gather.
+5. ``_moe_aux_loss_kernel``: the load-balancing loss (``MoERouting``) in one program (a deterministic sum), the
+   routed fractions read from the expert offsets. The routing weights are the router's alpha: no torch op computes
+   routing outside the kernels.
 
 The backward reuses the grouped GEMM (dH = (alpha * dy) @ w2^T * gelu'(H_pre), dX = dH @ w1^T),
 ``_moe_grouped_wgrad_kernel`` for dW1/db1 and dW2/db2 (one program per output tile of one expert reduces over all
-of that expert's pairs: deterministic), and ``_moe_router_grad_kernel`` for the gate:
-``d logit_k = alpha_k * (g_k - sum_l alpha_l g_l)`` with ``g_k = dy . expert_k(x)``, zero for unchosen experts.
-The gate matmuls (N x d x E with E <= 64, a few percent of the experts' work) use torch: ``dx += dlogits @ gate``
-and ``dgate = dlogits^T @ x`` are plain dense GEMMs that cuBLAS already runs at its best.
+of that expert's pairs: deterministic), and ``_moe_router_grad_kernel`` for the gate logits' whole gradient:
+``d logit_k = alpha_k * (g_k - sum_l alpha_l g_l)`` with ``g_k = dy . expert_k(x) + d weight_k``, zero for unchosen
+experts, plus the aux loss's softmax term on every logit. The gate matmuls (N x d x E with E <= 64, a few percent of
+the experts' work) use torch: ``dx += dlogits @ gate`` and ``dgate = dlogits^T @ x`` are plain dense GEMMs that
+cuBLAS already runs at its best. Host-side work per forward + backward: these 11 kernels, the sort, searchsorted and
+inverse-permutation scatter of step 2, and the two gate GEMMs (``python -m kernels.tools.launches``).
 
 ``row_mask`` (N,) bool leaves rows out (padding): their pairs get expert -1, which the stable sort puts before
-every expert's pairs, so no GEMM tile, weight gradient or load-balancing term sees them; they output zeros and
-get zero gradients.
+every expert's pairs, so no GEMM tile, weight gradient or load-balancing term sees them (the grouped GEMM's first
+tiles write zeros there); they output zeros and get zero gradients.
 
 Float32 inputs multiply on TF32 tensor cores by default; ``KERNELS_FP32_PRECISION=ieee`` selects exact float32
 products (see ``kernels._triton_helpers.fp32_dot_precision``).
