@@ -28,6 +28,7 @@ launch once before, when that cannot happen (CUDA-graph capture). :func:`recordi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -41,6 +42,7 @@ from ._triton_helpers import _KERNELS_INTERPRETED
 ARCHS = ("sm_80", "sm_90")
 FALLBACK = "fallback"
 ARCH_CAPABILITY = {"sm_80": 80, "sm_90": 90}
+_ARCH_OF_MAJOR = {8: "sm_80", 9: "sm_90"}  # compute capability's major -> candidate list
 #: bytes of shared memory per block on compute capability 8.6 and 8.9 (RTX 30xx / 40xx, A6000, L40; A100 has 163 KB):
 #: an sm_80 default must fit, being what launches there without tuning (``KERNELS_AUTOTUNE=0``, IEEE fp32, lists of
 #: one candidate)
@@ -70,14 +72,19 @@ def launch_arch(device: torch.device) -> str:
     ``fallback`` for other GPUs; for CPU tensors the target of ``kernels.tools.report``'s capture, else ``sm_80`` (the
     interpreter)."""
     if device.type == "cuda":
-        major = torch.cuda.get_device_capability(device)[0]
-    elif backend._capturing_launches:
+        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    if backend._capturing_launches:
         from triton.runtime.driver import driver
 
         major = driver.active.get_current_target().arch // 10
-    else:
-        return "sm_80"
-    return {8: "sm_80", 9: "sm_90"}.get(major, FALLBACK)
+        return _ARCH_OF_MAJOR.get(major, FALLBACK)
+    return "sm_80"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> str:
+    """``launch_arch`` of CUDA device ``index``, read once (every launch asks)."""
+    return _ARCH_OF_MAJOR.get(torch.cuda.get_device_capability(index)[0], FALLBACK)
 
 
 def pick(candidates: Dict[str, Sequence[triton.Config]], arch: str) -> List[triton.Config]:
