@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernels.tools.launches import CASES, CEILINGS, DTYPES, count_events
+from kernels.tools.launches import CASES, CEILINGS, DTYPES, SLOW_ON_CPU, count_events
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,15 +18,15 @@ def test_every_case_and_dtype_has_a_ceiling():
 
 def test_device_operations_per_call_stay_within_their_ceilings(tmp_path):
     """One subprocess (the capture needs Triton's compiled mode, this process interprets): every case in fp32 and
-    bf16, each count at most its ceiling; Triton launches are counted too."""
+    bf16 (``--quick``: but the layer's bf16, whose CPU GEMMs take a minute), each count at most its ceiling."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     out = tmp_path / "launches.json"
-    result = subprocess.run([sys.executable, "-m", "kernels.tools.launches", "--check", "--json", str(out)], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=900)
+    command = [sys.executable, "-m", "kernels.tools.launches", "--quick", "--check", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text(encoding="utf-8"))
-    assert {(row["case"], row["dtype"]) for row in rows} == set(CEILINGS)
+    assert {(row["case"], row["dtype"]) for row in rows} == set(CEILINGS) - SLOW_ON_CPU
     for row in rows:
         assert row["triton"] > 0 and row["other"] <= row["ceiling"], row
         assert sum(row["operators"].values()) == row["other"] and row["gemm"] <= row["other"], row
