@@ -165,18 +165,30 @@ def _stream_record(item, report) -> Optional[dict]:
     return record
 
 
+def _stream(record: dict) -> None:
+    with open(os.environ["BENCH_STREAM_JSONL"], "a", encoding="utf-8") as stream:
+        stream.write(json.dumps(record, default=str) + "\n")
+
+
+def pytest_collectreport(report) -> None:
+    """With ``BENCH_STREAM_JSONL``, a bench file that fails to import (a missing module, a syntax error) is streamed
+    as one ``error`` record; ``bench/gpu.sh`` passes ``--continue-on-collection-errors``, so the other files run."""
+    if os.environ.get("BENCH_STREAM_JSONL") and report.failed:
+        reason = (report.longreprtext.strip().splitlines() or ["?"])[-1][:500]
+        _stream({"status": "error", "reason": f"collection failed: {reason}", "nodeid": report.nodeid,
+                 "group": None, "candidate": report.nodeid, "params": {}})
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With ``BENCH_STREAM_JSONL=path``, append each timed, skipped or failed case to that file as one JSON line
     as soon as it is done, so that a run stopped half way (bench/gpu.sh's time budget) keeps what it measured."""
     outcome = yield
-    path = os.environ.get("BENCH_STREAM_JSONL")
-    if not path:
+    if not os.environ.get("BENCH_STREAM_JSONL"):
         return
     report = outcome.get_result()
     if report.when == "teardown" and not report.failed:
         return
     record = _stream_record(item, report)
     if record is not None:
-        with open(path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record, default=str) + "\n")
+        _stream(record)

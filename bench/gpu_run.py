@@ -9,11 +9,13 @@ this file).
 Steps, each a subprocess whose time limit is cut from the global budget so that the run always ends in time and
 writes its files (a step cut short keeps what it had measured):
 
-1. ``tests``: tests/test_gpu.py on the device (``TRITON_INTERPRET=0``), over pytest-xdist workers when installed;
+1. ``tests``: tests/test_gpu.py on the device (``TRITON_INTERPRET=0``), over pytest-xdist workers when installed, as
+   many as the CPUs and the GPU's free memory allow (``test_workers``);
 2. ``accuracy``: bench/accuracy_entmax.py in bf16, fp16 and fp32 (before the benchmarks, which take whatever time
    is left);
 3. ``bench``: bench/test_bench_*.py with ``BENCH_QUICK=1`` (each file's budgeted selection) and
    ``BENCH_TARGET_SECONDS=0.2``, the models and the MoE first; every case is streamed into the results as it ends.
+   A bench file that fails to import is reported (status ``error``) and the other files still run.
 
 Peers that the Python environment lacks (entmax, which the references need, and adasplash) are installed from the
 wheels in ``.whl/`` when that folder exists (a machine without internet), or reported missing.
@@ -39,12 +41,18 @@ from typing import NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("entmax", "adasplash")
+BENCH_DIR = ROOT / "bench"
 BENCH_FILES = ["test_bench_carn.py", "test_bench_camhg.py", "test_bench_moe.py", "test_bench_entmax_attention.py",
-               "test_bench_block_causal.py"]
+               "test_bench_block_causal.py", "test_bench_graphs.py"]
 #: seconds kept at the end of the budget to write the files
 FINAL_RESERVE_S = 10.0
 #: seconds the bench step keeps after its files' shares for the case running at the end of a share and pytest's exit
 BENCH_EXIT_S = 20.0
+#: GPU memory that one worker of the tests step may hold: the float64 references of the largest GPU tests (~6 GB),
+#: the CUDA context and the caching allocator's slack
+TEST_WORKER_GPU_BYTES = 8 * 2**30
+#: the most workers the tests step starts, and the share of the GPU's free memory that they may fill
+MAX_TEST_WORKERS, GPU_MEMORY_SHARE = 8, 0.9
 
 
 class Step(NamedTuple):
@@ -63,7 +71,8 @@ info.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=tor
 if torch.cuda.is_available():
     props = torch.cuda.get_device_properties(0)
     info.update(gpu=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
-                multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+                multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                free_memory_bytes=torch.cuda.mem_get_info(0)[0])
 versions = {}
 for name in ("triton", "pytorch-triton", "numpy", "pytest", "pytest-benchmark", "pytest-xdist"):
     try:
@@ -362,21 +371,31 @@ def _unused_stem(out_dir: Path, stem: str) -> str:
     return candidate
 
 
-def _xdist_workers() -> int:
+def test_workers(cpu_count: int, gpu_free_bytes: Optional[int]) -> int:
+    """pytest-xdist workers for the tests step: half the CPUs, at most ``MAX_TEST_WORKERS``, and no more than
+    ``GPU_MEMORY_SHARE`` of the GPU's free memory holds at ``TEST_WORKER_GPU_BYTES`` each (all of them on one GPU);
+    at least 1. ``gpu_free_bytes`` None (not measured): by CPUs alone."""
+    workers = min(MAX_TEST_WORKERS, cpu_count // 2)
+    if gpu_free_bytes is not None:
+        workers = min(workers, int(GPU_MEMORY_SHARE * gpu_free_bytes // TEST_WORKER_GPU_BYTES))
+    return max(1, workers)
+
+
+def _xdist_workers(gpu_free_bytes: Optional[int]) -> int:
     try:
         importlib.metadata.version("pytest-xdist")
     except importlib.metadata.PackageNotFoundError:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return test_workers(os.cpu_count() or 2, gpu_free_bytes)
 
 
-def step_command(name: str, dry_run: bool, scratch: Path) -> tuple:
-    """(command, extra environment) of a step."""
+def step_command(name: str, dry_run: bool, scratch: Path, gpu_free_bytes: Optional[int] = None) -> tuple:
+    """(command, extra environment) of a step; ``gpu_free_bytes`` (the probe's) sizes the tests step's workers."""
     python = sys.executable
     if name == "tests":
         command = [python, "-m", "pytest", "tests/test_gpu.py", "-m", "gpu", "-v", "-p", "no:cacheprovider",
                    "--durations=15", f"--junitxml={scratch / 'gpu_tests.xml'}"]
-        workers = 0 if dry_run else _xdist_workers()
+        workers = 0 if dry_run else _xdist_workers(gpu_free_bytes)
         if workers > 1:
             command += ["-n", str(workers)]
         return command, ({"KERNELS_GPU_TESTS_ON_CPU": "1"} if dry_run else {})
@@ -385,8 +404,10 @@ def step_command(name: str, dry_run: bool, scratch: Path) -> tuple:
                    "--json", str(scratch / "accuracy.json")]
         return command + (["--dry-run"] if dry_run else []), {}
     if name == "bench":
-        command = [python, "-m", "pytest", *[f"bench/{file}" for file in BENCH_FILES], "--benchmark-only", "-q",
-                   "-p", "no:cacheprovider", "--benchmark-columns=min,median,mean,rounds"]
+        # a file that fails to import is streamed as an error (bench/conftest.py); the others still run
+        command = [python, "-m", "pytest", *[str(BENCH_DIR / file) for file in BENCH_FILES], "--benchmark-only", "-q",
+                   "-p", "no:cacheprovider", "--benchmark-columns=min,median,mean,rounds",
+                   "--continue-on-collection-errors"]
         return command, {"BENCH_QUICK": "1", "BENCH_TARGET_SECONDS": "0.2",
                          "BENCH_STREAM_JSONL": str(scratch / "bench.jsonl")}  # + BENCH_DEADLINE, set at launch
     raise ValueError(name)
@@ -448,7 +469,7 @@ def main(argv=None) -> int:
                 results["steps"].append({"name": step.name, "status": "skipped: no time left"})
                 write_results(results, out_dir)
                 continue
-            command, extra_env = step_command(step.name, args.dry_run, scratch)
+            command, extra_env = step_command(step.name, args.dry_run, scratch, machine.get("free_memory_bytes"))
             print(f"[{_utc_now():%H:%M:%S}] {step.name} (limit {limit:.0f} s) ...", flush=True)
             if step.name == "bench":  # each bench file gets a fair share of the step's time (bench/conftest.py)
                 extra_env["BENCH_DEADLINE"] = str(time.time() + limit - BENCH_EXIT_S)

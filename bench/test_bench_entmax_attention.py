@@ -52,8 +52,19 @@ def _adasplash(q, k, v, varlen=None):
     return adasplash(q, k, v, is_causal=True, varlen=varlen)
 
 
+#: the candidates that are packages of their own, which a Python environment may lack: a case of one that is not
+#: installed skips (with the reason), it does not fail
+PEER_PACKAGES = {"entmax": "the entmax package (PyPI entmax) is not installed",
+                 "adasplash": "AdaSplash (PyPI adasplash) is not installed"}
+
+
+def skip_unless_installed(candidate: str) -> None:
+    """Skip the case when ``candidate`` is a peer package (``PEER_PACKAGES``) that this Python cannot import."""
+    if candidate in PEER_PACKAGES:
+        pytest.importorskip(candidate, reason=PEER_PACKAGES[candidate])
+
+
 def _skip_unless_adasplash_runs(shape):
-    pytest.importorskip("adasplash", reason="AdaSplash (PyPI adasplash) is not installed")
     d = shape[3]
     if not 16 <= d <= 256 or d & (d - 1):
         pytest.skip(f"AdaSplash takes head dims 16, 32, ..., 256, not D={d}")
@@ -109,6 +120,7 @@ def test_entmax_attention_gpu(benchmark, device, candidate, shape, backward):
     skip_in_quick_run(shape in QUICK_SHAPES, f"shapes other than {QUICK_SHAPES}")
     skip_in_quick_run(candidate not in DENSE_CANDIDATES or shape[2] <= QUICK_DENSE_MAX_T,
                       f"{DENSE_CANDIDATES} beyond T = {QUICK_DENSE_MAX_T}")
+    skip_unless_installed(candidate)
     if candidate == "adasplash":
         _skip_unless_adasplash_runs(shape)
     t = shape[2]
@@ -146,6 +158,7 @@ def test_entmax_module_with_context_gpu(benchmark, device, fused, embed_dim, dty
 def test_entmax_attention_tiny_cpu(benchmark, candidate):
     """The one case that also runs on a CPU (reference side only; Triton kernels are timed on GPUs)."""
     benchmark.group = "entmax15_attention fwd+bwd B2-H2-T32-D16 fp32 cpu"
+    skip_unless_installed(candidate)
     q, k, v = _inputs((2, 2, 32, 16), torch.device("cpu"), torch.float32, True)
     _run(benchmark, CANDIDATES[candidate], q, k, v, True)
 

@@ -371,27 +371,29 @@ def _dot_precision(dtype: torch.dtype) -> str:
 #: D 128 (dQ 32 x 64 in 8 warps: 112 KB, dK/dV 32 x 32: 100 KB) come second, behind tiles that read K/V (dQ: 32
 #: query rows) or Q/dO (dK/dV: 32 keys) as often in about half the shared memory (56 and 66 KB), and the autotuner
 #: times them there as infinitely slow.
+#: sm_90 float32 (TF32) candidates of 64- and 128-wide heads: 64 query rows per warpgroup (forward, dQ) and 64 key
+#: rows (dK/dV), which Triton compiles to Hopper's warpgroup MMA (HGMMA); 32 rows fall back to Ampere's HMMA
 _CANDIDATE_TILES = {
     ("fwd", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
-                        "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(32, 64, 4, 2), _Tiles(64, 32, 4, 3)]},
+                        "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
     ("fwd", True, 128): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
-                         "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 32, 4, 3)]},
+                         "sm_90": [_Tiles(64, 32, 4, 2), _Tiles(64, 32, 4, 3)]},
     ("fwd", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 64, 4, 3)],
                          "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 64, 4, 3)]},
     ("fwd", False, 128): {"sm_80": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)],
                           "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(128, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
     ("bwd_dq", True, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)],
-                           "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 2)]},
+                           "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)]},
     ("bwd_dq", True, 128): {"sm_80": [_Tiles(32, 16, 4, 2), _Tiles(32, 64, 8, 2)],
-                            "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(32, 32, 4, 2)]},
+                            "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 8, 2)]},
     ("bwd_dq", False, 64): {"sm_80": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)],
                             "sm_90": [_Tiles(64, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 3)]},
     ("bwd_dq", False, 128): {"sm_80": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)],
                              "sm_90": [_Tiles(64, 64, 8, 2), _Tiles(64, 32, 4, 2)]},
     ("bwd_dkdv", True, 64): {"sm_80": [_Tiles(32, 32, 4, 2), _Tiles(32, 32, 4, 3)],
-                             "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 32, 4, 3)]},
+                             "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 4, 3)]},
     ("bwd_dkdv", True, 128): {"sm_80": [_Tiles(16, 32, 4, 2), _Tiles(32, 32, 4, 2)],  # 3 stages: 168 KB
-                              "sm_90": [_Tiles(32, 32, 4, 3), _Tiles(32, 32, 4, 2)]},
+                              "sm_90": [_Tiles(32, 64, 8, 2), _Tiles(16, 64, 8, 2)]},
     ("bwd_dkdv", False, 64): {"sm_80": [_Tiles(32, 64, 4, 2), _Tiles(32, 64, 4, 3)],
                               "sm_90": [_Tiles(32, 64, 4, 2), _Tiles(64, 64, 8, 2), _Tiles(32, 64, 4, 3)]},
     ("bwd_dkdv", False, 128): {"sm_80": [_Tiles(32, 64, 8, 2), _Tiles(32, 32, 4, 2)],

@@ -22,17 +22,22 @@ How the Triton path runs (no host-device synchronization anywhere, no atomics, d
    beyond the last expert's rows exit. The first GEMM gathers x's rows and applies bias + GELU in its
    epilogue, the second reads the hidden rows in sorted order.
 4. ``_moe_combine_kernel``: y[n] = alpha_1 * Y[pos(n, 1)] + alpha_2 * Y[pos(n, 2)] by a gather.
+5. ``_moe_aux_loss_kernel``: the load-balancing loss (``MoERouting``) in one program (a deterministic sum), the
+   routed fractions read from the expert offsets. The routing weights are the router's alpha: no torch op computes
+   routing outside the kernels.
 
 The backward reuses the grouped GEMM (dH = (alpha * dy) @ w2^T * gelu'(H_pre), dX = dH @ w1^T),
 ``_moe_grouped_wgrad_kernel`` for dW1/db1 and dW2/db2 (one program per output tile of one expert reduces over all
-of that expert's pairs: deterministic), and ``_moe_router_grad_kernel`` for the gate:
-``d logit_k = alpha_k * (g_k - sum_l alpha_l g_l)`` with ``g_k = dy . expert_k(x)``, zero for unchosen experts.
-The gate matmuls (N x d x E with E <= 64, a few percent of the experts' work) use torch: ``dx += dlogits @ gate``
-and ``dgate = dlogits^T @ x`` are plain dense GEMMs that cuBLAS already runs at its best.
+of that expert's pairs: deterministic), and ``_moe_router_grad_kernel`` for the gate logits' whole gradient:
+``d logit_k = alpha_k * (g_k - sum_l alpha_l g_l)`` with ``g_k = dy . expert_k(x) + d weight_k``, zero for unchosen
+experts, plus the aux loss's softmax term on every logit. The gate matmuls (N x d x E with E <= 64, a few percent of
+the experts' work) use torch: ``dx += dlogits @ gate`` and ``dgate = dlogits^T @ x`` are plain dense GEMMs that
+cuBLAS already runs at its best. Host-side work per forward + backward: these 11 kernels, the sort, searchsorted and
+inverse-permutation scatter of step 2, and the two gate GEMMs (``python -m kernels.tools.launches``).
 
 ``row_mask`` (N,) bool leaves rows out (padding): their pairs get expert -1, which the stable sort puts before
-every expert's pairs, so no GEMM tile, weight gradient or load-balancing term sees them; they output zeros and
-get zero gradients.
+every expert's pairs, so no GEMM tile, weight gradient or load-balancing term sees them (the grouped GEMM's first
+tiles write zeros there); they output zeros and get zero gradients.
 
 Float32 inputs multiply on TF32 tensor cores by default; ``KERNELS_FP32_PRECISION=ieee`` selects exact float32
 products (see ``kernels._triton_helpers.fp32_dot_precision``).
@@ -106,9 +111,14 @@ _HALF_CANDIDATES = {
     "sm_80": (MoETiles(64, 128, 64, 16, 8, 3), MoETiles(128, 128, 32, 16, 8, 3), MoETiles(64, 64, 64, 16, 4, 3)),
     "sm_90": (MoETiles(64, 128, 64, 16, 8, 3), MoETiles(128, 128, 64, 16, 8, 3), MoETiles(64, 64, 64, 16, 4, 4)),
 }
-_FP32_CANDIDATES = (MoETiles(64, 64, 32, 16, 4, 2), MoETiles(64, 128, 32, 16, 8, 2), MoETiles(32, 64, 32, 16, 4, 3))
+#: float32 (TF32 dots): on sm_90 every candidate has 64-row tiles per warpgroup of 4 warps, which Triton compiles to
+#: Hopper's warpgroup MMA (HGMMA); 32-row tiles fall back to Ampere's HMMA there
+_FP32_CANDIDATES = {
+    "sm_80": (MoETiles(64, 64, 32, 16, 4, 2), MoETiles(64, 128, 32, 16, 8, 2), MoETiles(32, 64, 32, 16, 4, 3)),
+    "sm_90": (MoETiles(64, 64, 32, 16, 4, 2), MoETiles(64, 128, 32, 16, 8, 2), MoETiles(64, 64, 32, 16, 4, 3)),
+}
 TILES = {
-    (arch, dtype): _FP32_CANDIDATES if dtype == torch.float32 else _HALF_CANDIDATES[arch]
+    (arch, dtype): (_FP32_CANDIDATES if dtype == torch.float32 else _HALF_CANDIDATES)[arch]
     for arch in ARCHS for dtype in (torch.float16, torch.bfloat16, torch.float32)
 }
 
@@ -116,7 +126,8 @@ TILES = {
 @functools.lru_cache(maxsize=None)
 def _kernel_candidates(kind: str, candidates: tuple[MoETiles, ...]) -> list[triton.Config]:
     """The distinct configs of kernel ``kind`` (``route``, ``grouped_matmul``, ``grouped_wgrad``, ``combine``,
-    ``router_grad``) among ``candidates``, in their order: the parts of the tiles that the kernel reads."""
+    ``router_grad``, ``aux_loss``) among ``candidates``, in their order: the parts of the tiles that the kernel
+    reads."""
     configs = []
     for t in candidates:
         if kind == "route":
@@ -124,6 +135,8 @@ def _kernel_candidates(kind: str, candidates: tuple[MoETiles, ...]) -> list[trit
         elif kind in ("grouped_matmul", "grouped_wgrad"):
             config = triton.Config({"BM": t.block_m, "BN": t.block_n, "BK": t.block_k}, num_warps=t.num_warps,
                                    num_stages=t.num_stages)
+        elif kind == "aux_loss":  # one program over all rows, block_m at a time
+            config = triton.Config({"BM": t.block_m}, num_warps=t.num_warps, num_stages=1)
         else:  # gathers: one pipeline stage
             config = triton.Config({"BM": t.block_rows, "BN": t.block_n}, num_warps=t.num_warps, num_stages=1)
         if config not in configs:
@@ -156,7 +169,7 @@ def _moe_route_kernel(
     BM: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
     """Rows [i_m * BM, ...): logits (N, E) fp32, top-2 experts (N, 2) int64, softmax weights (N, 2) fp32.
-    With has_row_mask, rows whose row_mask (N,) uint8 is 0 get experts -1 and weights 0."""
+    With has_row_mask, rows whose row_mask (N,) bool is False get experts -1 and weights 0."""
     i_m = tl.program_id(0)
     o_m = i_m * BM + tl.arange(0, BM)
     o_e = tl.arange(0, BE)
@@ -214,12 +227,28 @@ def _moe_grouped_matmul_kernel(
 ):
     """C[p] = epilogue(A[row(p)] @ W[e(p)] (* weight[p]) (+ bias[e(p)])) for the sorted pairs p of one tile.
 
-    Pairs are sorted by expert; expert e owns sorted pairs [expert_offsets[e], expert_offsets[e + 1]).
+    Pairs are sorted by expert; expert e owns sorted pairs [expert_offsets[e], expert_offsets[e + 1]). The first
+    cdiv(expert_offsets[0], BM) tiles cover the pairs of rows left out by the row mask (sorted first): they store
+    zeros in C (and c_pre with epilogue 1), so that every output is defined.
     gather_a: A is indexed by the pair's source row (sorted_pairs[p] // 2), else by p itself.
     scale_rows: multiply row p by pair_weights[sorted_pairs[p]] (the pair's alpha).
     epilogue: 0 none; 1 GELU, storing the pre-activation in c_pre; 2 multiply by gelu'(c_pre) (backward).
     """
     i_t, i_n = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < NC
+    left_out = tl.load(expert_offsets)  # pairs of rows left out: sorted positions [0, left_out)
+    left_out_tiles = tl.cdiv(left_out, BM)
+    if i_t < left_out_tiles:
+        o_p = i_t * BM + tl.arange(0, BM)
+        o_c = o_p[:, None].to(tl.int64) * stride_cm + o_n[None, :] * stride_cn
+        m_c = (o_p < left_out)[:, None] & m_n[None, :]
+        b_zero = tl.zeros([BM, BN], dtype=c.dtype.element_ty)
+        tl.store(c + o_c, b_zero, mask=m_c)
+        if epilogue == 1:
+            tl.store(c_pre + o_c, b_zero, mask=m_c)
+        return
+    i_t -= left_out_tiles
     # find this tile's expert: expert e owns tiles [tile_end[e] - cdiv(count_e, BM), tile_end[e])
     o_e = tl.arange(0, BE)
     m_e = o_e < E
@@ -239,8 +268,6 @@ def _moe_grouped_matmul_kernel(
     m_p = o_p < pair_end
     o_src = tl.load(sorted_pairs + o_p, mask=m_p, other=0)  # [BM] the pairs' (row, slot) indices
     o_a = tl.where(gather_a != 0, o_src // 2, o_p)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_n = o_n < NC
     p_w_e = w + i_e.to(tl.int64) * stride_we
 
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -348,14 +375,54 @@ def _moe_combine_kernel(
 
 
 @triton.jit
+def _routing_fractions(expert_offsets, N, E, BE: tl.constexpr):
+    """(f [BE] fp32: the fraction of the routed pairs that go to each expert, rows: the rows kept, at least 1)."""
+    o_e = tl.arange(0, BE)
+    m_e = o_e < E
+    b_counts = tl.load(expert_offsets + o_e + 1, mask=m_e, other=0) - tl.load(expert_offsets + o_e, mask=m_e, other=0)
+    rows = tl.maximum((2 * N - tl.load(expert_offsets)) // 2, 1).to(tl.float32)
+    return b_counts.to(tl.float32) / (2.0 * rows), rows
+
+
+@triton.jit
+def _row_probabilities(logits, o_m, m_keep, E, BE: tl.constexpr):
+    """[BM, BE] softmax over all E logits of rows o_m; 0 on rows not in m_keep and beyond E."""
+    o_e = tl.arange(0, BE)
+    m_e = o_e < E
+    b_logits = tl.load(logits + o_m[:, None].to(tl.int64) * E + o_e[None, :], mask=m_keep[:, None] & m_e[None, :],
+                       other=0.0)
+    b_logits = tl.where(m_e[None, :], b_logits, float("-inf"))  # rows left out stay finite: no NaN to discard
+    b_exp = tl.exp(b_logits - tl.max(b_logits, axis=1)[:, None])
+    b_p = b_exp / tl.sum(b_exp, axis=1)[:, None]
+    return tl.where(m_keep[:, None] & m_e[None, :], b_p, 0.0)
+
+
+@triton.jit
+def _moe_aux_loss_kernel(logits, experts, expert_offsets, aux_loss, N, E, BM: tl.constexpr, BE: tl.constexpr):
+    """aux_loss (scalar fp32) = E * sum_e f_e * P_e (MoERouting), by one program (a deterministic order): f_e from
+    the expert offsets, P_e the mean softmax probability of expert e over the rows kept (experts[n, 0] >= 0)."""
+    b_fraction, rows = _routing_fractions(expert_offsets, N, E, BE)
+    b_p = tl.zeros([BE], dtype=tl.float32)
+    for m0 in range(0, N, BM):
+        o_m = m0 + tl.arange(0, BM)
+        m_keep = (o_m < N) & (tl.load(experts + o_m.to(tl.int64) * 2, mask=o_m < N, other=-1) >= 0)
+        b_p += tl.sum(_row_probabilities(logits, o_m, m_keep, E, BE), axis=0)
+    tl.store(aux_loss, E * tl.sum(b_fraction * b_p, axis=0) / rows)
+
+
+@triton.jit(do_not_specialize=["stride_wn", "stride_wk", "has_d_weights", "has_d_aux"])
 def _moe_router_grad_kernel(
-    dy, y_pairs, pair_position, alpha, expert_offsets, d_top,
-    N, C,
-    stride_dn, stride_dc, stride_ym, stride_yc,
-    BM: tl.constexpr, BN: tl.constexpr,
+    dy, y_pairs, pair_position, alpha, d_weights, d_aux, logits, experts, expert_offsets, d_logits,
+    N, C, E,
+    stride_dn, stride_dc, stride_ym, stride_yc, stride_wn, stride_wk,
+    has_d_weights, has_d_aux,
+    BM: tl.constexpr, BN: tl.constexpr, BE: tl.constexpr,
 ):
-    """d_top[n, k] = d logit of row n's k-th expert = alpha_k * (g_k - sum_l alpha_l g_l), g_k = dy[n] . Y_k[n];
-    0 on rows left out by the row mask (pairs before expert_offsets[0])."""
+    """d_logits (N, E), in its dtype: the gradient of the gate logits from y, the routing weights and the aux loss.
+
+    Row n's k-th expert gets alpha_k * (g_k - sum_l alpha_l g_l), g_k = dy[n] . Y_k[n] + d_weights[n, k] (with
+    has_d_weights); with has_d_aux every logit gets d_aux * E / rows * p_ne * (f_e - sum_l f_l p_nl) (the aux loss's
+    softmax, see _moe_aux_loss_kernel). 0 on rows left out by the row mask (pairs before expert_offsets[0])."""
     i_m = tl.program_id(0)
     o_m = i_m * BM + tl.arange(0, BM)
     o_pair = o_m.to(tl.int64) * 2
@@ -364,6 +431,10 @@ def _moe_router_grad_kernel(
     m_m = (o_m < N) & (o_first >= tl.load(expert_offsets))
     b_g1 = tl.zeros([BM], dtype=tl.float32)
     b_g2 = tl.zeros([BM], dtype=tl.float32)
+    if has_d_weights != 0:
+        p_dw = d_weights + o_m.to(tl.int64) * stride_wn  # any strides: autograd may pass an expanded gradient
+        b_g1 += tl.load(p_dw, mask=m_m, other=0.0).to(tl.float32)
+        b_g2 += tl.load(p_dw + stride_wk, mask=m_m, other=0.0).to(tl.float32)
     for c0 in range(0, C, BN):
         o_c = c0 + tl.arange(0, BN)
         m_c = m_m[:, None] & (o_c < C)[None, :]
@@ -375,10 +446,20 @@ def _moe_router_grad_kernel(
         b_g2 += tl.sum(b_dy * b_y2.to(tl.float32), axis=1)
     b_alpha1 = tl.load(alpha + o_pair, mask=m_m, other=0.0)
     b_alpha2 = tl.load(alpha + o_pair + 1, mask=m_m, other=0.0)
-    # with two experts, alpha_1 (g_1 - alpha_1 g_1 - alpha_2 g_2) = alpha_1 alpha_2 (g_1 - g_2) = -d_top[n, 2]
+    # with two experts, alpha_1 (g_1 - alpha_1 g_1 - alpha_2 g_2) = alpha_1 alpha_2 (g_1 - g_2) = -d logit of e_2
     b_d = b_alpha1 * b_alpha2 * (b_g1 - b_g2)
-    tl.store(d_top + o_pair, b_d, mask=o_m < N)
-    tl.store(d_top + o_pair + 1, -b_d, mask=o_m < N)
+    o_e = tl.arange(0, BE)
+    b_first = tl.load(experts + o_pair, mask=m_m, other=-1)
+    b_second = tl.load(experts + o_pair + 1, mask=m_m, other=-1)
+    b_dlogits = (tl.where(o_e[None, :] == b_first[:, None], b_d[:, None], 0.0)
+                 - tl.where(o_e[None, :] == b_second[:, None], b_d[:, None], 0.0))  # [BM, BE]
+    if has_d_aux != 0:
+        b_fraction, rows = _routing_fractions(expert_offsets, N, E, BE)
+        b_p = _row_probabilities(logits, o_m, m_m, E, BE)
+        b_mean = tl.sum(b_p * b_fraction[None, :], axis=1)
+        b_dlogits += tl.load(d_aux).to(tl.float32) * E / rows * b_p * (b_fraction[None, :] - b_mean[:, None])
+    p_out = d_logits + o_m[:, None].to(tl.int64) * E + o_e[None, :]
+    tl.store(p_out, b_dlogits.to(d_logits.dtype.element_ty), mask=(o_m < N)[:, None] & (o_e < E)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,11 +476,12 @@ def _dot_options(dtype):
 
 
 def _launch_tiles(x) -> tuple[MoETiles, ...]:
-    """The candidates of a launch on x's device and dtype; exact fp32 products (``KERNELS_FP32_PRECISION=ieee``,
-    an accuracy mode) take the default alone."""
+    """The candidates of a launch on x's device and dtype (a ``fallback`` GPU launches the first that fits it,
+    ``kernels._autotune.launch``); exact fp32 products (``KERNELS_FP32_PRECISION=ieee``, an accuracy mode) take the
+    default alone."""
     arch = launch_arch(x.device)
-    candidates = TILES[("sm_80" if arch == FALLBACK else arch, x.dtype)]  # fallback: the sm_80 default
-    if arch == FALLBACK or (x.dtype == torch.float32 and fp32_dot_precision() == "ieee"):
+    candidates = TILES[("sm_80" if arch == FALLBACK else arch, x.dtype)]  # fallback: the sm_80 list, checked to fit
+    if x.dtype == torch.float32 and fp32_dot_precision() == "ieee":
         return candidates[:1]
     return candidates
 
@@ -407,6 +489,25 @@ def _launch_tiles(x) -> tuple[MoETiles, ...]:
 def _launch(kernel, kind, grid, args, kwargs, tiles, device, bucket):
     """``kernels._autotune.launch`` among kernel ``kind``'s candidates in ``tiles`` (see ``_kernel_candidates``)."""
     launch(kernel, grid, args, kwargs, _kernel_candidates(kind, tiles), device=device, bucket=bucket)
+
+
+_constants: dict = {}  # (what, device) -> a tensor that depends on the device (and a size) only: made once
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(n)`` (int64) on device, sliced from one cached range that grows to the largest n asked."""
+    cached = _constants.get(("arange", device))
+    if cached is None or cached.numel() < n:
+        cached = _constants[("arange", device)] = torch.arange(max(n, 1024), device=device)
+    return cached[:n]
+
+
+def _no_row_mask(device: torch.device) -> torch.Tensor:
+    """The one-element bool stand-in that the route kernel gets (and never reads) when there is no row mask."""
+    cached = _constants.get(("no row mask", device))
+    if cached is None:
+        cached = _constants[("no row mask", device)] = torch.ones(1, device=device, dtype=torch.bool)
+    return cached
 
 
 def _route(x, gate_weight, row_mask, tiles):
@@ -417,10 +518,8 @@ def _route(x, gate_weight, row_mask, tiles):
     logits = torch.empty(n, e, device=x.device, dtype=torch.float32)
     experts = torch.empty(n, 2, device=x.device, dtype=torch.int64)
     alpha = torch.empty(n, 2, device=x.device, dtype=torch.float32)
-    # uint8, as the kernel reads it; a one-element stand-in when there is no mask
-    mask_bytes = x.new_ones(1, dtype=torch.uint8) if row_mask is None else row_mask.to(torch.uint8)
     _launch(_moe_route_kernel, "route", lambda meta: (triton.cdiv(n, meta["BM"]),),
-            (x, gate_weight, logits, experts, alpha, mask_bytes, n, d, e,
+            (x, gate_weight, logits, experts, alpha, _no_row_mask(x.device) if row_mask is None else row_mask, n, d, e,
              x.stride(0), x.stride(1), gate_weight.stride(0), gate_weight.stride(1), int(row_mask is not None)),
             dict(BE=MAX_EXPERTS, **_dot_options(x.dtype)), tiles, x.device, (shape_bucket(n), d))
     return logits, experts, alpha
@@ -436,17 +535,17 @@ class _PairGroups(NamedTuple):
 
 
 def _group_pairs(experts, num_experts):
+    """Three device operations: the stable sort, the offsets and the inverse permutation (ranges cached)."""
     flat = experts.reshape(-1)
     sorted_experts, sorted_pairs = torch.sort(flat, stable=True)
-    boundaries = torch.arange(num_experts + 1, device=flat.device, dtype=flat.dtype)
-    expert_offsets = torch.searchsorted(sorted_experts, boundaries)
-    positions = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
-    pair_position = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, positions)
+    expert_offsets = torch.searchsorted(sorted_experts, _arange(num_experts + 1, flat.device))
+    pair_position = torch.empty_like(sorted_pairs).scatter_(0, sorted_pairs, _arange(flat.numel(), flat.device))
     return _PairGroups(sorted_pairs, expert_offsets, pair_position)
 
 
 def _grouped_matmul(a, groups, w, alpha, *, gather_a, tiles, scale_rows=False, bias=None, epilogue=0, pre=None):
-    """(2N, NC) in sorted pair order: epilogue(A[rows] @ W[e] (* alpha of the pair) (+ bias[e])).
+    """(2N, NC) in sorted pair order: epilogue(A[rows] @ W[e] (* alpha of the pair) (+ bias[e])); 0 on the pairs of
+    rows left out by the row mask.
 
     w: (E, K, NC) view (may be a transposed view of the stored weight). epilogue 1 also fills ``pre`` (the
     pre-activation, allocated here and returned); epilogue 2 reads ``pre``.
@@ -460,7 +559,7 @@ def _grouped_matmul(a, groups, w, alpha, *, gather_a, tiles, scale_rows=False, b
     bias_or_w = w if bias is None else bias
     flags = (int(gather_a), int(scale_rows), int(bias is not None), epilogue)
     _launch(_moe_grouped_matmul_kernel, "grouped_matmul",
-            lambda meta: (triton.cdiv(num_pairs, meta["BM"]) + num_experts, triton.cdiv(nc, meta["BN"])),
+            lambda meta: (triton.cdiv(num_pairs, meta["BM"]) + num_experts + 1, triton.cdiv(nc, meta["BN"])),
             (a, groups.sorted_pairs, alpha, w, bias_or_w, out, out if pre is None else pre, groups.expert_offsets,
              num_experts, k, nc,
              a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
@@ -497,35 +596,50 @@ def _combine(src, groups, alpha, *, weighted, tiles):
     return out
 
 
-def _router_grad(dy, y_pairs, groups, alpha, tiles):
-    """(N, 2) fp32: the gradient of the two chosen logits of every row."""
+def _aux_loss(logits, experts, groups, tiles):
+    """The load-balancing loss (scalar fp32, MoERouting) of the routing: one program."""
+    n, e = logits.shape
+    aux_loss = torch.empty((), device=logits.device, dtype=torch.float32)
+    _launch(_moe_aux_loss_kernel, "aux_loss", lambda meta: (1,),
+            (logits, experts, groups.expert_offsets, aux_loss, n, e), dict(BE=MAX_EXPERTS), tiles, logits.device,
+            (shape_bucket(n),))
+    return aux_loss
+
+
+def _router_grad(dy, d_weights, d_aux, logits, experts, y_pairs, groups, alpha, dtype, tiles):
+    """(N, E) in ``dtype``: the gradient of the gate logits (``_moe_router_grad_kernel``); d_weights (N, 2) and
+    d_aux (scalar) may be None (no gradient)."""
     n, c = dy.shape
-    d_top = torch.empty(n, 2, device=dy.device, dtype=torch.float32)
+    e = logits.shape[1]
+    d_logits = torch.empty(n, e, device=dy.device, dtype=dtype)
     _launch(_moe_router_grad_kernel, "router_grad", lambda meta: (triton.cdiv(n, meta["BM"]),),
-            (dy, y_pairs, groups.pair_position, alpha, groups.expert_offsets, d_top, n, c,
-             dy.stride(0), dy.stride(1), y_pairs.stride(0), y_pairs.stride(1)),
-            {}, tiles, dy.device, (shape_bucket(n), c))
-    return d_top
+            (dy, y_pairs, groups.pair_position, alpha, alpha if d_weights is None else d_weights,
+             alpha if d_aux is None else d_aux, logits, experts, groups.expert_offsets, d_logits, n, c, e,
+             dy.stride(0), dy.stride(1), y_pairs.stride(0), y_pairs.stride(1),
+             *((0, 0) if d_weights is None else d_weights.stride()), int(d_weights is not None), int(d_aux is not None)),
+            dict(BE=MAX_EXPERTS), tiles, dy.device, (shape_bucket(n), c))
+    return d_logits
 
 
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
-# backward kernels registered as their autograd formula. The forward returns what the backward needs after
-# (y, logits, experts): alpha (N, 2) fp32, the pair groups (sorted_pairs (2N,), expert_offsets (E + 1,),
-# pair_position (2N,) int64) and the per-pair h_pre, h_act (2N, h) and y_pairs (2N, d_out) in x's dtype.
+# backward kernels registered as their autograd formula. The forward returns y (N, d_out), the routing weights alpha
+# (N, 2) fp32 and the aux loss (scalar fp32), differentiable, then what the backward needs: the logits (N, E) fp32,
+# the experts (N, 2) int64, the pair groups (sorted_pairs (2N,), expert_offsets (E + 1,), pair_position (2N,)
+# int64) and the per-pair h_pre, h_act (2N, h) and y_pairs (2N, d_out) in x's dtype.
 # row_mask: (N,) bool or None (not differentiable).
 
 
 @torch.library.custom_op("kernels::moe_top2_fwd", mutates_args=(),
                          schema="(Tensor x, Tensor gate_weight, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
-                                "Tensor? row_mask) "
-                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+                                "Tensor? row_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+                                "Tensor, Tensor, Tensor)")
 def _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2, row_mask):
     n, num_experts, d_out = x.shape[0], gate_weight.shape[0], w2.shape[2]
     if n == 0:  # nothing to route; the backward returns zero gradients
         pair_index = torch.zeros(0, device=x.device, dtype=torch.int64)
         hidden = x.new_zeros(0, w1.shape[2])
-        return (x.new_zeros(0, d_out), x.new_zeros(0, num_experts, dtype=torch.float32),
-                torch.zeros(0, 2, device=x.device, dtype=torch.int64), x.new_zeros(0, 2, dtype=torch.float32),
+        return (x.new_zeros(0, d_out), x.new_zeros(0, 2, dtype=torch.float32), x.new_zeros((), dtype=torch.float32),
+                x.new_zeros(0, num_experts, dtype=torch.float32), torch.zeros(0, 2, device=x.device, dtype=torch.int64),
                 pair_index, torch.zeros(num_experts + 1, device=x.device, dtype=torch.int64), pair_index.clone(),
                 hidden, hidden.clone(), x.new_zeros(0, d_out))
     with launch_device_of(x):
@@ -536,31 +650,30 @@ def _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2, row_mask):
         h_act, h_pre = _grouped_matmul(x, groups, w1, pair_alpha, gather_a=True, bias=b1, epilogue=1, tiles=tiles)
         y_pairs = _grouped_matmul(h_act, groups, w2, pair_alpha, gather_a=False, bias=b2, tiles=tiles)
         y = _combine(y_pairs, groups, pair_alpha, weighted=True, tiles=tiles)
-        if row_mask is not None:  # the left-out pairs (sorted first) are never written: define them (0), as an op must
-            left_out = (torch.arange(2 * n, device=x.device) < groups.expert_offsets[0])[:, None]
-            for per_pair in (h_pre, h_act, y_pairs):
-                per_pair.masked_fill_(left_out, 0.0)
-    return (y, logits, experts, alpha, *groups, h_pre, h_act, y_pairs)
+        aux_loss = _aux_loss(logits, experts, groups, tiles)
+    return (y, alpha, aux_loss, logits, experts, *groups, h_pre, h_act, y_pairs)
 
 
 @_moe_top2_fwd_op.register_fake
 def _(x, gate_weight, w1, b1, w2, b2, row_mask):
     n, num_experts, hidden, d_out = x.shape[0], gate_weight.shape[0], w1.shape[2], w2.shape[2]
-    index = dict(dtype=torch.int64)
-    return (x.new_empty(n, d_out), x.new_empty(n, num_experts, dtype=torch.float32), x.new_empty(n, 2, **index),
-            x.new_empty(n, 2, dtype=torch.float32), x.new_empty(2 * n, **index), x.new_empty(num_experts + 1, **index),
-            x.new_empty(2 * n, **index), x.new_empty(2 * n, hidden), x.new_empty(2 * n, hidden),
-            x.new_empty(2 * n, d_out))
+    index, fp32 = dict(dtype=torch.int64), dict(dtype=torch.float32)
+    return (x.new_empty(n, d_out), x.new_empty(n, 2, **fp32), x.new_empty((), **fp32),
+            x.new_empty(n, num_experts, **fp32), x.new_empty(n, 2, **index), x.new_empty(2 * n, **index),
+            x.new_empty(num_experts + 1, **index), x.new_empty(2 * n, **index), x.new_empty(2 * n, hidden),
+            x.new_empty(2 * n, hidden), x.new_empty(2 * n, d_out))
 
 
 @torch.library.custom_op("kernels::moe_top2_bwd", mutates_args=(),
-                         schema="(Tensor dy, Tensor d_logits, Tensor x, Tensor gate_weight, Tensor w1, Tensor w2, "
-                                "Tensor experts, Tensor alpha, Tensor sorted_pairs, Tensor expert_offsets, "
-                                "Tensor pair_position, Tensor h_pre, Tensor h_act, Tensor y_pairs, bool[] needs) "
+                         schema="(Tensor dy, Tensor? d_weights, Tensor? d_aux, Tensor x, Tensor gate_weight, "
+                                "Tensor w1, Tensor w2, Tensor logits, Tensor experts, Tensor alpha, "
+                                "Tensor sorted_pairs, Tensor expert_offsets, Tensor pair_position, Tensor h_pre, "
+                                "Tensor h_act, Tensor y_pairs, bool[] needs) "
                                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _moe_top2_bwd_op(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert_offsets,
-                     pair_position, h_pre, h_act, y_pairs, needs):
-    """(dx, d_gate, dw1, db1, dw2, db2); a gradient that ``needs`` does not ask for is an empty (0,) tensor."""
+def _moe_top2_bwd_op(dy, d_weights, d_aux, x, gate_weight, w1, w2, logits, experts, alpha, sorted_pairs,
+                     expert_offsets, pair_position, h_pre, h_act, y_pairs, needs):
+    """(dx, d_gate, dw1, db1, dw2, db2); a gradient that ``needs`` does not ask for is an empty (0,) tensor.
+    d_weights / d_aux None: the routing weights / the aux loss get no gradient."""
     need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = needs
     num_experts, hidden, d_out = gate_weight.shape[0], w1.shape[2], w2.shape[2]
     shapes = (x.shape, gate_weight.shape, w1.shape, (num_experts, hidden), w2.shape, (num_experts, d_out))
@@ -571,12 +684,10 @@ def _moe_top2_bwd_op(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorte
     pair_alpha = alpha.reshape(-1)
     dx = d_gate = dw1 = db1 = dw2 = db2 = None
     with launch_device_of(dy):
-        d_top = _router_grad(dy, y_pairs, groups, alpha, tiles)
-        # gradient of all E logits: the two chosen ones from the combine, plus what the aux loss sent back (rows
-        # left out have d_top = 0 and expert -1, clamped to a valid index)
-        d_logits = d_logits.float().scatter_add(1, experts.clamp(min=0), d_top)
+        if need_x or need_gate:  # the gate logits' gradient, in x's dtype (the GEMMs below multiply in it)
+            d_logits = _router_grad(dy, d_weights, d_aux, logits, experts, y_pairs, groups, alpha, x.dtype, tiles)
         if need_gate:
-            d_gate = (d_logits.t().to(x.dtype) @ x).to(gate_weight.dtype)
+            d_gate = d_logits.t() @ x
         if need_x or need_w1 or need_b1:
             # d pre-activation of the hidden layer, in sorted pair order: (alpha * dy) @ w2^T * gelu'(h_pre)
             dh = _grouped_matmul(dy, groups, w2.transpose(1, 2), pair_alpha, gather_a=True, scale_rows=True,
@@ -584,7 +695,7 @@ def _moe_top2_bwd_op(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorte
             if need_x:
                 dx_pairs = _grouped_matmul(dh, groups, w1.transpose(1, 2), pair_alpha, gather_a=False, tiles=tiles)
                 dx_experts = _combine(dx_pairs, groups, pair_alpha, weighted=False, tiles=tiles)
-                dx = torch.addmm(dx_experts, d_logits.to(x.dtype), gate_weight)
+                dx = torch.addmm(dx_experts, d_logits, gate_weight)
             if need_w1 or need_b1:
                 dw1, db1 = _grouped_wgrad(x, dh, groups, pair_alpha, num_experts, gather_a=True, gather_b=False,
                                           scale_b=False, tiles=tiles)
@@ -596,8 +707,8 @@ def _moe_top2_bwd_op(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorte
 
 
 @_moe_top2_bwd_op.register_fake
-def _(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert_offsets, pair_position, h_pre,
-      h_act, y_pairs, needs):
+def _(dy, d_weights, d_aux, x, gate_weight, w1, w2, logits, experts, alpha, sorted_pairs, expert_offsets,
+      pair_position, h_pre, h_act, y_pairs, needs):
     num_experts, hidden, d_out = gate_weight.shape[0], w1.shape[2], w2.shape[2]
     shapes = (x.shape, gate_weight.shape, w1.shape, (num_experts, hidden), w2.shape, (num_experts, d_out))
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
@@ -605,14 +716,18 @@ def _(dy, d_logits, x, gate_weight, w1, w2, experts, alpha, sorted_pairs, expert
 
 def _moe_top2_setup_context(ctx, inputs, output):
     x, gate_weight, w1, _, w2, _, _ = inputs
-    _, _, experts, alpha, *rest = output
-    ctx.save_for_backward(x, gate_weight, w1, w2, experts, alpha, *rest)
-    ctx.mark_non_differentiable(*output[2:])
+    _, alpha, _, *rest = output
+    ctx.save_for_backward(x, gate_weight, w1, w2, *rest[:2], alpha, *rest[2:])
+    ctx.mark_non_differentiable(*output[3:])
+    ctx.set_materialize_grads(False)  # outputs without a gradient get none (no zero-filled stand-ins)
 
 
-def _moe_top2_backward(ctx, dy, d_logits, *_non_differentiable):
+def _moe_top2_backward(ctx, dy, d_weights, d_aux, *_non_differentiable):
     needs = list(ctx.needs_input_grad[:6])
-    grads = _moe_top2_bwd_op(dy, d_logits, *ctx.saved_tensors, needs)
+    x, _, _, w2, *_ = ctx.saved_tensors
+    if dy is None:  # only the routing was used
+        dy = x.new_zeros(x.shape[0], w2.shape[2])
+    grads = _moe_top2_bwd_op(dy, d_weights, d_aux, *ctx.saved_tensors, needs)
     return (*(g if need else None for g, need in zip(grads, needs)), None)  # no gradient for row_mask
 
 
@@ -746,9 +861,9 @@ def moe_top2(x: Tensor, gate_weight: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
     _check_inputs(x, gate_weight, w1, b1, w2, b2, dtypes=FLOAT_DTYPES)
     _check_row_mask(row_mask, x)
     if use_triton(x, gate_weight, w1, b1, w2, b2):
-        y, logits, experts = _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2, row_mask)[:3]
-    else:
-        y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask)
+        y, weights, aux_loss, _, experts = _moe_top2_fwd_op(x, gate_weight, w1, b1, w2, b2, row_mask)[:5]
+        return (y, MoERouting(experts, weights, aux_loss)) if return_routing else y
+    y, logits, experts = _reference_parts(x, gate_weight, w1, b1, w2, b2, row_mask)
     return (y, _routing_summary(logits, experts, row_mask)) if return_routing else y
 
 
@@ -827,7 +942,7 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 #: model's shapes, as Triton's launcher specializes it.
 _AOT_KERNELS = {
     "route": (_moe_route_kernel,
-              dict(x="*{t}", gate="*{t}", logits="*fp32", experts="*i64", alpha="*fp32", row_mask="*u8", N="i32",
+              dict(x="*{t}", gate="*{t}", logits="*fp32", experts="*i64", alpha="*fp32", row_mask="*i1", N="i32",
                    D="i32+", E="i32", stride_xn="i32+", stride_xd="1", stride_ge="i32+", stride_gd="1",
                    has_row_mask="i32"), dict(BE=MAX_EXPERTS)),
     "grouped_matmul": (_moe_grouped_matmul_kernel,
@@ -845,9 +960,14 @@ _AOT_KERNELS = {
                 dict(src="*{t}", pair_position="*i64", alpha="*fp32", expert_offsets="*i64", out="*{t}", N="i32",
                      C="i32+", stride_sm="i32+", stride_sc="1", stride_on="i32+", stride_oc="1", weighted="i32"), {}),
     "router_grad": (_moe_router_grad_kernel,
-                    dict(dy="*{t}", y_pairs="*{t}", pair_position="*i64", alpha="*fp32", expert_offsets="*i64",
-                         d_top="*fp32", N="i32", C="i32+", stride_dn="i32+", stride_dc="1", stride_ym="i32+",
-                         stride_yc="1"), {}),
+                    dict(dy="*{t}", y_pairs="*{t}", pair_position="*i64", alpha="*fp32", d_weights="*fp32",
+                         d_aux="*fp32", logits="*fp32", experts="*i64", expert_offsets="*i64", d_logits="*{t}",
+                         N="i32", C="i32+", E="i32", stride_dn="i32+", stride_dc="1", stride_ym="i32+", stride_yc="1",
+                         stride_wn="i32", stride_wk="i32", has_d_weights="i32", has_d_aux="i32"),
+                    dict(BE=MAX_EXPERTS)),
+    "aux_loss": (_moe_aux_loss_kernel,
+                 dict(logits="*fp32", experts="*i64", expert_offsets="*i64", aux_loss="*fp32", N="i32", E="i32"),
+                 dict(BE=MAX_EXPERTS)),
 }
 
 
@@ -864,11 +984,15 @@ def aot_configurations():
     quick subset). The backward's transposed weight views (unit ``stride_wk``)
     make one more grouped-GEMM variant per candidate, which ``kernels.tools.report`` compiles. The mode flags are
     runtime arguments: one compiled kernel per dtype covers every mode."""
-    configs = []
+    configs, listed = [], set()
     for kind, (kernel, types, extra) in _AOT_KERNELS.items():
         for dtype, t in _TRITON_TYPES.items():
             dots = "DOT_PRECISION" in kernel.arg_names
             for config, archs, default in aot_candidates(lambda arch: _kernel_candidates(kind, TILES[(arch, dtype)])):
+                if not any("{t}" in ty for ty in types.values()):  # the same kernel for every dtype: listed once
+                    if (kind, str(config), archs, default) in listed:
+                        continue
+                    listed.add((kind, str(config), archs, default))
                 # GPU launches never upcast (the interpreter workaround), whatever process lists the configurations
                 precisions = ("tf32", "ieee") if dtype == torch.float32 and default else (
                     "tf32" if dtype == torch.float32 else "ieee",)

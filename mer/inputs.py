@@ -84,9 +84,14 @@ def check_dialogue_inputs(
     has_modality = present.any(dim=-1)  # (B, L)
     if valid is None:  # padding: the utterances after each dialogue's last one with a modality
         valid = steps <= torch.where(has_modality, steps, -1).amax(dim=1, keepdim=True)
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not _capturing_cuda_graph():  # the checks sync: not while capturing
         _check_values(cast, has_modality, valid, speakers, num_speakers)
     return cast, valid
+
+
+def _capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is capturing a graph (``torch.cuda.graph``), where a host sync is an error."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _check_values(features, has_modality, valid, speakers, num_speakers) -> None:

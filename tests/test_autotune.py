@@ -45,11 +45,41 @@ def test_kernels_autotune_variable(monkeypatch):
         autotune_enabled()
 
 
-def test_cpu_launches_take_the_sm80_list_and_fallback_its_default():
+def test_cpu_launches_take_the_sm80_list_and_fallback_too():
     assert launch_arch(torch.device("cpu")) == "sm_80"
     per_arch = {"sm_80": CANDIDATES, "sm_90": CANDIDATES[::-1]}
     assert pick(per_arch, "sm_90") == CANDIDATES[::-1]
-    assert pick(per_arch, FALLBACK) == CANDIDATES[:1]
+    assert pick(per_arch, FALLBACK) == CANDIDATES  # checked to fit at the first launch (fitting_config)
+
+
+def _pipeline_bytes(config: triton.Config) -> int:
+    """A 16-bit GEMM tile's shared memory: num_stages buffers of its [BM, BK] and [BK, BN] operand tiles."""
+    kwargs = config.kwargs
+    return max(config.num_stages, 1) * 2 * kwargs["BK"] * (kwargs["BM"] + kwargs["BN"])
+
+
+@pytest.mark.parametrize("capability", sorted(set(_autotune.SHARED_MEMORY_PER_BLOCK) - {80, 90}))
+def test_fallback_gpus_launch_the_first_candidate_that_fits_their_shared_memory(capability):
+    """sm_75 (64 KB per block), 8.6 / 8.9 and 12.x (99 KB), 10.x (227 KB): the MoE's sm_80 candidates sized as their
+    operand pipelines; the chosen one fits, and it is the first in ``fallback_order`` that does."""
+    limit = _autotune.SHARED_MEMORY_PER_BLOCK[capability]
+    candidates = moe._kernel_candidates("grouped_matmul", moe.TILES[("sm_80", torch.float16)])
+    chosen = _autotune.fitting_config(candidates, _pipeline_bytes, limit)
+    order = _autotune.fallback_order(candidates)
+    assert _pipeline_bytes(chosen) <= limit
+    assert all(_pipeline_bytes(config) > limit for config in order[:order.index(chosen)])
+
+
+def test_fallback_tries_one_stage_last_and_says_when_nothing_fits():
+    big = triton.Config({"BM": 128, "BN": 128, "BK": 64}, num_warps=8, num_stages=4)
+    small = triton.Config({"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=3)
+    assert [c.num_stages for c in _autotune.fallback_order([big, small])] == [4, 3, 1, 1]
+    # 4 stages of the big tile: 256 KB, one stage: 64 KB; the small tile: 24 KB in 3 stages
+    assert _autotune.fitting_config([big, small], _pipeline_bytes, 100 * 1024) == small
+    one_stage = _autotune.fitting_config([big], _pipeline_bytes, 64 * 1024)
+    assert (one_stage.kwargs, one_stage.num_warps, one_stage.num_stages) == (big.kwargs, 8, 1)
+    with pytest.raises(ValueError, match="no launch configuration fits this GPU's 1024 B"):
+        _autotune.fitting_config([big, small], _pipeline_bytes, 1024)
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "bwd_dq", "bwd_dkdv"])
@@ -61,7 +91,7 @@ def test_block_causal_candidates_per_architecture(kernel, dtype, block_d):
         assert listed and len(set(map(str, listed))) == len(listed), listed  # no duplicates
         table = bc._CANDIDATE_TILES[(kernel, dtype == torch.float32, block_d)]
         assert listed[0] == table[arch][0].config()  # the default is the table's first entry
-    assert bc._candidates(kernel, dtype, block_d, FALLBACK) == bc._candidates(kernel, dtype, block_d, "sm_80")[:1]
+    assert bc._candidates(kernel, dtype, block_d, FALLBACK) == bc._candidates(kernel, dtype, block_d, "sm_80")
     q = torch.zeros(1, 1, 4, 8, dtype=dtype)
     assert bc._launch_candidates(kernel, q, block_d) == bc._candidates(kernel, dtype, block_d, "sm_80")
 
@@ -78,7 +108,7 @@ def test_moe_candidates_per_architecture(dtype):
     for arch in ARCHS:
         tiles = moe.TILES[(arch, dtype)]
         assert len(tiles) > 1
-        for kind in ("route", "grouped_matmul", "grouped_wgrad", "combine", "router_grad"):
+        for kind in ("route", "grouped_matmul", "grouped_wgrad", "combine", "router_grad", "aux_loss"):
             configs = moe._kernel_candidates(kind, tiles)
             assert configs[0].num_warps == tiles[0].num_warps and configs[0].kwargs["BM"] in (
                 tiles[0].block_m, tiles[0].block_rows)
@@ -178,7 +208,7 @@ def _launched_candidates(op, kernel, arch):
     if op == "moe_top2":
         kind = {moe._moe_route_kernel: "route", moe._moe_grouped_matmul_kernel: "grouped_matmul",
                 moe._moe_grouped_wgrad_kernel: "grouped_wgrad", moe._moe_combine_kernel: "combine",
-                moe._moe_router_grad_kernel: "router_grad"}[kernel]
+                moe._moe_router_grad_kernel: "router_grad", moe._moe_aux_loss_kernel: "aux_loss"}[kernel]
         return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
     if op == "entmax15_attention":  # every default tile shape of aot_configurations(), with each candidate list

@@ -64,8 +64,12 @@ def _opcheck_cases():
         "moe_top2_fwd": (ops.moe_top2_fwd, (*_moe_args(7), None)),
         "moe_top2_fwd row_mask": (ops.moe_top2_fwd, (*_moe_args(7), row_mask)),
         "moe_top2_fwd empty": (ops.moe_top2_fwd, (*_moe_args(0), None)),
-        "moe_top2_bwd": (ops.moe_top2_bwd, d(torch.randn(7, 5), torch.randn(7, 3), x, gate_weight, w1, w2,
-                                             *moe_outputs[2:], [True, True, True, False, True, True])),
+        "moe_top2_bwd": (ops.moe_top2_bwd, d(torch.randn(7, 5), torch.randn(7, 2), torch.randn(()), x, gate_weight,
+                                             w1, w2, *moe_outputs[3:5], moe_outputs[1], *moe_outputs[5:],
+                                             [True, True, True, False, True, True])),
+        "moe_top2_bwd y only": (ops.moe_top2_bwd, d(torch.randn(7, 5), None, None, x, gate_weight, w1, w2,
+                                                   *moe_outputs[3:5], moe_outputs[1], *moe_outputs[5:],
+                                                   [True, True, False, False, False, False])),
     }
 
 

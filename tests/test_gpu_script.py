@@ -46,8 +46,8 @@ def test_dry_run_writes_every_section(tmp_path):
 
     tests = results["gpu_tests"]
     collected = tests["passed"] + tests["failed"] + tests["errors"] + tests["skipped"]
-    # on a CPU two tests skip: the sync trap and the autotune choice (GPUs only)
-    assert tests["failed"] == tests["errors"] == 0 and tests["passed"] >= collected - 2, tests
+    # on a CPU four tests skip: the sync trap, the autotune choice and the two CUDA-graph replays (GPUs only)
+    assert tests["failed"] == tests["errors"] == 0 and tests["passed"] >= collected - 4, tests
     assert {row["dtype"] for row in results["accuracy"]["rows"]} == {"bfloat16", "float16", "float32"}
 
     timed = [record for record in results["benchmarks"] if record["status"] == "ok"]
@@ -104,3 +104,46 @@ def test_benchmark_tables_show_the_autotuned_candidates():
               "stats": {"mean": 1e-3, "min": 1e-3, "rounds": 3}, "extra_info": {"peak_mem_MiB": 5.0, "autotune": [pick]}}
     (row,) = [line for line in gpu_run.benchmark_tables([record]) if line.startswith("| ours")]
     assert "tuned block_causal_attn_fwd_kernel 2/3" in row and "num_warps" not in row, row
+
+
+def test_tests_step_workers_fit_the_gpu_memory():
+    """Each worker of the tests step may hold ~8 GiB on the GPU (float64 references): a 48 GiB card takes 5 however
+    many CPUs the machine has, an 80 GiB one 8 (the cap), and a machine whose GPU memory was not measured is sized by
+    its CPUs alone."""
+    workers = _gpu_run_module().test_workers
+    gib = 2**30
+    assert workers(64, 48 * gib) == 5 and workers(64, 80 * gib) == 8 and workers(16, 141 * gib) == 8
+    assert workers(6, 80 * gib) == 3 and workers(64, 4 * gib) == 1 and workers(1, None) == 1
+    assert workers(32, None) == 8
+
+
+def test_a_bench_file_that_fails_to_import_does_not_stop_the_others(tmp_path, monkeypatch):
+    """The bench step's pytest run goes on past a file that fails to import, which is streamed as an error."""
+    gpu_run = _gpu_run_module()
+    (tmp_path / "conftest.py").write_text((ROOT / "bench" / "conftest.py").read_text(encoding="utf-8"))
+    (tmp_path / "test_bench_broken.py").write_text("import a_module_that_is_not_installed\n")
+    (tmp_path / "test_bench_fine.py").write_text(
+        "from conftest import bench_call\n\n\ndef test_fine(benchmark):\n    benchmark.group = 'fine'\n"
+        "    bench_call(benchmark, lambda: sum(range(100)))\n")
+    monkeypatch.setattr(gpu_run, "BENCH_DIR", tmp_path)
+    monkeypatch.setattr(gpu_run, "BENCH_FILES", ["test_bench_broken.py", "test_bench_fine.py"])
+    command, extra_env = gpu_run.step_command("bench", True, tmp_path)
+    with open(tmp_path / "log", "w", encoding="utf-8") as log:
+        outcome = gpu_run.run_step("bench", command, {**_environment(), **extra_env}, 120, log)
+    assert outcome["status"] == "failed", outcome  # a file that does not import is a failure of the step
+    records = {record["nodeid"]: record for record in gpu_run.read_jsonl(tmp_path / "bench.jsonl")}
+    assert records["test_bench_fine.py::test_fine"]["status"] == "ok", records
+    broken = records["test_bench_broken.py"]
+    assert broken["status"] == "error" and "a_module_that_is_not_installed" in broken["reason"], broken
+    assert any("| error | collection failed" in line for line in gpu_run.benchmark_tables(list(records.values())))
+
+
+def test_a_peer_package_that_is_not_installed_skips_its_cases():
+    """A bench case of ``entmax`` (or ``adasplash``) on a Python without it is skipped with the reason, not failed."""
+    script = ("import sys; sys.modules['entmax'] = None; import pytest; sys.exit(pytest.main(["
+              "'bench/test_bench_entmax_attention.py', '-k', 'tiny_cpu', '-rs', '-p', 'no:cacheprovider']))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_environment(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed, 1 skipped" in result.stdout, result.stdout
+    assert "the entmax package (PyPI entmax) is not installed" in result.stdout, result.stdout

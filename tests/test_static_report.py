@@ -14,11 +14,14 @@ from triton.runtime.jit import JITFunction
 
 from kernels.tools.report import (
     BUDGET_PATH,
+    SM90_HGMMA_FLOOR,
     SM_LIMITS,
     _round_up,
     capturing,
     cases,
     check_budget,
+    mma_kind,
+    mma_summary,
     occupancy,
     parse_ptxas_log,
     parse_sass,
@@ -236,6 +239,11 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
     (report_path,) = tmp_path.glob("*.json")
     rows = json.loads(report_path.read_text())["rows"]
     assert not [row for row in rows if "error" in row], output
+    # Hopper's warpgroup MMA: the number of sm_90 variants that issue it may not fall (SM90_HGMMA_FLOOR)
+    summary = mma_summary(rows, "sm_90")
+    assert summary["HGMMA"] >= SM90_HGMMA_FLOOR, (summary, [(r["kernel"], r["dtype"], r["config"]) for r in rows
+                                                           if r["target"] == "sm_90" and mma_kind(r) == "HMMA"])
+    assert "HGMMA / HMMA / no MMA variants" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
     for op in {case.op for case in cases(quick=True)}:
         kernels = {row["kernel"] for row in rows if row["op"] == op}
         assert kernels, f"no kernel of {op} captured"
@@ -249,3 +257,15 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
         listed = {(c.kwargs["BM"], c.kwargs["BN"], c.num_warps, c.num_stages)
                   for c in block_causal._candidates("fwd", torch.float32, 64, arch)}
         assert captured == listed, (arch, captured, listed)
+
+
+def test_mma_and_tma_columns_classify_each_variant():
+    rows = [{"op": "moe_top2", "target": "sm_90", "tensor_core": {"HGMMA.64x64x8.F32.TF32": 4, "HMMA.1688.F32.TF32": 2},
+             "async_copies": {"UTMALDG.2D": 2}},
+            {"op": "moe_top2", "target": "sm_90", "tensor_core": {"HMMA.1688.F32.TF32": 16}, "async_copies": {}},
+            {"op": "moe_top2", "target": "sm_90", "tensor_core": {}, "async_copies": {"LDGSTS.E.BYPASS.128": 4}},
+            {"op": "moe_top2", "target": "sm_80", "tensor_core": {"HMMA.1688.F32.TF32": 16}, "async_copies": {}},
+            {"op": "adasplash2", "target": "sm_90", "tensor_core": {"HGMMA.64x64x16.F32.BF16": 1}, "async_copies": {}}]
+    assert [mma_kind(row) for row in rows[:3]] == ["HGMMA", "HMMA", "none"]
+    assert mma_summary(rows) == {"HGMMA": 1, "HMMA": 1, "none": 1, "TMA": 1}  # ours only, sm_90 only
+    assert mma_summary(rows, "sm_80") == {"HGMMA": 0, "HMMA": 1, "none": 0, "TMA": 0}

@@ -516,6 +516,33 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
 
 
+#: the least number of our variants at the models' shapes (``--quick``) that issue HGMMA on sm_90:
+#: ``tests/test_static_report.py`` fails when the count falls (raise it when kernels gain HGMMA)
+SM90_HGMMA_FLOOR = 26
+#: async-copy opcodes of the Tensor Memory Accelerator (tensor descriptors), as opposed to cp.async (LDGSTS)
+TMA_OPS = ("UTMALDG", "UBLKCP")
+
+
+def mma_kind(row) -> str:
+    """``HGMMA`` (Hopper's warpgroup MMA, wgmma) when a variant issues any, else ``HMMA`` (Ampere's warp MMA) when it
+    issues that, else ``none`` (no dot, or no tensor cores)."""
+    kinds = {opcode.split(".")[0] for opcode in row.get("tensor_core", {})}
+    return "HGMMA" if "HGMMA" in kinds else "HMMA" if "HMMA" in kinds else "none"
+
+
+def uses_tma(row) -> bool:
+    return any(opcode.split(".")[0] in TMA_OPS for opcode in row.get("async_copies", {}))
+
+
+def mma_summary(rows: Sequence[Dict[str, Any]], target: str = "sm_90") -> Dict[str, int]:
+    """On ``target``: how many of our compiled variants issue HGMMA, HMMA only, or no tensor-core instruction, and
+    how many load through TMA."""
+    ours = [r for r in rows if r["op"] not in PEERS and "error" not in r and r["target"] == target]
+    counts = Counter(mma_kind(r) for r in ours)
+    return {"HGMMA": counts["HGMMA"], "HMMA": counts["HMMA"], "none": counts["none"],
+            "TMA": sum(uses_tma(r) for r in ours)}
+
+
 def _tensor_cores(row) -> str:
     return ", ".join(f"{op} x{n}" for op, n in sorted(row.get("tensor_core", {}).items())) or "none"
 
@@ -581,10 +608,14 @@ def markdown(report: Dict[str, Any]) -> str:
              f"(`kernels/tools/report.py`). Occupancy: resident warps per SM on {SM_LIMITS[90].gpu} (sm_90) and "
              f"{SM_LIMITS[80].gpu} (sm_80) from registers, shared memory and warps per block.", "",
              f"**Ours: {len(ours)} kernel variants x target, {len(spilling)} spill** (worst: {_worst(spilling)}).", "",
+             *[f"**{target}: {m['HGMMA']} variants issue HGMMA (warpgroup MMA), {m['HMMA']} HMMA only, {m['none']} "
+               f"no tensor-core instruction; {m['TMA']} load through TMA.**"
+               for target in report["targets"] if target == "sm_90" for m in [mma_summary(rows, target)]], "",
              "## Per kernel and target (worst case over shapes, dtypes and configs)", "", *kernel_table(rows), "",
              "## Per kernel, dtype and target", "",
              "| op | kernel | dtype | target | variants (spill-free) | registers (min) | spill stores / loads (max) "
-             "| shared memory (max) | warps/SM (min) | tensor cores (max count) | async copies |", "| --- " * 11 + "|"]
+             "| shared memory (max) | warps/SM (min) | HGMMA / HMMA / no MMA variants | TMA variants "
+             "| tensor cores (max count) | async copies |", "| --- " * 13 + "|"]
     groups: Dict[tuple, list] = {}
     for row in rows:
         if "error" not in row:
@@ -595,10 +626,13 @@ def markdown(report: Dict[str, Any]) -> str:
         kinds = {k for r in members for k in r["tensor_core"]}
         mma = {k: max(r["tensor_core"].get(k, 0) for r in members) for k in kinds}
         spill_free = sum(1 for r in members if not (r["spill_store_bytes"] or r["spill_load_bytes"]))
+        kinds_count = Counter(mma_kind(r) for r in members)
         lines.append(f"| {op} | {kernel} | {dtype} | {target} | {len(members)} ({spill_free}) "
                      f"| {min(r['registers'] for r in members)} "
                      f"| {worst['spill_store_bytes']} / {worst['spill_load_bytes']} B | {_kib(shared)} "
-                     f"| {min(r['occupancy_warps_per_sm'] for r in members)} | {_tensor_cores({'tensor_core': mma})} "
+                     f"| {min(r['occupancy_warps_per_sm'] for r in members)} "
+                     f"| {kinds_count['HGMMA']} / {kinds_count['HMMA']} / {kinds_count['none']} "
+                     f"| {sum(uses_tma(r) for r in members)} | {_tensor_cores({'tensor_core': mma})} "
                      f"| {_copy_kinds(members)} |")
     if report["unsupported"]:
         lines += ["", "## Not compiled", ""]
