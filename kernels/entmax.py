@@ -847,7 +847,9 @@ def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, 
 
 
 def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool, exact: bool = False) -> torch.Tensor:
-    _check_attention_inputs(q, k, k, causal, scale)
+    _check_entmax_inputs(q, k, k, 1.5, causal, scale)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (B, H, T, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -998,66 +1000,142 @@ def entmax15(scores: torch.Tensor) -> torch.Tensor:
     return _Entmax15Function.apply(scores)
 
 
-@autocast_op
+def _sparsemax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``max(x - tau, 0)`` with ``sum = 1`` along the last dimension (sparsemax; ``x`` finite, any value at or below
+    ``max x - 1`` is never in the support): sort-based exact threshold ``tau = (sum_{i <= k*} x_(i) - 1) / k*``,
+    ``k* = max {k : 1 + k x_(k) > sum_{i <= k} x_(i)}`` (Martins and Astudillo, 2016)."""
+    x_sorted = x.sort(dim=-1, descending=True).values
+    k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    support_size = (1 + k * x_sorted > x_sorted.cumsum(-1)).sum(-1, keepdim=True)  # >= 1
+    tau = (x_sorted.cumsum(-1).gather(-1, support_size - 1) - 1) / support_size.to(x.dtype)
+    return (x - tau).clamp(min=0)
+
+
+#: Bisection steps of the reference threshold per dtype: past the mantissa (53, 24 bits), steps that go on shrinking
+#: the bracket where tau lies near 0 (it lies in [-1, -n^(1 - alpha)]); then the midpoint is one of the ends.
+_BISECTION_STEPS = {torch.float64: 53 + 64, torch.float32: 24 + 40, torch.float16: 11 + 20, torch.bfloat16: 8 + 20}
+
+
+def _alpha_entmax_rows(scores: torch.Tensor, alpha: torch.Tensor, fixed_alpha: Optional[float]) -> torch.Tensor:
+    """Forward of :func:`alpha_entmax` along the last dimension; ``alpha`` broadcasts to ``scores[..., :1]``
+    (``fixed_alpha``: its one value when known on the host, else None).
+
+    With ``x = (alpha - 1) * scores`` shifted by its row maximum, the threshold lies in ``[-1, -n^(1 - alpha)]``
+    (n finite scores), so values at or below -1 are clamped to it (never in the support; any magnitude is exact).
+    alpha = 1.5 takes the closed form of :func:`entmax15`, alpha = 2 sparsemax's; other alpha bisect
+    ``f(tau) = sum_j max(x_j - tau, 0)^(1 / (alpha - 1)) - 1`` (decreasing) down to adjacent floats of the row's dtype,
+    and the probabilities are normalised to sum to 1 (as ``entmax.entmax_bisect``). A tensor of several alpha takes
+    each row's closed form where its alpha is 1.5 or 2 (computing all three; no host read, so it compiles)."""
+    if fixed_alpha == 1.5:
+        return _entmax15_rows(scores)
+    finite = torch.isfinite(scores)
+    undefined = (scores.isnan() | (scores == float("inf"))).any(-1, keepdim=True) | ~finite.any(-1, keepdim=True)
+    alpha = alpha.to(scores.dtype).expand_as(scores[..., :1])
+    x = torch.where(finite, scores, float("-inf")) * (alpha - 1)
+    x_max = torch.where(undefined, 0.0, x.amax(-1, keepdim=True))
+    w = (x - x_max).clamp(min=-1.0)
+    if fixed_alpha == 2.0:
+        return torch.where(undefined, float("nan"), _sparsemax_rows(w))
+    inverse = 1 / (alpha - 1)
+    n = finite.sum(-1, keepdim=True).clamp(min=1).to(scores.dtype)
+    lo, hi = torch.full_like(alpha, -1.0), -(n ** -(alpha - 1))
+    for _ in range(_BISECTION_STEPS[scores.dtype]):  # tau near 0 has finer floats than the bracket's ends
+        mid = (lo + hi) / 2
+        above = (w - mid).clamp(min=0).pow(inverse).sum(-1, keepdim=True) >= 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    p = (w - lo).clamp(min=0).pow(inverse)
+    p = p / p.sum(-1, keepdim=True)
+    if fixed_alpha is None:
+        p = torch.where(alpha == 1.5, _entmax15_rows(scores), torch.where(alpha == 2.0, _sparsemax_rows(w), p))
+    return torch.where(undefined, float("nan"), p)
+
+
+def check_alpha(alpha, heads: Optional[int] = None, validate: Optional[bool] = None):
+    """``alpha`` as the ops take it: a float in (1, 2] (returned as a float), or a floating-point tensor of shape
+    ``(heads,)`` (one alpha per query head; any shape when ``heads`` is None) whose values are in (1, 2] (read on the
+    host when ``validate``; None: when the tensor is on the CPU and torch.compile is not tracing)."""
+    if isinstance(alpha, torch.Tensor):
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
+        if heads is not None and tuple(alpha.shape) != (heads,):
+            raise ValueError(f"alpha must be a float or a tensor of shape (H,) = ({heads},) (one per query head), "
+                             f"got shape {tuple(alpha.shape)}")
+        if torch.compiler.is_compiling() or not (alpha.device.type == "cpu" if validate is None else validate):
+            return alpha
+        values = alpha.detach()
+        if not bool(((values > 1) & (values <= 2)).all()):  # NaN fails too
+            raise ValueError(f"alpha must lie in (1, 2] and be finite, got {values.cpu().tolist()}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float in (1, 2] or a tensor, got {type(alpha).__name__}")
+    if not 1 < alpha <= 2:  # NaN fails too
+        raise ValueError(f"alpha must lie in (1, 2] and be finite, got {alpha}")
+    return float(alpha)
+
+
+class _AlphaEntmaxFunction(torch.autograd.Function):
+    """alpha-entmax along the last dimension with gradients to the scores and to alpha (``entmax.entmax_bisect``'s
+    backward). On the support, ``g = p^(2 - alpha)``, ``g_hat = g / sum g``, ``S = p log p``, ``H = sum S``:
+    ``d scores = g * (dp - sum(g dp) / sum g)``,
+    ``d alpha = sum_j dp_j [(p_j - g_hat_j) / (alpha - 1)^2 - (S_j - g_hat_j H) / (alpha - 1)]`` per row (summed
+    over the rows that share an alpha)."""
+
+    @staticmethod
+    def forward(ctx, scores, alpha, fixed_alpha):
+        p = _alpha_entmax_rows(scores, alpha, fixed_alpha)
+        ctx.save_for_backward(p, alpha)
+        return p
+
+    @staticmethod
+    def backward(ctx, dp):
+        p, alpha = ctx.saved_tensors
+        row_alpha = alpha.to(p.dtype).expand_as(p[..., :1])
+        g = torch.where(p > 0, p.clamp(min=torch.finfo(p.dtype).tiny) ** (2 - row_alpha), 0.0)
+        g_hat = g / g.sum(-1, keepdim=True)
+        d_scores = g * dp - g * (g * dp).sum(-1, keepdim=True) / g.sum(-1, keepdim=True)
+        d_alpha = None
+        if ctx.needs_input_grad[1]:
+            shannon = torch.where(p > 0, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), 0.0)
+            entropy = shannon.sum(-1, keepdim=True)
+            row_grad = (dp * ((p - g_hat) / (row_alpha - 1) ** 2 - (shannon - g_hat * entropy) / (row_alpha - 1))
+                        ).sum(-1, keepdim=True)
+            d_alpha = row_grad.sum_to_size(alpha.shape).to(alpha.dtype)
+        return d_scores, d_alpha, None
+
+
+def alpha_entmax(scores: torch.Tensor, alpha=1.5) -> torch.Tensor:
+    """alpha-entmax along the last dimension, in PyTorch: ``p = max((alpha - 1) * scores - tau, 0)^(1 / (alpha - 1))``
+    with tau such that each row sums to 1; differentiable in ``scores`` and in ``alpha``.
+
+    ``alpha``: a float in (1, 2] or a tensor that broadcasts to ``scores[..., :1]`` (one alpha per row or group of
+    rows). alpha = 1.5 is :func:`entmax15` and alpha = 2 sparsemax, both with a closed-form threshold; other alpha
+    bisect it to the rounding of the scores' dtype. ``-inf`` scores get probability 0; a row with a NaN or ``+inf``
+    score, or no finite score, is NaN. Equals ``entmax.entmax_bisect(scores, alpha, dim=-1)`` up to rounding.
+    """
+    alpha = check_alpha(alpha)
+    if isinstance(alpha, torch.Tensor):
+        return _AlphaEntmaxFunction.apply(scores, alpha, None)
+    if alpha == 1.5:
+        return _Entmax15Function.apply(scores)
+    return _AlphaEntmaxFunction.apply(scores, torch.tensor(alpha, dtype=scores.dtype, device=scores.device), alpha)
+
+
 def entmax15_attention_weights(q: Tensor, k: Tensor, *, causal: bool = True,
                                scale: Optional[float] = None) -> Tensor:
-    """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), computed in float32 or in the inputs'
-    dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory. A query row whose visible
-    scores hold NaN or ``+inf`` (NaN or infinite q or k) is NaN."""
-    t = q.shape[-2]
-    hidden = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1) if causal else None
-    return _masked_entmax15_weights(q, k, hidden, scale)
+    """:func:`entmax_attention_weights` with alpha = 1.5."""
+    return entmax_attention_weights(q, k, alpha=1.5, causal=causal, scale=scale)
 
 
-def _masked_entmax15_weights(q: Tensor, k: Tensor, hidden: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    """``entmax15(q k^T * scale)`` (..., T, T) with ``-inf`` where ``hidden`` (T, T) (None: nothing hidden), in
-    float32 or the inputs' dtype if wider."""
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
-    if hidden is not None:
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return entmax15(scores)
-
-
-@autocast_op
 def entmax15_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                                  scale: Optional[float] = None) -> Tensor:
-    """``entmax15(mask(q k^T * scale)) @ v`` (B, H, T, Dv) in plain PyTorch, computed in float32 (float64 for
-    float64 inputs) and returned in v's dtype. NaN rows as in :func:`entmax15`."""
-    weights = entmax15_attention_weights(q, k, causal=causal, scale=scale)
-    return (weights @ v.to(weights.dtype)).to(v.dtype)
+    """:func:`entmax_attention_reference` with alpha = 1.5. NaN rows as in :func:`entmax15`."""
+    return entmax_attention_reference(q, k, v, alpha=1.5, causal=causal, scale=scale)
 
 
-def _check_attention_inputs(q, k, v, causal, scale) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, tensor, ndim=4)
-    check_same_dtype_and_device(q=q, k=k, v=v)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape (B, H, T, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must match q in (B, H, T) = {tuple(q.shape[:3])}, got shape {tuple(v.shape)}")
-    check_nonempty(q=q, k=k, v=v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    check_scale(scale)
-
-
-@autocast_op
 def entmax15_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                        scale: Optional[float] = None) -> Tensor:
-    """Entmax-1.5 attention: ``entmax15(mask(q k^T * scale)) @ v``.
-
-    q, k: (B, H, T, D); v: (B, H, T, Dv); fp32, fp16 or bf16 (any strides). Returns (B, H, T, Dv) in the inputs'
-    dtype. ``causal`` hides keys j > i; ``scale`` defaults to ``D ** -0.5``. Differentiable in q, k and v.
-    Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides.
-    """
-    _check_attention_inputs(q, k, v, causal, scale)
-    if not use_triton(q, k, v):
-        return entmax15_attention_reference(q, k, v, causal=causal, scale=scale)
-    check_batch_heads(q.shape[0] * q.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+    """Entmax-1.5 attention: :func:`entmax_attention` with alpha = 1.5."""
+    return entmax_attention(q, k, v, alpha=1.5, causal=causal, scale=scale)
 
 
 def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _Sequences):
@@ -1065,51 +1143,212 @@ def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _
     return _entmax15_attention_fwd_op(q, k, v, *sequences, causal, scale, store_w)[0]
 
 
-@autocast_op
 def entmax15_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = True,
                                         scale: Optional[float] = None) -> Tensor:
-    """:func:`entmax15_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one
-    dense masked attention over all rows (O(total^2) memory; no host read of the offsets, so it compiles)."""
-    rows = torch.arange(q.shape[0], device=q.device)
-    sequence = sequence_ids(cu_seqlens.to(q.device), q.shape[0])
-    hidden = sequence[:, None] != sequence[None, :]
-    if causal:
-        hidden |= rows[None, :] > rows[:, None]
-    q_h, k_h, v_h = (x.transpose(0, 1) for x in (q, k, v))  # (H, total, D)
-    weights = _masked_entmax15_weights(q_h, k_h, hidden, scale)
-    return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
+    """:func:`entmax_attention_varlen_reference` with alpha = 1.5 and the query offsets for the keys."""
+    return entmax_attention_varlen_reference(q, k, v, cu_seqlens, alpha=1.5, causal=causal, scale=scale)
 
 
-@autocast_op
 def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
                               max_seqlen: Optional[int] = None, causal: bool = True, scale: Optional[float] = None,
                               validate: Optional[bool] = None) -> Tensor:
-    """Entmax-1.5 attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
+    """Entmax-1.5 attention on packed sequences: :func:`entmax_attention_varlen` with alpha = 1.5 and one offsets
+    tensor ``cu_seqlens`` for queries and keys. The kernels tile the packed rows and never visit key tiles outside a
+    query tile's sequences, so padding costs nothing."""
+    check_tensor("q", q, ndim=3)
+    cu_seqlens = checked_cu_seqlens(cu_seqlens, q.shape[0], validate)  # errors name this function's argument
+    return entmax_attention_varlen(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, causal=causal, scale=scale,
+                                   validate=validate)
 
-    ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends only
-    within itself (causally when ``causal``). The kernels tile the packed rows and never visit key tiles outside a
-    query tile's sequences, so padding costs nothing. ``max_seqlen`` is accepted for the varlen convention of
-    ``block_causal_attention_varlen`` and checked, not needed. ``validate`` checks the offsets (start at 0, strictly
-    increasing, end at total); None means "when cu_seqlens is on the CPU" (checking GPU offsets syncs with the host).
-    Under ``torch.autocast`` it runs in the autocast dtype, like :func:`entmax15_attention`.
+
+# ----------------------------------------------------------------------------------------------------------------
+# alpha-entmax attention: any alpha, grouped-query heads, queries and keys of different lengths
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _causal_hidden(t_q: int, t_k: int, device) -> Tensor:
+    """(Tq, Tk) bool, True where query i may not see key j: ``j > i + Tk - Tq`` (aligned bottom-right, as
+    FlashAttention >= 2.1: the last query sees every key; with Tq > Tk the first ``Tq - Tk`` queries see none)."""
+    rows = torch.arange(t_q, device=device)[:, None]
+    cols = torch.arange(t_k, device=device)[None, :]
+    return cols > rows + (t_k - t_q)
+
+
+def _masked_entmax_weights(q: Tensor, k: Tensor, hidden: Optional[Tensor], scale: Optional[float], alpha) -> Tensor:
+    """``alpha_entmax(q k^T * scale)`` (..., H, Tq, Tk) for q (..., H, Tq, D) and k (..., Hkv, Tk, D) (query head h
+    reads key head ``h // (H / Hkv)``), with ``-inf`` where ``hidden`` (Tq, Tk) (None: nothing hidden); a query row
+    that sees no key is zeros (zero gradient). alpha: a float or a (H,) tensor. In float32 or the inputs' dtype if
+    wider."""
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
+    blind = None
+    if hidden is not None:
+        blind = hidden.all(-1, keepdim=True)  # (Tq, 1): rows that see no key
+        scores = scores.masked_fill(hidden, float("-inf")).masked_fill(blind, 0.0)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.view(-1, 1, 1)  # one per query head
+    weights = alpha_entmax(scores, alpha)
+    return weights if blind is None else weights.masked_fill(blind, 0.0)
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_weights(q: Tensor, k: Tensor, *, alpha=1.5, causal: bool = True,
+                             scale: Optional[float] = None) -> Tensor:
+    """The attention matrix ``alpha_entmax(mask(q k^T * scale))`` (B, H, Tq, Tk) of :func:`entmax_attention`, in
+    float32 or the inputs' dtype if wider (float64 for tests). For references and drawing only: O(Tq Tk) memory."""
+    hidden = _causal_hidden(q.shape[-2], k.shape[-2], q.device) if causal else None
+    return _masked_entmax_weights(q, k, hidden, scale, alpha)
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, alpha=1.5, causal: bool = True,
+                               scale: Optional[float] = None) -> Tensor:
+    """:func:`entmax_attention` in plain PyTorch: ``alpha_entmax(mask(q k^T * scale)) @ v`` (B, H, Tq, Dv), computed
+    in float32 (float64 for float64 inputs) and returned in v's dtype; differentiable in q, k, v and a tensor alpha."""
+    weights = entmax_attention_weights(q, k, alpha=alpha, causal=causal, scale=scale)
+    v = v.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    return (weights @ v.to(weights.dtype)).to(v.dtype)
+
+
+def _check_entmax_inputs(q, k, v, alpha, causal, scale, *, packed: bool = False):
+    """Checks of :func:`entmax_attention` (``packed``: of the varlen form, on its (1, H, total, D) views); returns
+    alpha as :func:`check_alpha` does."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, tensor, ndim=4)
+    check_same_dtype_and_device(q=q, k=k, v=v)
+    shape = "(total, Hkv, D)" if packed else "(B, Hkv, Tk, D)"
+    if k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must match q in batch and D: q {tuple(q.shape)}, k {tuple(k.shape)} (k: {shape})")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k's heads Hkv = {k.shape[1]} must divide q's heads H = {q.shape[1]} (grouped-query "
+                         f"attention: query head h reads key head h // (H / Hkv))")
+    if v.shape[:3] != k.shape[:3]:
+        packed_k, packed_v = (tuple(x.shape[2:0:-1]) if packed else tuple(x.shape[:3]) for x in (k, v))
+        raise ValueError(f"v must match k in {'(total, Hkv)' if packed else '(B, Hkv, Tk)'} = {packed_k}, got "
+                         f"{packed_v}")
+    check_nonempty(q=q, k=k, v=v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_scale(scale)
+    alpha = check_alpha(alpha, heads=q.shape[1])
+    if isinstance(alpha, Tensor) and alpha.device != q.device:
+        raise ValueError(f"alpha is on {alpha.device} but q is on {q.device}; they must match")
+    return alpha
+
+
+def _check_triton_supports(q, k, alpha) -> None:
+    """The arguments that the Triton kernels do not take yet: refused on that backend, never run another way."""
+    if not (isinstance(alpha, float) and alpha == 1.5):
+        raise NotImplementedError(f"alpha={alpha!r}: the Triton kernels take alpha = 1.5 only (use "
+                                  "KERNELS_BACKEND=reference for other alpha)")
+    if k.shape[1] != q.shape[1]:
+        raise NotImplementedError(f"k with Hkv = {k.shape[1]} heads for H = {q.shape[1]} query heads: the Triton "
+                                  "kernels take Hkv = H only (use KERNELS_BACKEND=reference for grouped-query heads)")
+    if k.shape[2] != q.shape[2]:
+        raise NotImplementedError(f"k of length Tk = {k.shape[2]} for Tq = {q.shape[2]} queries: the Triton kernels "
+                                  "take Tk = Tq only (use KERNELS_BACKEND=reference)")
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention(q: Tensor, k: Tensor, v: Tensor, *, alpha=1.5, causal: bool = True,
+                     scale: Optional[float] = None) -> Tensor:
+    """alpha-entmax attention: ``alpha_entmax(mask(q k^T * scale)) @ v``.
+
+    q: (B, H, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv), Hkv dividing H: query head h reads key head
+    ``h // (H / Hkv)`` (grouped-query attention). fp32, fp16 or bf16 (any strides). Returns (B, H, Tq, Dv) in the
+    inputs' dtype. ``causal`` lets query i see key j iff ``j <= i + Tk - Tq`` (bottom-right, as FlashAttention >=
+    2.1); a query row that sees no key (Tq > Tk) returns zeros. ``scale`` defaults to ``D ** -0.5``.
+    ``alpha``: a float in (1, 2] or a (H,) tensor (one per query head; its values are checked when it is on the CPU),
+    differentiable: 1.5 is entmax-1.5, 2 sparsemax, and alpha -> 1 tends to softmax. Differentiable in q, k, v and a
+    tensor alpha. Under ``torch.autocast`` q, k, v run in the autocast dtype, alpha keeps its own.
+    Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides; the Triton kernels take
+    alpha = 1.5 with Hkv = H and Tk = Tq and raise ``NotImplementedError`` on other arguments.
+    """
+    alpha = _check_entmax_inputs(q, k, v, alpha, causal, scale)
+    if not use_triton(q, k, v):
+        return entmax_attention_reference(q, k, v, alpha=alpha, causal=causal, scale=scale)
+    _check_triton_supports(q, k, alpha)
+    check_batch_heads(q.shape[0] * q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+
+
+def _packed_hidden(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, total_k: int, causal: bool) -> Tensor:
+    """(total_q, total_k) bool, True where packed query row r may not see packed key row c: other sequences, and,
+    when causal, ``c - end_k > r - end_q`` (each sequence aligned bottom-right; ``end_*``: its last offsets)."""
+    seq_q = sequence_ids(cu_seqlens_q, total_q)
+    seq_k = sequence_ids(cu_seqlens_k, total_k)
+    hidden = seq_q[:, None] != seq_k[None, :]
+    if causal:
+        from_end_q = torch.arange(total_q, device=seq_q.device) - cu_seqlens_q.long()[seq_q + 1]
+        from_end_k = torch.arange(total_k, device=seq_k.device) - cu_seqlens_k.long()[seq_k + 1]
+        hidden |= from_end_k[None, :] > from_end_q[:, None]
+    return hidden
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                                      cu_seqlens_k: Optional[Tensor] = None, *, alpha=1.5, causal: bool = True,
+                                      scale: Optional[float] = None) -> Tensor:
+    """:func:`entmax_attention_varlen` in plain PyTorch, as one dense masked attention over all packed rows
+    (O(total_q total_k) memory; no host read of the offsets, so it compiles)."""
+    cu_seqlens_q = cu_seqlens_q.to(q.device)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k.to(q.device)
+    hidden = _packed_hidden(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], causal)
+    q_h, k_h, v_h = (x.transpose(0, 1) for x in (q, k, v))  # (heads, total, D)
+    weights = _masked_entmax_weights(q_h, k_h, hidden, scale, alpha)
+    v_h = v_h.repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+    return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
+
+
+def _check_max_seqlen(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                            cu_seqlens_k: Optional[Tensor] = None, *, max_seqlen_q: Optional[int] = None,
+                            max_seqlen_k: Optional[int] = None, alpha=1.5, causal: bool = True,
+                            scale: Optional[float] = None, validate: Optional[bool] = None) -> Tensor:
+    """:func:`entmax_attention` on packed sequences: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv)
+    -> (total_q, H, Dv).
+
+    Query sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of q and attends only to key rows
+    ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` (both (num_seqs + 1,) int32; ``cu_seqlens_k`` None: the query
+    offsets, self-attention), causally when ``causal``, aligned bottom-right per sequence (a query row that sees no
+    key returns zeros). ``max_seqlen_q``/``max_seqlen_k`` follow the varlen convention and are checked, not needed.
+    ``validate`` checks the offsets (start at 0, strictly increasing, end at total_q / total_k); None means "when
+    they are on the CPU". alpha, scale and the backends as in :func:`entmax_attention`.
     """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor, ndim=3)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape (total, H, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must match q in (total, H) = {tuple(q.shape[:2])}, got shape {tuple(v.shape)}")
-    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, total, D) views
-    _check_attention_inputs(q4, k4, v4, causal, scale)
-    total = q.shape[0]
-    cu_seqlens = checked_cu_seqlens(cu_seqlens, total, validate)
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, total, D) views
+    alpha = _check_entmax_inputs(q4, k4, v4, alpha, causal, scale, packed=True)
+    keys_share_offsets = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+    cu_seqlens_q = checked_cu_seqlens(cu_seqlens_q, q.shape[0], validate, name="cu_seqlens_q")
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"cu_seqlens_k is needed when k's rows ({k.shape[0]}) differ from q's ({q.shape[0]})")
+    else:
+        cu_seqlens_k = checked_cu_seqlens(cu_seqlens_k, k.shape[0], validate, name="cu_seqlens_k")
+        if cu_seqlens_k.shape != cu_seqlens_q.shape:
+            raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q ({cu_seqlens_q.numel()}), got "
+                             f"{cu_seqlens_k.numel()}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if not use_triton(q, k, v):
-        return entmax15_attention_varlen_reference(q, k, v, cu_seqlens, causal=causal, scale=scale)
+        return entmax_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, alpha=alpha, causal=causal,
+                                                 scale=scale)
+    _check_triton_supports(q4, k4, alpha)
+    if not keys_share_offsets:
+        raise NotImplementedError("cu_seqlens_k: the Triton kernels take the query offsets for the keys only (use "
+                                  "KERNELS_BACKEND=reference for other key offsets)")
     check_batch_heads(q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out = _entmax15_attention_triton(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens, total, q.device))
+    out = _entmax15_attention_triton(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens_q, q.shape[0], q.device))
     return out[0].transpose(0, 1)
 
 

@@ -4,16 +4,21 @@ Each lives beside its Triton kernels in the op's own file; this module gathers t
 """
 from .block_causal import (block_causal_attention_reference, block_causal_attention_varlen_reference,
                                      block_causal_mask)
-from .entmax import EntmaxCausalAttention, entmax15_attention_reference
+from .entmax import (EntmaxCausalAttention, alpha_entmax, entmax15_attention_reference, entmax_attention_reference,
+                     entmax_attention_varlen_reference, entmax_attention_weights)
 from .moe import Top2MoEReference as Top2MoE
 from .moe import moe_top2_reference
 
 __all__ = [
     "EntmaxCausalAttention",
     "Top2MoE",
+    "alpha_entmax",
     "block_causal_attention_reference",
     "block_causal_attention_varlen_reference",
     "block_causal_mask",
     "entmax15_attention_reference",
+    "entmax_attention_reference",
+    "entmax_attention_varlen_reference",
+    "entmax_attention_weights",
     "moe_top2_reference",
 ]

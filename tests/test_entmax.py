@@ -195,9 +195,9 @@ def _good():
     "make, error, match",
     [
         pytest.param(lambda q, k, v: (q[0], k, v, {}), ValueError, "q must have 4 dimensions", id="rank"),
-        pytest.param(lambda q, k, v: (q, k[..., :3], v, {}), ValueError, "k must have q's shape", id="k-D"),
-        pytest.param(lambda q, k, v: (q, k, v[:, :, :4], {}), ValueError, "v must match q", id="v-T"),
-        pytest.param(lambda q, k, v: (q, k, v[:, :1], {}), ValueError, "v must match q", id="v-H"),
+        pytest.param(lambda q, k, v: (q, k[..., :3], v, {}), ValueError, "k must match q in batch and D", id="k-D"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :, :4], {}), ValueError, "v must match k", id="v-T"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :1], {}), ValueError, "v must match k", id="v-H"),
         pytest.param(lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "q must have dtype",
                      id="float64"),
         pytest.param(lambda q, k, v: (q, k, v.half(), {}), TypeError, "v has dtype", id="mixed-dtypes"),
