@@ -44,23 +44,23 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be finite, got {scale}")
 
 
-def checked_cu_seqlens(cu_seqlens, total: int, validate, name: str = "cu_seqlens") -> torch.Tensor:
+def checked_cu_seqlens(cu_seqlens, total: int, validate) -> torch.Tensor:
     """The offsets as a contiguous int32 (num_seqs + 1,) tensor (the kernels index them as a flat array); with
     ``validate`` (None: when they are on the CPU; never while torch.compile traces) also their values: start at 0,
-    strictly increasing, end at ``total``. Errors name the argument ``name``."""
-    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,))
+    strictly increasing, end at ``total``."""
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if cu_seqlens.numel() < 2:
-        raise ValueError(f"{name} must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+        raise ValueError(f"cu_seqlens must hold num_seqs + 1 >= 2 offsets, got {cu_seqlens.numel()}")
     cu_seqlens = cu_seqlens.contiguous()
     if torch.compiler.is_compiling() or not (cu_seqlens.device.type == "cpu" if validate is None else validate):
         return cu_seqlens  # the value checks read the offsets on the host
     offsets = cu_seqlens.cpu()
     if offsets[0] != 0:
-        raise ValueError(f"{name} must start at 0, got {int(offsets[0])}")
+        raise ValueError(f"cu_seqlens must start at 0, got {int(offsets[0])}")
     if not bool((offsets[1:] > offsets[:-1]).all()):
-        raise ValueError(f"{name} must be strictly increasing, got {offsets.tolist()}")
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets.tolist()}")
     if offsets[-1] != total:
-        raise ValueError(f"{name} must end at the packed length {total}, got {int(offsets[-1])}")
+        raise ValueError(f"cu_seqlens must end at the packed length {total}, got {int(offsets[-1])}")
     return cu_seqlens
 
 

@@ -22,6 +22,7 @@ Every kernel takes strides (inputs may be non-contiguous views) and accumulates 
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -215,15 +216,16 @@ def _bucket(batch_heads: int, t: int) -> tuple:
 #: Runtime flags and sequence sizes are never specialized (no variant per value 1). D and Dv are: a multiple of 16
 #: makes the feature masks constant over 16 elements, so tiles load as vectors and stream with async copies
 #: (cp.async needs at least 4-byte vectors); D = 1 or Dv = 1 compiles a variant of its own.
-_NOT_SPECIALIZED = ["H", "T", "causal"]
+_NOT_SPECIALIZED = ["H", "T", "TK", "causal"]
 
 
 @triton.jit
-def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T, K,
+def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T, TB, K,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows outside [0, T) read as zeros."""
+    """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows of a outside [0, T) and of b outside
+    [0, TB) read as zeros."""
     m_m = o_m < T
-    m_n = o_n < T
+    m_n = o_n < TB
     o_m64 = o_m.to(tl.int64)
     o_n64 = o_n.to(tl.int64)
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -241,11 +243,11 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
 
 
 @triton.jit
-def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal, b_start, b_end,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside each row's sequence [b_start, b_end) and where the
-    causal mask hides the key."""
-    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, half_scale, causal, b_start,
+            b_end, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """Halved scores ``z = scale / 2 * q . k`` of query rows o_m (T rows) and keys o_n (TK keys), ``-inf`` outside
+    each row's keys [b_start, b_end) and where the causal mask hides the key (``causal`` takes T = TK)."""
+    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
                     UPCAST_DOTS) * half_scale
     m_visible = (o_m[:, None] < T) & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
         & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
@@ -254,16 +256,17 @@ def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D
 
 @triton.jit
 def _row_sequences(seq_start, seq_end, o_m, T):
-    """Per row, the keys [start, end) of its sequence ([0, T) unless packed); empty past T."""
+    """Per query row (T rows), the keys [start, end) that it may see; empty past T."""
     m_m = o_m < T
     return tl.load(seq_start + o_m, mask=m_m, other=0), tl.load(seq_end + o_m, mask=m_m, other=0)
 
 
 @triton.jit
-def _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
-    """Keys [lo, hi) that query tile ``i_m`` can see (lo a multiple of BN): key tiles outside are never visited."""
-    lo = tl.min(tl.where(o_m < T, b_start, T), 0) // BN * BN
-    hi = tl.where(causal != 0, tl.minimum((i_m + 1) * BM, T), tl.max(b_end, 0))
+def _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM: tl.constexpr, BN: tl.constexpr):
+    """Keys [lo, hi) that query tile ``i_m`` (of T rows; TK keys) can see (lo a multiple of BN): key tiles outside are
+    never visited."""
+    lo = tl.min(tl.where(o_m < T, b_start, TK), 0) // BN * BN
+    hi = tl.where(causal != 0, tl.minimum((i_m + 1) * BM, TK), tl.max(b_end, 0))
     return lo, hi
 
 
@@ -329,18 +332,20 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_sb, stride_sm, stride_sn,
-                       H, T, D, half_scale, causal,
+                       H, T, TK, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BN: tl.constexpr,
                        UPCAST_DOTS: tl.constexpr):
-    """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` and the threshold relative to it, tau (B*H, T)
-    fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score (or no finite one) get NaN
-    tau and rowmax 0. Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs T <= BN.
+    """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` (T query rows, TK keys) and the threshold
+    relative to it, tau (B*H, T) fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score
+    (or visible keys but no finite score) get NaN tau and rowmax 0; rows that see no key get tau = +inf (no
+    probability: zero output). Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs
+    TK <= BN.
 
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
     of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
-    (B*H, cdiv(T, BM), cdiv(T, MASK_BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds
+    (B*H, cdiv(T, BM), cdiv(TK, MASK_BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds
     its bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
     section 2, tile classification); a mask tile of MASK_BN keys (a multiple of BN) holds the OR of its BN-key
     tiles. With ROW_IN_REGISTERS the launcher fills the mask instead."""
@@ -351,10 +356,10 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
     p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
 
     if ROW_IN_REGISTERS:
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, D,
+        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, TK, D,
                       half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
         m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
@@ -362,16 +367,19 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
         m_bad = tl.zeros([BM], dtype=tl.int32) > 0
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(lo, hi, BN):
-            b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, D,
-                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, TK,
+                           D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
             m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
-    # a +inf score, or none finite, leaves no finite probabilities: NaN row, as the reference
-    m_bad = m_bad | (b_max == float("inf")) | (b_max == float("-inf"))
-    m_rest = (o_m >= T) | m_bad  # padded and NaN rows: finished from the start, arithmetic kept finite
+    # a +inf score, or visible keys but none finite, leaves no finite probabilities: NaN row, as the reference; a row
+    # that sees no key has no probability (tau = +inf: zero output)
+    b_seen = tl.where(causal != 0, o_m + 1, b_end) - b_start
+    m_blind = b_seen <= 0
+    m_bad = m_bad | (b_max == float("inf")) | ((b_max == float("-inf")) & ~m_blind)
+    m_rest = (o_m >= T) | m_bad | m_blind  # padded, NaN and blind rows: finished from the start, arithmetic finite
     b_max = tl.where(m_rest, 0.0, b_max)
 
-    b_visible = tl.maximum(tl.where(causal != 0, o_m + 1, b_end) - b_start, 1).to(tl.float32)
+    b_visible = tl.maximum(b_seen, 1).to(tl.float32)
     b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^-1/2)
     b_hi = -tl.rsqrt(b_visible)
     b_tau = b_lo
@@ -393,7 +401,7 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
             b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
-                               T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                               T, TK, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
                 b_zr = b_zt - b_max[:, None]
                 b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                     b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
@@ -408,7 +416,7 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
 
     o_row = i_bh.to(tl.int64) * T + o_m
     tl.store(rowmax + o_row, b_max, mask=o_m < T)
-    tl.store(tau + o_row, tl.where(m_bad, float("nan"), b_tau), mask=o_m < T)
+    tl.store(tau + o_row, tl.where(m_bad, float("nan"), tl.where(m_blind, float("inf"), b_tau)), mask=o_m < T)
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
@@ -417,11 +425,12 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_sb, stride_sm, stride_sn,
-                       H, T, D, Dv, half_scale, causal, store_w,
+                       H, T, TK, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                        MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
-    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H).
+    """o[:, :, :, chunk] (B, H, T, Dv) = p @ v (T query rows, TK keys) with ``p = max(z - tau, 0)^2``; if
+    ``store_w``, also w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM),
+    cdiv(Dv, BDV), B*H).
     Key tiles whose ``support`` byte (the threshold kernel's mask, tiles MASK_BM x BN; BM divides MASK_BM: a query
     tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T."""
     tl.static_assert(MASK_BM % BM == 0)
@@ -441,17 +450,17 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
     b_u = tl.zeros([BM, BDV], dtype=tl.float32)
     b_gsum = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     p_sup = support + i_bh.to(tl.int64) * stride_sb + ((i_m * BM) // MASK_BM).to(tl.int64) * stride_sm
     for n0 in range(lo, hi, BN):
         if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
             o_n = n0 + tl.arange(0, BN)
-            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
+            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D,
                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
             b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
             if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
                 b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
-                              mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
+                              mask=(o_n[:, None] < TK) & m_dv[None, :], other=0.0)  # [BN, BDV]
                 b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
                 if store_w != 0:
                     b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
@@ -484,19 +493,20 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_ob, stride_oh, stride_ot, stride_od,
-                       H, T, D, Dv, half_scale, scale, causal,
+                       H, T, TK, D, Dv, half_scale, scale, causal,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                        WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
-    ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, T, Dv) = p^T @ dO, dk[:, :, tile]
-    (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
-    caller). The query tiles visited are the first ``tile_counts[bh, i_n]`` entries of ``tile_rows[bh, i_n]``
-    (:func:`_query_tile_lists`: visible, with support, ascending); the others cost no dot and no load.
+    ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, TK, Dv) = p^T @ dO, dk[:, :, tile]
+    (B, H, TK, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
+    caller); T query rows, TK keys. The query tiles visited are the first ``tile_counts[bh, i_n]`` entries of
+    ``tile_rows[bh, i_n]`` (:func:`_query_tile_lists`: visible, with support, ascending); the others cost no dot and
+    no load.
 
     WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
     dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
     and dv (BDV wide) and recomputes z (and dP if it has a dk chunk) in chunked reductions: the fallback for head
-    sizes too wide for registers. Grid (cdiv(T, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
+    sizes too wide for registers. Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(2)
     i_c = tl.program_id(1) * (1 - WHOLE)  # 0 (a constant) when WHOLE
     i_b, i_h = i_bh // H, i_bh % H
@@ -506,7 +516,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
-    m_n = o_n < T
+    m_n = o_n < TK
     o_d = i_c * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_dv = i_c * BDV + tl.arange(0, BDV)
@@ -524,7 +534,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
     # the query tiles to visit, listed by the launcher: a loop without a branch, so that its loads stream with
     # async copies (Triton does not pipeline loads whose dots sit under an ``if``)
-    o_list = i_bh.to(tl.int64) * tl.cdiv(T, BN) + i_n
+    o_list = i_bh.to(tl.int64) * tl.cdiv(TK, BN) + i_n
     p_rows = tile_rows + o_list * tl.cdiv(T, BM)
     for i_row in range(0, tl.load(tile_counts + o_list)):
         m0 = tl.load(p_rows + i_row) * BM
@@ -544,7 +554,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         if WHOLE:
             b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
         else:
-            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
                             UPCAST_DOTS) * half_scale
         b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
         if WHOLE:
@@ -555,11 +565,11 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
             if has_dv:
                 b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
-                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
+                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, TK, Dv,
                                  BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
                 b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
 
-    o_key = i_bh.to(tl.int64) * T + o_n
+    o_key = i_bh.to(tl.int64) * TK + o_n
     tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
     tl.store(dv + o_key[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
@@ -593,9 +603,10 @@ def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequence
                         for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
 
 
-def _support_shape(B: int, H: int, T: int, tiles: Tiles):
-    """Shape of the per-tile support mask: (B*H, query tiles, key tiles) of ``block_m`` x ``block_n``."""
-    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n)
+def _support_shape(B: int, H: int, T: int, TK: int, tiles: Tiles):
+    """Shape of the per-tile support mask of T query rows and TK keys: (B*H, query tiles, key tiles) of ``block_m`` x
+    ``block_n``."""
+    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(TK, tiles.block_n)
 
 
 def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
@@ -604,15 +615,16 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
     tile) pair is 0, 1 where some may not be (docs/design.md section 2). Rows solved in registers (T <= row_block_n)
     mark every tile that a causal (or any) query tile can reach."""
     B, H, T, D = q.shape
+    TK = k.shape[2]
     tiles = _tiles(q.dtype)
     rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    in_registers = T <= tiles.row_block_n
-    shape = _support_shape(B, H, T, tiles)
+    in_registers = TK <= tiles.row_block_n
+    shape = _support_shape(B, H, T, TK, tiles)
     if in_registers:
         i_m = torch.arange(shape[1], device=q.device)[:, None]
         i_n = torch.arange(shape[2], device=q.device)[None, :]
-        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=T)) | (not causal)
+        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=TK)) | (not causal)
         support = reachable.to(torch.uint8).expand(shape).contiguous()
         blocks = dict(BM=tiles.row_block_m, BN=tiles.row_block_n, BD=tiles.block_d)
     else:  # the kernel writes every tile that a query tile visits; the others stay 0
@@ -620,7 +632,7 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
         blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
     launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, blocks["BM"]), B * H),
-           (q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D,
+           (q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, TK, D,
             0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
                 UPCAST_DOTS=upcast_dots_for(q.dtype)),
@@ -645,7 +657,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
     support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
+    TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
     half_scale = 0.5 * scale
     rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
@@ -654,7 +666,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     name, block_m, block_dv = _forward_tiles(tiles, Dv)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
-            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale, int(causal),
+            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv, half_scale, int(causal),
             int(store_w)),
            dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype)),
            _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
@@ -696,17 +708,17 @@ def _covering(mask: torch.Tensor, dim: int, size: int, mask_size: int, tiles: in
     return padded.view(shape).amax(dim + 1)
 
 
-def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, block_m: int, block_n: int,
+def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: int, block_m: int, block_n: int,
                       mask_m: int, mask_n: int, batch_heads: int):
-    """Per batch-head and key tile, the query tiles the backward visits: visible and with support. Returns
-    (rows (B*H, cdiv(T, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
-    counts (B*H, cdiv(T, block_n)) int32). Built on the device without a host sync."""
-    tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    """Per batch-head and key tile, the query tiles the backward visits: visible and with support (T query rows, TK
+    keys). Returns (rows (B*H, cdiv(TK, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
+    counts (B*H, cdiv(TK, block_n)) int32). Built on the device without a host sync."""
+    tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(TK, block_n)
     # visible tile pairs, from each query tile's keys [lo, hi) (as the forward's _visible_keys)
     pad = tiles_m * block_m - T
-    start = torch.nn.functional.pad(sequences.start, (0, pad), value=T).view(tiles_m, block_m).amin(1)
+    start = torch.nn.functional.pad(sequences.start, (0, pad), value=TK).view(tiles_m, block_m).amin(1)
     if causal:
-        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=T)
+        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=TK)
     else:
         hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
     key_tile = torch.arange(tiles_n, device=start.device) * block_n
@@ -724,33 +736,34 @@ def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, bloc
 
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
                           support: Optional[torch.Tensor] = None):
-    """Launch the backward kernel. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype.
+    """Launch the backward kernel. Returns dq (B, H, T, D), dk (B, H, TK, D) and dv (B, H, TK, Dv) in the inputs'
+    dtype.
 
-    ``support`` (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, the threshold pass's per-tile mask (0: every
+    ``support`` (B*H, cdiv(T, block_m), cdiv(TK, block_n)) uint8, the threshold pass's per-tile mask (0: every
     probability of that tile pair is 0); None means every visible tile may have support. The backward tiles must
     divide the mask's or be multiples of them (:func:`_covering`)."""
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
+    TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
     block_m, block_n, block_d, block_dv, whole = _backward_tiles(tiles, D, Dv)
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
         if size % mask_size and mask_size % size:
             raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
-    shape = _support_shape(B, H, T, tiles)
+    shape = _support_shape(B, H, T, TK, tiles)
     if support is not None and tuple(support.shape) != shape:
         raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
                          f"{tuple(support.shape)}")
-    rows, counts = _query_tile_lists(support, sequences, causal, T, block_m, block_n, tiles.block_m, tiles.block_n,
-                                     B * H)
+    rows, counts = _query_tile_lists(support, sequences, causal, T, TK, block_m, block_n, tiles.block_m,
+                                     tiles.block_n, B * H)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
-    dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
+    dk = torch.empty((B, H, TK, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, TK, Dv), dtype=v.dtype, device=v.device)
     chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
-    launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(T, block_n), chunks, B * H),
+    launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(TK, block_n), chunks, B * H),
            (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, D, Dv, 0.5 * scale, scale, int(causal)),
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, 0.5 * scale, scale, int(causal)),
            dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
            _candidates("bwd" if whole else "bwd chunked", q.dtype,
                        dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
@@ -782,7 +795,7 @@ def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
     shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
     return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
             q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32),
-            q.new_empty(_support_shape(B, H, T, _tiles(q.dtype)), dtype=torch.uint8))
+            q.new_empty(_support_shape(B, H, T, k.shape[2], _tiles(q.dtype)), dtype=torch.uint8))
 
 
 @torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
@@ -1238,17 +1251,56 @@ def _check_entmax_inputs(q, k, v, alpha, causal, scale, *, packed: bool = False)
     return alpha
 
 
-def _check_triton_supports(q, k, alpha) -> None:
+def _check_triton_supports(alpha) -> None:
     """The arguments that the Triton kernels do not take yet: refused on that backend, never run another way."""
     if not (isinstance(alpha, float) and alpha == 1.5):
         raise NotImplementedError(f"alpha={alpha!r}: the Triton kernels take alpha = 1.5 only (use "
                                   "KERNELS_BACKEND=reference for other alpha)")
-    if k.shape[1] != q.shape[1]:
-        raise NotImplementedError(f"k with Hkv = {k.shape[1]} heads for H = {q.shape[1]} query heads: the Triton "
-                                  "kernels take Hkv = H only (use KERNELS_BACKEND=reference for grouped-query heads)")
-    if k.shape[2] != q.shape[2]:
-        raise NotImplementedError(f"k of length Tk = {k.shape[2]} for Tq = {q.shape[2]} queries: the Triton kernels "
-                                  "take Tk = Tq only (use KERNELS_BACKEND=reference)")
+
+
+def _pack_query_heads(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv * G, T, n) -> (B, Hkv, T * G, n): the G query heads that read one key head become rows of one head,
+    row ``t * G + g`` holding head ``h * G + g``'s row t, so that every key tile the kernels load serves the G heads
+    of the query rows of a tile (grouped-query attention). A view when G = 1."""
+    B, H, T, n = x.shape
+    return x.reshape(B, H // groups, groups, T, n).transpose(2, 3).reshape(B, H // groups, T * groups, n)
+
+
+def _unpack_query_heads(x: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`_pack_query_heads`: (B, Hkv, T * G, n) -> (B, Hkv * G, T, n)."""
+    B, Hkv, TG, n = x.shape
+    return x.reshape(B, Hkv, TG // groups, groups, n).transpose(2, 3).reshape(B, Hkv * groups, TG // groups, n)
+
+
+def _attention_over_key_ranges(q, k, v, scale: float, key_ranges: _Sequences):
+    """The Triton op where query row t (of q's Tq rows, any head) sees keys ``[start[t], end[t])`` of k's Tk rows
+    (``key_ranges``; a causal mask is folded into them, an empty range gives a zero row): q (B, H, Tq, D), k
+    (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv), the query heads of each key head packed as its rows."""
+    groups = q.shape[1] // k.shape[1]
+    rows = _Sequences(*(bound.repeat_interleave(groups) for bound in key_ranges))
+    out = _entmax15_attention_triton(_pack_query_heads(q, groups), k, v, False, scale, rows)
+    return _unpack_query_heads(out, groups)
+
+
+def _whole_key_ranges(t_q: int, t_k: int, causal: bool, device) -> _Sequences:
+    """Per query row of :func:`entmax_attention`, the keys it sees: all, or when causal ``[0, i + 1 + Tk - Tq)``
+    (empty for the first ``Tq - Tk`` rows)."""
+    start = torch.zeros(t_q, dtype=torch.int32, device=device)
+    if not causal:
+        return _Sequences(start, torch.full((t_q,), t_k, dtype=torch.int32, device=device))
+    rows = torch.arange(t_q, dtype=torch.int32, device=device)
+    return _Sequences(start, (rows + (1 + t_k - t_q)).clamp(min=0, max=t_k))
+
+
+def _packed_key_ranges(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, causal: bool) -> _Sequences:
+    """Per packed query row of :func:`entmax_attention_varlen`, the packed keys it sees: its sequence's, up to
+    ``c - end_k <= r - end_q`` when causal (bottom-right per sequence); on the device without a host sync."""
+    sequence = sequence_ids(cu_seqlens_q, total_q)
+    start, end = cu_seqlens_k.long()[sequence], cu_seqlens_k.long()[sequence + 1]
+    if causal:
+        rows = torch.arange(total_q, device=sequence.device)
+        end = torch.maximum(end - cu_seqlens_q.long()[sequence + 1] + 1 + rows, start)
+    return _Sequences(start.to(torch.int32), end.to(torch.int32))
 
 
 @autocast_op(keep=("alpha",))
@@ -1264,15 +1316,18 @@ def entmax_attention(q: Tensor, k: Tensor, v: Tensor, *, alpha=1.5, causal: bool
     differentiable: 1.5 is entmax-1.5, 2 sparsemax, and alpha -> 1 tends to softmax. Differentiable in q, k, v and a
     tensor alpha. Under ``torch.autocast`` q, k, v run in the autocast dtype, alpha keeps its own.
     Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides; the Triton kernels take
-    alpha = 1.5 with Hkv = H and Tk = Tq and raise ``NotImplementedError`` on other arguments.
+    alpha = 1.5 and raise ``NotImplementedError`` on other alpha.
     """
     alpha = _check_entmax_inputs(q, k, v, alpha, causal, scale)
     if not use_triton(q, k, v):
         return entmax_attention_reference(q, k, v, alpha=alpha, causal=causal, scale=scale)
-    _check_triton_supports(q, k, alpha)
+    _check_triton_supports(alpha)
     check_batch_heads(q.shape[0] * q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+    if k.shape[1:3] == q.shape[1:3]:
+        return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+    key_ranges = _whole_key_ranges(q.shape[2], k.shape[2], causal, q.device)
+    return _attention_over_key_ranges(q, k, v, scale, key_ranges)
 
 
 def _packed_hidden(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, total_k: int, causal: bool) -> Tensor:
@@ -1303,6 +1358,14 @@ def entmax_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlen
     return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
 
 
+def _checked_offsets(name: str, cu_seqlens, total: int, validate) -> Tensor:
+    """``checked_cu_seqlens`` with errors that name the argument ``name`` (cu_seqlens_q or cu_seqlens_k)."""
+    try:
+        return checked_cu_seqlens(cu_seqlens, total, validate)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("cu_seqlens", name, 1)) from None
+
+
 def _check_max_seqlen(name: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -1328,12 +1391,12 @@ def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, total, D) views
     alpha = _check_entmax_inputs(q4, k4, v4, alpha, causal, scale, packed=True)
     keys_share_offsets = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
-    cu_seqlens_q = checked_cu_seqlens(cu_seqlens_q, q.shape[0], validate, name="cu_seqlens_q")
+    cu_seqlens_q = _checked_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], validate)
     if cu_seqlens_k is None:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"cu_seqlens_k is needed when k's rows ({k.shape[0]}) differ from q's ({q.shape[0]})")
     else:
-        cu_seqlens_k = checked_cu_seqlens(cu_seqlens_k, k.shape[0], validate, name="cu_seqlens_k")
+        cu_seqlens_k = _checked_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], validate)
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
             raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q ({cu_seqlens_q.numel()}), got "
                              f"{cu_seqlens_k.numel()}")
@@ -1342,13 +1405,17 @@ def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     if not use_triton(q, k, v):
         return entmax_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, alpha=alpha, causal=causal,
                                                  scale=scale)
-    _check_triton_supports(q4, k4, alpha)
-    if not keys_share_offsets:
-        raise NotImplementedError("cu_seqlens_k: the Triton kernels take the query offsets for the keys only (use "
-                                  "KERNELS_BACKEND=reference for other key offsets)")
+    _check_triton_supports(alpha)
     check_batch_heads(q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out = _entmax15_attention_triton(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens_q, q.shape[0], q.device))
+    if keys_share_offsets and k.shape[1] == q.shape[1]:
+        out = _entmax15_attention_triton(q4, k4, v4, causal, scale,
+                                         _packed_sequences(cu_seqlens_q, q.shape[0], q.device))
+    else:
+        cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k.to(q.device, non_blocking=True)
+        key_ranges = _packed_key_ranges(cu_seqlens_q.to(q.device, non_blocking=True), cu_seqlens_k, q.shape[0],
+                                        causal)
+        out = _attention_over_key_ranges(q4, k4, v4, scale, key_ranges)
     return out[0].transpose(0, 1)
 
 
@@ -1458,6 +1525,11 @@ def aot_configurations() -> List[AotConfig]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: The smallest alpha a module learns: alpha -> 1 is softmax, which entmax's threshold (exponent 1 / (alpha - 1))
+#: reaches only in the limit.
+_LEARNED_ALPHA_MIN = 1.01
+
+
 class EntmaxAttentionOutput(NamedTuple):
     """``output`` (B, T, E); ``context`` = A @ x averaged over heads (B, T, E) or None; ``weights`` A (B, H, T, T)
     or None."""
@@ -1468,12 +1540,18 @@ class EntmaxAttentionOutput(NamedTuple):
 
 
 class EntmaxCausalAttention(torch.nn.Module):
-    """Multi-head entmax-1.5 self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
+    """Multi-head alpha-entmax self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
     with the same arguments and ``state_dict`` keys.
 
     Constructor: ``(embed_dim, num_heads=1, dropout=0.0, bias=True, *, out_proj=True, causal=True,
-    batch_first=True)``; ``dropout`` is ``nn.MultiheadAttention``'s positional argument and must be 0 (entmax
-    weights are not dropped); ``batch_first=False`` takes (T, B, E).
+    batch_first=True, alpha=1.5, learn_alpha=False, num_kv_heads=None)``; ``dropout`` is ``nn.MultiheadAttention``'s
+    positional argument and must be 0 (entmax weights are not dropped); ``batch_first=False`` takes (T, B, E).
+    ``alpha`` in (1, 2] is entmax's alpha (1.5: entmax-1.5, 2: sparsemax); with ``learn_alpha`` the module learns one
+    alpha per head, ``alpha = 1.01 + 0.99 sigmoid(alpha_logit)`` (kept inside [1.01, 2] in any float precision, as
+    the ``entmax`` package's learned alpha; initialised at ``alpha``, which must then lie in (1.01, 2)), a parameter
+    in the ``state_dict`` (a checkpoint without it loads, keeping the initial alpha).
+    ``num_kv_heads`` (None: ``num_heads``) key and value heads, dividing ``num_heads``: grouped-query attention,
+    k_proj and v_proj map to ``num_kv_heads * embed_dim / num_heads`` features.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True)``
     returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
@@ -1489,11 +1567,12 @@ class EntmaxCausalAttention(torch.nn.Module):
     appended to every head's values; weights (B, H, T, T).
     """
 
-    _attention = staticmethod(entmax15_attention_reference)
-    _attention_varlen = staticmethod(entmax15_attention_varlen_reference)
+    _attention = staticmethod(entmax_attention_reference)
+    _attention_varlen = staticmethod(entmax_attention_varlen_reference)
 
     def __init__(self, embed_dim: int, num_heads: int = 1, dropout: float = 0.0, bias: bool = True, *,
-                 out_proj: bool = True, causal: bool = True, batch_first: bool = True):
+                 out_proj: bool = True, causal: bool = True, batch_first: bool = True, alpha: float = 1.5,
+                 learn_alpha: bool = False, num_kv_heads: Optional[int] = None):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -1502,15 +1581,47 @@ class EntmaxCausalAttention(torch.nn.Module):
         for name, flag in (("causal", causal), ("batch_first", batch_first)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if not isinstance(learn_alpha, bool):
+            raise TypeError(f"learn_alpha must be a bool, got {type(learn_alpha).__name__}")
+        alpha = check_alpha(alpha)
+        if isinstance(alpha, Tensor):
+            raise TypeError("alpha must be a float: the module learns one alpha per head with learn_alpha=True")
+        if learn_alpha and not _LEARNED_ALPHA_MIN < alpha < 2:
+            raise ValueError(f"alpha must lie in ({_LEARNED_ALPHA_MIN}, 2) with learn_alpha=True (alpha = "
+                             f"{_LEARNED_ALPHA_MIN} + {2 - _LEARNED_ALPHA_MIN:g} sigmoid(alpha_logit)), got {alpha}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.causal, self.batch_first = embed_dim, num_heads, causal, batch_first
+        self.num_kv_heads, self.learn_alpha, self._initial_alpha = num_kv_heads, learn_alpha, alpha
+        kv_dim = num_kv_heads * (embed_dim // num_heads)
         self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.v_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
+        share = (alpha - _LEARNED_ALPHA_MIN) / (2 - _LEARNED_ALPHA_MIN)
+        logit = torch.full((num_heads,), math.log(share / (1 - share))) if learn_alpha else None
+        self.alpha_logit = None if logit is None else torch.nn.Parameter(logit)
+
+    @property
+    def alpha(self):
+        """The float alpha, or with ``learn_alpha`` the (H,) fp32 tensor ``1.01 + 0.99 sigmoid(alpha_logit)``."""
+        if self.alpha_logit is None:
+            return self._initial_alpha
+        return _LEARNED_ALPHA_MIN + (2 - _LEARNED_ALPHA_MIN) * torch.sigmoid(self.alpha_logit.float())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint saved without learned alpha keeps this module's initial alpha_logit
+        if self.alpha_logit is not None and prefix + "alpha_logit" not in state_dict:
+            state_dict[prefix + "alpha_logit"] = self.alpha_logit.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}, "
-                f"out_proj={self.out_proj is not None}, batch_first={self.batch_first}")
+        alpha = "learned per head" if self.learn_alpha else self.alpha
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"alpha={alpha}, causal={self.causal}, out_proj={self.out_proj is not None}, "
+                f"batch_first={self.batch_first}")
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 *, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
@@ -1539,7 +1650,7 @@ class EntmaxCausalAttention(torch.nn.Module):
         if not self.batch_first:  # (T, B, E) -> (B, T, E)
             x = x.transpose(0, 1)
         b, t, e = x.shape
-        h, dh = self.num_heads, e // self.num_heads
+        h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
         if key_padding_mask is not None:
             check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
             if key_padding_mask.shape != (b, t):
@@ -1549,15 +1660,17 @@ class EntmaxCausalAttention(torch.nn.Module):
                 raise ValueError("need_weights is not supported with key_padding_mask")
             attended = self._packed_attention(x, ~key_padding_mask.to(x.device), return_context)
         else:
-            q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-            if return_context:
-                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h, t, e)], dim=-1)  # v is bf16 under autocast
-            attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
+            q = self.q_proj(x).view(b, t, h, dh).transpose(1, 2)
+            k, v = (proj(x).view(b, t, h_kv, dh).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
+            if return_context:  # v is bf16 under autocast
+                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h_kv, t, e)], dim=-1)
+            attended = self._attention(q, k, v, alpha=self.alpha, causal=self.causal)  # (B, H, T, dh [+ E])
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
         context = attended[..., dh:].mean(dim=1) if return_context else None
-        weights = entmax15_attention_weights(q, k, causal=self.causal).to(output.dtype) if need_weights else None
+        weights = (entmax_attention_weights(q, k, alpha=self.alpha, causal=self.causal).to(output.dtype)
+                   if need_weights else None)
         if not self.batch_first:
             output, context = output.transpose(0, 1), None if context is None else context.transpose(0, 1)
         return EntmaxAttentionOutput(output, context, weights)
@@ -1566,19 +1679,20 @@ class EntmaxCausalAttention(torch.nn.Module):
         """Attention over the kept positions ``keep`` (B, T) of each row, packed (``kernels._packing``; no host
         read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
         b, t, e = x.shape
-        h, dh = self.num_heads, e // self.num_heads
+        h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
         packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
         rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
-        q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(rows).view(-1, h, dh)
+        k, v = (proj(rows).view(-1, h_kv, dh) for proj in (self.k_proj, self.v_proj))
         if return_context:
-            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h, e)], dim=-1)  # v is bf16 under autocast
-        out = self._attention_varlen(q, k, v, packing.cu_seqlens, causal=self.causal)
+            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h_kv, e)], dim=-1)  # v is bf16 under autocast
+        out = self._attention_varlen(q, k, v, packing.cu_seqlens, alpha=self.alpha, causal=self.causal)
         return packing.unpack(out.to(x.dtype)).transpose(1, 2)
 
 
 class FusedEntmaxCausalAttention(EntmaxCausalAttention):
     """``EntmaxCausalAttention`` on the fused op (Triton kernels where ``kernels.backend`` selects them)."""
 
-    _attention = staticmethod(entmax15_attention)
+    _attention = staticmethod(entmax_attention)
     # the packing of a padded batch holds empty sequences, which the kernels take and the offset check refuses
-    _attention_varlen = staticmethod(functools.partial(entmax15_attention_varlen, validate=False))
+    _attention_varlen = staticmethod(functools.partial(entmax_attention_varlen, validate=False))

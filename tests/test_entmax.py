@@ -8,6 +8,7 @@ import collections
 import pytest
 import torch
 
+import kernels
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax
 from kernels.tools.counts import InterpreterCounter
@@ -715,3 +716,100 @@ def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks
     tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
     with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
         _backward_with(q, k, v, do, True, 0.5, sequences, [None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped-query heads and queries of another length than the keys (the kernels with each query head group packed
+# as rows of its key head, and causality folded into each row's key range)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_general_against_reference(q, k, v, causal, atol=2e-5, grad_atol=5e-5, **varlen):
+    """entmax_attention (or, with ``varlen`` offsets, entmax_attention_varlen) on the Triton backend against the
+    float64 reference, forward and gradients."""
+    if varlen:
+        out = kernels.entmax_attention_varlen(q, k, v, varlen["cu_q"], varlen["cu_k"], causal=causal)
+        call = lambda *x: reference.entmax_attention_varlen_reference(*x, varlen["cu_q"], varlen["cu_k"],  # noqa
+                                                                      causal=causal)
+    else:
+        out = kernels.entmax_attention(q, k, v, causal=causal)
+        call = lambda *x: reference.entmax_attention_reference(*x, causal=causal)  # noqa: E731
+    assert out.shape == (*q.shape[:-1], v.shape[-1])
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = call(*leaves)
+    _assert_close(out, expected, atol, "output")
+    for name, grad, want in zip("qkv", grads, torch.autograd.grad(expected, leaves, do.double()), strict=True):
+        _assert_close(grad, want, grad_atol, f"d{name}")
+    return out, grads
+
+
+@pytest.mark.parametrize("h, h_kv, t_q, t_k, causal, tile_set", [
+    pytest.param(4, 2, 5, 11, True, TINY, id="gqa-short-queries-in-registers-to-passes"),
+    pytest.param(2, 1, 13, 6, True, TINY, id="mqa-queries-that-see-no-key"),
+    pytest.param(2, 2, 3, 19, True, SKEWED, id="chunk-of-queries-against-a-longer-history"),
+    pytest.param(3, 1, 7, 7, False, TINY, id="mqa-not-causal"),
+    pytest.param(4, 2, 9, 20, True, TINY, id="gqa-passes"),
+])
+def test_grouped_heads_and_other_key_lengths_match_the_reference(triton_backend, tiles, h, h_kv, t_q, t_k, causal,
+                                                                 tile_set):
+    tiles(tile_set)
+    generator = torch.Generator().manual_seed(h * 100 + t_q * 10 + t_k)
+    q, k, v = (torch.randn(1, heads, t, n, generator=generator).requires_grad_()
+               for heads, t, n in ((h, t_q, 5), (h_kv, t_k, 5), (h_kv, t_k, 3)))
+    out, grads = _check_general_against_reference(q, k, v, causal)
+    if causal and t_q > t_k:  # rows that see no key: zeros, zero gradient
+        assert torch.all(out[:, :, :t_q - t_k] == 0) and torch.all(grads[0][:, :, :t_q - t_k] == 0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_with_separate_key_offsets_and_grouped_heads(triton_backend, tiles, causal):
+    tiles(TINY)
+    generator = torch.Generator().manual_seed(5)
+    cu_q = torch.tensor([0, 2, 7, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9, 19], dtype=torch.int32)
+    q, k, v = (torch.randn(rows, heads, n, generator=generator).requires_grad_()
+               for rows, heads, n in ((10, 4, 5), (19, 2, 5), (19, 2, 3)))
+    _check_general_against_reference(q, k, v, causal, cu_q=cu_q, cu_k=cu_k)
+
+
+def test_grouped_heads_read_each_key_tile_once_per_group(triton_backend, tiles):
+    """Decoding with H query heads over one key head: the threshold kernel streams K once per pass for the whole group
+    (its passes: those of the group's slowest head), not once per head; the output kernel visits the union of the
+    heads' support tiles, once."""
+    tiles(TINY)
+    generator = torch.Generator().manual_seed(9)
+    h, t_k, d = 4, 20, 8
+    q = torch.randn(1, h, 1, d, generator=generator) * 3
+    k, v = (torch.randn(1, 1, t_k, d, generator=generator) for _ in range(2))
+    counters = {}
+    for name, (k_heads, v_heads) in (("grouped", (k, v)), ("per_head", (k.expand(1, h, t_k, d),
+                                                                         v.expand(1, h, t_k, d)))):
+        with torch.no_grad(), InterpreterCounter({"k": k}) as counter:
+            kernels.entmax_attention(q, k_heads, v_heads)
+        counters[name] = counter
+    for kernel in ("_entmax_tau_kernel", "_entmax_fwd_kernel"):
+        (grouped,), (per_head,) = (counters[name].of(kernel) for name in ("grouped", "per_head"))
+        assert len(grouped.loads) == 1 and len(per_head.loads) == h  # one program for the group, one per head
+        slowest_head = max(loads["k"] for loads in per_head.loads.values())
+        if kernel == "_entmax_tau_kernel":
+            assert grouped.loaded("k") == slowest_head
+        else:
+            assert slowest_head <= grouped.loaded("k") <= per_head.loaded("k")
+    assert counters["grouped"].loaded("k") < counters["per_head"].loaded("k")
+
+
+def test_fused_module_with_grouped_heads_matches_its_reference_twin(triton_backend, tiles):
+    tiles(TINY)
+    torch.manual_seed(21)
+    fused = FusedEntmaxCausalAttention(8, 4, num_kv_heads=2)
+    twin = reference.EntmaxCausalAttention(8, 4, num_kv_heads=2)
+    twin.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 8)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, 7:] = False
+    for kwargs in ({}, {"key_padding_mask": ~keep}):
+        got, want = fused.forward_with_context(x, **kwargs), twin.forward_with_context(x, **kwargs)
+        for name in ("output", "context"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kernels import alpha_entmax, entmax15_attention, entmax_attention, entmax_attention_varlen, use_backend
-from kernels.entmax import (entmax15, entmax15_attention_reference, entmax15_attention_varlen_reference,
-                            entmax_attention_reference, entmax_attention_varlen_reference)
+from kernels.entmax import (EntmaxCausalAttention, entmax15, entmax15_attention_reference,
+                            entmax15_attention_varlen_reference, entmax_attention_reference,
+                            entmax_attention_varlen_reference)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -357,10 +358,59 @@ def test_varlen_rejects_bad_key_offsets(make, match):
 @pytest.mark.parametrize("kwargs, shapes, match", [
     pytest.param({"alpha": 1.25}, {}, "alpha=1.25", id="alpha"),
     pytest.param({"alpha": torch.tensor([1.5, 1.5])}, {}, "alpha=tensor", id="alpha-tensor"),
-    pytest.param({}, {"Hkv": 1}, "Hkv = 1", id="gqa"),
-    pytest.param({}, {"Tk": 7}, "Tk = 7", id="Tq-Tk"),
 ])
 def test_triton_backend_refuses_what_its_kernels_do_not_take(kwargs, shapes, match):
     q, k, v = _qkv(**shapes)
     with use_backend("triton"), pytest.raises(NotImplementedError, match=match):
         entmax_attention(q, k, v, **kwargs)
+
+
+def test_module_learns_alpha_per_head_with_grouped_heads():
+    """The reference module with one learned alpha per head and 2 key heads for 4 query heads equals the attention
+    of its projections computed head by head with ``entmax_bisect``; the gradient reaches alpha_logit."""
+    torch.manual_seed(47)
+    module = EntmaxCausalAttention(8, 4, alpha=1.3, learn_alpha=True, num_kv_heads=2, out_proj=False)
+    with torch.no_grad():
+        module.alpha_logit.copy_(torch.randn(4))
+    x = torch.randn(2, 6, 8)
+    out, _ = module(x)
+    b, t, e = x.shape
+    with torch.no_grad():
+        q = module.q_proj(x).double().view(b, t, 4, 2).transpose(1, 2)
+        k, v = (proj(x).double().view(b, t, 2, 2).transpose(1, 2) for proj in (module.k_proj, module.v_proj))
+        alpha = 1.01 + 0.99 * torch.sigmoid(module.alpha_logit.double())
+        expected = _expected_attention(q, k, v, alpha, True, 2 ** -0.5).transpose(1, 2).reshape(b, t, e)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert module.alpha_logit.grad is not None and bool(module.alpha_logit.grad.abs().gt(0).all())
+    assert "alpha_logit" in module.state_dict() and "num_kv_heads=2" in repr(module) and "alpha=" in repr(module)
+    torch.testing.assert_close(module.alpha.double(), alpha)
+
+
+def test_module_checkpoint_without_alpha_loads_and_alpha_is_kept_in_range():
+    torch.manual_seed(53)
+    old = EntmaxCausalAttention(6, 2)
+    learned = EntmaxCausalAttention(6, 2, alpha=1.75, learn_alpha=True)
+    assert "alpha_logit" not in old.state_dict()
+    learned.load_state_dict(old.state_dict())  # no alpha_logit: the initial alpha stays
+    torch.testing.assert_close(learned.alpha, torch.full((2,), 1.75))
+    for name in ("q_proj.weight", "k_proj.bias"):
+        torch.testing.assert_close(learned.state_dict()[name], old.state_dict()[name])
+    with torch.no_grad():
+        learned.alpha_logit.copy_(torch.tensor([-30.0, 30.0]))
+    assert bool(((learned.alpha > 1) & (learned.alpha <= 2)).all())
+    fixed = EntmaxCausalAttention(6, 2, alpha=2.0)
+    assert fixed.alpha == 2.0 and "alpha=2.0" in repr(fixed)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    pytest.param({"alpha": 0.5}, ValueError, "alpha must lie", id="alpha"),
+    pytest.param({"alpha": 2.0, "learn_alpha": True}, ValueError, r"alpha must lie in \(1.01, 2\)",
+                 id="learn-alpha-2"),
+    pytest.param({"learn_alpha": 1}, TypeError, "learn_alpha must be a bool", id="learn_alpha"),
+    pytest.param({"num_kv_heads": 3}, ValueError, "num_kv_heads", id="kv-heads"),
+    pytest.param({"alpha": torch.tensor([1.5, 1.5])}, TypeError, "alpha must be a float", id="alpha-tensor"),
+])
+def test_module_rejects_bad_alpha_and_kv_heads(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EntmaxCausalAttention(8, 4, **kwargs)
