@@ -1,4 +1,4 @@
-"""Causal entmax-1.5 attention, fused flash-style in Triton (docs/design.md sections 1-2).
+"""Causal alpha-entmax attention, fused flash-style in Triton (docs/design.md sections 1-2).
 
 ``entmax15_attention(q, k, v)`` equals ``entmax.entmax15(scores, dim=-1) @ v`` with
 ``scores = q k^T * scale`` (``-inf`` where ``j > i`` when causal) without ever forming the T x T matrix:
@@ -18,6 +18,18 @@
 
 Every kernel takes strides (inputs may be non-contiguous views) and accumulates in fp32; D and Dv may be any size
 (features in chunks where a tile cannot hold them whole).
+
+``entmax_attention(q, k, v, alpha=...)`` generalises it (same kernels):
+
+- any alpha in (1, 2] (a float, or one per query head as a tensor, differentiable): the kernels' GENERAL constexpr
+  (entmax-1.5 compiles without it, unchanged) scales scores by ``alpha - 1`` per row, solves
+  ``sum_j max(z_j - tau, 0)^(1 / (alpha - 1)) = 1`` by bracketing passes (candidates plus Newton lower and secant
+  upper bounds: f is convex) to fp32 rounding, and uses ``p = G^(1 / (alpha - 1))``, ``g = p^(2 - alpha)`` in
+  place of ``G^2`` and G; alpha's gradient comes from per-row sums the output kernel stores (s, ent);
+- grouped-query heads: the query heads that share a key head are packed as rows of that head (row ``t * G + g``),
+  so every K/V tile a query tile loads serves the whole group;
+- Tq != Tk and packed sequences with separate key offsets: each query row's visible keys ``[start, end)`` carry the
+  sequence and the bottom-right causal limit (``causal`` then off in the kernels); a row with none gives zeros.
 """
 from __future__ import annotations
 
@@ -327,20 +339,81 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
     return b_tau, b_lo, b_hi, b_done | m_solved
 
 
+@triton.jit
+def _row_alpha(alpha_rows, i_h, o_m, T, GENERAL: tl.constexpr):
+    """alpha - 1 of each query row (``alpha_rows`` (H, T) fp32, any alpha) or 0.5 (entmax-1.5, nothing loaded)."""
+    if GENERAL:
+        return tl.load(alpha_rows + i_h.to(tl.int64) * T + o_m, mask=o_m < T, other=1.5) - 1.0
+    else:
+        return tl.full(o_m.shape, 0.5, dtype=tl.float32)
+
+
+@triton.jit
+def _powers(b_g, b_exponent):
+    """``G^e`` [BM, BN] for G >= 0 and a per-row exponent e >= 0 [BM], 0 where G = 0 (also for e = 0)."""
+    m_s = b_g > 0
+    return tl.where(m_s, tl.exp2(tl.log2(tl.where(m_s, b_g, 1.0)) * b_exponent[:, None]), 0.0)
+
+
+@triton.jit
+def _accumulate_power_stats(b_zr, b_t, b_r, b_s1, b_s2, NC: tl.constexpr):
+    """Any alpha: add one key tile's ``sum_j w^r`` and ``sum_j w^(r - 1)`` over the support ``w = zr - t > 0`` of
+    every candidate t (``b_t`` [BM, NC]; r = 1 / (alpha - 1) per row): f(t) = s1 - 1 and f'(t) = -r s2."""
+    o_c = tl.arange(0, NC)
+    for i_c in range(NC):
+        m_c = (o_c == i_c)[None, :]
+        b_tc = tl.sum(tl.where(m_c, b_t, 0.0), 1)  # [BM]
+        b_w = tl.maximum(b_zr - b_tc[:, None], 0.0)  # [BM, BN]
+        b_pow = _powers(b_w, b_r - 1.0)  # w^(r - 1)
+        b_s1 = tl.where(m_c, b_s1 + tl.sum(b_pow * b_w, 1)[:, None], b_s1)
+        b_s2 = tl.where(m_c, b_s2 + tl.sum(b_pow, 1)[:, None], b_s2)
+    return b_s1, b_s2
+
+
+@triton.jit
+def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
+    """Any alpha: one solver pass from ``f(t) = sum max(x - t, 0)^r - 1`` (convex and decreasing; r >= 1) at the
+    candidates ``b_t`` [BM, NC] of the bracket [lo, hi]. Lower bounds: candidates with f >= 0 and every Newton step
+    (a tangent of a convex f crosses 0 left of the root); upper bounds: candidates with f < 0 and the secant between
+    the two candidates around the root. The bracket shrinks quadratically; a row is solved when it is a few floats
+    wide (relative 2^-21) or collapses. Returns (tau = lo, lo, hi, done)."""
+    b_f = b_s1 - 1.0
+    m_left = b_f >= 0
+    m_support = b_s2 > 0
+    b_newton = tl.where(m_support, b_t + b_f / (b_r[:, None] * tl.where(m_support, b_s2, 1.0)), float("-inf"))
+    b_t_left = tl.max(tl.where(m_left, b_t, float("-inf")), 1)
+    b_f_left = tl.min(tl.where(m_left, b_f, float("inf")), 1)
+    b_t_right = tl.min(tl.where(m_left, float("inf"), b_t), 1)
+    b_f_right = tl.max(tl.where(m_left, float("-inf"), b_f), 1)
+    m_both = (b_t_left > float("-inf")) & (b_t_right < float("inf"))
+    b_gap = tl.where(m_both, b_f_left - b_f_right, 1.0)  # > 0
+    b_secant = tl.where(m_both, b_t_left + tl.where(m_both, b_f_left, 0.0)
+                        * (tl.where(m_both, b_t_right, 0.0) - tl.where(m_both, b_t_left, 0.0)) / b_gap, float("inf"))
+    b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.max(b_newton, 1))
+    b_new_hi = tl.minimum(tl.minimum(b_hi, b_t_right), b_secant)
+    m_solved = (b_new_hi - b_new_lo) <= 4.8e-7 * tl.abs(b_new_lo)  # also a collapsed bracket (hi <= lo)
+    b_tau = tl.where(b_done, b_tau, b_new_lo)
+    b_lo = tl.where(b_done, b_lo, b_new_lo)
+    b_hi = tl.where(b_done, b_hi, tl.maximum(b_new_hi, b_new_lo))
+    return b_tau, b_lo, b_hi, b_done | m_solved
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_rows,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_sb, stride_sm, stride_sn,
                        H, T, TK, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BN: tl.constexpr,
-                       UPCAST_DOTS: tl.constexpr):
+                       UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
     """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` (T query rows, TK keys) and the threshold
     relative to it, tau (B*H, T) fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score
     (or visible keys but no finite score) get NaN tau and rowmax 0; rows that see no key get tau = +inf (no
     probability: zero output). Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs
-    TK <= BN.
+    TK <= BN. GENERAL (any alpha): ``z = (alpha_i - 1) * scale * q k^T`` (``half_scale`` holds scale, alpha_rows
+    (H, T) fp32 each row's alpha) and ``sum_j max(z_ij - rowmax_i - tau_i, 0)^(1 / (alpha_i - 1)) = 1``, solved by
+    :func:`_power_candidate_step` to fp32 rounding (no closed form).
 
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
@@ -357,10 +430,13 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
+    b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)  # alpha - 1 [BM]
 
     if ROW_IN_REGISTERS:
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, TK, D,
                       half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        if GENERAL:
+            b_z = b_z * b_am1[:, None]
         m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
     else:
@@ -369,6 +445,8 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
         for n0 in range(lo, hi, BN):
             b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, TK,
                            D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            if GENERAL:
+                b_zt = b_zt * b_am1[:, None]
             m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
     # a +inf score, or visible keys but none finite, leaves no finite probabilities: NaN row, as the reference; a row
@@ -380,8 +458,12 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
     b_max = tl.where(m_rest, 0.0, b_max)
 
     b_visible = tl.maximum(b_seen, 1).to(tl.float32)
-    b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^-1/2)
-    b_hi = -tl.rsqrt(b_visible)
+    b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^(1 - alpha))
+    if GENERAL:
+        b_hi = -tl.exp2(-b_am1 * tl.log2(b_visible))
+    else:
+        b_hi = -tl.rsqrt(b_visible)
+    b_r = 1.0 / tl.where(m_rest, 0.5, b_am1)  # 1 / (alpha - 1)
     b_tau = b_lo
     b_done = m_rest
     o_c = tl.arange(0, NC).to(tl.float32) / (NC - 1)
@@ -394,24 +476,35 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
         b_wmin = tl.full([BM, NC], float("inf"), dtype=tl.float32)
         b_wout = tl.full([BM, NC], float("-inf"), dtype=tl.float32)
         if ROW_IN_REGISTERS:
-            b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+            if GENERAL:
+                b_cnt, b_a1 = _accumulate_power_stats(b_z - b_max[:, None], b_t, b_r, b_cnt, b_a1, NC)
+            else:
+                b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                    b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
             # support bound of this pass: tau where solved, else the lower bracket lo <= tau; rows past T or NaN: none
             b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
                                T, TK, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                if GENERAL:
+                    b_zt = b_zt * b_am1[:, None]
                 b_zr = b_zt - b_max[:, None]
-                b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                    b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                if GENERAL:
+                    b_cnt, b_a1 = _accumulate_power_stats(b_zr, b_t, b_r, b_cnt, b_a1, NC)
+                else:
+                    b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                        b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
                 # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
                 m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
                 # a mask tile's first visited key tile writes its mark, the others only add theirs (an OR)
                 tl.store(p_sup + (n0 // MASK_BN) * stride_sn, m_hit.to(tl.uint8),
                          mask=(m_hit > 0) | (n0 == lo) | (n0 % MASK_BN == 0))
-        b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
-                                                    b_done)
+        if GENERAL:
+            b_tau, b_lo, b_hi, b_done = _power_candidate_step(b_t, b_cnt, b_a1, b_r, b_lo, b_hi, b_tau, b_done)
+        else:
+            b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
+                                                        b_done)
         i_pass += 1
 
     o_row = i_bh.to(tl.int64) * T + o_m
@@ -419,20 +512,23 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
     tl.store(tau + o_row, tl.where(m_bad, float("nan"), tl.where(m_blind, float("inf"), b_tau)), mask=o_m < T)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
-def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w", "store_s"])
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, alpha_rows, s, ent,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_sb, stride_sm, stride_sn,
-                       H, T, TK, D, Dv, half_scale, causal, store_w,
+                       H, T, TK, D, Dv, half_scale, causal, store_w, store_s,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v (T query rows, TK keys) with ``p = max(z - tau, 0)^2``; if
     ``store_w``, also w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM),
     cdiv(Dv, BDV), B*H).
     Key tiles whose ``support`` byte (the threshold kernel's mask, tiles MASK_BM x BN; BM divides MASK_BM: a query
-    tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T."""
+    tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T.
+    GENERAL (any alpha, :func:`_entmax_tau_kernel`): ``p = G^r / sum_j G^r`` and ``g = G^(r - 1)`` (= p^(2 - alpha))
+    in place of ``G^2`` and G, r = 1 / (alpha - 1); with ``store_s`` (alpha's gradient) also s (B, H, T, Dv) fp32
+    = ``sum_j p_j log(p_j) v_j`` and ent (B, H, T) fp32 = ``sum_j p_j log(p_j)``."""
     tl.static_assert(MASK_BM % BM == 0)
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -449,6 +545,12 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
     b_o = tl.zeros([BM, BDV], dtype=tl.float32)
     b_u = tl.zeros([BM, BDV], dtype=tl.float32)
     b_gsum = tl.zeros([BM], dtype=tl.float32)
+    b_am1 = _row_alpha(alpha_rows, i_bh % H, o_m, T, GENERAL)
+    b_r = 1.0 / b_am1
+    if GENERAL:
+        b_s = tl.zeros([BM, BDV], dtype=tl.float32)
+        b_psum = tl.zeros([BM], dtype=tl.float32)
+        b_ent = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     p_sup = support + i_bh.to(tl.int64) * stride_sb + ((i_m * BM) // MASK_BM).to(tl.int64) * stride_sm
@@ -457,15 +559,32 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
             o_n = n0 + tl.arange(0, BN)
             b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D,
                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            if GENERAL:
+                b_z = b_z * b_am1[:, None]
             b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
             if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
                 b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
                               mask=(o_n[:, None] < TK) & m_dv[None, :], other=0.0)  # [BN, BDV]
-                b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                if store_w != 0:
-                    b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                    b_gsum += tl.sum(b_g, 1)
+                if GENERAL:
+                    b_p = _powers(b_g, b_r)
+                    b_o += dot_fp32acc(b_p.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    b_psum += tl.sum(b_p, 1)
+                    if store_w != 0:
+                        b_gg = _powers(b_g, b_r - 1.0)
+                        b_u += dot_fp32acc(b_gg.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                        b_gsum += tl.sum(b_gg, 1)
+                    if store_s != 0:  # p log p = p r ln G
+                        b_plogp = b_p * (b_r * 0.6931471805599453)[:, None] * tl.log2(tl.where(b_g > 0, b_g, 1.0))
+                        b_s += dot_fp32acc(b_plogp.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                        b_ent += tl.sum(b_plogp, 1)
+                else:
+                    b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    if store_w != 0:
+                        b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                        b_gsum += tl.sum(b_g, 1)
 
+    if GENERAL:  # the threshold is exact to fp32 rounding only: normalise (rows without support keep 0)
+        b_o = b_o / tl.where(b_psum > 0, b_psum, 1.0)[:, None]
     # a NaN row has NaN tau and no support: give it NaN, not zeros
     b_o = tl.where((b_tau == b_tau)[:, None], b_o, float("nan"))
     o_out = (i_bh.to(tl.int64) * T + o_m)[:, None] * Dv + o_dv[None, :]
@@ -474,6 +593,11 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
     if store_w != 0:
         b_w = b_u / tl.where(b_gsum > 0, b_gsum, 1.0)[:, None]  # rows past T have no support: no 0 / 0
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
+    if GENERAL:
+        if store_s != 0:
+            tl.store(s + o_out, b_s, mask=m_out)
+            if i_dv == 0:
+                tl.store(ent + i_bh.to(tl.int64) * T + o_m, b_ent, mask=m_m)
 
 
 @triton.jit
@@ -488,14 +612,14 @@ def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCA
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_rows, tile_counts, dq, dk, dv,
+def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_rows, tile_counts, dq, dk, dv, alpha_rows,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_ob, stride_oh, stride_ot, stride_od,
                        H, T, TK, D, Dv, half_scale, scale, causal,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
     ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, TK, Dv) = p^T @ dO, dk[:, :, tile]
     (B, H, TK, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
@@ -506,7 +630,9 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
     dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
     and dv (BDV wide) and recomputes z (and dP if it has a dk chunk) in chunked reductions: the fallback for head
-    sizes too wide for registers. Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
+    sizes too wide for registers. Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H).
+    GENERAL (any alpha): ``p = G^r`` and ``dS = g (dP - c)`` with ``g = G^(r - 1)`` (= p^(2 - alpha)), r = 1 /
+    (alpha - 1) per row (``alpha_rows``)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(2)
     i_c = tl.program_id(1) * (1 - WHOLE)  # 0 (a constant) when WHOLE
     i_b, i_h = i_bh // H, i_bh % H
@@ -545,6 +671,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         b_max = tl.load(rowmax + o_row, mask=m_m, other=0.0)  # [BM]
         b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
         b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
+        b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)
         b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
                       mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
         b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
@@ -556,14 +683,21 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         else:
             b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
                             UPCAST_DOTS) * half_scale
+        if GENERAL:
+            b_z = b_z * b_am1[:, None]
         b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
+        if GENERAL:
+            b_p = _powers(b_g, 1.0 / b_am1)
+            b_g = _powers(b_g, 1.0 / b_am1 - 1.0)
+        else:
+            b_p = b_g * b_g
         if WHOLE:
-            b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+            b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
             b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
         else:
             if has_dv:
-                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+                b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
                 b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, TK, Dv,
                                  BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
@@ -609,11 +743,13 @@ def _support_shape(B: int, H: int, T: int, TK: int, tiles: Tiles):
     return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(TK, tiles.block_n)
 
 
-def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
+def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_rows: Optional[Tensor] = None):
     """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32, and the per-tile
     support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8: 0 where every probability of the (query tile, key
     tile) pair is 0, 1 where some may not be (docs/design.md section 2). Rows solved in registers (T <= row_block_n)
-    mark every tile that a causal (or any) query tile can reach."""
+    mark every tile that a causal (or any) query tile can reach. ``alpha_rows`` (H, T) fp32: each row's alpha (any
+    alpha, the kernels' GENERAL mode; tau is then relative to the maximum of ``(alpha - 1) * scale * q k^T``); None:
+    entmax-1.5."""
     B, H, T, D = q.shape
     TK = k.shape[2]
     tiles = _tiles(q.dtype)
@@ -631,11 +767,12 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
         support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
         blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
+    general = alpha_rows is not None
     launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, blocks["BM"]), B * H),
-           (q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, TK, D,
-            0.5 * scale, int(causal)),
+           (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
+            *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
-                UPCAST_DOTS=upcast_dots_for(q.dtype)),
+                UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates("tau registers" if in_registers else "tau passes", q.dtype, blocks, launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
@@ -653,26 +790,38 @@ def _forward_tiles(tiles: Tiles, dv: int):
     return "fwd wide", block_m, min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
 
 
-def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
+def _general(general: bool) -> dict:
+    """The GENERAL constexpr of a launch: passed only for any alpha, so entmax-1.5 launches keep their signature."""
+    return dict(GENERAL=True) if general else {}
+
+
+def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences,
+                          alpha_rows: Optional[Tensor] = None, store_s: bool = False):
     """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
-    support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+    support mask (:func:`_entmax_tau`), with ``store_w`` w (B, H, T, Dv) fp32 for the backward (else None) and, any
+    alpha (``alpha_rows``, :func:`_entmax_tau`) with ``store_s``, s (B, H, T, Dv) and ent (B, H, T) fp32 for alpha's
+    gradient (else None, None)."""
     B, H, T, D = q.shape
     TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
-    half_scale = 0.5 * scale
-    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
+    general = alpha_rows is not None
+    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences, alpha_rows)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
+    store_s = store_s and general
+    s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
+    ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
     name, block_m, block_dv = _forward_tiles(tiles, Dv)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
-            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv, half_scale, int(causal),
-            int(store_w)),
-           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype)),
+            alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
+            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv,
+            scale if general else 0.5 * scale, int(causal), int(store_w), int(store_s)),
+           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
                        launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T))
-    return o, rowmax, tau, support, w
+    return o, rowmax, tau, support, w, s, ent
 
 
 #: Feature chunk cap of the chunked backward when D or Dv is not a multiple of 16: without vector loads, 16-bit
@@ -735,13 +884,13 @@ def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: 
 
 
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
-                          support: Optional[torch.Tensor] = None):
+                          support: Optional[torch.Tensor] = None, alpha_rows: Optional[Tensor] = None):
     """Launch the backward kernel. Returns dq (B, H, T, D), dk (B, H, TK, D) and dv (B, H, TK, Dv) in the inputs'
     dtype.
 
     ``support`` (B*H, cdiv(T, block_m), cdiv(TK, block_n)) uint8, the threshold pass's per-tile mask (0: every
     probability of that tile pair is 0); None means every visible tile may have support. The backward tiles must
-    divide the mask's or be multiples of them (:func:`_covering`)."""
+    divide the mask's or be multiples of them (:func:`_covering`). ``alpha_rows``: as :func:`_entmax_tau`."""
     B, H, T, D = q.shape
     TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
@@ -761,10 +910,12 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     dk = torch.empty((B, H, TK, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, TK, Dv), dtype=v.dtype, device=v.device)
     chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
+    general = alpha_rows is not None
     launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(TK, block_n), chunks, B * H),
-           (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, 0.5 * scale, scale, int(causal)),
-           dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
+           (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv, alpha_rows if general else tau,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, scale if general else 0.5 * scale,
+            scale, int(causal)),
+           dict(UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates("bwd" if whole else "bwd chunked", q.dtype,
                        dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
                        launch_arch(q.device)),
@@ -784,8 +935,8 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
 def _entmax15_attention_fwd_op(q, k, v, seq_start, seq_end, causal, scale, store_w):
     """Triton forward: (o, rowmax, tau, w, support); w is empty (0,) without ``store_w``."""
     with launch_device_of(q):
-        o, rowmax, tau, support, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
-                                                           _Sequences(seq_start, seq_end))
+        o, rowmax, tau, support, w, _, _ = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                                 _Sequences(seq_start, seq_end))
     return o, rowmax, tau, w if w is not None else tau.new_zeros(0), support
 
 
@@ -831,6 +982,77 @@ def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support):
 
 _entmax15_attention_fwd_op.register_autograd(_entmax15_attention_backward,
                                              setup_context=_entmax15_attention_setup_context)
+
+
+@torch.library.custom_op("kernels::entmax_attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor alpha_rows, Tensor seq_start, Tensor seq_end, "
+                                "bool causal, float scale, bool store_w, bool store_s) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _entmax_attention_fwd_op(q, k, v, alpha_rows, seq_start, seq_end, causal, scale, store_w, store_s):
+    """Triton forward of any alpha (``alpha_rows`` (H, T) fp32, one alpha per query row): (o, rowmax, tau, w,
+    support, s, ent); w is empty (0,) without ``store_w``, s and ent without ``store_s``."""
+    with launch_device_of(q):
+        o, rowmax, tau, support, w, s, ent = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                                   _Sequences(seq_start, seq_end), alpha_rows,
+                                                                   store_s)
+    return (o, rowmax, tau, w if w is not None else tau.new_zeros(0), support,
+            s if s is not None else tau.new_zeros(0), ent if ent is not None else tau.new_zeros(0))
+
+
+@_entmax_attention_fwd_op.register_fake
+def _(q, k, v, alpha_rows, seq_start, seq_end, causal, scale, store_w, store_s):
+    B, H, T, _ = q.shape
+    Dv = v.shape[-1]
+    return (v.new_empty((B, H, T, Dv)), q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((B, H, T, Dv) if store_w else (0,), dtype=torch.float32),
+            q.new_empty(_support_shape(B, H, T, k.shape[2], _tiles(q.dtype)), dtype=torch.uint8),
+            q.new_empty((B, H, T, Dv) if store_s else (0,), dtype=torch.float32),
+            q.new_empty((B, H, T) if store_s else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("kernels::entmax_attention_bwd", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor alpha_rows, Tensor rowmax, "
+                                "Tensor tau, Tensor w, Tensor seq_start, Tensor seq_end, bool causal, float scale, "
+                                "Tensor support) -> (Tensor, Tensor, Tensor)")
+def _entmax_attention_bwd_op(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, causal, scale, support):
+    """Triton backward of any alpha: (dq, dk, dv)."""
+    with launch_device_of(q):
+        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end),
+                                     support, alpha_rows)
+
+
+@_entmax_attention_bwd_op.register_fake
+def _(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, causal, scale, support):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _entmax_attention_setup_context(ctx, inputs, output):
+    q, k, v, alpha_rows, seq_start, seq_end, causal, scale, _, store_s = inputs
+    o, rowmax, tau, w, support, s, ent = output
+    ctx.save_for_backward(q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, support, o, s, ent)
+    ctx.causal, ctx.scale, ctx.store_s = causal, scale, store_s
+    ctx.mark_non_differentiable(rowmax, tau, w, support, s, ent)
+
+
+def _entmax_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support, _d_s, _d_ent):
+    """(dq, dk, dv) from the backward kernel; alpha's gradient per row from the forward's per-row sums:
+    ``(dO.o - c) / (alpha - 1)^2 - (dO.s - c ent) / (alpha - 1)`` with ``c = dO.w`` (``_AlphaEntmaxFunction``'s
+    formula summed over the keys), summed over the batch."""
+    q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, support, o, s, ent = ctx.saved_tensors
+    dq, dk, dv = _entmax_attention_bwd_op(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, ctx.causal,
+                                          ctx.scale, support)
+    d_alpha = None
+    if ctx.store_s:
+        do = do.float()
+        c = (do * w).sum(-1)
+        am1 = alpha_rows - 1
+        rows = ((do * o.float()).sum(-1) - c) / (am1 * am1) - ((do * s).sum(-1) - c * ent) / am1  # (B, H, T)
+        d_alpha = rows.sum(0)
+    return dq, dk, dv, d_alpha, None, None, None, None, None, None
+
+
+_entmax_attention_fwd_op.register_autograd(_entmax_attention_backward, setup_context=_entmax_attention_setup_context)
 
 
 def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
@@ -1251,11 +1473,21 @@ def _check_entmax_inputs(q, k, v, alpha, causal, scale, *, packed: bool = False)
     return alpha
 
 
-def _check_triton_supports(alpha) -> None:
-    """The arguments that the Triton kernels do not take yet: refused on that backend, never run another way."""
-    if not (isinstance(alpha, float) and alpha == 1.5):
-        raise NotImplementedError(f"alpha={alpha!r}: the Triton kernels take alpha = 1.5 only (use "
-                                  "KERNELS_BACKEND=reference for other alpha)")
+def _triton_attention(q, k, v, causal: bool, scale: float, sequences: _Sequences, alpha, groups: int = 1):
+    """The Triton op on q (B, Hq, T, D) whose rows hold ``groups`` query heads (row ``t * G + g`` of head h: query
+    head ``h * G + g``, :func:`_pack_query_heads`) and ``sequences`` per row: the entmax-1.5 op for alpha = 1.5, else
+    the op of any alpha with one alpha per row, from alpha (a float or a (Hq * G,) tensor)."""
+    if isinstance(alpha, float) and alpha == 1.5:
+        return _entmax15_attention_triton(q, k, v, causal, scale, sequences)
+    heads, rows = q.shape[1], q.shape[2]
+    if isinstance(alpha, float):
+        alpha = torch.full((heads * groups,), alpha, dtype=torch.float32, device=q.device)
+    alpha_rows = alpha.float().view(heads, 1, groups).expand(heads, rows // groups, groups).reshape(heads, rows)
+    grad = torch.is_grad_enabled()
+    store_s = grad and alpha.requires_grad
+    store_w = store_s or (grad and any(t.requires_grad for t in (q, k, v)))
+    return _entmax_attention_fwd_op(q, k, v, alpha_rows.contiguous(), *sequences, causal, scale, store_w,
+                                    store_s)[0]
 
 
 def _pack_query_heads(x: Tensor, groups: int) -> Tensor:
@@ -1272,13 +1504,14 @@ def _unpack_query_heads(x: Tensor, groups: int) -> Tensor:
     return x.reshape(B, Hkv, TG // groups, groups, n).transpose(2, 3).reshape(B, Hkv * groups, TG // groups, n)
 
 
-def _attention_over_key_ranges(q, k, v, scale: float, key_ranges: _Sequences):
+def _attention_over_key_ranges(q, k, v, scale: float, key_ranges: _Sequences, alpha=1.5):
     """The Triton op where query row t (of q's Tq rows, any head) sees keys ``[start[t], end[t])`` of k's Tk rows
     (``key_ranges``; a causal mask is folded into them, an empty range gives a zero row): q (B, H, Tq, D), k
-    (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv), the query heads of each key head packed as its rows."""
+    (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv), the query heads of each key head packed as its rows;
+    alpha a float or a (H,) tensor."""
     groups = q.shape[1] // k.shape[1]
     rows = _Sequences(*(bound.repeat_interleave(groups) for bound in key_ranges))
-    out = _entmax15_attention_triton(_pack_query_heads(q, groups), k, v, False, scale, rows)
+    out = _triton_attention(_pack_query_heads(q, groups), k, v, False, scale, rows, alpha, groups)
     return _unpack_query_heads(out, groups)
 
 
@@ -1315,19 +1548,17 @@ def entmax_attention(q: Tensor, k: Tensor, v: Tensor, *, alpha=1.5, causal: bool
     ``alpha``: a float in (1, 2] or a (H,) tensor (one per query head; its values are checked when it is on the CPU),
     differentiable: 1.5 is entmax-1.5, 2 sparsemax, and alpha -> 1 tends to softmax. Differentiable in q, k, v and a
     tensor alpha. Under ``torch.autocast`` q, k, v run in the autocast dtype, alpha keeps its own.
-    Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides; the Triton kernels take
-    alpha = 1.5 and raise ``NotImplementedError`` on other alpha.
+    Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides.
     """
     alpha = _check_entmax_inputs(q, k, v, alpha, causal, scale)
     if not use_triton(q, k, v):
         return entmax_attention_reference(q, k, v, alpha=alpha, causal=causal, scale=scale)
-    _check_triton_supports(alpha)
     check_batch_heads(q.shape[0] * q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if k.shape[1:3] == q.shape[1:3]:
-        return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+        return _triton_attention(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device), alpha)
     key_ranges = _whole_key_ranges(q.shape[2], k.shape[2], causal, q.device)
-    return _attention_over_key_ranges(q, k, v, scale, key_ranges)
+    return _attention_over_key_ranges(q, k, v, scale, key_ranges, alpha)
 
 
 def _packed_hidden(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, total_k: int, causal: bool) -> Tensor:
@@ -1405,17 +1636,16 @@ def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     if not use_triton(q, k, v):
         return entmax_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, alpha=alpha, causal=causal,
                                                  scale=scale)
-    _check_triton_supports(alpha)
     check_batch_heads(q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if keys_share_offsets and k.shape[1] == q.shape[1]:
-        out = _entmax15_attention_triton(q4, k4, v4, causal, scale,
-                                         _packed_sequences(cu_seqlens_q, q.shape[0], q.device))
+        out = _triton_attention(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens_q, q.shape[0], q.device),
+                                alpha)
     else:
         cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k.to(q.device, non_blocking=True)
         key_ranges = _packed_key_ranges(cu_seqlens_q.to(q.device, non_blocking=True), cu_seqlens_k, q.shape[0],
                                         causal)
-        out = _attention_over_key_ranges(q4, k4, v4, scale, key_ranges)
+        out = _attention_over_key_ranges(q4, k4, v4, scale, key_ranges, alpha)
     return out[0].transpose(0, 1)
 
 
@@ -1425,7 +1655,7 @@ def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
-_FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq")
+_FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq", "alpha_rows", "s", "ent")
 _UINT8_POINTERS = ("support",)
 _INT32_POINTERS = ("seq_start", "seq_end", "tile_rows", "tile_counts")
 #: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
@@ -1434,7 +1664,7 @@ _FLOAT_SCALARS = ("half_scale", "scale")
 #: arguments that a launch on aligned tensors with D, Dv multiples of 16 specializes as multiples of 16 (besides the
 #: q/k/v/do batch, head and row strides): every pointer and the head sizes
 _ALIGNED_ARGS = {"q", "k", "v", "do", "o", "w", "dq", "dk", "dv", "seq_start", "seq_end", "rowmax", "tau",
-                 "support", "c", "tile_rows", "tile_counts", "D", "Dv"}
+                 "support", "c", "tile_rows", "tile_counts", "D", "Dv", "alpha_rows", "s", "ent"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -1463,7 +1693,9 @@ def aot_configurations() -> List[AotConfig]:
     candidate list holds it (``_candidates``; causal and store_w are runtime flags, UPCAST_DOTS is set only under
     the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
-    sizes). ``default`` marks the aligned default candidates (the tests' quick subset)."""
+    sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
+    GENERAL=True (any alpha, label suffix "any-alpha"), compiled by the full list (``pytest -m full_aot``), not the
+    quick subset."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
@@ -1495,11 +1727,15 @@ def aot_configurations() -> List[AotConfig]:
                 variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
                                  dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)), dict(UPCAST_DOTS=False),
                                  alignments))
+        variants = [(label + suffix, kernel, name, tiles, dict(fixed, GENERAL=general), alignments)
+                    for general, suffix in ((False, ""), (True, " any-alpha"))
+                    for label, kernel, name, tiles, fixed, alignments in variants]
         for label, kernel, name, tiles, fixed, alignments in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles, arch)):
+                default = default and not fixed["GENERAL"]
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once
                 identity = (kernel, dtype, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,

@@ -355,16 +355,6 @@ def test_varlen_rejects_bad_key_offsets(make, match):
         entmax_attention_varlen(q, k, k, cu_q, cu_k)
 
 
-@pytest.mark.parametrize("kwargs, shapes, match", [
-    pytest.param({"alpha": 1.25}, {}, "alpha=1.25", id="alpha"),
-    pytest.param({"alpha": torch.tensor([1.5, 1.5])}, {}, "alpha=tensor", id="alpha-tensor"),
-])
-def test_triton_backend_refuses_what_its_kernels_do_not_take(kwargs, shapes, match):
-    q, k, v = _qkv(**shapes)
-    with use_backend("triton"), pytest.raises(NotImplementedError, match=match):
-        entmax_attention(q, k, v, **kwargs)
-
-
 def test_module_learns_alpha_per_head_with_grouped_heads():
     """The reference module with one learned alpha per head and 2 key heads for 4 query heads equals the attention
     of its projections computed head by head with ``entmax_bisect``; the gradient reaches alpha_logit."""
