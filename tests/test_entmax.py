@@ -898,3 +898,19 @@ def test_any_alpha_threshold_is_within_fp32_rounding_of_the_float64_root(triton_
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
     error = (tau[0, 0].double() - lo[:, 0]).abs() / lo[:, 0].abs()
     assert error.max() <= 4 * torch.finfo(torch.float32).eps, error.max()
+
+
+def test_fused_module_learns_alpha_per_head_like_its_reference_twin(triton_backend, tiles):
+    tiles(TINY)
+    torch.manual_seed(23)
+    fused = FusedEntmaxCausalAttention(8, 4, alpha=1.3, learn_alpha=True, num_kv_heads=2)
+    twin = reference.EntmaxCausalAttention(8, 4, alpha=1.3, learn_alpha=True, num_kv_heads=2)
+    with torch.no_grad():
+        fused.alpha_logit.copy_(torch.randn(4))
+    twin.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 8)
+    outputs = [module(x)[0] for module in (fused, twin)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for output in outputs:
+        output.square().sum().backward()
+    torch.testing.assert_close(fused.alpha_logit.grad, twin.alpha_logit.grad, atol=1e-4, rtol=1e-4)
