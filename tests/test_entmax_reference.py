@@ -304,15 +304,20 @@ def test_varlen_reference_with_separate_key_offsets_is_the_reference_per_sequenc
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
 
-def test_autocast_keeps_alpha_in_its_own_precision():
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_keeps_alpha_in_its_own_precision(backend):
+    """Under autocast q, k, v run in bf16 and alpha stays fp32: the same output as bf16 inputs with that alpha."""
     generator = torch.Generator().manual_seed(43)
     q, k, v = (torch.randn(1, 2, 6, 4, generator=generator) for _ in range(3))
     alpha = torch.tensor([1.3, 1.7], requires_grad=True)
-    with use_backend("reference"), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = entmax_attention(q, k, v, alpha=alpha)
+    with use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = entmax_attention(q, k, v, alpha=alpha)
+        expected = entmax_attention(*(x.bfloat16() for x in (q, k, v)), alpha=alpha.detach())
     assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
     out.float().sum().backward()
-    assert alpha.grad is not None and alpha.grad.dtype == torch.float32
+    assert alpha.grad is not None and alpha.grad.dtype == torch.float32 and torch.isfinite(alpha.grad).all()
 
 
 def _qkv(H=2, Hkv=2, Tq=5, Tk=5):
