@@ -1,5 +1,8 @@
 """Benchmarks of causal entmax-1.5 attention: ours vs the reference, the ``entmax`` package on dense scores,
-AdaSplash-2 (``adasplash``, GPU) and SDPA's flash causal softmax (the speed ceiling), forward and forward+backward.
+AdaSplash-2 (``adasplash``, GPU) and SDPA's flash causal softmax (the speed ceiling), forward and forward+backward;
+then grouped-query heads and query chunks against a longer key history (vs SDPA with ``enable_gqa``), and other
+alpha (1.25, 2: vs ``entmax.entmax_bisect`` / ``entmax.sparsemax`` on dense scores and AdaSplash v1's any-alpha
+kernel where installed).
 
 Each ``benchmark.group`` is one (mode, shape); its members are the candidates. AdaSplash takes power-of-two
 lengths: at the dialogues' T = 110 it gets inputs already padded to 128 with ``varlen`` = 110 (padding untimed).
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import bench_call, requires_cuda, skip_in_quick_run
-from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference, use_backend
+from kernels import FusedEntmaxCausalAttention, entmax15_attention, entmax_attention, reference, use_backend
 
 #: (B, H, T, D): the models' shapes (dialogues of <= 110 utterances; CARN's head is 256 wide) and long sequences
 MODEL_SHAPES = [(32, 1, 110, 256), (32, 8, 110, 64), (32, 1, 110, 512), (32, 1, 110, 1024)]
@@ -162,3 +165,88 @@ def test_entmax_attention_tiny_cpu(benchmark, candidate):
     q, k, v = _inputs((2, 2, 32, 16), torch.device("cpu"), torch.float32, True)
     _run(benchmark, CANDIDATES[candidate], q, k, v, True)
 
+
+
+#: (B, H, Hkv, Tq, Tk, D): grouped-query prefill, and a chunk of queries against a longer history (chunked prefill)
+GQA_SHAPES = [pytest.param((4, 16, 4, 4096, 4096, 64), id="B4-H16-Hkv4-T4096-D64"),
+              pytest.param((1, 16, 4, 512, 8192, 64), id="B1-H16-Hkv4-Tq512-Tk8192-D64")]
+
+
+def _gqa_inputs(shape, device, dtype, backward):
+    b, h, h_kv, t_q, t_k, d = shape
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(b, heads, t, d, device=device, dtype=dtype, generator=generator).requires_grad_(backward)
+            for heads, t in ((h, t_q), (h_kv, t_k), (h_kv, t_k))]
+
+
+def _sdpa_flash_gqa(q, k, v):
+    """SDPA's causal softmax with grouped-query heads, aligned bottom-right as ours (an explicit mask when Tq != Tk:
+    SDPA's ``is_causal`` aligns top-left)."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _ours_gqa(q, k, v):
+    with use_backend("triton"):
+        return entmax_attention(q, k, v)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("shape", GQA_SHAPES)
+@pytest.mark.parametrize("candidate", ["ours", "sdpa"])
+def test_entmax_attention_grouped_heads_gpu(benchmark, device, candidate, shape, backward):
+    benchmark.group = "entmax_attention GQA {} B{}-H{}-Hkv{}-Tq{}-Tk{}-D{} bf16".format(
+        "fwd+bwd" if backward else "fwd", *shape)
+    fn = _ours_gqa if candidate == "ours" else _sdpa_flash_gqa
+    _run(benchmark, fn, *_gqa_inputs(shape, device, GPU_DTYPE, backward), backward)
+
+
+ALPHAS = [pytest.param(1.25, id="alpha1.25"), pytest.param(2.0, id="alpha2")]
+ALPHA_SHAPES = [pytest.param((4, 8, 1024, 64), id="B4-H8-T1024-D64"),
+                pytest.param((32, 8, 110, 64), id="B32-H8-T110-D64")]
+
+
+def _dense_alpha_entmax(q, k, v, alpha):
+    """The ``entmax`` package on the dense masked scores: ``entmax_bisect`` (``sparsemax`` at alpha = 2)."""
+    import entmax
+
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    weights = entmax.sparsemax(scores, dim=-1) if alpha == 2 else entmax.entmax_bisect(scores, alpha, dim=-1)
+    return weights @ v
+
+
+def _adasplash_v1(q, k, v, alpha):
+    """AdaSplash's any-alpha kernel (its Halley-bisection threshold)."""
+    from adasplash import adasplash
+
+    return adasplash(q, k, v, alpha=alpha, is_causal=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backward", MODES)
+@pytest.mark.parametrize("shape", ALPHA_SHAPES)
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("candidate", ["ours", "reference", "entmax", "adasplash"])
+def test_entmax_attention_other_alpha_gpu(benchmark, device, candidate, alpha, shape, backward):
+    benchmark.group = "entmax_attention alpha={} {} B{}-H{}-T{}-D{} bf16".format(
+        alpha, "fwd+bwd" if backward else "fwd", *shape)
+    if candidate == "adasplash":
+        _skip_unless_adasplash_runs(shape)
+        if shape[2] & (shape[2] - 1):
+            pytest.skip("AdaSplash takes power-of-two lengths")
+    fns = {"ours": lambda q, k, v: _ours_alpha(q, k, v, alpha),
+           "reference": lambda q, k, v: reference.entmax_attention_reference(q, k, v, alpha=alpha),
+           "entmax": lambda q, k, v: _dense_alpha_entmax(q, k, v, alpha),
+           "adasplash": lambda q, k, v: _adasplash_v1(q, k, v, alpha)}
+    _run(benchmark, fns[candidate], *_inputs(shape, device, GPU_DTYPE, backward), backward)
+
+
+def _ours_alpha(q, k, v, alpha):
+    with use_backend("triton"):
+        return entmax_attention(q, k, v, alpha=alpha)

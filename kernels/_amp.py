@@ -23,8 +23,12 @@ def _first_tensor(args, kwargs) -> torch.Tensor | None:
     return None
 
 
-def autocast_op(fn: F) -> F:
-    """Run ``fn`` in the autocast dtype of its first tensor argument's device when autocast is enabled there."""
+def autocast_op(fn: F | None = None, *, keep: tuple = ()) -> F:
+    """Run ``fn`` in the autocast dtype of its first tensor argument's device when autocast is enabled there; the
+    keyword arguments named in ``keep`` (parameters that need their precision, such as entmax's alpha) keep theirs.
+    Used as ``@autocast_op`` or ``@autocast_op(keep=(...))``."""
+    if fn is None:
+        return functools.partial(autocast_op, keep=keep)  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,6 +46,7 @@ def autocast_op(fn: F) -> F:
             return value
 
         with torch.autocast(device_type, enabled=False):
-            return fn(*(cast(a) for a in args), **{name: cast(value) for name, value in kwargs.items()})
+            return fn(*(cast(a) for a in args),
+                      **{name: value if name in keep else cast(value) for name, value in kwargs.items()})
 
     return wrapper  # type: ignore[return-value]

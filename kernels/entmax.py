@@ -1,4 +1,4 @@
-"""Causal entmax-1.5 attention, fused flash-style in Triton (docs/design.md sections 1-2).
+"""Causal alpha-entmax attention, fused flash-style in Triton (docs/design.md sections 1-2).
 
 ``entmax15_attention(q, k, v)`` equals ``entmax.entmax15(scores, dim=-1) @ v`` with
 ``scores = q k^T * scale`` (``-inf`` where ``j > i`` when causal) without ever forming the T x T matrix:
@@ -18,10 +18,23 @@
 
 Every kernel takes strides (inputs may be non-contiguous views) and accumulates in fp32; D and Dv may be any size
 (features in chunks where a tile cannot hold them whole).
+
+``entmax_attention(q, k, v, alpha=...)`` generalises it (same kernels):
+
+- any alpha in (1, 2] (a float, or one per query head as a tensor, differentiable): the kernels' GENERAL constexpr
+  (entmax-1.5 compiles without it, unchanged) scales scores by ``alpha - 1`` per row, solves
+  ``sum_j max(z_j - tau, 0)^(1 / (alpha - 1)) = 1`` by bracketing passes (candidates plus Newton lower and secant
+  upper bounds: f is convex) to fp32 rounding, and uses ``p = G^(1 / (alpha - 1))``, ``g = p^(2 - alpha)`` in
+  place of ``G^2`` and G; alpha's gradient comes from per-row sums the output kernel stores (s, ent);
+- grouped-query heads: the query heads that share a key head are packed as rows of that head (row ``t * G + g``),
+  so every K/V tile a query tile loads serves the whole group;
+- Tq != Tk and packed sequences with separate key offsets: each query row's visible keys ``[start, end)`` carry the
+  sequence and the bottom-right causal limit (``causal`` then off in the kernels); a row with none gives zeros.
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -215,15 +228,16 @@ def _bucket(batch_heads: int, t: int) -> tuple:
 #: Runtime flags and sequence sizes are never specialized (no variant per value 1). D and Dv are: a multiple of 16
 #: makes the feature masks constant over 16 elements, so tiles load as vectors and stream with async copies
 #: (cp.async needs at least 4-byte vectors); D = 1 or Dv = 1 compiles a variant of its own.
-_NOT_SPECIALIZED = ["H", "T", "causal"]
+_NOT_SPECIALIZED = ["H", "T", "TK", "causal"]
 
 
 @triton.jit
-def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T, K,
+def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T, TB, K,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows outside [0, T) read as zeros."""
+    """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows of a outside [0, T) and of b outside
+    [0, TB) read as zeros."""
     m_m = o_m < T
-    m_n = o_n < T
+    m_n = o_n < TB
     o_m64 = o_m.to(tl.int64)
     o_n64 = o_n.to(tl.int64)
     b_acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -241,11 +255,11 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
 
 
 @triton.jit
-def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, half_scale, causal, b_start, b_end,
-            BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """Halved scores ``z = scale / 2 * q . k``, ``-inf`` outside each row's sequence [b_start, b_end) and where the
-    causal mask hides the key."""
-    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, half_scale, causal, b_start,
+            b_end, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """Halved scores ``z = scale / 2 * q . k`` of query rows o_m (T rows) and keys o_n (TK keys), ``-inf`` outside
+    each row's keys [b_start, b_end) and where the causal mask hides the key (``causal`` takes T = TK)."""
+    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
                     UPCAST_DOTS) * half_scale
     m_visible = (o_m[:, None] < T) & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
         & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
@@ -254,16 +268,17 @@ def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D
 
 @triton.jit
 def _row_sequences(seq_start, seq_end, o_m, T):
-    """Per row, the keys [start, end) of its sequence ([0, T) unless packed); empty past T."""
+    """Per query row (T rows), the keys [start, end) that it may see; empty past T."""
     m_m = o_m < T
     return tl.load(seq_start + o_m, mask=m_m, other=0), tl.load(seq_end + o_m, mask=m_m, other=0)
 
 
 @triton.jit
-def _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM: tl.constexpr, BN: tl.constexpr):
-    """Keys [lo, hi) that query tile ``i_m`` can see (lo a multiple of BN): key tiles outside are never visited."""
-    lo = tl.min(tl.where(o_m < T, b_start, T), 0) // BN * BN
-    hi = tl.where(causal != 0, tl.minimum((i_m + 1) * BM, T), tl.max(b_end, 0))
+def _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM: tl.constexpr, BN: tl.constexpr):
+    """Keys [lo, hi) that query tile ``i_m`` (of T rows; TK keys) can see (lo a multiple of BN): key tiles outside are
+    never visited."""
+    lo = tl.min(tl.where(o_m < T, b_start, TK), 0) // BN * BN
+    hi = tl.where(causal != 0, tl.minimum((i_m + 1) * BM, TK), tl.max(b_end, 0))
     return lo, hi
 
 
@@ -324,23 +339,86 @@ def _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau, b
     return b_tau, b_lo, b_hi, b_done | m_solved
 
 
+@triton.jit
+def _row_alpha(alpha_rows, i_h, o_m, T, GENERAL: tl.constexpr):
+    """alpha - 1 of each query row (``alpha_rows`` (H, T) fp32, any alpha) or 0.5 (entmax-1.5, nothing loaded)."""
+    if GENERAL:
+        return tl.load(alpha_rows + i_h.to(tl.int64) * T + o_m, mask=o_m < T, other=1.5) - 1.0
+    else:
+        return tl.full(o_m.shape, 0.5, dtype=tl.float32)
+
+
+@triton.jit
+def _powers(b_g, b_exponent):
+    """``G^e`` [BM, BN] for G >= 0 and a per-row exponent e >= 0 [BM], 0 where G = 0 (also for e = 0)."""
+    m_s = b_g > 0
+    return tl.where(m_s, tl.exp2(tl.log2(tl.where(m_s, b_g, 1.0)) * b_exponent[:, None]), 0.0)
+
+
+@triton.jit
+def _accumulate_power_stats(b_zr, b_t, b_r, b_s1, b_s2, NC: tl.constexpr):
+    """Any alpha: add one key tile's ``sum_j w^r`` and ``sum_j w^(r - 1)`` over the support ``w = zr - t > 0`` of
+    every candidate t (``b_t`` [BM, NC]; r = 1 / (alpha - 1) per row): f(t) = s1 - 1 and f'(t) = -r s2."""
+    o_c = tl.arange(0, NC)
+    for i_c in range(NC):
+        m_c = (o_c == i_c)[None, :]
+        b_tc = tl.sum(tl.where(m_c, b_t, 0.0), 1)  # [BM]
+        b_w = tl.maximum(b_zr - b_tc[:, None], 0.0)  # [BM, BN]
+        b_pow = _powers(b_w, b_r - 1.0)  # w^(r - 1)
+        b_s1 = tl.where(m_c, b_s1 + tl.sum(b_pow * b_w, 1)[:, None], b_s1)
+        b_s2 = tl.where(m_c, b_s2 + tl.sum(b_pow, 1)[:, None], b_s2)
+    return b_s1, b_s2
+
+
+@triton.jit
+def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
+    """Any alpha: one solver pass from ``f(t) = sum max(x - t, 0)^r - 1`` (convex and decreasing; r >= 1) at the
+    candidates ``b_t`` [BM, NC] of the bracket [lo, hi]. Lower bounds: candidates with f >= 0 and every Newton step
+    (a tangent of a convex f crosses 0 left of the root); upper bounds: candidates with f < 0 and the secant between
+    the two candidates around the root. The bracket shrinks quadratically; a row is solved when it is a few floats
+    wide (relative 2^-21) or collapses. Returns (tau = lo, lo, hi, done)."""
+    b_f = b_s1 - 1.0
+    m_left = b_f >= 0
+    m_support = b_s2 > 0
+    b_newton = tl.where(m_support, b_t + b_f / (b_r[:, None] * tl.where(m_support, b_s2, 1.0)), float("-inf"))
+    b_t_left = tl.max(tl.where(m_left, b_t, float("-inf")), 1)
+    b_f_left = tl.min(tl.where(m_left, b_f, float("inf")), 1)
+    b_t_right = tl.min(tl.where(m_left, float("inf"), b_t), 1)
+    b_f_right = tl.max(tl.where(m_left, float("-inf"), b_f), 1)
+    m_both = (b_t_left > float("-inf")) & (b_t_right < float("inf"))
+    b_gap = tl.where(m_both, b_f_left - b_f_right, 1.0)  # > 0
+    b_secant = tl.where(m_both, b_t_left + tl.where(m_both, b_f_left, 0.0)
+                        * (tl.where(m_both, b_t_right, 0.0) - tl.where(m_both, b_t_left, 0.0)) / b_gap, float("inf"))
+    b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.max(b_newton, 1))
+    b_new_hi = tl.minimum(tl.minimum(b_hi, b_t_right), b_secant)
+    m_solved = (b_new_hi - b_new_lo) <= 4.8e-7 * tl.abs(b_new_lo)  # also a collapsed bracket (hi <= lo)
+    b_tau = tl.where(b_done, b_tau, b_new_lo)
+    b_lo = tl.where(b_done, b_lo, b_new_lo)
+    b_hi = tl.where(b_done, b_hi, tl.maximum(b_new_hi, b_new_lo))
+    return b_tau, b_lo, b_hi, b_done | m_solved
+
+
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
+def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_rows,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_sb, stride_sm, stride_sn,
-                       H, T, D, half_scale, causal,
+                       H, T, TK, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BN: tl.constexpr,
-                       UPCAST_DOTS: tl.constexpr):
-    """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` and the threshold relative to it, tau (B*H, T)
-    fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score (or no finite one) get NaN
-    tau and rowmax 0. Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs T <= BN.
+                       UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
+    """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` (T query rows, TK keys) and the threshold
+    relative to it, tau (B*H, T) fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score
+    (or visible keys but no finite score) get NaN tau and rowmax 0; rows that see no key get tau = +inf (no
+    probability: zero output). Grid (cdiv(T, BM), B*H). ROW_IN_REGISTERS (scores computed once, kept on chip) needs
+    TK <= BN. GENERAL (any alpha): ``z = (alpha_i - 1) * scale * q k^T`` (``half_scale`` holds scale, alpha_rows
+    (H, T) fp32 each row's alpha) and ``sum_j max(z_ij - rowmax_i - tau_i, 0)^(1 / (alpha_i - 1)) = 1``, solved by
+    :func:`_power_candidate_step` to fp32 rounding (no closed form).
 
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
     of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
-    (B*H, cdiv(T, BM), cdiv(T, MASK_BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds
+    (B*H, cdiv(T, BM), cdiv(TK, MASK_BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds
     its bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
     section 2, tile classification); a mask tile of MASK_BN keys (a multiple of BN) holds the OR of its BN-key
     tiles. With ROW_IN_REGISTERS the launcher fills the mask instead."""
@@ -351,29 +429,41 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
     p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
+    b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)  # alpha - 1 [BM]
 
     if ROW_IN_REGISTERS:
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, D,
+        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, TK, D,
                       half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        if GENERAL:
+            b_z = b_z * b_am1[:, None]
         m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
         b_max = tl.max(tl.where(b_z == b_z, b_z, float("-inf")), 1)
     else:
         m_bad = tl.zeros([BM], dtype=tl.int32) > 0
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(lo, hi, BN):
-            b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, D,
-                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, TK,
+                           D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            if GENERAL:
+                b_zt = b_zt * b_am1[:, None]
             m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
             b_max = tl.maximum(b_max, tl.max(tl.where(b_zt == b_zt, b_zt, float("-inf")), 1))
-    # a +inf score, or none finite, leaves no finite probabilities: NaN row, as the reference
-    m_bad = m_bad | (b_max == float("inf")) | (b_max == float("-inf"))
-    m_rest = (o_m >= T) | m_bad  # padded and NaN rows: finished from the start, arithmetic kept finite
+    # a +inf score, or visible keys but none finite, leaves no finite probabilities: NaN row, as the reference; a row
+    # that sees no key has no probability (tau = +inf: zero output)
+    b_seen = tl.where(causal != 0, o_m + 1, b_end) - b_start
+    m_blind = b_seen <= 0
+    m_bad = m_bad | (b_max == float("inf")) | ((b_max == float("-inf")) & ~m_blind)
+    m_rest = (o_m >= T) | m_bad | m_blind  # padded, NaN and blind rows: finished from the start, arithmetic finite
     b_max = tl.where(m_rest, 0.0, b_max)
 
-    b_visible = tl.maximum(tl.where(causal != 0, o_m + 1, b_end) - b_start, 1).to(tl.float32)
-    b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^-1/2)
-    b_hi = -tl.rsqrt(b_visible)
+    b_visible = tl.maximum(b_seen, 1).to(tl.float32)
+    b_lo = tl.full([BM], -1.0, dtype=tl.float32)  # f(max - 1) >= 0 >= f(max - n^(1 - alpha))
+    if GENERAL:
+        b_hi = -tl.exp2(-b_am1 * tl.log2(b_visible))
+    else:
+        b_hi = -tl.rsqrt(b_visible)
+    b_r = 1.0 / tl.where(m_rest, 0.5, b_am1)  # 1 / (alpha - 1)
     b_tau = b_lo
     b_done = m_rest
     o_c = tl.arange(0, NC).to(tl.float32) / (NC - 1)
@@ -386,44 +476,59 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support,
         b_wmin = tl.full([BM, NC], float("inf"), dtype=tl.float32)
         b_wout = tl.full([BM, NC], float("-inf"), dtype=tl.float32)
         if ROW_IN_REGISTERS:
-            b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+            if GENERAL:
+                b_cnt, b_a1 = _accumulate_power_stats(b_z - b_max[:, None], b_t, b_r, b_cnt, b_a1, NC)
+            else:
+                b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                    b_z - b_max[:, None], b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
         else:
             # support bound of this pass: tau where solved, else the lower bracket lo <= tau; rows past T or NaN: none
             b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
-                               T, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                               T, TK, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                if GENERAL:
+                    b_zt = b_zt * b_am1[:, None]
                 b_zr = b_zt - b_max[:, None]
-                b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
-                    b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
+                if GENERAL:
+                    b_cnt, b_a1 = _accumulate_power_stats(b_zr, b_t, b_r, b_cnt, b_a1, NC)
+                else:
+                    b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
+                        b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
                 # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
                 m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
                 # a mask tile's first visited key tile writes its mark, the others only add theirs (an OR)
                 tl.store(p_sup + (n0 // MASK_BN) * stride_sn, m_hit.to(tl.uint8),
                          mask=(m_hit > 0) | (n0 == lo) | (n0 % MASK_BN == 0))
-        b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
-                                                    b_done)
+        if GENERAL:
+            b_tau, b_lo, b_hi, b_done = _power_candidate_step(b_t, b_cnt, b_a1, b_r, b_lo, b_hi, b_tau, b_done)
+        else:
+            b_tau, b_lo, b_hi, b_done = _candidate_step(b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, b_lo, b_hi, b_tau,
+                                                        b_done)
         i_pass += 1
 
     o_row = i_bh.to(tl.int64) * T + o_m
     tl.store(rowmax + o_row, b_max, mask=o_m < T)
-    tl.store(tau + o_row, tl.where(m_bad, float("nan"), b_tau), mask=o_m < T)
+    tl.store(tau + o_row, tl.where(m_bad, float("nan"), tl.where(m_blind, float("inf"), b_tau)), mask=o_m < T)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
-def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w", "store_s"])
+def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, alpha_rows, s, ent,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_sb, stride_sm, stride_sn,
-                       H, T, D, Dv, half_scale, causal, store_w,
+                       H, T, TK, D, Dv, half_scale, causal, store_w, store_s,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """o[:, :, :, chunk] (B, H, T, Dv) = p @ v with ``p = max(z - tau, 0)^2``; if ``store_w``, also
-    w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM), cdiv(Dv, BDV), B*H).
+                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
+    """o[:, :, :, chunk] (B, H, T, Dv) = p @ v (T query rows, TK keys) with ``p = max(z - tau, 0)^2``; if
+    ``store_w``, also w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM),
+    cdiv(Dv, BDV), B*H).
     Key tiles whose ``support`` byte (the threshold kernel's mask, tiles MASK_BM x BN; BM divides MASK_BM: a query
-    tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T."""
+    tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T.
+    GENERAL (any alpha, :func:`_entmax_tau_kernel`): ``p = G^r / sum_j G^r`` and ``g = G^(r - 1)`` (= p^(2 - alpha))
+    in place of ``G^2`` and G, r = 1 / (alpha - 1); with ``store_s`` (alpha's gradient) also s (B, H, T, Dv) fp32
+    = ``sum_j p_j log(p_j) v_j`` and ent (B, H, T) fp32 = ``sum_j p_j log(p_j)``."""
     tl.static_assert(MASK_BM % BM == 0)
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -440,23 +545,46 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
     b_o = tl.zeros([BM, BDV], dtype=tl.float32)
     b_u = tl.zeros([BM, BDV], dtype=tl.float32)
     b_gsum = tl.zeros([BM], dtype=tl.float32)
+    b_am1 = _row_alpha(alpha_rows, i_bh % H, o_m, T, GENERAL)
+    b_r = 1.0 / b_am1
+    if GENERAL:
+        b_s = tl.zeros([BM, BDV], dtype=tl.float32)
+        b_psum = tl.zeros([BM], dtype=tl.float32)
+        b_ent = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
-    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, causal, BM, BN)
+    lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     p_sup = support + i_bh.to(tl.int64) * stride_sb + ((i_m * BM) // MASK_BM).to(tl.int64) * stride_sm
     for n0 in range(lo, hi, BN):
         if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
             o_n = n0 + tl.arange(0, BN)
-            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D,
+            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D,
                           half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            if GENERAL:
+                b_z = b_z * b_am1[:, None]
             b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
             if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
                 b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
-                              mask=(o_n[:, None] < T) & m_dv[None, :], other=0.0)  # [BN, BDV]
-                b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                if store_w != 0:
-                    b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
-                    b_gsum += tl.sum(b_g, 1)
+                              mask=(o_n[:, None] < TK) & m_dv[None, :], other=0.0)  # [BN, BDV]
+                if GENERAL:
+                    b_p = _powers(b_g, b_r)
+                    b_o += dot_fp32acc(b_p.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    b_psum += tl.sum(b_p, 1)
+                    if store_w != 0:
+                        b_gg = _powers(b_g, b_r - 1.0)
+                        b_u += dot_fp32acc(b_gg.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                        b_gsum += tl.sum(b_gg, 1)
+                    if store_s != 0:  # p log p = p r ln G
+                        b_plogp = b_p * (b_r * 0.6931471805599453)[:, None] * tl.log2(tl.where(b_g > 0, b_g, 1.0))
+                        b_s += dot_fp32acc(b_plogp.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                        b_ent += tl.sum(b_plogp, 1)
+                else:
+                    b_o += dot_fp32acc((b_g * b_g).to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                    if store_w != 0:
+                        b_u += dot_fp32acc(b_g.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
+                        b_gsum += tl.sum(b_g, 1)
 
+    if GENERAL:  # the threshold is exact to fp32 rounding only: normalise (rows without support keep 0)
+        b_o = b_o / tl.where(b_psum > 0, b_psum, 1.0)[:, None]
     # a NaN row has NaN tau and no support: give it NaN, not zeros
     b_o = tl.where((b_tau == b_tau)[:, None], b_o, float("nan"))
     o_out = (i_bh.to(tl.int64) * T + o_m)[:, None] * Dv + o_dv[None, :]
@@ -465,6 +593,11 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w,
     if store_w != 0:
         b_w = b_u / tl.where(b_gsum > 0, b_gsum, 1.0)[:, None]  # rows past T have no support: no 0 / 0
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
+    if GENERAL:
+        if store_s != 0:
+            tl.store(s + o_out, b_s, mask=m_out)
+            if i_dv == 0:
+                tl.store(ent + i_bh.to(tl.int64) * T + o_m, b_ent, mask=m_m)
 
 
 @triton.jit
@@ -479,24 +612,27 @@ def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCA
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
-def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_rows, tile_counts, dq, dk, dv,
+def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_rows, tile_counts, dq, dk, dv, alpha_rows,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_ob, stride_oh, stride_ot, stride_od,
-                       H, T, D, Dv, half_scale, scale, causal,
+                       H, T, TK, D, Dv, half_scale, scale, causal,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
-    ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, T, Dv) = p^T @ dO, dk[:, :, tile]
-    (B, H, T, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
-    caller). The query tiles visited are the first ``tile_counts[bh, i_n]`` entries of ``tile_rows[bh, i_n]``
-    (:func:`_query_tile_lists`: visible, with support, ascending); the others cost no dot and no load.
+    ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, TK, Dv) = p^T @ dO, dk[:, :, tile]
+    (B, H, TK, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
+    caller); T query rows, TK keys. The query tiles visited are the first ``tile_counts[bh, i_n]`` entries of
+    ``tile_rows[bh, i_n]`` (:func:`_query_tile_lists`: visible, with support, ascending); the others cost no dot and
+    no load.
 
     WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
     dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
     and dv (BDV wide) and recomputes z (and dP if it has a dk chunk) in chunked reductions: the fallback for head
-    sizes too wide for registers. Grid (cdiv(T, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H)."""
+    sizes too wide for registers. Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H).
+    GENERAL (any alpha): ``p = G^r`` and ``dS = g (dP - c)`` with ``g = G^(r - 1)`` (= p^(2 - alpha)), r = 1 /
+    (alpha - 1) per row (``alpha_rows``)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(2)
     i_c = tl.program_id(1) * (1 - WHOLE)  # 0 (a constant) when WHOLE
     i_b, i_h = i_bh // H, i_bh % H
@@ -506,7 +642,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     n0 = i_n * BN
     o_n = n0 + tl.arange(0, BN)
-    m_n = o_n < T
+    m_n = o_n < TK
     o_d = i_c * BD + tl.arange(0, BD)
     m_d = o_d < D
     o_dv = i_c * BDV + tl.arange(0, BDV)
@@ -524,7 +660,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
     # the query tiles to visit, listed by the launcher: a loop without a branch, so that its loads stream with
     # async copies (Triton does not pipeline loads whose dots sit under an ``if``)
-    o_list = i_bh.to(tl.int64) * tl.cdiv(T, BN) + i_n
+    o_list = i_bh.to(tl.int64) * tl.cdiv(TK, BN) + i_n
     p_rows = tile_rows + o_list * tl.cdiv(T, BM)
     for i_row in range(0, tl.load(tile_counts + o_list)):
         m0 = tl.load(p_rows + i_row) * BM
@@ -535,6 +671,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         b_max = tl.load(rowmax + o_row, mask=m_m, other=0.0)  # [BM]
         b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
         b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
+        b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)
         b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
                       mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
         b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
@@ -544,22 +681,29 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         if WHOLE:
             b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
         else:
-            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, D, BM, BN, BD,
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
                             UPCAST_DOTS) * half_scale
+        if GENERAL:
+            b_z = b_z * b_am1[:, None]
         b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
+        if GENERAL:
+            b_p = _powers(b_g, 1.0 / b_am1)
+            b_g = _powers(b_g, 1.0 / b_am1 - 1.0)
+        else:
+            b_p = b_g * b_g
         if WHOLE:
-            b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+            b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
             b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
         else:
             if has_dv:
-                b_dv += dot_fp32acc(tl.trans((b_g * b_g).to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
+                b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
-                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, Dv,
+                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, TK, Dv,
                                  BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
                 b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
 
-    o_key = i_bh.to(tl.int64) * T + o_n
+    o_key = i_bh.to(tl.int64) * TK + o_n
     tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
              mask=m_n[:, None] & m_d[None, :])
     tl.store(dv + o_key[:, None] * Dv + o_dv[None, :], b_dv.to(dv.dtype.element_ty),
@@ -593,37 +737,42 @@ def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequence
                         for bound in (cu_seqlens[:-1], cu_seqlens[1:])))
 
 
-def _support_shape(B: int, H: int, T: int, tiles: Tiles):
-    """Shape of the per-tile support mask: (B*H, query tiles, key tiles) of ``block_m`` x ``block_n``."""
-    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(T, tiles.block_n)
+def _support_shape(B: int, H: int, T: int, TK: int, tiles: Tiles):
+    """Shape of the per-tile support mask of T query rows and TK keys: (B*H, query tiles, key tiles) of ``block_m`` x
+    ``block_n``."""
+    return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(TK, tiles.block_n)
 
 
-def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences):
+def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_rows: Optional[Tensor] = None):
     """Launch the threshold kernel. Returns rowmax and tau relative to it, both (B, H, T) fp32, and the per-tile
     support mask (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8: 0 where every probability of the (query tile, key
     tile) pair is 0, 1 where some may not be (docs/design.md section 2). Rows solved in registers (T <= row_block_n)
-    mark every tile that a causal (or any) query tile can reach."""
+    mark every tile that a causal (or any) query tile can reach. ``alpha_rows`` (H, T) fp32: each row's alpha (any
+    alpha, the kernels' GENERAL mode; tau is then relative to the maximum of ``(alpha - 1) * scale * q k^T``); None:
+    entmax-1.5."""
     B, H, T, D = q.shape
+    TK = k.shape[2]
     tiles = _tiles(q.dtype)
     rowmax = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     tau = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    in_registers = T <= tiles.row_block_n
-    shape = _support_shape(B, H, T, tiles)
+    in_registers = TK <= tiles.row_block_n
+    shape = _support_shape(B, H, T, TK, tiles)
     if in_registers:
         i_m = torch.arange(shape[1], device=q.device)[:, None]
         i_n = torch.arange(shape[2], device=q.device)[None, :]
-        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=T)) | (not causal)
+        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=TK)) | (not causal)
         support = reachable.to(torch.uint8).expand(shape).contiguous()
         blocks = dict(BM=tiles.row_block_m, BN=tiles.row_block_n, BD=tiles.block_d)
     else:  # the kernel writes every tile that a query tile visits; the others stay 0
         support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
         blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
+    general = alpha_rows is not None
     launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, blocks["BM"]), B * H),
-           (q, k, *sequences, rowmax, tau, support, *q.stride(), *k.stride(), *support.stride(), H, T, D,
-            0.5 * scale, int(causal)),
+           (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
+            *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
-                UPCAST_DOTS=upcast_dots_for(q.dtype)),
+                UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates("tau registers" if in_registers else "tau passes", q.dtype, blocks, launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
@@ -641,26 +790,38 @@ def _forward_tiles(tiles: Tiles, dv: int):
     return "fwd wide", block_m, min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
 
 
-def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences):
+def _general(general: bool) -> dict:
+    """The GENERAL constexpr of a launch: passed only for any alpha, so entmax-1.5 launches keep their signature."""
+    return dict(GENERAL=True) if general else {}
+
+
+def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences,
+                          alpha_rows: Optional[Tensor] = None, store_s: bool = False):
     """Launch the tau and forward kernels. Returns o (B, H, T, Dv) in v's dtype, rowmax and tau (B, H, T) fp32, the
-    support mask (:func:`_entmax_tau`) and, with ``store_w``, w (B, H, T, Dv) fp32 for the backward (else None)."""
+    support mask (:func:`_entmax_tau`), with ``store_w`` w (B, H, T, Dv) fp32 for the backward (else None) and, any
+    alpha (``alpha_rows``, :func:`_entmax_tau`) with ``store_s``, s (B, H, T, Dv) and ent (B, H, T) fp32 for alpha's
+    gradient (else None, None)."""
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
+    TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
-    half_scale = 0.5 * scale
-    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences)
+    general = alpha_rows is not None
+    rowmax, tau, support = _entmax_tau(q, k, causal, scale, sequences, alpha_rows)
     o = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
     w = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_w else None
+    store_s = store_s and general
+    s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
+    ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
     name, block_m, block_dv = _forward_tiles(tiles, Dv)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
-            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, D, Dv, half_scale, int(causal),
-            int(store_w)),
-           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype)),
+            alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
+            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv,
+            scale if general else 0.5 * scale, int(causal), int(store_w), int(store_s)),
+           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
                        launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T))
-    return o, rowmax, tau, support, w
+    return o, rowmax, tau, support, w, s, ent
 
 
 #: Feature chunk cap of the chunked backward when D or Dv is not a multiple of 16: without vector loads, 16-bit
@@ -696,17 +857,17 @@ def _covering(mask: torch.Tensor, dim: int, size: int, mask_size: int, tiles: in
     return padded.view(shape).amax(dim + 1)
 
 
-def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, block_m: int, block_n: int,
+def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: int, block_m: int, block_n: int,
                       mask_m: int, mask_n: int, batch_heads: int):
-    """Per batch-head and key tile, the query tiles the backward visits: visible and with support. Returns
-    (rows (B*H, cdiv(T, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
-    counts (B*H, cdiv(T, block_n)) int32). Built on the device without a host sync."""
-    tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    """Per batch-head and key tile, the query tiles the backward visits: visible and with support (T query rows, TK
+    keys). Returns (rows (B*H, cdiv(TK, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
+    counts (B*H, cdiv(TK, block_n)) int32). Built on the device without a host sync."""
+    tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(TK, block_n)
     # visible tile pairs, from each query tile's keys [lo, hi) (as the forward's _visible_keys)
     pad = tiles_m * block_m - T
-    start = torch.nn.functional.pad(sequences.start, (0, pad), value=T).view(tiles_m, block_m).amin(1)
+    start = torch.nn.functional.pad(sequences.start, (0, pad), value=TK).view(tiles_m, block_m).amin(1)
     if causal:
-        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=T)
+        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=TK)
     else:
         hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
     key_tile = torch.arange(tiles_n, device=start.device) * block_n
@@ -723,35 +884,38 @@ def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, bloc
 
 
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
-                          support: Optional[torch.Tensor] = None):
-    """Launch the backward kernel. Returns dq, dk (B, H, T, D) and dv (B, H, T, Dv) in the inputs' dtype.
+                          support: Optional[torch.Tensor] = None, alpha_rows: Optional[Tensor] = None):
+    """Launch the backward kernel. Returns dq (B, H, T, D), dk (B, H, TK, D) and dv (B, H, TK, Dv) in the inputs'
+    dtype.
 
-    ``support`` (B*H, cdiv(T, block_m), cdiv(T, block_n)) uint8, the threshold pass's per-tile mask (0: every
+    ``support`` (B*H, cdiv(T, block_m), cdiv(TK, block_n)) uint8, the threshold pass's per-tile mask (0: every
     probability of that tile pair is 0); None means every visible tile may have support. The backward tiles must
-    divide the mask's or be multiples of them (:func:`_covering`)."""
+    divide the mask's or be multiples of them (:func:`_covering`). ``alpha_rows``: as :func:`_entmax_tau`."""
     B, H, T, D = q.shape
-    Dv = v.shape[-1]
+    TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
     block_m, block_n, block_d, block_dv, whole = _backward_tiles(tiles, D, Dv)
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
         if size % mask_size and mask_size % size:
             raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
-    shape = _support_shape(B, H, T, tiles)
+    shape = _support_shape(B, H, T, TK, tiles)
     if support is not None and tuple(support.shape) != shape:
         raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
                          f"{tuple(support.shape)}")
-    rows, counts = _query_tile_lists(support, sequences, causal, T, block_m, block_n, tiles.block_m, tiles.block_n,
-                                     B * H)
+    rows, counts = _query_tile_lists(support, sequences, causal, T, TK, block_m, block_n, tiles.block_m,
+                                     tiles.block_n, B * H)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
-    dk = torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H, T, Dv), dtype=v.dtype, device=v.device)
+    dk = torch.empty((B, H, TK, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, TK, Dv), dtype=v.dtype, device=v.device)
     chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
-    launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(T, block_n), chunks, B * H),
-           (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, D, Dv, 0.5 * scale, scale, int(causal)),
-           dict(UPCAST_DOTS=upcast_dots_for(q.dtype)),
+    general = alpha_rows is not None
+    launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(TK, block_n), chunks, B * H),
+           (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv, alpha_rows if general else tau,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, scale if general else 0.5 * scale,
+            scale, int(causal)),
+           dict(UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates("bwd" if whole else "bwd chunked", q.dtype,
                        dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
                        launch_arch(q.device)),
@@ -771,8 +935,8 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
 def _entmax15_attention_fwd_op(q, k, v, seq_start, seq_end, causal, scale, store_w):
     """Triton forward: (o, rowmax, tau, w, support); w is empty (0,) without ``store_w``."""
     with launch_device_of(q):
-        o, rowmax, tau, support, w = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
-                                                           _Sequences(seq_start, seq_end))
+        o, rowmax, tau, support, w, _, _ = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                                 _Sequences(seq_start, seq_end))
     return o, rowmax, tau, w if w is not None else tau.new_zeros(0), support
 
 
@@ -782,7 +946,7 @@ def _(q, k, v, seq_start, seq_end, causal, scale, store_w):
     shape_w = (B, H, T, v.shape[-1]) if store_w else (0,)
     return (v.new_empty((B, H, T, v.shape[-1])), q.new_empty((B, H, T), dtype=torch.float32),
             q.new_empty((B, H, T), dtype=torch.float32), q.new_empty(shape_w, dtype=torch.float32),
-            q.new_empty(_support_shape(B, H, T, _tiles(q.dtype)), dtype=torch.uint8))
+            q.new_empty(_support_shape(B, H, T, k.shape[2], _tiles(q.dtype)), dtype=torch.uint8))
 
 
 @torch.library.custom_op("kernels::entmax15_attention_bwd", mutates_args=(),
@@ -820,6 +984,77 @@ _entmax15_attention_fwd_op.register_autograd(_entmax15_attention_backward,
                                              setup_context=_entmax15_attention_setup_context)
 
 
+@torch.library.custom_op("kernels::entmax_attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor alpha_rows, Tensor seq_start, Tensor seq_end, "
+                                "bool causal, float scale, bool store_w, bool store_s) "
+                                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _entmax_attention_fwd_op(q, k, v, alpha_rows, seq_start, seq_end, causal, scale, store_w, store_s):
+    """Triton forward of any alpha (``alpha_rows`` (H, T) fp32, one alpha per query row): (o, rowmax, tau, w,
+    support, s, ent); w is empty (0,) without ``store_w``, s and ent without ``store_s``."""
+    with launch_device_of(q):
+        o, rowmax, tau, support, w, s, ent = _entmax_attention_fwd(q, k, v, causal, scale, store_w,
+                                                                   _Sequences(seq_start, seq_end), alpha_rows,
+                                                                   store_s)
+    return (o, rowmax, tau, w if w is not None else tau.new_zeros(0), support,
+            s if s is not None else tau.new_zeros(0), ent if ent is not None else tau.new_zeros(0))
+
+
+@_entmax_attention_fwd_op.register_fake
+def _(q, k, v, alpha_rows, seq_start, seq_end, causal, scale, store_w, store_s):
+    B, H, T, _ = q.shape
+    Dv = v.shape[-1]
+    return (v.new_empty((B, H, T, Dv)), q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((B, H, T, Dv) if store_w else (0,), dtype=torch.float32),
+            q.new_empty(_support_shape(B, H, T, k.shape[2], _tiles(q.dtype)), dtype=torch.uint8),
+            q.new_empty((B, H, T, Dv) if store_s else (0,), dtype=torch.float32),
+            q.new_empty((B, H, T) if store_s else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("kernels::entmax_attention_bwd", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor alpha_rows, Tensor rowmax, "
+                                "Tensor tau, Tensor w, Tensor seq_start, Tensor seq_end, bool causal, float scale, "
+                                "Tensor support) -> (Tensor, Tensor, Tensor)")
+def _entmax_attention_bwd_op(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, causal, scale, support):
+    """Triton backward of any alpha: (dq, dk, dv)."""
+    with launch_device_of(q):
+        return _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, _Sequences(seq_start, seq_end),
+                                     support, alpha_rows)
+
+
+@_entmax_attention_bwd_op.register_fake
+def _(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, causal, scale, support):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _entmax_attention_setup_context(ctx, inputs, output):
+    q, k, v, alpha_rows, seq_start, seq_end, causal, scale, _, store_s = inputs
+    o, rowmax, tau, w, support, s, ent = output
+    ctx.save_for_backward(q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, support, o, s, ent)
+    ctx.causal, ctx.scale, ctx.store_s = causal, scale, store_s
+    ctx.mark_non_differentiable(rowmax, tau, w, support, s, ent)
+
+
+def _entmax_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support, _d_s, _d_ent):
+    """(dq, dk, dv) from the backward kernel; alpha's gradient per row from the forward's per-row sums:
+    ``(dO.o - c) / (alpha - 1)^2 - (dO.s - c ent) / (alpha - 1)`` with ``c = dO.w`` (``_AlphaEntmaxFunction``'s
+    formula summed over the keys), summed over the batch."""
+    q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, support, o, s, ent = ctx.saved_tensors
+    dq, dk, dv = _entmax_attention_bwd_op(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, ctx.causal,
+                                          ctx.scale, support)
+    d_alpha = None
+    if ctx.store_s:
+        do = do.float()
+        c = (do * w).sum(-1)
+        am1 = alpha_rows - 1
+        rows = ((do * o.float()).sum(-1) - c) / (am1 * am1) - ((do * s).sum(-1) - c * ent) / am1  # (B, H, T)
+        d_alpha = rows.sum(0)
+    return dq, dk, dv, d_alpha, None, None, None, None, None, None
+
+
+_entmax_attention_fwd_op.register_autograd(_entmax_attention_backward, setup_context=_entmax_attention_setup_context)
+
+
 def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
     """Passes over the visible keys of each query tile that ``_entmax_tau_kernel`` makes (the row-maximum pass
     included), (B, H, cdiv(T, block_m)) int64: a PyTorch mirror of the solver with the current ``Tiles.candidates``,
@@ -847,7 +1082,9 @@ def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, 
 
 
 def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool, exact: bool = False) -> torch.Tensor:
-    _check_attention_inputs(q, k, k, causal, scale)
+    _check_entmax_inputs(q, k, k, 1.5, causal, scale)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (B, H, T, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -998,66 +1235,142 @@ def entmax15(scores: torch.Tensor) -> torch.Tensor:
     return _Entmax15Function.apply(scores)
 
 
-@autocast_op
+def _sparsemax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``max(x - tau, 0)`` with ``sum = 1`` along the last dimension (sparsemax; ``x`` finite, any value at or below
+    ``max x - 1`` is never in the support): sort-based exact threshold ``tau = (sum_{i <= k*} x_(i) - 1) / k*``,
+    ``k* = max {k : 1 + k x_(k) > sum_{i <= k} x_(i)}`` (Martins and Astudillo, 2016)."""
+    x_sorted = x.sort(dim=-1, descending=True).values
+    k = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    support_size = (1 + k * x_sorted > x_sorted.cumsum(-1)).sum(-1, keepdim=True)  # >= 1
+    tau = (x_sorted.cumsum(-1).gather(-1, support_size - 1) - 1) / support_size.to(x.dtype)
+    return (x - tau).clamp(min=0)
+
+
+#: Bisection steps of the reference threshold per dtype: past the mantissa (53, 24 bits), steps that go on shrinking
+#: the bracket where tau lies near 0 (it lies in [-1, -n^(1 - alpha)]); then the midpoint is one of the ends.
+_BISECTION_STEPS = {torch.float64: 53 + 64, torch.float32: 24 + 40, torch.float16: 11 + 20, torch.bfloat16: 8 + 20}
+
+
+def _alpha_entmax_rows(scores: torch.Tensor, alpha: torch.Tensor, fixed_alpha: Optional[float]) -> torch.Tensor:
+    """Forward of :func:`alpha_entmax` along the last dimension; ``alpha`` broadcasts to ``scores[..., :1]``
+    (``fixed_alpha``: its one value when known on the host, else None).
+
+    With ``x = (alpha - 1) * scores`` shifted by its row maximum, the threshold lies in ``[-1, -n^(1 - alpha)]``
+    (n finite scores), so values at or below -1 are clamped to it (never in the support; any magnitude is exact).
+    alpha = 1.5 takes the closed form of :func:`entmax15`, alpha = 2 sparsemax's; other alpha bisect
+    ``f(tau) = sum_j max(x_j - tau, 0)^(1 / (alpha - 1)) - 1`` (decreasing) down to adjacent floats of the row's dtype,
+    and the probabilities are normalised to sum to 1 (as ``entmax.entmax_bisect``). A tensor of several alpha takes
+    each row's closed form where its alpha is 1.5 or 2 (computing all three; no host read, so it compiles)."""
+    if fixed_alpha == 1.5:
+        return _entmax15_rows(scores)
+    finite = torch.isfinite(scores)
+    undefined = (scores.isnan() | (scores == float("inf"))).any(-1, keepdim=True) | ~finite.any(-1, keepdim=True)
+    alpha = alpha.to(scores.dtype).expand_as(scores[..., :1])
+    x = torch.where(finite, scores, float("-inf")) * (alpha - 1)
+    x_max = torch.where(undefined, 0.0, x.amax(-1, keepdim=True))
+    w = (x - x_max).clamp(min=-1.0)
+    if fixed_alpha == 2.0:
+        return torch.where(undefined, float("nan"), _sparsemax_rows(w))
+    inverse = 1 / (alpha - 1)
+    n = finite.sum(-1, keepdim=True).clamp(min=1).to(scores.dtype)
+    lo, hi = torch.full_like(alpha, -1.0), -(n ** -(alpha - 1))
+    for _ in range(_BISECTION_STEPS[scores.dtype]):  # tau near 0 has finer floats than the bracket's ends
+        mid = (lo + hi) / 2
+        above = (w - mid).clamp(min=0).pow(inverse).sum(-1, keepdim=True) >= 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    p = (w - lo).clamp(min=0).pow(inverse)
+    p = p / p.sum(-1, keepdim=True)
+    if fixed_alpha is None:
+        p = torch.where(alpha == 1.5, _entmax15_rows(scores), torch.where(alpha == 2.0, _sparsemax_rows(w), p))
+    return torch.where(undefined, float("nan"), p)
+
+
+def check_alpha(alpha, heads: Optional[int] = None, validate: Optional[bool] = None):
+    """``alpha`` as the ops take it: a float in (1, 2] (returned as a float), or a floating-point tensor of shape
+    ``(heads,)`` (one alpha per query head; any shape when ``heads`` is None) whose values are in (1, 2] (read on the
+    host when ``validate``; None: when the tensor is on the CPU and torch.compile is not tracing)."""
+    if isinstance(alpha, torch.Tensor):
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
+        if heads is not None and tuple(alpha.shape) != (heads,):
+            raise ValueError(f"alpha must be a float or a tensor of shape (H,) = ({heads},) (one per query head), "
+                             f"got shape {tuple(alpha.shape)}")
+        if torch.compiler.is_compiling() or not (alpha.device.type == "cpu" if validate is None else validate):
+            return alpha
+        values = alpha.detach()
+        if not bool(((values > 1) & (values <= 2)).all()):  # NaN fails too
+            raise ValueError(f"alpha must lie in (1, 2] and be finite, got {values.cpu().tolist()}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float in (1, 2] or a tensor, got {type(alpha).__name__}")
+    if not 1 < alpha <= 2:  # NaN fails too
+        raise ValueError(f"alpha must lie in (1, 2] and be finite, got {alpha}")
+    return float(alpha)
+
+
+class _AlphaEntmaxFunction(torch.autograd.Function):
+    """alpha-entmax along the last dimension with gradients to the scores and to alpha (``entmax.entmax_bisect``'s
+    backward). On the support, ``g = p^(2 - alpha)``, ``g_hat = g / sum g``, ``S = p log p``, ``H = sum S``:
+    ``d scores = g * (dp - sum(g dp) / sum g)``,
+    ``d alpha = sum_j dp_j [(p_j - g_hat_j) / (alpha - 1)^2 - (S_j - g_hat_j H) / (alpha - 1)]`` per row (summed
+    over the rows that share an alpha)."""
+
+    @staticmethod
+    def forward(ctx, scores, alpha, fixed_alpha):
+        p = _alpha_entmax_rows(scores, alpha, fixed_alpha)
+        ctx.save_for_backward(p, alpha)
+        return p
+
+    @staticmethod
+    def backward(ctx, dp):
+        p, alpha = ctx.saved_tensors
+        row_alpha = alpha.to(p.dtype).expand_as(p[..., :1])
+        g = torch.where(p > 0, p.clamp(min=torch.finfo(p.dtype).tiny) ** (2 - row_alpha), 0.0)
+        g_hat = g / g.sum(-1, keepdim=True)
+        d_scores = g * dp - g * (g * dp).sum(-1, keepdim=True) / g.sum(-1, keepdim=True)
+        d_alpha = None
+        if ctx.needs_input_grad[1]:
+            shannon = torch.where(p > 0, p * p.clamp(min=torch.finfo(p.dtype).tiny).log(), 0.0)
+            entropy = shannon.sum(-1, keepdim=True)
+            row_grad = (dp * ((p - g_hat) / (row_alpha - 1) ** 2 - (shannon - g_hat * entropy) / (row_alpha - 1))
+                        ).sum(-1, keepdim=True)
+            d_alpha = row_grad.sum_to_size(alpha.shape).to(alpha.dtype)
+        return d_scores, d_alpha, None
+
+
+def alpha_entmax(scores: torch.Tensor, alpha=1.5) -> torch.Tensor:
+    """alpha-entmax along the last dimension, in PyTorch: ``p = max((alpha - 1) * scores - tau, 0)^(1 / (alpha - 1))``
+    with tau such that each row sums to 1; differentiable in ``scores`` and in ``alpha``.
+
+    ``alpha``: a float in (1, 2] or a tensor that broadcasts to ``scores[..., :1]`` (one alpha per row or group of
+    rows). alpha = 1.5 is :func:`entmax15` and alpha = 2 sparsemax, both with a closed-form threshold; other alpha
+    bisect it to the rounding of the scores' dtype. ``-inf`` scores get probability 0; a row with a NaN or ``+inf``
+    score, or no finite score, is NaN. Equals ``entmax.entmax_bisect(scores, alpha, dim=-1)`` up to rounding.
+    """
+    alpha = check_alpha(alpha)
+    if isinstance(alpha, torch.Tensor):
+        return _AlphaEntmaxFunction.apply(scores, alpha, None)
+    if alpha == 1.5:
+        return _Entmax15Function.apply(scores)
+    return _AlphaEntmaxFunction.apply(scores, torch.tensor(alpha, dtype=scores.dtype, device=scores.device), alpha)
+
+
 def entmax15_attention_weights(q: Tensor, k: Tensor, *, causal: bool = True,
                                scale: Optional[float] = None) -> Tensor:
-    """The attention matrix ``entmax15(mask(q k^T * scale))`` (B, H, T, T), computed in float32 or in the inputs'
-    dtype if wider (float64 for tests). For references and drawing only: O(T^2) memory. A query row whose visible
-    scores hold NaN or ``+inf`` (NaN or infinite q or k) is NaN."""
-    t = q.shape[-2]
-    hidden = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1) if causal else None
-    return _masked_entmax15_weights(q, k, hidden, scale)
+    """:func:`entmax_attention_weights` with alpha = 1.5."""
+    return entmax_attention_weights(q, k, alpha=1.5, causal=causal, scale=scale)
 
 
-def _masked_entmax15_weights(q: Tensor, k: Tensor, hidden: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    """``entmax15(q k^T * scale)`` (..., T, T) with ``-inf`` where ``hidden`` (T, T) (None: nothing hidden), in
-    float32 or the inputs' dtype if wider."""
-    compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
-    if hidden is not None:
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return entmax15(scores)
-
-
-@autocast_op
 def entmax15_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                                  scale: Optional[float] = None) -> Tensor:
-    """``entmax15(mask(q k^T * scale)) @ v`` (B, H, T, Dv) in plain PyTorch, computed in float32 (float64 for
-    float64 inputs) and returned in v's dtype. NaN rows as in :func:`entmax15`."""
-    weights = entmax15_attention_weights(q, k, causal=causal, scale=scale)
-    return (weights @ v.to(weights.dtype)).to(v.dtype)
+    """:func:`entmax_attention_reference` with alpha = 1.5. NaN rows as in :func:`entmax15`."""
+    return entmax_attention_reference(q, k, v, alpha=1.5, causal=causal, scale=scale)
 
 
-def _check_attention_inputs(q, k, v, causal, scale) -> None:
-    for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, tensor, ndim=4)
-    check_same_dtype_and_device(q=q, k=k, v=v)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape (B, H, T, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must match q in (B, H, T) = {tuple(q.shape[:3])}, got shape {tuple(v.shape)}")
-    check_nonempty(q=q, k=k, v=v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    check_scale(scale)
-
-
-@autocast_op
 def entmax15_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                        scale: Optional[float] = None) -> Tensor:
-    """Entmax-1.5 attention: ``entmax15(mask(q k^T * scale)) @ v``.
-
-    q, k: (B, H, T, D); v: (B, H, T, Dv); fp32, fp16 or bf16 (any strides). Returns (B, H, T, Dv) in the inputs'
-    dtype. ``causal`` hides keys j > i; ``scale`` defaults to ``D ** -0.5``. Differentiable in q, k and v.
-    Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides.
-    """
-    _check_attention_inputs(q, k, v, causal, scale)
-    if not use_triton(q, k, v):
-        return entmax15_attention_reference(q, k, v, causal=causal, scale=scale)
-    check_batch_heads(q.shape[0] * q.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _entmax15_attention_triton(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device))
+    """Entmax-1.5 attention: :func:`entmax_attention` with alpha = 1.5."""
+    return entmax_attention(q, k, v, alpha=1.5, causal=causal, scale=scale)
 
 
 def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _Sequences):
@@ -1065,51 +1378,274 @@ def _entmax15_attention_triton(q, k, v, causal: bool, scale: float, sequences: _
     return _entmax15_attention_fwd_op(q, k, v, *sequences, causal, scale, store_w)[0]
 
 
-@autocast_op
 def entmax15_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *, causal: bool = True,
                                         scale: Optional[float] = None) -> Tensor:
-    """:func:`entmax15_attention_reference` per packed sequence, q, k: (total, H, D), v: (total, H, Dv), as one
-    dense masked attention over all rows (O(total^2) memory; no host read of the offsets, so it compiles)."""
-    rows = torch.arange(q.shape[0], device=q.device)
-    sequence = sequence_ids(cu_seqlens.to(q.device), q.shape[0])
-    hidden = sequence[:, None] != sequence[None, :]
-    if causal:
-        hidden |= rows[None, :] > rows[:, None]
-    q_h, k_h, v_h = (x.transpose(0, 1) for x in (q, k, v))  # (H, total, D)
-    weights = _masked_entmax15_weights(q_h, k_h, hidden, scale)
-    return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
+    """:func:`entmax_attention_varlen_reference` with alpha = 1.5 and the query offsets for the keys."""
+    return entmax_attention_varlen_reference(q, k, v, cu_seqlens, alpha=1.5, causal=causal, scale=scale)
 
 
-@autocast_op
 def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, *,
                               max_seqlen: Optional[int] = None, causal: bool = True, scale: Optional[float] = None,
                               validate: Optional[bool] = None) -> Tensor:
-    """Entmax-1.5 attention on packed sequences: q, k: (total, H, D); v: (total, H, Dv) -> (total, H, Dv).
+    """Entmax-1.5 attention on packed sequences: :func:`entmax_attention_varlen` with alpha = 1.5 and one offsets
+    tensor ``cu_seqlens`` for queries and keys. The kernels tile the packed rows and never visit key tiles outside a
+    query tile's sequences, so padding costs nothing."""
+    check_tensor("q", q, ndim=3)
+    cu_seqlens = checked_cu_seqlens(cu_seqlens, q.shape[0], validate)  # errors name this function's argument
+    return entmax_attention_varlen(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, causal=causal, scale=scale,
+                                   validate=validate)
 
-    ``cu_seqlens`` (num_seqs + 1,) int32: sequence s is rows ``cu_seqlens[s]:cu_seqlens[s + 1]`` and attends only
-    within itself (causally when ``causal``). The kernels tile the packed rows and never visit key tiles outside a
-    query tile's sequences, so padding costs nothing. ``max_seqlen`` is accepted for the varlen convention of
-    ``block_causal_attention_varlen`` and checked, not needed. ``validate`` checks the offsets (start at 0, strictly
-    increasing, end at total); None means "when cu_seqlens is on the CPU" (checking GPU offsets syncs with the host).
-    Under ``torch.autocast`` it runs in the autocast dtype, like :func:`entmax15_attention`.
+
+# ----------------------------------------------------------------------------------------------------------------
+# alpha-entmax attention: any alpha, grouped-query heads, queries and keys of different lengths
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _causal_hidden(t_q: int, t_k: int, device) -> Tensor:
+    """(Tq, Tk) bool, True where query i may not see key j: ``j > i + Tk - Tq`` (aligned bottom-right, as
+    FlashAttention >= 2.1: the last query sees every key; with Tq > Tk the first ``Tq - Tk`` queries see none)."""
+    rows = torch.arange(t_q, device=device)[:, None]
+    cols = torch.arange(t_k, device=device)[None, :]
+    return cols > rows + (t_k - t_q)
+
+
+def _masked_entmax_weights(q: Tensor, k: Tensor, hidden: Optional[Tensor], scale: Optional[float], alpha) -> Tensor:
+    """``alpha_entmax(q k^T * scale)`` (..., H, Tq, Tk) for q (..., H, Tq, D) and k (..., Hkv, Tk, D) (query head h
+    reads key head ``h // (H / Hkv)``), with ``-inf`` where ``hidden`` (Tq, Tk) (None: nothing hidden); a query row
+    that sees no key is zeros (zero gradient). alpha: a float or a (H,) tensor. In float32 or the inputs' dtype if
+    wider."""
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
+    blind = None
+    if hidden is not None:
+        blind = hidden.all(-1, keepdim=True)  # (Tq, 1): rows that see no key
+        scores = scores.masked_fill(hidden, float("-inf")).masked_fill(blind, 0.0)
+    if isinstance(alpha, Tensor):
+        alpha = alpha.view(-1, 1, 1)  # one per query head
+    weights = alpha_entmax(scores, alpha)
+    return weights if blind is None else weights.masked_fill(blind, 0.0)
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_weights(q: Tensor, k: Tensor, *, alpha=1.5, causal: bool = True,
+                             scale: Optional[float] = None) -> Tensor:
+    """The attention matrix ``alpha_entmax(mask(q k^T * scale))`` (B, H, Tq, Tk) of :func:`entmax_attention`, in
+    float32 or the inputs' dtype if wider (float64 for tests). For references and drawing only: O(Tq Tk) memory."""
+    hidden = _causal_hidden(q.shape[-2], k.shape[-2], q.device) if causal else None
+    return _masked_entmax_weights(q, k, hidden, scale, alpha)
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, alpha=1.5, causal: bool = True,
+                               scale: Optional[float] = None) -> Tensor:
+    """:func:`entmax_attention` in plain PyTorch: ``alpha_entmax(mask(q k^T * scale)) @ v`` (B, H, Tq, Dv), computed
+    in float32 (float64 for float64 inputs) and returned in v's dtype; differentiable in q, k, v and a tensor alpha."""
+    weights = entmax_attention_weights(q, k, alpha=alpha, causal=causal, scale=scale)
+    v = v.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    return (weights @ v.to(weights.dtype)).to(v.dtype)
+
+
+def _check_entmax_inputs(q, k, v, alpha, causal, scale, *, packed: bool = False):
+    """Checks of :func:`entmax_attention` (``packed``: of the varlen form, on its (1, H, total, D) views); returns
+    alpha as :func:`check_alpha` does."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, tensor, ndim=4)
+    check_same_dtype_and_device(q=q, k=k, v=v)
+    shape = "(total, Hkv, D)" if packed else "(B, Hkv, Tk, D)"
+    if k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must match q in batch and D: q {tuple(q.shape)}, k {tuple(k.shape)} (k: {shape})")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k's heads Hkv = {k.shape[1]} must divide q's heads H = {q.shape[1]} (grouped-query "
+                         f"attention: query head h reads key head h // (H / Hkv))")
+    if v.shape[:3] != k.shape[:3]:
+        packed_k, packed_v = (tuple(x.shape[2:0:-1]) if packed else tuple(x.shape[:3]) for x in (k, v))
+        raise ValueError(f"v must match k in {'(total, Hkv)' if packed else '(B, Hkv, Tk)'} = {packed_k}, got "
+                         f"{packed_v}")
+    check_nonempty(q=q, k=k, v=v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_scale(scale)
+    alpha = check_alpha(alpha, heads=q.shape[1])
+    if isinstance(alpha, Tensor) and alpha.device != q.device:
+        raise ValueError(f"alpha is on {alpha.device} but q is on {q.device}; they must match")
+    return alpha
+
+
+def _triton_attention(q, k, v, causal: bool, scale: float, sequences: _Sequences, alpha, groups: int = 1):
+    """The Triton op on q (B, Hq, T, D) whose rows hold ``groups`` query heads (row ``t * G + g`` of head h: query
+    head ``h * G + g``, :func:`_pack_query_heads`) and ``sequences`` per row: the entmax-1.5 op for alpha = 1.5, else
+    the op of any alpha with one alpha per row, from alpha (a float or a (Hq * G,) tensor)."""
+    if isinstance(alpha, float) and alpha == 1.5:
+        return _entmax15_attention_triton(q, k, v, causal, scale, sequences)
+    heads, rows = q.shape[1], q.shape[2]
+    if isinstance(alpha, float):
+        alpha = torch.full((heads * groups,), alpha, dtype=torch.float32, device=q.device)
+    alpha_rows = alpha.float().view(heads, 1, groups).expand(heads, rows // groups, groups).reshape(heads, rows)
+    grad = torch.is_grad_enabled()
+    store_s = grad and alpha.requires_grad
+    store_w = store_s or (grad and any(t.requires_grad for t in (q, k, v)))
+    return _entmax_attention_fwd_op(q, k, v, alpha_rows.contiguous(), *sequences, causal, scale, store_w,
+                                    store_s)[0]
+
+
+def _pack_query_heads(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv * G, T, n) -> (B, Hkv, T * G, n): the G query heads that read one key head become rows of one head,
+    row ``t * G + g`` holding head ``h * G + g``'s row t, so that every key tile the kernels load serves the G heads
+    of the query rows of a tile (grouped-query attention). A view when G = 1."""
+    B, H, T, n = x.shape
+    return x.reshape(B, H // groups, groups, T, n).transpose(2, 3).reshape(B, H // groups, T * groups, n)
+
+
+def _unpack_query_heads(x: Tensor, groups: int) -> Tensor:
+    """The inverse of :func:`_pack_query_heads`: (B, Hkv, T * G, n) -> (B, Hkv * G, T, n)."""
+    B, Hkv, TG, n = x.shape
+    return x.reshape(B, Hkv, TG // groups, groups, n).transpose(2, 3).reshape(B, Hkv * groups, TG // groups, n)
+
+
+def _attention_over_key_ranges(q, k, v, scale: float, key_ranges: _Sequences, alpha=1.5):
+    """The Triton op where query row t (of q's Tq rows, any head) sees keys ``[start[t], end[t])`` of k's Tk rows
+    (``key_ranges``; a causal mask is folded into them, an empty range gives a zero row): q (B, H, Tq, D), k
+    (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) -> (B, H, Tq, Dv), the query heads of each key head packed as its rows;
+    alpha a float or a (H,) tensor."""
+    groups = q.shape[1] // k.shape[1]
+    rows = _Sequences(*(bound.repeat_interleave(groups) for bound in key_ranges))
+    out = _triton_attention(_pack_query_heads(q, groups), k, v, False, scale, rows, alpha, groups)
+    return _unpack_query_heads(out, groups)
+
+
+def _whole_key_ranges(t_q: int, t_k: int, causal: bool, device) -> _Sequences:
+    """Per query row of :func:`entmax_attention`, the keys it sees: all, or when causal ``[0, i + 1 + Tk - Tq)``
+    (empty for the first ``Tq - Tk`` rows)."""
+    start = torch.zeros(t_q, dtype=torch.int32, device=device)
+    if not causal:
+        return _Sequences(start, torch.full((t_q,), t_k, dtype=torch.int32, device=device))
+    rows = torch.arange(t_q, dtype=torch.int32, device=device)
+    return _Sequences(start, (rows + (1 + t_k - t_q)).clamp(min=0, max=t_k))
+
+
+def _packed_key_ranges(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, causal: bool) -> _Sequences:
+    """Per packed query row of :func:`entmax_attention_varlen`, the packed keys it sees: its sequence's, up to
+    ``c - end_k <= r - end_q`` when causal (bottom-right per sequence); on the device without a host sync."""
+    sequence = sequence_ids(cu_seqlens_q, total_q)
+    start, end = cu_seqlens_k.long()[sequence], cu_seqlens_k.long()[sequence + 1]
+    if causal:
+        rows = torch.arange(total_q, device=sequence.device)
+        end = torch.maximum(end - cu_seqlens_q.long()[sequence + 1] + 1 + rows, start)
+    return _Sequences(start.to(torch.int32), end.to(torch.int32))
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention(q: Tensor, k: Tensor, v: Tensor, *, alpha=1.5, causal: bool = True,
+                     scale: Optional[float] = None) -> Tensor:
+    """alpha-entmax attention: ``alpha_entmax(mask(q k^T * scale)) @ v``.
+
+    q: (B, H, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv), Hkv dividing H: query head h reads key head
+    ``h // (H / Hkv)`` (grouped-query attention). fp32, fp16 or bf16 (any strides). Returns (B, H, Tq, Dv) in the
+    inputs' dtype. ``causal`` lets query i see key j iff ``j <= i + Tk - Tq`` (bottom-right, as FlashAttention >=
+    2.1); a query row that sees no key (Tq > Tk) returns zeros. ``scale`` defaults to ``D ** -0.5``.
+    ``alpha``: a float in (1, 2] or a (H,) tensor (one per query head; its values are checked when it is on the CPU),
+    differentiable: 1.5 is entmax-1.5, 2 sparsemax, and alpha -> 1 tends to softmax. Differentiable in q, k, v and a
+    tensor alpha. Under ``torch.autocast`` q, k, v run in the autocast dtype, alpha keeps its own.
+    Runs the Triton kernels or the reference as ``kernels.backend.use_triton`` decides.
+    """
+    alpha = _check_entmax_inputs(q, k, v, alpha, causal, scale)
+    if not use_triton(q, k, v):
+        return entmax_attention_reference(q, k, v, alpha=alpha, causal=causal, scale=scale)
+    check_batch_heads(q.shape[0] * q.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if k.shape[1:3] == q.shape[1:3]:
+        return _triton_attention(q, k, v, causal, scale, _whole_sequences(q.shape[2], q.device), alpha)
+    key_ranges = _whole_key_ranges(q.shape[2], k.shape[2], causal, q.device)
+    return _attention_over_key_ranges(q, k, v, scale, key_ranges, alpha)
+
+
+def _packed_hidden(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, total_q: int, total_k: int, causal: bool) -> Tensor:
+    """(total_q, total_k) bool, True where packed query row r may not see packed key row c: other sequences, and,
+    when causal, ``c - end_k > r - end_q`` (each sequence aligned bottom-right; ``end_*``: its last offsets)."""
+    seq_q = sequence_ids(cu_seqlens_q, total_q)
+    seq_k = sequence_ids(cu_seqlens_k, total_k)
+    hidden = seq_q[:, None] != seq_k[None, :]
+    if causal:
+        from_end_q = torch.arange(total_q, device=seq_q.device) - cu_seqlens_q.long()[seq_q + 1]
+        from_end_k = torch.arange(total_k, device=seq_k.device) - cu_seqlens_k.long()[seq_k + 1]
+        hidden |= from_end_k[None, :] > from_end_q[:, None]
+    return hidden
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                                      cu_seqlens_k: Optional[Tensor] = None, *, alpha=1.5, causal: bool = True,
+                                      scale: Optional[float] = None) -> Tensor:
+    """:func:`entmax_attention_varlen` in plain PyTorch, as one dense masked attention over all packed rows
+    (O(total_q total_k) memory; no host read of the offsets, so it compiles)."""
+    cu_seqlens_q = cu_seqlens_q.to(q.device)
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k.to(q.device)
+    hidden = _packed_hidden(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], causal)
+    q_h, k_h, v_h = (x.transpose(0, 1) for x in (q, k, v))  # (heads, total, D)
+    weights = _masked_entmax_weights(q_h, k_h, hidden, scale, alpha)
+    v_h = v_h.repeat_interleave(q.shape[1] // k.shape[1], dim=0)
+    return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
+
+
+def _checked_offsets(name: str, cu_seqlens, total: int, validate) -> Tensor:
+    """``checked_cu_seqlens`` with errors that name the argument ``name`` (cu_seqlens_q or cu_seqlens_k)."""
+    try:
+        return checked_cu_seqlens(cu_seqlens, total, validate)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("cu_seqlens", name, 1)) from None
+
+
+def _check_max_seqlen(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
+@autocast_op(keep=("alpha",))
+def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                            cu_seqlens_k: Optional[Tensor] = None, *, max_seqlen_q: Optional[int] = None,
+                            max_seqlen_k: Optional[int] = None, alpha=1.5, causal: bool = True,
+                            scale: Optional[float] = None, validate: Optional[bool] = None) -> Tensor:
+    """:func:`entmax_attention` on packed sequences: q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv)
+    -> (total_q, H, Dv).
+
+    Query sequence s is rows ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` of q and attends only to key rows
+    ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` (both (num_seqs + 1,) int32; ``cu_seqlens_k`` None: the query
+    offsets, self-attention), causally when ``causal``, aligned bottom-right per sequence (a query row that sees no
+    key returns zeros). ``max_seqlen_q``/``max_seqlen_k`` follow the varlen convention and are checked, not needed.
+    ``validate`` checks the offsets (start at 0, strictly increasing, end at total_q / total_k); None means "when
+    they are on the CPU". alpha, scale and the backends as in :func:`entmax_attention`.
     """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, tensor, ndim=3)
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape (total, H, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must match q in (total, H) = {tuple(q.shape[:2])}, got shape {tuple(v.shape)}")
-    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, H, total, D) views
-    _check_attention_inputs(q4, k4, v4, causal, scale)
-    total = q.shape[0]
-    cu_seqlens = checked_cu_seqlens(cu_seqlens, total, validate)
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int or None, got {max_seqlen!r}")
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, total, D) views
+    alpha = _check_entmax_inputs(q4, k4, v4, alpha, causal, scale, packed=True)
+    keys_share_offsets = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+    cu_seqlens_q = _checked_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], validate)
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"cu_seqlens_k is needed when k's rows ({k.shape[0]}) differ from q's ({q.shape[0]})")
+    else:
+        cu_seqlens_k = _checked_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], validate)
+        if cu_seqlens_k.shape != cu_seqlens_q.shape:
+            raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q ({cu_seqlens_q.numel()}), got "
+                             f"{cu_seqlens_k.numel()}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if not use_triton(q, k, v):
-        return entmax15_attention_varlen_reference(q, k, v, cu_seqlens, causal=causal, scale=scale)
+        return entmax_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, alpha=alpha, causal=causal,
+                                                 scale=scale)
     check_batch_heads(q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out = _entmax15_attention_triton(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens, total, q.device))
+    if keys_share_offsets and k.shape[1] == q.shape[1]:
+        out = _triton_attention(q4, k4, v4, causal, scale, _packed_sequences(cu_seqlens_q, q.shape[0], q.device),
+                                alpha)
+    else:
+        cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k.to(q.device, non_blocking=True)
+        key_ranges = _packed_key_ranges(cu_seqlens_q.to(q.device, non_blocking=True), cu_seqlens_k, q.shape[0],
+                                        causal)
+        out = _attention_over_key_ranges(q4, k4, v4, scale, key_ranges, alpha)
     return out[0].transpose(0, 1)
 
 
@@ -1119,7 +1655,7 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: pointer arguments that hold fp32 whatever the input dtype
-_FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq")
+_FP32_POINTERS = ("rowmax", "tau", "w", "c", "dq", "alpha_rows", "s", "ent")
 _UINT8_POINTERS = ("support",)
 _INT32_POINTERS = ("seq_start", "seq_end", "tile_rows", "tile_counts")
 #: (D, Dv) of the backward's AOT variants (its BD and BDV follow the head sizes): the benchmarks' and CARN's
@@ -1128,7 +1664,7 @@ _FLOAT_SCALARS = ("half_scale", "scale")
 #: arguments that a launch on aligned tensors with D, Dv multiples of 16 specializes as multiples of 16 (besides the
 #: q/k/v/do batch, head and row strides): every pointer and the head sizes
 _ALIGNED_ARGS = {"q", "k", "v", "do", "o", "w", "dq", "dk", "dv", "seq_start", "seq_end", "rowmax", "tau",
-                 "support", "c", "tile_rows", "tile_counts", "D", "Dv"}
+                 "support", "c", "tile_rows", "tile_counts", "D", "Dv", "alpha_rows", "s", "ent"}
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -1157,7 +1693,9 @@ def aot_configurations() -> List[AotConfig]:
     candidate list holds it (``_candidates``; causal and store_w are runtime flags, UPCAST_DOTS is set only under
     the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
-    sizes). ``default`` marks the aligned default candidates (the tests' quick subset)."""
+    sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
+    GENERAL=True (any alpha, label suffix "any-alpha"), compiled by the full list (``pytest -m full_aot``), not the
+    quick subset."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
@@ -1189,11 +1727,15 @@ def aot_configurations() -> List[AotConfig]:
                 variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
                                  dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)), dict(UPCAST_DOTS=False),
                                  alignments))
+        variants = [(label + suffix, kernel, name, tiles, dict(fixed, GENERAL=general), alignments)
+                    for general, suffix in ((False, ""), (True, " any-alpha"))
+                    for label, kernel, name, tiles, fixed, alignments in variants]
         for label, kernel, name, tiles, fixed, alignments in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles, arch)):
+                default = default and not fixed["GENERAL"]
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once
                 identity = (kernel, dtype, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
@@ -1219,6 +1761,11 @@ def aot_configurations() -> List[AotConfig]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: The smallest alpha a module learns: alpha -> 1 is softmax, which entmax's threshold (exponent 1 / (alpha - 1))
+#: reaches only in the limit.
+_LEARNED_ALPHA_MIN = 1.01
+
+
 class EntmaxAttentionOutput(NamedTuple):
     """``output`` (B, T, E); ``context`` = A @ x averaged over heads (B, T, E) or None; ``weights`` A (B, H, T, T)
     or None."""
@@ -1229,12 +1776,18 @@ class EntmaxAttentionOutput(NamedTuple):
 
 
 class EntmaxCausalAttention(torch.nn.Module):
-    """Multi-head entmax-1.5 self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
+    """Multi-head alpha-entmax self-attention on the reference op; ``FusedEntmaxCausalAttention`` is its Triton twin
     with the same arguments and ``state_dict`` keys.
 
     Constructor: ``(embed_dim, num_heads=1, dropout=0.0, bias=True, *, out_proj=True, causal=True,
-    batch_first=True)``; ``dropout`` is ``nn.MultiheadAttention``'s positional argument and must be 0 (entmax
-    weights are not dropped); ``batch_first=False`` takes (T, B, E).
+    batch_first=True, alpha=1.5, learn_alpha=False, num_kv_heads=None)``; ``dropout`` is ``nn.MultiheadAttention``'s
+    positional argument and must be 0 (entmax weights are not dropped); ``batch_first=False`` takes (T, B, E).
+    ``alpha`` in (1, 2] is entmax's alpha (1.5: entmax-1.5, 2: sparsemax); with ``learn_alpha`` the module learns one
+    alpha per head, ``alpha = 1.01 + 0.99 sigmoid(alpha_logit)`` (kept inside [1.01, 2] in any float precision, as
+    the ``entmax`` package's learned alpha; initialised at ``alpha``, which must then lie in (1.01, 2)), a parameter
+    in the ``state_dict`` (a checkpoint without it loads, keeping the initial alpha).
+    ``num_kv_heads`` (None: ``num_heads``) key and value heads, dividing ``num_heads``: grouped-query attention,
+    k_proj and v_proj map to ``num_kv_heads * embed_dim / num_heads`` features.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True)``
     returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
@@ -1250,11 +1803,12 @@ class EntmaxCausalAttention(torch.nn.Module):
     appended to every head's values; weights (B, H, T, T).
     """
 
-    _attention = staticmethod(entmax15_attention_reference)
-    _attention_varlen = staticmethod(entmax15_attention_varlen_reference)
+    _attention = staticmethod(entmax_attention_reference)
+    _attention_varlen = staticmethod(entmax_attention_varlen_reference)
 
     def __init__(self, embed_dim: int, num_heads: int = 1, dropout: float = 0.0, bias: bool = True, *,
-                 out_proj: bool = True, causal: bool = True, batch_first: bool = True):
+                 out_proj: bool = True, causal: bool = True, batch_first: bool = True, alpha: float = 1.5,
+                 learn_alpha: bool = False, num_kv_heads: Optional[int] = None):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -1263,15 +1817,47 @@ class EntmaxCausalAttention(torch.nn.Module):
         for name, flag in (("causal", causal), ("batch_first", batch_first)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if not isinstance(learn_alpha, bool):
+            raise TypeError(f"learn_alpha must be a bool, got {type(learn_alpha).__name__}")
+        alpha = check_alpha(alpha)
+        if isinstance(alpha, Tensor):
+            raise TypeError("alpha must be a float: the module learns one alpha per head with learn_alpha=True")
+        if learn_alpha and not _LEARNED_ALPHA_MIN < alpha < 2:
+            raise ValueError(f"alpha must lie in ({_LEARNED_ALPHA_MIN}, 2) with learn_alpha=True (alpha = "
+                             f"{_LEARNED_ALPHA_MIN} + {2 - _LEARNED_ALPHA_MIN:g} sigmoid(alpha_logit)), got {alpha}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0 \
+                or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.causal, self.batch_first = embed_dim, num_heads, causal, batch_first
+        self.num_kv_heads, self.learn_alpha, self._initial_alpha = num_kv_heads, learn_alpha, alpha
+        kv_dim = num_kv_heads * (embed_dim // num_heads)
         self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.v_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
+        share = (alpha - _LEARNED_ALPHA_MIN) / (2 - _LEARNED_ALPHA_MIN)
+        logit = torch.full((num_heads,), math.log(share / (1 - share))) if learn_alpha else None
+        self.alpha_logit = None if logit is None else torch.nn.Parameter(logit)
+
+    @property
+    def alpha(self):
+        """The float alpha, or with ``learn_alpha`` the (H,) fp32 tensor ``1.01 + 0.99 sigmoid(alpha_logit)``."""
+        if self.alpha_logit is None:
+            return self._initial_alpha
+        return _LEARNED_ALPHA_MIN + (2 - _LEARNED_ALPHA_MIN) * torch.sigmoid(self.alpha_logit.float())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint saved without learned alpha keeps this module's initial alpha_logit
+        if self.alpha_logit is not None and prefix + "alpha_logit" not in state_dict:
+            state_dict[prefix + "alpha_logit"] = self.alpha_logit.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}, "
-                f"out_proj={self.out_proj is not None}, batch_first={self.batch_first}")
+        alpha = "learned per head" if self.learn_alpha else self.alpha
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"alpha={alpha}, causal={self.causal}, out_proj={self.out_proj is not None}, "
+                f"batch_first={self.batch_first}")
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 *, key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
@@ -1300,7 +1886,7 @@ class EntmaxCausalAttention(torch.nn.Module):
         if not self.batch_first:  # (T, B, E) -> (B, T, E)
             x = x.transpose(0, 1)
         b, t, e = x.shape
-        h, dh = self.num_heads, e // self.num_heads
+        h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
         if key_padding_mask is not None:
             check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,))
             if key_padding_mask.shape != (b, t):
@@ -1310,17 +1896,19 @@ class EntmaxCausalAttention(torch.nn.Module):
                 raise ValueError("need_weights is not supported with key_padding_mask")
             attended = self._packed_attention(x, ~key_padding_mask.to(x.device), return_context)
         else:
-            q, k, v = (proj(x).view(b, t, h, dh).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-            if return_context:
-                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h, t, e)], dim=-1)  # v is bf16 under autocast
-            attended = self._attention(q, k, v, causal=self.causal)  # (B, H, T, dh [+ E])
+            q = self.q_proj(x).view(b, t, h, dh).transpose(1, 2)
+            k, v = (proj(x).view(b, t, h_kv, dh).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
+            if return_context:  # v is bf16 under autocast
+                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h_kv, t, e)], dim=-1)
+            attended = self._attention(q, k, v, alpha=self.alpha, causal=self.causal)  # (B, H, T, dh [+ E])
         output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
         if key_padding_mask is not None:  # padded positions output exactly 0 (no out_proj bias), as in every module
             output = output.masked_fill(key_padding_mask.to(x.device)[..., None], 0)
         context = attended[..., dh:].mean(dim=1) if return_context else None
-        weights = entmax15_attention_weights(q, k, causal=self.causal).to(output.dtype) if need_weights else None
+        weights = (entmax_attention_weights(q, k, alpha=self.alpha, causal=self.causal).to(output.dtype)
+                   if need_weights else None)
         if not self.batch_first:
             output, context = output.transpose(0, 1), None if context is None else context.transpose(0, 1)
         return EntmaxAttentionOutput(output, context, weights)
@@ -1329,19 +1917,20 @@ class EntmaxCausalAttention(torch.nn.Module):
         """Attention over the kept positions ``keep`` (B, T) of each row, packed (``kernels._packing``; no host
         read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
         b, t, e = x.shape
-        h, dh = self.num_heads, e // self.num_heads
+        h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
         packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
         rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
-        q, k, v = (proj(rows).view(-1, h, dh) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(rows).view(-1, h, dh)
+        k, v = (proj(rows).view(-1, h_kv, dh) for proj in (self.k_proj, self.v_proj))
         if return_context:
-            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h, e)], dim=-1)  # v is bf16 under autocast
-        out = self._attention_varlen(q, k, v, packing.cu_seqlens, causal=self.causal)
+            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h_kv, e)], dim=-1)  # v is bf16 under autocast
+        out = self._attention_varlen(q, k, v, packing.cu_seqlens, alpha=self.alpha, causal=self.causal)
         return packing.unpack(out.to(x.dtype)).transpose(1, 2)
 
 
 class FusedEntmaxCausalAttention(EntmaxCausalAttention):
     """``EntmaxCausalAttention`` on the fused op (Triton kernels where ``kernels.backend`` selects them)."""
 
-    _attention = staticmethod(entmax15_attention)
+    _attention = staticmethod(entmax_attention)
     # the packing of a padded batch holds empty sequences, which the kernels take and the offset check refuses
-    _attention_varlen = staticmethod(functools.partial(entmax15_attention_varlen, validate=False))
+    _attention_varlen = staticmethod(functools.partial(entmax_attention_varlen, validate=False))

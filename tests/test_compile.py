@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kernels import (BlockCausalMultiheadAttention, BlockCausalTransformerLayer, FusedEntmaxCausalAttention, Top2MoE,
-                     block_causal_attention, entmax15_attention, moe_top2, reference, use_backend)
+                     block_causal_attention, entmax15_attention, entmax_attention, entmax_attention_varlen, moe_top2,
+                     reference, use_backend)
 from kernels.block_causal import block_causal_attention_varlen
 from kernels.entmax import entmax15_attention_varlen
 
@@ -39,6 +40,8 @@ def _opcheck_cases():
     row_mask = torch.tensor([True, False, True, True, False, True, True])
     with torch.no_grad():
         o, rowmax, tau, w, _ = ops.entmax15_attention_fwd(q, k, v, *whole, True, 0.3, True)
+        alpha_rows = torch.tensor([[1.25] * 5, [2.0] * 5], requires_grad=True)  # (H, T): one alpha per row
+        general = ops.entmax_attention_fwd(q, k, v, alpha_rows, *whole, True, 0.3, True, True)
         o_bc, lse = ops.block_causal_attention_fwd(q, k, v, pad, 1, 5, False, 2, 0.3)
         moe_outputs = ops.moe_top2_fwd(*_moe_args(7), None)
     x, gate_weight, w1, _, w2, _ = _moe_args(7)
@@ -53,6 +56,13 @@ def _opcheck_cases():
                                          (q.detach(), k.detach(), v.detach(), *whole, False, 0.3, False)),
         "entmax15_attention_fwd varlen": (ops.entmax15_attention_fwd, (*packed4, *in_packed, True, 0.3, True)),
         "entmax15_attention_bwd": (ops.entmax15_attention_bwd, d(do, q, k, v, rowmax, tau, w, *whole, True, 0.3)),
+        "entmax_attention_fwd any alpha": (ops.entmax_attention_fwd,
+                                           (q, k, v, alpha_rows, *whole, True, 0.3, True, True)),
+        "entmax_attention_fwd any alpha inference": (ops.entmax_attention_fwd,
+                                                     d(q, k, v, alpha_rows, *whole, False, 0.3, False, False)),
+        "entmax_attention_bwd any alpha": (ops.entmax_attention_bwd,
+                                           d(do, q, k, v, alpha_rows, *general[1:4], *whole, True, 0.3,
+                                             general[4])),
         "block_causal_attention_fwd": (ops.block_causal_attention_fwd, (q, k, v, pad, 1, 5, False, 2, 0.3)),
         "block_causal_attention_fwd varlen": (ops.block_causal_attention_fwd,
                                               (*packed, cu_seqlens, 2, 3, True, 3, 0.3)),
@@ -241,3 +251,19 @@ class _First(torch.nn.Module):
 
     def forward(self, pair):
         return pair[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entmax_attention_grouped_heads_and_other_lengths_compile_fullgraph(backend):
+    """Grouped-query heads with Tq != Tk (bottom-right causal, rows that see no key), and packed sequences with
+    separate key offsets, and a learned alpha per head (a graph input with its gradient): compiled equals eager,
+    gradients included."""
+    torch.manual_seed(0)
+    q, k, v = _tensors((1, 4, 7, 8), (1, 2, 5, 8), (1, 2, 5, 4))
+    packed = _tensors((7, 4, 8), (9, 2, 8), (9, 2, 4))
+    cu_q, cu_k = torch.tensor([0, 3, 7], dtype=torch.int32), torch.tensor([0, 5, 9], dtype=torch.int32)
+    with use_backend(backend):
+        _compare(entmax_attention, (q, k, v))
+        _compare(lambda q, k, v, a, b: entmax_attention_varlen(q, k, v, a, b), (*packed, cu_q, cu_k))
+        alpha = torch.tensor([1.2, 1.5, 1.8, 2.0])
+        _compare(lambda q, k, v, a: entmax_attention(q, k, v, alpha=a), (q, k, v, alpha))

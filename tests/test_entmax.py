@@ -8,6 +8,7 @@ import collections
 import pytest
 import torch
 
+import kernels
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
 from kernels import entmax
 from kernels.tools.counts import InterpreterCounter
@@ -195,9 +196,9 @@ def _good():
     "make, error, match",
     [
         pytest.param(lambda q, k, v: (q[0], k, v, {}), ValueError, "q must have 4 dimensions", id="rank"),
-        pytest.param(lambda q, k, v: (q, k[..., :3], v, {}), ValueError, "k must have q's shape", id="k-D"),
-        pytest.param(lambda q, k, v: (q, k, v[:, :, :4], {}), ValueError, "v must match q", id="v-T"),
-        pytest.param(lambda q, k, v: (q, k, v[:, :1], {}), ValueError, "v must match q", id="v-H"),
+        pytest.param(lambda q, k, v: (q, k[..., :3], v, {}), ValueError, "k must match q in batch and D", id="k-D"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :, :4], {}), ValueError, "v must match k", id="v-T"),
+        pytest.param(lambda q, k, v: (q, k, v[:, :1], {}), ValueError, "v must match k", id="v-H"),
         pytest.param(lambda q, k, v: (q.double(), k.double(), v.double(), {}), TypeError, "q must have dtype",
                      id="float64"),
         pytest.param(lambda q, k, v: (q, k, v.half(), {}), TypeError, "v has dtype", id="mixed-dtypes"),
@@ -449,7 +450,7 @@ def test_wide_dv_output_kernel_computes_qk_once_per_chunk_on_its_own_rows(triton
     q, v = k.clone(), torch.randn(1, 1, t, dv, generator=torch.Generator().manual_seed(25))
     q[:, :, 8:12] = k[:, :, 0:4]
     sequences = entmax._whole_sequences(t, q.device)
-    _, _, _, support, _ = entmax._entmax_attention_fwd(q, k, v, True, scale, False, sequences)
+    _, _, _, support, *_ = entmax._entmax_attention_fwd(q, k, v, True, scale, False, sequences)
     # the mask (8 x 8 tiles) per 4-row tile, and the key tiles each 4-row tile can see
     visited = support[0].bool().repeat_interleave(2, 0)[:-(-t // 4)] & _visible_tiles(t, 4, 8)
     assert visited.sum() < _visible_tiles(t, 4, 8).sum(), "peaked rows must leave visible tiles unmarked"
@@ -631,8 +632,8 @@ def _exact_support(p, block_m, block_n):
 def _backward_with(q, k, v, do, causal, scale, sequences, supports):
     """The backward launcher's (dq, dk, dv) with each mask of ``supports`` ("forward": the mask the forward's
     threshold pass wrote), after one forward."""
-    _, rowmax, tau, forward_support, w = entmax._entmax_attention_fwd(q, k, v, causal, scale, True,
-                                                                                sequences)
+    _, rowmax, tau, forward_support, w, *_ = entmax._entmax_attention_fwd(q, k, v, causal, scale, True,
+                                                                          sequences)
     return [entmax._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal, scale, sequences,
                                                    forward_support if isinstance(support, str) else support)
             for support in supports]
@@ -697,7 +698,7 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
     sequences = entmax._whole_sequences(t, q.device)
     pairs = {"exact": int(support.sum()), "ones": (t // bm) * (t // bm + 1) // 2}
     assert pairs["exact"] < pairs["ones"]
-    _, rowmax, tau, _support, w = entmax._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
+    _, rowmax, tau, _support, w, *_ = entmax._entmax_attention_fwd(q, k, v, True, scale, True, sequences)
     for name, mask in (("exact", support), ("ones", torch.ones_like(support))):
         with InterpreterCounter({"q": q, "do": do}) as counter:
             entmax._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
@@ -715,3 +716,201 @@ def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks
     tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
     with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
         _backward_with(q, k, v, do, True, 0.5, sequences, [None])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped-query heads and queries of another length than the keys (the kernels with each query head group packed
+# as rows of its key head, and causality folded into each row's key range)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_general_against_reference(q, k, v, causal, atol=2e-5, grad_atol=5e-5, **varlen):
+    """entmax_attention (or, with ``varlen`` offsets, entmax_attention_varlen) on the Triton backend against the
+    float64 reference, forward and gradients."""
+    if varlen:
+        out = kernels.entmax_attention_varlen(q, k, v, varlen["cu_q"], varlen["cu_k"], causal=causal)
+        call = lambda *x: reference.entmax_attention_varlen_reference(*x, varlen["cu_q"], varlen["cu_k"],  # noqa
+                                                                      causal=causal)
+    else:
+        out = kernels.entmax_attention(q, k, v, causal=causal)
+        call = lambda *x: reference.entmax_attention_reference(*x, causal=causal)  # noqa: E731
+    assert out.shape == (*q.shape[:-1], v.shape[-1])
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    expected = call(*leaves)
+    _assert_close(out, expected, atol, "output")
+    for name, grad, want in zip("qkv", grads, torch.autograd.grad(expected, leaves, do.double()), strict=True):
+        _assert_close(grad, want, grad_atol, f"d{name}")
+    return out, grads
+
+
+@pytest.mark.parametrize("h, h_kv, t_q, t_k, causal, tile_set", [
+    pytest.param(4, 2, 5, 11, True, TINY, id="gqa-short-queries-in-registers-to-passes"),
+    pytest.param(2, 1, 13, 6, True, TINY, id="mqa-queries-that-see-no-key"),
+    pytest.param(2, 2, 3, 19, True, SKEWED, id="chunk-of-queries-against-a-longer-history"),
+    pytest.param(3, 1, 7, 7, False, TINY, id="mqa-not-causal"),
+    pytest.param(4, 2, 9, 20, True, TINY, id="gqa-passes"),
+])
+def test_grouped_heads_and_other_key_lengths_match_the_reference(triton_backend, tiles, h, h_kv, t_q, t_k, causal,
+                                                                 tile_set):
+    tiles(tile_set)
+    generator = torch.Generator().manual_seed(h * 100 + t_q * 10 + t_k)
+    q, k, v = (torch.randn(1, heads, t, n, generator=generator).requires_grad_()
+               for heads, t, n in ((h, t_q, 5), (h_kv, t_k, 5), (h_kv, t_k, 3)))
+    out, grads = _check_general_against_reference(q, k, v, causal)
+    if causal and t_q > t_k:  # rows that see no key: zeros, zero gradient
+        assert torch.all(out[:, :, :t_q - t_k] == 0) and torch.all(grads[0][:, :, :t_q - t_k] == 0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_with_separate_key_offsets_and_grouped_heads(triton_backend, tiles, causal):
+    tiles(TINY)
+    generator = torch.Generator().manual_seed(5)
+    cu_q = torch.tensor([0, 2, 7, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9, 19], dtype=torch.int32)
+    q, k, v = (torch.randn(rows, heads, n, generator=generator).requires_grad_()
+               for rows, heads, n in ((10, 4, 5), (19, 2, 5), (19, 2, 3)))
+    _check_general_against_reference(q, k, v, causal, cu_q=cu_q, cu_k=cu_k)
+
+
+def test_grouped_heads_read_each_key_tile_once_per_group(triton_backend, tiles):
+    """Decoding with H query heads over one key head: the threshold kernel streams K once per pass for the whole group
+    (its passes: those of the group's slowest head), not once per head; the output kernel visits the union of the
+    heads' support tiles, once."""
+    tiles(TINY)
+    generator = torch.Generator().manual_seed(9)
+    h, t_k, d = 4, 20, 8
+    q = torch.randn(1, h, 1, d, generator=generator) * 3
+    k, v = (torch.randn(1, 1, t_k, d, generator=generator) for _ in range(2))
+    counters = {}
+    for name, (k_heads, v_heads) in (("grouped", (k, v)), ("per_head", (k.expand(1, h, t_k, d),
+                                                                         v.expand(1, h, t_k, d)))):
+        with torch.no_grad(), InterpreterCounter({"k": k}) as counter:
+            kernels.entmax_attention(q, k_heads, v_heads)
+        counters[name] = counter
+    for kernel in ("_entmax_tau_kernel", "_entmax_fwd_kernel"):
+        (grouped,), (per_head,) = (counters[name].of(kernel) for name in ("grouped", "per_head"))
+        assert len(grouped.loads) == 1 and len(per_head.loads) == h  # one program for the group, one per head
+        slowest_head = max(loads["k"] for loads in per_head.loads.values())
+        if kernel == "_entmax_tau_kernel":
+            assert grouped.loaded("k") == slowest_head
+        else:
+            assert slowest_head <= grouped.loaded("k") <= per_head.loaded("k")
+    assert counters["grouped"].loaded("k") < counters["per_head"].loaded("k")
+
+
+def test_fused_module_with_grouped_heads_matches_its_reference_twin(triton_backend, tiles):
+    tiles(TINY)
+    torch.manual_seed(21)
+    fused = FusedEntmaxCausalAttention(8, 4, num_kv_heads=2)
+    twin = reference.EntmaxCausalAttention(8, 4, num_kv_heads=2)
+    twin.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 8)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, 7:] = False
+    for kwargs in ({}, {"key_padding_mask": ~keep}):
+        got, want = fused.forward_with_context(x, **kwargs), twin.forward_with_context(x, **kwargs)
+        for name in ("output", "context"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any alpha in (1, 2]: the threshold found by bracketing passes (Newton and secant bounds), p = G^(1 / (alpha - 1)),
+# alpha per head with its gradient
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("h, h_kv, t_q, t_k, causal, alpha, tile_set", [
+    pytest.param(2, 2, 7, 7, True, 1.25, TINY, id="alpha1.25-in-registers"),
+    pytest.param(1, 1, 19, 19, True, 2.0, TINY, id="sparsemax-passes"),
+    pytest.param(2, 2, 19, 19, False, "per-head", SKEWED, id="alpha-per-head-passes-not-causal"),
+    pytest.param(4, 2, 5, 11, True, "per-head", TINY, id="alpha-per-head-gqa-short-queries"),
+    pytest.param(2, 1, 13, 6, True, 1.75, TINY, id="alpha1.75-mqa-queries-that-see-no-key"),
+    pytest.param(1, 1, 19, 19, True, 1.5, TINY, id="alpha-tensor-of-1.5"),
+])
+def test_any_alpha_matches_the_reference_with_alpha_gradient(triton_backend, tiles, h, h_kv, t_q, t_k, causal,
+                                                            alpha, tile_set):
+    tiles(tile_set)
+    generator = torch.Generator().manual_seed(h * 100 + t_q * 10 + t_k)
+    q, k, v = (torch.randn(1, heads, t, n, generator=generator).requires_grad_()
+               for heads, t, n in ((h, t_q, 5), (h_kv, t_k, 5), (h_kv, t_k, 3)))
+    if alpha == "per-head":
+        alpha = (1.1 + 0.9 * torch.rand(h, generator=generator)).requires_grad_()
+    elif alpha == 1.5:
+        alpha = torch.full((h,), 1.5, requires_grad=True)  # a tensor takes the any-alpha kernels, even at 1.5
+    inputs = (q, k, v) + ((alpha,) if isinstance(alpha, torch.Tensor) else ())
+    out = kernels.entmax_attention(q, k, v, alpha=alpha, causal=causal)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, do)
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    expected = reference.entmax_attention_reference(*leaves[:3], alpha=leaves[3] if len(leaves) > 3 else alpha,
+                                                    causal=causal)
+    _assert_close(out, expected, 2e-5, "output")
+    for name, grad, want in zip(["q", "k", "v", "alpha"], grads, torch.autograd.grad(expected, leaves, do.double())):
+        _assert_close(grad, want, 5e-5, f"d{name}")
+
+
+def test_any_alpha_varlen_with_separate_key_offsets(triton_backend, tiles):
+    tiles(TINY)
+    generator = torch.Generator().manual_seed(6)
+    cu_q = torch.tensor([0, 2, 7, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9, 19], dtype=torch.int32)
+    q, k, v = (torch.randn(rows, heads, n, generator=generator).requires_grad_()
+               for rows, heads, n in ((10, 4, 5), (19, 2, 5), (19, 2, 3)))
+    alpha = torch.tensor([1.2, 1.5, 1.8, 2.0], requires_grad=True)
+    out = kernels.entmax_attention_varlen(q, k, v, cu_q, cu_k, alpha=alpha)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, alpha), do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)]
+    expected = reference.entmax_attention_varlen_reference(*leaves[:3], cu_q, cu_k, alpha=leaves[3])
+    _assert_close(out, expected, 2e-5, "output")
+    for name, grad, want in zip(["q", "k", "v", "alpha"], grads, torch.autograd.grad(expected, leaves, do.double())):
+        _assert_close(grad, want, 5e-5, f"d{name}")
+
+
+#: q scales (powers of two) of the threshold test: flat rows (every key in the support), random, peaked (a few
+#: keys), and scores of magnitude ~1e6-1e8 (one-hot)
+THRESHOLD_ROWS = [pytest.param(2.0 ** -6, id="flat"), pytest.param(1.0, id="random"), pytest.param(16.0, id="peaked"),
+                  pytest.param(2.0 ** 20, id="magnitude-1e6")]
+
+
+@pytest.mark.parametrize("q_scale", THRESHOLD_ROWS)
+@pytest.mark.parametrize("alpha", [1.25, 2.0])
+def test_any_alpha_threshold_is_within_fp32_rounding_of_the_float64_root(triton_backend, tiles, q_scale, alpha):
+    """tau (relative to the row maximum of (alpha - 1) * scores) against the float64 root of the same scores (small
+    integers times powers of two: exact in fp32 and float64 alike, as are (alpha - 1) * scores for these alpha):
+    within 4 fp32 floats of tau's magnitude."""
+    tiles(TINY)
+    t, d = 21, 4
+    generator = torch.Generator().manual_seed(int(alpha * 100))
+    q = torch.randint(-8, 9, (1, 1, t, d), generator=generator).float() * q_scale
+    k = torch.randint(-8, 9, (1, 1, t, d), generator=generator).float()
+    alpha_rows = torch.full((1, t), alpha)
+    rowmax, tau, _ = entmax._entmax_tau(q, k, True, 0.25, entmax._whole_sequences(t, q.device), alpha_rows)
+    assert torch.isfinite(tau).all()
+    x = (alpha - 1) * 0.25 * (q[0, 0].double() @ k[0, 0].double().T)
+    x = x.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")) - rowmax[0, 0].double()[:, None]
+    lo, hi = torch.full((t, 1), -1.0, dtype=torch.float64), torch.zeros(t, 1, dtype=torch.float64)
+    for _ in range(200):  # float64 bisection of sum max(x - tau, 0)^(1 / (alpha - 1)) = 1
+        mid = (lo + hi) / 2
+        above = (x - mid).clamp(min=0).pow(1 / (alpha - 1)).sum(-1, keepdim=True) >= 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    error = (tau[0, 0].double() - lo[:, 0]).abs() / lo[:, 0].abs()
+    assert error.max() <= 4 * torch.finfo(torch.float32).eps, error.max()
+
+
+def test_fused_module_learns_alpha_per_head_like_its_reference_twin(triton_backend, tiles):
+    tiles(TINY)
+    torch.manual_seed(23)
+    fused = FusedEntmaxCausalAttention(8, 4, alpha=1.3, learn_alpha=True, num_kv_heads=2)
+    twin = reference.EntmaxCausalAttention(8, 4, alpha=1.3, learn_alpha=True, num_kv_heads=2)
+    with torch.no_grad():
+        fused.alpha_logit.copy_(torch.randn(4))
+    twin.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 8)
+    outputs = [module(x)[0] for module in (fused, twin)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for output in outputs:
+        output.square().sum().backward()
+    torch.testing.assert_close(fused.alpha_logit.grad, twin.alpha_logit.grad, atol=1e-4, rtol=1e-4)
