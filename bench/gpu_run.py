@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("entmax", "adasplash")
 BENCH_DIR = ROOT / "bench"
 BENCH_FILES = ["test_bench_carn.py", "test_bench_camhg.py", "test_bench_moe.py", "test_bench_entmax_attention.py",
-               "test_bench_block_causal.py", "test_bench_graphs.py"]
+               "test_bench_block_causal.py", "test_bench_graphs.py", "test_bench_decode.py", "test_bench_stream.py"]
 #: seconds kept at the end of the budget to write the files
 FINAL_RESERVE_S = 10.0
 #: seconds the bench step keeps after its files' shares for the case running at the end of a share and pytest's exit
