@@ -214,6 +214,23 @@ def test_bad_alpha_raises(alpha, error, match):
         entmax_attention_with_kvcache(**arguments, alpha=alpha)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_each_argument_check_runs_once_per_call(monkeypatch, tiny_tiles, backend):
+    """The public ops check their arguments once, not again in the reference or the launchers they call."""
+    calls = []
+    for name in ("_check_kvcache_inputs", "_check_alpha", "_check_kernel_arguments"):
+        check = getattr(kvcache, name)
+        monkeypatch.setattr(kvcache, name, lambda *a, _check=check, _name=name: (calls.append(_name), _check(*a))[1])
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 2], 2, 1, 1, 4, dtype=torch.float32)
+    kernel_checks = ["_check_kernel_arguments"] if backend == "triton" else []
+    with use_backend(backend):
+        entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=torch.tensor([1.5, 1.25]))
+        assert calls == ["_check_kvcache_inputs", "_check_alpha", *kernel_checks]
+        calls.clear()
+        block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens + 1, k=k, v=v)
+        assert calls == ["_check_kvcache_inputs", *kernel_checks]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels (the interpreter), with tiles small enough for several splits, skipped tiles and the reduction
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,8 +369,7 @@ def decoding_step(q, k_cache, v_cache, seqlens, k, v, alpha):
 
 
 @pytest.mark.parametrize("backend, compiler, alpha", [
-    ("reference", "eager", 1.5), ("reference", "aot_eager", 1.5), ("triton", "eager", 1.5),
-    ("triton", "aot_eager", "per-head"),
+    ("reference", "eager", "per-head"), ("reference", "aot_eager", 1.5), ("triton", "aot_eager", 1.5),
 ])
 def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
     """Compiled (fullgraph) == eager: the outputs and the caches after the step (written in place in both)."""
@@ -374,15 +390,17 @@ def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
 
 
 def test_opcheck_kvcache_ops(tiny_tiles):
-    """The schemas (the append's mutated caches), fake implementations and dispatch of the three ops."""
+    """The schemas (the append's mutated caches), fake implementations and dispatch of the three ops (the
+    attention ops' traced dispatch: test_decoding_step_compiles_fullgraph)."""
     q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 3], 2, 1, 1, 5, dtype=torch.float32)
     k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # opcheck compares outputs with NaN != NaN
     ops = torch.ops.kernels
     torch.library.opcheck(ops.kvcache_append, (k_cache, v_cache, seqlens, k, v))
     lengths = seqlens + 1
-    with use_backend("triton"):
-        torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
-                              (q, k_cache, v_cache, lengths, None, 1.5, True, 0.3))
-        torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
-                              (q, k_cache, v_cache, lengths, torch.tensor([1.25, 2.0]), 0.0, False, 0.3))
-        torch.library.opcheck(ops.block_causal_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, 0.3))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, None, 1.5, True, 0.3),
+                          test_utils=checks)
+    torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
+                          (q, k_cache, v_cache, lengths, torch.tensor([1.25, 2.0]), 0.0, False, 0.3), test_utils=checks)
+    torch.library.opcheck(ops.block_causal_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, 0.3),
+                          test_utils=checks)
