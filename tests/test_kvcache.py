@@ -231,6 +231,30 @@ def test_each_argument_check_runs_once_per_call(monkeypatch, tiny_tiles, backend
         assert calls == ["_check_kvcache_inputs", *kernel_checks]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("new_dtype", [torch.float32, torch.bfloat16], ids=["fp32-inputs", "bf16-inputs"])
+def test_autocast_runs_in_the_caches_dtype(tiny_tiles, backend, new_dtype):
+    """Under autocast (bf16 on the CPU) with fp32 caches, q, k, v (fp32, or bf16 as projections under autocast give
+    them) are cast to fp32 and the ops compute as without autocast: fp32 outputs equal to the fp32 call's, the
+    caches appended alike. Outside autocast, bf16 inputs next to fp32 caches are refused."""
+    inputs = decoding_inputs([2, 6], 4, 2, 1, 8, dtype=torch.float32)
+    q, k, v = (inputs[i].to(new_dtype) for i in (0, 4, 5))
+    for op, extra in ((entmax_attention_with_kvcache, {"alpha": 1.25}), (block_causal_attention_with_kvcache, {})):
+        expected_caches = inputs[1].clone(), inputs[2].clone()
+        caches = inputs[1].clone(), inputs[2].clone()
+        with use_backend(backend):
+            expected = op(q.float(), *expected_caches, inputs[3], k=k.float(), v=v.float(), **extra)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = op(q, *caches, inputs[3], k=k, v=v, **extra)
+            if new_dtype != torch.float32:
+                with pytest.raises(TypeError, match="k_cache has dtype torch.float32 but q has torch.bfloat16"):
+                    op(q, *caches, inputs[3], k=k, v=v, **extra)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for cache, wanted in zip(caches, expected_caches):
+            torch.testing.assert_close(cache, wanted, rtol=0, atol=0, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels (the interpreter), with tiles small enough for several splits, skipped tiles and the reduction
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,11 +392,13 @@ def decoding_step(q, k_cache, v_cache, seqlens, k, v, alpha):
                                                            v=2 * v)
 
 
-@pytest.mark.parametrize("backend, compiler, alpha", [
-    ("reference", "eager", "per-head"), ("reference", "aot_eager", 1.5), ("triton", "aot_eager", 1.5),
+@pytest.mark.parametrize("backend, compiler, alpha, autocast", [
+    ("reference", "eager", 1.5, False), ("reference", "aot_eager", 1.5, False),
+    ("reference", "aot_eager", 1.5, True), ("triton", "aot_eager", 1.5, False),
 ])
-def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
-    """Compiled (fullgraph) == eager: the outputs and the caches after the step (written in place in both)."""
+def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha, autocast):
+    """Compiled (fullgraph) == eager: the outputs and the caches after the step (written in place in both); with
+    ``autocast``, bf16 q, k, v under autocast next to fp32 caches."""
     inputs = decoding_inputs([0, 5, 14], 4, 2, 2, 20, dtype=torch.float32)
     alpha = alpha_of(alpha, 4)
     torch._dynamo.reset()
@@ -380,7 +406,9 @@ def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
     results = []
     for fn in (decoding_step, compiled):
         q, k_cache, v_cache, seqlens, k, v = (x.clone() for x in inputs)
-        with use_backend(backend):
+        if autocast:
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outs = fn(q, k_cache, v_cache, seqlens, k, v, alpha)
         results.append((*outs, k_cache, v_cache))
         assert torch.equal(seqlens, inputs[3])
