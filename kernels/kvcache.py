@@ -123,20 +123,34 @@ def _check_alpha(alpha: Alpha, heads: int) -> None:
         raise ValueError(f"alpha must lie in (1, 2] (1.5: entmax-1.5, 2: sparsemax), got {alpha}")
 
 
+def _cacheable(device: torch.device) -> bool:
+    """Whether a constant tensor built now may be kept for later calls: not while torch.compile traces (the graph
+    builds it) nor while a CUDA graph is captured (its kernels only run at replay)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_arange(n: int, device: torch.device) -> Tensor:
     return torch.arange(n, device=device)
 
 
 def _arange(n: int, device: torch.device) -> Tensor:
-    """``torch.arange(n)`` on ``device``, built once per (n, device) and only read (while torch.compile traces: built
-    in the graph); a decoding loop asks for the same ranges at every step."""
-    return torch.arange(n, device=device) if torch.compiler.is_compiling() else _cached_arange(n, device)
+    """``torch.arange(n)`` on ``device``, built once per (n, device) and only read; a decoding loop asks for the
+    same ranges at every step."""
+    return _cached_arange(n, device) if _cacheable(device) else torch.arange(n, device=device)
 
 
 @functools.lru_cache(maxsize=64)
+def _cached_uniform_alpha(alpha: float, heads: int, device: torch.device) -> Tensor:
+    return torch.full((heads,), alpha, device=device, dtype=torch.float32)
+
+
 def _uniform_alpha(alpha: float, heads: int, device: torch.device) -> Tensor:
     """The (H,) float32 tensor of one alpha for every head, built once per (alpha, H, device) and only read."""
+    if _cacheable(device):
+        return _cached_uniform_alpha(alpha, heads, device)
     return torch.full((heads,), alpha, device=device, dtype=torch.float32)
 
 
@@ -850,7 +864,7 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
                                   causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """alpha-entmax attention of the new queries ``q`` (B, H, Tq, D) over a KV cache (see the module docstring for
     the layout, the in-place append of ``k``/``v``, ``cache_seqlens`` and autocast). Returns (B, H, Tq, Dv) in the
-    inputs' dtype.
+    caches' dtype.
 
     With L_b attended keys in batch row b, new query i sees key j iff ``j < L_b`` and, when ``causal``
     (bottom-right aligned, as when the Tq queries are the last Tq positions), ``j <= L_b - Tq + i``; a query that
@@ -880,7 +894,7 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
     """Block-causal (softmax) attention of one new group of Tq queries ``q`` (B, H, Tq, D) over a KV cache (see the
     module docstring for the layout, the in-place append of ``k``/``v``, ``cache_seqlens`` and autocast): every new
     query sees every attended key, i.e. all cached keys and the group's own Tq keys, as the last group of
-    :func:`kernels.block_causal_attention` with ``group_size = Tq`` does. Returns (B, H, Tq, Dv) in the inputs'
+    :func:`kernels.block_causal_attention` with ``group_size = Tq`` does. Returns (B, H, Tq, Dv) in the caches'
     dtype; a query that sees no key returns zeros. Forward only (no autograd), no host synchronization.
     """
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
