@@ -95,11 +95,11 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, dtype
                              f"{tuple(v.shape)}")
     check_scale(scale)
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        appended = tq if k is not None else 0
-        lengths = cache_seqlens.to(torch.int64)
-        if bool((lengths < 0).any()):
+        shortest, longest = (int(x) for x in torch.aminmax(cache_seqlens))  # one pass over the lengths
+        if shortest < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
-        if bool((lengths + appended > t_max).any()):
+        appended = tq if k is not None else 0
+        if longest + appended > t_max:
             raise ValueError(f"cache_seqlens + {appended} new keys must fit the cache (Tmax = {t_max}), got "
                              f"cache_seqlens = {cache_seqlens.tolist()}")
 
@@ -113,7 +113,8 @@ def _check_alpha(alpha: Alpha, heads: int) -> None:
         if alpha.shape != (heads,):
             raise ValueError(f"an alpha tensor must have shape (H,) = ({heads},), got {tuple(alpha.shape)}")
         if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(((alpha > 1) & (alpha <= 2)).all()):
+            smallest, largest = (float(x) for x in torch.aminmax(alpha))
+            if not (smallest > 1 and largest <= 2):  # NaN fails too
                 raise ValueError(f"alpha must lie in (1, 2], got {alpha.tolist()}")
         return
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
@@ -122,26 +123,54 @@ def _check_alpha(alpha: Alpha, heads: int) -> None:
         raise ValueError(f"alpha must lie in (1, 2] (1.5: entmax-1.5, 2: sparsemax), got {alpha}")
 
 
+def _cacheable(device: torch.device) -> bool:
+    """Whether a constant tensor built now may be kept for later calls: not while torch.compile traces (the graph
+    builds it) nor while a CUDA graph is captured (its kernels only run at replay)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
 @functools.lru_cache(maxsize=64)
-def _uniform_alpha(alpha: float, heads: int, device: torch.device) -> Tensor:
-    """The (H,) float32 tensor of one alpha for every head, built once per (alpha, H, device) and only read."""
+def _cached_arange(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device)
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    """``torch.arange(n)`` on ``device``, built once per (n, device) and only read; a decoding loop asks for the
+    same ranges at every step."""
+    return _cached_arange(n, device) if _cacheable(device) else torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_uniform_alpha(alpha: float, heads: int, device: torch.device) -> Tensor:
     return torch.full((heads,), alpha, device=device, dtype=torch.float32)
 
 
-# The append is its own op, mutating the caches (torch.compile functionalizes it and keeps the write in place under
-# inductor); the attention that follows is functional: it reads the caches after the append.
-@torch.library.custom_op("kernels::kvcache_append", mutates_args=("k_cache", "v_cache"),
-                         schema="(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor k, Tensor v) "
-                                "-> ()")
-def _kvcache_append_op(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor, v: Tensor) -> None:
+def _uniform_alpha(alpha: float, heads: int, device: torch.device) -> Tensor:
+    """The (H,) float32 tensor of one alpha for every head, built once per (alpha, H, device) and only read."""
+    if _cacheable(device):
+        return _cached_uniform_alpha(alpha, heads, device)
+    return torch.full((heads,), alpha, device=device, dtype=torch.float32)
+
+
+def _kvcache_append(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: Tensor, v: Tensor) -> None:
     """Write ``k``, ``v`` (B, Hkv, Tq, .) into the caches at ``cache_seqlens[b] + (0 .. Tq - 1)`` (in place, on the
     caches' device, no host read)."""
     tq = k.shape[2]
     positions = cache_seqlens.to(device=k_cache.device, dtype=torch.int64)[:, None] \
-        + torch.arange(tq, device=k_cache.device)  # (B, Tq)
+        + _arange(tq, k_cache.device)  # (B, Tq)
     index = positions[:, None, :, None]
     k_cache.scatter_(2, index.expand(k.shape), k)
     v_cache.scatter_(2, index.expand(v.shape), v)
+
+
+# The append is its own op, mutating the caches (torch.compile functionalizes it and keeps the write in place under
+# inductor); the attention that follows is functional: it reads the caches after the append.
+_kvcache_append_op = torch.library.custom_op(
+    "kernels::kvcache_append", mutates_args=("k_cache", "v_cache"),
+    schema="(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor k, Tensor v) -> ()",
+)(_kvcache_append)
 
 
 @_kvcache_append_op.register_fake
@@ -155,8 +184,14 @@ def _append_to_cache(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k:
     caches' device, contiguous: ``cache_seqlens`` plus the Tq appended keys."""
     if k is None:
         return cache_seqlens.to(device=k_cache.device).contiguous()
-    _kvcache_append_op(k_cache, v_cache, cache_seqlens, k, v)
+    _traced_as_op(_kvcache_append_op, _kvcache_append)(k_cache, v_cache, cache_seqlens, k, v)
     return cache_seqlens.to(device=k_cache.device) + k.shape[2]
+
+
+def _traced_as_op(op, implementation):
+    """``op`` (a torch.library op) while torch.compile traces, else its ``implementation`` called directly: the same
+    computation without the op's Python dispatch, which costs more host time than a decoding step's append."""
+    return op if torch.compiler.is_compiling() else implementation
 
 
 def _caches_dtype_under_autocast(fn):
@@ -706,11 +741,11 @@ def _check_kernel_arguments(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None
 def _visible_keys(lengths: Tensor, tq: int, t_max: int, causal: bool) -> Tensor:
     """(B, 1, Tq, Tmax) bool: key j is attended by new query i of batch row b: ``j < lengths[b]`` and, when causal
     (bottom-right aligned), ``j <= lengths[b] - Tq + i``."""
-    j = torch.arange(t_max, device=lengths.device)
+    j = _arange(t_max, lengths.device)
     length = lengths.to(torch.int64)[:, None, None]
     visible = (j < length).expand(-1, tq, -1)
     if causal:
-        i = torch.arange(tq, device=lengths.device)[:, None]
+        i = _arange(tq, lengths.device)[:, None]
         visible = visible & (j <= length - tq + i)
     return visible[:, None]
 
@@ -727,7 +762,7 @@ def _masked_scores(q: Tensor, k_cache: Tensor, visible: Tensor, scale: Optional[
 def _weighted_values(weights: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
     """``weights @ v`` per key head group, with cache rows beyond ``lengths`` (never written, maybe NaN) as zeros."""
     groups = weights.shape[1] // v_cache.shape[1]
-    written = (torch.arange(v_cache.shape[2], device=v_cache.device) < lengths.to(torch.int64)[:, None])
+    written = _arange(v_cache.shape[2], v_cache.device) < lengths.to(torch.int64)[:, None]
     values = torch.where(written[:, None, :, None], v_cache.to(weights.dtype), 0.0)
     return weights @ values.repeat_interleave(groups, dim=1)
 
@@ -829,7 +864,7 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
                                   causal: bool = True, scale: Optional[float] = None) -> Tensor:
     """alpha-entmax attention of the new queries ``q`` (B, H, Tq, D) over a KV cache (see the module docstring for
     the layout, the in-place append of ``k``/``v``, ``cache_seqlens`` and autocast). Returns (B, H, Tq, Dv) in the
-    inputs' dtype.
+    caches' dtype.
 
     With L_b attended keys in batch row b, new query i sees key j iff ``j < L_b`` and, when ``causal``
     (bottom-right aligned, as when the Tq queries are the last Tq positions), ``j <= L_b - Tq + i``; a query that
@@ -844,6 +879,8 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     if not kernels:
         return _entmax_attend_reference(q, k_cache, v_cache, lengths, alpha, causal, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not torch.compiler.is_compiling():
+        return _entmax_decode(q, k_cache, v_cache, lengths, alpha, causal, scale)  # _traced_as_op
     if isinstance(alpha, Tensor):
         return _entmax_decode_op(q, k_cache, v_cache, lengths, alpha, 0.0, causal, scale)
     return _entmax_decode_op(q, k_cache, v_cache, lengths, None, float(alpha), causal, scale)
@@ -857,7 +894,7 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
     """Block-causal (softmax) attention of one new group of Tq queries ``q`` (B, H, Tq, D) over a KV cache (see the
     module docstring for the layout, the in-place append of ``k``/``v``, ``cache_seqlens`` and autocast): every new
     query sees every attended key, i.e. all cached keys and the group's own Tq keys, as the last group of
-    :func:`kernels.block_causal_attention` with ``group_size = Tq`` does. Returns (B, H, Tq, Dv) in the inputs'
+    :func:`kernels.block_causal_attention` with ``group_size = Tq`` does. Returns (B, H, Tq, Dv) in the caches'
     dtype; a query that sees no key returns zeros. Forward only (no autograd), no host synchronization.
     """
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
@@ -868,7 +905,7 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
     if not kernels:
         return _softmax_attend_reference(q, k_cache, v_cache, lengths, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _softmax_decode_op(q, k_cache, v_cache, lengths, scale)
+    return _traced_as_op(_softmax_decode_op, _softmax_decode)(q, k_cache, v_cache, lengths, scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -214,6 +214,47 @@ def test_bad_alpha_raises(alpha, error, match):
         entmax_attention_with_kvcache(**arguments, alpha=alpha)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_each_argument_check_runs_once_per_call(monkeypatch, tiny_tiles, backend):
+    """The public ops check their arguments once, not again in the reference or the launchers they call."""
+    calls = []
+    for name in ("_check_kvcache_inputs", "_check_alpha", "_check_kernel_arguments"):
+        check = getattr(kvcache, name)
+        monkeypatch.setattr(kvcache, name, lambda *a, _check=check, _name=name: (calls.append(_name), _check(*a))[1])
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 2], 2, 1, 1, 4, dtype=torch.float32)
+    kernel_checks = ["_check_kernel_arguments"] if backend == "triton" else []
+    with use_backend(backend):
+        entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=torch.tensor([1.5, 1.25]))
+        assert calls == ["_check_kvcache_inputs", "_check_alpha", *kernel_checks]
+        calls.clear()
+        block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens + 1, k=k, v=v)
+        assert calls == ["_check_kvcache_inputs", *kernel_checks]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("new_dtype", [torch.float32, torch.bfloat16], ids=["fp32-inputs", "bf16-inputs"])
+def test_autocast_runs_in_the_caches_dtype(tiny_tiles, backend, new_dtype):
+    """Under autocast (bf16 on the CPU) with fp32 caches, q, k, v (fp32, or bf16 as projections under autocast give
+    them) are cast to fp32 and the ops compute as without autocast: fp32 outputs equal to the fp32 call's, the
+    caches appended alike. Outside autocast, bf16 inputs next to fp32 caches are refused."""
+    inputs = decoding_inputs([2, 6], 4, 2, 1, 8, dtype=torch.float32)
+    q, k, v = (inputs[i].to(new_dtype) for i in (0, 4, 5))
+    for op, extra in ((entmax_attention_with_kvcache, {"alpha": 1.25}), (block_causal_attention_with_kvcache, {})):
+        expected_caches = inputs[1].clone(), inputs[2].clone()
+        caches = inputs[1].clone(), inputs[2].clone()
+        with use_backend(backend):
+            expected = op(q.float(), *expected_caches, inputs[3], k=k.float(), v=v.float(), **extra)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = op(q, *caches, inputs[3], k=k, v=v, **extra)
+            if new_dtype != torch.float32:
+                with pytest.raises(TypeError, match="k_cache has dtype torch.float32 but q has torch.bfloat16"):
+                    op(q, *caches, inputs[3], k=k, v=v, **extra)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for cache, wanted in zip(caches, expected_caches):
+            torch.testing.assert_close(cache, wanted, rtol=0, atol=0, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels (the interpreter), with tiles small enough for several splits, skipped tiles and the reduction
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,12 +392,13 @@ def decoding_step(q, k_cache, v_cache, seqlens, k, v, alpha):
                                                            v=2 * v)
 
 
-@pytest.mark.parametrize("backend, compiler, alpha", [
-    ("reference", "eager", 1.5), ("reference", "aot_eager", 1.5), ("triton", "eager", 1.5),
-    ("triton", "aot_eager", "per-head"),
+@pytest.mark.parametrize("backend, compiler, alpha, autocast", [
+    ("reference", "eager", 1.5, False), ("reference", "aot_eager", 1.5, False),
+    ("reference", "aot_eager", 1.5, True), ("triton", "aot_eager", 1.5, False),
 ])
-def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
-    """Compiled (fullgraph) == eager: the outputs and the caches after the step (written in place in both)."""
+def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha, autocast):
+    """Compiled (fullgraph) == eager: the outputs and the caches after the step (written in place in both); with
+    ``autocast``, bf16 q, k, v under autocast next to fp32 caches."""
     inputs = decoding_inputs([0, 5, 14], 4, 2, 2, 20, dtype=torch.float32)
     alpha = alpha_of(alpha, 4)
     torch._dynamo.reset()
@@ -364,7 +406,9 @@ def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
     results = []
     for fn in (decoding_step, compiled):
         q, k_cache, v_cache, seqlens, k, v = (x.clone() for x in inputs)
-        with use_backend(backend):
+        if autocast:
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outs = fn(q, k_cache, v_cache, seqlens, k, v, alpha)
         results.append((*outs, k_cache, v_cache))
         assert torch.equal(seqlens, inputs[3])
@@ -374,15 +418,17 @@ def test_decoding_step_compiles_fullgraph(tiny_tiles, backend, compiler, alpha):
 
 
 def test_opcheck_kvcache_ops(tiny_tiles):
-    """The schemas (the append's mutated caches), fake implementations and dispatch of the three ops."""
+    """The schemas (the append's mutated caches), fake implementations and dispatch of the three ops (the
+    attention ops' traced dispatch: test_decoding_step_compiles_fullgraph)."""
     q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 3], 2, 1, 1, 5, dtype=torch.float32)
     k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()  # opcheck compares outputs with NaN != NaN
     ops = torch.ops.kernels
     torch.library.opcheck(ops.kvcache_append, (k_cache, v_cache, seqlens, k, v))
     lengths = seqlens + 1
-    with use_backend("triton"):
-        torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
-                              (q, k_cache, v_cache, lengths, None, 1.5, True, 0.3))
-        torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
-                              (q, k_cache, v_cache, lengths, torch.tensor([1.25, 2.0]), 0.0, False, 0.3))
-        torch.library.opcheck(ops.block_causal_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, 0.3))
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, None, 1.5, True, 0.3),
+                          test_utils=checks)
+    torch.library.opcheck(ops.entmax_attention_with_kvcache_fwd,
+                          (q, k_cache, v_cache, lengths, torch.tensor([1.25, 2.0]), 0.0, False, 0.3), test_utils=checks)
+    torch.library.opcheck(ops.block_causal_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, 0.3),
+                          test_utils=checks)
