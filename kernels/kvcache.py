@@ -48,7 +48,7 @@ from ._autotune import launch
 from ._checks import FLOAT_DTYPES, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor
 from ._triton_helpers import MAX_GRID_AXIS, dot_fp32acc, launch_device_of, upcast_dots_for
 from .backend import use_triton
-from .entmax import entmax15
+from .entmax import alpha_entmax, check_alpha
 
 #: dtypes the references take (float64 for tests); the Triton kernels take ``FLOAT_DTYPES``
 _REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -102,25 +102,6 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, dtype
         if longest + appended > t_max:
             raise ValueError(f"cache_seqlens + {appended} new keys must fit the cache (Tmax = {t_max}), got "
                              f"cache_seqlens = {cache_seqlens.tolist()}")
-
-
-def _check_alpha(alpha: Alpha, heads: int) -> None:
-    """``alpha`` is a float in (1, 2] or an (H,) floating-point tensor whose values lie there, checked when it is on
-    the CPU (on the GPU they are not read on the host)."""
-    if isinstance(alpha, Tensor):
-        if not alpha.is_floating_point():
-            raise TypeError(f"alpha must be a float or a floating-point tensor, got dtype {alpha.dtype}")
-        if alpha.shape != (heads,):
-            raise ValueError(f"an alpha tensor must have shape (H,) = ({heads},), got {tuple(alpha.shape)}")
-        if alpha.device.type == "cpu" and not torch.compiler.is_compiling():
-            smallest, largest = (float(x) for x in torch.aminmax(alpha))
-            if not (smallest > 1 and largest <= 2):  # NaN fails too
-                raise ValueError(f"alpha must lie in (1, 2], got {alpha.tolist()}")
-        return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float in (1, 2] or an (H,) tensor, got {type(alpha).__name__}")
-    if not 1 < alpha <= 2:
-        raise ValueError(f"alpha must lie in (1, 2] (1.5: entmax-1.5, 2: sparsemax), got {alpha}")
 
 
 def _cacheable(device: torch.device) -> bool:
@@ -767,35 +748,11 @@ def _weighted_values(weights: Tensor, v_cache: Tensor, lengths: Tensor) -> Tenso
     return weights @ values.repeat_interleave(groups, dim=1)
 
 
-def _entmax_bisect_rows(scores: Tensor, alpha: Tensor, iterations: int = 64) -> Tensor:
-    """alpha-entmax along the last dimension by bisection on the threshold: ``p = [(alpha - 1) s - tau]_+^(1 /
-    (alpha - 1))`` normalized to sum 1, as ``entmax.entmax_bisect`` (``alpha`` broadcasts against the rows, e.g.
-    (H, 1, 1)). In the dtype of ``scores`` (64 halvings reach float64's rounding). Rows without a finite score are
-    zeros."""
-    alpha = alpha.to(scores.dtype)
-    finite = torch.isfinite(scores)
-    has_key = finite.any(-1, keepdim=True)
-    x = torch.where(finite, scores, float("-inf")) * (alpha - 1)
-    x = x - torch.where(has_key, x.amax(-1, keepdim=True), 0.0)  # row maximum 0: tau lies in [-1, 0]
-    exponent = 1 / (alpha - 1)
-    lo = torch.full_like(x[..., :1], -1.0)
-    hi = torch.zeros_like(lo)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        above = ((x - mid).clamp(min=0) ** exponent).sum(-1, keepdim=True) >= 1
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    p = (x - lo).clamp(min=0) ** exponent
-    return torch.where(has_key, p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny), 0.0)
-
-
 def _entmax_weights(scores: Tensor, alpha: Alpha) -> Tensor:
-    """alpha-entmax of the masked scores along the last dimension; rows that see no key are zeros."""
-    if isinstance(alpha, Tensor):
-        return _entmax_bisect_rows(scores, alpha[:, None, None])
-    if alpha == 1.5:
-        has_key = torch.isfinite(scores).any(-1, keepdim=True)
-        return torch.where(has_key, entmax15(scores), 0.0)  # the exact sort-based threshold
-    return _entmax_bisect_rows(scores, torch.tensor(float(alpha), device=scores.device))
+    """alpha-entmax of the masked scores along the last dimension (B, H, Tq, keys); rows that see no key are zeros."""
+    has_key = torch.isfinite(scores).any(-1, keepdim=True)
+    row_alpha = alpha.to(scores.dtype)[:, None, None] if isinstance(alpha, Tensor) else alpha
+    return torch.where(has_key, alpha_entmax(scores, row_alpha), 0.0)
 
 
 def _entmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, alpha: Alpha,
@@ -847,7 +804,7 @@ def _check_entmax_arguments(q, k_cache, v_cache, cache_seqlens, k, v, alpha, cau
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, dtypes)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    _check_alpha(alpha, q.shape[1])
+    check_alpha(alpha, q.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_bad_inputs_raise_naming_the_argument(op, make, error, match):
 
 @pytest.mark.parametrize("alpha, error, match", [
     (1.0, ValueError, r"alpha must lie in \(1, 2\]"), (2.5, ValueError, r"alpha must lie in \(1, 2\]"),
-    (True, TypeError, "alpha must be a float"), (torch.full((3,), 1.5), ValueError, r"alpha tensor must have shape"),
+    (True, TypeError, "alpha must be a float"), (torch.full((3,), 1.5), ValueError, r"alpha must be a float or a tensor of shape \(H,\)"),
     (torch.tensor([1.5, 1.5, 0.5, 1.5]), ValueError, r"alpha must lie in \(1, 2\]"),
     (torch.ones(4, dtype=torch.int32), TypeError, "floating-point tensor"),
 ])
@@ -218,14 +218,14 @@ def test_bad_alpha_raises(alpha, error, match):
 def test_each_argument_check_runs_once_per_call(monkeypatch, tiny_tiles, backend):
     """The public ops check their arguments once, not again in the reference or the launchers they call."""
     calls = []
-    for name in ("_check_kvcache_inputs", "_check_alpha", "_check_kernel_arguments"):
+    for name in ("_check_kvcache_inputs", "check_alpha", "_check_kernel_arguments"):
         check = getattr(kvcache, name)
         monkeypatch.setattr(kvcache, name, lambda *a, _check=check, _name=name: (calls.append(_name), _check(*a))[1])
     q, k_cache, v_cache, seqlens, k, v = decoding_inputs([1, 2], 2, 1, 1, 4, dtype=torch.float32)
     kernel_checks = ["_check_kernel_arguments"] if backend == "triton" else []
     with use_backend(backend):
         entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k, v=v, alpha=torch.tensor([1.5, 1.25]))
-        assert calls == ["_check_kvcache_inputs", "_check_alpha", *kernel_checks]
+        assert calls == ["_check_kvcache_inputs", "check_alpha", *kernel_checks]
         calls.clear()
         block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens + 1, k=k, v=v)
         assert calls == ["_check_kvcache_inputs", *kernel_checks]
