@@ -1,5 +1,5 @@
 """Maximum |error| of causal entmax-1.5 attention against ``entmax.entmax15`` in float64, for ours and for AdaSplash
-at its defaults (issue 2 asks that ours be smaller). Needs a CUDA GPU.
+at its defaults (the aim: ours smaller). Needs a CUDA GPU.
 
     python bench/accuracy_entmax.py [--dtype bfloat16 float16 float32] [--seeds 3] [--json rows.json]
 

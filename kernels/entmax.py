@@ -157,7 +157,7 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and the backward's query-tile lists are
 #: built for its tiles before it launches.
 #: Every candidate compiles without register spills at the report's shapes (``python -m kernels.tools.report --ops
-#: entmax15_attention``; README, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
+#: entmax15_attention``; docs/ops.md, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
 #: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default

@@ -104,7 +104,7 @@ class MoETiles(NamedTuple):
 #: autotune candidates per (architecture, dtype) (architectures: ``kernels._autotune``), the default first; each
 #: kernel tunes among the distinct parts of them that it reads (``_kernel_candidates``). Tests replace this mapping
 #: with tiny tiles to exercise several and partial tiles. The defaults were chosen from launch-specialized
-#: ahead-of-time compiles at N 3,520, d = h = 512, E 4 (see the README): async copies in every streaming kernel;
+#: ahead-of-time compiles at N 3,520, d = h = 512, E 4 (see docs/ops.md, "Launch configurations"): async copies in every streaming kernel;
 #: 16-bit tiles take 8 warps (with 4 the weight-gradient kernel spilled on sm_80 and the grouped GEMM sat at 255
 #: registers). Every candidate compiles without register spills at that shape (``python -m kernels.tools.report``).
 _HALF_CANDIDATES = {

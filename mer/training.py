@@ -202,7 +202,7 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
         name = refused.group(1)
         if name.startswith("numpy"):
             origin = ("A checkpoint of an older version of this package (numpy arrays in its RNG state): re-save it "
-                      "as README.md shows ('Checkpoints and label files are data')")
+                      "as docs/models.md says ('Runs: folders, checkpoints, resuming')")
         else:
             origin = "This package's checkpoints never hold it: the file was not written by this package"
         return CheckpointError(f"{path} asks to build {name}, which loading refuses: only tensors and plain python "
