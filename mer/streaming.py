@@ -85,7 +85,7 @@ class ModelStream:
             self.lengths[torch.as_tensor(rows, device=self.device)] = 0
         self.max_length = int(self.lengths.max())
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def push(self, audio=None, text=None, video=None, speaker=None, *, present=None, active=None,
              probabilities: bool = True) -> torch.Tensor:
         given = {"a": audio, "t": text, "v": video}
