@@ -4,11 +4,12 @@ The prediction (eq. 10-12) reads each modality's latent f_m^l (eq. 1-9); the rec
 and the CSS heads are not needed for it. Two cases:
 
 - causal (``encoder_mask="causal"`` with the causal entmax attention, or "w/o CCE"): every attention looks back
-  only, so each step runs the model's modules on the new utterance and attends the cached keys/values, the
+  only, so each step runs the model's layers on the new utterance and attends the cached keys/values, the
   causal-cue attention (eq. 1-6) with ``kernels.entmax_attention_with_kvcache`` and the Transformer encoders
   (eq. 9) with ``kernels.block_causal_attention_with_kvcache`` (a group of one query: softmax over the history and
-  itself). The streamed prediction at utterance t is the offline forward's at t; an utterance costs attention over
-  the history only.
+  itself). The three modalities' encoders go as one batch (their weights stacked when the stream is created; one
+  attention call per layer). The streamed prediction at utterance t is the offline forward's at t; an utterance
+  costs attention over the history only.
 - non-causal (the default ``encoder_mask="none"``, whose encoders let an utterance see later ones, and the
   "w/ vanilla attention" ablation): the stream keeps the history and re-encodes it at every utterance (one forward
   pass over utterances <= t, cost growing with t); its prediction at t is what the model says knowing the
