@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 
 import kernels
 from kernels import BlockCausalTransformerLayer, Top2MoE
@@ -40,22 +41,31 @@ class CaMHGStream(ModelStream):
 
     def _layer(self, layer: BlockCausalTransformerLayer, cache: KVCache, x: torch.Tensor,
                context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``layer(x, context)`` at the new positions x, context (B, T, d) (T = the group of one utterance),
-        with the earlier positions' keys/values from ``cache`` (and the new ones written to it)."""
-        attention = layer.attn
+        """``layer(x, context)`` in eval mode (no dropout) at the new positions x, context (B, T, d) (T = the group
+        of one utterance), with the earlier positions' keys/values from ``cache`` (and the new ones written to it).
+        The functional ops run on the layer's weights directly (no module calls: a step is short)."""
+        attention, ff = layer.attn, layer.ff
+        linear, layer_norm = nn.functional.linear, nn.functional.layer_norm
 
         def attend(query, keys=None):  # keys None: self-attention
             q, k, v = (split_heads(y, attention.num_heads)
                        for y in in_projections(attention.in_proj_weight, attention.in_proj_bias, query, keys))
             out = kernels.block_causal_attention_with_kvcache(q, *self.cache_arguments(cache, k, v), k=k, v=v)
-            return attention.out_proj(merge_heads(out))
+            return linear(merge_heads(out), attention.out_proj.weight, attention.out_proj.bias)
+
+        def feed_forward(y):  # Linear, GELU, Dropout, Linear
+            hidden = nn.functional.gelu(linear(y, ff[0].weight, ff[0].bias), approximate=ff[1].approximate)
+            return linear(hidden, ff[3].weight, ff[3].bias)
+
+        def norm(y, module):
+            return layer_norm(y, module.normalized_shape, module.weight, module.bias, module.eps)
 
         if layer.norm_first:  # as BlockCausalTransformerLayer.forward
-            query = layer.norm1(x)
-            x = x + layer.dropout1(attend(query, None if context is None else layer.norm1(context)))
-            return x + layer.dropout2(layer.ff(layer.norm2(x)))
-        x = layer.norm1(x + layer.dropout1(attend(x, context)))
-        return layer.norm2(x + layer.dropout2(layer.ff(x)))
+            query = norm(x, layer.norm1)
+            x = x + attend(query, None if context is None else norm(context, layer.norm1))
+            return x + feed_forward(norm(x, layer.norm2))
+        x = norm(x + attend(x, context), layer.norm1)
+        return norm(x + feed_forward(x), layer.norm2)
 
     def _step(self, features, present, speakers, active) -> torch.Tensor:
         model = self.model
