@@ -1391,7 +1391,7 @@ def entmax15_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tenso
     tensor ``cu_seqlens`` for queries and keys. The kernels tile the packed rows and never visit key tiles outside a
     query tile's sequences, so padding costs nothing."""
     check_tensor("q", q, ndim=3)
-    cu_seqlens = checked_cu_seqlens(cu_seqlens, q.shape[0], validate)  # errors name this function's argument
+    cu_seqlens = checked_cu_seqlens(cu_seqlens, q.shape[0], validate, max_seqlen)  # errors name these arguments
     return entmax_attention_varlen(q, k, v, cu_seqlens, max_seqlen_q=max_seqlen, causal=causal, scale=scale,
                                    validate=validate)
 
@@ -1589,17 +1589,16 @@ def entmax_attention_varlen_reference(q: Tensor, k: Tensor, v: Tensor, cu_seqlen
     return (weights @ v_h.to(weights.dtype)).transpose(0, 1).to(v.dtype)
 
 
-def _checked_offsets(name: str, cu_seqlens, total: int, validate) -> Tensor:
-    """``checked_cu_seqlens`` with errors that name the argument ``name`` (cu_seqlens_q or cu_seqlens_k)."""
+def _checked_offsets(name: str, cu_seqlens, total: int, validate, max_name: str, max_seqlen) -> Tensor:
+    """``checked_cu_seqlens`` with errors that name the arguments ``name`` (cu_seqlens_q or cu_seqlens_k) and
+    ``max_name`` (max_seqlen_q or max_seqlen_k)."""
     try:
-        return checked_cu_seqlens(cu_seqlens, total, validate)
+        return checked_cu_seqlens(cu_seqlens, total, validate, max_seqlen)
     except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("cu_seqlens", name, 1)) from None
-
-
-def _check_max_seqlen(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        message = str(error)
+        if message.startswith("max_seqlen"):
+            raise type(error)(max_name + message.removeprefix("max_seqlen")) from None
+        raise type(error)(message.replace("cu_seqlens", name, 1)) from None
 
 
 @autocast_op(keep=("alpha",))
@@ -1614,7 +1613,8 @@ def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]`` (both (num_seqs + 1,) int32; ``cu_seqlens_k`` None: the query
     offsets, self-attention), causally when ``causal``, aligned bottom-right per sequence (a query row that sees no
     key returns zeros). ``max_seqlen_q``/``max_seqlen_k`` follow the varlen convention and are checked, not needed.
-    ``validate`` checks the offsets (start at 0, strictly increasing, end at total_q / total_k); None means "when
+    ``validate`` checks the offsets (start at 0, strictly increasing, end at total_q / total_k) and that
+    ``max_seqlen_q``/``max_seqlen_k``, when given, are at least the longest query / key sequence; None means "when
     they are on the CPU". alpha, scale and the backends as in :func:`entmax_attention`.
     """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
@@ -1622,17 +1622,18 @@ def entmax_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tenso
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, total, D) views
     alpha = _check_entmax_inputs(q4, k4, v4, alpha, causal, scale, packed=True)
     keys_share_offsets = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
-    cu_seqlens_q = _checked_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], validate)
+    cu_seqlens_q = _checked_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], validate, "max_seqlen_q", max_seqlen_q)
     if cu_seqlens_k is None:
         if k.shape[0] != q.shape[0]:
             raise ValueError(f"cu_seqlens_k is needed when k's rows ({k.shape[0]}) differ from q's ({q.shape[0]})")
+        if max_seqlen_k is not None:  # the keys' sequences are the queries'
+            _checked_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], validate, "max_seqlen_k", max_seqlen_k)
     else:
-        cu_seqlens_k = _checked_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], validate)
+        cu_seqlens_k = _checked_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], validate, "max_seqlen_k",
+                                        max_seqlen_k)
         if cu_seqlens_k.shape != cu_seqlens_q.shape:
             raise ValueError(f"cu_seqlens_k must hold as many offsets as cu_seqlens_q ({cu_seqlens_q.numel()}), got "
                              f"{cu_seqlens_k.numel()}")
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if not use_triton(q, k, v):
         return entmax_attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, alpha=alpha, causal=causal,
                                                  scale=scale)

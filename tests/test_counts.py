@@ -239,3 +239,19 @@ def test_command_writes_its_report(monkeypatch, tmp_path, capsys):
     assert 0 < support["with_support"] <= support["visited"] <= 1
     if counts.adasplash_status()[0] is not None:  # the peer ran (T = 64 is AdaSplash-2's shortest length)
         assert row["adasplash2"]["ratio"] >= 1
+
+
+#: 32-row query tiles over 32-key mask tiles (16-feature chunks): T = 64 streams keys in several passes
+ALPHA_TILES = Tiles(block_m=32, block_n=32, block_d=16, block_dv=16, row_block_m=8, row_block_n=16)
+
+
+@pytest.mark.parametrize("alpha", [1.25, 2.0])
+def test_any_alpha_forward_k_traffic_is_at_most_five_flash_passes(monkeypatch, alpha):
+    """The GENERAL kernels' forward (row max, bracketing solver passes, output) loads K at most 5 times what one
+    flash pass with the same query tiles loads, on every q distribution."""
+    monkeypatch.setattr(entmax, "_TILE_OVERRIDE", ALPHA_TILES)
+    for q_scale, seed in counts.DISTRIBUTIONS:
+        q, k, v = counts.sample_qkv(64, 16, 16, q_scale, seed)
+        result = counts.count_forward_k_traffic(counts.ours_at(alpha), q, k, v, block_m=ALPHA_TILES.block_m)
+        assert set(result["per_kernel"]) == {"_entmax_tau_kernel", "_entmax_fwd_kernel"}
+        assert 1 <= result["ratio"] <= 5, (q_scale, result)

@@ -567,6 +567,26 @@ def test_varlen_rejects_bad_offsets(triton_backend, cu_seqlens, kwargs, error, m
         entmax15_attention_varlen(q, q, q, cu_seqlens, **kwargs)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_varlen_max_seqlen_below_the_longest_sequence_raises(backend):
+    """Both varlen ops refuse a max_seqlen below the longest sequence of checked offsets, naming the argument;
+    the exact bound passes."""
+    q = torch.randn(7, 2, 4)
+    cu_seqlens = torch.tensor([0, 5, 7], dtype=torch.int32)
+    cu_seqlens_k = torch.tensor([0, 2, 7], dtype=torch.int32)
+    with kernels.use_backend(backend):
+        with pytest.raises(ValueError, match=r"^max_seqlen \(4\) is below the longest sequence \(5\)"):
+            entmax15_attention_varlen(q, q, q, cu_seqlens, max_seqlen=4)
+        for kwargs, name in (({"max_seqlen_q": 4}, "max_seqlen_q"), ({"max_seqlen_k": 4}, "max_seqlen_k"),
+                             ({"cu_seqlens_k": cu_seqlens_k, "max_seqlen_k": 4}, "max_seqlen_k")):
+            with pytest.raises(ValueError, match=rf"^{name} \(4\) is below the longest sequence \(5\)"):
+                kernels.entmax_attention_varlen(q, q, q, cu_seqlens, **kwargs)
+        with pytest.raises(ValueError, match=r"^max_seqlen_q must be a positive int"):
+            kernels.entmax_attention_varlen(q, q, q, cu_seqlens, max_seqlen_q=0, validate=False)
+        exact = entmax15_attention_varlen(q, q, q, cu_seqlens, max_seqlen=5)
+        torch.testing.assert_close(exact, entmax15_attention_varlen(q, q, q, cu_seqlens))
+
+
 @pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="reference")])
 def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fused):
     """Packed rows give what each row's unpadded positions give alone; padded positions attend nothing."""

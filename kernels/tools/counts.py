@@ -1,6 +1,8 @@
 """Algorithmic counts of the Triton kernels, measured in Triton's CPU interpreter: no GPU needed.
 
-``python -m kernels.tools.counts [--quick]`` prints markdown tables and writes ``bench/results/counts/<date>.{md,json}``:
+``python -m kernels.tools.counts [--quick]`` prints markdown tables and writes ``bench/results/counts/<date>.{md,json}``
+(``--alphas 1.25 2 [--traffic-lengths T ...]``: only the forward K traffic of ``entmax_attention`` at those alphas,
+the kernels' GENERAL variants, printed; ``--decode``: only the KV-cache decoding traffic, printed):
 
 1. **K traffic of the entmax forward**: the elements that every forward kernel of one no-grad, causal
    ``entmax15_attention(q, k, v)`` call (B = H = 1) loads from K, divided by what one flash-attention pass with 64-row
@@ -46,7 +48,7 @@ from triton.runtime import interpreter
 
 from kernels.backend import triton_interpreter_enabled, use_backend
 from kernels.block_causal import block_causal_attention
-from kernels.entmax import _tiles, entmax15_attention, tau_solver_passes, tau_support_tiles
+from kernels.entmax import _tiles, entmax15_attention, entmax_attention, tau_solver_passes, tau_support_tiles
 
 #: Query rows per tile of the flash-attention pass that K traffic is measured against.
 FA_BLOCK_M = 64
@@ -245,13 +247,13 @@ def sample_qkv(t: int, d: int, dv: int, q_scale: float, seed: int, dtype=torch.f
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def count_forward_k_traffic(attention: Callable, q, k, v) -> dict:
+def count_forward_k_traffic(attention: Callable, q, k, v, *, block_m: int = FA_BLOCK_M) -> dict:
     """Run ``attention(q, k, v)`` (no grad) under the counter: K elements every kernel loaded, and their ratio to
-    one flash-attention pass (:func:`flash_attention_k_elements`, causal)."""
+    one flash-attention pass with ``block_m``-row query tiles (:func:`flash_attention_k_elements`, causal)."""
     with torch.no_grad(), InterpreterCounter({"k": k}) as counter:
         attention(q, k, v)
     _, _, t, d = k.shape
-    fa = flash_attention_k_elements(t, d) * k.shape[0] * k.shape[1]
+    fa = flash_attention_k_elements(t, d, block_m=block_m) * k.shape[0] * k.shape[1]
     total = counter.loaded("k")
     return {"k_elements": total, "fa_k_elements": fa, "ratio": total / fa,
             "per_kernel": counter.loaded_per_kernel("k")}
@@ -260,6 +262,15 @@ def count_forward_k_traffic(attention: Callable, q, k, v) -> dict:
 def _ours(q, k, v):
     with use_backend("triton"):
         return entmax15_attention(q, k, v, causal=True)
+
+
+def ours_at(alpha: float) -> Callable:
+    """Causal ``entmax_attention(q, k, v, alpha=alpha)`` on the Triton kernels (alpha other than 1.5: the kernels'
+    GENERAL variants), as an ``attention(q, k, v)`` for :func:`count_forward_k_traffic`."""
+    def run(q, k, v):
+        with use_backend("triton"):
+            return entmax_attention(q, k, v, alpha=alpha, causal=True)
+    return run
 
 
 #: Tiles of AdaSplash-2's first (row-max) kernel, which only its GPU autotuner chooses (the other kernels use 64 x 64).
@@ -640,7 +651,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
                              "about 25 min of interpreter time)")
     parser.add_argument("--decode", type=int, nargs="*", default=None, metavar="T",
                         help=f"only the KV-cache decoding traffic at these cache lengths (default {DECODE_LENGTHS})")
+    parser.add_argument("--alphas", type=float, nargs="+", default=None, metavar="ALPHA",
+                        help="only the forward K traffic of entmax_attention at these alphas in (1, 2], at "
+                             f"--traffic-lengths (default {ALPHA_LENGTHS})")
     args = parser.parse_args(argv)
+    if args.alphas is not None:
+        return {"alpha_k_traffic": alpha_main(tuple(args.traffic_lengths or ALPHA_LENGTHS), tuple(args.alphas))}
     if args.decode is not None:
         return {"decode": decode_main(tuple(args.decode) or DECODE_LENGTHS)}
     settings = QUICK if args.quick else Settings()
@@ -750,6 +766,56 @@ def render_decode_markdown(rows: List[dict]) -> str:
                       f"{rows[0]['block_n'] if rows else '?'}-key tiles, fp32)", "",
                       "K is read once (Hkv T D per batch row); V only in key tiles where some query of the GQA group "
                       "has p > 0 (V formula: Dv x the keys of those tiles).", "", _table(header, body)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# K traffic of the forward at any alpha (python -m kernels.tools.counts --alphas 1.25 2)
+# ----------------------------------------------------------------------------------------------------------------
+
+#: sequence lengths of ``--alphas`` (the GENERAL solver's passes cost interpreter time: T = 1,024 takes tens of minutes)
+ALPHA_LENGTHS = (256,)
+
+
+def alpha_k_traffic_rows(lengths: Tuple[int, ...], alphas: Tuple[float, ...], head_dim: int = 64,
+                         log: Callable[[str], None] = print) -> List[dict]:
+    """Forward K traffic (:func:`count_forward_k_traffic`, single flash passes) of causal ``entmax_attention`` at each
+    alpha, length and q distribution, with the threshold kernel's passes over K per query tile
+    (:func:`counted_solver_passes`)."""
+    rows = []
+    for t in lengths:
+        for alpha in alphas:
+            for q_scale, seed in DISTRIBUTIONS:
+                q, k, v = sample_qkv(t, head_dim, head_dim, q_scale, seed)
+                start = time.perf_counter()
+                with torch.no_grad(), InterpreterCounter({"k": k}, track_distinct=True) as counter:
+                    ours_at(alpha)(q, k, v)
+                fa = flash_attention_k_elements(t, head_dim)
+                passes = list(counted_solver_passes(counter, "_entmax_tau_kernel").values())
+                row = {"T": t, "D": head_dim, "alpha": alpha, "q_scale": q_scale, "seed": seed,
+                       "k_elements": counter.loaded("k"), "fa_k_elements": fa, "ratio": counter.loaded("k") / fa,
+                       "per_kernel": counter.loaded_per_kernel("k"),
+                       "solver_passes_mean": sum(passes) / len(passes), "solver_passes_max": max(passes),
+                       "wall_s": round(time.perf_counter() - start, 1)}
+                rows.append(row)
+                log(f"K traffic T={t} alpha={alpha:g} q x{q_scale:g}: {row['ratio']:.2f} flash passes, solver passes "
+                    f"mean {row['solver_passes_mean']:.2f} max {row['solver_passes_max']:g} ({row['wall_s']} s)")
+    return rows
+
+
+def render_alpha_markdown(rows: List[dict]) -> str:
+    header = ["T", "alpha", "q scale", "K loaded / flash pass", "solver passes per tile (mean / max)"]
+    body = [[str(r["T"]), f"{r['alpha']:g}", f"x{r['q_scale']:g}", f"{r['ratio']:.2f}",
+             f"{r['solver_passes_mean']:.2f} / {r['solver_passes_max']:g}"] for r in rows]
+    return "\n".join(["### K traffic of the causal forward at any alpha (fp32, B = H = 1, D = 64, default tiles)", "",
+                      "Elements loaded from K by every forward kernel / one flash-attention pass with 64-row query "
+                      "tiles; alpha other than 1.5 runs the kernels' GENERAL variants.", "", _table(header, body)])
+
+
+def alpha_main(lengths: Tuple[int, ...], alphas: Tuple[float, ...]) -> List[dict]:
+    """``--alphas``: print the any-alpha K traffic table (no file written)."""
+    rows = alpha_k_traffic_rows(lengths, alphas, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(render_alpha_markdown(rows))
+    return rows
 
 
 def decode_main(lengths: Tuple[int, ...]) -> List[dict]:

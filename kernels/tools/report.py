@@ -239,6 +239,8 @@ def capturing(capability: int) -> Iterator[List[Launch]]:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LONG_T, LONG_D = (4096, 16384), (64, 128)
 LONG_B, LONG_H = 1, 2  # specialization depends on divisibility only: keep CPU memory small
+ANY_ALPHA = 1.25  # any alpha other than 1.5 compiles the same GENERAL variants
+GQA_H, GQA_HKV = 8, 2  # grouped-query attention: 4 query heads per key head
 
 
 class Case(NamedTuple):
@@ -258,13 +260,13 @@ def _qkv(b, h, t, d, dv, dtype):
     return q, k, torch.randn(b, h, t, dv, dtype=dtype, requires_grad=True)
 
 
-def _carn_entmax(dtype):
+def _carn_entmax(dtype, alpha=1.5):
     """CARN's causal-cue encoder: ``FusedEntmaxCausalAttention(256, 1, out_proj=False)`` with its context (v gets x
     appended: D = 256, Dv = 512), IEMOCAP batch (32 dialogues x 110 utterances), fp32 (carn/model.py); in bf16 for
-    the 16-bit wide-Dv kernels."""
+    the 16-bit wide-Dv kernels. ``alpha`` other than 1.5: the kernels' GENERAL variants."""
     from kernels import FusedEntmaxCausalAttention
 
-    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False).to(dtype)
+    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False, alpha=alpha).to(dtype)
     result = attention.forward_with_context(torch.randn(32, 110, 256, dtype=dtype))
     _backward(result.output, result.context)
 
@@ -289,6 +291,16 @@ def _long_entmax(t, d, dtype):
     from kernels import entmax15_attention
 
     _backward(entmax15_attention(*_qkv(LONG_B, LONG_H, t, d, d, dtype)))
+
+
+def _long_entmax_any(t, d, dtype, alpha, heads, kv_heads):
+    """``entmax_attention`` at ``alpha`` (other than 1.5: GENERAL variants) with ``kv_heads`` key heads of
+    ``heads`` query heads (fewer: grouped-query attention)."""
+    from kernels import entmax_attention
+
+    q = torch.randn(LONG_B, heads, t, d, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(LONG_B, kv_heads, t, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    _backward(entmax_attention(q, k, v, alpha=alpha))
 
 
 def _long_block_causal(t, d, dtype):
@@ -317,6 +329,13 @@ def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
         out += [Case(op, f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
                      lambda t=t, d=d, dt=DTYPES[n], run=run: run(t, d, dt))
                 for t in LONG_T for d in LONG_D for n in DTYPES]
+    out += [Case("entmax15_attention", f"CARN B=32 H=1 T=110 D=256 Dv=512 alpha={ANY_ALPHA} {n}", n,
+                 lambda dt=DTYPES[n]: _carn_entmax(dt, ANY_ALPHA)) for n in ("fp32", "bf16")]
+    t, d = LONG_T[0], LONG_D[1]
+    out += [Case("entmax15_attention", f"B={LONG_B} H={LONG_H} T={t} D={d} alpha={ANY_ALPHA} {n}", n,
+                 lambda dt=DTYPES[n]: _long_entmax_any(t, d, dt, ANY_ALPHA, LONG_H, LONG_H)) for n in ("fp32", "bf16")]
+    out += [Case("entmax15_attention", f"GQA B={LONG_B} H={GQA_H} Hkv={GQA_HKV} T={t} D={d} bf16", "bf16",
+                 lambda: _long_entmax_any(t, d, torch.bfloat16, 1.5, GQA_H, GQA_HKV))]
     out += [Case("adasplash2", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32",
                  lambda: _adasplash2(32, 1, 110, 256, 512, torch.float32))]
     out += [Case("adasplash2", f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
@@ -683,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--all-peer-shapes", action="store_true",
                         help="peers at every long shape and dtype (default: T=4096 bf16; each autotune candidate of "
                         "AdaSplash-2 is a compile, some 130 per shape and target)")
+    parser.add_argument("--cases", nargs="+", metavar="SUBSTRING",
+                        help="only the cases whose name contains one of these substrings")
     parser.add_argument("--targets", type=int, nargs="+", default=[90, 80], choices=sorted(SM_LIMITS),
                         help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
@@ -696,7 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from triton.backends.nvidia.compiler import get_ptxas
 
     ops = args.ops or [op for op in OPS + PEERS if not (args.no_peers and op in PEERS)]
-    selected = [case for case in cases(args.quick, args.all_peer_shapes) if case.op in ops]
+    selected = [case for case in cases(args.quick, args.all_peer_shapes) if case.op in ops
+                and (not args.cases or any(part in case.name for part in args.cases))]
     print(f"capturing {len(selected)} cases x {len(args.targets)} targets", file=sys.stderr, flush=True)
     variants, unsupported = capture_variants(selected, args.targets)
     print(f"{len(variants)} distinct variants ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
