@@ -723,10 +723,36 @@ class _Sequences(NamedTuple):
     end: torch.Tensor
 
 
+def _shape_constant(build):
+    """``build(*key, device)`` (device last) whose tensors depend on its hashable arguments only: built once per key
+    (the last 64 keys) and shared afterwards, read-only (nothing writes them), so that a call at a shape seen before
+    launches no device operation to rebuild them. Built afresh, uncached, while torch.compile traces or under a fake
+    tensor mode (their tensors must not outlive the trace); built outside inference mode (autograd saves them)."""
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    @functools.wraps(build)
+    def get(*key):
+        *key, device = key
+        if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+            return build(*key, torch.device(device))
+        with torch.inference_mode(False):
+            return cached(*key, torch.device(device))
+
+    return get
+
+
+@_shape_constant
 def _whole_sequences(t: int, device) -> _Sequences:
-    """One sequence of all t rows (the unpacked op)."""
+    """One sequence of all t rows (the unpacked op); shared per (t, device) (:func:`_shape_constant`)."""
     return _Sequences(torch.zeros(t, dtype=torch.int32, device=device), torch.full((t,), t, dtype=torch.int32,
                                                                                    device=device))
+
+
+def _is_same_tensor(a: Optional[Tensor], b: Tensor) -> bool:
+    """Whether ``a`` holds ``b``'s elements: the same storage, offset, shape and strides (an autograd-saved output
+    is another tensor object over the same memory)."""
+    return (a is not None and a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride())
 
 
 def _packed_sequences(cu_seqlens: torch.Tensor, total: int, device) -> _Sequences:
@@ -741,6 +767,16 @@ def _support_shape(B: int, H: int, T: int, TK: int, tiles: Tiles):
     """Shape of the per-tile support mask of T query rows and TK keys: (B*H, query tiles, key tiles) of ``block_m`` x
     ``block_n``."""
     return B * H, triton.cdiv(T, tiles.block_m), triton.cdiv(TK, tiles.block_n)
+
+
+@_shape_constant
+def _reachable_tiles(shape: tuple, TK: int, causal: bool, tiles: Tiles, device) -> Tensor:
+    """The support mask (:func:`_support_shape` ``shape``, uint8) of rows solved in registers: 1 at every tile that a
+    causal (or any) query tile reaches among TK keys; shared per key (:func:`_shape_constant`), never written."""
+    i_m = torch.arange(shape[1], device=device)[:, None]
+    i_n = torch.arange(shape[2], device=device)[None, :]
+    reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=TK)) | (not causal)
+    return reachable.to(torch.uint8).expand(shape).contiguous()
 
 
 def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_rows: Optional[Tensor] = None):
@@ -758,10 +794,7 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
     in_registers = TK <= tiles.row_block_n
     shape = _support_shape(B, H, T, TK, tiles)
     if in_registers:
-        i_m = torch.arange(shape[1], device=q.device)[:, None]
-        i_n = torch.arange(shape[2], device=q.device)[None, :]
-        reachable = (i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=TK)) | (not causal)
-        support = reachable.to(torch.uint8).expand(shape).contiguous()
+        support = _reachable_tiles(shape, TK, causal, tiles, q.device)
         blocks = dict(BM=tiles.row_block_m, BN=tiles.row_block_n, BD=tiles.block_d)
     else:  # the kernel writes every tile that a query tile visits; the others stay 0
         support = torch.zeros(shape, dtype=torch.uint8, device=q.device)
@@ -883,6 +916,32 @@ def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: 
     return rows.to(torch.int32).contiguous(), visit.sum(2, dtype=torch.int32).contiguous()
 
 
+@_shape_constant
+def _shape_tile_lists(reachable: bool, causal: bool, T: int, block_m: int, block_n: int, tiles: Tiles,
+                      batch_heads: int, device) -> tuple:
+    """:func:`_query_tile_lists` of one whole sequence of T rows with the support mask of rows solved in registers
+    (``reachable``) or none: they depend on shapes only, shared per key (:func:`_shape_constant`)."""
+    support = _reachable_tiles((batch_heads, *_support_shape(1, 1, T, T, tiles)[1:]), T, causal, tiles, device)
+    return _query_tile_lists(support if reachable else None, _whole_sequences(T, device), causal, T, T, block_m,
+                             block_n, tiles.block_m, tiles.block_n, batch_heads)
+
+
+def _backward_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: int, block_m: int, block_n: int,
+                         tiles: Tiles, batch_heads: int, device) -> tuple:
+    """:func:`_query_tile_lists` with the mask's tiles of ``tiles``; shared ones (:func:`_shape_tile_lists`) when
+    ``support`` and ``sequences`` are the shared shape-only ones (:func:`_reachable_tiles`, :func:`_whole_sequences`),
+    as at every call of the unpacked op whose rows are solved in registers."""
+    if T == TK and (support is None or TK <= tiles.row_block_n):
+        shape = (batch_heads, *_support_shape(1, 1, T, TK, tiles)[1:])
+        reachable = support is not None
+        whole = _whole_sequences(T, device)
+        if ((not reachable or _is_same_tensor(support, _reachable_tiles(shape, TK, causal, tiles, device)))
+                and _is_same_tensor(sequences.start, whole.start) and _is_same_tensor(sequences.end, whole.end)):
+            return _shape_tile_lists(reachable, causal, T, block_m, block_n, tiles, batch_heads, device)
+    return _query_tile_lists(support, sequences, causal, T, TK, block_m, block_n, tiles.block_m, tiles.block_n,
+                             batch_heads)
+
+
 def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: float, sequences: _Sequences,
                           support: Optional[torch.Tensor] = None, alpha_rows: Optional[Tensor] = None):
     """Launch the backward kernel. Returns dq (B, H, T, D), dk (B, H, TK, D) and dv (B, H, TK, Dv) in the inputs'
@@ -902,8 +961,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     if support is not None and tuple(support.shape) != shape:
         raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
                          f"{tuple(support.shape)}")
-    rows, counts = _query_tile_lists(support, sequences, causal, T, TK, block_m, block_n, tiles.block_m,
-                                     tiles.block_n, B * H)
+    rows, counts = _backward_tile_lists(support, sequences, causal, T, TK, block_m, block_n, tiles, B * H, q.device)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
@@ -971,10 +1029,13 @@ def _entmax15_attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, rowmax, tau, w, seq_start, seq_end, support)
     ctx.causal, ctx.scale = causal, scale
     ctx.mark_non_differentiable(rowmax, tau, w, support)
+    ctx.set_materialize_grads(False)  # no zero cotangents for the non-differentiable outputs
 
 
 def _entmax15_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support):
     q, k, v, rowmax, tau, w, seq_start, seq_end, support = ctx.saved_tensors
+    if do is None:  # o took no part in the loss
+        return None, None, None, None, None, None, None, None
     dq, dk, dv = _entmax15_attention_bwd_op(do, q, k, v, rowmax, tau, w, seq_start, seq_end, ctx.causal, ctx.scale,
                                             support=support)
     return dq, dk, dv, None, None, None, None, None
@@ -1033,6 +1094,7 @@ def _entmax_attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, support, o, s, ent)
     ctx.causal, ctx.scale, ctx.store_s = causal, scale, store_s
     ctx.mark_non_differentiable(rowmax, tau, w, support, s, ent)
+    ctx.set_materialize_grads(False)  # no zero cotangents for the non-differentiable outputs
 
 
 def _entmax_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support, _d_s, _d_ent):
@@ -1040,6 +1102,8 @@ def _entmax_attention_backward(ctx, do, _d_rowmax, _d_tau, _d_w, _d_support, _d_
     ``(dO.o - c) / (alpha - 1)^2 - (dO.s - c ent) / (alpha - 1)`` with ``c = dO.w`` (``_AlphaEntmaxFunction``'s
     formula summed over the keys), summed over the batch."""
     q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, support, o, s, ent = ctx.saved_tensors
+    if do is None:  # o took no part in the loss
+        return None, None, None, None, None, None, None, None, None, None
     dq, dk, dv = _entmax_attention_bwd_op(do, q, k, v, alpha_rows, rowmax, tau, w, seq_start, seq_end, ctx.causal,
                                           ctx.scale, support)
     d_alpha = None
