@@ -90,15 +90,8 @@ def count_events(events) -> Dict[str, int]:
 def counting_triton_launches(capability: int = 90) -> Iterator[List[str]]:
     """Within the block Triton launches are counted, not run, and the public ops take their Triton path on CPU
     tensors; yields the list of launched kernels' names (one entry per launch). Allocations are zero-filled."""
-    from triton import knobs
-    from triton.runtime import autotuner
-    from triton.runtime.driver import driver
+    from kernels.tools.report import intercepting_launches
 
-    from kernels.backend import capturing_launches, triton_interpreter_enabled, use_backend
-    from kernels.tools.report import _capture_driver
-
-    if triton_interpreter_enabled():
-        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be intercepted")
     launched: List[str] = []
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
@@ -112,7 +105,7 @@ def counting_triton_launches(capability: int = 90) -> Iterator[List[str]]:
         finally:
             self.nargs = None
 
-    def zero_filled(factory):
+    def zero_filled(factory):  # the fill is marked, so that the profiler's count leaves it out
         def allocate(*args, **kwargs):
             tensor = factory(*args, **kwargs)
             with torch.profiler.record_function(_FILL):
@@ -121,20 +114,8 @@ def counting_triton_launches(capability: int = 90) -> Iterator[List[str]]:
 
         return allocate
 
-    previous_driver = driver._active
-    saved = (autotuner.Autotuner.run, torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty)
-    driver.set_active(_capture_driver(capability))
-    autotuner.Autotuner.run = run_default
-    torch.empty, torch.empty_like, torch.empty_strided = map(zero_filled, saved[1:4])
-    torch.Tensor.new_empty = zero_filled(saved[4])
-    try:
-        with knobs.runtime.scope(), capturing_launches(), use_backend("triton"):
-            knobs.runtime.jit_cache_hook = hook
-            yield launched
-    finally:
-        driver._active = previous_driver
-        autotuner.Autotuner.run = saved[0]
-        torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty = saved[1:]
+    with intercepting_launches(capability, hook, run_default, zero_filled):
+        yield launched
 
 
 def count(step: Callable[[], None], leaves: Sequence[torch.Tensor]) -> Count:

@@ -196,9 +196,12 @@ def _zero_filled(factory):
 
 
 @contextlib.contextmanager
-def capturing(capability: int) -> Iterator[List[Launch]]:
-    """Within the block, Triton launches are recorded (specialized for ``sm_<capability>``) instead of run, and the
-    public ops take their Triton path on CPU tensors; yields the list the launches are appended to."""
+def intercepting_launches(capability: int, hook: Callable, autotune_run: Callable = _run_every_autotune_config,
+                          zero_filled: Callable = _zero_filled) -> Iterator[None]:
+    """Within the block, every Triton launch, specialized for ``sm_<capability>``, goes to ``hook`` (Triton's
+    ``jit_cache_hook``: returning True means nothing compiles or runs), ``Autotuner.run`` is ``autotune_run``,
+    ``torch.empty`` and its kin allocate through ``zero_filled``, and the public ops take their Triton path on CPU
+    tensors."""
     from triton import knobs
     from triton.runtime import autotuner
     from triton.runtime.driver import driver
@@ -207,6 +210,26 @@ def capturing(capability: int) -> Iterator[List[Launch]]:
 
     if triton_interpreter_enabled():
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be captured or compiled")
+    previous_driver = driver._active
+    saved = (autotuner.Autotuner.run, torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty)
+    driver.set_active(_capture_driver(capability))
+    autotuner.Autotuner.run = autotune_run
+    torch.empty, torch.empty_like, torch.empty_strided = map(zero_filled, saved[1:4])
+    torch.Tensor.new_empty = zero_filled(saved[4])
+    try:
+        with knobs.runtime.scope(), capturing_launches(), use_backend("triton"):
+            knobs.runtime.jit_cache_hook = hook
+            yield
+    finally:
+        driver._active = previous_driver
+        autotuner.Autotuner.run = saved[0]
+        torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty = saved[1:]
+
+
+@contextlib.contextmanager
+def capturing(capability: int) -> Iterator[List[Launch]]:
+    """Within the block, Triton launches are recorded (specialized for ``sm_<capability>``) instead of run, and the
+    public ops take their Triton path on CPU tensors; yields the list the launches are appended to."""
     launches: List[Launch] = []
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
@@ -216,20 +239,8 @@ def capturing(capability: int) -> Iterator[List[Launch]]:
                                dict(compile["configs"][0]), options, _autotune_label.get()))
         return True  # "handled": JITFunction.run returns without compiling or launching
 
-    previous_driver = driver._active
-    saved = (autotuner.Autotuner.run, torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty)
-    driver.set_active(_capture_driver(capability))
-    autotuner.Autotuner.run = _run_every_autotune_config
-    torch.empty, torch.empty_like, torch.empty_strided = map(_zero_filled, saved[1:4])
-    torch.Tensor.new_empty = _zero_filled(saved[4])
-    try:
-        with knobs.runtime.scope(), capturing_launches(), use_backend("triton"):
-            knobs.runtime.jit_cache_hook = hook
-            yield launches
-    finally:
-        driver._active = previous_driver
-        autotuner.Autotuner.run = saved[0]
-        torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty = saved[1:]
+    with intercepting_launches(capability, hook):
+        yield launches
 
 
 # ---------------------------------------------------------------------------------------------------------------
