@@ -141,7 +141,7 @@ def test_entmax_unsupported_arguments_raise(module_class):
 @pytest.mark.parametrize("module, expected", [
     (BlockCausalMultiheadAttention(8, 2, group_size=1), "embed_dim=8, num_heads=2, group_size=1"),
     (BlockCausalTransformerLayer(8, 2, norm_first=True), "norm_first=True"),
-    (FusedEntmaxCausalAttention(8, 2, out_proj=False), "embed_dim=8, num_heads=2, causal=True, out_proj=False"),
+    (FusedEntmaxCausalAttention(8, 2, out_proj=False), "embed_dim=8, num_heads=2, num_kv_heads=2, alpha=1.5, causal=True, out_proj=False"),
     (reference.EntmaxCausalAttention(8, 1), "embed_dim=8, num_heads=1"),
     (reference.Top2MoE(8, num_experts=3), "d_model=8, num_experts=3"),
 ], ids=lambda value: type(value).__name__ if isinstance(value, nn.Module) else "")

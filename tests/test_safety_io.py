@@ -138,7 +138,7 @@ def _truncated(path):
     pytest.param(lambda p: torch.save({"weights": torch.ones(2)}, p), r"lacks \['epoch', 'rng_state'\]",
                  id="other-dict"),
     pytest.param(lambda p: torch.save({"epoch": 0, "rng_state": {"numpy": np.random.get_state()}}, p),
-                 r"numpy.*multiarray\._reconstruct.*re-save it as README\.md shows", id="older-version"),
+                 r"numpy.*multiarray\._reconstruct.*re-save it as docs/models.md says", id="older-version"),
 ])
 def test_damaged_checkpoint_error_names_the_file_and_the_problem(tmp_path, damage, reason):
     checkpoints = _real_checkpoint(tmp_path, epochs=(0,))
