@@ -129,7 +129,8 @@ def test_a_bench_file_that_fails_to_import_does_not_stop_the_others(tmp_path, mo
     monkeypatch.setattr(gpu_run, "BENCH_FILES", ["test_bench_broken.py", "test_bench_fine.py"])
     command, extra_env = gpu_run.step_command("bench", True, tmp_path)
     with open(tmp_path / "log", "w", encoding="utf-8") as log:
-        outcome = gpu_run.run_step("bench", command, {**_environment(), **extra_env}, 600, log)
+        environment = {key: value for key, value in _environment().items() if not key.startswith("PYTEST_")}
+        outcome = gpu_run.run_step("bench", command, {**environment, **extra_env}, 600, log)  # not as an xdist worker
     assert outcome["status"] == "failed", outcome  # a file that does not import is a failure of the step
     records = {record["nodeid"]: record for record in gpu_run.read_jsonl(tmp_path / "bench.jsonl")}
     assert records["test_bench_fine.py::test_fine"]["status"] == "ok", records
