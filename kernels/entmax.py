@@ -1852,7 +1852,10 @@ class EntmaxCausalAttention(torch.nn.Module):
     the ``entmax`` package's learned alpha; initialised at ``alpha``, which must then lie in (1.01, 2)), a parameter
     in the ``state_dict`` (a checkpoint without it loads, keeping the initial alpha).
     ``num_kv_heads`` (None: ``num_heads``) key and value heads, dividing ``num_heads``: grouped-query attention,
-    k_proj and v_proj map to ``num_kv_heads * embed_dim / num_heads`` features.
+    keys and values have ``num_kv_heads * embed_dim / num_heads`` features each.
+    One projection ``qkv_proj`` (a Linear, E -> E + 2 kv features, q's rows first, then k's, then v's: one GEMM per
+    call and two in the backward) makes queries, keys and values; a ``state_dict`` of the separate ``q_proj``,
+    ``k_proj`` and ``v_proj`` of earlier versions loads, concatenated.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True)``
     returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
@@ -1896,10 +1899,15 @@ class EntmaxCausalAttention(torch.nn.Module):
             raise ValueError(f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.causal, self.batch_first = embed_dim, num_heads, causal, batch_first
         self.num_kv_heads, self.learn_alpha, self._initial_alpha = num_kv_heads, learn_alpha, alpha
-        kv_dim = num_kv_heads * (embed_dim // num_heads)
-        self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
-        self.v_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.kv_dim = kv_dim = num_kv_heads * (embed_dim // num_heads)
+        # [W_q; W_k; W_v], drawn as the three Linear layers of earlier versions (the same random stream: a seeded
+        # model starts from the same weights)
+        parts = [torch.nn.Linear(embed_dim, size, bias=bias) for size in (embed_dim, kv_dim, kv_dim)]
+        self.qkv_proj = torch.nn.utils.skip_init(torch.nn.Linear, embed_dim, embed_dim + 2 * kv_dim, bias=bias)
+        with torch.no_grad():
+            self.qkv_proj.weight.copy_(torch.cat([part.weight for part in parts]))
+            if bias:
+                self.qkv_proj.bias.copy_(torch.cat([part.bias for part in parts]))
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
         share = (alpha - _LEARNED_ALPHA_MIN) / (2 - _LEARNED_ALPHA_MIN)
         logit = torch.full((num_heads,), math.log(share / (1 - share))) if learn_alpha else None
@@ -1916,6 +1924,11 @@ class EntmaxCausalAttention(torch.nn.Module):
         # a checkpoint saved without learned alpha keeps this module's initial alpha_logit
         if self.alpha_logit is not None and prefix + "alpha_logit" not in state_dict:
             state_dict[prefix + "alpha_logit"] = self.alpha_logit.detach().clone()
+        # a checkpoint of separate q_proj, k_proj, v_proj (earlier versions): their rows concatenated, in that order
+        for name in ("weight", "bias"):
+            separate = [f"{prefix}{proj}.{name}" for proj in ("q_proj", "k_proj", "v_proj")]
+            if f"{prefix}qkv_proj.{name}" not in state_dict and all(key in state_dict for key in separate):
+                state_dict[f"{prefix}qkv_proj.{name}"] = torch.cat([state_dict.pop(key) for key in separate])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -1961,22 +1974,34 @@ class EntmaxCausalAttention(torch.nn.Module):
                 raise ValueError("need_weights is not supported with key_padding_mask")
             attended = self._packed_attention(x, ~key_padding_mask.to(x.device), return_context)
         else:
-            q = self.q_proj(x).view(b, t, h, dh).transpose(1, 2)
-            k, v = (proj(x).view(b, t, h_kv, dh).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
-            if return_context:  # v is bf16 under autocast
-                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h_kv, t, e)], dim=-1)
+            q, k, v = self._project(x, return_context)
+            q, k, v = (y.view(b, t, -1, y.shape[-1] // n).transpose(1, 2) for y, n in zip((q, k, v), (h, h_kv, h_kv)))
             attended = self._attention(q, k, v, alpha=self.alpha, causal=self.causal)  # (B, H, T, dh [+ E])
-        output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
+        # output and context are views of the one attention output: its backward assembles one gradient (one op)
+        output, context = attended.split([dh, e], dim=-1) if return_context else (attended, None)
+        output = output.transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
         if key_padding_mask is not None:  # padded positions output exactly 0 (no out_proj bias), as in every module
             output = output.masked_fill(key_padding_mask.to(x.device)[..., None], 0)
-        context = attended[..., dh:].mean(dim=1) if return_context else None
+        if context is not None:  # the mean over heads; of one head: that head (a view, no op)
+            context = context.squeeze(1) if h == 1 else context.mean(dim=1)
         weights = (entmax_attention_weights(q, k, alpha=self.alpha, causal=self.causal).to(output.dtype)
                    if need_weights else None)
         if not self.batch_first:
             output, context = output.transpose(0, 1), None if context is None else context.transpose(0, 1)
         return EntmaxAttentionOutput(output, context, weights)
+
+    def _project(self, x: torch.Tensor, return_context: bool) -> tuple:
+        """q (..., E), k and v (..., kv features) of x (..., E), views of one ``qkv_proj`` GEMM; with
+        ``return_context`` x is appended to every key head's values (each head's dh features, then x's E): A @ x comes
+        from the same attention call."""
+        q, k, v = self.qkv_proj(x).split([self.embed_dim, *[self.kv_dim] * 2], dim=-1)
+        if return_context:  # v is bf16 under autocast
+            heads, dh = self.num_kv_heads, self.embed_dim // self.num_heads
+            v = torch.cat([v.unflatten(-1, (heads, dh)), x.to(v.dtype).unsqueeze(-2).expand(*x.shape[:-1], heads, -1)],
+                          dim=-1).flatten(-2)
+        return q, k, v
 
     def _packed_attention(self, x, keep, return_context: bool):
         """Attention over the kept positions ``keep`` (B, T) of each row, packed (``kernels._packing``; no host
@@ -1985,10 +2010,8 @@ class EntmaxCausalAttention(torch.nn.Module):
         h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
         packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
         rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
-        q = self.q_proj(rows).view(-1, h, dh)
-        k, v = (proj(rows).view(-1, h_kv, dh) for proj in (self.k_proj, self.v_proj))
-        if return_context:
-            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h_kv, e)], dim=-1)  # v is bf16 under autocast
+        q, k, v = self._project(rows, return_context)
+        q, k, v = (y.view(-1, n, y.shape[-1] // n) for y, n in zip((q, k, v), (h, h_kv, h_kv)))
         out = self._attention_varlen(q, k, v, packing.cu_seqlens, alpha=self.alpha, causal=self.causal)
         return packing.unpack(out.to(x.dtype)).transpose(1, 2)
 

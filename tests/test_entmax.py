@@ -244,9 +244,66 @@ def test_module_twins_share_state_and_outputs(triton_backend, tiles, num_heads, 
     assert fused(x)[1] is None
     # the context is A @ x averaged over heads, A from the reference formula on the module's projections
     split = lambda y: y.view(2, t, num_heads, embed_dim // num_heads).transpose(1, 2)  # noqa: E731
-    weights = entmax15_attention_weights(split(twin.q_proj(x)), split(twin.k_proj(x)))
+    weights = entmax15_attention_weights(*(split(y) for y in twin.qkv_proj(x).chunk(3, dim=-1)[:2]))
     torch.testing.assert_close(got.context, (weights @ x.unsqueeze(1)).mean(1), atol=1e-5, rtol=1e-5)
     assert got.weights.shape == (2, num_heads, t, t)
+
+
+def _separate_projections_formulation(module, projections, x):
+    """(output, context) of ``module.forward_with_context(x)`` as it was written with three projections ``(q_proj,
+    k_proj, v_proj)``: one GEMM each, x appended to the values by a concatenation, the context's mean over heads."""
+    b, t, e = x.shape
+    h, h_kv, dh = module.num_heads, module.num_kv_heads, e // module.num_heads
+    q_proj, k_proj, v_proj = projections
+    q = q_proj(x).view(b, t, h, dh).transpose(1, 2)
+    k, v = (proj(x).view(b, t, h_kv, dh).transpose(1, 2) for proj in (k_proj, v_proj))
+    v = torch.cat([v, x.unsqueeze(1).expand(b, h_kv, t, e)], dim=-1)
+    attended = module._attention(q, k, v, alpha=module.alpha, causal=module.causal)
+    output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
+    if module.out_proj is not None:
+        output = module.out_proj(output)
+    return output, attended[..., dh:].mean(dim=1)
+
+
+@pytest.mark.parametrize("fused, num_heads, num_kv_heads, out_proj", [
+    pytest.param(False, 1, 1, False, id="reference-H1-CARN"),
+    pytest.param(True, 1, 1, False, id="fused-H1-CARN"),
+    pytest.param(True, 4, 2, True, id="fused-H4-2-key-heads-out_proj"),
+])
+def test_fused_projection_computes_the_separate_projections(triton_backend, tiles, fused, num_heads, num_kv_heads,
+                                                            out_proj):
+    """A state_dict of separate q_proj, k_proj, v_proj (earlier versions) loads strictly into ``qkv_proj``, and the
+    module then computes what the three projections did: the outputs bit for bit (inputs and weights in eighths, so
+    that every projection is exact whatever the GEMM's order of sums), the gradients to fp32 rounding (their GEMMs
+    sum in another order)."""
+    tiles(TINY)
+    torch.manual_seed(5)
+    embed_dim, kv_dim = 8, 8 // num_heads * num_kv_heads
+    module = (FusedEntmaxCausalAttention if fused else reference.EntmaxCausalAttention)(
+        embed_dim, num_heads, out_proj=out_proj, num_kv_heads=num_kv_heads)
+    projections = [torch.nn.Linear(embed_dim, n) for n in (embed_dim, kv_dim, kv_dim)]
+    with torch.no_grad():
+        for parameter in [p for proj in projections for p in proj.parameters()]:
+            parameter.copy_(torch.randint(-8, 9, parameter.shape) / 8)
+    old_state = {f"{name}.{key}": value for name, proj in zip(("q_proj", "k_proj", "v_proj"), projections)
+                 for key, value in proj.state_dict().items()}
+    if out_proj:
+        old_state.update({f"out_proj.{key}": value for key, value in module.out_proj.state_dict().items()})
+    module.load_state_dict(old_state)
+    assert list(module.state_dict()) == ["qkv_proj.weight", "qkv_proj.bias"] + (
+        ["out_proj.weight", "out_proj.bias"] if out_proj else [])
+    torch.testing.assert_close(module.qkv_proj.weight, torch.cat([p.weight for p in projections]), atol=0, rtol=0)
+    x = (torch.randint(-8, 9, (2, 7, embed_dim)) / 8).requires_grad_()
+    got = module.forward_with_context(x)
+    want = _separate_projections_formulation(module, projections, x)
+    cotangents = [torch.randn_like(y) for y in want]
+    grads = torch.autograd.grad(got[:2], [x, module.qkv_proj.weight, module.qkv_proj.bias], cotangents)
+    want_grads = torch.autograd.grad(want, [x, *[p for proj in projections for p in proj.parameters()]], cotangents)
+    want_grads = [want_grads[0], torch.cat(want_grads[1::2]), torch.cat(want_grads[2::2])]
+    for name, a, b in zip(("output", "context"), got[:2], want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    for name, a, b in zip(("dx", "dW", "db"), grads, want_grads):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_module_rejects_bad_arguments():
