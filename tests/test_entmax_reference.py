@@ -383,6 +383,18 @@ def test_module_learns_alpha_per_head_with_grouped_heads():
     torch.testing.assert_close(module.alpha.double(), alpha)
 
 
+def test_module_draws_the_initial_weights_of_three_projections():
+    """``qkv_proj`` starts from the weights that separate q_proj, k_proj and v_proj (earlier versions) drew from the
+    same seed, so seeded runs start where they did."""
+    torch.manual_seed(3)
+    module = EntmaxCausalAttention(8, 4, num_kv_heads=2)
+    torch.manual_seed(3)
+    parts = [torch.nn.Linear(8, n) for n in (8, 4, 4)]
+    torch.testing.assert_close(module.qkv_proj.weight, torch.cat([p.weight for p in parts]), atol=0, rtol=0)
+    torch.testing.assert_close(module.qkv_proj.bias, torch.cat([p.bias for p in parts]), atol=0, rtol=0)
+    assert EntmaxCausalAttention(8, 2, bias=False).qkv_proj.bias is None
+
+
 def test_module_checkpoint_without_alpha_loads_and_alpha_is_kept_in_range():
     torch.manual_seed(53)
     old = EntmaxCausalAttention(6, 2)

@@ -230,8 +230,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CEILINGS = {
     ("entmax15_attention", "fp32"): 3,
     ("entmax15_attention", "bf16"): 5,
-    ("CARN causal-cue attention", "fp32"): 24,
-    ("CARN causal-cue attention", "bf16"): 26,
+    ("CARN causal-cue attention", "fp32"): 11,
+    ("CARN causal-cue attention", "bf16"): 13,
     ("block_causal_attention", "fp32"): 2,
     ("block_causal_attention", "bf16"): 2,
     ("BlockCausalTransformerLayer", "fp32"): 52,
