@@ -4,6 +4,7 @@ Kernel tests run on the ``triton_backend`` fixture (Triton's interpreter on a CP
 dozen positions cover several, partial and skipped tiles, and both tau solvers (rows in registers and multi-pass).
 """
 import collections
+import itertools
 
 import pytest
 import torch
@@ -793,6 +794,73 @@ def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks
     tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
     with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
         _backward_with(q, k, v, do, True, 0.5, sequences, [None])
+
+
+def _sorted_tile_lists(support, sequences, causal, t_q, t_k, block_m, block_n, mask_m, mask_n, batch_heads):
+    """The query-tile lists as the backward built them with torch.sort (int64 indices): per batch-head and key tile,
+    the visible query tiles with support first, ascending (a stable sort of their complement), and their counts."""
+    tiles_m, tiles_n = -(-t_q // block_m), -(-t_k // block_n)
+
+    def covering(mask, dim, size, mask_size, tiles):  # the mask regridded to the backward's tiles (OR over tiles)
+        if size <= mask_size:
+            return mask.repeat_interleave(mask_size // size, dim=dim).narrow(dim, 0, tiles)
+        factor = size // mask_size
+        padded = torch.nn.functional.pad(mask, (0, 0, 0, tiles * factor - mask.shape[1]) if dim == 1 else
+                                         (0, tiles * factor - mask.shape[2]))
+        return padded.unflatten(dim, (tiles, factor)).amax(dim + 1)
+
+    pad = tiles_m * block_m - t_q
+    start = torch.nn.functional.pad(sequences.start, (0, pad), value=t_k).view(tiles_m, block_m).amin(1)
+    if causal:
+        hi = torch.clamp((torch.arange(tiles_m) + 1) * block_m, max=t_k)
+    else:
+        hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
+    key_tile = torch.arange(tiles_n) * block_n
+    visit = ((key_tile[None, :] < hi[:, None]) & (key_tile[None, :] + block_n > start[:, None])).expand(
+        batch_heads, tiles_m, tiles_n)
+    if support is not None:
+        visit = visit & (covering(covering(support, 1, block_m, mask_m, tiles_m), 2, block_n, mask_n, tiles_n) != 0)
+    visit = visit.transpose(1, 2)
+    return torch.sort((~visit).to(torch.uint8), dim=2, stable=True).indices, visit.sum(2)
+
+
+@pytest.mark.parametrize("t_q, t_k, causal, lengths, tiles_mn, mask_mn", [
+    pytest.param(19, 19, True, None, (8, 8), (8, 8), id="T19-causal-mask-tiles"),
+    pytest.param(37, 37, False, None, (4, 8), (8, 4), id="T37-full-sub-and-super-tiles"),
+    pytest.param(37, 37, True, [5, 1, 13, 18], (16, 16), (8, 4), id="T37-packed-causal-super-tiles"),
+    pytest.param(45, 45, False, [7, 1, 11, 26], (4, 4), (8, 8), id="T45-packed-full-sub-tiles"),
+    pytest.param(130, 130, True, None, (16, 16), (64, 16), id="T130-causal-fp32-tiles"),
+    pytest.param(13, 21, False, "bottom-right", (4, 8), (8, 8), id="Tq13-Tk21-key-ranges"),
+])
+def test_tile_lists_equal_the_sorted_construction(triton_backend, monkeypatch, t_q, t_k, causal, lengths, tiles_mn,
+                                                  mask_mn):
+    """The list kernel's lists (int32) equal torch.sort's construction where the backward reads them (each key tile's
+    first ``count`` entries) and its counts everywhere, on random support masks (about half ones) and without one;
+    whole, packed and key-range sequences, odd sizes; with the default chunks and with chunks of 4 query tiles x 2 key
+    tiles (the ranks carried over several chunks, several programs per batch-head)."""
+    generator = torch.Generator().manual_seed(t_q + t_k)
+    batch_heads = 2
+    if lengths is None:
+        sequences = entmax._whole_sequences(t_q, "cpu")
+    elif lengths == "bottom-right":
+        sequences = entmax._whole_key_ranges(t_q, t_k, True, "cpu")
+    else:
+        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        sequences = entmax._packed_sequences(offsets, t_q, "cpu")
+    mask_shape = (batch_heads, -(-t_q // mask_mn[0]), -(-t_k // mask_mn[1]))
+    random_mask = torch.rand(mask_shape, generator=generator).lt(0.5).to(torch.uint8)
+    for chunks, support in itertools.product([entmax._TILE_LISTS_CHUNKS, dict(CHUNK_M=4, CHUNK_N=2)],
+                                             [random_mask, None]):
+        monkeypatch.setattr(entmax, "_TILE_LISTS_CHUNKS", chunks)
+        rows, counts = entmax._query_tile_lists(support, sequences, causal, t_q, t_k, *tiles_mn, *mask_mn,
+                                                batch_heads)
+        want_rows, want_counts = _sorted_tile_lists(support, sequences, causal, t_q, t_k, *tiles_mn, *mask_mn,
+                                                    batch_heads)
+        assert rows.dtype == counts.dtype == torch.int32
+        assert rows.shape == want_rows.shape and torch.equal(counts, want_counts.to(torch.int32))
+        assert int(counts.sum()) > 0
+        for listed, want, count in zip(rows.flatten(0, 1), want_rows.flatten(0, 1), counts.flatten().tolist()):
+            assert torch.equal(listed[:count], want[:count].to(torch.int32))
 
 
 # ----------------------------------------------------------------------------------------------------------------
