@@ -2082,8 +2082,7 @@ class EntmaxCausalAttention(torch.nn.Module):
     def _packed_attention(self, x, keep, return_context: bool):
         """Attention over the kept positions ``keep`` (B, T) of each row, packed (``kernels._packing``; no host
         read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
-        b, t, e = x.shape
-        h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
+        h, h_kv = self.num_heads, self.num_kv_heads
         packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
         rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
         q, k, v = self._project(rows, return_context)
