@@ -4,7 +4,6 @@ Kernel tests run on the ``triton_backend`` fixture (Triton's interpreter on a CP
 dozen positions cover several, partial and skipped tiles, and both tau solvers (rows in registers and multi-pass).
 """
 import collections
-import itertools
 
 import pytest
 import torch
@@ -836,8 +835,10 @@ def test_tile_lists_equal_the_sorted_construction(triton_backend, monkeypatch, t
                                                   mask_mn):
     """The list kernel's lists (int32) equal torch.sort's construction where the backward reads them (each key tile's
     first ``count`` entries) and its counts everywhere, on random support masks (about half ones) and without one;
-    whole, packed and key-range sequences, odd sizes; with the default chunks and with chunks of 4 query tiles x 2 key
-    tiles (the ranks carried over several chunks, several programs per batch-head)."""
+    whole, packed and key-range sequences, odd sizes; with the default chunks and with chunks of 4 query tiles x 4 key
+    tiles (the ranks carried over several chunks, several programs per batch-head). Allocations are poisoned (-1)."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(-1))
     generator = torch.Generator().manual_seed(t_q + t_k)
     batch_heads = 2
     if lengths is None:
@@ -849,8 +850,9 @@ def test_tile_lists_equal_the_sorted_construction(triton_backend, monkeypatch, t
         sequences = entmax._packed_sequences(offsets, t_q, "cpu")
     mask_shape = (batch_heads, -(-t_q // mask_mn[0]), -(-t_k // mask_mn[1]))
     random_mask = torch.rand(mask_shape, generator=generator).lt(0.5).to(torch.uint8)
-    for chunks, support in itertools.product([entmax._TILE_LISTS_CHUNKS, dict(CHUNK_M=4, CHUNK_N=2)],
-                                             [random_mask, None]):
+    small_chunks = dict(CHUNK_M=4, CHUNK_N=4)
+    for chunks, support in [(entmax._TILE_LISTS_CHUNKS, random_mask), (entmax._TILE_LISTS_CHUNKS, None),
+                            (small_chunks, random_mask)]:
         monkeypatch.setattr(entmax, "_TILE_LISTS_CHUNKS", chunks)
         rows, counts = entmax._query_tile_lists(support, sequences, causal, t_q, t_k, *tiles_mn, *mask_mn,
                                                 batch_heads)
