@@ -66,10 +66,7 @@ class CarnStream(ModelStream):
         if self.model.config.use_cce:
             attention = encoders[0].attention
             self.cue_heads = attention.num_heads
-            self.cue_qkv = (stack(lambda e: torch.cat([p.weight for p in (e.attention.q_proj, e.attention.k_proj,
-                                                                           e.attention.v_proj)]).t()).contiguous(),
-                            stack(lambda e: torch.cat([p.bias for p in (e.attention.q_proj, e.attention.k_proj,
-                                                                         e.attention.v_proj)]))[:, None])
+            self.cue_qkv = linear(lambda e: e.attention.qkv_proj)
             self.cue_gate, self.cue_norm = linear(lambda e: e.gate), norm(lambda e: e.norm)
         self.layers = []
         for i, layer in enumerate(encoders[0].encoder.layers):

@@ -877,43 +877,95 @@ def _backward_tiles(tiles: Tiles, D: int, Dv: int):
     return block_m, block_n, chunk, chunk, False
 
 
-def _covering(mask: torch.Tensor, dim: int, size: int, mask_size: int, tiles: int) -> torch.Tensor:
-    """``mask`` (uint8) regridded along ``dim`` from tiles of ``mask_size`` to ``tiles`` tiles of ``size``: a tile
-    inside a mask tile takes its entry, a tile over several takes their OR (sizes divide one another)."""
-    if size <= mask_size:
-        return mask.repeat_interleave(mask_size // size, dim=dim).narrow(dim, 0, tiles)
-    factor = size // mask_size
-    padded = torch.nn.functional.pad(mask, (0, 0, 0, tiles * factor - mask.shape[1]) if dim == 1 else
-                                     (0, tiles * factor - mask.shape[2]))
-    shape = list(padded.shape)
-    shape[dim:dim + 1] = [tiles, factor]
-    return padded.view(shape).amax(dim + 1)
+#: sizes and strides that vary per call: one compiled list kernel per tile configuration
+_TILE_LISTS_NOT_SPECIALIZED = ["stride_sb", "stride_sm", "stride_sn", "T", "TK", "TILES_M", "TILES_N", "MASK_TILES_M",
+                               "MASK_TILES_N", "causal"]
+
+
+@triton.jit(do_not_specialize=_TILE_LISTS_NOT_SPECIALIZED)
+def _tile_lists_kernel(support, seq_start, seq_end, tile_rows, tile_counts, stride_sb, stride_sm, stride_sn,
+                       T, TK, TILES_M, TILES_N, MASK_TILES_M, MASK_TILES_N, causal,
+                       BM: tl.constexpr, BN: tl.constexpr, MASK_BM: tl.constexpr, MASK_BN: tl.constexpr,
+                       SPAN_M: tl.constexpr, SPAN_N: tl.constexpr, CHUNK_M: tl.constexpr, CHUNK_N: tl.constexpr,
+                       HAS_SUPPORT: tl.constexpr):
+    """The backward's query-tile lists of ``CHUNK_N`` key tiles of one batch-head (:func:`_query_tile_lists`): over
+    its ``TILES_M`` query tiles of ``BM`` rows in chunks of ``CHUNK_M``, query tile m is listed for key tile n (of
+    ``BN`` keys) when n's keys meet m's rows' visible keys ``[min start, max end)`` (causal: ``[min start,
+    min((m + 1) BM, TK))``, as the forward's ``_visible_keys``) and, with ``HAS_SUPPORT``, the support mask (tiles of
+    ``MASK_BM`` x ``MASK_BN``) has a 1 in a mask tile that the pair covers (``SPAN_M`` x ``SPAN_N`` of them where the
+    backward's tiles are multiples of the mask's, else the one holding it). Each listed query tile goes to its rank
+    among the listed ones (an exclusive prefix sum carried over the chunks): ``tile_rows[bh, n, :count]`` ascending;
+    ``tile_counts[bh, n] = count``; entries past the count are not written. Grid (cdiv(TILES_N, CHUNK_N), B*H)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    o_n = i_n * CHUNK_N + tl.arange(0, CHUNK_N)  # key tiles
+    m_n = o_n < TILES_N
+    n0 = o_n * BN  # their first keys
+    o_list = i_bh.to(tl.int64) * TILES_N + o_n
+    p_rows = tile_rows + o_list * TILES_M
+    p_support = support + i_bh.to(tl.int64) * stride_sb
+    o_r = tl.arange(0, BM)
+    b_count = tl.zeros([CHUNK_N], dtype=tl.int32)
+    for m_start in range(0, TILES_M, CHUNK_M):
+        o_m = m_start + tl.arange(0, CHUNK_M)  # query tiles
+        m_m = o_m < TILES_M
+        o_row = o_m[:, None] * BM + o_r[None, :]  # [CHUNK_M, BM]
+        m_row = o_row < T
+        b_lo = tl.min(tl.load(seq_start + o_row, mask=m_row, other=TK), axis=1)
+        if causal:
+            b_hi = tl.minimum((o_m + 1) * BM, TK)
+        else:
+            b_hi = tl.max(tl.load(seq_end + o_row, mask=m_row, other=0), axis=1)
+        b_visit = (n0[None, :] < b_hi[:, None]) & (n0[None, :] + BN > b_lo[:, None]) & m_m[:, None] & m_n[None, :]
+        if HAS_SUPPORT:
+            b_covered = tl.zeros([CHUNK_M, CHUNK_N], dtype=tl.int32)
+            for a in tl.static_range(SPAN_M):
+                j_m = o_m * BM // MASK_BM + a
+                for b in tl.static_range(SPAN_N):
+                    j_n = o_n * BN // MASK_BN + b
+                    m_mask = b_visit & (j_m < MASK_TILES_M)[:, None] & (j_n < MASK_TILES_N)[None, :]
+                    b_covered |= tl.load(p_support + j_m[:, None] * stride_sm + j_n[None, :] * stride_sn,
+                                         mask=m_mask, other=0).to(tl.int32)
+            b_visit = b_visit & (b_covered != 0)
+        b_one = b_visit.to(tl.int32)
+        b_rank = b_count[None, :] + tl.cumsum(b_one, axis=0) - b_one  # [CHUNK_M, CHUNK_N]
+        tl.store(p_rows[None, :] + b_rank, o_m[:, None] + tl.zeros_like(b_rank), mask=b_visit)
+        b_count += tl.sum(b_one, axis=0)
+    tl.store(tile_counts + o_list, b_count, mask=m_n)
+
+
+#: Query tiles x key tiles that one program of :func:`_tile_lists_kernel` lists per step (its query tiles' rows are
+#: read once per step for all its key tiles), and its launch options: at the default tiles 55-128 registers on sm_80,
+#: 56-96 on sm_90, no spills (ptxas -v of the AOT configurations; 64 x 16 chunks spill 4 bytes on sm_80 at 32 x 32
+#: tiles)
+_TILE_LISTS_CHUNKS = dict(CHUNK_M=32, CHUNK_N=32)
+_TILE_LISTS_OPTIONS = dict(num_warps=4, num_stages=1)
+
+
+def _tile_list_constexprs(block_m: int, block_n: int, mask_m: int, mask_n: int, has_support: bool) -> dict:
+    """The constexprs of :func:`_tile_lists_kernel` for backward tiles of ``block_m`` x ``block_n`` and mask tiles of
+    ``mask_m`` x ``mask_n``."""
+    return dict(BM=block_m, BN=block_n, MASK_BM=mask_m, MASK_BN=mask_n, SPAN_M=max(block_m // mask_m, 1),
+                SPAN_N=max(block_n // mask_n, 1), HAS_SUPPORT=has_support, **_TILE_LISTS_CHUNKS)
 
 
 def _query_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: int, block_m: int, block_n: int,
                       mask_m: int, mask_n: int, batch_heads: int):
     """Per batch-head and key tile, the query tiles the backward visits: visible and with support (T query rows, TK
-    keys). Returns (rows (B*H, cdiv(TK, block_n), cdiv(T, block_m)) int32, their first ``counts`` entries ascending;
-    counts (B*H, cdiv(TK, block_n)) int32). Built on the device without a host sync."""
+    keys; ``support`` None: every visible one). Returns (rows (B*H, cdiv(TK, block_n), cdiv(T, block_m)) int32, their
+    first ``counts`` entries ascending, the rest unwritten; counts (B*H, cdiv(TK, block_n)) int32): one launch of
+    :func:`_tile_lists_kernel`, 4 bytes per (query tile, key tile) pair, no host sync."""
     tiles_m, tiles_n = triton.cdiv(T, block_m), triton.cdiv(TK, block_n)
-    # visible tile pairs, from each query tile's keys [lo, hi) (as the forward's _visible_keys)
-    pad = tiles_m * block_m - T
-    start = torch.nn.functional.pad(sequences.start, (0, pad), value=TK).view(tiles_m, block_m).amin(1)
-    if causal:
-        hi = torch.clamp((torch.arange(tiles_m, device=start.device) + 1) * block_m, max=TK)
-    else:
-        hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
-    key_tile = torch.arange(tiles_n, device=start.device) * block_n
-    visible = (key_tile[None, :] < hi[:, None]) & (key_tile[None, :] + block_n > start[:, None])  # [tiles_m, n]
-    if support is None:
-        visit = visible.expand(batch_heads, tiles_m, tiles_n)
-    else:
-        visit = _covering(_covering((support != 0).to(torch.uint8), 1, block_m, mask_m, tiles_m), 2, block_n,
-                          mask_n, tiles_n)
-        visit = (visit != 0) & visible
-    visit = visit.transpose(1, 2)  # (B*H, key tiles, query tiles)
-    rows = torch.sort((~visit).to(torch.uint8), dim=2, stable=True).indices  # visited query tiles first, ascending
-    return rows.to(torch.int32).contiguous(), visit.sum(2, dtype=torch.int32).contiguous()
+    device = sequences.start.device
+    rows = torch.empty((batch_heads, tiles_n, tiles_m), dtype=torch.int32, device=device)
+    counts = torch.empty((batch_heads, tiles_n), dtype=torch.int32, device=device)
+    mask = rows.view(torch.uint8) if support is None else support  # no support: any uint8 pointer, never read
+    mask_tiles = (1, 1) if support is None else support.shape[1:]
+    strides = (0, 0, 0) if support is None else support.stride()
+    constexprs = _tile_list_constexprs(block_m, block_n, mask_m, mask_n, support is not None)
+    launch(_tile_lists_kernel, lambda meta: (triton.cdiv(tiles_n, meta["CHUNK_N"]), batch_heads),
+           (mask, *sequences, rows, counts, *strides, T, TK, tiles_m, tiles_n, *mask_tiles, int(causal)), {},
+           [triton.Config(constexprs, **_TILE_LISTS_OPTIONS)], device=device)
+    return rows, counts
 
 
 @_shape_constant
@@ -949,7 +1001,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
 
     ``support`` (B*H, cdiv(T, block_m), cdiv(TK, block_n)) uint8, the threshold pass's per-tile mask (0: every
     probability of that tile pair is 0); None means every visible tile may have support. The backward tiles must
-    divide the mask's or be multiples of them (:func:`_covering`). ``alpha_rows``: as :func:`_entmax_tau`."""
+    divide the mask's or be multiples of them (:func:`_query_tile_lists`). ``alpha_rows``: as :func:`_entmax_tau`."""
     B, H, T, D = q.shape
     TK, Dv = k.shape[2], v.shape[-1]
     tiles = _tiles(q.dtype)
@@ -1818,6 +1870,30 @@ def aot_configurations() -> List[AotConfig]:
                                              default=default, **options))
                 if default and "unaligned" in alignments:
                     configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
+    return configs + _tile_lists_aot_configurations()
+
+
+def _tile_lists_aot_configurations() -> List[AotConfig]:
+    """The backward's list kernel (:func:`_tile_lists_kernel`) at each dtype's default tiles (it reads no input of
+    that dtype: one configuration per distinct tiles), with the support mask (the op's launches: aligned pointers
+    are the default) and without (None given to the backward)."""
+    configs, listed = [], set()
+    for torch_dtype in _TRITON_DTYPES:
+        t = _DEFAULT_TILES[torch_dtype]
+        block_m, block_n = _backward_tiles(t, 64, 64)[:2]
+        for has_support in (True, False):
+            constexprs = _tile_list_constexprs(block_m, block_n, t.block_m, t.block_n, has_support)
+            if tuple(constexprs.items()) in listed:
+                continue
+            listed.add(tuple(constexprs.items()))
+            label = (f"tile lists BM={block_m} BN={block_n} mask {t.block_m}x{t.block_n}" +
+                     ("" if has_support else " no support"))
+            signature = _signature(_tile_lists_kernel, "i32", constexprs)
+            pointers = ("support", "seq_start", "seq_end", "tile_rows", "tile_counts")
+            configs.append(AotConfig(label + " aligned", _tile_lists_kernel, signature, constexprs, divisible=pointers,
+                                     default=has_support, **_TILE_LISTS_OPTIONS))
+            configs.append(AotConfig(label, _tile_lists_kernel, signature, constexprs, default=False,
+                                     **_TILE_LISTS_OPTIONS))
     return configs
 
 
@@ -1852,7 +1928,10 @@ class EntmaxCausalAttention(torch.nn.Module):
     the ``entmax`` package's learned alpha; initialised at ``alpha``, which must then lie in (1.01, 2)), a parameter
     in the ``state_dict`` (a checkpoint without it loads, keeping the initial alpha).
     ``num_kv_heads`` (None: ``num_heads``) key and value heads, dividing ``num_heads``: grouped-query attention,
-    k_proj and v_proj map to ``num_kv_heads * embed_dim / num_heads`` features.
+    keys and values have ``num_kv_heads * embed_dim / num_heads`` features each.
+    One projection ``qkv_proj`` (a Linear, E -> E + 2 kv features, q's rows first, then k's, then v's: one GEMM per
+    call and two in the backward) makes queries, keys and values; a ``state_dict`` of the separate ``q_proj``,
+    ``k_proj`` and ``v_proj`` of earlier versions loads, concatenated.
 
     ``forward(query, key=None, value=None, *, key_padding_mask=None, need_weights=False, average_attn_weights=True)``
     returns ``(output, weights or None)`` like ``nn.MultiheadAttention``: self-attention only (key and value None or
@@ -1896,10 +1975,15 @@ class EntmaxCausalAttention(torch.nn.Module):
             raise ValueError(f"num_kv_heads ({num_kv_heads!r}) must be a positive int dividing num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.causal, self.batch_first = embed_dim, num_heads, causal, batch_first
         self.num_kv_heads, self.learn_alpha, self._initial_alpha = num_kv_heads, learn_alpha, alpha
-        kv_dim = num_kv_heads * (embed_dim // num_heads)
-        self.q_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
-        self.v_proj = torch.nn.Linear(embed_dim, kv_dim, bias=bias)
+        self.kv_dim = kv_dim = num_kv_heads * (embed_dim // num_heads)
+        # [W_q; W_k; W_v], drawn as the three Linear layers of earlier versions (the same random stream: a seeded
+        # model starts from the same weights)
+        parts = [torch.nn.Linear(embed_dim, size, bias=bias) for size in (embed_dim, kv_dim, kv_dim)]
+        self.qkv_proj = torch.nn.utils.skip_init(torch.nn.Linear, embed_dim, embed_dim + 2 * kv_dim, bias=bias)
+        with torch.no_grad():
+            self.qkv_proj.weight.copy_(torch.cat([part.weight for part in parts]))
+            if bias:
+                self.qkv_proj.bias.copy_(torch.cat([part.bias for part in parts]))
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias) if out_proj else None
         share = (alpha - _LEARNED_ALPHA_MIN) / (2 - _LEARNED_ALPHA_MIN)
         logit = torch.full((num_heads,), math.log(share / (1 - share))) if learn_alpha else None
@@ -1916,6 +2000,11 @@ class EntmaxCausalAttention(torch.nn.Module):
         # a checkpoint saved without learned alpha keeps this module's initial alpha_logit
         if self.alpha_logit is not None and prefix + "alpha_logit" not in state_dict:
             state_dict[prefix + "alpha_logit"] = self.alpha_logit.detach().clone()
+        # a checkpoint of separate q_proj, k_proj, v_proj (earlier versions): their rows concatenated, in that order
+        for name in ("weight", "bias"):
+            separate = [f"{prefix}{proj}.{name}" for proj in ("q_proj", "k_proj", "v_proj")]
+            if f"{prefix}qkv_proj.{name}" not in state_dict and all(key in state_dict for key in separate):
+                state_dict[f"{prefix}qkv_proj.{name}"] = torch.cat([state_dict.pop(key) for key in separate])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -1961,34 +2050,43 @@ class EntmaxCausalAttention(torch.nn.Module):
                 raise ValueError("need_weights is not supported with key_padding_mask")
             attended = self._packed_attention(x, ~key_padding_mask.to(x.device), return_context)
         else:
-            q = self.q_proj(x).view(b, t, h, dh).transpose(1, 2)
-            k, v = (proj(x).view(b, t, h_kv, dh).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
-            if return_context:  # v is bf16 under autocast
-                v = torch.cat([v, x.to(v.dtype).unsqueeze(1).expand(b, h_kv, t, e)], dim=-1)
+            q, k, v = self._project(x, return_context)
+            q, k, v = (y.view(b, t, -1, y.shape[-1] // n).transpose(1, 2) for y, n in zip((q, k, v), (h, h_kv, h_kv)))
             attended = self._attention(q, k, v, alpha=self.alpha, causal=self.causal)  # (B, H, T, dh [+ E])
-        output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
+        # output and context are views of the one attention output: its backward assembles one gradient (one op)
+        output, context = attended.split([dh, e], dim=-1) if return_context else (attended, None)
+        output = output.transpose(1, 2).reshape(b, t, e)
         if self.out_proj is not None:
             output = self.out_proj(output)
         if key_padding_mask is not None:  # padded positions output exactly 0 (no out_proj bias), as in every module
             output = output.masked_fill(key_padding_mask.to(x.device)[..., None], 0)
-        context = attended[..., dh:].mean(dim=1) if return_context else None
+        if context is not None:  # the mean over heads; of one head: that head (a view, no op)
+            context = context.squeeze(1) if h == 1 else context.mean(dim=1)
         weights = (entmax_attention_weights(q, k, alpha=self.alpha, causal=self.causal).to(output.dtype)
                    if need_weights else None)
         if not self.batch_first:
             output, context = output.transpose(0, 1), None if context is None else context.transpose(0, 1)
         return EntmaxAttentionOutput(output, context, weights)
 
+    def _project(self, x: torch.Tensor, return_context: bool) -> tuple:
+        """q (..., E), k and v (..., kv features) of x (..., E), views of one ``qkv_proj`` GEMM; with
+        ``return_context`` x is appended to every key head's values (each head's dh features, then x's E): A @ x comes
+        from the same attention call."""
+        q, k, v = self.qkv_proj(x).split([self.embed_dim, *[self.kv_dim] * 2], dim=-1)
+        if return_context:  # v is bf16 under autocast
+            heads, dh = self.num_kv_heads, self.embed_dim // self.num_heads
+            v = torch.cat([v.unflatten(-1, (heads, dh)), x.to(v.dtype).unsqueeze(-2).expand(*x.shape[:-1], heads, -1)],
+                          dim=-1).flatten(-2)
+        return q, k, v
+
     def _packed_attention(self, x, keep, return_context: bool):
         """Attention over the kept positions ``keep`` (B, T) of each row, packed (``kernels._packing``; no host
         read of the lengths, so it compiles): (B, H, T, dh [+ E]), zeros at the other positions."""
-        b, t, e = x.shape
-        h, h_kv, dh = self.num_heads, self.num_kv_heads, e // self.num_heads
+        h, h_kv = self.num_heads, self.num_kv_heads
         packing = pack_padding(keep, singleton_padding=True)  # padding: O(padding) work, not O(padding^2)
         rows = packing.pack(x)  # (B * T, E): each batch row's kept positions, in order, then its padding rows
-        q = self.q_proj(rows).view(-1, h, dh)
-        k, v = (proj(rows).view(-1, h_kv, dh) for proj in (self.k_proj, self.v_proj))
-        if return_context:
-            v = torch.cat([v, rows.to(v.dtype).unsqueeze(1).expand(-1, h_kv, e)], dim=-1)  # v is bf16 under autocast
+        q, k, v = self._project(rows, return_context)
+        q, k, v = (y.view(-1, n, y.shape[-1] // n) for y, n in zip((q, k, v), (h, h_kv, h_kv)))
         out = self._attention_varlen(q, k, v, packing.cu_seqlens, alpha=self.alpha, causal=self.causal)
         return packing.unpack(out.to(x.dtype)).transpose(1, 2)
 

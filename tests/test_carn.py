@@ -19,7 +19,7 @@ from carn.model import CARN
 from carn.train import DataSpec, run_training
 from mer.data import MODALITIES, DatasetInfo, DialogueDataset, Dialogue, collate_dialogues, load_dataset
 from mer.missing import batch_missing_mask
-from mer.training import CheckpointManager, NonFiniteLossError
+from mer.training import CheckpointManager, NonFiniteLossError, load_checkpoint
 
 DIMS = {"a": 6, "t": 8, "v": 5}
 
@@ -274,6 +274,34 @@ def test_diverging_run_stops_with_the_non_finite_loss_message(reference_backend,
         run_training(DataSpec("embedded"), model_overrides=TINY_MODEL, splits=tiny_embedded, run_dir=tmp_path,
                      train_config=TrainConfig(epochs_stage1=1, epochs_stage2=0, batch_size=2, lr=1e12, grad_clip=0.0),
                      show_progress=False, make_plots=False, verbose=False)
+
+
+def test_checkpoint_with_separate_attention_projections_loads(reference_backend, tmp_path):
+    """A checkpoint whose causal-cue attention holds separate q_proj, k_proj, v_proj (earlier versions) passes the
+    restricted loader (``mer.training.load_checkpoint``), loads strictly into the fused ``qkv_proj`` and the model
+    then computes what the one it was saved from computes."""
+    torch.manual_seed(0)
+    model = CARN(tiny_config()).eval()
+    old = {}
+    for key, value in model.state_dict().items():
+        if ".attention.qkv_proj." in key:  # [W_q; W_k; W_v] of one head: three equal parts
+            prefix, name = key.split("qkv_proj.")
+            old.update({f"{prefix}{proj}.{name}": part.clone() for proj, part in
+                        zip(("q_proj", "k_proj", "v_proj"), value.chunk(3))})
+        else:
+            old[key] = value
+    assert sum(".q_proj." in key for key in old) == 2 * len(MODALITIES) and not any("qkv" in key for key in old)
+    path = tmp_path / "old.pt"
+    torch.save({"model": old}, path)
+    torch.manual_seed(1)
+    loaded = CARN(tiny_config()).eval()
+    loaded.load_state_dict(load_checkpoint(path, required=("model",))["model"])
+    features, present, valid, _ = random_inputs()
+    with torch.no_grad():
+        want, got = model(features, present, valid), loaded(features, present, valid)
+    torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+    for m in MODALITIES:
+        torch.testing.assert_close(got.css_prediction[m], want.css_prediction[m], atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -244,9 +244,66 @@ def test_module_twins_share_state_and_outputs(triton_backend, tiles, num_heads, 
     assert fused(x)[1] is None
     # the context is A @ x averaged over heads, A from the reference formula on the module's projections
     split = lambda y: y.view(2, t, num_heads, embed_dim // num_heads).transpose(1, 2)  # noqa: E731
-    weights = entmax15_attention_weights(split(twin.q_proj(x)), split(twin.k_proj(x)))
+    weights = entmax15_attention_weights(*(split(y) for y in twin.qkv_proj(x).chunk(3, dim=-1)[:2]))
     torch.testing.assert_close(got.context, (weights @ x.unsqueeze(1)).mean(1), atol=1e-5, rtol=1e-5)
     assert got.weights.shape == (2, num_heads, t, t)
+
+
+def _separate_projections_formulation(module, projections, x):
+    """(output, context) of ``module.forward_with_context(x)`` as it was written with three projections ``(q_proj,
+    k_proj, v_proj)``: one GEMM each, x appended to the values by a concatenation, the context's mean over heads."""
+    b, t, e = x.shape
+    h, h_kv, dh = module.num_heads, module.num_kv_heads, e // module.num_heads
+    q_proj, k_proj, v_proj = projections
+    q = q_proj(x).view(b, t, h, dh).transpose(1, 2)
+    k, v = (proj(x).view(b, t, h_kv, dh).transpose(1, 2) for proj in (k_proj, v_proj))
+    v = torch.cat([v, x.unsqueeze(1).expand(b, h_kv, t, e)], dim=-1)
+    attended = module._attention(q, k, v, alpha=module.alpha, causal=module.causal)
+    output = attended[..., :dh].transpose(1, 2).reshape(b, t, e)
+    if module.out_proj is not None:
+        output = module.out_proj(output)
+    return output, attended[..., dh:].mean(dim=1)
+
+
+@pytest.mark.parametrize("fused, num_heads, num_kv_heads, out_proj", [
+    pytest.param(False, 1, 1, False, id="reference-H1-CARN"),
+    pytest.param(False, 4, 2, True, id="reference-H4-2-key-heads-out_proj"),
+    pytest.param(True, 1, 1, False, id="fused-H1-CARN"),
+])
+def test_fused_projection_computes_the_separate_projections(triton_backend, tiles, fused, num_heads, num_kv_heads,
+                                                            out_proj):
+    """A state_dict of separate q_proj, k_proj, v_proj (earlier versions) loads strictly into ``qkv_proj``, and the
+    module then computes what the three projections did: the outputs bit for bit (inputs and weights in eighths, so
+    that every projection is exact whatever the GEMM's order of sums), the gradients to fp32 rounding (their GEMMs
+    sum in another order)."""
+    tiles(TINY)
+    torch.manual_seed(5)
+    embed_dim, kv_dim = 8, 8 // num_heads * num_kv_heads
+    module = (FusedEntmaxCausalAttention if fused else reference.EntmaxCausalAttention)(
+        embed_dim, num_heads, out_proj=out_proj, num_kv_heads=num_kv_heads)
+    projections = [torch.nn.Linear(embed_dim, n) for n in (embed_dim, kv_dim, kv_dim)]
+    with torch.no_grad():
+        for parameter in [p for proj in projections for p in proj.parameters()]:
+            parameter.copy_(torch.randint(-8, 9, parameter.shape) / 8)
+    old_state = {f"{name}.{key}": value for name, proj in zip(("q_proj", "k_proj", "v_proj"), projections)
+                 for key, value in proj.state_dict().items()}
+    if out_proj:
+        old_state.update({f"out_proj.{key}": value for key, value in module.out_proj.state_dict().items()})
+    module.load_state_dict(old_state)
+    assert list(module.state_dict()) == ["qkv_proj.weight", "qkv_proj.bias"] + (
+        ["out_proj.weight", "out_proj.bias"] if out_proj else [])
+    torch.testing.assert_close(module.qkv_proj.weight, torch.cat([p.weight for p in projections]), atol=0, rtol=0)
+    x = (torch.randint(-8, 9, (1, 7, embed_dim)) / 8).requires_grad_()
+    got = module.forward_with_context(x)
+    want = _separate_projections_formulation(module, projections, x)
+    cotangents = [torch.randn_like(y) for y in want]
+    grads = torch.autograd.grad(got[:2], [x, module.qkv_proj.weight, module.qkv_proj.bias], cotangents)
+    want_grads = torch.autograd.grad(want, [x, *[p for proj in projections for p in proj.parameters()]], cotangents)
+    want_grads = [want_grads[0], torch.cat(want_grads[1::2]), torch.cat(want_grads[2::2])]
+    for name, a, b in zip(("output", "context"), got[:2], want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    for name, a, b in zip(("dx", "dW", "db"), grads, want_grads):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_module_rejects_bad_arguments():
@@ -736,6 +793,76 @@ def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks
     tiles(TINY._replace(block_n=16, bwd_block_n=8 * 3))
     with pytest.raises(ValueError, match="must divide or be a multiple of the support mask"):
         _backward_with(q, k, v, do, True, 0.5, sequences, [None])
+
+
+def _sorted_tile_lists(support, sequences, causal, t_q, t_k, block_m, block_n, mask_m, mask_n, batch_heads):
+    """The query-tile lists as the backward built them with torch.sort (int64 indices): per batch-head and key tile,
+    the visible query tiles with support first, ascending (a stable sort of their complement), and their counts."""
+    tiles_m, tiles_n = -(-t_q // block_m), -(-t_k // block_n)
+
+    def covering(mask, dim, size, mask_size, tiles):  # the mask regridded to the backward's tiles (OR over tiles)
+        if size <= mask_size:
+            return mask.repeat_interleave(mask_size // size, dim=dim).narrow(dim, 0, tiles)
+        factor = size // mask_size
+        padded = torch.nn.functional.pad(mask, (0, 0, 0, tiles * factor - mask.shape[1]) if dim == 1 else
+                                         (0, tiles * factor - mask.shape[2]))
+        return padded.unflatten(dim, (tiles, factor)).amax(dim + 1)
+
+    pad = tiles_m * block_m - t_q
+    start = torch.nn.functional.pad(sequences.start, (0, pad), value=t_k).view(tiles_m, block_m).amin(1)
+    if causal:
+        hi = torch.clamp((torch.arange(tiles_m) + 1) * block_m, max=t_k)
+    else:
+        hi = torch.nn.functional.pad(sequences.end, (0, pad), value=0).view(tiles_m, block_m).amax(1)
+    key_tile = torch.arange(tiles_n) * block_n
+    visit = ((key_tile[None, :] < hi[:, None]) & (key_tile[None, :] + block_n > start[:, None])).expand(
+        batch_heads, tiles_m, tiles_n)
+    if support is not None:
+        visit = visit & (covering(covering(support, 1, block_m, mask_m, tiles_m), 2, block_n, mask_n, tiles_n) != 0)
+    visit = visit.transpose(1, 2)
+    return torch.sort((~visit).to(torch.uint8), dim=2, stable=True).indices, visit.sum(2)
+
+
+@pytest.mark.parametrize("t_q, t_k, causal, lengths, tiles_mn, mask_mn", [
+    pytest.param(19, 19, True, None, (8, 8), (8, 8), id="T19-causal-mask-tiles"),
+    pytest.param(37, 37, False, None, (4, 8), (8, 4), id="T37-full-sub-and-super-tiles"),
+    pytest.param(37, 37, True, [5, 1, 13, 18], (16, 16), (8, 4), id="T37-packed-causal-super-tiles"),
+    pytest.param(45, 45, False, [7, 1, 11, 26], (4, 4), (8, 8), id="T45-packed-full-sub-tiles"),
+    pytest.param(130, 130, True, None, (16, 16), (64, 16), id="T130-causal-fp32-tiles"),
+    pytest.param(13, 21, False, "bottom-right", (4, 8), (8, 8), id="Tq13-Tk21-key-ranges"),
+])
+def test_tile_lists_equal_the_sorted_construction(triton_backend, monkeypatch, t_q, t_k, causal, lengths, tiles_mn,
+                                                  mask_mn):
+    """The list kernel's lists (int32) equal torch.sort's construction where the backward reads them (each key tile's
+    first ``count`` entries) and its counts everywhere, on random support masks (about half ones) and without one;
+    whole, packed and key-range sequences, odd sizes; with the default chunks and with chunks of 4 query tiles x 4 key
+    tiles (the ranks carried over several chunks, several programs per batch-head). Allocations are poisoned (-1)."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: empty(*args, **kwargs).fill_(-1))
+    generator = torch.Generator().manual_seed(t_q + t_k)
+    batch_heads = 2
+    if lengths is None:
+        sequences = entmax._whole_sequences(t_q, "cpu")
+    elif lengths == "bottom-right":
+        sequences = entmax._whole_key_ranges(t_q, t_k, True, "cpu")
+    else:
+        offsets = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        sequences = entmax._packed_sequences(offsets, t_q, "cpu")
+    mask_shape = (batch_heads, -(-t_q // mask_mn[0]), -(-t_k // mask_mn[1]))
+    random_mask = torch.rand(mask_shape, generator=generator).lt(0.5).to(torch.uint8)
+    small_chunks = dict(CHUNK_M=4, CHUNK_N=4)
+    for chunks, support in [(entmax._TILE_LISTS_CHUNKS, random_mask), (entmax._TILE_LISTS_CHUNKS, None),
+                            (small_chunks, random_mask)]:
+        monkeypatch.setattr(entmax, "_TILE_LISTS_CHUNKS", chunks)
+        rows, counts = entmax._query_tile_lists(support, sequences, causal, t_q, t_k, *tiles_mn, *mask_mn,
+                                                batch_heads)
+        want_rows, want_counts = _sorted_tile_lists(support, sequences, causal, t_q, t_k, *tiles_mn, *mask_mn,
+                                                    batch_heads)
+        assert rows.dtype == counts.dtype == torch.int32
+        assert rows.shape == want_rows.shape and torch.equal(counts, want_counts.to(torch.int32))
+        assert int(counts.sum()) > 0
+        for listed, want, count in zip(rows.flatten(0, 1), want_rows.flatten(0, 1), counts.flatten().tolist()):
+            assert torch.equal(listed[:count], want[:count].to(torch.int32))
 
 
 # ----------------------------------------------------------------------------------------------------------------

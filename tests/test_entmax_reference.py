@@ -371,8 +371,9 @@ def test_module_learns_alpha_per_head_with_grouped_heads():
     out, _ = module(x)
     b, t, e = x.shape
     with torch.no_grad():
-        q = module.q_proj(x).double().view(b, t, 4, 2).transpose(1, 2)
-        k, v = (proj(x).double().view(b, t, 2, 2).transpose(1, 2) for proj in (module.k_proj, module.v_proj))
+        q, k, v = module.qkv_proj(x).double().split([8, 4, 4], dim=-1)  # [W_q; W_k; W_v]: 4 heads, 2 key heads
+        q = q.view(b, t, 4, 2).transpose(1, 2)
+        k, v = (y.view(b, t, 2, 2).transpose(1, 2) for y in (k, v))
         alpha = 1.01 + 0.99 * torch.sigmoid(module.alpha_logit.double())
         expected = _expected_attention(q, k, v, alpha, True, 2 ** -0.5).transpose(1, 2).reshape(b, t, e)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
@@ -382,6 +383,18 @@ def test_module_learns_alpha_per_head_with_grouped_heads():
     torch.testing.assert_close(module.alpha.double(), alpha)
 
 
+def test_module_draws_the_initial_weights_of_three_projections():
+    """``qkv_proj`` starts from the weights that separate q_proj, k_proj and v_proj (earlier versions) drew from the
+    same seed, so seeded runs start where they did."""
+    torch.manual_seed(3)
+    module = EntmaxCausalAttention(8, 4, num_kv_heads=2)
+    torch.manual_seed(3)
+    parts = [torch.nn.Linear(8, n) for n in (8, 4, 4)]
+    torch.testing.assert_close(module.qkv_proj.weight, torch.cat([p.weight for p in parts]), atol=0, rtol=0)
+    torch.testing.assert_close(module.qkv_proj.bias, torch.cat([p.bias for p in parts]), atol=0, rtol=0)
+    assert EntmaxCausalAttention(8, 2, bias=False).qkv_proj.bias is None
+
+
 def test_module_checkpoint_without_alpha_loads_and_alpha_is_kept_in_range():
     torch.manual_seed(53)
     old = EntmaxCausalAttention(6, 2)
@@ -389,7 +402,7 @@ def test_module_checkpoint_without_alpha_loads_and_alpha_is_kept_in_range():
     assert "alpha_logit" not in old.state_dict()
     learned.load_state_dict(old.state_dict())  # no alpha_logit: the initial alpha stays
     torch.testing.assert_close(learned.alpha, torch.full((2,), 1.75))
-    for name in ("q_proj.weight", "k_proj.bias"):
+    for name in ("qkv_proj.weight", "qkv_proj.bias"):
         torch.testing.assert_close(learned.state_dict()[name], old.state_dict()[name])
     with torch.no_grad():
         learned.alpha_logit.copy_(torch.tensor([-30.0, 30.0]))

@@ -319,7 +319,7 @@ def _attention_with_context(module, x):
 def _attention_with_context_formula(module, x):
     """What ``EntmaxCausalAttention(E, 1, out_proj=False).forward_with_context(x)`` computes, written out, for float64
     (which the modules refuse): z = A (x W_v^T + b_v), context = A x, A = entmax15(causal(q k^T / sqrt(E)))."""
-    q, k, v = (projection(x)[:, None] for projection in (module.q_proj, module.k_proj, module.v_proj))
+    q, k, v = (y[:, None] for y in module.qkv_proj(x).chunk(3, dim=-1))  # one head: E features each
     attended = reference.entmax15_attention_reference(q, k, torch.cat([v, x[:, None]], dim=-1))[:, 0]
     return {"output": attended[..., :x.shape[-1]], "context": attended[..., x.shape[-1]:]}
 

@@ -174,6 +174,13 @@ def _entmax15_attention(dtype):
     return _forward_backward(lambda: [entmax15_attention(q, k, v)], [q, k, v])
 
 
+def _entmax15_attention_long_rows(dtype):
+    from kernels import entmax15_attention
+
+    q, k, v = (_leaf(2, 4, 1024, 64, dtype=dtype) for _ in range(3))
+    return _forward_backward(lambda: [entmax15_attention(q, k, v)], [q, k, v])
+
+
 def _carn_causal_cue(dtype):
     from kernels import FusedEntmaxCausalAttention
 
@@ -218,6 +225,8 @@ def _top2_moe(dtype):
 
 CASES = [
     Case("entmax15_attention", "B=16 H=1 T=110 D=64", _entmax15_attention),
+    Case("entmax15_attention long rows", "B=2 H=4 T=1024 D=64 (rows in passes, support mask)",
+         _entmax15_attention_long_rows),
     Case("CARN causal-cue attention", "FusedEntmaxCausalAttention(256, 1) with context, B=4 T=110", _carn_causal_cue),
     Case("block_causal_attention", "B=32 H=8 T=330 D=64 group 3", _block_causal_attention),
     Case("BlockCausalTransformerLayer", "(512, 8 heads, group 3), B=2 T=330", _block_causal_layer),
@@ -230,8 +239,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CEILINGS = {
     ("entmax15_attention", "fp32"): 3,
     ("entmax15_attention", "bf16"): 5,
-    ("CARN causal-cue attention", "fp32"): 24,
-    ("CARN causal-cue attention", "bf16"): 26,
+    ("entmax15_attention long rows", "fp32"): 4,
+    ("entmax15_attention long rows", "bf16"): 6,
+    ("CARN causal-cue attention", "fp32"): 11,
+    ("CARN causal-cue attention", "bf16"): 13,
     ("block_causal_attention", "fp32"): 2,
     ("block_causal_attention", "bf16"): 2,
     ("BlockCausalTransformerLayer", "fp32"): 52,
