@@ -191,16 +191,18 @@ def test_aot_lists_every_candidate_of_both_architectures_with_alignment(op):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_entmax_odd_wide_heads_take_backward_chunks_compiled_ahead_of_time(dtype):
-    """D or Dv not a multiple of 16 (no vector loads): the chunked backward takes at most 64-feature chunks, and
-    the AOT list compiles that variant without the 16-divisibility."""
+    """CARN's D = 256, Dv = 512 take one chunked-backward program per key tile (dk and dv whole: QK^T and dP once);
+    D or Dv not a multiple of 16 (no vector loads) take at most 64-feature chunks and steps, and the AOT list
+    compiles that variant without the 16-divisibility."""
     tiles = em._DEFAULT_TILES[dtype]
     aligned, odd = em._backward_tiles(tiles, 256, 512), em._backward_tiles(tiles, 250, 500)
-    assert not aligned[4] and not odd[4]
-    assert odd[2] == odd[3] == min(aligned[2], em._UNALIGNED_BWD_BLOCK_D)
+    assert not aligned["WHOLE"] and not odd["WHOLE"]
+    assert (aligned["BD"], aligned["BDV"]) == (256, 512) and aligned["BK"] < 256
+    assert odd["BD"] == odd["BDV"] == em._UNALIGNED_BWD_BLOCK_D
+    assert odd["BK"] == min(aligned["BK"], em._UNALIGNED_BWD_BLOCK_D)
     q_type = next(name for name, torch_dtype in _ENTMAX_DTYPES.items() if torch_dtype is dtype)
     assert any(c.kernel is em._entmax_bwd_kernel and not c.divisible and c.signature["q"] == q_type
-               and (c.constexprs["BD"], c.constexprs["WHOLE"]) == (odd[2], False)
-               for c in configurations("entmax15_attention"))
+               and {k: c.constexprs[k] for k in odd} == odd for c in configurations("entmax15_attention"))
 
 
 def _launched_candidates(op, kernel, arch):
