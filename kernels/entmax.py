@@ -156,7 +156,8 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM`` (query rows) and
 #: ``BDV`` (Dv chunk, at most the default's): its tiles are its own (it reads the support mask at the mask's tiles,
 #: ``MASK_BM``); for the threshold passes, their key tile ``BN`` (a divisor of the mask's ``block_n``: each mask tile
-#: is written as the OR of its key tiles, ``MASK_BN``). The other tiles are fixed: the threshold passes' query rows
+#: is written as the OR of its key tiles, ``MASK_BN``); for rows in registers, their query rows ``BM`` (the launcher
+#: fills their mask). The other tiles are fixed: the threshold passes' query rows
 #: are the support mask's (allocated before they launch, read by the other two kernels at its tiles), the output
 #: kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and the backward's query-tile lists are
 #: built for its tiles before it launches.
@@ -164,15 +165,17 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: entmax15_attention``; docs/ops.md, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
-#: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default
+#: 8-warp default: 79, 24); sm_90's 64-row candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN, T = 110:
+#: 16-bit 4 warps 178 registers, fp32 8 warps 238, no spills; 8 resident warps per SM, the 16-row defaults 16-24).
+#: The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default
 #: (4 warps, 16-key tiles, 152-168 registers), 16 with the 16-bit sm_90 candidate (4, 3, maxnreg 128: 128, no spill;
 #: on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 8-warp ones (142-212); the 16-bit 64-key candidates keep
 #: wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows: 32
 #: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
 #: (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
-    ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
-    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
+    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
     ("tau passes", False): {"sm_80": [(4, 3), (8, 3, {"BN": 64})],
                             "sm_90": [(4, 3, {"maxnreg": 128}), (4, 3, {"BN": 64, "maxnreg": 168}),
                                       (8, 3, {"BN": 64})]},
@@ -826,7 +829,7 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
         blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
     general = alpha_rows is not None
-    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, blocks["BM"]), B * H),
+    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
            (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
             *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
@@ -1795,7 +1798,7 @@ def aot_configurations() -> List[AotConfig]:
         # every candidate, "unaligned" for the default)
         both = ("aligned", "unaligned")
         variants = [
-            ("tau registers", _entmax_tau_kernel, "tau registers",
+            ("tau registers BM={BM}", _entmax_tau_kernel, "tau registers",
              dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver), both),
             ("tau passes BN={BN}", _entmax_tau_kernel, "tau passes", _tau_pass_tiles(t),
              dict(ROW_IN_REGISTERS=False, **solver), both),

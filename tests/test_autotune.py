@@ -133,6 +133,12 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
                 assert tiles.block_n % config.kwargs["BN"] == 0 or config.kwargs["BN"] == constexprs["BN"]
                 assert {k: v for k, v in config.kwargs.items() if k != "BN"} == {"BM": 16, "BDV": 512}
             continue
+        if kernel == "tau registers":
+            # rows in registers tune their query rows (the launcher fills their mask), sm_90's for warpgroup MMA
+            assert all({k: v for k, v in config.kwargs.items() if k != "BM"} == {"BN": 16, "BDV": 512}
+                       for config in listed)
+            assert arch != "sm_90" or any(config.kwargs["BM"] == 64 for config in listed)
+            continue
         if kernel != "fwd wide":
             # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
             assert all(config.kwargs == constexprs for config in listed)
