@@ -155,6 +155,24 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
     assert len(set(map(str, narrow))) == len(narrow) and all(c.kwargs["BDV"] <= 128 for c in narrow)
 
 
+def test_entmax_rows_in_registers_candidates_solve_the_same_thresholds(monkeypatch):
+    """Each sm_90 candidate of the rows-in-registers threshold kernel, the 64-row ones too (the grid follows the
+    candidate's BM; T = 70: a partial second tile), gives the default's rowmax and tau."""
+    generator = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 1, 70, 16, generator=generator) for _ in range(2))
+    listed = em._candidates
+    configs = listed("tau registers", torch.float32, dict(BM=16, BN=128, BD=32), "sm_90")
+    assert any(config.kwargs["BM"] == 64 for config in configs)
+    solved = []
+    for config in configs:
+        monkeypatch.setattr(em, "_candidates", lambda *args, config=config: [config])
+        rowmax, tau, _ = em._entmax_tau(q, k, True, 0.25, em._whole_sequences(70, "cpu"))
+        solved.append((rowmax, tau))
+    for rowmax, tau in solved[1:]:
+        torch.testing.assert_close(rowmax, solved[0][0])
+        torch.testing.assert_close(tau, solved[0][1])
+
+
 def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
     """The backward zeros dq (atomic adds) before each timed run, the threshold kernel restores the support mask
     (written only at the tiles it visits); the tests' tiny tiles launch their default alone."""
