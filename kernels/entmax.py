@@ -891,6 +891,24 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
 _UNALIGNED_BWD_BLOCK_D = 64
 
 
+#: Backward key tiles on sm_90 where they differ from ``Tiles.bwd_block_n``, per dtype: (widest D and Dv, key tile).
+#: fp32 at D, Dv <= 64 in 16 x 64 tiles issues warpgroup MMA (HGMMA) in dk's and dv's products, which 16-key tiles
+#: cannot (report, D = 64: 214-217 registers, no spills, 8 resident warps per SM as the 16 x 16 tiles' 166); at
+#: D = 128 and in the chunked backward 64 keys' dk and dv do not fit in registers, and 16-bit 32 x 64 tiles would
+#: halve the resident warps (152 registers against 126: 8 per SM, not 16).
+_SM90_BWD_BLOCK_N = {torch.float32: (64, 64)}
+
+
+def _backward_tile_set(dtype: torch.dtype, D: int, Dv: int, arch: str) -> Tiles:
+    """``_tiles(dtype)`` with the backward's key tile of ``arch`` (``_SM90_BWD_BLOCK_N``; not under
+    ``_TILE_OVERRIDE``)."""
+    tiles = _tiles(dtype)
+    widest, block_n = _SM90_BWD_BLOCK_N.get(dtype, (0, None))
+    if arch == "sm_90" and _TILE_OVERRIDE is None and max(D, Dv) <= widest:
+        tiles = tiles._replace(bwd_block_n=block_n)
+    return tiles
+
+
 def _backward_tiles(tiles: Tiles, D: int, Dv: int) -> dict:
     """Tile constexprs (BM, BN, BD, BDV, BK, WHOLE) of the backward kernel: D and Dv whole (their next powers of
     two, at least 16 for the tensor cores; BK = BD, unused) when both fit ``bwd_whole_d``; else dk and dv in chunks of
@@ -981,7 +999,8 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     divide the mask's or be multiples of them (:func:`_covering`). ``alpha_rows``: as :func:`_entmax_tau`."""
     B, H, T, D = q.shape
     TK, Dv = k.shape[2], v.shape[-1]
-    tiles = _tiles(q.dtype)
+    arch = launch_arch(q.device)
+    tiles = _backward_tile_set(q.dtype, D, Dv, arch)
     blocks = _backward_tiles(tiles, D, Dv)
     block_m, block_n, block_d, block_dv, whole = (blocks[name] for name in ("BM", "BN", "BD", "BDV", "WHOLE"))
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
@@ -1004,7 +1023,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, scale if general else 0.5 * scale,
             scale, int(causal)),
            dict(UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
-           _candidates("bwd" if whole else "bwd chunked", q.dtype, blocks, launch_arch(q.device)),
+           _candidates("bwd" if whole else "bwd chunked", q.dtype, blocks, arch),
            device=q.device, bucket=_bucket(B * H, T), reset_to_zero=("dq",))  # dq: atomic adds
     return (dq * scale).to(q.dtype), dk, dv
 
@@ -1811,14 +1830,16 @@ def aot_configurations() -> List[AotConfig]:
             variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
                              dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False), both))
         for d, dv in _AOT_BWD_HEAD_DIMS:
-            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks
-            aligned_tiles, odd_tiles = _backward_tiles(t, d, dv), _backward_tiles(t, d - 1, dv - 1)
-            name = "bwd" if aligned_tiles["WHOLE"] else "bwd chunked"
+            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks; tiles per
+            # architecture ({arch: constexprs}: _backward_tile_set)
+            aligned_tiles, odd_tiles = ({arch: _backward_tiles(_backward_tile_set(torch_dtype, n, nv, arch), n, nv)
+                                         for arch in ARCHS} for n, nv in ((d, dv), (d - 1, dv - 1)))
+            name = "bwd" if aligned_tiles["sm_80"]["WHOLE"] else "bwd chunked"
             per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
                              [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
             for tiles, alignments in per_alignment:
-                variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name, tiles, dict(UPCAST_DOTS=False),
-                                 alignments))
+                variants.append((f"{name} D{d} Dv{dv} BN={{BN}}", _entmax_bwd_kernel, name, tiles,
+                                 dict(UPCAST_DOTS=False), alignments))
         variants = [(label + suffix, kernel, name, tiles, dict(fixed, GENERAL=general), alignments)
                     for general, suffix in ((False, ""), (True, " any-alpha"))
                     for label, kernel, name, tiles, fixed, alignments in variants]
@@ -1826,7 +1847,7 @@ def aot_configurations() -> List[AotConfig]:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
-                    lambda arch: _candidates(name, torch_dtype, tiles, arch)):
+                    lambda arch: _candidates(name, torch_dtype, tiles.get(arch, tiles), arch)):
                 default = default and not fixed["GENERAL"]
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once

@@ -238,7 +238,9 @@ def _launched_candidates(op, kernel, arch):
         return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
     if op == "entmax15_attention":  # every default tile shape of aot_configurations(), with each candidate list
+        # each default compiled for this architecture (the backward's tiles may differ per architecture)
         return [c for config in configurations(op, defaults_only=True) if config.kernel is kernel
+                and _autotune.ARCH_CAPABILITY[arch] in config.capabilities
                 for c in em._candidates(_entmax_list(config.label), _ENTMAX_DTYPES[config.signature["q"]],
                                         {k: config.constexprs[k] for k in ("BM", "BN", "BD")
                                          + (("BDV",) if "BDV" in config.constexprs else ())
