@@ -77,8 +77,9 @@ class Tiles(NamedTuple):
     query rows and Dv chunk as well.
     The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
-    (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
-    ``block_d``), recomputing QK^T per chunk."""
+    (rounded up to powers of two) are at most ``bwd_whole_d``; wider heads reduce QK^T and dP in steps of
+    ``bwd_block_d`` features (None: ``block_d``) streamed from memory and accumulate dk and dv of up to ``bwd_wide_d``
+    / ``bwd_wide_dv`` features per program (wider: several programs, each recomputing QK^T)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -96,6 +97,8 @@ class Tiles(NamedTuple):
     bwd_block_n: Optional[int] = None
     bwd_whole_d: int = 128
     bwd_block_d: Optional[int] = None
+    bwd_wide_d: int = 256
+    bwd_wide_dv: int = 512
     tau_block_d: Optional[int] = None
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
@@ -107,9 +110,10 @@ class Tiles(NamedTuple):
 #: tile) fits 64-row tiles with 16-key tiles, 32-feature D chunks and Dv chunks of up to 128 in the forward (64 x 64
 #: or 64 x 32 tiles spill in its output kernel on sm_80; 32 x 32 tiles double K traffic). The backward (read from
 #: ``python -m kernels.tools.report``, which specializes as a launch does) holds D = Dv = 128 whole without spilling in
-#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); CARN's D = 256 / Dv = 512 goes in 64-feature chunks in fp32 and in
-#: 128-feature chunks in 16-bit (8 warps, 231-240 registers, no spills; per key tile QK^T 4 and dP 2 times, where
-#: 64-feature chunks compute them 8 and 4 times and spill 8 bytes on sm_90 at 128 registers). The output
+#: 32 x 32 tiles (16-bit) and 16 x 16 (fp32); for CARN's D = 256 / Dv = 512 one program per key tile holds dk and dv
+#: whole and reduces QK^T and dP (each once per tile pair) in steps of 32 features in fp32 and 64 in 16-bit (8 warps,
+#: 221-244 registers, no spills; 64-feature fp32 steps spill 8-48 bytes, 128-feature 16-bit ones 132-156 on sm_80,
+#: where the former 64- / 128-feature dk/dv chunks computed QK^T 8 / 4 and dP 4 / 2 times per tile pair). The output
 #: kernel holds a Dv above 128 whole up to 512 in 16-row query tiles (fp32 and 16-bit, 8 warps, 228-245 registers,
 #: no spills; with 4 warps they spill 0.8-8.5 KB, and 64 rows with Dv chunks of 256 0.1-1.4 KB, except 16-bit on
 #: sm_90). The threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes,
@@ -119,11 +123,11 @@ class Tiles(NamedTuple):
 #: registers on sm_80 and spill under a cap of 168).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                         bwd_block_d=128, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
+                         bwd_block_d=64, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                          bwd_block_d=128, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
+                          bwd_block_d=64, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
-                         wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=64, tau_block_d=16,
+                         wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
                          tau_num_warps=4),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
@@ -152,7 +156,8 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM`` (query rows) and
 #: ``BDV`` (Dv chunk, at most the default's): its tiles are its own (it reads the support mask at the mask's tiles,
 #: ``MASK_BM``); for the threshold passes, their key tile ``BN`` (a divisor of the mask's ``block_n``: each mask tile
-#: is written as the OR of its key tiles, ``MASK_BN``). The other tiles are fixed: the threshold passes' query rows
+#: is written as the OR of its key tiles, ``MASK_BN``); for rows in registers, their query rows ``BM`` (the launcher
+#: fills their mask). The other tiles are fixed: the threshold passes' query rows
 #: are the support mask's (allocated before they launch, read by the other two kernels at its tiles), the output
 #: kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and the backward's query-tile lists are
 #: built for its tiles before it launches.
@@ -160,15 +165,17 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: entmax15_attention``; docs/ops.md, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
-#: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default
+#: 8-warp default: 79, 24); sm_90's 64-row candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN, T = 110:
+#: 16-bit 4 warps 178 registers, fp32 8 warps 238, no spills; 8 resident warps per SM, the 16-row defaults 16-24).
+#: The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default
 #: (4 warps, 16-key tiles, 152-168 registers), 16 with the 16-bit sm_90 candidate (4, 3, maxnreg 128: 128, no spill;
 #: on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 8-warp ones (142-212); the 16-bit 64-key candidates keep
 #: wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows: 32
 #: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
 #: (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
-    ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
-    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
+    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
     ("tau passes", False): {"sm_80": [(4, 3), (8, 3, {"BN": 64})],
                             "sm_90": [(4, 3, {"maxnreg": 128}), (4, 3, {"BN": 64, "maxnreg": 168}),
                                       (8, 3, {"BN": 64})]},
@@ -601,10 +608,16 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
 
 
 @triton.jit
+def _score_gradients(b_g, b_dp, b_c, dtype: tl.constexpr):
+    """``dS = G (dP - c)`` [BM, BN] of one tile pair, zero off the support, in the dots' operand ``dtype``."""
+    return tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0).to(dtype)
+
+
+@triton.jit
 def _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS: tl.constexpr):
     """With ``dS = G (dP - c)`` of one tile pair: returns ``b_dk + dS^T @ q`` and adds ``dS @ k`` to the rows
     ``o_row`` of dq (fp32, row stride D) atomically."""
-    b_ds = tl.where(b_g > 0, b_g * (b_dp - b_c[:, None]), 0.0).to(b_q.dtype)
+    b_ds = _score_gradients(b_g, b_dp, b_c, b_q.dtype)
     b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
     tl.atomic_add(dq + o_row[:, None] * D + o_d[None, :], dot_fp32acc(b_ds, b_k, "tf32x3", UPCAST_DOTS),
                   mask=m_m[:, None] & m_d[None, :], sem="relaxed")
@@ -618,7 +631,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_ob, stride_oh, stride_ot, stride_od,
                        H, T, TK, D, Dv, half_scale, scale, causal,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
                        WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
     ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, TK, Dv) = p^T @ dO, dk[:, :, tile]
@@ -629,8 +642,10 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
 
     WHOLE (BD >= D and BDV >= Dv): one program per key tile, k and v stay on chip, each product is one dot: five
     dots per tile pair, FA2's count. Otherwise program i_c of grid axis 1 owns feature chunk i_c of dk, dq (BD wide)
-    and dv (BDV wide) and recomputes z (and dP if it has a dk chunk) in chunked reductions: the fallback for head
-    sizes too wide for registers. Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H).
+    and dv (BDV wide), and z and dP are reductions over D and Dv in BK-feature steps whose operands stream from
+    memory (a whole-width operand of a BM x BN product would sit in every warp's registers): with BD >= D and
+    BDV >= Dv still FA2's count, one program per key tile; wider heads take several programs, each recomputing z
+    (and dP if it has a dk chunk). Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H).
     GENERAL (any alpha): ``p = G^r`` and ``dS = g (dP - c)`` with ``g = G^(r - 1)`` (= p^(2 - alpha)), r = 1 /
     (alpha - 1) per row (``alpha_rows``)."""
     i_n, i_bh = tl.program_id(0), tl.program_id(2)
@@ -651,9 +666,9 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     has_dk = i_c * BD < D
     has_dv = i_c * BDV < Dv
 
-    b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
-                  mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
     if WHOLE:
+        b_k = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :] * stride_kd,
+                      mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
         b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
@@ -672,16 +687,17 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         b_tau = tl.load(tau + o_row, mask=m_m, other=float("inf"))  # [BM]
         b_c = tl.load(c + o_row, mask=m_m, other=0.0)  # [BM]
         b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)
-        b_q = tl.load(p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd,
-                      mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-        b_do = tl.load(p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od,
-                       mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
+        p_qm = p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd
+        p_dom = p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od
+        if WHOLE:  # loaded ahead, streamed with async copies
+            b_q = tl.load(p_qm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+            b_do = tl.load(p_dom, mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
         m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
             & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
         if WHOLE:
             b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
         else:
-            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BK,
                             UPCAST_DOTS) * half_scale
         if GENERAL:
             b_z = b_z * b_am1[:, None]
@@ -695,13 +711,25 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
             b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             b_dp = dot_fp32acc(b_do, tl.trans(b_v), "tf32x3", UPCAST_DOTS)  # [BM, BN]
             b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
-        else:
+        else:  # each operand loaded where it is used: only the dk and dv accumulators live across the loop
             if has_dv:
+                b_do = tl.load(p_dom, mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
                 b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
                 b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, TK, Dv,
-                                 BM, BN, BDV, UPCAST_DOTS)  # [BM, BN]
-                b_dk = _add_dk_dq(b_g, b_dp, b_c, b_q, b_k, b_dk, dq, o_row, o_d, m_m, m_d, D, UPCAST_DOTS)
+                                 BM, BN, BK, UPCAST_DOTS)  # [BM, BN]
+                b_ds = _score_gradients(b_g, b_dp, b_c, q.dtype.element_ty)
+                b_q = tl.load(p_qm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+                b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
+                # dq += dS @ k over this program's features, BK at a time (k streamed, not held)
+                for i_k in range(0, tl.cdiv(BD, BK)):
+                    o_k = i_c * BD + i_k * BK + tl.arange(0, BK)
+                    m_k = (o_k < D) & (o_k < (i_c + 1) * BD)
+                    b_kc = tl.load(p_k + o_n.to(tl.int64)[:, None] * stride_kt + o_k[None, :] * stride_kd,
+                                   mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BN, BK]
+                    tl.atomic_add(dq + o_row[:, None] * D + o_k[None, :],
+                                  dot_fp32acc(b_ds, b_kc, "tf32x3", UPCAST_DOTS), mask=m_m[:, None] & m_k[None, :],
+                                  sem="relaxed")
 
     o_key = i_bh.to(tl.int64) * TK + o_n
     tl.store(dk + o_key[:, None] * D + o_d[None, :], (b_dk * scale).to(dk.dtype.element_ty),
@@ -801,7 +829,7 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
         blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
     general = alpha_rows is not None
-    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, blocks["BM"]), B * H),
+    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
            (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
             *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
@@ -857,24 +885,43 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     return o, rowmax, tau, support, w, s, ent
 
 
-#: Feature chunk cap of the chunked backward when D or Dv is not a multiple of 16: without vector loads, 16-bit
-#: 128-feature chunks spill (44-148 bytes on sm_90 / sm_80), 64-feature chunks do not (216-218 registers).
+#: Feature chunk and step cap of the chunked backward when D or Dv is not a multiple of 16: without vector loads, dk
+#: and dv held whole at D = 250 / Dv = 500 spill (fp32 16-108 bytes, bf16 572-668), 64-feature chunks do not (211-236
+#: registers; 16-bit 128-feature chunks spill 44-148 bytes).
 _UNALIGNED_BWD_BLOCK_D = 64
 
 
-def _backward_tiles(tiles: Tiles, D: int, Dv: int):
-    """(BM, BN, BD, BDV, WHOLE) of the backward kernel: D and Dv whole (their next powers of two, at least 16 for
-    the tensor cores) when both fit ``bwd_whole_d``, else both in chunks of ``bwd_block_d`` (at most
-    ``_UNALIGNED_BWD_BLOCK_D`` when D or Dv is not a multiple of 16)."""
-    block_m = tiles.bwd_block_m or tiles.block_m
-    block_n = tiles.bwd_block_n or tiles.block_n
+#: Backward key tiles on sm_90 where they differ from ``Tiles.bwd_block_n``, per dtype: (widest D and Dv, key tile).
+#: fp32 at D, Dv <= 64 in 16 x 64 tiles issues warpgroup MMA (HGMMA) in dk's and dv's products, which 16-key tiles
+#: cannot (report, D = 64: 214-217 registers, no spills, 8 resident warps per SM as the 16 x 16 tiles' 166); at
+#: D = 128 and in the chunked backward 64 keys' dk and dv do not fit in registers, and 16-bit 32 x 64 tiles would
+#: halve the resident warps (152 registers against 126: 8 per SM, not 16).
+_SM90_BWD_BLOCK_N = {torch.float32: (64, 64)}
+
+
+def _backward_tile_set(dtype: torch.dtype, D: int, Dv: int, arch: str) -> Tiles:
+    """``_tiles(dtype)`` with the backward's key tile of ``arch`` (``_SM90_BWD_BLOCK_N``; not under
+    ``_TILE_OVERRIDE``)."""
+    tiles = _tiles(dtype)
+    widest, block_n = _SM90_BWD_BLOCK_N.get(dtype, (0, None))
+    if arch == "sm_90" and _TILE_OVERRIDE is None and max(D, Dv) <= widest:
+        tiles = tiles._replace(bwd_block_n=block_n)
+    return tiles
+
+
+def _backward_tiles(tiles: Tiles, D: int, Dv: int) -> dict:
+    """Tile constexprs (BM, BN, BD, BDV, BK, WHOLE) of the backward kernel: D and Dv whole (their next powers of
+    two, at least 16 for the tensor cores; BK = BD, unused) when both fit ``bwd_whole_d``; else dk and dv in chunks of
+    D's and Dv's next powers of two up to ``bwd_wide_d`` / ``bwd_wide_dv`` and QK^T and dP reduced in steps of
+    ``bwd_block_d`` features (all three at most ``_UNALIGNED_BWD_BLOCK_D`` when D or Dv is not a multiple of 16)."""
+    tile = dict(BM=tiles.bwd_block_m or tiles.block_m, BN=tiles.bwd_block_n or tiles.block_n)
     block_d, block_dv = (max(triton.next_power_of_2(n), 16) for n in (D, Dv))
     if max(block_d, block_dv) <= tiles.bwd_whole_d:
-        return block_m, block_n, block_d, block_dv, True
-    chunk = tiles.bwd_block_d or tiles.block_d
+        return dict(tile, BD=block_d, BDV=block_dv, BK=block_d, WHOLE=True)
+    step, wide_d, wide_dv = tiles.bwd_block_d or tiles.block_d, tiles.bwd_wide_d, tiles.bwd_wide_dv
     if D % 16 or Dv % 16:
-        chunk = min(chunk, _UNALIGNED_BWD_BLOCK_D)
-    return block_m, block_n, chunk, chunk, False
+        step, wide_d, wide_dv = (min(n, _UNALIGNED_BWD_BLOCK_D) for n in (step, wide_d, wide_dv))
+    return dict(tile, BD=min(block_d, wide_d), BDV=min(block_dv, wide_dv), BK=step, WHOLE=False)
 
 
 #: sizes and strides that vary per call: one compiled list kernel per tile configuration
@@ -1004,8 +1051,10 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     divide the mask's or be multiples of them (:func:`_query_tile_lists`). ``alpha_rows``: as :func:`_entmax_tau`."""
     B, H, T, D = q.shape
     TK, Dv = k.shape[2], v.shape[-1]
-    tiles = _tiles(q.dtype)
-    block_m, block_n, block_d, block_dv, whole = _backward_tiles(tiles, D, Dv)
+    arch = launch_arch(q.device)
+    tiles = _backward_tile_set(q.dtype, D, Dv, arch)
+    blocks = _backward_tiles(tiles, D, Dv)
+    block_m, block_n, block_d, block_dv, whole = (blocks[name] for name in ("BM", "BN", "BD", "BDV", "WHOLE"))
     for size, mask_size in ((block_m, tiles.block_m), (block_n, tiles.block_n)):
         if size % mask_size and mask_size % size:
             raise ValueError(f"backward tile {size} must divide or be a multiple of the support mask's {mask_size}")
@@ -1026,9 +1075,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, scale if general else 0.5 * scale,
             scale, int(causal)),
            dict(UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
-           _candidates("bwd" if whole else "bwd chunked", q.dtype,
-                       dict(BM=block_m, BN=block_n, BD=block_d, BDV=block_dv, WHOLE=whole),
-                       launch_arch(q.device)),
+           _candidates("bwd" if whole else "bwd chunked", q.dtype, blocks, arch),
            device=q.device, bucket=_bucket(B * H, T), reset_to_zero=("dq",))  # dq: atomic adds
     return (dq * scale).to(q.dtype), dk, dv
 
@@ -1822,7 +1869,7 @@ def aot_configurations() -> List[AotConfig]:
         # every candidate, "unaligned" for the default)
         both = ("aligned", "unaligned")
         variants = [
-            ("tau registers", _entmax_tau_kernel, "tau registers",
+            ("tau registers BM={BM}", _entmax_tau_kernel, "tau registers",
              dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver), both),
             ("tau passes BN={BN}", _entmax_tau_kernel, "tau passes", _tau_pass_tiles(t),
              dict(ROW_IN_REGISTERS=False, **solver), both),
@@ -1835,15 +1882,16 @@ def aot_configurations() -> List[AotConfig]:
             variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
                              dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False), both))
         for d, dv in _AOT_BWD_HEAD_DIMS:
-            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks
-            aligned_tiles, odd_tiles = _backward_tiles(t, d, dv), _backward_tiles(t, d - 1, dv - 1)
-            name = "bwd" if aligned_tiles[4] else "bwd chunked"
+            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks; tiles per
+            # architecture ({arch: constexprs}: _backward_tile_set)
+            aligned_tiles, odd_tiles = ({arch: _backward_tiles(_backward_tile_set(torch_dtype, n, nv, arch), n, nv)
+                                         for arch in ARCHS} for n, nv in ((d, dv), (d - 1, dv - 1)))
+            name = "bwd" if aligned_tiles["sm_80"]["WHOLE"] else "bwd chunked"
             per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
                              [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
             for tiles, alignments in per_alignment:
-                variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
-                                 dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)), dict(UPCAST_DOTS=False),
-                                 alignments))
+                variants.append((f"{name} D{d} Dv{dv} BN={{BN}}", _entmax_bwd_kernel, name, tiles,
+                                 dict(UPCAST_DOTS=False), alignments))
         variants = [(label + suffix, kernel, name, tiles, dict(fixed, GENERAL=general), alignments)
                     for general, suffix in ((False, ""), (True, " any-alpha"))
                     for label, kernel, name, tiles, fixed, alignments in variants]
@@ -1851,7 +1899,7 @@ def aot_configurations() -> List[AotConfig]:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
-                    lambda arch: _candidates(name, torch_dtype, tiles, arch)):
+                    lambda arch: _candidates(name, torch_dtype, tiles.get(arch, tiles), arch)):
                 default = default and not fixed["GENERAL"]
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once

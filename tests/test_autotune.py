@@ -133,6 +133,12 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
                 assert tiles.block_n % config.kwargs["BN"] == 0 or config.kwargs["BN"] == constexprs["BN"]
                 assert {k: v for k, v in config.kwargs.items() if k != "BN"} == {"BM": 16, "BDV": 512}
             continue
+        if kernel == "tau registers":
+            # rows in registers tune their query rows (the launcher fills their mask), sm_90's for warpgroup MMA
+            assert all({k: v for k, v in config.kwargs.items() if k != "BM"} == {"BN": 16, "BDV": 512}
+                       for config in listed)
+            assert arch != "sm_90" or any(config.kwargs["BM"] == 64 for config in listed)
+            continue
         if kernel != "fwd wide":
             # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
             assert all(config.kwargs == constexprs for config in listed)
@@ -147,6 +153,25 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
     # a Dv chunk narrower than an alternative's caps it, and alternatives that become the default are dropped
     narrow = em._candidates(kernel, dtype, dict(constexprs, BDV=128), "sm_90")
     assert len(set(map(str, narrow))) == len(narrow) and all(c.kwargs["BDV"] <= 128 for c in narrow)
+
+
+def test_entmax_rows_in_registers_candidates_solve_the_same_thresholds(monkeypatch):
+    """The sm_90 candidates of the rows-in-registers threshold kernel with other query rows than the default's (64:
+    the grid follows the candidate's BM; T = 40, a partial tile) give the default's rowmax and tau (the interpreter
+    ignores warps and stages)."""
+    generator = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(1, 1, 40, 16, generator=generator) for _ in range(2))
+    configs = em._candidates("tau registers", torch.float32, dict(BM=16, BN=128, BD=32), "sm_90")
+    configs = [configs[0]] + [config for config in configs if config.kwargs["BM"] != 16]
+    assert len(configs) > 1
+    solved = []
+    for config in configs:
+        monkeypatch.setattr(em, "_candidates", lambda *args, config=config: [config])
+        rowmax, tau, _ = em._entmax_tau(q, k, True, 0.25, em._whole_sequences(40, "cpu"))
+        solved.append((rowmax, tau))
+    for rowmax, tau in solved[1:]:
+        torch.testing.assert_close(rowmax, solved[0][0])
+        torch.testing.assert_close(tau, solved[0][1])
 
 
 def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
@@ -191,16 +216,18 @@ def test_aot_lists_every_candidate_of_both_architectures_with_alignment(op):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_entmax_odd_wide_heads_take_backward_chunks_compiled_ahead_of_time(dtype):
-    """D or Dv not a multiple of 16 (no vector loads): the chunked backward takes at most 64-feature chunks, and
-    the AOT list compiles that variant without the 16-divisibility."""
+    """CARN's D = 256, Dv = 512 take one chunked-backward program per key tile (dk and dv whole: QK^T and dP once);
+    D or Dv not a multiple of 16 (no vector loads) take at most 64-feature chunks and steps, and the AOT list
+    compiles that variant without the 16-divisibility."""
     tiles = em._DEFAULT_TILES[dtype]
     aligned, odd = em._backward_tiles(tiles, 256, 512), em._backward_tiles(tiles, 250, 500)
-    assert not aligned[4] and not odd[4]
-    assert odd[2] == odd[3] == min(aligned[2], em._UNALIGNED_BWD_BLOCK_D)
+    assert not aligned["WHOLE"] and not odd["WHOLE"]
+    assert (aligned["BD"], aligned["BDV"]) == (256, 512) and aligned["BK"] < 256
+    assert odd["BD"] == odd["BDV"] == em._UNALIGNED_BWD_BLOCK_D
+    assert odd["BK"] == min(aligned["BK"], em._UNALIGNED_BWD_BLOCK_D)
     q_type = next(name for name, torch_dtype in _ENTMAX_DTYPES.items() if torch_dtype is dtype)
     assert any(c.kernel is em._entmax_bwd_kernel and not c.divisible and c.signature["q"] == q_type
-               and (c.constexprs["BD"], c.constexprs["WHOLE"]) == (odd[2], False)
-               for c in configurations("entmax15_attention"))
+               and {k: c.constexprs[k] for k in odd} == odd for c in configurations("entmax15_attention"))
 
 
 def _launched_candidates(op, kernel, arch):
@@ -212,7 +239,9 @@ def _launched_candidates(op, kernel, arch):
         return [c for dtype in (torch.float32, torch.float16, torch.bfloat16)
                 for c in moe._kernel_candidates(kind, moe.TILES[(arch, dtype)])]
     if op == "entmax15_attention":  # every default tile shape of aot_configurations(), with each candidate list
+        # each default compiled for this architecture (the backward's tiles may differ per architecture)
         return [c for config in configurations(op, defaults_only=True) if config.kernel is kernel
+                and _autotune.ARCH_CAPABILITY[arch] in config.capabilities
                 for c in em._candidates(_entmax_list(config.label), _ENTMAX_DTYPES[config.signature["q"]],
                                         {k: config.constexprs[k] for k in ("BM", "BN", "BD")
                                          + (("BDV",) if "BDV" in config.constexprs else ())

@@ -679,8 +679,11 @@ def test_module_key_padding_mask_runs_each_row_alone(triton_backend, tiles, fuse
 SUB_TILES = TINY._replace(bwd_block_m=4, bwd_block_n=4)
 #: mask tiles 4 x 4, backward tiles 8 x 8 over 2 x 2 of them (their OR)
 SUPER_TILES = TINY._replace(block_m=4, block_n=4, row_block_m=4, row_block_n=4, bwd_block_m=8, bwd_block_n=8)
-#: D and Dv wider than ``bwd_whole_d``: the chunked backward (dk/dq and dv chunks of 8, z and dP recomputed)
+#: D and Dv wider than ``bwd_whole_d``: the chunked backward (dk and dv whole, z and dP reduced in 8-feature steps)
 CHUNKED = TINY._replace(bwd_whole_d=8, bwd_block_d=8)
+#: D and Dv wider than ``bwd_wide_d`` / ``bwd_wide_dv`` too: dk/dq and dv in chunks of 8 over several programs, each
+#: recomputing z (and dP with a dk chunk)
+SPLIT = CHUNKED._replace(bwd_wide_d=8, bwd_wide_dv=8)
 
 
 def _reference_probabilities(q, k, causal, scale, lengths=None):
@@ -728,7 +731,7 @@ _PACKED = [7, 1, 11]
     pytest.param(SUPER_TILES, 0.01, None, False, id="super-tiles-full-flat"),
     pytest.param(SUPER_TILES, 12.0, _PACKED, True, id="super-tiles-packed-causal-peaked"),
     pytest.param(CHUNKED, 1.0, None, True, id="chunked-causal-random"),
-    pytest.param(CHUNKED, 12.0, _PACKED, False, id="chunked-packed-full-peaked"),
+    pytest.param(SPLIT, 12.0, _PACKED, False, id="split-packed-full-peaked"),
     pytest.param(WIDE_ROWS, 12.0, None, True, id="4-row-forward-tiles-causal-peaked"),
     pytest.param(WIDE_ROWS, 1.0, _PACKED, False, id="4-row-forward-tiles-packed-full-random"),
 ])
@@ -762,10 +765,12 @@ def test_backward_skips_tiles_of_the_support_mask_exactly(triton_backend, tiles,
         _assert_close(a, x.grad, 5e-5, f"d{name}")
 
 
-def test_backward_work_follows_the_support_mask(triton_backend, tiles):
+@pytest.mark.parametrize("tile_set, loads", [(TINY, 1), (CHUNKED, 2)], ids=["whole", "chunked"])
+def test_backward_work_follows_the_support_mask(triton_backend, tiles, tile_set, loads):
     """One key tile program per key tile; each query tile with support costs FA2's five dots (2 (3 D + 2 Dv) FLOPs
-    per score, D and Dv whole) and one q tile load; tiles without support cost nothing."""
-    tiles(TINY)
+    per score), D and Dv whole or, chunked, z and dP reduced in steps (q and dO then load twice: in steps and
+    whole); tiles without support cost nothing."""
+    tiles(tile_set)
     t, d, bm = 32, 16, 8
     # unit rows with q = k at a large scale: each row attends to itself and its few near-duplicates
     q = torch.nn.functional.normalize(torch.randn(1, 1, t, d, generator=torch.Generator().manual_seed(23)), dim=-1)
@@ -780,8 +785,8 @@ def test_backward_work_follows_the_support_mask(triton_backend, tiles):
         with InterpreterCounter({"q": q, "do": do}) as counter:
             entmax._entmax_attention_bwd(do, q, k, v, rowmax, tau, w, True, scale, sequences, mask)
         assert counter.dot_flops("_entmax_bwd_kernel") == pairs[name] * bm * bm * 2 * (3 * d + 2 * d), name
-        assert counter.loaded("q", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
-        assert counter.loaded("do", "_entmax_bwd_kernel") == pairs[name] * bm * d, name
+        assert counter.loaded("q", "_entmax_bwd_kernel") == loads * pairs[name] * bm * d, name
+        assert counter.loaded("do", "_entmax_bwd_kernel") == loads * pairs[name] * bm * d, name
 
 
 def test_backward_rejects_tiles_that_do_not_nest_in_the_mask_and_misshapen_masks(triton_backend, tiles):
