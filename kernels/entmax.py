@@ -358,14 +358,18 @@ def _powers(b_g, b_exponent):
 @triton.jit
 def _accumulate_power_stats(b_zr, b_t, b_r, b_s1, b_s2, NC: tl.constexpr):
     """Any alpha: add one key tile's ``sum_j w^r`` and ``sum_j w^(r - 1)`` over the support ``w = zr - t > 0`` of
-    every candidate t (``b_t`` [BM, NC]; r = 1 / (alpha - 1) per row): f(t) = s1 - 1 and f'(t) = -r s2."""
+    every candidate t (``b_t`` [BM, NC]; r = 1 / (alpha - 1) per row): f(t) = s1 - 1 and f'(t) = -r s2. Sparsemax
+    rows (r = 1) add ``sum_j zr`` over the support instead (s2 is its size): f(t) = s1 - s2 t - 1, and
+    :func:`_power_candidate_step` gets its closed form from these sums, which hold the relative scores themselves."""
     o_c = tl.arange(0, NC)
+    m_sparse = (b_r == 1.0)[:, None]  # [BM, 1]
     for i_c in range(NC):
         m_c = (o_c == i_c)[None, :]
         b_tc = tl.sum(tl.where(m_c, b_t, 0.0), 1)  # [BM]
         b_w = tl.maximum(b_zr - b_tc[:, None], 0.0)  # [BM, BN]
         b_pow = _powers(b_w, b_r - 1.0)  # w^(r - 1)
-        b_s1 = tl.where(m_c, b_s1 + tl.sum(b_pow * b_w, 1)[:, None], b_s1)
+        b_term = tl.where(m_sparse & (b_w > 0), b_zr, b_pow * b_w)
+        b_s1 = tl.where(m_c, b_s1 + tl.sum(b_term, 1)[:, None], b_s1)
         b_s2 = tl.where(m_c, b_s2 + tl.sum(b_pow, 1)[:, None], b_s2)
     return b_s1, b_s2
 
@@ -373,11 +377,16 @@ def _accumulate_power_stats(b_zr, b_t, b_r, b_s1, b_s2, NC: tl.constexpr):
 @triton.jit
 def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
     """Any alpha: one solver pass from ``f(t) = sum max(x - t, 0)^r - 1`` (convex and decreasing; r >= 1) at the
-    candidates ``b_t`` [BM, NC] of the bracket [lo, hi]. Lower bounds: candidates with f >= 0 and every Newton step
-    (a tangent of a convex f crosses 0 left of the root); upper bounds: candidates with f < 0 and the secant between
-    the two candidates around the root. The bracket shrinks quadratically; a row is solved when it is a few floats
-    wide (relative 2^-21) or collapses. Returns (tau = lo, lo, hi, done)."""
-    b_f = b_s1 - 1.0
+    candidates ``b_t`` [BM, NC] of the bracket [lo, hi] (sums of :func:`_accumulate_power_stats`). Lower bounds:
+    candidates with f >= 0 and every Newton step (a tangent of a convex f crosses 0 left of the root); upper bounds:
+    candidates with f < 0 and the secant between the two candidates around the root. The bracket shrinks
+    quadratically; a row is solved when it is a few floats wide (relative 2^-21) or collapses.
+    Sparsemax rows (r = 1) take the closed form (Martins and Astudillo, 2016): each candidate's support S gives
+    ``c = (sum_S x - 1) / |S|`` (x relative to the row maximum, rounded once), a lower bound of the root that is the
+    root when S is its support. The largest c is tau as soon as its own support is provably S (no score between
+    the candidates around c). Returns (tau, lo, hi, done)."""
+    m_sparse = b_r == 1.0  # [BM]
+    b_f = tl.where(m_sparse[:, None], b_s1 - b_s2 * b_t, b_s1) - 1.0
     m_left = b_f >= 0
     m_support = b_s2 > 0
     b_newton = tl.where(m_support, b_t + b_f / (b_r[:, None] * tl.where(m_support, b_s2, 1.0)), float("-inf"))
@@ -389,13 +398,26 @@ def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
     b_gap = tl.where(m_both, b_f_left - b_f_right, 1.0)  # > 0
     b_secant = tl.where(m_both, b_t_left + tl.where(m_both, b_f_left, 0.0)
                         * (tl.where(m_both, b_t_right, 0.0) - tl.where(m_both, b_t_left, 0.0)) / b_gap, float("inf"))
-    b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.max(b_newton, 1))
+    # sparsemax: the size of c's support {x > c} is the size of the supports of the nearest candidates at or below c
+    # and at or above it when those agree (supports shrink as t grows: the least size of one side, the largest of the
+    # other); c is the root when that is the size of the support whose closed form c is (a fixed point)
+    m_closed_form = m_sparse[:, None] & m_support
+    b_closed_of = tl.where(m_closed_form, tl.math.div_rn(b_s1 - 1.0, tl.where(m_closed_form, b_s2, 1.0)),
+                           float("-inf"))  # [BM, NC]
+    b_closed = tl.max(b_closed_of, 1)  # [BM]
+    b_size = tl.min(tl.where(b_t <= b_closed[:, None], b_s2, float("inf")), 1)
+    m_fixed = (b_closed_of == b_closed[:, None]) & (b_s2 == b_size[:, None])
+    m_closed = m_sparse & (b_size == tl.max(tl.where(b_t >= b_closed[:, None], b_s2, -1.0), 1)) \
+        & (tl.max(m_fixed.to(tl.int32), 1) > 0)
+    # (its c are the Newton steps of its candidates, rounded once: the Newton steps' t + f / |S| may exceed the root by
+    # their rounding, leaving no candidate at or below c in the next pass)
+    b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.where(m_sparse, b_closed, tl.max(b_newton, 1)))
     b_new_hi = tl.minimum(tl.minimum(b_hi, b_t_right), b_secant)
     m_solved = (b_new_hi - b_new_lo) <= 4.8e-7 * tl.abs(b_new_lo)  # also a collapsed bracket (hi <= lo)
-    b_tau = tl.where(b_done, b_tau, b_new_lo)
+    b_tau = tl.where(b_done, b_tau, tl.where(m_closed, b_closed, b_new_lo))
     b_lo = tl.where(b_done, b_lo, b_new_lo)
     b_hi = tl.where(b_done, b_hi, tl.maximum(b_new_hi, b_new_lo))
-    return b_tau, b_lo, b_hi, b_done | m_solved
+    return b_tau, b_lo, b_hi, b_done | m_solved | m_closed
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
