@@ -78,7 +78,14 @@ class Tiles(NamedTuple):
     The backward uses ``bwd_block_m`` x ``bwd_block_n`` tiles (None: ``block_m`` / ``block_n``; each must divide
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
     (rounded up to powers of two) are at most ``bwd_whole_d``, else takes them in chunks of ``bwd_block_d`` (None:
-    ``block_d``), recomputing QK^T per chunk."""
+    ``block_d``), recomputing QK^T per chunk.
+    The output kernel of any alpha (GENERAL) holds three [BM, BDV] fp32 accumulators (o, w's numerator and alpha's
+    gradient sum s) where entmax-1.5 holds two: its tiles hold at most ``general_block_mdv`` elements
+    (:func:`_forward_tiles`), by fewer query rows up to Dv = ``wide_block_dv`` (one chunk: QK^T once per score, K
+    and V streamed once per BM rows, 32 at Dv = 128: twice entmax-1.5's K traffic of that kernel, where Dv chunks
+    of 64 would stream K as often and compute QK^T twice) and above it by narrower Dv chunks of the
+    ``wide_dv_block_m`` rows (16 rows cannot shrink further on tensor cores: Dv = 512 in two chunks of 256, QK^T
+    twice per score)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -99,6 +106,7 @@ class Tiles(NamedTuple):
     tau_block_d: Optional[int] = None
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
+    general_block_mdv: int = 4096
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -179,6 +187,20 @@ _ALTERNATIVES = {
                           "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 256})]},
     ("fwd wide", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 16, "BDV": 256})],
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
+    ("tau registers general", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
+    ("tau registers general", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau passes general", False): {"sm_80": [(4, 3), (8, 3, {"BN": 64})],
+                                    "sm_90": [(4, 3, {"maxnreg": 128}), (4, 3, {"BN": 64, "maxnreg": 168}),
+                                              (8, 3, {"BN": 64})]},
+    ("tau passes general", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
+    ("fwd general", False): {"sm_80": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})],
+                             "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
+    ("fwd general", True): {"sm_80": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})],
+                            "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
+    ("fwd wide general", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
+                                  "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})]},
+    ("fwd wide general", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
+                                 "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})]},
     ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("bwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("bwd chunked", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
@@ -188,7 +210,7 @@ _ALTERNATIVES = {
 
 def _default_options(kernel: str, tiles: Tiles) -> tuple:
     """``(num_warps, num_stages)`` that ``kernel`` (a key of ``_ALTERNATIVES``) launches with untuned."""
-    if kernel == "tau passes" and tiles.tau_num_warps is not None:
+    if kernel.startswith("tau passes") and tiles.tau_num_warps is not None:
         return tiles.tau_num_warps, tiles.num_stages
     return tiles.num_warps, tiles.num_stages
 
@@ -828,21 +850,30 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
             *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
                 UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
-           _candidates("tau registers" if in_registers else "tau passes", q.dtype, blocks, launch_arch(q.device)),
+           _candidates(("tau registers" if in_registers else "tau passes") + (" general" if general else ""), q.dtype,
+                       blocks, launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
 
 
-def _forward_tiles(tiles: Tiles, dv: int):
+def _forward_tiles(tiles: Tiles, dv: int, general: bool = False):
     """(candidate list, query rows BM, Dv chunk BDV) of the output kernel (``Tiles``): ``block_m`` rows and one
     chunk of ``block_dv`` or Dv's next power of two for Dv up to ``wide_block_dv``, else ``wide_dv_block_m`` rows
-    and chunks of Dv's next power of two up to ``wide_dv_block_dv``."""
+    and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``general`` (any alpha): the lists
+    ``"fwd general"`` and ``"fwd wide general"``, with BM (one chunk) or else BDV cut so that BM x BDV is at most
+    ``general_block_mdv``."""
     if dv <= tiles.wide_block_dv:
-        return "fwd", tiles.block_m, max(tiles.block_dv, triton.next_power_of_2(dv))
+        block_dv = max(tiles.block_dv, triton.next_power_of_2(dv))
+        if not general:
+            return "fwd", tiles.block_m, block_dv
+        return "fwd general", min(tiles.block_m, max(1, tiles.general_block_mdv // block_dv)), block_dv
     block_m = tiles.wide_dv_block_m or tiles.block_m
     if tiles.block_m % block_m:
         raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
-    return "fwd wide", block_m, min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
+    block_dv = min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
+    if not general:
+        return "fwd wide", block_m, block_dv
+    return "fwd wide general", block_m, min(block_dv, max(1, tiles.general_block_mdv // block_m))
 
 
 def _general(general: bool) -> dict:
@@ -866,7 +897,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     store_s = store_s and general
     s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
     ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
-    name, block_m, block_dv = _forward_tiles(tiles, Dv)
+    name, block_m, block_dv = _forward_tiles(tiles, Dv, general)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
             alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
@@ -1781,48 +1812,57 @@ def aot_configurations() -> List[AotConfig]:
     the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
-    GENERAL=True (any alpha, label suffix "any-alpha"), compiled by the full list (``pytest -m full_aot``), not the
-    quick subset."""
+    GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists and output tiles), compiled by the
+    full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults whose tiles
+    are its own at some Dv (fewer rows or narrower Dv chunks than entmax-1.5's there), in fp32 and bf16 (fp16
+    compiles bf16's code)."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
         blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
         solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, MASK_BN=t.block_n, UPCAST_DOTS=False)
         # (label, kernel, candidate list, tile constexprs, other constexprs, alignments compiled: "aligned" for
-        # every candidate, "unaligned" for the default)
+        # every candidate, "unaligned" for the default, quick: the default in the quick subset)
         both = ("aligned", "unaligned")
-        variants = [
-            ("tau registers", _entmax_tau_kernel, "tau registers",
-             dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver), both),
-            ("tau passes BN={BN}", _entmax_tau_kernel, "tau passes", _tau_pass_tiles(t),
-             dict(ROW_IN_REGISTERS=False, **solver), both),
-        ]
+        variants = []
         # every (list, BM, BDV) of _forward_tiles (its chunks stop growing at the widest); labels name each
         # candidate's own tiles
         widest = max(t.wide_block_dv, t.wide_dv_block_dv or 0)
-        forward_tiles = dict.fromkeys(_forward_tiles(t, 1 << i) for i in range(widest.bit_length() + 1))
-        for name, block_m, block_dv in forward_tiles:
-            variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
-                             dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False), both))
-        for d, dv in _AOT_BWD_HEAD_DIMS:
-            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks
-            aligned_tiles, odd_tiles = _backward_tiles(t, d, dv), _backward_tiles(t, d - 1, dv - 1)
-            name = "bwd" if aligned_tiles[4] else "bwd chunked"
-            per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
-                             [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
-            for tiles, alignments in per_alignment:
-                variants.append((f"{name} D{d} Dv{dv}", _entmax_bwd_kernel, name,
-                                 dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)), dict(UPCAST_DOTS=False),
-                                 alignments))
-        variants = [(label + suffix, kernel, name, tiles, dict(fixed, GENERAL=general), alignments)
-                    for general, suffix in ((False, ""), (True, " any-alpha"))
-                    for label, kernel, name, tiles, fixed, alignments in variants]
-        for label, kernel, name, tiles, fixed, alignments in variants:
+        widths = [1 << i for i in range(widest.bit_length() + 1)]
+        for general, suffix in ((False, ""), (True, " any-alpha")):
+            lists = " general" if general else ""
+            fixed = dict(GENERAL=general)
+            variants += [
+                ("tau registers" + suffix, _entmax_tau_kernel, "tau registers" + lists,
+                 dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver, **fixed),
+                 both, not general),
+                ("tau passes BN={BN}" + suffix, _entmax_tau_kernel, "tau passes" + lists, _tau_pass_tiles(t),
+                 dict(ROW_IN_REGISTERS=False, **solver, **fixed), both, not general),
+            ]
+            forward_tiles = {}
+            for dv in widths:
+                tiles = _forward_tiles(t, dv, general)
+                forward_tiles[tiles] = forward_tiles.get(tiles, False) or tiles[1:] != _forward_tiles(t, dv)[1:]
+            for (name, block_m, block_dv), own in forward_tiles.items():
+                quick = not general or (own and torch_dtype != torch.float16)
+                variants.append((name.replace(" general", "") + " BM={BM} BDV={BDV}" + suffix, _entmax_fwd_kernel,
+                                 name, dict(blocks, BM=block_m, BDV=block_dv),
+                                 dict(MASK_BM=t.block_m, UPCAST_DOTS=False, **fixed), both, quick))
+            for d, dv in _AOT_BWD_HEAD_DIMS:
+                # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks
+                aligned_tiles, odd_tiles = _backward_tiles(t, d, dv), _backward_tiles(t, d - 1, dv - 1)
+                name = "bwd" if aligned_tiles[4] else "bwd chunked"
+                per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
+                                 [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
+                for tiles, alignments in per_alignment:
+                    variants.append((f"{name} D{d} Dv{dv}{suffix}", _entmax_bwd_kernel, name,
+                                     dict(zip(("BM", "BN", "BD", "BDV", "WHOLE"), tiles)),
+                                     dict(UPCAST_DOTS=False, **fixed), alignments, not general))
+        for label, kernel, name, tiles, fixed, alignments, quick in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles, arch)):
-                default = default and not fixed["GENERAL"]
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once
                 identity = (kernel, dtype, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
@@ -1837,7 +1877,7 @@ def aot_configurations() -> List[AotConfig]:
                                capabilities=capabilities)
                 if "aligned" in alignments:
                     configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
-                                             default=default, **options))
+                                             default=default and quick, **options))
                 if default and "unaligned" in alignments:
                     configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
     return configs

@@ -957,6 +957,49 @@ def test_sparsemax_threshold_is_the_closed_form_rounded_once(triton_backend, til
     assert error.max() <= 4 * torch.finfo(torch.float32).eps, error.max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
+    """The default tiles: any alpha's output kernel (three accumulators) cuts its rows (one Dv chunk) or, above
+    ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements; its rows divide the mask's."""
+    t = entmax._DEFAULT_TILES[dtype]
+    for dv in (1, 16, 33, 64, 100, 128, 129, 256, 512, 1024):
+        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True)
+        one_name, one_m, one_dv = entmax._forward_tiles(t, dv)
+        assert name == one_name + " general" and block_m * block_dv <= t.general_block_mdv
+        assert t.block_m % block_m == 0 and block_m >= 16 and block_dv >= 16
+        assert block_dv == one_dv if dv <= t.wide_block_dv else block_m == one_m
+        assert block_m * block_dv == min(one_m * one_dv, t.general_block_mdv)
+
+
+@pytest.mark.parametrize("dv, tiles_of_rows", [pytest.param(6, (4, 8), id="fewer-rows-one-chunk"),
+                                               pytest.param(20, (4, 8), id="narrower-chunks")])
+def test_any_alpha_output_kernel_takes_tiles_of_its_own(triton_backend, tiles, monkeypatch, dv, tiles_of_rows):
+    """With a budget of 32 elements in 8 x 8 mask tiles, the any-alpha output kernel runs 4-row tiles (Dv = 6: one
+    8-feature chunk; Dv = 20: chunks of 8 of its 4-row wide tiles) and matches the float64 reference, alpha's
+    gradient included (the third accumulator)."""
+    tiles(TINY._replace(general_block_mdv=32, wide_dv_block_m=4, wide_dv_block_dv=32))
+    launched, launch = [], entmax.launch
+
+    def recording(kernel, grid, args, kwargs, candidates, **options):
+        if kernel is entmax._entmax_fwd_kernel:
+            launched.append((candidates[0].kwargs["BM"], candidates[0].kwargs["BDV"]))
+        launch(kernel, grid, args, kwargs, candidates, **options)
+
+    monkeypatch.setattr(entmax, "launch", recording)
+    generator = torch.Generator().manual_seed(dv)
+    q, k, v = (torch.randn(1, 2, 13, n, generator=generator).requires_grad_() for n in (5, 5, dv))
+    alpha = torch.tensor([1.3, 2.0], requires_grad=True)
+    out = kernels.entmax_attention(q, k, v, alpha=alpha)
+    assert launched == [tiles_of_rows]
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, alpha), do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)]
+    expected = reference.entmax_attention_reference(*leaves[:3], alpha=leaves[3])
+    _assert_close(out, expected, 2e-5, "output")
+    for name, grad, want in zip(["q", "k", "v", "alpha"], grads, torch.autograd.grad(expected, leaves, do.double())):
+        _assert_close(grad, want, 5e-5, f"d{name}")
+
+
 def test_fused_module_learns_alpha_per_head_like_its_reference_twin(triton_backend, tiles):
     tiles(TINY)
     torch.manual_seed(23)
