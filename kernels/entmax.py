@@ -107,6 +107,7 @@ class Tiles(NamedTuple):
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
     general_block_mdv: int = 4096
+    general_block_m: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -132,7 +133,7 @@ _DEFAULT_TILES = {
                           bwd_block_d=128, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=64, tau_block_d=16,
-                         tau_num_warps=4),
+                         tau_num_warps=4, general_block_m=32),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -189,14 +190,10 @@ _ALTERNATIVES = {
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
     ("tau registers general", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers general", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
-    ("tau passes general", False): {"sm_80": [(4, 3), (8, 3, {"BN": 64})],
-                                    "sm_90": [(4, 3, {"maxnreg": 128}), (4, 3, {"BN": 64, "maxnreg": 168}),
-                                              (8, 3, {"BN": 64})]},
-    ("tau passes general", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
-    ("fwd general", False): {"sm_80": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})],
-                             "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
-    ("fwd general", True): {"sm_80": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})],
-                            "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
+    ("tau passes general", False): {"sm_80": [(8, 3, {"BN": 64})], "sm_90": [(8, 3, {"BN": 64})]},
+    ("tau passes general", True): {"sm_80": [], "sm_90": [(8, 2), (8, 3)]},
+    ("fwd general", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
+    ("fwd general", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd wide general", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
                                   "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})]},
     ("fwd wide general", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
@@ -860,13 +857,16 @@ def _forward_tiles(tiles: Tiles, dv: int, general: bool = False):
     """(candidate list, query rows BM, Dv chunk BDV) of the output kernel (``Tiles``): ``block_m`` rows and one
     chunk of ``block_dv`` or Dv's next power of two for Dv up to ``wide_block_dv``, else ``wide_dv_block_m`` rows
     and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``general`` (any alpha): the lists
-    ``"fwd general"`` and ``"fwd wide general"``, with BM (one chunk) or else BDV cut so that BM x BDV is at most
-    ``general_block_mdv``."""
+    ``"fwd general"`` and ``"fwd wide general"``, with BM (one chunk; at most ``general_block_m``) or else BDV cut
+    so that BM x BDV is at most ``general_block_mdv``."""
     if dv <= tiles.wide_block_dv:
         block_dv = max(tiles.block_dv, triton.next_power_of_2(dv))
         if not general:
             return "fwd", tiles.block_m, block_dv
-        return "fwd general", min(tiles.block_m, max(1, tiles.general_block_mdv // block_dv)), block_dv
+        block_m = min(tiles.general_block_m or tiles.block_m, max(1, tiles.general_block_mdv // block_dv))
+        if tiles.block_m % block_m:
+            raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
+        return "fwd general", block_m, block_dv
     block_m = tiles.wide_dv_block_m or tiles.block_m
     if tiles.block_m % block_m:
         raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")

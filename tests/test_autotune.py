@@ -124,7 +124,9 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
     constexprs = {"BM": 16, "BN": 16, "BDV": 512}
     for arch in ARCHS:
         listed = em._candidates(kernel, dtype, constexprs, arch)
-        assert len(listed) > 1 and len(set(map(str, listed))) == len(listed), listed
+        # any alpha's fp32 threshold passes on sm_80 keep their default alone (the others spill)
+        assert len(listed) > 1 or (kernel, dtype, arch) == ("tau passes general", torch.float32, "sm_80"), listed
+        assert len(set(map(str, listed))) == len(listed), listed
         assert (listed[0].num_warps, listed[0].num_stages) == em._default_options(kernel, tiles)
         assert listed[0].maxnreg is None
         assert listed[0].kwargs == constexprs

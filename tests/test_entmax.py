@@ -959,16 +959,20 @@ def test_sparsemax_threshold_is_the_closed_form_rounded_once(triton_backend, til
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
-    """The default tiles: any alpha's output kernel (three accumulators) cuts its rows (one Dv chunk) or, above
-    ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements; its rows divide the mask's."""
+    """The default tiles: any alpha's output kernel (three accumulators) cuts its rows (one Dv chunk; at most
+    ``general_block_m``) or, above ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements; its rows
+    divide the mask's."""
     t = entmax._DEFAULT_TILES[dtype]
     for dv in (1, 16, 33, 64, 100, 128, 129, 256, 512, 1024):
         name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True)
         one_name, one_m, one_dv = entmax._forward_tiles(t, dv)
         assert name == one_name + " general" and block_m * block_dv <= t.general_block_mdv
         assert t.block_m % block_m == 0 and block_m >= 16 and block_dv >= 16
-        assert block_dv == one_dv if dv <= t.wide_block_dv else block_m == one_m
-        assert block_m * block_dv == min(one_m * one_dv, t.general_block_mdv)
+        if dv <= t.wide_block_dv:
+            assert block_dv == one_dv
+            assert block_m == min(one_m, t.general_block_m or one_m, t.general_block_mdv // one_dv)
+        else:
+            assert block_m == one_m and block_dv == min(one_dv, t.general_block_mdv // one_m)
 
 
 @pytest.mark.parametrize("dv, tiles_of_rows", [pytest.param(6, (4, 8), id="fewer-rows-one-chunk"),
