@@ -141,8 +141,8 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
             assert all(config.kwargs == constexprs for config in listed)
             continue
         # the wide and any-alpha output kernels tune their own query rows (dividing the mask's) and Dv chunk (at
-        # most the default's)
-        assert len({(c.kwargs["BM"], c.kwargs["BDV"]) for c in listed}) > 1
+        # most the default's; any alpha's at Dv <= 128 only where an alternative does not spill)
+        assert len({(c.kwargs["BM"], c.kwargs["BDV"]) for c in listed}) > 1 or kernel == "fwd general"
         for config in listed:
             assert tiles.block_m % config.kwargs["BM"] == 0 and config.kwargs["BDV"] <= constexprs["BDV"]
             assert {k: v for k, v in config.kwargs.items() if k not in ("BM", "BDV")} == {"BN": 16}
