@@ -85,7 +85,7 @@ class Tiles(NamedTuple):
     and V streamed once per BM rows, 32 at Dv = 128: twice entmax-1.5's K traffic of that kernel, where Dv chunks
     of 64 would stream K as often and compute QK^T twice) and above it by narrower Dv chunks of the
     ``wide_dv_block_m`` rows (16 rows cannot shrink further on tensor cores: Dv = 512 in two chunks of 256, QK^T
-    twice per score)."""
+    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -177,14 +177,14 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: (16-bit) twice, with chunks of 128 (fp32) four times.
 #: Any alpha (the GENERAL kernels) has lists of its own (`` general`` keys), measured the same way at the report's
 #: any-alpha cases (``--cases alpha=1.25``): its threshold kernel (more code per pass: the powers, sparsemax's closed
-#: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped sm_90 ones
-#: and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (rows in registers: as entmax-1.5, 89-159
-#: registers, no spill). Its output kernel (three accumulators, ``Tiles.general_block_mdv``) spilled 24-840 bytes at
-#: entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv = 128; fp32 at most 32 rows: 64 x 64 spills 308 bytes
-#: on sm_80) it holds 208-233 registers. Its alternatives: 3 stages; at Dv <= 128 on sm_90, 64 rows with Dv chunks
+#: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped
+#: sm_90 ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (rows in registers: as
+#: entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators, ``Tiles.general_block_mdv``)
+#: spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv = 128; fp32 at most 32 rows:
+#: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages; at Dv <= 128 on sm_90, 64 rows with Dv chunks
 #: of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as often, QK^T twice; at Dv <= 64 fp32's K traffic
-#: of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above Dv = 128, 32 rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes
-#: it twice; K streamed as often, V half as often).
+#: of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above Dv = 128, 32 rows with chunks of 128 (at
+#: Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K streamed as often, V half as often).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
@@ -439,8 +439,8 @@ def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
     m_fixed = (b_closed_of == b_closed[:, None]) & (b_s2 == b_size[:, None])
     m_closed = m_sparse & (b_size == tl.max(tl.where(b_t >= b_closed[:, None], b_s2, -1.0), 1)) \
         & (tl.max(m_fixed.to(tl.int32), 1) > 0)
-    # (its c are the Newton steps of its candidates, rounded once: the Newton steps' t + f / |S| may exceed the root by
-    # their rounding, leaving no candidate at or below c in the next pass)
+    # sparsemax rows take the largest c as their lower bound in place of the Newton steps: each c is its candidate's
+    # Newton step rounded once, where t + f / |S| may round above the root and leave no candidate at or below c next
     b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.where(m_sparse, b_closed, tl.max(b_newton, 1)))
     b_new_hi = tl.minimum(tl.minimum(b_hi, b_t_right), b_secant)
     m_solved = (b_new_hi - b_new_lo) <= 4.8e-7 * tl.abs(b_new_lo)  # also a collapsed bracket (hi <= lo)
