@@ -79,7 +79,14 @@ class Tiles(NamedTuple):
     the support mask's ``block_m`` / ``block_n`` tile or be a multiple of it) and holds D and Dv whole when both
     (rounded up to powers of two) are at most ``bwd_whole_d``; wider heads reduce QK^T and dP in steps of
     ``bwd_block_d`` features (None: ``block_d``) streamed from memory and accumulate dk and dv of up to ``bwd_wide_d``
-    / ``bwd_wide_dv`` features per program (wider: several programs, each recomputing QK^T)."""
+    / ``bwd_wide_dv`` features per program (wider: several programs, each recomputing QK^T).
+    The output kernel of any alpha (GENERAL) holds three [BM, BDV] fp32 accumulators (o, w's numerator and alpha's
+    gradient sum s) where entmax-1.5 holds two: its tiles hold at most ``general_block_mdv`` elements
+    (:func:`_forward_tiles`), by fewer query rows up to Dv = ``wide_block_dv`` (one chunk: QK^T once per score, K
+    and V streamed once per BM rows, 32 at Dv = 128: twice entmax-1.5's K traffic of that kernel, where Dv chunks
+    of 64 would stream K as often and compute QK^T twice) and above it by narrower Dv chunks of the
+    ``wide_dv_block_m`` rows (16 rows cannot shrink further on tensor cores: Dv = 512 in two chunks of 256, QK^T
+    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills)."""
 
     block_m: int = 64
     block_n: int = 64
@@ -102,6 +109,8 @@ class Tiles(NamedTuple):
     tau_block_d: Optional[int] = None
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
+    general_block_mdv: int = 4096
+    general_block_m: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -128,7 +137,7 @@ _DEFAULT_TILES = {
                           bwd_block_d=64, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
-                         tau_num_warps=4),
+                         tau_num_warps=4, general_block_m=32),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -173,6 +182,17 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows: 32
 #: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
 #: (16-bit) twice, with chunks of 128 (fp32) four times.
+#: Any alpha (the GENERAL kernels) has lists of its own (`` general`` keys), measured the same way at the report's
+#: any-alpha cases (``--cases alpha=1.25``): its threshold kernel (more code per pass: the powers, sparsemax's closed
+#: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped
+#: sm_90 ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (rows in registers: as
+#: entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators, ``Tiles.general_block_mdv``)
+#: spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv = 128; fp32 at most 32 rows:
+#: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages; at Dv <= 128 on
+#: sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as often, QK^T twice;
+#: at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above Dv = 128, 32
+#: rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K streamed as
+#: often, V half as often).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
@@ -186,6 +206,17 @@ _ALTERNATIVES = {
                           "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 256})]},
     ("fwd wide", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 16, "BDV": 256})],
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
+    # any alpha (GENERAL)
+    ("tau registers general", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
+    ("tau registers general", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau passes general", False): {"sm_80": [(8, 3, {"BN": 64})], "sm_90": [(8, 3, {"BN": 64})]},
+    ("tau passes general", True): {"sm_80": [], "sm_90": [(8, 2), (8, 3)]},
+    ("fwd general", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
+    ("fwd general", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
+    ("fwd wide general", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
+                                  "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})]},
+    ("fwd wide general", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
+                                 "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})]},
     ("bwd", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("bwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("bwd chunked", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
@@ -195,7 +226,7 @@ _ALTERNATIVES = {
 
 def _default_options(kernel: str, tiles: Tiles) -> tuple:
     """``(num_warps, num_stages)`` that ``kernel`` (a key of ``_ALTERNATIVES``) launches with untuned."""
-    if kernel == "tau passes" and tiles.tau_num_warps is not None:
+    if kernel.startswith("tau passes") and tiles.tau_num_warps is not None:
         return tiles.tau_num_warps, tiles.num_stages
     return tiles.num_warps, tiles.num_stages
 
@@ -365,14 +396,18 @@ def _powers(b_g, b_exponent):
 @triton.jit
 def _accumulate_power_stats(b_zr, b_t, b_r, b_s1, b_s2, NC: tl.constexpr):
     """Any alpha: add one key tile's ``sum_j w^r`` and ``sum_j w^(r - 1)`` over the support ``w = zr - t > 0`` of
-    every candidate t (``b_t`` [BM, NC]; r = 1 / (alpha - 1) per row): f(t) = s1 - 1 and f'(t) = -r s2."""
+    every candidate t (``b_t`` [BM, NC]; r = 1 / (alpha - 1) per row): f(t) = s1 - 1 and f'(t) = -r s2. Sparsemax
+    rows (r = 1) add ``sum_j zr`` over the support instead (s2 is its size): f(t) = s1 - s2 t - 1, and
+    :func:`_power_candidate_step` gets its closed form from these sums, which hold the relative scores themselves."""
     o_c = tl.arange(0, NC)
+    m_sparse = (b_r == 1.0)[:, None]  # [BM, 1]
     for i_c in range(NC):
         m_c = (o_c == i_c)[None, :]
         b_tc = tl.sum(tl.where(m_c, b_t, 0.0), 1)  # [BM]
         b_w = tl.maximum(b_zr - b_tc[:, None], 0.0)  # [BM, BN]
         b_pow = _powers(b_w, b_r - 1.0)  # w^(r - 1)
-        b_s1 = tl.where(m_c, b_s1 + tl.sum(b_pow * b_w, 1)[:, None], b_s1)
+        b_term = tl.where(m_sparse & (b_w > 0), b_zr, b_pow * b_w)
+        b_s1 = tl.where(m_c, b_s1 + tl.sum(b_term, 1)[:, None], b_s1)
         b_s2 = tl.where(m_c, b_s2 + tl.sum(b_pow, 1)[:, None], b_s2)
     return b_s1, b_s2
 
@@ -380,11 +415,16 @@ def _accumulate_power_stats(b_zr, b_t, b_r, b_s1, b_s2, NC: tl.constexpr):
 @triton.jit
 def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
     """Any alpha: one solver pass from ``f(t) = sum max(x - t, 0)^r - 1`` (convex and decreasing; r >= 1) at the
-    candidates ``b_t`` [BM, NC] of the bracket [lo, hi]. Lower bounds: candidates with f >= 0 and every Newton step
-    (a tangent of a convex f crosses 0 left of the root); upper bounds: candidates with f < 0 and the secant between
-    the two candidates around the root. The bracket shrinks quadratically; a row is solved when it is a few floats
-    wide (relative 2^-21) or collapses. Returns (tau = lo, lo, hi, done)."""
-    b_f = b_s1 - 1.0
+    candidates ``b_t`` [BM, NC] of the bracket [lo, hi] (sums of :func:`_accumulate_power_stats`). Lower bounds:
+    candidates with f >= 0 and every Newton step (a tangent of a convex f crosses 0 left of the root); upper bounds:
+    candidates with f < 0 and the secant between the two candidates around the root. The bracket shrinks
+    quadratically; a row is solved when it is a few floats wide (relative 2^-21) or collapses.
+    Sparsemax rows (r = 1) take the closed form (Martins and Astudillo, 2016): each candidate's support S gives
+    ``c = (sum_S x - 1) / |S|`` (x relative to the row maximum, rounded once), a lower bound of the root that is the
+    root when S is its support. The largest c is tau as soon as its own support is provably S (no score between
+    the candidates around c). Returns (tau, lo, hi, done)."""
+    m_sparse = b_r == 1.0  # [BM]
+    b_f = tl.where(m_sparse[:, None], b_s1 - b_s2 * b_t, b_s1) - 1.0
     m_left = b_f >= 0
     m_support = b_s2 > 0
     b_newton = tl.where(m_support, b_t + b_f / (b_r[:, None] * tl.where(m_support, b_s2, 1.0)), float("-inf"))
@@ -396,13 +436,26 @@ def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
     b_gap = tl.where(m_both, b_f_left - b_f_right, 1.0)  # > 0
     b_secant = tl.where(m_both, b_t_left + tl.where(m_both, b_f_left, 0.0)
                         * (tl.where(m_both, b_t_right, 0.0) - tl.where(m_both, b_t_left, 0.0)) / b_gap, float("inf"))
-    b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.max(b_newton, 1))
+    # sparsemax: the size of c's support {x > c} is the size of the supports of the nearest candidates at or below c
+    # and at or above it when those agree (supports shrink as t grows: the least size of one side, the largest of the
+    # other); c is the root when that is the size of the support whose closed form c is (a fixed point)
+    m_closed_form = m_sparse[:, None] & m_support
+    b_closed_of = tl.where(m_closed_form, tl.math.div_rn(b_s1 - 1.0, tl.where(m_closed_form, b_s2, 1.0)),
+                           float("-inf"))  # [BM, NC]
+    b_closed = tl.max(b_closed_of, 1)  # [BM]
+    b_size = tl.min(tl.where(b_t <= b_closed[:, None], b_s2, float("inf")), 1)
+    m_fixed = (b_closed_of == b_closed[:, None]) & (b_s2 == b_size[:, None])
+    m_closed = m_sparse & (b_size == tl.max(tl.where(b_t >= b_closed[:, None], b_s2, -1.0), 1)) \
+        & (tl.max(m_fixed.to(tl.int32), 1) > 0)
+    # sparsemax rows take the largest c as their lower bound in place of the Newton steps: each c is its candidate's
+    # Newton step rounded once, where t + f / |S| may round above the root and leave no candidate at or below c next
+    b_new_lo = tl.maximum(tl.maximum(b_lo, b_t_left), tl.where(m_sparse, b_closed, tl.max(b_newton, 1)))
     b_new_hi = tl.minimum(tl.minimum(b_hi, b_t_right), b_secant)
     m_solved = (b_new_hi - b_new_lo) <= 4.8e-7 * tl.abs(b_new_lo)  # also a collapsed bracket (hi <= lo)
-    b_tau = tl.where(b_done, b_tau, b_new_lo)
+    b_tau = tl.where(b_done, b_tau, tl.where(m_closed, b_closed, b_new_lo))
     b_lo = tl.where(b_done, b_lo, b_new_lo)
     b_hi = tl.where(b_done, b_hi, tl.maximum(b_new_hi, b_new_lo))
-    return b_tau, b_lo, b_hi, b_done | m_solved
+    return b_tau, b_lo, b_hi, b_done | m_solved | m_closed
 
 
 @triton.jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -834,21 +887,33 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
             *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
            dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
                 UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
-           _candidates("tau registers" if in_registers else "tau passes", q.dtype, blocks, launch_arch(q.device)),
+           _candidates(("tau registers" if in_registers else "tau passes") + (" general" if general else ""), q.dtype,
+                       blocks, launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
     return rowmax, tau, support
 
 
-def _forward_tiles(tiles: Tiles, dv: int):
+def _forward_tiles(tiles: Tiles, dv: int, general: bool = False):
     """(candidate list, query rows BM, Dv chunk BDV) of the output kernel (``Tiles``): ``block_m`` rows and one
     chunk of ``block_dv`` or Dv's next power of two for Dv up to ``wide_block_dv``, else ``wide_dv_block_m`` rows
-    and chunks of Dv's next power of two up to ``wide_dv_block_dv``."""
+    and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``general`` (any alpha): the lists
+    ``"fwd general"`` and ``"fwd wide general"``, with BM (one chunk; at most ``general_block_m``) or else BDV cut
+    so that BM x BDV is at most ``general_block_mdv``."""
     if dv <= tiles.wide_block_dv:
-        return "fwd", tiles.block_m, max(tiles.block_dv, triton.next_power_of_2(dv))
+        block_dv = max(tiles.block_dv, triton.next_power_of_2(dv))
+        if not general:
+            return "fwd", tiles.block_m, block_dv
+        block_m = min(tiles.general_block_m or tiles.block_m, max(1, tiles.general_block_mdv // block_dv))
+        if tiles.block_m % block_m:
+            raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
+        return "fwd general", block_m, block_dv
     block_m = tiles.wide_dv_block_m or tiles.block_m
     if tiles.block_m % block_m:
         raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
-    return "fwd wide", block_m, min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
+    block_dv = min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
+    if not general:
+        return "fwd wide", block_m, block_dv
+    return "fwd wide general", block_m, min(block_dv, max(1, tiles.general_block_mdv // block_m))
 
 
 def _general(general: bool) -> dict:
@@ -872,7 +937,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     store_s = store_s and general
     s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
     ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
-    name, block_m, block_dv = _forward_tiles(tiles, Dv)
+    name, block_m, block_dv = _forward_tiles(tiles, Dv, general)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
             alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
@@ -1077,7 +1142,9 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
            dict(UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates("bwd" if whole else "bwd chunked", q.dtype, blocks, arch),
            device=q.device, bucket=_bucket(B * H, T), reset_to_zero=("dq",))  # dq: atomic adds
-    return (dq * scale).to(q.dtype), dk, dv
+    if q.dtype == torch.float32:
+        return dq.mul_(scale), dk, dv
+    return torch.mul(dq, scale, out=torch.empty_like(dq, dtype=q.dtype)), dk, dv  # scale and cast in one operation
 
 
 # torch.library ops (docs/design.md section 5): opaque to torch.compile, with fake (meta) implementations and the
@@ -1858,49 +1925,58 @@ def aot_configurations() -> List[AotConfig]:
     the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
-    GENERAL=True (any alpha, label suffix "any-alpha"), compiled by the full list (``pytest -m full_aot``), not the
-    quick subset."""
+    GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists and output tiles), compiled by the
+    full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults whose tiles
+    are its own at some Dv (fewer rows or narrower Dv chunks than entmax-1.5's there), in fp32 and bf16 (fp16
+    compiles bf16's code)."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
         blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
         solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, MASK_BN=t.block_n, UPCAST_DOTS=False)
         # (label, kernel, candidate list, tile constexprs, other constexprs, alignments compiled: "aligned" for
-        # every candidate, "unaligned" for the default)
+        # every candidate, "unaligned" for the default, quick: the default in the quick subset)
         both = ("aligned", "unaligned")
-        variants = [
-            ("tau registers BM={BM}", _entmax_tau_kernel, "tau registers",
-             dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver), both),
-            ("tau passes BN={BN}", _entmax_tau_kernel, "tau passes", _tau_pass_tiles(t),
-             dict(ROW_IN_REGISTERS=False, **solver), both),
-        ]
+        variants = []
         # every (list, BM, BDV) of _forward_tiles (its chunks stop growing at the widest); labels name each
         # candidate's own tiles
         widest = max(t.wide_block_dv, t.wide_dv_block_dv or 0)
-        forward_tiles = dict.fromkeys(_forward_tiles(t, 1 << i) for i in range(widest.bit_length() + 1))
-        for name, block_m, block_dv in forward_tiles:
-            variants.append((name + " BM={BM} BDV={BDV}", _entmax_fwd_kernel, name,
-                             dict(blocks, BM=block_m, BDV=block_dv), dict(MASK_BM=t.block_m, UPCAST_DOTS=False), both))
-        for d, dv in _AOT_BWD_HEAD_DIMS:
-            # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks; tiles per
-            # architecture ({arch: constexprs}: _backward_tile_set)
-            aligned_tiles, odd_tiles = ({arch: _backward_tiles(_backward_tile_set(torch_dtype, n, nv, arch), n, nv)
-                                         for arch in ARCHS} for n, nv in ((d, dv), (d - 1, dv - 1)))
-            name = "bwd" if aligned_tiles["sm_80"]["WHOLE"] else "bwd chunked"
-            per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
-                             [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
-            for tiles, alignments in per_alignment:
-                variants.append((f"{name} D{d} Dv{dv} BN={{BN}}", _entmax_bwd_kernel, name, tiles,
-                                 dict(UPCAST_DOTS=False), alignments))
-        variants = [(label + suffix, kernel, name, tiles, dict(fixed, GENERAL=general), alignments)
-                    for general, suffix in ((False, ""), (True, " any-alpha"))
-                    for label, kernel, name, tiles, fixed, alignments in variants]
-        for label, kernel, name, tiles, fixed, alignments in variants:
+        widths = [1 << i for i in range(widest.bit_length() + 1)]
+        for general, suffix in ((False, ""), (True, " any-alpha")):
+            lists = " general" if general else ""
+            fixed = dict(GENERAL=general)
+            variants += [
+                ("tau registers BM={BM}" + suffix, _entmax_tau_kernel, "tau registers" + lists,
+                 dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver, **fixed),
+                 both, not general),
+                ("tau passes BN={BN}" + suffix, _entmax_tau_kernel, "tau passes" + lists, _tau_pass_tiles(t),
+                 dict(ROW_IN_REGISTERS=False, **solver, **fixed), both, not general),
+            ]
+            forward_tiles = {}
+            for dv in widths:
+                tiles = _forward_tiles(t, dv, general)
+                forward_tiles[tiles] = forward_tiles.get(tiles, False) or tiles[1:] != _forward_tiles(t, dv)[1:]
+            for (name, block_m, block_dv), own in forward_tiles.items():
+                quick = not general or (own and torch_dtype != torch.float16)
+                variants.append((name.replace(" general", "") + " BM={BM} BDV={BDV}" + suffix, _entmax_fwd_kernel,
+                                 name, dict(blocks, BM=block_m, BDV=block_dv),
+                                 dict(MASK_BM=t.block_m, UPCAST_DOTS=False, **fixed), both, quick))
+            for d, dv in _AOT_BWD_HEAD_DIMS:
+                # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks; tiles per
+                # architecture ({arch: constexprs}: _backward_tile_set)
+                aligned_tiles, odd_tiles = ({arch: _backward_tiles(_backward_tile_set(torch_dtype, n, nv, arch), n, nv)
+                                             for arch in ARCHS} for n, nv in ((d, dv), (d - 1, dv - 1)))
+                name = "bwd" if aligned_tiles["sm_80"]["WHOLE"] else "bwd chunked"
+                per_alignment = ([(aligned_tiles, both)] if odd_tiles == aligned_tiles else
+                                 [(aligned_tiles, ("aligned",)), (odd_tiles, ("unaligned",))])
+                for tiles, alignments in per_alignment:
+                    variants.append((f"{name} D{d} Dv{dv} BN={{BN}}{suffix}", _entmax_bwd_kernel, name, tiles,
+                                     dict(UPCAST_DOTS=False, **fixed), alignments, not general))
+        for label, kernel, name, tiles, fixed, alignments, quick in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles.get(arch, tiles), arch)):
-                default = default and not fixed["GENERAL"]
                 constexprs = {**fixed, **config.kwargs}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once
                 identity = (kernel, dtype, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
@@ -1915,7 +1991,7 @@ def aot_configurations() -> List[AotConfig]:
                                capabilities=capabilities)
                 if "aligned" in alignments:
                     configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
-                                             default=default, **options))
+                                             default=default and quick, **options))
                 if default and "unaligned" in alignments:
                     configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
     return configs + _tile_lists_aot_configurations()
@@ -1928,7 +2004,8 @@ def _tile_lists_aot_configurations() -> List[AotConfig]:
     configs, listed = [], set()
     for torch_dtype in _TRITON_DTYPES:
         t = _DEFAULT_TILES[torch_dtype]
-        block_m, block_n = _backward_tiles(t, 64, 64)[:2]
+        backward = _backward_tiles(t, 64, 64)
+        block_m, block_n = backward["BM"], backward["BN"]
         for has_support in (True, False):
             constexprs = _tile_list_constexprs(block_m, block_n, t.block_m, t.block_n, has_support)
             if tuple(constexprs.items()) in listed:

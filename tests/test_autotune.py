@@ -116,18 +116,21 @@ def test_moe_candidates_per_architecture(dtype):
     assert moe._launch_tiles(torch.zeros(2, 2, dtype=dtype)) == moe.TILES[("sm_80", dtype)]
 
 
-@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "fwd wide", "bwd", "bwd chunked"])
+@pytest.mark.parametrize("kernel", ["tau registers", "tau passes", "fwd", "fwd wide", "bwd", "bwd chunked",
+                                    "tau registers general", "tau passes general", "fwd general", "fwd wide general"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_entmax_candidates_per_architecture(kernel, dtype):
     tiles = em._DEFAULT_TILES[dtype]
     constexprs = {"BM": 16, "BN": 16, "BDV": 512}
     for arch in ARCHS:
         listed = em._candidates(kernel, dtype, constexprs, arch)
-        assert len(listed) > 1 and len(set(map(str, listed))) == len(listed), listed
+        # any alpha's fp32 threshold passes on sm_80 keep their default alone (the others spill)
+        assert len(listed) > 1 or (kernel, dtype, arch) == ("tau passes general", torch.float32, "sm_80"), listed
+        assert len(set(map(str, listed))) == len(listed), listed
         assert (listed[0].num_warps, listed[0].num_stages) == em._default_options(kernel, tiles)
         assert listed[0].maxnreg is None
         assert listed[0].kwargs == constexprs
-        if kernel == "tau passes":
+        if kernel.startswith("tau passes"):
             # the threshold passes tune their key tile, a divisor of the support mask's (the mask tile is their OR)
             for config in listed:
                 assert tiles.block_n % config.kwargs["BN"] == 0 or config.kwargs["BN"] == constexprs["BN"]
@@ -139,12 +142,13 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
                        for config in listed)
             assert arch != "sm_90" or any(config.kwargs["BM"] == 64 for config in listed)
             continue
-        if kernel != "fwd wide":
+        if kernel not in ("fwd wide", "fwd general", "fwd wide general"):
             # one tile shape per call: the support mask's tiles and the backward's query-tile lists are fixed before
             assert all(config.kwargs == constexprs for config in listed)
             continue
-        # the wide output kernel tunes its own query rows (dividing the mask's) and Dv chunk (at most the default's)
-        assert len({(c.kwargs["BM"], c.kwargs["BDV"]) for c in listed}) > 1
+        # the wide and any-alpha output kernels tune their own query rows (dividing the mask's) and Dv chunk (at
+        # most the default's; any alpha's at Dv <= 128 only where an alternative does not spill)
+        assert len({(c.kwargs["BM"], c.kwargs["BDV"]) for c in listed}) > 1 or kernel == "fwd general"
         for config in listed:
             assert tiles.block_m % config.kwargs["BM"] == 0 and config.kwargs["BDV"] <= constexprs["BDV"]
             assert {k: v for k, v in config.kwargs.items() if k not in ("BM", "BDV")} == {"BN": 16}
@@ -242,7 +246,7 @@ def _launched_candidates(op, kernel, arch):
         # each default compiled for this architecture (the backward's tiles may differ per architecture)
         return [c for config in configurations(op, defaults_only=True) if config.kernel is kernel
                 and _autotune.ARCH_CAPABILITY[arch] in config.capabilities
-                for c in em._candidates(_entmax_list(config.label), _ENTMAX_DTYPES[config.signature["q"]],
+                for c in em._candidates(_entmax_list(config), _ENTMAX_DTYPES[config.signature["q"]],
                                         {k: config.constexprs[k] for k in ("BM", "BN", "BD")
                                          + (("BDV",) if "BDV" in config.constexprs else ())
                                          + (("WHOLE",) if "WHOLE" in config.constexprs else ())}, arch)]
@@ -261,6 +265,9 @@ def _same(candidate, listed):
 _ENTMAX_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch.bfloat16}
 
 
-def _entmax_list(label):
-    return next(name for name in ("tau registers", "tau passes", "fwd wide", "fwd", "bwd chunked", "bwd")
-                if label.startswith(name))
+def _entmax_list(config):
+    """The candidate list (``kernels.entmax._ALTERNATIVES``) of an AOT configuration: any alpha's threshold and
+    output kernels (GENERAL) have lists of their own."""
+    name = next(name for name in ("tau registers", "tau passes", "fwd wide", "fwd", "bwd chunked", "bwd")
+                if config.label.startswith(name))
+    return name + " general" if config.constexprs["GENERAL"] and not name.startswith("bwd") else name

@@ -976,6 +976,8 @@ def test_fused_module_with_grouped_heads_matches_its_reference_twin(triton_backe
 @pytest.mark.parametrize("h, h_kv, t_q, t_k, causal, alpha, tile_set", [
     pytest.param(2, 2, 7, 7, True, 1.25, TINY, id="alpha1.25-in-registers"),
     pytest.param(1, 1, 19, 19, True, 2.0, TINY, id="sparsemax-passes"),
+    pytest.param(2, 2, 7, 7, False, 2.0, TINY, id="sparsemax-in-registers-not-causal"),
+    pytest.param(4, 2, 5, 11, True, "per-head-with-sparsemax", TINY, id="sparsemax-and-other-alpha-per-head-gqa"),
     pytest.param(2, 2, 19, 19, False, "per-head", SKEWED, id="alpha-per-head-passes-not-causal"),
     pytest.param(4, 2, 5, 11, True, "per-head", TINY, id="alpha-per-head-gqa-short-queries"),
     pytest.param(2, 1, 13, 6, True, 1.75, TINY, id="alpha1.75-mqa-queries-that-see-no-key"),
@@ -989,6 +991,8 @@ def test_any_alpha_matches_the_reference_with_alpha_gradient(triton_backend, til
                for heads, t, n in ((h, t_q, 5), (h_kv, t_k, 5), (h_kv, t_k, 3)))
     if alpha == "per-head":
         alpha = (1.1 + 0.9 * torch.rand(h, generator=generator)).requires_grad_()
+    elif alpha == "per-head-with-sparsemax":  # sparsemax heads share the kernels' tiles with the others
+        alpha = torch.tensor([2.0, 1.3, 1.7, 2.0], requires_grad=True)
     elif alpha == 1.5:
         alpha = torch.full((h,), 1.5, requires_grad=True)  # a tensor takes the any-alpha kernels, even at 1.5
     inputs = (q, k, v) + ((alpha,) if isinstance(alpha, torch.Tensor) else ())
@@ -1050,6 +1054,86 @@ def test_any_alpha_threshold_is_within_fp32_rounding_of_the_float64_root(triton_
         lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
     error = (tau[0, 0].double() - lo[:, 0]).abs() / lo[:, 0].abs()
     assert error.max() <= 4 * torch.finfo(torch.float32).eps, error.max()
+
+
+@pytest.mark.parametrize("q_scale", THRESHOLD_ROWS)
+@pytest.mark.parametrize("t", [pytest.param(8, id="in-registers"), pytest.param(21, id="passes")])
+def test_sparsemax_threshold_is_the_closed_form_rounded_once(triton_backend, tiles, t, q_scale):
+    """alpha = 2 rows (every other row; the others alpha = 1.25, in the same tiles) get sparsemax's closed form on
+    their support, ``tau = (sum_S x - 1) / |S|``, relative to the row maximum: on scores that are small integers times
+    powers of two (the sum exact in fp32) it is the float64 root rounded once to fp32, bit for bit; the alpha = 1.25
+    rows stay within 4 fp32 floats of their float64 root."""
+    tiles(TINY)
+    d = 4
+    generator = torch.Generator().manual_seed(t)
+    q = torch.randint(-8, 9, (1, 1, t, d), generator=generator).float() * q_scale
+    k = torch.randint(-8, 9, (1, 1, t, d), generator=generator).float()
+    alpha_rows = torch.where(torch.arange(t) % 2 == 0, 2.0, 1.25)[None, :]
+    rowmax, tau, _ = entmax._entmax_tau(q, k, True, 0.25, entmax._whole_sequences(t, q.device), alpha_rows)
+    scores = 0.25 * (q[0, 0].double() @ k[0, 0].double().T)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    x = (alpha_rows[0, :, None].double() - 1) * scores - rowmax[0, 0].double()[:, None]
+    sparse = alpha_rows[0] == 2.0
+    # float64 sparsemax root by sorting (Martins and Astudillo, 2016)
+    x_sorted = x[sparse].sort(-1, descending=True).values.clamp(min=-2.0)
+    size = torch.arange(1, t + 1, dtype=torch.float64)
+    support = (1 + size * x_sorted > x_sorted.cumsum(-1)).sum(-1, keepdim=True)
+    root = ((x_sorted.cumsum(-1).gather(-1, support - 1) - 1) / support)[:, 0]
+    assert torch.equal(tau[0, 0, sparse], root.float()), (tau[0, 0, sparse] - root).abs().max()
+    lo, hi = torch.full((t, 1), -1.0, dtype=torch.float64), torch.zeros(t, 1, dtype=torch.float64)
+    for _ in range(200):  # float64 bisection of the alpha = 1.25 rows
+        mid = (lo + hi) / 2
+        above = (x - mid).clamp(min=0).pow(4).sum(-1, keepdim=True) >= 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    error = (tau[0, 0, ~sparse].double() - lo[~sparse, 0]).abs() / lo[~sparse, 0].abs()
+    assert error.max() <= 4 * torch.finfo(torch.float32).eps, error.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
+    """The default tiles: any alpha's output kernel (three accumulators) cuts its rows (one Dv chunk; at most
+    ``general_block_m``) or, above ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements; its rows
+    divide the mask's."""
+    t = entmax._DEFAULT_TILES[dtype]
+    for dv in (1, 16, 33, 64, 100, 128, 129, 256, 512, 1024):
+        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True)
+        one_name, one_m, one_dv = entmax._forward_tiles(t, dv)
+        assert name == one_name + " general" and block_m * block_dv <= t.general_block_mdv
+        assert t.block_m % block_m == 0 and block_m >= 16 and block_dv >= 16
+        if dv <= t.wide_block_dv:
+            assert block_dv == one_dv
+            assert block_m == min(one_m, t.general_block_m or one_m, t.general_block_mdv // one_dv)
+        else:
+            assert block_m == one_m and block_dv == min(one_dv, t.general_block_mdv // one_m)
+
+
+@pytest.mark.parametrize("dv, tiles_of_rows", [pytest.param(6, (4, 8), id="fewer-rows-one-chunk"),
+                                               pytest.param(20, (4, 8), id="narrower-chunks")])
+def test_any_alpha_output_kernel_takes_tiles_of_its_own(triton_backend, tiles, monkeypatch, dv, tiles_of_rows):
+    """With a budget of 32 elements in 8 x 8 mask tiles, the any-alpha output kernel runs 4-row tiles (Dv = 6: one
+    8-feature chunk; Dv = 20: chunks of 8 of its 4-row wide tiles) and matches the float64 reference, alpha's
+    gradient included (the third accumulator)."""
+    tiles(TINY._replace(general_block_mdv=32, wide_dv_block_m=4, wide_dv_block_dv=32))
+    launched, launch = [], entmax.launch
+
+    def recording(kernel, grid, args, kwargs, candidates, **options):
+        if kernel is entmax._entmax_fwd_kernel:
+            launched.append((candidates[0].kwargs["BM"], candidates[0].kwargs["BDV"]))
+        launch(kernel, grid, args, kwargs, candidates, **options)
+
+    monkeypatch.setattr(entmax, "launch", recording)
+    generator = torch.Generator().manual_seed(dv)
+    q, k, v = (torch.randn(1, 2, 13, n, generator=generator).requires_grad_() for n in (5, 5, dv))
+    alpha = torch.tensor([1.3, 2.0], requires_grad=True)
+    out = kernels.entmax_attention(q, k, v, alpha=alpha)
+    assert launched == [tiles_of_rows]
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, alpha), do)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, alpha)]
+    expected = reference.entmax_attention_reference(*leaves[:3], alpha=leaves[3])
+    _assert_close(out, expected, 2e-5, "output")
+    for name, grad, want in zip(["q", "k", "v", "alpha"], grads, torch.autograd.grad(expected, leaves, do.double())):
+        _assert_close(grad, want, 5e-5, f"d{name}")
 
 
 def test_fused_module_learns_alpha_per_head_like_its_reference_twin(triton_backend, tiles):
