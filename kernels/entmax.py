@@ -1127,7 +1127,9 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     if support is not None and tuple(support.shape) != shape:
         raise ValueError(f"support must have shape (B*H, query tiles, key tiles) = {shape}, got "
                          f"{tuple(support.shape)}")
-    rows, counts = _backward_tile_lists(support, sequences, causal, T, TK, block_m, block_n, tiles, B * H, q.device)
+    # the support mask's tiles: ``tiles`` with the backward's key tile of ``arch`` may be another cache key
+    rows, counts = _backward_tile_lists(support, sequences, causal, T, TK, block_m, block_n, _tiles(q.dtype), B * H,
+                                        q.device)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
     c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
