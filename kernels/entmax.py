@@ -1999,28 +1999,38 @@ def aot_configurations() -> List[AotConfig]:
     return configs + _tile_lists_aot_configurations()
 
 
+def _tile_list_candidates(dtype: torch.dtype, arch: str, has_support: bool) -> List[triton.Config]:
+    """The one configuration of :func:`_tile_lists_kernel` that a backward of ``dtype`` at D = Dv = 64 launches on
+    ``arch`` (its tiles: :func:`_backward_tile_set`)."""
+    tiles = _DEFAULT_TILES[dtype]
+    backward = _backward_tiles(_backward_tile_set(dtype, 64, 64, arch), 64, 64)
+    return [triton.Config(_tile_list_constexprs(backward["BM"], backward["BN"], tiles.block_m, tiles.block_n,
+                                                has_support), **_TILE_LISTS_OPTIONS)]
+
+
 def _tile_lists_aot_configurations() -> List[AotConfig]:
-    """The backward's list kernel (:func:`_tile_lists_kernel`) at each dtype's default tiles (it reads no input of
-    that dtype: one configuration per distinct tiles), with the support mask (the op's launches: aligned pointers
-    are the default) and without (None given to the backward)."""
+    """The backward's list kernel (:func:`_tile_lists_kernel`) at each dtype's and architecture's default tiles (it
+    reads no input of that dtype: one configuration per distinct tiles), with the support mask (the op's launches:
+    aligned pointers are the default) and without (None given to the backward)."""
     configs, listed = [], set()
+    pointers = ("support", "seq_start", "seq_end", "tile_rows", "tile_counts")
     for torch_dtype in _TRITON_DTYPES:
-        t = _DEFAULT_TILES[torch_dtype]
-        backward = _backward_tiles(t, 64, 64)
-        block_m, block_n = backward["BM"], backward["BN"]
         for has_support in (True, False):
-            constexprs = _tile_list_constexprs(block_m, block_n, t.block_m, t.block_n, has_support)
-            if tuple(constexprs.items()) in listed:
-                continue
-            listed.add(tuple(constexprs.items()))
-            label = (f"tile lists BM={block_m} BN={block_n} mask {t.block_m}x{t.block_n}" +
-                     ("" if has_support else " no support"))
-            signature = _signature(_tile_lists_kernel, "i32", constexprs)
-            pointers = ("support", "seq_start", "seq_end", "tile_rows", "tile_counts")
-            configs.append(AotConfig(label + " aligned", _tile_lists_kernel, signature, constexprs, divisible=pointers,
-                                     default=has_support, **_TILE_LISTS_OPTIONS))
-            configs.append(AotConfig(label, _tile_lists_kernel, signature, constexprs, default=False,
-                                     **_TILE_LISTS_OPTIONS))
+            for config, capabilities, _ in aot_candidates(
+                    lambda arch: _tile_list_candidates(torch_dtype, arch, has_support)):
+                constexprs = config.kwargs
+                identity = (tuple(constexprs.items()), capabilities)
+                if identity in listed:
+                    continue
+                listed.add(identity)
+                label = (f"tile lists BM={constexprs['BM']} BN={constexprs['BN']} mask "
+                         f"{constexprs['MASK_BM']}x{constexprs['MASK_BN']}" + ("" if has_support else " no support"))
+                signature = _signature(_tile_lists_kernel, "i32", constexprs)
+                configs.append(AotConfig(label + " aligned", _tile_lists_kernel, signature, constexprs,
+                                         divisible=pointers, default=has_support, capabilities=capabilities,
+                                         **_TILE_LISTS_OPTIONS))
+                configs.append(AotConfig(label, _tile_lists_kernel, signature, constexprs, default=False,
+                                         capabilities=capabilities, **_TILE_LISTS_OPTIONS))
     return configs
 
 
