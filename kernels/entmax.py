@@ -45,7 +45,7 @@ import triton.language as tl
 from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
                       checked_cu_seqlens)
 from .aot import AotConfig
-from ._autotune import ARCHS, aot_candidates, launch, launch_arch, shape_bucket
+from ._autotune import ARCH_CAPABILITY, ARCHS, aot_candidates, launch, launch_arch, shape_bucket
 from ._packing import pack_padding, sequence_ids
 from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
 from ._amp import autocast_op
@@ -1090,6 +1090,44 @@ def _shape_tile_lists(reachable: bool, causal: bool, T: int, block_m: int, block
                              block_n, tiles.block_m, tiles.block_n, batch_heads)
 
 
+#: The backward's row sums: rows per program, Dv chunk and launch options (one configuration, no autotuning)
+_ROW_SUMS_TILES = dict(BM=32, BDV=64)
+_ROW_SUMS_OPTIONS = dict(num_warps=4, num_stages=1)
+
+
+@triton.jit(do_not_specialize=["H", "T"])
+def _entmax_bwd_row_sums_kernel(do, w, c, stride_ob, stride_oh, stride_ot, stride_od,
+                                stride_wb, stride_wh, stride_wt, stride_wd, H, T, Dv,
+                                BM: tl.constexpr, BDV: tl.constexpr):
+    """c (B*H, T) fp32 = ``sum_d do[..., d] * w[..., d]`` of do (B, H, T, Dv) and w (B, H, T, Dv) fp32: the
+    backward's ``c_i = dO_i . w_i`` (flash-attention's rowsum(dO * O)), in fp32 whatever do's dtype. Grid
+    (cdiv(T, BM), B*H)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < T
+    p_do = do + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh + o_m.to(tl.int64)[:, None] * stride_ot
+    p_w = w + i_b.to(tl.int64) * stride_wb + i_h.to(tl.int64) * stride_wh + o_m.to(tl.int64)[:, None] * stride_wt
+    b_c = tl.zeros([BM], dtype=tl.float32)
+    for d0 in range(0, Dv, BDV):
+        o_d = d0 + tl.arange(0, BDV)
+        m_md = m_m[:, None] & (o_d[None, :] < Dv)
+        b_do = tl.load(p_do + o_d[None, :] * stride_od, mask=m_md, other=0.0).to(tl.float32)  # [BM, BDV]
+        b_w = tl.load(p_w + o_d[None, :] * stride_wd, mask=m_md, other=0.0)
+        b_c += tl.sum(b_do * b_w, 1)
+    tl.store(c + i_bh.to(tl.int64) * T + o_m, b_c, mask=m_m)
+
+
+def _backward_row_sums(do: Tensor, w: Tensor) -> Tensor:
+    """``c`` (B, H, T) fp32 = rowsum(do * w) (:func:`_entmax_bwd_row_sums_kernel`): one launch."""
+    B, H, T, Dv = do.shape
+    c = torch.empty((B, H, T), dtype=torch.float32, device=do.device)
+    launch(_entmax_bwd_row_sums_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+           (do, w, c, *do.stride(), *w.stride(), H, T, Dv), {},
+           [triton.Config(_ROW_SUMS_TILES, **_ROW_SUMS_OPTIONS)], device=do.device)
+    return c
+
+
 def _backward_tile_lists(support, sequences: _Sequences, causal: bool, T: int, TK: int, block_m: int, block_n: int,
                          tiles: Tiles, batch_heads: int, device) -> tuple:
     """:func:`_query_tile_lists` with the mask's tiles of ``tiles``; shared ones (:func:`_shape_tile_lists`) when
@@ -1131,7 +1169,7 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     rows, counts = _backward_tile_lists(support, sequences, causal, T, TK, block_m, block_n, _tiles(q.dtype), B * H,
                                         q.device)
     # c_i = sum_j G_ij dP_ij / sum_j G_ij = dO_i . w_i: flash-attention's rowsum(dO * O) for entmax
-    c = torch.einsum("bhtd,bhtd->bht", do.float(), w).contiguous()
+    c = _backward_row_sums(do, w)
     dq = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device)  # atomic adds of dS @ k
     dk = torch.empty((B, H, TK, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, TK, Dv), dtype=v.dtype, device=v.device)
@@ -1996,7 +2034,7 @@ def aot_configurations() -> List[AotConfig]:
                                              default=default and quick, **options))
                 if default and "unaligned" in alignments:
                     configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
-    return configs + _tile_lists_aot_configurations()
+    return configs + _tile_lists_aot_configurations() + _row_sums_aot_configurations()
 
 
 def _tile_list_candidates(dtype: torch.dtype, arch: str, has_support: bool) -> List[triton.Config]:
@@ -2031,6 +2069,23 @@ def _tile_lists_aot_configurations() -> List[AotConfig]:
                                          **_TILE_LISTS_OPTIONS))
                 configs.append(AotConfig(label, _tile_lists_kernel, signature, constexprs, default=False,
                                          capabilities=capabilities, **_TILE_LISTS_OPTIONS))
+    return configs
+
+
+def _row_sums_aot_configurations() -> List[AotConfig]:
+    """The backward's row sums (:func:`_entmax_bwd_row_sums_kernel`) per dtype of do, aligned (the op's launches:
+    the default) and not."""
+    configs = []
+    aligned = ("do", "w", "c", "stride_ob", "stride_oh", "stride_ot", "stride_wb", "stride_wh", "stride_wt", "Dv")
+    capabilities = tuple(ARCH_CAPABILITY[arch] for arch in ARCHS)
+    for dtype in _TRITON_DTYPES.values():
+        constexprs = dict(_ROW_SUMS_TILES, stride_od=1, stride_wd=1)
+        signature = _signature(_entmax_bwd_row_sums_kernel, dtype, constexprs)
+        label = f"row sums BM={_ROW_SUMS_TILES['BM']} BDV={_ROW_SUMS_TILES['BDV']} {dtype}"
+        configs.append(AotConfig(label + " aligned", _entmax_bwd_row_sums_kernel, signature, constexprs,
+                                 divisible=aligned, default=True, capabilities=capabilities, **_ROW_SUMS_OPTIONS))
+        configs.append(AotConfig(label, _entmax_bwd_row_sums_kernel, signature, constexprs, default=False,
+                                 capabilities=capabilities, **_ROW_SUMS_OPTIONS))
     return configs
 
 

@@ -181,7 +181,7 @@ def test_entmax_rows_in_registers_candidates_solve_the_same_thresholds(monkeypat
 def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
     """The backward zeros dq (atomic adds) before each timed run, the threshold kernel restores the support mask
     (written only at the tiles it visits); the tests' tiny tiles launch their default alone (the backward's list
-    kernel has one configuration: nothing to time)."""
+    and row-sum kernels have one configuration: nothing to time)."""
     monkeypatch.setattr(em, "_TILE_OVERRIDE", em.Tiles(block_m=8, block_n=8, block_d=8, block_dv=8, row_block_m=4,
                                                        row_block_n=8, candidates=4, wide_block_dv=16))
     launches = {}
@@ -195,7 +195,8 @@ def test_entmax_launches_reset_what_the_timing_runs_write(monkeypatch):
     q, k, v = (torch.randn(1, 1, 12, 4, requires_grad=True) for _ in range(3))
     em.entmax15_attention(q, k, v).sum().backward()
     assert launches == {"_entmax_tau_kernel": (1, (), ("support",)), "_entmax_fwd_kernel": (1, (), ()),
-                        "_tile_lists_kernel": (1, (), ()), "_entmax_bwd_kernel": (1, ("dq",), ())}
+                        "_tile_lists_kernel": (1, (), ()), "_entmax_bwd_row_sums_kernel": (1, (), ()),
+                        "_entmax_bwd_kernel": (1, ("dq",), ())}
     assert torch.isfinite(q.grad).all()
 
 
@@ -216,8 +217,8 @@ def test_aot_lists_every_candidate_of_both_architectures_with_alignment(op):
     assert len(configurations(op, defaults_only=True)) < len(configs)
     if op == "entmax15_attention":  # every dtype compiled: one dtype's variant does not stand for another's
         for kernel in kernels:
-            assert kernel is em._tile_lists_kernel or {c.signature["q"] for c in configs if c.kernel is kernel} == set(
-                _ENTMAX_DTYPES), kernel.fn.__name__
+            dtypes = {c.signature.get("q", c.signature.get("do")) for c in configs if c.kernel is kernel}
+            assert kernel is em._tile_lists_kernel or dtypes == set(_ENTMAX_DTYPES), kernel.fn.__name__
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -247,6 +248,8 @@ def _launched_candidates(op, kernel, arch):
     if kernel is em._tile_lists_kernel:  # the backward's list kernel: one configuration per dtype's tiles
         return [c for dtype in _ENTMAX_DTYPES.values() for has_support in (True, False)
                 for c in em._tile_list_candidates(dtype, arch, has_support)]
+    if kernel is em._entmax_bwd_row_sums_kernel:  # the backward's row sums: one configuration
+        return [triton.Config(em._ROW_SUMS_TILES, **em._ROW_SUMS_OPTIONS)]
     if op == "entmax15_attention":  # every default tile shape of aot_configurations(), with each candidate list
         # each default compiled for this architecture (the backward's tiles may differ per architecture)
         return [c for config in configurations(op, defaults_only=True) if config.kernel is kernel
