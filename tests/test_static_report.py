@@ -141,12 +141,14 @@ def test_ptxas_log_and_sass_readers():
         parse_ptxas_log("ptxas fatal")
     instructions = ["HMMA.1688.F32.TF32 R4, R8, R12, R4 ;"] * 3 + ["@!P0 LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;"]
     instructions += ["HGMMA.64x64x8.F32.TF32 R24, gdesc[UR4], R24 ;", "UTMALDG.2D [UR8], [UR4] ;", "EXIT ;"]
+    # a TMA load under a uniform predicate counts; descriptor cache control and flushes copy nothing
+    instructions += ["@UP4 UTMALDG.2D [UR8], [UR6] ;", "UTMACCTL.IV [UR6] ;", "UTMACMDFLUSH ;"]
     sass = "\n".join(f"        /*{16 * i:04x}*/                   {text}  /* 0x000fe20000000f00 */"
                      for i, text in enumerate(instructions))
     parsed = parse_sass(sass)
     assert parsed["instructions"] == len(instructions)
     assert parsed["tensor_core"] == {"HMMA.1688.F32.TF32": 3, "HGMMA.64x64x8.F32.TF32": 1}
-    assert parsed["async_copies"] == {"LDGSTS.E.BYPASS.128": 1, "UTMALDG.2D": 1}
+    assert parsed["async_copies"] == {"LDGSTS.E.BYPASS.128": 1, "UTMALDG.2D": 2}
 
 
 def _row(kernel, target, stores, loads, case="shape A"):
