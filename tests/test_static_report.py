@@ -15,6 +15,7 @@ from triton.runtime.jit import JITFunction
 from kernels.tools.report import (
     BUDGET_PATH,
     SM90_HGMMA_FLOOR,
+    SM90_TMA_FLOOR,
     SM_LIMITS,
     _round_up,
     capturing,
@@ -26,6 +27,7 @@ from kernels.tools.report import (
     parse_ptxas_log,
     parse_sass,
     rewritten_budget,
+    uses_tma,
 )
 
 
@@ -245,6 +247,11 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
     summary = mma_summary(rows, "sm_90")
     assert summary["HGMMA"] >= SM90_HGMMA_FLOOR, (summary, [(r["kernel"], r["dtype"], r["config"]) for r in rows
                                                            if r["target"] == "sm_90" and mma_kind(r) == "HMMA"])
+    # TMA tensor descriptors (block-causal attention on sm_90): the number of sm_90 variants may not fall either
+    assert summary["TMA"] >= SM90_TMA_FLOOR, (summary, [(r["kernel"], r["dtype"], r["config"]) for r in rows
+                                                       if r["target"] == "sm_90" and r["op"] == "block_causal_attention"
+                                                       and not uses_tma(r)])
+    assert not [r for r in rows if r["target"] == "sm_80" and uses_tma(r)], "TMA on sm_80"
     assert "HGMMA / HMMA / no MMA variants" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
     for op in {case.op for case in cases(quick=True)}:
         kernels = {row["kernel"] for row in rows if row["op"] == op}
