@@ -69,7 +69,7 @@ def _store_nan_rows(p, stride_t, n_rows, width, BM: tl.constexpr, BD: tl.constex
 def _sequence_descriptor(p, seqlen, width, stride_t, ROWS: tl.constexpr, BD: tl.constexpr):
     """TMA descriptor of one sequence's (seqlen, width) rows at p (row stride stride_t, unit feature stride),
     loading (ROWS, BD) tiles: rows past the sequence and columns past width read as zeros, as the masked pointer
-    loads do. Needs p and stride_t 16-byte aligned (the launchers check, see ``_tma_eligible``)."""
+    loads do. Needs p and stride_t 16-byte aligned (the launchers check: ``_uses_tma``)."""
     return tl.make_tensor_descriptor(p, shape=[seqlen, width], strides=[stride_t, 1], block_shape=[ROWS, BD])
 
 

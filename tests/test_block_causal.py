@@ -349,6 +349,20 @@ def test_tma_is_chosen_on_sm90_for_aligned_streams(triton_backend, monkeypatch, 
     assert chosen == list(zip(KERNEL_NAMES, uses_tma))
 
 
+def test_aot_lists_the_tma_variants_that_aligned_sm90_launches_take():
+    """Aligned configurations compile with ``USE_TMA`` on sm_90 and without it on sm_80 (the variants aligned launches
+    take there); the unaligned defaults without it on both."""
+    from kernels.aot import configurations
+
+    configs = configurations("block_causal_attention")
+    for config in configs:
+        tma = config.constexprs["USE_TMA"]
+        assert config.capabilities == ((90,) if tma else config.capabilities) and (not tma or config.divisible)
+        assert not config.divisible or (90 in config.capabilities) == tma, config.label
+    kinds = {(c.constexprs["USE_TMA"], bool(c.divisible)) for c in configs}
+    assert kinds == {(True, True), (False, True), (False, False)}, kinds
+
+
 def test_tma_eligibility_of_strides_and_addresses():
     """16-byte aligned address and strides, unit-stride last dim; strides of dims of size 1 do not count."""
     x = torch.randn(2, 3, 8, 16)
