@@ -79,13 +79,13 @@ TMA_ALIGNMENT = 16  # bytes: of a descriptor's base address and of every stride 
 
 def tma_eligible(*tensors: torch.Tensor) -> bool:
     """Whether TMA descriptors can address every tensor as is: a ``TMA_ALIGNMENT``-byte aligned address, a unit-stride
-    last dim, and ``TMA_ALIGNMENT``-byte multiples as the strides of the other dims (dims of size 1 are only ever
-    indexed at 0: their strides do not count). The launchers fall back to pointer loads otherwise."""
+    last dim, and positive ``TMA_ALIGNMENT``-byte multiples as the strides of the other dims, those of size 1 too (a
+    kernel may put any of them in a descriptor, e.g. the row stride of a one-row sequence; broadcast dims, stride 0,
+    are left to pointer loads). The launchers fall back to pointer loads otherwise."""
     for t in tensors:
         if t.data_ptr() % TMA_ALIGNMENT or (t.stride(-1) != 1 and t.shape[-1] != 1):
             return False
-        if any(size != 1 and stride * t.element_size() % TMA_ALIGNMENT
-               for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
+        if any(stride <= 0 or stride * t.element_size() % TMA_ALIGNMENT for stride in t.stride()[:-1]):
             return False
     return True
 

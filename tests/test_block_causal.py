@@ -364,13 +364,14 @@ def test_aot_lists_the_tma_variants_that_aligned_sm90_launches_take():
 
 
 def test_tma_eligibility_of_strides_and_addresses():
-    """16-byte aligned address and strides, unit-stride last dim; strides of dims of size 1 do not count."""
+    """16-byte aligned address, positive 16-byte multiples as strides (of size-1 dims too), unit-stride last dim."""
     x = torch.randn(2, 3, 8, 16)
-    assert tma_eligible(x, x.transpose(1, 2), x[:, :, :5, :8])
+    assert tma_eligible(x, x.transpose(1, 2), x[:, :, :5, :8], x[:1, :, :1])
     assert not tma_eligible(x[..., 1:])  # address 4 bytes past the boundary
     assert not tma_eligible(x[..., ::2])  # strided last dim
     assert not tma_eligible(torch.randn(2, 3, 8, 18)[..., :16])  # rows of 72 bytes
-    assert tma_eligible(torch.randn(1, 1, 8, 16).as_strided((1, 1, 8, 16), (7, 5, 16, 1)))
+    assert not tma_eligible(torch.randn(1, 1, 1, 16).as_strided((1, 1, 1, 16), (16, 16, 5, 1)))  # one row of 20 B
+    assert not tma_eligible(torch.randn(1, 1, 16).expand(2, 8, 16))  # broadcast rows (stride 0)
     assert not tma_eligible(x, x[..., 1:])  # every tensor must qualify
 
 
