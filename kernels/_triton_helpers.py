@@ -69,3 +69,45 @@ def check_batch_heads(batch_heads: int) -> None:
     """A clear error, instead of a failed launch, when batch * heads exceeds what one grid axis holds."""
     if batch_heads > MAX_GRID_AXIS:
         raise ValueError(f"q has B * H = {batch_heads} batch-heads; the Triton kernels take at most {MAX_GRID_AXIS}")
+
+
+# TMA (Hopper's tensor memory accelerator, sm_90): kernels that build tensor descriptors on the device
+# (``tl.make_tensor_descriptor``) get them written to a global scratch buffer (128 bytes per descriptor and program),
+# which Triton's launcher asks ``triton.set_allocator``'s allocator for at every launch.
+TMA_ALIGNMENT = 16  # bytes: of a descriptor's base address and of every stride but the last (which must be 1)
+
+
+def tma_eligible(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address every tensor as is: a ``TMA_ALIGNMENT``-byte aligned address, a unit-stride
+    last dim, and positive ``TMA_ALIGNMENT``-byte multiples as the strides of the other dims, those of size 1 too (a
+    kernel may put any of them in a descriptor, e.g. the row stride of a one-row sequence; broadcast dims, stride 0,
+    are left to pointer loads). The launchers fall back to pointer loads otherwise."""
+    for t in tensors:
+        if t.data_ptr() % TMA_ALIGNMENT or (t.stride(-1) != 1 and t.shape[-1] != 1):
+            return False
+        if any(stride <= 0 or stride * t.element_size() % TMA_ALIGNMENT for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's allocator protocol on torch's caching allocator (blocks are 512-byte aligned, ``alignment`` <= 128),
+    on the current device and stream: what the launch runs on."""
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
+
+
+@contextlib.contextmanager
+def tma_scratch(needed: bool = True):
+    """Within the block, launches of kernels with device-side tensor descriptors get their scratch from torch's
+    caching allocator, unless the caller set an allocator of their own (``triton.set_allocator``), which is kept.
+    Scoped (a context variable, reset on exit): nothing global changes. A no-op when not ``needed``."""
+    from triton.runtime import _allocation  # Triton 3.9: set_allocator has no public getter
+
+    if not needed or not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(_torch_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)

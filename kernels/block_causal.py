@@ -22,9 +22,9 @@ from torch import nn
 
 from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
                       checked_cu_seqlens)
-from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision,
-                              launch_device_of, upcast_dots_for)
-from ._autotune import aot_candidates, launch, launch_arch, pick, shape_bucket
+from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision, launch_device_of, tma_eligible,
+                              tma_scratch, upcast_dots_for)
+from ._autotune import ARCH_CAPABILITY, aot_candidates, launch, launch_arch, pick, shape_bucket
 from ._amp import autocast_op
 from ._packing import pack_padding, sequence_ids
 from .backend import use_triton
@@ -65,6 +65,14 @@ def _store_nan_rows(p, stride_t, n_rows, width, BM: tl.constexpr, BD: tl.constex
         p += BM * stride_t
 
 
+@triton.jit
+def _sequence_descriptor(p, seqlen, width, stride_t, ROWS: tl.constexpr, BD: tl.constexpr):
+    """TMA descriptor of one sequence's (seqlen, width) rows at p (row stride stride_t, unit feature stride),
+    loading (ROWS, BD) tiles: rows past the sequence and columns past width read as zeros, as the masked pointer
+    loads do. Needs p and stride_t 16-byte aligned (the launchers check: ``_uses_tma``)."""
+    return tl.make_tensor_descriptor(p, shape=[seqlen, width], strides=[stride_t, 1], block_shape=[ROWS, BD])
+
+
 # D and DV are left specializable: a head dim divisible by 16 (all real ones) lets the head-dim mask stay constant
 # over 16 lanes, so 16-bit tiles load as 16-byte vectors and stream through async copies (cp.async, TMA); with a
 # runtime-opaque D the mask split every 16-bit load to 2 bytes, which no async copy takes.
@@ -78,7 +86,7 @@ def block_causal_attn_fwd_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program per (query tile, batch * head): o = softmax(mask(q k^T * scale)) v and the row log-sum-exp."""
     # heaviest query tiles (they see the most keys) first, so the last wave is short
@@ -112,16 +120,23 @@ def block_causal_attn_fwd_kernel(
     # keys below (m0 // G + 1) * G are visible to every row of the tile; keys from the hidden start on to none
     n_visible_end = (tl.minimum((m0 // G + 1) * G, seqlen) // BN) * BN
     n_hidden_start = tl.minimum(((m1 - 1) // G + 1) * G, seqlen)
+    if USE_TMA:
+        k_desc = _sequence_descriptor(k, seqlen, D, stride_kt, BN, BD)
+        v_desc = _sequence_descriptor(v, seqlen, DV, stride_vt, BN, BD)
     # one loop over visible and partial tiles (two loops compile ~1.5x slower): only partial tiles build a mask;
     # every row sees key 0, in the first tile, so b_max is finite after it and no row gets NaN
     p_k, p_v = k, v  # the key tile's first row: 64-bit pointers advance, offsets inside a tile stay int32
     for n0 in range(0, n_hidden_start, BN):
         o_n = n0 + o_j
         m_n = o_n < seqlen
-        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
-                       other=0.)  # [BD, BN]
-        b_v = tl.load(p_v + o_j[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :],
-                      other=0.)  # [BN, BD]
+        if USE_TMA:
+            b_kt = tl.trans(k_desc.load([n0, 0]))  # [BD, BN]: a transposed view of the tile in shared memory
+            b_v = v_desc.load([n0, 0])  # [BN, BD]
+        else:
+            b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+                           other=0.)  # [BD, BN]
+            b_v = tl.load(p_v + o_j[:, None] * stride_vt + o_d[None, :], mask=m_n[:, None] & m_dv[None, :],
+                          other=0.)  # [BN, BD]
         b_s = dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale  # [BM, BN]
         if n0 >= n_visible_end:
             m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
@@ -157,7 +172,7 @@ def block_causal_attn_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program per (query tile, batch * head): delta = sum_j P * dP per row, stored for the dK/dV kernel, then
     (when need_dq) dQ = scale * sum_j P * (dP - delta) k_j over the tile's visible and partial key tiles.
@@ -195,16 +210,23 @@ def block_causal_attn_bwd_dq_kernel(
     qk_scale = scale * 1.4426950408889634
     n_visible_end = (tl.minimum((m0 // G + 1) * G, seqlen) // BN) * BN
     n_hidden_start = tl.minimum(((m1 - 1) // G + 1) * G, seqlen)
+    if USE_TMA:
+        k_desc = _sequence_descriptor(k, seqlen, D, stride_kt, BN, BD)
+        v_desc = _sequence_descriptor(v, seqlen, DV, stride_vt, BN, BD)
 
     b_delta = tl.zeros([BM], dtype=tl.float32)
     p_k, p_v = k, v
     for n0 in range(0, n_hidden_start, BN):  # first pass: delta
         o_n = n0 + o_j
         m_n = o_n < seqlen
-        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
-                       other=0.)  # [BD, BN]
-        b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
-                       other=0.)  # [BD, BN]
+        if USE_TMA:
+            b_kt = tl.trans(k_desc.load([n0, 0]))  # [BD, BN]
+            b_vt = tl.trans(v_desc.load([n0, 0]))  # [BD, BN]
+        else:
+            b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+                           other=0.)  # [BD, BN]
+            b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
+                           other=0.)  # [BD, BN]
         b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
         if n0 >= n_visible_end:
             m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
@@ -225,10 +247,14 @@ def block_causal_attn_bwd_dq_kernel(
     for n0 in range(0, n_hidden_start, BN):  # second pass: visible, then partial key tiles
         o_n = n0 + o_j
         m_n = o_n < seqlen
-        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
-                       other=0.)  # [BD, BN]
-        b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
-                       other=0.)  # [BD, BN]
+        if USE_TMA:
+            b_kt = tl.trans(k_desc.load([n0, 0]))  # [BD, BN]
+            b_vt = tl.trans(v_desc.load([n0, 0]))  # [BD, BN]
+        else:
+            b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
+                           other=0.)  # [BD, BN]
+            b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
+                           other=0.)  # [BD, BN]
         b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
         if n0 >= n_visible_end:
             m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
@@ -255,7 +281,7 @@ def block_causal_attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One program per (key tile, batch * head): dV = sum_i P^T dO_i and dK = scale * sum_i dS^T q_i over the query
     tiles that see the key tile (query i sees key j iff i >= (j // G) * G)."""
@@ -295,19 +321,27 @@ def block_causal_attn_bwd_dkdv_kernel(
     # except where a key holds an infinity (0 * inf = NaN): the last query tile, the one holding such rows, is masked
     p_q = q + m_partial_start.to(tl.int64) * stride_qt  # 64-bit pointers advance, offsets in a tile stay int32
     p_do = do + m_partial_start.to(tl.int64) * stride_dot
+    if USE_TMA:
+        q_desc = _sequence_descriptor(q, seqlen, D, stride_qt, BM, BD)
+        do_desc = _sequence_descriptor(do, seqlen, DV, stride_dot, BM, BD)
     for m0 in range(m_partial_start, seqlen, BM):
         o_m = m0 + o_i
         m_m = o_m < seqlen
-        # each tile is loaded in the orientation of each dot that reads it: a tile read transposed in registers
-        # (tl.trans) cannot stream through async copies; the second read of a tile hits L2
-        b_qt = tl.load(p_q + o_i[None, :] * stride_qt + o_d[:, None], mask=m_d[:, None] & m_m[None, :],
-                       other=0.)  # [BD, BM]
-        b_q = tl.load(p_q + o_i[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                      other=0.)  # [BM, BD]
-        b_dot = tl.load(p_do + o_i[None, :] * stride_dot + o_d[:, None], mask=m_dv[:, None] & m_m[None, :],
-                        other=0.)  # [BD, BM]
-        b_do = tl.load(p_do + o_i[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
-                       other=0.)  # [BM, BD]
+        if USE_TMA:  # one copy of each tile in shared memory, which the dots read in both orientations
+            b_q = q_desc.load([m0, 0])  # [BM, BD]
+            b_do = do_desc.load([m0, 0])  # [BM, BD]
+            b_qt, b_dot = tl.trans(b_q), tl.trans(b_do)  # [BD, BM]
+        else:
+            # each tile is loaded in the orientation of each dot that reads it: a tile read transposed in registers
+            # (tl.trans) cannot stream through async copies; the second read of a tile hits L2
+            b_qt = tl.load(p_q + o_i[None, :] * stride_qt + o_d[:, None], mask=m_d[:, None] & m_m[None, :],
+                           other=0.)  # [BD, BM]
+            b_q = tl.load(p_q + o_i[:, None] * stride_qt + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                          other=0.)  # [BM, BD]
+            b_dot = tl.load(p_do + o_i[None, :] * stride_dot + o_d[:, None], mask=m_dv[:, None] & m_m[None, :],
+                            other=0.)  # [BD, BM]
+            b_do = tl.load(p_do + o_i[:, None] * stride_dot + o_d[None, :], mask=m_m[:, None] & m_dv[None, :],
+                           other=0.)  # [BM, BD]
         b_lse = tl.load(lse + o_m, mask=m_m, other=float("inf")) * 1.4426950408889634
         b_delta = tl.load(delta + o_m, mask=m_m, other=0.)
         b_pt = tl.exp2(dot_fp32acc(b_k, b_qt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[None, :])  # [BN, BM]
@@ -482,6 +516,25 @@ class _Layout(NamedTuple):
         return (self.heads, self.rows) if self.varlen else (self.batch, self.heads, self.rows)
 
 
+def _uses_tma(device: torch.device, *streamed: torch.Tensor) -> bool:
+    """Whether a launch on ``device`` loads the ``streamed`` tiles (forward and dQ: K, V; dK/dV: Q, dO) through TMA
+    tensor descriptors (``USE_TMA``): on sm_90 (``launch_arch``, so the static report's capture chooses as a GPU
+    would) when they meet TMA's alignment (``tma_eligible``); elsewhere, or unaligned, through pointer loads
+    (cp.async when 16-byte aligned)."""
+    return launch_arch(device) == "sm_90" and tma_eligible(*streamed)
+
+
+def _launch(kernel, grid, args, options: dict, candidates: list[triton.Config], layout: "_Layout",
+            streamed: tuple[torch.Tensor, ...]) -> None:
+    """``kernels._autotune.launch`` with ``USE_TMA`` chosen by :func:`_uses_tma` (a tuning key of its own) and the
+    descriptors' scratch memory when it is set."""
+    device = streamed[0].device
+    use_tma = _uses_tma(device, *streamed)
+    with tma_scratch(use_tma):
+        launch(kernel, grid, args, {**options, "USE_TMA": use_tma}, candidates, device=device,
+               bucket=(*_bucket(layout), use_tma))
+
+
 def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale: float):
     """o like v (same strides when v is dense) and lse (float32, ``layout.lse_shape()``)."""
     varlen = layout.varlen
@@ -489,14 +542,14 @@ def block_causal_attention_fwd(q, k, v, layout: _Layout, group_size: int, scale:
     block_d = _head_dim_block(d, dv)
     o = torch.empty_like(v)
     lse = torch.empty(layout.lse_shape(), dtype=torch.float32, device=q.device)
-    launch(block_causal_attn_fwd_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BM"]),
-                                                       layout.batch * layout.heads),
-           (q, k, v, o, lse, layout.cu_seqlens,
-            scale, layout.rows, layout.heads, group_size, d, dv, int(varlen),
-            *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
-            *layout.lse_strides()),
-           dict(BD=block_d, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=upcast_dots_for(q.dtype)),
-           _launch_candidates("fwd", q, block_d), device=q.device, bucket=_bucket(layout))
+    _launch(block_causal_attn_fwd_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BM"]),
+                                                        layout.batch * layout.heads),
+            (q, k, v, o, lse, layout.cu_seqlens,
+             scale, layout.rows, layout.heads, group_size, d, dv, int(varlen),
+             *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(o, varlen),
+             *layout.lse_strides()),
+            dict(BD=block_d, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=upcast_dots_for(q.dtype)),
+            _launch_candidates("fwd", q, block_d), layout, streamed=(k, v))
     return o, lse
 
 
@@ -515,21 +568,22 @@ def block_causal_attention_bwd(q, k, v, lse, do, layout: _Layout, group_size: in
 
     dq_or_q = q if dq is None else dq  # an unwritten stand-in when dq is not needed
     options = dict(BD=block_d, DOT_PRECISION=precision, UPCAST_DOTS=upcast_dots_for(q.dtype))
-    launch(block_causal_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BM"]),
-                                                          layout.batch * layout.heads),
-           (q, k, v, do, dq_or_q, lse, delta, layout.cu_seqlens, *common, int(need_dq),
-            *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
-            *_bth_strides(do, varlen), *_bth_strides(dq_or_q, varlen), *layout.lse_strides()),
-           options, _launch_candidates("bwd_dq", q, block_d), device=q.device, bucket=_bucket(layout))
+    _launch(block_causal_attn_bwd_dq_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BM"]),
+                                                           layout.batch * layout.heads),
+            (q, k, v, do, dq_or_q, lse, delta, layout.cu_seqlens, *common, int(need_dq),
+             *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
+             *_bth_strides(do, varlen), *_bth_strides(dq_or_q, varlen), *layout.lse_strides()),
+            options, _launch_candidates("bwd_dq", q, block_d), layout, streamed=(k, v))
     if not need_dkdv:
         return dq, None, None
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    launch(block_causal_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BN"]),
-                                                            layout.batch * layout.heads),
-           (q, k, v, do, dk, dv, lse, delta, layout.cu_seqlens, *common,
-            *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen), *_bth_strides(do, varlen),
-            *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *layout.lse_strides()),
-           options, _launch_candidates("bwd_dkdv", q, block_d), device=q.device, bucket=_bucket(layout))
+    _launch(block_causal_attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(layout.max_seqlen, meta["BN"]),
+                                                             layout.batch * layout.heads),
+            (q, k, v, do, dk, dv, lse, delta, layout.cu_seqlens, *common,
+             *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
+             *_bth_strides(do, varlen), *_bth_strides(dk, varlen), *_bth_strides(dv, varlen),
+             *layout.lse_strides()),
+            options, _launch_candidates("bwd_dkdv", q, block_d), layout, streamed=(q, do))
     return dq, dk, dv
 
 
@@ -981,7 +1035,7 @@ def aot_configurations():
                 signature[arg] = "*i32"
             elif arg == "scale":
                 signature[arg] = "fp32"
-            elif arg in ("BM", "BN", "BD", "DOT_PRECISION", "UPCAST_DOTS"):
+            elif arg in ("BM", "BN", "BD", "DOT_PRECISION", "UPCAST_DOTS", "USE_TMA"):
                 signature[arg] = "constexpr"
             else:
                 signature[arg] = "i32"
@@ -998,12 +1052,20 @@ def aot_configurations():
                 for config, archs, default in aot_candidates(lambda arch: _candidates(name, dtype, block_d, arch)):
                     for precision in ("tf32", "ieee") if ieee_too and default else (base_precision,):
                         constexprs = {**config.kwargs, "BD": block_d, "DOT_PRECISION": precision,
-                                      "UPCAST_DOTS": False}
+                                      "UPCAST_DOTS": False, "USE_TMA": False}
                         label = (f"{name}-{type_name}-d{block_d}-{precision}-m{config.kwargs['BM']}"
                                  f"n{config.kwargs['BN']}w{config.num_warps}s{config.num_stages}")
-                        options = dict(num_warps=config.num_warps, num_stages=config.num_stages, capabilities=archs)
-                        configs.append(AotConfig(label + "-aligned", kernel, typed, constexprs,
-                                                 divisible=tuple(aligned), default=default, **options))
+                        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                        # aligned tensors stream through TMA on sm_90 (``_uses_tma``), through pointer loads
+                        # elsewhere; unaligned ones through pointer loads everywhere
+                        for use_tma in (False, True):
+                            on = tuple(c for c in archs if (c == ARCH_CAPABILITY["sm_90"]) == use_tma)
+                            if on:
+                                configs.append(AotConfig(label + ("-tma" if use_tma else "") + "-aligned", kernel,
+                                                         typed, {**constexprs, "USE_TMA": use_tma},
+                                                         divisible=tuple(aligned), default=default,
+                                                         capabilities=on, **options))
                         if default:
-                            configs.append(AotConfig(label, kernel, typed, constexprs, default=False, **options))
+                            configs.append(AotConfig(label, kernel, typed, constexprs, default=False,
+                                                     capabilities=archs, **options))
     return configs

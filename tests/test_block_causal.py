@@ -21,6 +21,7 @@ from kernels.block_causal import (
     block_causal_mask,
     forced_tiles,
 )
+from kernels._triton_helpers import tma_eligible
 
 TILE = 16
 
@@ -254,6 +255,124 @@ def test_right_padded_batch_needs_no_mask(triton_backend):
     for i, length in enumerate(lengths):
         alone = block_causal_attention_reference(*(x[i:i + 1, :, :length].double() for x in (q, k, v)), group_size=3)
         assert_close(out[i:i + 1, :, :length], alone, torch.float32, f"sequence {i}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TMA (sm_90): the interpreter runs tensor descriptors as a GPU reads them (bounds, zero fill, alignment asserts)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def launched_as_on(monkeypatch, arch, run_kernels=True):
+    """Launches choose their variant as on ``arch`` (``launch_arch``); returns the list of (kernel, USE_TMA) that
+    they append to. Without ``run_kernels`` nothing runs (outputs stay uninitialized)."""
+    import kernels.block_causal as module
+
+    chosen, launch = [], module.launch
+
+    def recording(kernel, grid, args, kwargs, *rest, **options):
+        chosen.append((kernel.fn.__name__, kwargs["USE_TMA"]))
+        if run_kernels:
+            launch(kernel, grid, args, kwargs, *rest, **options)
+
+    monkeypatch.setattr(module, "launch_arch", lambda device: arch)
+    monkeypatch.setattr(module, "launch", recording)
+    return chosen
+
+
+KERNEL_NAMES = ("block_causal_attn_fwd_kernel", "block_causal_attn_bwd_dq_kernel", "block_causal_attn_bwd_dkdv_kernel")
+
+
+def test_tma_loads_stop_at_the_sequence_and_the_head_dim(triton_backend, monkeypatch):
+    """sm_90's descriptor path on views into NaN-filled buffers: rows past T and columns past D must read as zeros
+    (the descriptor's shape), as the masked pointer loads do; forward and gradients against float64."""
+    chosen = launched_as_on(monkeypatch, "sm_90")
+    b, h, t, d = 1, 1, 29, 24
+    buffers = [torch.full((b, h, t + 5, 32), float("nan")) for _ in range(3)]
+    for buffer in buffers:
+        buffer[:, :, :t, :d] = torch.randn(b, h, t, d)
+    q, k, v = (buffer[:, :, :t, :d] for buffer in buffers)
+    with forced_tiles(TILE, TILE):
+        check_against_reference(q, k, v, group_size=3)
+    assert chosen == [(name, True) for name in KERNEL_NAMES], chosen
+
+
+def test_tma_loads_of_packed_sequences(triton_backend, monkeypatch):
+    """sm_90's descriptor path on packed fp16 sequences (each descriptor starts at its sequence's first row)."""
+    chosen = launched_as_on(monkeypatch, "sm_90")
+    lengths, h, d, dv, group_size = [5, 20, 12], 2, 16, 24, 3
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    q, k = (torch.randn(total, h, d, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    v = torch.randn(total, h, dv, dtype=torch.float16, requires_grad=True)
+    with forced_tiles(TILE, TILE):
+        out = block_causal_attention_varlen(q, k, v, cu_seqlens, group_size=group_size)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+    assert chosen == [(name, True) for name in KERNEL_NAMES], chosen
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        per_sequence = [x[start:end].transpose(0, 1)[None] for x in (q, k, v)]
+        expected = reference_with_grads(*per_sequence, do[start:end].transpose(0, 1)[None], group_size)
+        for name, actual, wanted in zip(("out", "dq", "dk", "dv"), (out, *grads), expected):
+            assert_close(actual[start:end], wanted[0].transpose(0, 1), torch.float16, f"{name}[{start}:{end}]")
+
+
+def _fp16(*shape):
+    return torch.randn(*shape, dtype=torch.float16)
+
+
+def _off_by_2_bytes(*shape):
+    """An fp16 tensor whose address is 2 bytes past a 16-byte boundary."""
+    return _fp16(torch.Size(shape).numel() + 1)[1:].view(shape)
+
+
+@pytest.mark.parametrize("arch, make_qkv, uses_tma", [
+    pytest.param("sm_90", lambda: [_fp16(1, 2, 8, 16) for _ in range(3)], (True, True, True), id="sm90-aligned"),
+    pytest.param("sm_80", lambda: [_fp16(1, 2, 8, 16) for _ in range(3)], (False, False, False), id="sm80"),
+    pytest.param("fallback", lambda: [_fp16(1, 2, 8, 16) for _ in range(3)], (False, False, False),
+                 id="fallback-arch"),
+    pytest.param("sm_90", lambda: [_fp16(1, 8, 2, 16).transpose(1, 2) for _ in range(3)], (True, True, True),
+                 id="sm90-transposed-views"),
+    pytest.param("sm_90", lambda: [_fp16(1, 2, 8, 16), _off_by_2_bytes(1, 2, 8, 16), _fp16(1, 2, 8, 16)],
+                 (False, False, True), id="sm90-k-unaligned"),  # dK/dV streams q and dO, not k
+    pytest.param("sm_90", lambda: [_off_by_2_bytes(1, 2, 8, 16), _fp16(1, 2, 8, 16), _fp16(1, 2, 8, 16)],
+                 (True, True, False), id="sm90-q-unaligned"),
+    pytest.param("sm_90", lambda: [_fp16(1, 2, 8, 20) for _ in range(3)], (False, False, False),
+                 id="sm90-40-byte-rows"),
+])
+def test_tma_is_chosen_on_sm90_for_aligned_streams(triton_backend, monkeypatch, arch, make_qkv, uses_tma):
+    """Which variant each launch picks (nothing runs): TMA on sm_90 when the tiles a kernel streams (forward and
+    dQ: K, V; dK/dV: Q, dO) have 16-byte aligned addresses and strides, pointer loads otherwise."""
+    chosen = launched_as_on(monkeypatch, arch, run_kernels=False)
+    q, k, v = (x.requires_grad_() for x in make_qkv())
+    out = block_causal_attention(q, k, v, group_size=3)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert chosen == list(zip(KERNEL_NAMES, uses_tma))
+
+
+def test_aot_lists_the_tma_variants_that_aligned_sm90_launches_take():
+    """Aligned configurations compile with ``USE_TMA`` on sm_90 and without it on sm_80 (the variants aligned launches
+    take there); the unaligned defaults without it on both."""
+    from kernels.aot import configurations
+
+    configs = configurations("block_causal_attention")
+    for config in configs:
+        tma = config.constexprs["USE_TMA"]
+        assert config.capabilities == ((90,) if tma else config.capabilities) and (not tma or config.divisible)
+        assert not config.divisible or (90 in config.capabilities) == tma, config.label
+    kinds = {(c.constexprs["USE_TMA"], bool(c.divisible)) for c in configs}
+    assert kinds == {(True, True), (False, True), (False, False)}, kinds
+
+
+def test_tma_eligibility_of_strides_and_addresses():
+    """16-byte aligned address, positive 16-byte multiples as strides (of size-1 dims too), unit-stride last dim."""
+    x = torch.randn(2, 3, 8, 16)
+    assert tma_eligible(x, x.transpose(1, 2), x[:, :, :5, :8], x[:1, :, :1])
+    assert not tma_eligible(x[..., 1:])  # address 4 bytes past the boundary
+    assert not tma_eligible(x[..., ::2])  # strided last dim
+    assert not tma_eligible(torch.randn(2, 3, 8, 18)[..., :16])  # rows of 72 bytes
+    assert not tma_eligible(torch.randn(1, 1, 1, 16).as_strided((1, 1, 1, 16), (16, 16, 5, 1)))  # one row of 20 B
+    assert not tma_eligible(torch.randn(1, 1, 16).expand(2, 8, 16))  # broadcast rows (stride 0)
+    assert not tma_eligible(x, x[..., 1:])  # every tensor must qualify
 
 
 @pytest.mark.parametrize(

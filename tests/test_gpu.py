@@ -306,6 +306,49 @@ def test_block_causal_attention_varlen_dialogues(dtype):
     assert_matches(ours, same, truth, TOLERANCE["block_causal"][dtype])
 
 
+def _two_bytes_off(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` at an address one element past a 16-byte boundary: no TMA descriptor can address it."""
+    buffer = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    return buffer[1:].view(tensor.shape).copy_(tensor)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16")])
+def test_block_causal_tma_and_pointer_variants_match(dtype, monkeypatch):
+    """On sm_90 the block-causal kernels stream aligned tiles through TMA tensor descriptors (``USE_TMA``; forward
+    and dQ: K, V; dK/dV: Q, dO): that variant, the pointer-load variant (``_uses_tma`` forced off) and unaligned
+    inputs (which fall back to pointer loads by themselves) all match float64, each launch taking the variant
+    expected. On the CPU (``KERNELS_GPU_TESTS_ON_CPU=interpreter``) launches choose as on sm_90."""
+    import kernels.block_causal as module
+
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
+        pytest.skip("the TMA variants launch on sm_90 only")
+    if DEVICE.type != "cuda":
+        if OURS != "triton":
+            pytest.skip("needs the kernels: a Hopper GPU or KERNELS_GPU_TESTS_ON_CPU=interpreter")
+        monkeypatch.setattr(module, "launch_arch", lambda device: "sm_90")
+    tensors, cotangents = random_attention_inputs((1, 2, 37, 16, 16) if TINY else (1, 4, 4096, 64, 64), dtype)
+    chosen, launch = [], module.launch
+
+    def recording(kernel, grid, args, kwargs, *rest, **options):
+        chosen.append(kwargs["USE_TMA"])
+        launch(kernel, grid, args, kwargs, *rest, **options)
+
+    monkeypatch.setattr(module, "launch", recording)
+    reference_op = reference.block_causal_attention_reference
+    same = op_case(reference_op, tensors, cotangents, dtype, group_size=3)()
+    truth = op_case(reference_op, tensors, cotangents, torch.float64, group_size=3)()
+    unaligned = {name: _two_bytes_off(tensor) for name, tensor in tensors.items()}
+    for variant, inputs, expected in (("TMA", tensors, True), ("pointer loads", tensors, False),
+                                      ("unaligned", unaligned, False)):
+        chosen.clear()
+        with monkeypatch.context() as forced, use_backend(OURS):
+            if variant == "pointer loads":
+                forced.setattr(module, "_uses_tma", lambda device, *streamed: False)
+            ours = op_case(block_causal_attention, inputs, cotangents, dtype, group_size=3)()
+        assert chosen == [expected] * 3, (variant, chosen)
+        assert_matches(ours, same, truth, TOLERANCE["block_causal"][dtype])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The modules at the models' shapes
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from triton.runtime.jit import JITFunction
 from kernels.tools.report import (
     BUDGET_PATH,
     SM90_HGMMA_FLOOR,
+    SM90_TMA_FLOOR,
     SM_LIMITS,
     _round_up,
     capturing,
@@ -26,6 +27,7 @@ from kernels.tools.report import (
     parse_ptxas_log,
     parse_sass,
     rewritten_budget,
+    uses_tma,
 )
 
 
@@ -141,12 +143,14 @@ def test_ptxas_log_and_sass_readers():
         parse_ptxas_log("ptxas fatal")
     instructions = ["HMMA.1688.F32.TF32 R4, R8, R12, R4 ;"] * 3 + ["@!P0 LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;"]
     instructions += ["HGMMA.64x64x8.F32.TF32 R24, gdesc[UR4], R24 ;", "UTMALDG.2D [UR8], [UR4] ;", "EXIT ;"]
+    # a TMA load under a uniform predicate counts; descriptor cache control and flushes copy nothing
+    instructions += ["@UP4 UTMALDG.2D [UR8], [UR6] ;", "UTMACCTL.IV [UR6] ;", "UTMACMDFLUSH ;"]
     sass = "\n".join(f"        /*{16 * i:04x}*/                   {text}  /* 0x000fe20000000f00 */"
                      for i, text in enumerate(instructions))
     parsed = parse_sass(sass)
     assert parsed["instructions"] == len(instructions)
     assert parsed["tensor_core"] == {"HMMA.1688.F32.TF32": 3, "HGMMA.64x64x8.F32.TF32": 1}
-    assert parsed["async_copies"] == {"LDGSTS.E.BYPASS.128": 1, "UTMALDG.2D": 1}
+    assert parsed["async_copies"] == {"LDGSTS.E.BYPASS.128": 1, "UTMALDG.2D": 2}
 
 
 def _row(kernel, target, stores, loads, case="shape A"):
@@ -243,6 +247,11 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
     summary = mma_summary(rows, "sm_90")
     assert summary["HGMMA"] >= SM90_HGMMA_FLOOR, (summary, [(r["kernel"], r["dtype"], r["config"]) for r in rows
                                                            if r["target"] == "sm_90" and mma_kind(r) == "HMMA"])
+    # TMA tensor descriptors (block-causal attention on sm_90): the number of sm_90 variants may not fall either
+    assert summary["TMA"] >= SM90_TMA_FLOOR, (summary, [(r["kernel"], r["dtype"], r["config"]) for r in rows
+                                                       if r["target"] == "sm_90" and r["op"] == "block_causal_attention"
+                                                       and not uses_tma(r)])
+    assert not [r for r in rows if r["target"] == "sm_80" and uses_tma(r)], "TMA on sm_80"
     assert "HGMMA / HMMA / no MMA variants" in next(tmp_path.glob("*.md")).read_text(encoding="utf-8")
     for op in {case.op for case in cases(quick=True)}:
         kernels = {row["kernel"] for row in rows if row["op"] == op}

@@ -549,6 +549,9 @@ def _kib(n: int) -> str:
 #: the least number of our variants at the models' shapes (``--quick``) that issue HGMMA on sm_90:
 #: ``tests/test_static_report.py`` fails when the count falls (raise it when kernels gain HGMMA)
 SM90_HGMMA_FLOOR = 27
+#: the least number of our variants at the models' shapes (``--quick``) that load through TMA on sm_90 (block-causal
+#: attention's kernels, every candidate): ``tests/test_static_report.py`` fails when the count falls
+SM90_TMA_FLOOR = 7
 #: async-copy opcodes of the Tensor Memory Accelerator (tensor descriptors), as opposed to cp.async (LDGSTS)
 TMA_OPS = ("UTMALDG", "UBLKCP")
 
