@@ -87,8 +87,7 @@ class CarnStream(ModelStream):
 
     def _attention_arguments(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """(k_cache, v_cache, cache_seqlens) of the 3B modality-major rows."""
-        cache.reserve(k, v, self.max_length + 1)
-        return cache.k, cache.v, self.row_lengths
+        return self.cache_arguments(cache, k, v, self.row_lengths)
 
     def _cue(self, h: torch.Tensor) -> torch.Tensor:
         """Eq. 1-8 at the new utterance, h (M, B, H) -> f (M, B, H)."""

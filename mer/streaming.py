@@ -150,11 +150,43 @@ class ModelStream:
     def new_cache(self, per_utterance: int = 1) -> KVCache:
         return KVCache(per_utterance)
 
-    def cache_arguments(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    def cache_arguments(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor,
+                        lengths: Optional[torch.Tensor] = None) -> tuple:
         """(k_cache, v_cache, cache_seqlens) for a ``kernels.*_with_kvcache`` call writing ``k``/``v`` (the new
-        positions) at each row's length, the cache grown first when needed."""
+        positions) at each row's length (``lengths``: the rows' cache lengths, default ``self.lengths`` times the
+        positions per utterance), the cache grown first when needed. The caches given are views of the positions
+        the longest row holds after the call: attention costs the history, not the cache's capacity."""
         cache.reserve(k, v, self.max_length + 1)
-        return cache.k, cache.v, self.lengths * cache.per_utterance
+        attended = (self.max_length + 1) * cache.per_utterance
+        lengths = self.lengths * cache.per_utterance if lengths is None else lengths
+        return cache.k[:, :, :attended], cache.v[:, :, :attended], lengths
+
+
+class StreamLinear:
+    """``nn.functional.linear(x, weight, bias)`` on the weights taken when the stream is created, for the ``rows``
+    rows (utterances x positions) of one step: x (..., in) -> (..., out).
+
+    On the CPU in float32, a map of more than one row runs on oneDNN with the weight packed once here: at 3 rows
+    MKL's GEMM reads the weights at about half its 1-row GEMV's rate, oneDNN's packed GEMM at about 3/4 of it
+    (``bench/stream_latency.py``'s docstring has the numbers). One row, other devices and dtypes: ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.packed = None
+        if rows > 1 and _onednn_linear(self.weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _onednn_linear(weight: torch.Tensor) -> bool:
+    """Whether this PyTorch build runs float32 linear maps on ``weight``'s device with oneDNN's packed weights."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
