@@ -75,6 +75,7 @@ class ModelStream:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self.every_row = torch.ones(batch_size, dtype=torch.bool, device=self.device)  # ``active`` by default
         self.max_length = 0  # host copy of lengths.max(): sizes the caches without a device sync
 
     def reset(self, rows: Optional[torch.Tensor] = None) -> None:
@@ -115,8 +116,8 @@ class ModelStream:
                 raise TypeError(f"present must be a bool tensor, got {present.dtype}")
             if (present & ~observed).any():
                 raise ValueError("present marks a modality observed that was not given (None)")
-        active = torch.ones(b, dtype=torch.bool, device=self.device) if active is None else \
-            torch.as_tensor(active, device=self.device).reshape(b)
+        every_row, every_given = active is None, present is None  # no row or given modality left out
+        active = self.every_row if every_row else torch.as_tensor(active, device=self.device).reshape(b)
         if active.dtype != torch.bool:
             raise TypeError(f"active must be a (B,) bool tensor, got {active.dtype}")
         speakers = torch.as_tensor(0 if speaker is None else speaker, device=self.device).reshape(-1).expand(b)
@@ -126,18 +127,21 @@ class ModelStream:
         # row and the message are looked up only on failure)
         finite = torch.stack([torch.isfinite(features[m][:, 0]).all(dim=-1) for m in MODALITIES], dim=-1)
         failures = torch.cat([present & ~finite, ~present.any(dim=-1, keepdim=True),
-                              ((speakers < 0) | (speakers > 1))[:, None]], dim=-1) & active[:, None]
+                              ((speakers < 0) | (speakers > 1))[:, None]], dim=-1)
+        failures = failures if every_row else failures & active[:, None]
         if bool(failures.any()):
             messages = [f"{MODALITY_NAMES[m]} holds NaN or inf values at row" for m in MODALITIES] + [
                 "an active row has no modality present (at least one is needed per utterance): row",
                 "speaker must be 0 or 1, got another value at row"]
             row, column = (int(i) for i in failures.t().nonzero()[0].flip(0))
             raise ValueError(f"{messages[column]} {row}")
-        # rows not active get zeros: what they write past their cache length stays finite (it is overwritten later)
-        seen = present & active[:, None]
-        features = {m: features[m].masked_fill(~seen[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
+        # rows not active get zeros: what they write past their cache length stays finite (it is overwritten later);
+        # modalities not given are zeros already
+        if not (every_row and every_given):
+            seen = present & active[:, None]
+            features = {m: features[m].masked_fill(~seen[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
         outputs = self._step(features, present, speakers.long(), active)
-        self.lengths += active.to(torch.int32)
+        self.lengths += 1 if every_row else active.to(torch.int32)
         self.max_length += 1  # an upper bound; exact once reset() recounts
         if probabilities and not self.predicts_score:
             outputs = outputs.float().softmax(dim=-1)
@@ -158,8 +162,9 @@ class ModelStream:
         the longest row holds after the call: attention costs the history, not the cache's capacity."""
         cache.reserve(k, v, self.max_length + 1)
         attended = (self.max_length + 1) * cache.per_utterance
-        lengths = self.lengths * cache.per_utterance if lengths is None else lengths
-        return cache.k[:, :, :attended], cache.v[:, :, :attended], lengths
+        if lengths is None:
+            lengths = self.lengths if cache.per_utterance == 1 else self.lengths * cache.per_utterance
+        return cache.k.narrow(2, 0, attended), cache.v.narrow(2, 0, attended), lengths
 
 
 class StreamLinear:
