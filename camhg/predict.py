@@ -9,13 +9,9 @@ utterance flat in the dialogue's length (:class:`camhg.stream.CaMHGStream`).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import torch
-
-from mer.cli import UserError, checkpoint_of, run_command
-from mer.predict import RunModel, output_names, run_predict
-from mer.training import CheckpointError, load_checkpoint
+from mer.cli import run_command
+from mer.predict import RunModel, load_trained, output_names, run_predict
 
 from .evaluate import load_model
 
@@ -25,14 +21,7 @@ MODULE = "camhg.predict"
 def load_run(path, device="cpu") -> RunModel:
     """The CaM-HG of a run folder (its checkpoints/last.pt) or checkpoint file ``path``, loaded without running code,
     on ``device``, as a :class:`mer.predict.RunModel` (``.model.stream()``, ``.class_names``)."""
-    path, device = checkpoint_of(Path(path)), torch.device(device)
-    try:
-        state = load_checkpoint(path)
-        model, config = load_model(state, device)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CaM-HG
-        raise UserError(f"{path} is not a usable camhg.train checkpoint: {error}") from None
+    state, (model, config) = load_trained(path, device, load_model, "camhg.train")
     info = state["info"]
     names = output_names(info["task"], model.num_classes, info["name"]) if info["task"] == "regression" \
         else list(info["class_names"])

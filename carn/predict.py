@@ -10,13 +10,9 @@ the stream re-encodes the history at every utterance (:class:`carn.stream.CarnSt
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-import torch
-
-from mer.cli import UserError, checkpoint_of, run_command
-from mer.predict import RunModel, output_names, run_predict
-from mer.training import CheckpointError, load_checkpoint
+from mer.cli import run_command
+from mer.predict import RunModel, load_trained, output_names, run_predict
 
 from .evaluate import load_model
 
@@ -26,14 +22,7 @@ MODULE = "carn.predict"
 def load_run(path, device="cpu") -> RunModel:
     """The CARN of a run folder (its checkpoints/last.pt) or checkpoint file ``path``, loaded without running code,
     on ``device``, as a :class:`mer.predict.RunModel` (``.model.stream()``, ``.class_names``)."""
-    path, device = checkpoint_of(Path(path)), torch.device(device)
-    try:
-        state = load_checkpoint(path)
-        model = load_model(state, device)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no CARN
-        raise UserError(f"{path} is not a usable carn.train checkpoint: {error}") from None
+    state, model = load_trained(path, device, load_model, "carn.train")
     config = model.config
 
     def outputs(features, present, speakers, valid):

@@ -260,6 +260,21 @@ def _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h,
 
 
 @triton.jit
+def _chunked_key_tile_scores(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, p_k, stride_kt,
+                             stride_kd, o_n, length, D, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                             UPCAST_DOTS: tl.constexpr):
+    """:func:`_key_tile_scores` of a head wider than one tile: D in chunks of BD, the queries' chunks reloaded per
+    key tile (they stay in cache), each chunk of K loaded once."""
+    b_s = tl.zeros([BM, BN], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        b_q = _load_group_queries(q + d0 * stride_qd, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r,
+                                  D - d0, BD)
+        b_s += _key_tile_scores(b_q, p_k + d0 * stride_kd, stride_kt, stride_kd, o_n, length, D - d0, BD,
+                                UPCAST_DOTS)
+    return b_s
+
+
+@triton.jit
 def _entmax_power(b_y, b_gamma, ALPHA_KIND: tl.constexpr):
     """``y^gamma`` for ``y >= 0`` (0 at 0), ``gamma = 1 / (alpha - 1)``: a square for entmax-1.5, y for sparsemax."""
     if ALPHA_KIND == 1:
@@ -276,22 +291,29 @@ def _entmax_decode_scores_kernel(q, k_cache, lengths, scores, split_max,
                                  stride_qb, stride_qh, stride_qt, stride_qd,
                                  stride_kb, stride_kh, stride_kt, stride_kd,
                                  H, Hkv, G, Tq, D, W, n_splits, tiles_per_split, scale, causal,
-                                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+                                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+                                 D_CHUNKED: tl.constexpr):
     """Scores ``scale * q . k`` (B, H, Tq, W) fp32, ``-inf`` at hidden keys, of the keys of one split (each key tile
     read once for the G * Tq rows of its GQA group), and each row's maximum over the split, split_max
-    (B * H * Tq, n_splits) fp32."""
+    (B * H * Tq, n_splits) fp32. D_CHUNKED: D in chunks of BD (else D <= BD, the queries held whole)."""
     i_s, i_bkv = tl.program_id(0), tl.program_id(1)
     i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
     length = tl.load(lengths + i_b)
     start = i_s * tiles_per_split * BN
     if start < length:
-        b_q = _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD)
+        if not D_CHUNKED:
+            b_q = _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD)
         p_k = k_cache + i_b.to(tl.int64) * stride_kb + i_kv.to(tl.int64) * stride_kh
         n_row = _attended_count(length, Tq, i_q, causal)  # [BM]
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(start, tl.minimum(start + tiles_per_split * BN, length), BN):
             o_n = n0 + tl.arange(0, BN)
-            b_s = _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD, UPCAST_DOTS) * scale
+            if D_CHUNKED:
+                b_s = _chunked_key_tile_scores(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r,
+                                               p_k, stride_kt, stride_kd, o_n, length, D, BM, BN, BD,
+                                               UPCAST_DOTS) * scale
+            else:
+                b_s = _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD, UPCAST_DOTS) * scale
             b_s = tl.where(o_n[None, :] < n_row[:, None], b_s, float("-inf"))  # [BM, BN]
             tl.store(scores + row[:, None] * W + o_n[None, :], b_s, mask=m_r[:, None])
             b_max = tl.maximum(b_max, tl.max(b_s, 1))
@@ -407,9 +429,9 @@ def _entmax_decode_output_kernel(scores, v_cache, lengths, alpha, rowmax, tau, f
                                  ALPHA_KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDV: tl.constexpr,
                                  UPCAST_DOTS: tl.constexpr):
     """Partial outputs ``sum_j p_j v_j`` over one split, partial (B * H * Tq, n_splits, Dv) fp32 (unnormalized:
-    the combine kernel divides by rowsum). A key tile that no row of the group flags is skipped: neither its scores
-    nor its V tile are loaded."""
-    i_s, i_bkv = tl.program_id(0), tl.program_id(1)
+    the combine kernel divides by rowsum), features [i * BDV, (i + 1) * BDV) in program (s, b * Hkv + kv, i). A key
+    tile that no row of the group flags is skipped: neither its scores nor its V tile are loaded."""
+    i_s, i_bkv, i_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
     length = tl.load(lengths + i_b)
     start = i_s * tiles_per_split * BN
@@ -421,7 +443,7 @@ def _entmax_decode_output_kernel(scores, v_cache, lengths, alpha, rowmax, tau, f
         b_a1 = tl.load(alpha + i_h, mask=m_r, other=2.0) - 1.0
         b_gamma = 1.0 / b_a1
         p_v = v_cache + i_b.to(tl.int64) * stride_vb + i_kv.to(tl.int64) * stride_vh
-        o_dv = tl.arange(0, BDV)
+        o_dv = i_dv * BDV + tl.arange(0, BDV)
         b_o = tl.zeros([BM, BDV], dtype=tl.float32)
         for n0 in range(start, tl.minimum(start + tiles_per_split * BN, length), BN):
             b_flag = tl.load(flags + row * n_tiles + n0 // BN, mask=m_r & (n0 < n_row), other=0)
@@ -445,25 +467,33 @@ def _softmax_decode_split_kernel(q, k_cache, v_cache, lengths, partial, split_ma
                                  stride_vb, stride_vh, stride_vt, stride_vd,
                                  H, Hkv, G, Tq, D, Dv, n_splits, tiles_per_split, scale_log2,
                                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                                 UPCAST_DOTS: tl.constexpr):
+                                 UPCAST_DOTS: tl.constexpr, D_CHUNKED: tl.constexpr):
     """Flash-decoding's split: over one split's keys (all visible to every new query), the online softmax's running
     maximum split_max and sum split_sum (B * H * Tq, n_splits) fp32 (base 2) and the unnormalized partial output
-    partial (B * H * Tq, n_splits, Dv) fp32, each K and V tile loaded once for the GQA group's G * Tq rows."""
-    i_s, i_bkv = tl.program_id(0), tl.program_id(1)
+    partial (B * H * Tq, n_splits, Dv) fp32, each K and V tile loaded once for the GQA group's G * Tq rows.
+    Program (s, b * Hkv + kv, i) writes features [i * BDV, (i + 1) * BDV) of the partial output (and the maximum and
+    sum, the same in every chunk's program): a Dv wider than BDV reads K once per chunk. D_CHUNKED: D in chunks of BD (:func:`_chunked_key_tile_scores`)."""
+    i_s, i_bkv, i_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
     length = tl.load(lengths + i_b)
     start = i_s * tiles_per_split * BN
     if start < length:
-        b_q = _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD)
+        if not D_CHUNKED:
+            b_q = _load_group_queries(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r, D, BD)
         p_k = k_cache + i_b.to(tl.int64) * stride_kb + i_kv.to(tl.int64) * stride_kh
         p_v = v_cache + i_b.to(tl.int64) * stride_vb + i_kv.to(tl.int64) * stride_vh
-        o_dv = tl.arange(0, BDV)
+        o_dv = i_dv * BDV + tl.arange(0, BDV)
         b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BM], dtype=tl.float32)
         b_o = tl.zeros([BM, BDV], dtype=tl.float32)
         for n0 in range(start, tl.minimum(start + tiles_per_split * BN, length), BN):
             o_n = n0 + tl.arange(0, BN)
-            b_s = _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD, UPCAST_DOTS) * scale_log2
+            if D_CHUNKED:
+                b_s = _chunked_key_tile_scores(q, stride_qb, stride_qh, stride_qt, stride_qd, i_b, i_h, i_q, m_r,
+                                               p_k, stride_kt, stride_kd, o_n, length, D, BM, BN, BD,
+                                               UPCAST_DOTS) * scale_log2
+            else:
+                b_s = _key_tile_scores(b_q, p_k, stride_kt, stride_kd, o_n, length, D, BD, UPCAST_DOTS) * scale_log2
             b_s = tl.where(o_n[None, :] < length, b_s, float("-inf"))  # [BM, BN]
             b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # finite: the split's first key is attended
             b_rescale = tl.exp2(b_m - b_m_new)
@@ -473,7 +503,7 @@ def _softmax_decode_split_kernel(q, k_cache, v_cache, lengths, partial, split_ma
                           mask=(o_n[:, None] < length) & (o_dv[None, :] < Dv), other=0.0)  # [BN, BDV]
             b_o = b_o * b_rescale[:, None] + dot_fp32acc(b_p.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
             b_m = b_m_new
-        tl.store(split_max + row * n_splits + i_s, b_m, mask=m_r)
+        tl.store(split_max + row * n_splits + i_s, b_m, mask=m_r)  # every Dv chunk's program: the same values
         tl.store(split_sum + row * n_splits + i_s, b_l, mask=m_r)
         tl.store(partial + (row * n_splits + i_s)[:, None] * Dv + o_dv[None, :], b_o,
                  mask=m_r[:, None] & (o_dv[None, :] < Dv))
@@ -485,12 +515,13 @@ def _decode_combine_kernel(partial, split_max, split_sum, rowsum, lengths, o,
                            SOFTMAX: tl.constexpr, BN: tl.constexpr, BDV: tl.constexpr):
     """o (B, H, Tq, Dv), contiguous, per row (grid: B * H * Tq) from the partial outputs of the splits that hold
     the row's attended keys: softmax rescales each by ``2^(split_max - max)`` and divides by the rescaled
-    split_sum; entmax adds them and divides by rowsum. Rows that see no key are zeros."""
+    split_sum; entmax adds them and divides by rowsum. Rows that see no key are zeros. Grid (B * H * Tq,
+    cdiv(Dv, BDV)): program (row, i) writes features [i * BDV, (i + 1) * BDV)."""
     row = tl.program_id(0).to(tl.int64)
     i_b = row // (H * Tq)
     i_q = row % Tq
     n = _attended_count(tl.load(lengths + i_b), Tq, i_q, causal)
-    o_dv = tl.arange(0, BDV)
+    o_dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     m_dv = o_dv < Dv
     b_o = tl.zeros([BDV], dtype=tl.float32)
     if n > 0:
@@ -521,7 +552,9 @@ def _decode_combine_kernel(partial, split_max, split_sum, rowsum, lengths, o,
 class DecodeTiles(NamedTuple):
     """Block sizes of the decoding kernels. ``block_n`` keys per tile (the unit of skipping); the threshold kernel
     reads a row's scores in chunks of ``block_t`` (a multiple of ``block_n``). ``tiles_per_split`` (None: chosen
-    from the GPU's SM count so that about ``programs_per_sm`` split programs run per SM) tiles per split."""
+    from the GPU's SM count so that about ``programs_per_sm`` split programs run per SM) tiles per split. A head of
+    at most ``whole_d`` features (D or Dv) is one tile; a wider one goes in chunks of ``block_d``: D in a loop
+    (K still read once), Dv over a third grid axis (V read once; the softmax split reads K once per Dv chunk)."""
 
     block_n: int
     block_t: int
@@ -530,6 +563,8 @@ class DecodeTiles(NamedTuple):
     narrow_num_warps: int = 4  # split and combine kernels, heads of at most 64 features
     programs_per_sm: int = 4
     tiles_per_split: Optional[int] = None
+    whole_d: int = 128
+    block_d: int = 128
 
     def split_warps(self, width: int) -> int:
         """Warps of the split and combine kernels whose widest head tile is ``width``."""
@@ -538,18 +573,17 @@ class DecodeTiles(NamedTuple):
 
 #: 64-key tiles for 16-bit caches (8 warps for heads wider than 64, else 4), 32-key tiles in 4 warps for fp32: with
 #: 16 group rows every kernel compiles without spills for sm_80 and sm_90 at D = Dv = 128 and 64 (ptxas,
-#: ``aot_configurations``): the split kernels hold 72-246 registers per thread (the general-alpha output kernel the
+#: ``aot_configurations``): the split kernels hold 72-248 registers per thread (the general-alpha output kernel the
 #: most; 16-bit ones spill 16-116 bytes at D 128 in 4 warps, 4 bytes at D 64 on sm_90 in 8), the threshold kernel
-#: 64-96, the combine kernel 22-32.
+#: 64-96, the combine kernel 22-32. Heads wider than 128 go in chunks of 128 features (16-bit) or 64 (fp32: its
+#: softmax split spills 8-184 bytes with 128-feature chunks of D, whose score loop holds a query and a key chunk).
 _DEFAULT_TILES = {
     torch.float16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
     torch.bfloat16: DecodeTiles(block_n=64, block_t=1024, num_warps=8, threshold_num_warps=4),
-    torch.float32: DecodeTiles(block_n=32, block_t=1024, num_warps=4, threshold_num_warps=4),
+    torch.float32: DecodeTiles(block_n=32, block_t=1024, num_warps=4, threshold_num_warps=4, block_d=64),
 }
 #: Tests set tiny tiles here so that short caches cover several splits, skipped tiles and the reduction.
 _TILE_OVERRIDE: Optional[DecodeTiles] = None
-#: The kernels hold a whole head (D and Dv) in one tile.
-MAX_HEAD_DIM = 256
 _SPLIT_MAXIMA_BLOCK = 64  # BS: split maxima read at once by the threshold kernel
 
 
@@ -586,6 +620,11 @@ def _dim_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _head_block(d: int, tiles: DecodeTiles) -> int:
+    """The tile of a head of ``d`` features: the whole head up to ``tiles.whole_d``, else chunks of ``block_d``."""
+    return _dim_block(d) if d <= tiles.whole_d else tiles.block_d
+
+
 def _alpha_kind(alpha: Alpha) -> int:
     if isinstance(alpha, Tensor):
         return _GENERAL_ALPHA
@@ -601,10 +640,11 @@ def _combine(partial, split_max, split_sum, rowsum, lengths, shape, dtype, split
              softmax: bool, tiles: DecodeTiles, device) -> Tensor:
     batch, heads, tq, dv = shape
     out = torch.empty(shape, dtype=dtype, device=device)
-    launch(_decode_combine_kernel, lambda meta: (batch * heads * tq,),
+    block_dv = _head_block(dv, tiles)
+    launch(_decode_combine_kernel, lambda meta: (batch * heads * tq, triton.cdiv(dv, block_dv)),
            (partial, split_max, split_sum, rowsum, lengths, out, heads, tq, dv, splits.n_splits,
             splits.tiles_per_split, int(causal)),
-           dict(SOFTMAX=softmax, BN=tiles.block_n, BDV=_dim_block(dv)), _config(tiles.split_warps(_dim_block(dv))),
+           dict(SOFTMAX=softmax, BN=tiles.block_n, BDV=block_dv), _config(tiles.split_warps(block_dv)),
            device=device)
     return out
 
@@ -626,6 +666,7 @@ def _entmax_decode(q, k_cache, v_cache, lengths, alpha: Alpha, causal: bool, sca
     kind = _alpha_kind(alpha)
     rows = batch * heads * tq
     block_m = _dim_block(groups * tq)
+    block_d, block_dv = _head_block(d, tiles), _head_block(dv, tiles)
     upcast = upcast_dots_for(q.dtype)
     scores = torch.empty(batch, heads, tq, splits.width, dtype=torch.float32, device=device)
     split_max = torch.empty(rows, splits.n_splits, dtype=torch.float32, device=device)
@@ -638,18 +679,18 @@ def _entmax_decode(q, k_cache, v_cache, lengths, alpha: Alpha, causal: bool, sca
         launch(_entmax_decode_scores_kernel, lambda meta: grid,
                (q, k_cache, lengths, scores, split_max, *q.stride(), *k_cache.stride(), *common, d, splits.width,
                 splits.n_splits, splits.tiles_per_split, scale, int(causal)),
-               dict(BM=block_m, BN=tiles.block_n, BD=_dim_block(d), UPCAST_DOTS=upcast),
-               _config(tiles.split_warps(_dim_block(d))), device=device)
+               dict(BM=block_m, BN=tiles.block_n, BD=block_d, UPCAST_DOTS=upcast, D_CHUNKED=d > tiles.whole_d),
+               _config(tiles.split_warps(block_d)), device=device)
         launch(_entmax_decode_threshold_kernel, lambda meta: (rows,),
                (scores, split_max, lengths, alpha_heads, rowmax, tau, rowsum, flags, heads, tq, splits.width,
                 splits.n_splits, splits.n_tiles, splits.tiles_per_split, int(causal)),
                dict(ALPHA_KIND=kind, MAX_PASSES=_MAX_PASSES, BT=tiles.block_t, BN=tiles.block_n,
                     BS=_SPLIT_MAXIMA_BLOCK), _config(tiles.threshold_num_warps), device=device)
-        launch(_entmax_decode_output_kernel, lambda meta: grid,
+        launch(_entmax_decode_output_kernel, lambda meta: (*grid, triton.cdiv(dv, block_dv)),
                (scores, v_cache, lengths, alpha_heads, rowmax, tau, flags, partial, *v_cache.stride(), *common, dv,
                 splits.width, splits.n_splits, splits.n_tiles, splits.tiles_per_split, int(causal)),
-               dict(ALPHA_KIND=kind, BM=block_m, BN=tiles.block_n, BDV=_dim_block(dv), UPCAST_DOTS=upcast),
-               _config(tiles.split_warps(_dim_block(dv))), device=device)
+               dict(ALPHA_KIND=kind, BM=block_m, BN=tiles.block_n, BDV=block_dv, UPCAST_DOTS=upcast),
+               _config(tiles.split_warps(block_dv)), device=device)
         return _combine(partial, split_max, split_max, rowsum, lengths, (batch, heads, tq, dv), v_cache.dtype,
                         splits, causal, False, tiles, device)
 
@@ -664,17 +705,19 @@ def _softmax_decode(q, k_cache, v_cache, lengths, scale: float) -> Tensor:
     tiles = _decode_tiles(q.dtype)
     splits = _splits(t_max, batch * kv_heads, device, tiles)
     rows = batch * heads * tq
+    block_d, block_dv = _head_block(d, tiles), _head_block(dv, tiles)
     split_max, split_sum = (torch.empty(rows, splits.n_splits, dtype=torch.float32, device=device)
                             for _ in range(2))
     partial = torch.empty(rows, splits.n_splits, dv, dtype=torch.float32, device=device)
     with launch_device_of(q):
-        launch(_softmax_decode_split_kernel, lambda meta: (splits.n_splits, batch * kv_heads),
+        launch(_softmax_decode_split_kernel,
+               lambda meta: (splits.n_splits, batch * kv_heads, triton.cdiv(dv, block_dv)),
                (q, k_cache, v_cache, lengths, partial, split_max, split_sum, *q.stride(), *k_cache.stride(),
                 *v_cache.stride(), heads, kv_heads, groups, tq, d, dv, splits.n_splits, splits.tiles_per_split,
                 scale * _LOG2E),
-               dict(BM=_dim_block(groups * tq), BN=tiles.block_n, BD=_dim_block(d), BDV=_dim_block(dv),
-                    UPCAST_DOTS=upcast_dots_for(q.dtype)),
-               _config(tiles.split_warps(max(_dim_block(d), _dim_block(dv)))), device=device)
+               dict(BM=_dim_block(groups * tq), BN=tiles.block_n, BD=block_d, BDV=block_dv,
+                    UPCAST_DOTS=upcast_dots_for(q.dtype), D_CHUNKED=d > tiles.whole_d),
+               _config(tiles.split_warps(max(block_d, block_dv))), device=device)
         return _combine(partial, split_max, split_sum, split_sum, lengths, (batch, heads, tq, dv), v_cache.dtype,
                         splits, False, True, tiles, device)
 
@@ -708,12 +751,8 @@ def _(q, k_cache, v_cache, lengths, scale):
 _LOG2E = 1.4426950408889634
 
 
-def _check_kernel_arguments(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
-    """The kernels hold a whole head in one tile and put B * Hkv on grid axis 1."""
-    for name, t in (("q", q), ("v_cache", v_cache)):
-        if t.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(f"{name} head dimension must be <= {MAX_HEAD_DIM} for the Triton kernels, got "
-                             f"{t.shape[-1]}")
+def _check_kernel_arguments(k_cache: Tensor) -> None:
+    """The kernels put B * Hkv on grid axis 1."""
     batch_kv_heads = k_cache.shape[0] * k_cache.shape[1]
     if batch_kv_heads > MAX_GRID_AXIS:
         raise ValueError(f"the caches have B * Hkv = {batch_kv_heads} batch-heads; the Triton kernels take at most "
@@ -860,7 +899,7 @@ def entmax_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     _check_entmax_arguments(q, k_cache, v_cache, cache_seqlens, k, v, alpha, causal, scale, FLOAT_DTYPES)
     kernels = use_triton(q, k_cache, v_cache)
     if kernels:
-        _check_kernel_arguments(q, k_cache, v_cache)
+        _check_kernel_arguments(k_cache)
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
     if not kernels:
         return _entmax_attend_reference(q, k_cache, v_cache, lengths, alpha, causal, scale)
@@ -886,7 +925,7 @@ def block_causal_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Ten
     _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, FLOAT_DTYPES)
     kernels = use_triton(q, k_cache, v_cache)
     if kernels:
-        _check_kernel_arguments(q, k_cache, v_cache)
+        _check_kernel_arguments(k_cache)
     lengths = _append_to_cache(k_cache, v_cache, cache_seqlens, k, v)
     if not kernels:
         return _softmax_attend_reference(q, k_cache, v_cache, lengths, scale)
@@ -934,9 +973,10 @@ def _signature(kernel, dtype: str, constexprs: dict) -> tuple[dict, tuple]:
 
 
 def aot_configurations() -> list:
-    """Every decoding kernel x dtype x constexpr variant a launch with D, Dv <= 128 and G * Tq <= 16 makes on a GPU
-    (one configuration per kernel: no autotuning), for sm_80 and sm_90, with the unit feature strides and the
-    16-divisibility of pointers and strides that dense, aligned tensors get, at head sizes 128 and 64. ``default``
+    """Every decoding kernel x dtype x constexpr variant a launch with G * Tq <= 16 makes on a GPU (one
+    configuration per kernel: no autotuning), for sm_80 and sm_90, with the unit feature strides and the
+    16-divisibility of pointers and strides that dense, aligned tensors get, at head sizes 128 and 64 (wider heads
+    run the 128-feature variants, the score loops' D_CHUNKED ones). ``default``
     (the tests' quick subset): the bfloat16 variants of D 128 and the threshold kernels of 64-key tiles."""
     configs = []
     for torch_dtype, dtype in _TRITON_DTYPES.items():
@@ -945,10 +985,14 @@ def aot_configurations() -> list:
         for width in _AOT_HEAD_DIMS:
             # (label, kernel, constexprs, default)
             default = torch_dtype == torch.bfloat16 and width == _AOT_HEAD_DIMS[0]
-            variants = [
-                ("scores", _entmax_decode_scores_kernel, dict(head, BD=width), default),
-                ("softmax split", _softmax_decode_split_kernel, dict(head, BD=width, BDV=width), default),
-            ]
+            variants = []
+            for chunked in (False, True) if width == t.block_d else (False,):  # wider heads: chunks of block_d
+                variants += [
+                    (f"scores D_CHUNKED={chunked}", _entmax_decode_scores_kernel,
+                     dict(head, BD=width, D_CHUNKED=chunked), default),
+                    (f"softmax split D_CHUNKED={chunked}", _softmax_decode_split_kernel,
+                     dict(head, BD=width, BDV=width, D_CHUNKED=chunked), default),
+                ]
             for kind in (_GENERAL_ALPHA, _ENTMAX15, _SPARSEMAX):
                 variants.append((f"output alpha{kind}", _entmax_decode_output_kernel,
                                  dict(head, BDV=width, ALPHA_KIND=kind), default))

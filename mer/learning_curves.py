@@ -11,21 +11,26 @@ boundaries as dotted lines).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mer.cli import UserError, new_parser, run_command
+
+MODULE = "mer.learning_curves"
 RUN_NAME = re.compile(r"(?P<variant>.+)-seed(?P<seed>\d+)$")
 FINISHED = ("missing_rates.json", "table1.json")
 
 
 def read_sweep(sweep: Path, metric: str) -> tuple[dict, dict]:
     """{variant: {seed: {epoch: value}}} of the finished runs, and {epoch: phase or stage}."""
+    if not sweep.is_dir():
+        raise UserError(f"{sweep} is not a folder: give a sweep folder (runs/<model>/<dataset>/ablations/<name>)")
     curves, periods = {}, {}
     for run in sorted(sweep.iterdir()):
         match = RUN_NAME.match(run.name)
@@ -39,16 +44,20 @@ def read_sweep(sweep: Path, metric: str) -> tuple[dict, dict]:
                     curves.setdefault(match["variant"], {}).setdefault(int(match["seed"]), {})[epoch] = float(
                         row[metric])
     if not curves:
-        raise SystemExit(f"{sweep}: no finished run with a {metric!r} column")
+        raise UserError(f"{sweep}: no finished run with a {metric!r} column")
     return curves, periods
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = new_parser(MODULE, __doc__)
     parser.add_argument("sweep", type=Path, help="the sweep folder (runs/<model>/<dataset>/ablations/<name>)")
     parser.add_argument("out", type=Path, help="output path without suffix: OUT.csv and OUT.png")
-    parser.add_argument("--metric", default="val_WAF1", help="metrics.csv column (default: val_WAF1)")
-    args = parser.parse_args()
+    parser.add_argument("--metric", default="val_WAF1", help="metrics.csv column (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     curves, periods = read_sweep(args.sweep, args.metric)
     seeds = sorted({seed for runs in curves.values() for seed in runs})
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +86,12 @@ def main() -> None:
     axes.legend(fontsize=8)
     axes.set_title(args.sweep.as_posix(), fontsize=9)
     figure.savefig(args.out.with_suffix(".png"), dpi=120)
+    return 0
+
+
+def cli(argv=None) -> int:
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

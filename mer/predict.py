@@ -47,8 +47,9 @@ from typing import Callable, Iterable, Optional, Sequence, TextIO
 import numpy as np
 import torch
 
-from mer.cli import UserError, device_name, new_parser
+from mer.cli import UserError, checkpoint_of, device_name, new_parser
 from mer.dialogues import MODALITIES
+from mer.training import CheckpointError, load_checkpoint
 
 MODALITY_NAMES = {"a": "audio", "t": "text", "v": "video"}  # the input arrays' names
 NUM_SPEAKERS = 2
@@ -93,8 +94,25 @@ class RunModel:
     outputs: Callable[..., torch.Tensor]
     device: torch.device
 
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+
     def stream(self, batch_size: int = 1):
         return self.model.stream(batch_size)
+
+
+def load_trained(path, device, build: Callable, trainer: str):
+    """``(state, build(state, device))`` for the checkpoint of run folder or file ``path`` (:func:`mer.cli.checkpoint_of`),
+    loaded without running code; a file that does not load, or loads but builds no model of ``trainer`` (the
+    command that writes such checkpoints, e.g. ``carn.train``), is a :class:`mer.cli.UserError` naming it."""
+    path = checkpoint_of(Path(path))
+    try:
+        state = load_checkpoint(path)
+        return state, build(state, torch.device(device))
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:  # it loads, but builds no such model
+        raise UserError(f"{path} is not a usable {trainer} checkpoint: {error}") from None
 
 
 def output_names(task: str, num_outputs: int, dataset: str) -> list[str]:

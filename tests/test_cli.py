@@ -3,6 +3,7 @@ argparse, one-line errors that leave nothing behind, Ctrl-C, resume, evaluate on
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import pickle
 import signal
@@ -20,10 +21,12 @@ import carn.ablations
 import carn.evaluate
 import carn.train
 import mer.combine
+import mer.learning_curves
 from mer.cli import HelpFormatter
 from mer.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+TOOLS = {"mer.combine": mer.combine, "mer.learning_curves": mer.learning_curves}  # no --threads: nothing to compute
 ENTRY_POINTS = {
     "carn.train": carn.train, "carn.evaluate": carn.evaluate, "carn.ablations": carn.ablations,
     "camhg.train": camhg.train, "camhg.evaluate": camhg.evaluate, "camhg.ablations": camhg.ablations,
@@ -40,9 +43,9 @@ def options(parser: argparse.ArgumentParser) -> set[str]:
     return {flag for action in parser._actions for flag in action.option_strings} - {"-h", "--help"}
 
 
-@pytest.mark.parametrize("name", [*ENTRY_POINTS, "mer.combine"])
+@pytest.mark.parametrize("name", [*ENTRY_POINTS, *TOOLS])
 def test_every_flag_has_help_and_its_default(name):
-    parser = {**ENTRY_POINTS, "mer.combine": mer.combine}[name].build_parser()
+    parser = {**ENTRY_POINTS, **TOOLS}[name].build_parser()
     assert parser.prog == f"python -m {name}"
     formatter = HelpFormatter(parser.prog)
     for action in parser._actions:
@@ -99,14 +102,14 @@ def test_argparse_errors_are_one_line_without_the_usage_block(model, arguments, 
     assert err.splitlines() == [err.strip()] and err.startswith(f"python -m {model}.train: error: {message}"), err
 
 
-@pytest.mark.parametrize("name", [*ENTRY_POINTS, "mer.combine"])
+@pytest.mark.parametrize("name", [*ENTRY_POINTS, *TOOLS])
 def test_help_is_plain_text(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        {**ENTRY_POINTS, "mer.combine": mer.combine}[name].build_parser().parse_args(["--help"])
+        {**ENTRY_POINTS, **TOOLS}[name].build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     shown = capsys.readouterr().out
     assert "``" not in shown and ":func:" not in shown and ":class:" not in shown, shown
-    assert name == "mer.combine" or "--threads" in shown
+    assert name in TOOLS or "--threads" in shown
 
 
 def test_threads_default_flag_and_environment(monkeypatch):
@@ -310,3 +313,32 @@ def test_entry_points_back_large_tensors_with_huge_pages():
         assert result.returncode == 0, result.stderr
         faults[setting] = int(result.stdout.split()[-1])
     assert faults["0"] >= (64 << 20) // 4096 and faults["default"] < faults["0"] // 8, faults
+
+
+def test_learning_curves_average_the_seeds_and_refuse_a_bad_sweep(tmp_path, capsys):
+    """``mer.learning_curves``: per variant and epoch the seeds' mean and sample std (unfinished runs left out), a
+    plot; a missing folder or metric is one error line, exit 2."""
+    rng = np.random.default_rng()
+    values = rng.uniform(20, 80, size=(2, 3))  # seeds x epochs
+    for seed in range(3):
+        run = tmp_path / "sweep" / f"full-seed{seed}"
+        run.mkdir(parents=True)
+        rows = ["epoch,phase,val_WAF1"] + [f"{e},{1 + (e > 1)},{values[seed, e] if seed < 2 else 99}" for e in range(3)]
+        (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+        if seed < 2:  # seed 2 never finished
+            (run / "missing_rates.json").write_text("{}")
+    out = tmp_path / "curves" / "full"
+    assert mer.learning_curves.cli([str(tmp_path / "sweep"), str(out)]) == 0
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in table] == [0, 1, 2] and {row["n"] for row in table} == {"2"}
+    for row, column in zip(table, values.T):
+        assert float(row["mean"]) == pytest.approx(column.mean(), abs=0.006)
+        assert float(row["std"]) == pytest.approx(column.std(ddof=1), abs=0.006)
+    assert out.with_suffix(".png").stat().st_size > 0
+    capsys.readouterr()
+    for argv, message in (([str(tmp_path / "nothing"), str(out)], "is not a folder"),
+                          ([str(tmp_path / "sweep"), str(out), "--metric", "val_acc"], "no finished run with")):
+        assert mer.learning_curves.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [err.strip()] and message in err, err

@@ -370,13 +370,19 @@ def test_decoding_reads_k_once_and_v_only_at_tiles_with_a_nonzero_probability():
     assert row["softmax_k_loaded"] == row["softmax_v_loaded"] == row["v_dense"]
 
 
-def test_kernels_refuse_heads_wider_than_one_tile(triton_backend):
-    q, k_cache, v_cache, seqlens, _, _ = decoding_inputs([1], 2, 1, 1, 4, d=kvcache.MAX_HEAD_DIM + 1, dv=4,
-                                                         dtype=torch.float32, append=False)
-    with pytest.raises(ValueError, match="q head dimension must be <= 256"):
-        entmax_attention_with_kvcache(q, k_cache, v_cache, seqlens)
-    with pytest.raises(ValueError, match="q head dimension must be <= 256"):
-        block_causal_attention_with_kvcache(q, k_cache, v_cache, seqlens)
+@pytest.mark.parametrize("d, dv", [(20, 36), (16, 8), (5, 17)], ids=["D-Dv-chunked", "D-chunked", "Dv-chunked"])
+def test_heads_wider_than_one_tile_go_in_chunks(monkeypatch, d, dv):
+    """Heads wider than ``whole_d`` (12 here) in chunks of ``block_d`` (8): D inside the score loops, Dv over the
+    grid's third axis, for both decoding ops; partial last chunks included."""
+    monkeypatch.setattr(kvcache, "_TILE_OVERRIDE", TINY_TILES._replace(whole_d=12, block_d=8))
+    inputs = decoding_inputs([3, 40], 4, 2, 2, 48, d=d, dv=dv, dtype=torch.float32)
+    for op, reference, options, atol in (
+            (entmax_attention_with_kvcache, entmax_attention_with_kvcache_reference, dict(alpha=1.25), 2e-5),
+            (block_causal_attention_with_kvcache, block_causal_attention_with_kvcache_reference, {}, 2e-6)):
+        cloned = [None if x is None else x.clone() for x in inputs]
+        out, _, expected, _ = run_both(op, reference, cloned, **options)
+        assert out.shape == (2, 4, 2, dv)
+        torch.testing.assert_close(out.double(), expected, atol=atol, rtol=atol)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -215,13 +215,15 @@ def test_stream_caches_grow(reference_backend):
     torch.testing.assert_close(streamed(model, features, present, speakers, valid), offline, atol=1e-5, rtol=1e-5)
 
 
-def test_carn_wider_than_the_decoding_kernels_streams(triton_backend):
-    """CARN's one-head causal-cue attention is ``hidden`` wide: past the decoding kernels' head size it streams on
-    the reference (the Transformer encoders' heads stay on the kernels)."""
-    from kernels.kvcache import MAX_HEAD_DIM
+def test_carn_wider_than_one_decoding_tile_streams_on_the_kernels(triton_backend, monkeypatch):
+    """CARN's one-head causal-cue attention is ``hidden`` wide: past the decoding kernels' head tile (8 features
+    here) it streams on them in feature chunks, equal to the offline forward."""
+    from kernels import kvcache
 
+    tiles = kvcache.DecodeTiles(block_n=16, block_t=64, num_warps=4, threshold_num_warps=4, whole_d=8, block_d=8)
+    monkeypatch.setattr(kvcache, "_TILE_OVERRIDE", tiles)
     torch.manual_seed(0)
-    model = CARN(ModelConfig(dims=DIMS, num_classes=3, hidden=MAX_HEAD_DIM + 4, num_heads=4, css_dim=4,
+    model = CARN(ModelConfig(dims=DIMS, num_classes=3, hidden=12, num_heads=4, css_dim=4,
                              encoder_mask="causal", use_cce=True)).eval()
     features, present, speakers, valid = dialogues(1, [2], seed=9)
     with use_backend("reference"):
