@@ -799,11 +799,12 @@ def _masked_scores(q: Tensor, k_cache: Tensor, visible: Optional[Tensor], scale:
     return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
 
 
-def _weighted_values(weights: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
-    """``weights @ v`` per key head group, with cache rows beyond ``lengths`` (never written, maybe NaN) as zeros."""
+def _weighted_values(weights: Tensor, v_cache: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """``weights @ v`` per key head group, with cache rows beyond ``lengths`` (never written, maybe NaN) as zeros
+    (``lengths`` None: every position is written)."""
     groups = weights.shape[1] // v_cache.shape[1]
     values = v_cache.to(weights.dtype)
-    if not _attend_whole_caches(lengths, v_cache):  # else every position is written
+    if lengths is not None:
         written = _arange(v_cache.shape[2], v_cache.device) < lengths.to(torch.int64)[:, None]
         values = torch.where(written[:, None, :, None], values, 0.0)
     return weights @ (values if groups == 1 else values.repeat_interleave(groups, dim=1))
@@ -821,12 +822,13 @@ def _entmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, length
                              causal: bool, scale: Optional[float]) -> Tensor:
     """The reference after the append (``lengths``: the attended ones): dense masked scores over the whole cache."""
     compute = torch.promote_types(q.dtype, torch.float32)
+    whole = _attend_whole_caches(lengths, v_cache)
     # the whole caches attended, one query per row (or no causal mask): every key visible, nothing to mask
-    unmasked = _attend_whole_caches(lengths, v_cache) and (q.shape[2] == 1 or not causal)
+    unmasked = whole and (q.shape[2] == 1 or not causal)
     visible = None if unmasked else _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal)
     scores = _masked_scores(q, k_cache, visible, scale, compute)
     weights = _entmax_weights(scores, alpha.to(q.device) if isinstance(alpha, Tensor) else alpha, masked=not unmasked)
-    return _weighted_values(weights, v_cache, lengths).to(v_cache.dtype)
+    return _weighted_values(weights, v_cache, None if whole else lengths).to(v_cache.dtype)
 
 
 def _softmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,

@@ -108,6 +108,7 @@ class ModelStream:
                 raise ValueError(f"{name} must have shape (B, d) = {(b, self.dims[m])}, got {tuple(x.shape)}")
             features[m] = x.to(self.dtype)[:, None]
         observed = torch.tensor([given[m] is not None for m in MODALITIES], device=self.device)
+        every_row, every_given = active is None, present is None  # no row or given modality left out
         if present is None:
             present = observed.expand(b, len(MODALITIES))
         else:
@@ -116,7 +117,6 @@ class ModelStream:
                 raise TypeError(f"present must be a bool tensor, got {present.dtype}")
             if (present & ~observed).any():
                 raise ValueError("present marks a modality observed that was not given (None)")
-        every_row, every_given = active is None, present is None  # no row or given modality left out
         active = self.every_row if every_row else torch.as_tensor(active, device=self.device).reshape(b)
         if active.dtype != torch.bool:
             raise TypeError(f"active must be a (B,) bool tensor, got {active.dtype}")
