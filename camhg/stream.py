@@ -2,7 +2,7 @@
 
 Every attention of CaM-HG looks back only (the extractor over utterances, eq. 4; the hypergraph over nodes, eq.
 9-10), and the rest works per utterance (projection, MoE, gate, head): an utterance's prediction depends on the
-earlier ones only through the keys and values of those attentions. Each step runs the model's own modules on the
+earlier ones only through the keys and values of those attentions. Each step runs the model's layers on the
 new utterance and attends its cached keys/values with ``kernels.block_causal_attention_with_kvcache`` (the new
 utterance's 3 nodes form one group that sees every cached node and each other, as the block-causal mask j // 3 <=
 i // 3 does), so the streamed prediction at utterance t is the offline forward's at t, and an utterance costs
@@ -54,7 +54,8 @@ class CaMHGStream(ModelStream):
                             _Layer(to_node, nodes, cross=True), KVCache(NUM_MODALITIES))
                            for to_edge, to_node in zip(model.mining.node_to_edge, model.mining.edge_to_node)]
         else:
-            self.mining = [(_Layer(layer, nodes, cross=False), KVCache(NUM_MODALITIES)) for layer in model.mining.layers]
+            self.mining = [(_Layer(layer, nodes, cross=False), KVCache(NUM_MODALITIES))
+                           for layer in model.mining.layers]
         self.head = _mlp(model.head, batch_size)
 
     def _layer(self, layer: "_Layer", cache: KVCache, x: torch.Tensor,
