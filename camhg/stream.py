@@ -48,6 +48,8 @@ class CaMHGStream(ModelStream):
                 self.gate = _mlp(model.gate, nodes)
             if isinstance(model.generator, MLPGenerator):
                 self.generator = _mlp(model.generator.net, nodes)
+            elif self.device.type == "cpu":
+                self.generator = _ChosenExperts(model.generator)
         if isinstance(model.mining, Hypergraph):
             self.edge_init = _mlp(model.mining.edge_init, nodes)
             self.mining = [(_Layer(to_edge, nodes, cross=True), KVCache(NUM_MODALITIES),
@@ -101,7 +103,7 @@ class CaMHGStream(ModelStream):
             query = z + model.modality_embedding
             if isinstance(model.generator, Top2MoE):  # eq. 5-6
                 row_mask = present.any(dim=-1, keepdim=True).expand(b, 1, NUM_MODALITIES)
-                generated = _chosen_experts(model.generator, query, row_mask) if query.device.type == "cpu" \
+                generated = self.generator(query, row_mask) if query.device.type == "cpu" \
                     else model.generator(query, row_mask=row_mask)
             else:
                 generated = self.generator(query)
@@ -144,22 +146,32 @@ class _Layer:
         self.norm1, self.norm2 = _norm(layer.norm1), _norm(layer.norm2)
 
 
-def _chosen_experts(moe: Top2MoE, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+class _ChosenExperts:
     """``moe(x, row_mask=row_mask)`` for the few rows of a step on the CPU: the routing of ``kernels.moe_top2``,
     then each expert on the rows that chose it only (chosen experts read on the host; the reference runs every expert
-    on every row), a row's two terms added in expert order as there. x (..., d), row_mask (...) -> (..., d_out)."""
-    compute = torch.promote_types(x.dtype, torch.float32)  # as the reference
-    rows = x.reshape(-1, x.shape[-1]).to(compute)
-    w1, b1, w2, b2 = (p.to(compute) for p in (moe.w1, moe.b1, moe.w2, moe.b2))
-    logits = rows @ moe.gate_weight.to(compute).t()
-    experts = _top2_experts(logits).masked_fill(~row_mask.reshape(-1, 1), -1)  # (N, 2), -1: left out
-    weights = _softmax_of_chosen(logits, experts.clamp(min=0))
-    y = rows.new_zeros(rows.shape[0], moe.d_out)
-    for e in sorted(set(experts.flatten().tolist()) - {-1}):
-        chose, slot = (experts == e).nonzero(as_tuple=True)
-        hidden = nn.functional.gelu(torch.addmm(b1[e], rows[chose], w1[e]))
-        y.index_add_(0, chose, weights[chose, slot, None] * torch.addmm(b2[e], hidden, w2[e]))
-    return y.reshape(*x.shape[:-1], moe.d_out).to(x.dtype)
+    on every row), a row's two terms added in expert order as there, in the reference's arithmetic (float32, float64
+    for float64 weights). The weights are taken when the stream is created. x (..., d), row_mask (...) -> (..., d_out)."""
+
+    def __init__(self, moe: Top2MoE):
+        self.dtype = torch.float64 if moe.w1.dtype == torch.float64 else torch.float32  # as the reference
+        self.gate_weight, self.d_out = moe.gate_weight.detach().to(self.dtype).t(), moe.d_out
+        self.experts = [tuple(p[e].detach().to(self.dtype) for p in (moe.w1, moe.b1, moe.w2, moe.b2))
+                        for e in range(moe.num_experts)]
+
+    def __call__(self, x: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        rows = rows if rows.dtype == self.dtype else rows.to(self.dtype)
+        logits = rows @ self.gate_weight
+        experts = _top2_experts(logits).masked_fill(~row_mask.reshape(-1, 1), -1)  # (N, 2), -1: left out
+        weights = _softmax_of_chosen(logits, experts.clamp(min=0))
+        y = rows.new_zeros(rows.shape[0], self.d_out)
+        for e in sorted(set(experts.flatten().tolist()) - {-1}):
+            w1, b1, w2, b2 = self.experts[e]
+            chose, slot = (experts == e).nonzero(as_tuple=True)
+            hidden = nn.functional.gelu(torch.addmm(b1, rows[chose], w1))
+            y.index_add_(0, chose, weights[chose, slot, None] * torch.addmm(b2, hidden, w2))
+        y = y.reshape(*x.shape[:-1], self.d_out)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _mlp(sequential: nn.Sequential, rows: int):
