@@ -22,7 +22,7 @@ from torch import nn
 
 import kernels
 from mer.dialogues import MODALITIES
-from mer.streaming import KVCache, ModelStream, merge_heads, split_heads
+from mer.streaming import KVCache, ModelStream, StreamLinear, merge_heads, split_heads
 
 from .model import CARN
 
@@ -31,7 +31,7 @@ class CarnStream(ModelStream):
     """B live conversations through a :class:`carn.model.CARN` in eval mode (see :class:`mer.streaming.ModelStream`
     for ``push``/``reset``; CARN does not read speakers). ``causal`` says whether the stream runs on caches (the
     offline prediction at every utterance) or re-encodes the history (module docstring). A causal stream takes the
-    encoders' weights when it is created: create a new stream after changing them."""
+    weights when it is created: create a new stream after changing them."""
 
     def __init__(self, model: CARN, batch_size: int = 1):
         config = model.config
@@ -80,11 +80,14 @@ class CarnStream(ModelStream):
                 "linear1": linear(lambda e: get(e, "linear1")), "linear2": linear(lambda e: get(e, "linear2")),
                 "norm1": norm(lambda e: get(e, "norm1")), "norm2": norm(lambda e: get(e, "norm2"))})
         self.final_norm = None if encoders[0].encoder.norm is None else norm(lambda e: e.encoder.norm)
+        # eq. 11-12 (Linear, ReLU, Dropout, Linear; Dropout, Linear), one row per stream
+        fusion, classifier = self.model.fusion, self.model.classifier[1]
+        self.fusion = [StreamLinear(fusion[i].weight, fusion[i].bias, self.batch_size) for i in (0, 3)]
+        self.classifier = StreamLinear(classifier.weight, classifier.bias, self.batch_size)
 
     def _attention_arguments(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple:
         """(k_cache, v_cache, cache_seqlens) of the 3B modality-major rows."""
-        cache.reserve(k, v, self.max_length + 1)
-        return cache.k, cache.v, self.row_lengths
+        return self.cache_arguments(cache, k, v, self.row_lengths)
 
     def _cue(self, h: torch.Tensor) -> torch.Tensor:
         """Eq. 1-8 at the new utterance, h (M, B, H) -> f (M, B, H)."""
@@ -128,9 +131,9 @@ class CarnStream(ModelStream):
             f = self._encoder_layer(layer, cache, f)
         if self.final_norm is not None:
             f = _layer_norm(f, self.final_norm)
-        joint = f.transpose(0, 1).reshape(f.shape[1], 1, -1)  # (B, 1, M H), the modalities in MODALITIES order
-        fused = joint + torch.relu(model.fusion(joint))  # eq. 10-11
-        logits = model.classifier(fused)[:, 0]  # eq. 12, (B, C)
+        joint = f.transpose(0, 1).reshape(f.shape[1], -1)  # (B, M H), the modalities in MODALITIES order
+        fused = joint + torch.relu(self.fusion[1](torch.relu(self.fusion[0](joint))))  # eq. 10-11
+        logits = self.classifier(fused)  # eq. 12, (B, C)
         return logits[:, 0] if self.predicts_score else logits
 
     # ------------------------------------------------------------------------------------ non-causal: history

@@ -95,7 +95,8 @@ def _check_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, k, v, scale, dtype
                              f"{tuple(v.shape)}")
     check_scale(scale)
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        shortest, longest = (int(x) for x in torch.aminmax(cache_seqlens))  # one pass over the lengths
+        lengths = cache_seqlens.tolist()  # one read of the lengths
+        shortest, longest = min(lengths), max(lengths)
         if shortest < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
         appended = tq if k is not None else 0
@@ -139,6 +140,13 @@ def _kvcache_append(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k: 
     """Write ``k``, ``v`` (B, Hkv, Tq, .) into the caches at ``cache_seqlens[b] + (0 .. Tq - 1)`` (in place, on the
     caches' device, no host read)."""
     tq = k.shape[2]
+    if _on_host(cache_seqlens):
+        lengths = set(cache_seqlens.tolist())
+        if len(lengths) == 1:  # rows of one length (a single stream): a slice, no scatter
+            length = lengths.pop()
+            k_cache[:, :, length:length + tq] = k
+            v_cache[:, :, length:length + tq] = v
+            return
     positions = cache_seqlens.to(device=k_cache.device, dtype=torch.int64)[:, None] \
         + _arange(tq, k_cache.device)  # (B, Tq)
     index = positions[:, None, :, None]
@@ -166,7 +174,9 @@ def _append_to_cache(k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k:
     if k is None:
         return cache_seqlens.to(device=k_cache.device).contiguous()
     _traced_as_op(_kvcache_append_op, _kvcache_append)(k_cache, v_cache, cache_seqlens, k, v)
-    return cache_seqlens.to(device=k_cache.device) + k.shape[2]
+    if cache_seqlens.device != k_cache.device:
+        cache_seqlens = cache_seqlens.to(device=k_cache.device)
+    return cache_seqlens + k.shape[2]
 
 
 def _traced_as_op(op, implementation):
@@ -758,6 +768,27 @@ def _check_kernel_arguments(k_cache: Tensor) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _on_host(lengths: Tensor) -> bool:
+    """Whether the lengths may be read on the host: CPU tensors outside torch.compile (no device sync)."""
+    return lengths.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The references' arithmetic: float32 (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without the call when x has that dtype (the references run once per decoding step)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _attend_whole_caches(lengths: Tensor, v_cache: Tensor) -> bool:
+    """Whether every row attends all the caches' Tmax positions (read on the host, :func:`_on_host`; a stream passes
+    views of the attended positions): no mask and no unwritten position then."""
+    return _on_host(lengths) and all(length == v_cache.shape[2] for length in lengths.tolist())
+
+
 def _visible_keys(lengths: Tensor, tq: int, t_max: int, causal: bool) -> Tensor:
     """(B, 1, Tq, Tmax) bool: key j is attended by new query i of batch row b: ``j < lengths[b]`` and, when causal
     (bottom-right aligned), ``j <= lengths[b] - Tq + i``."""
@@ -770,48 +801,62 @@ def _visible_keys(lengths: Tensor, tq: int, t_max: int, causal: bool) -> Tensor:
     return visible[:, None]
 
 
-def _masked_scores(q: Tensor, k_cache: Tensor, visible: Tensor, scale: Optional[float], compute: torch.dtype):
-    """(B, H, Tq, Tmax) scores ``q k^T * scale`` of each query head against its key head, ``-inf`` where hidden."""
+def _masked_scores(q: Tensor, k_cache: Tensor, visible: Optional[Tensor], scale: Optional[float],
+                   compute: torch.dtype):
+    """(B, H, Tq, Tmax) scores ``q k^T * scale`` of each query head against its key head, ``-inf`` where hidden
+    (``visible`` None: every key visible)."""
     groups = q.shape[1] // k_cache.shape[1]
-    keys = k_cache.to(compute).repeat_interleave(groups, dim=1)
+    keys = _as_dtype(k_cache, compute)
+    keys = keys if groups == 1 else keys.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.to(compute) @ keys.transpose(-1, -2)) * scale
-    return scores.masked_fill(~visible, float("-inf"))
+    scores = (_as_dtype(q, compute) @ keys.transpose(-1, -2)) * scale
+    return scores if visible is None else scores.masked_fill(~visible, float("-inf"))
 
 
-def _weighted_values(weights: Tensor, v_cache: Tensor, lengths: Tensor) -> Tensor:
-    """``weights @ v`` per key head group, with cache rows beyond ``lengths`` (never written, maybe NaN) as zeros."""
+def _weighted_values(weights: Tensor, v_cache: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """``weights @ v`` per key head group, with cache rows beyond ``lengths`` (never written, maybe NaN) as zeros
+    (``lengths`` None: every position is written)."""
     groups = weights.shape[1] // v_cache.shape[1]
-    written = _arange(v_cache.shape[2], v_cache.device) < lengths.to(torch.int64)[:, None]
-    values = torch.where(written[:, None, :, None], v_cache.to(weights.dtype), 0.0)
-    return weights @ values.repeat_interleave(groups, dim=1)
+    values = _as_dtype(v_cache, weights.dtype)
+    if lengths is not None:
+        written = _arange(v_cache.shape[2], v_cache.device) < lengths.to(torch.int64)[:, None]
+        values = torch.where(written[:, None, :, None], values, 0.0)
+    return weights @ (values if groups == 1 else values.repeat_interleave(groups, dim=1))
 
 
-def _entmax_weights(scores: Tensor, alpha: Alpha) -> Tensor:
-    """alpha-entmax of the masked scores along the last dimension (B, H, Tq, keys); rows that see no key are zeros."""
-    has_key = torch.isfinite(scores).any(-1, keepdim=True)
+def _entmax_weights(scores: Tensor, alpha: Alpha, masked: bool = True) -> Tensor:
+    """alpha-entmax of the masked scores along the last dimension (B, H, Tq, keys); rows that see no key are zeros
+    (``masked`` False: no score is masked)."""
     row_alpha = alpha.to(scores.dtype)[:, None, None] if isinstance(alpha, Tensor) else alpha
-    return torch.where(has_key, alpha_entmax(scores, row_alpha), 0.0)
+    weights = alpha_entmax(scores, row_alpha)
+    return torch.where(torch.isfinite(scores).any(-1, keepdim=True), weights, 0.0) if masked else weights
 
 
 def _entmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, alpha: Alpha,
                              causal: bool, scale: Optional[float]) -> Tensor:
     """The reference after the append (``lengths``: the attended ones): dense masked scores over the whole cache."""
-    compute = torch.promote_types(q.dtype, torch.float32)
-    visible = _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal)
+    compute = _compute_dtype(q.dtype)
+    whole = _attend_whole_caches(lengths, v_cache)
+    # the whole caches attended, one query per row (or no causal mask): every key visible, nothing to mask
+    unmasked = whole and (q.shape[2] == 1 or not causal)
+    visible = None if unmasked else _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal)
     scores = _masked_scores(q, k_cache, visible, scale, compute)
-    weights = _entmax_weights(scores, alpha.to(q.device) if isinstance(alpha, Tensor) else alpha)
-    return _weighted_values(weights, v_cache, lengths).to(v_cache.dtype)
+    weights = _entmax_weights(scores, alpha.to(q.device) if isinstance(alpha, Tensor) else alpha, masked=not unmasked)
+    return _as_dtype(_weighted_values(weights, v_cache, None if whole else lengths), v_cache.dtype)
 
 
 def _softmax_attend_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                               scale: Optional[float]) -> Tensor:
     """The softmax reference after the append: every attended key is visible."""
-    compute = torch.promote_types(q.dtype, torch.float32)
+    compute = _compute_dtype(q.dtype)
+    if _attend_whole_caches(lengths, v_cache):  # nothing to mask: one fused attention
+        return _as_dtype(torch.nn.functional.scaled_dot_product_attention(
+            _as_dtype(q, compute), _as_dtype(k_cache, compute), _as_dtype(v_cache, compute), scale=scale,
+            enable_gqa=q.shape[1] != k_cache.shape[1]), v_cache.dtype)
     visible = _visible_keys(lengths, q.shape[2], k_cache.shape[2], causal=False)
     scores = _masked_scores(q, k_cache, visible, scale, compute)
     weights = torch.where(visible, scores.softmax(dim=-1), 0.0)  # rows that see no key: zeros, not NaN
-    return _weighted_values(weights, v_cache, lengths).to(v_cache.dtype)
+    return _as_dtype(_weighted_values(weights, v_cache, lengths), v_cache.dtype)
 
 
 @_caches_dtype_under_autocast

@@ -75,6 +75,7 @@ class ModelStream:
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self.every_row = torch.ones(batch_size, dtype=torch.bool, device=self.device)  # ``active`` by default
         self.max_length = 0  # host copy of lengths.max(): sizes the caches without a device sync
 
     def reset(self, rows: Optional[torch.Tensor] = None) -> None:
@@ -107,6 +108,7 @@ class ModelStream:
                 raise ValueError(f"{name} must have shape (B, d) = {(b, self.dims[m])}, got {tuple(x.shape)}")
             features[m] = x.to(self.dtype)[:, None]
         observed = torch.tensor([given[m] is not None for m in MODALITIES], device=self.device)
+        every_row, every_given = active is None, present is None  # no row or given modality left out
         if present is None:
             present = observed.expand(b, len(MODALITIES))
         else:
@@ -115,8 +117,7 @@ class ModelStream:
                 raise TypeError(f"present must be a bool tensor, got {present.dtype}")
             if (present & ~observed).any():
                 raise ValueError("present marks a modality observed that was not given (None)")
-        active = torch.ones(b, dtype=torch.bool, device=self.device) if active is None else \
-            torch.as_tensor(active, device=self.device).reshape(b)
+        active = self.every_row if every_row else torch.as_tensor(active, device=self.device).reshape(b)
         if active.dtype != torch.bool:
             raise TypeError(f"active must be a (B,) bool tensor, got {active.dtype}")
         speakers = torch.as_tensor(0 if speaker is None else speaker, device=self.device).reshape(-1).expand(b)
@@ -126,18 +127,21 @@ class ModelStream:
         # row and the message are looked up only on failure)
         finite = torch.stack([torch.isfinite(features[m][:, 0]).all(dim=-1) for m in MODALITIES], dim=-1)
         failures = torch.cat([present & ~finite, ~present.any(dim=-1, keepdim=True),
-                              ((speakers < 0) | (speakers > 1))[:, None]], dim=-1) & active[:, None]
+                              ((speakers < 0) | (speakers > 1))[:, None]], dim=-1)
+        failures = failures if every_row else failures & active[:, None]
         if bool(failures.any()):
             messages = [f"{MODALITY_NAMES[m]} holds NaN or inf values at row" for m in MODALITIES] + [
                 "an active row has no modality present (at least one is needed per utterance): row",
                 "speaker must be 0 or 1, got another value at row"]
             row, column = (int(i) for i in failures.t().nonzero()[0].flip(0))
             raise ValueError(f"{messages[column]} {row}")
-        # rows not active get zeros: what they write past their cache length stays finite (it is overwritten later)
-        seen = present & active[:, None]
-        features = {m: features[m].masked_fill(~seen[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
+        # rows not active get zeros: what they write past their cache length stays finite (it is overwritten later);
+        # modalities not given are zeros already
+        if not (every_row and every_given):
+            seen = present & active[:, None]
+            features = {m: features[m].masked_fill(~seen[:, i, None, None], 0.0) for i, m in enumerate(MODALITIES)}
         outputs = self._step(features, present, speakers.long(), active)
-        self.lengths += active.to(torch.int32)
+        self.lengths += 1 if every_row else active.to(torch.int32)
         self.max_length += 1  # an upper bound; exact once reset() recounts
         if probabilities and not self.predicts_score:
             outputs = outputs.float().softmax(dim=-1)
@@ -150,11 +154,44 @@ class ModelStream:
     def new_cache(self, per_utterance: int = 1) -> KVCache:
         return KVCache(per_utterance)
 
-    def cache_arguments(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    def cache_arguments(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor,
+                        lengths: Optional[torch.Tensor] = None) -> tuple:
         """(k_cache, v_cache, cache_seqlens) for a ``kernels.*_with_kvcache`` call writing ``k``/``v`` (the new
-        positions) at each row's length, the cache grown first when needed."""
+        positions) at each row's length (``lengths``: the rows' cache lengths, default ``self.lengths`` times the
+        positions per utterance), the cache grown first when needed. The caches given are views of the positions
+        the longest row holds after the call: attention costs the history, not the cache's capacity."""
         cache.reserve(k, v, self.max_length + 1)
-        return cache.k, cache.v, self.lengths * cache.per_utterance
+        attended = (self.max_length + 1) * cache.per_utterance
+        if lengths is None:
+            lengths = self.lengths if cache.per_utterance == 1 else self.lengths * cache.per_utterance
+        return cache.k.narrow(2, 0, attended), cache.v.narrow(2, 0, attended), lengths
+
+
+class StreamLinear:
+    """``nn.functional.linear(x, weight, bias)`` on the weights taken when the stream is created, for the ``rows``
+    rows (utterances x positions) of one step: x (..., in) -> (..., out).
+
+    On the CPU in float32, a map of more than one row runs on oneDNN with the weight packed once here: at 3 rows
+    MKL's GEMM reads the weights at about half its 1-row GEMV's rate, oneDNN's packed GEMM at about 3/4 of it
+    (``bench/stream_latency.py``'s docstring has the numbers). One row, other devices and dtypes: ``F.linear``."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.packed = None
+        if rows > 1 and _onednn_linear(self.weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def _onednn_linear(weight: torch.Tensor) -> bool:
+    """Whether this PyTorch build runs float32 linear maps on ``weight``'s device with oneDNN's packed weights."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -438,3 +438,23 @@ def test_opcheck_kvcache_ops(tiny_tiles):
                           (q, k_cache, v_cache, lengths, torch.tensor([1.25, 2.0]), 0.0, False, 0.3), test_utils=checks)
     torch.library.opcheck(ops.block_causal_attention_with_kvcache_fwd, (q, k_cache, v_cache, lengths, 0.3),
                           test_utils=checks)
+
+
+@pytest.mark.parametrize("tq, causal", [(1, True), (3, False)])
+def test_references_on_caches_that_the_rows_fill(tq, causal):
+    """A stream's call: rows of one length and caches of exactly the attended positions (cache_seqlens + Tq = Tmax,
+    the references' paths without masks: a slice append, no mask, SDPA for softmax) gives the float64 expectation,
+    as the masked paths over the same keys in a larger NaN-padded cache do; the caches receive k and v."""
+    q, k_cache, v_cache, seqlens, k, v = decoding_inputs([5, 5], 4, 2, tq, 5 + tq)
+    rows = [full_sequence(k_cache, v_cache, seqlens, k, v, b) for b in range(2)]
+    expected_entmax = torch.stack([expected_entmax_rows(q[b], *rows[b], [1.5] * 4, causal) for b in range(2)])
+    expected_softmax = torch.stack([(q[b] @ keys.repeat_interleave(2, 0).transpose(-1, -2) * 8 ** -0.5).softmax(-1)
+                                    @ values.repeat_interleave(2, 0) for b, (keys, values) in enumerate(rows)])
+    for padding in (0, 4):
+        caches = [torch.cat([c, torch.full_like(c[:, :, :padding], float("nan"))], dim=2) for c in (k_cache, v_cache)]
+        got = entmax_attention_with_kvcache_reference(q, *caches, seqlens, k=k, v=v, alpha=1.5, causal=causal)
+        torch.testing.assert_close(got, expected_entmax)
+        torch.testing.assert_close(torch.cat([caches[0][:, :, 5:5 + tq], caches[1][:, :, 5:5 + tq]], -1),
+                                   torch.cat([k, v], -1))
+        got = block_causal_attention_with_kvcache_reference(q, *caches, seqlens, k=k, v=v)
+        torch.testing.assert_close(got, expected_softmax)

@@ -108,8 +108,8 @@ def test_carn_noncausal_stream_is_the_prefix_prediction(reference_backend, optio
 @pytest.mark.parametrize("which", ["camhg", "carn"])
 def test_triton_backend_streams_the_offline_prediction(triton_backend, which, monkeypatch):
     """The same equality with the Triton kernels (interpreter) in the offline forward and in the stream's KV-cache
-    attention (its references are refused), at tiny sizes. The MoE, a per-row op that streaming calls unchanged and
-    whose interpreter run is slow, is left out."""
+    attention (its references are refused), at tiny sizes. The MoE, whose interpreter run is slow, is left out (a
+    CPU stream runs the chosen experts in PyTorch; a GPU stream calls the op)."""
     import kernels.kvcache
 
     def refused(*args, **kwargs):
