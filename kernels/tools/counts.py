@@ -48,7 +48,8 @@ from triton.runtime import interpreter
 
 from kernels.backend import triton_interpreter_enabled, use_backend
 from kernels.block_causal import block_causal_attention
-from kernels.entmax import _tiles, entmax15_attention, entmax_attention, tau_solver_passes, tau_support_tiles
+from kernels.entmax import (_tau_pass_tiles, _tiles, entmax15_attention, entmax_attention, tau_solver_passes,
+                            tau_support_tiles)
 
 #: Query rows per tile of the flash-attention pass that K traffic is measured against.
 FA_BLOCK_M = 64
@@ -363,10 +364,12 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
 
 def solver_tiles(t: int, dtype: torch.dtype = torch.float32):
     """(block_m, block_n) of the entmax threshold kernel's launch at length ``t`` for ``dtype`` inputs: the row tiles
-    when rows fit in registers (``T <= row_block_n``), else the pass tiles (the launcher's choice,
-    ``kernels.entmax``)."""
+    when rows fit in registers (``T <= row_block_n``), else the passes' query rows per program and the support
+    mask's key tiles (the launcher's choice, ``kernels.entmax``)."""
     tiles = _tiles(dtype)
-    return (tiles.row_block_m, tiles.row_block_n) if t <= tiles.row_block_n else (tiles.block_m, tiles.block_n)
+    if t <= tiles.row_block_n:
+        return tiles.row_block_m, tiles.row_block_n
+    return _tau_pass_tiles(tiles)["BM"], tiles.block_n
 
 
 def counted_solver_passes(counter: InterpreterCounter, kernel: str, name: str = "k") -> Dict[Program, float]:
@@ -399,7 +402,8 @@ def support_tile_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
     i_m = torch.arange(triton.cdiv(t, tiles.block_m))[:, None]
     i_n = torch.arange(triton.cdiv(t, tiles.block_n))[None, :]
     visible = int((i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=t)).sum())
-    shares = {name: int(tau_support_tiles(q, k, block_m=tiles.block_m, block_n=tiles.block_n, exact=exact).sum())
+    shares = {name: int(tau_support_tiles(q, k, block_m=tiles.block_m, block_n=tiles.block_n,
+                                          pass_block_m=_tau_pass_tiles(tiles)["BM"], exact=exact).sum())
               / visible for name, exact in (("visited", False), ("with_support", True))}
     return {**shares, "visible_tiles": visible, "block_m": tiles.block_m, "block_n": tiles.block_n}
 
