@@ -119,10 +119,11 @@ class Tiles(NamedTuple):
 #: sm_90). The threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes,
 #: sm_80 and sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4) and K in 16-key
 #: tiles (``tau_block_n``; fp32's mask tiles are 16 keys wide anyway) with 128 query rows per program in 8 warps
-#: (``tau_block_m``): the per-thread share of 64 rows in 4 warps, 150-170 registers on both architectures, 8 resident
-#: warps per SM where 64-row programs in 4 warps hold 12, for half their K traffic (a cap of 128 registers, 16 warps
-#: per SM, spills 8-252 bytes; 16-bit 64-key tiles in 4 warps use 255 registers on sm_80 and spill under a cap of
-#: 168). The 64-row programs stay among the autotune candidates (``_ALTERNATIVES``).
+#: (``tau_block_m``): the per-thread share of 64 rows in 4 warps, 153-174 registers on both architectures, 8 resident
+#: warps per SM where 64-row programs in 4 warps hold 12, for half their K traffic (capped at 128 registers, 16 per
+#: SM: 16-bit without spills, an autotune candidate; fp32 spills 84-88 bytes; 16-bit 64-key tiles in 4 warps use 255
+#: registers on sm_80 and spill under a cap of 168). The 64-row programs stay among the autotune candidates
+#: (``_ALTERNATIVES``).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
                          bwd_block_d=128, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8),
@@ -171,17 +172,19 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
 #: 8-warp default: 79, 24). The threshold passes (16-feature chunks) hold 8 resident warps per SM with every default
-#: (128 query rows, 8 warps, 16-key tiles), 12 with the 64-row candidates in 4 warps (the former defaults, 150-168
+#: (128 query rows, 8 warps, 16-key tiles: 153-174 registers), 16 with its 16-bit twin capped at 128 registers (no
+#: spill; fp32 spills 84-88 bytes there), 12 with the 64-row candidates in 4 warps (the former defaults, 150-168
 #: registers, twice the K traffic), 16 with the 16-bit sm_90 candidate (64 rows, 4 warps, 3 stages, maxnreg 128: 128,
 #: no spill; on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 64-row 8-warp ones (142-212); the 16-bit 64-key
-#: candidates keep wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows: 32
-#: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
-#: (16-bit) twice, with chunks of 128 (fp32) four times.
+#: candidates keep wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows:
+#: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of
+#: 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
-    ("tau passes", False): {"sm_80": [(4, 2, {"BM": 64}), (4, 3, {"BM": 64}), (8, 3, {"BM": 64, "BN": 64})],
-                            "sm_90": [(4, 2, {"BM": 64}), (4, 3, {"BM": 64, "maxnreg": 128}),
+    ("tau passes", False): {"sm_80": [(8, 2, {"maxnreg": 128}), (4, 2, {"BM": 64}), (4, 3, {"BM": 64}),
+                                      (8, 3, {"BM": 64, "BN": 64})],
+                            "sm_90": [(8, 2, {"maxnreg": 128}), (4, 2, {"BM": 64}), (4, 3, {"BM": 64, "maxnreg": 128}),
                                       (4, 3, {"BM": 64, "BN": 64, "maxnreg": 168}), (8, 3, {"BM": 64, "BN": 64})]},
     ("tau passes", True): {"sm_80": [(4, 2, {"BM": 64}), (8, 2, {"BM": 64})],
                            "sm_90": [(4, 2, {"BM": 64}), (8, 2, {"BM": 64}), (8, 3, {"BM": 64})]},
