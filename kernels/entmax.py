@@ -61,10 +61,13 @@ class Tiles(NamedTuple):
     chain their 16-feature steps in the same order whatever the chunk (16-bit inputs: the same scores bit for bit;
     fp32's tf32x3 adds each chunk's three products to the sum, so its scores may differ in the last bits), and
     smaller chunks hold fewer operand registers; they stream K in key tiles of ``tau_block_n`` (None: ``block_n``;
-    a divisor of it: the mask's tile is the OR of its key tiles). Both are what lets that kernel reach 12 resident
-    warps per SM.
+    a divisor of it: the mask's tile is the OR of its key tiles). Both keep that kernel at 150-170 registers per
+    thread (12 resident warps per SM with 64-row programs in 4 warps, 8 with 128-row ones in 8).
     ``block_m`` x ``block_n`` are also the tiles of the support mask (:func:`_entmax_tau`); K traffic of the forward
-    scales with ``1 / block_m`` (every query tile streams its visible keys once per pass), not with ``block_n``.
+    scales with the query rows per program (every program streams its visible keys once per pass), not with
+    ``block_n``. The threshold kernel's long-row passes take ``tau_block_m`` query rows per program (None:
+    ``block_m``; a multiple of it: a program writes one mark per ``block_m`` rows), so that their passes over K,
+    the bulk of the forward's, stream K once per ``tau_block_m`` rows.
     The output kernel (:func:`_forward_tiles`) takes Dv up to ``wide_block_dv`` in one chunk (its next power of two,
     at least ``block_dv``) with ``block_m``-row query tiles; a wider Dv in chunks of up to ``wide_dv_block_dv`` with
     ``wide_dv_block_m``-row query tiles (a divisor of ``block_m``: a tile reads the mask entry of the ``block_m`` tile
@@ -107,6 +110,7 @@ class Tiles(NamedTuple):
     bwd_wide_d: int = 256
     bwd_wide_dv: int = 512
     tau_block_d: Optional[int] = None
+    tau_block_m: Optional[int] = None
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
     general_block_mdv: int = 4096
@@ -127,17 +131,20 @@ class Tiles(NamedTuple):
 #: no spills; with 4 warps they spill 0.8-8.5 KB, and 64 rows with Dv chunks of 256 0.1-1.4 KB, except 16-bit on
 #: sm_90). The threshold kernel's long-row passes take D in 16-feature chunks (``tau_block_d``; report, all dtypes,
 #: sm_80 and sm_90: 64-feature chunks hold 170-226 registers at 8 warps and spill or reach 255 at 4) and K in 16-key
-#: tiles (``tau_block_n``; fp32's mask tiles are 16 keys wide anyway) in 4 warps: 152-168 registers, 12 resident
-#: warps per SM on both architectures (8 warps hold 160-212: 8 per SM; 16-bit 64-key tiles in 4 warps use 255
-#: registers on sm_80 and spill under a cap of 168).
+#: tiles (``tau_block_n``; fp32's mask tiles are 16 keys wide anyway) with 128 query rows per program in 8 warps
+#: (``tau_block_m``): the per-thread share of 64 rows in 4 warps, 153-174 registers on both architectures, 8 resident
+#: warps per SM where 64-row programs in 4 warps hold 12, for half their K traffic (capped at 128 registers, 16 per
+#: SM: 16-bit without spills, an autotune candidate; fp32 spills 84-88 bytes; 16-bit 64-key tiles in 4 warps use 255
+#: registers on sm_80 and spill under a cap of 168). The 64-row programs stay among the autotune candidates
+#: (``_ALTERNATIVES``).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                         bwd_block_d=64, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
+                         bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                          bwd_block_d=64, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
+                          bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
-                         tau_num_warps=4, general_block_m=32),
+                         tau_block_m=128, tau_num_warps=8, general_block_m=32),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -152,10 +159,13 @@ def _tiles(dtype: torch.dtype) -> Tiles:
 
 def _tau_pass_tiles(tiles: Tiles) -> dict:
     """Tile constexprs (BM, BN, BD) of the threshold kernel's long-row passes."""
+    block_m = tiles.block_m if tiles.tau_block_m is None else tiles.tau_block_m
+    if block_m % tiles.block_m:
+        raise ValueError(f"threshold query rows {block_m} must be a multiple of the support mask's {tiles.block_m}")
     block_n = tiles.block_n if tiles.tau_block_n is None else tiles.tau_block_n
     if tiles.block_n % block_n:
         raise ValueError(f"threshold key tile {block_n} must divide the support mask's {tiles.block_n}")
-    return dict(BM=tiles.block_m, BN=block_n, BD=tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d)
+    return dict(BM=block_m, BN=block_n, BD=tiles.block_d if tiles.tau_block_d is None else tiles.tau_block_d)
 
 
 #: Autotune alternatives (``kernels._autotune``) to each kernel's default launch options (:func:`_default_options`), per
@@ -165,29 +175,32 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: ``maxnreg`` (a cap on the registers per thread) or, for the wide output kernel, its tiles ``BM`` (query rows) and
 #: ``BDV`` (Dv chunk, at most the default's): its tiles are its own (it reads the support mask at the mask's tiles,
 #: ``MASK_BM``); for the threshold passes, their key tile ``BN`` (a divisor of the mask's ``block_n``: each mask tile
-#: is written as the OR of its key tiles, ``MASK_BN``); for rows in registers, their query rows ``BM`` (the launcher
-#: fills their mask). The other tiles are fixed: the threshold passes' query rows
-#: are the support mask's (allocated before they launch, read by the other two kernels at its tiles), the output
-#: kernel's for Dv <= 128 keep K traffic at one stream per ``block_m`` rows, and the backward's query-tile lists are
-#: built for its tiles before it launches.
+#: is written as the OR of its key tiles, ``MASK_BN``) and their query rows ``BM`` (a multiple of the mask's
+#: ``block_m``: one mark per mask tile of rows, ``MASK_BM``); for rows in registers, their query rows ``BM`` (the
+#: launcher fills their mask). The other tiles are fixed: the support mask's (allocated before the threshold kernel
+#: launches, read by the other two kernels at its tiles), the output kernel's for Dv <= 128 keep K traffic at one
+#: stream per ``block_m`` rows, and the backward's query-tile lists are built for its tiles before it launches.
 #: Every candidate compiles without register spills at the report's shapes (``python -m kernels.tools.report --ops
-#: entmax15_attention``; docs/ops.md, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the fp32
+#: entmax15_attention``; docs/ops.md, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
+#: fp32
 #: backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64). Rows in registers,
 #: 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the
 #: 8-warp default: 79, 24); sm_90's 64-row candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN, T = 110:
 #: 16-bit 4 warps 178 registers, fp32 8 warps 238, no spills; 8 resident warps per SM, the 16-row defaults 16-24).
-#: The threshold passes (16-feature chunks) hold 12 resident warps per SM with every default
-#: (4 warps, 16-key tiles, 152-168 registers), 16 with the 16-bit sm_90 candidate (4, 3, maxnreg 128: 128, no spill;
-#: on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 8-warp ones (142-212); the 16-bit 64-key candidates keep
-#: wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows: 32
-#: rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
-#: (16-bit) twice, with chunks of 128 (fp32) four times.
+#: The threshold passes (16-feature chunks) hold 8 resident warps per SM with every default
+#: (128 query rows, 8 warps, 16-key tiles: 153-174 registers), 16 with its 16-bit twin capped at 128 registers (no
+#: spill; fp32 spills 84-88 bytes there), 12 with the 64-row candidates in 4 warps (the former defaults, 150-168
+#: registers, twice the K traffic), 16 with the 16-bit sm_90 candidate (64 rows, 4 warps, 3 stages, maxnreg 128: 128,
+#: no spill; on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 64-row 8-warp ones (142-212); the 16-bit 64-key
+#: candidates keep wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows:
+#: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of
+#: 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 #: Any alpha (the GENERAL kernels) has lists of its own (`` general`` keys), measured the same way at the report's
 #: any-alpha cases (``--cases alpha=1.25``): its threshold kernel (more code per pass: the powers, sparsemax's closed
 #: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped
-#: sm_90 ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (rows in registers: as
-#: entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators, ``Tiles.general_block_mdv``)
-#: spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv = 128; fp32 at most 32 rows:
+#: sm_90 ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (its candidates keep 64-row
+#: programs; rows in registers: as entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators,
+#: ``Tiles.general_block_mdv``) spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv = 128; fp32 at most 32 rows:
 #: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages; at Dv <= 128 on
 #: sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as often, QK^T twice;
 #: at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above Dv = 128, 32
@@ -196,10 +209,12 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
-    ("tau passes", False): {"sm_80": [(4, 3), (8, 3, {"BN": 64})],
-                            "sm_90": [(4, 3, {"maxnreg": 128}), (4, 3, {"BN": 64, "maxnreg": 168}),
-                                      (8, 3, {"BN": 64})]},
-    ("tau passes", True): {"sm_80": [(8, 2)], "sm_90": [(8, 2), (8, 3)]},
+    ("tau passes", False): {"sm_80": [(8, 2, {"maxnreg": 128}), (4, 2, {"BM": 64}), (4, 3, {"BM": 64}),
+                                      (8, 3, {"BM": 64, "BN": 64})],
+                            "sm_90": [(8, 2, {"maxnreg": 128}), (4, 2, {"BM": 64}), (4, 3, {"BM": 64, "maxnreg": 128}),
+                                      (4, 3, {"BM": 64, "BN": 64, "maxnreg": 168}), (8, 3, {"BM": 64, "BN": 64})]},
+    ("tau passes", True): {"sm_80": [(4, 2, {"BM": 64}), (8, 2, {"BM": 64})],
+                           "sm_90": [(4, 2, {"BM": 64}), (8, 2, {"BM": 64}), (8, 3, {"BM": 64})]},
     ("fwd", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3)]},
     ("fwd wide", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256})],
@@ -209,8 +224,8 @@ _ALTERNATIVES = {
     # any alpha (GENERAL)
     ("tau registers general", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
     ("tau registers general", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
-    ("tau passes general", False): {"sm_80": [(8, 3, {"BN": 64})], "sm_90": [(8, 3, {"BN": 64})]},
-    ("tau passes general", True): {"sm_80": [], "sm_90": [(8, 2), (8, 3)]},
+    ("tau passes general", False): {"sm_80": [(8, 3, {"BM": 64, "BN": 64})], "sm_90": [(8, 3, {"BM": 64, "BN": 64})]},
+    ("tau passes general", True): {"sm_80": [], "sm_90": [(8, 2, {"BM": 64}), (8, 3, {"BM": 64})]},
     ("fwd general", False): {"sm_80": [(8, 3)], "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
     ("fwd general", True): {"sm_80": [(8, 3)], "sm_90": [(8, 3), (8, 2, {"BM": 64, "BDV": 64})]},
     ("fwd wide general", False): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 128})],
@@ -465,8 +480,8 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
                        stride_sb, stride_sm, stride_sn,
                        H, T, TK, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BN: tl.constexpr,
-                       UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BM: tl.constexpr,
+                       MASK_BN: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
     """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` (T query rows, TK keys) and the threshold
     relative to it, tau (B*H, T) fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score
     (or visible keys but no finite score) get NaN tau and rowmax 0; rows that see no key get tau = +inf (no
@@ -478,15 +493,15 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
     The first pass over K finds the row maximum; each further pass evaluates NC candidate thresholds spread over the
     row's bracket [max - 1, max - n^-1/2] (n visible keys), then over the bracket that they narrow, until every row
     of the tile is solved exactly (:func:`_candidate_step`). Each candidate pass also writes support
-    (B*H, cdiv(T, BM), cdiv(TK, MASK_BN)) uint8 for the key tiles it visits: 1 if some row's relative score exceeds
-    its bound (tau if solved, else its lower bracket), so the last pass's marks cover every p > 0 (docs/design.md
-    section 2, tile classification); a mask tile of MASK_BN keys (a multiple of BN) holds the OR of its BN-key
+    (B*H, cdiv(T, MASK_BM), cdiv(TK, MASK_BN)) uint8 for the key tiles it visits: 1 if some row of the MASK_BM-row
+    tile has a relative score above its bound (tau if solved, else its lower bracket), so the last pass's marks cover
+    every p > 0 (docs/design.md section 2, tile classification); a program's BM rows (a multiple of MASK_BM) write
+    one mark per MASK_BM-row tile, and a mask tile of MASK_BN keys (a multiple of BN) holds the OR of its BN-key
     tiles. With ROW_IN_REGISTERS the launcher fills the mask instead."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     p_k = k + i_b.to(tl.int64) * stride_kb + i_h.to(tl.int64) * stride_kh
-    p_sup = support + i_bh.to(tl.int64) * stride_sb + i_m.to(tl.int64) * stride_sm
     o_m = i_m * BM + tl.arange(0, BM)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
@@ -544,6 +559,9 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
         else:
             # support bound of this pass: tau where solved, else the lower bracket lo <= tau; rows past T or NaN: none
             b_bound = tl.where(m_rest, float("inf"), tl.where(b_done, b_tau, b_lo))
+            tl.static_assert(BM % MASK_BM == 0)
+            o_mt = i_m * (BM // MASK_BM) + tl.arange(0, BM // MASK_BM)  # the program's mask tiles of MASK_BM rows
+            p_sup = support + i_bh.to(tl.int64) * stride_sb + o_mt.to(tl.int64) * stride_sm
             for n0 in range(lo, hi, BN):
                 b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
                                T, TK, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
@@ -555,11 +573,14 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
                 else:
                     b_cnt, b_a1, b_a2, b_wmin, b_wout = _accumulate_candidate_stats(
                         b_zr, b_t, b_cnt, b_a1, b_a2, b_wmin, b_wout, NC)
-                # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask
-                m_hit = tl.max((tl.max(b_zr, 1) > b_bound).to(tl.int32), 0)
+                # p_ij > 0 needs zr_ij > tau_i >= bound_i: the last pass's record is the mask (one mark per
+                # MASK_BM rows)
+                m_row = (tl.max(b_zr, 1) > b_bound).to(tl.int32)  # [BM]
+                m_hit = tl.max(tl.reshape(m_row, [BM // MASK_BM, MASK_BM]), 1)  # [BM // MASK_BM]
                 # a mask tile's first visited key tile writes its mark, the others only add theirs (an OR)
+                m_first = ((n0 == lo) | (n0 % MASK_BN == 0)).to(tl.int32)
                 tl.store(p_sup + (n0 // MASK_BN) * stride_sn, m_hit.to(tl.uint8),
-                         mask=(m_hit > 0) | (n0 == lo) | (n0 % MASK_BN == 0))
+                         mask=(o_mt * MASK_BM < T) & (m_hit + m_first > 0))
         if GENERAL:
             b_tau, b_lo, b_hi, b_done = _power_candidate_step(b_t, b_cnt, b_a1, b_r, b_lo, b_hi, b_tau, b_done)
         else:
@@ -885,7 +906,8 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
     launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
            (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
             *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
-           dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BN=tiles.block_n,
+           dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BM=tiles.block_m,
+                MASK_BN=tiles.block_n,
                 UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
            _candidates(("tau registers" if in_registers else "tau passes") + (" general" if general else ""), q.dtype,
                        blocks, launch_arch(q.device)),
@@ -1326,73 +1348,83 @@ _entmax_attention_fwd_op.register_autograd(_entmax_attention_backward, setup_con
 
 
 def tau_solver_passes(q, k, *, causal=True, scale=None, block_m=64, block_n=64) -> torch.Tensor:
-    """Passes over the visible keys of each query tile that ``_entmax_tau_kernel`` makes (the row-maximum pass
-    included), (B, H, cdiv(T, block_m)) int64: a PyTorch mirror of the solver with the current ``Tiles.candidates``,
-    for lengths where the interpreter is too slow to count (``kernels.tools.counts``; ``tests/test_counts.py`` and
-    ``tests/test_entmax.py`` prove it equal to the kernel's own count on small shapes).
+    """Passes over the visible keys of each query-tile program that ``_entmax_tau_kernel`` makes (the row-maximum
+    pass included), (B, H, cdiv(T, block_m)) int64: a PyTorch mirror of the solver with the current
+    ``Tiles.candidates``, for lengths where the interpreter is too slow to count (``kernels.tools.counts``;
+    ``tests/test_counts.py`` and ``tests/test_entmax.py`` prove it equal to the kernel's own count on small shapes).
 
     ``block_m`` x ``block_n`` are the call's tiles: the launcher's ``(row_block_m, row_block_n)`` when
-    ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else ``(block_m, block_n)``; a tile
-    passes over K until its last row is solved. K traffic of the forward in single flash passes is the tiles' mean
-    weighted by their visible keys, plus the output kernel's share of visited tiles (:func:`tau_support_tiles`).
+    ``T <= row_block_n`` (then K is read once, whatever the solver does: 1 pass), else the passes' query rows
+    (``Tiles.tau_block_m``) and ``block_n``; a program passes over K until its last row is solved. K traffic of the
+    forward in single flash passes is the programs' mean weighted by their visible keys and divided by
+    ``block_m / 64``, plus the output kernel's share of visited tiles (:func:`tau_support_tiles`).
     Rows go a chunk at a time (about 64 MB of scores per chunk), so T = 16k fits in memory.
     """
-    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=False)
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, block_m, with_support=False)
 
 
-def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, exact=False) -> torch.Tensor:
+def tau_support_tiles(q, k, *, causal=True, scale=None, block_m=64, block_n=64, pass_block_m=None,
+                      exact=False) -> torch.Tensor:
     """The per-tile support mask that ``_entmax_tau_kernel`` writes with ``block_m`` x ``block_n`` tiles (T >
-    ``row_block_n``), (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like
-    :func:`tau_solver_passes` (``tests/test_entmax.py`` proves it equal to the kernel's mask on small
-    shapes). A tile pair is marked when, in its query tile's last pass, some row's score exceeds that row's bound
-    (tau if the row was solved before, else its lower bracket); ``kernels.tools.counts`` reports the share of key tiles
-    the output kernel visits from it at lengths the interpreter cannot run. ``exact=True`` gives the tightest sound
-    mask instead: the tile pairs with some p > 0 (every row bounded by its tau)."""
-    return _solver_mirror(q, k, causal, scale, block_m, block_n, with_support=True, exact=exact)
+    ``row_block_n``) from programs of ``pass_block_m`` query rows (a multiple of ``block_m``; None: ``block_m``),
+    (B, H, cdiv(T, block_m), cdiv(T, block_n)) bool: a PyTorch mirror like :func:`tau_solver_passes`
+    (``tests/test_entmax.py`` proves it equal to the kernel's mask on small shapes). A tile pair is marked when, in
+    its program's last pass, some row's score exceeds that row's bound (tau if the row was solved before, else its
+    lower bracket); ``kernels.tools.counts`` reports the share of key tiles the output kernel visits from it at
+    lengths the interpreter cannot run. ``exact=True`` gives the tightest sound mask instead: the tile pairs with
+    some p > 0 (every row bounded by its tau)."""
+    pass_block_m = block_m if pass_block_m is None else pass_block_m
+    return _solver_mirror(q, k, causal, scale, block_m, block_n, pass_block_m, with_support=True, exact=exact)
 
 
-def _solver_mirror(q, k, causal, scale, block_m, block_n, with_support: bool, exact: bool = False) -> torch.Tensor:
+def _solver_mirror(q, k, causal, scale, block_m, block_n, pass_block_m, with_support: bool,
+                   exact: bool = False) -> torch.Tensor:
+    """Per program of ``pass_block_m`` rows, its passes (B, H, programs); or the support mask of ``block_m`` x
+    ``block_n`` tiles those programs write (:func:`tau_support_tiles`)."""
     _check_entmax_inputs(q, k, k, 1.5, causal, scale)
     if k.shape != q.shape:
         raise ValueError(f"k must have q's shape (B, H, T, D) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    for name, value in (("block_m", block_m), ("block_n", block_n)):
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("pass_block_m", pass_block_m)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if pass_block_m % block_m:
+        raise ValueError(f"pass_block_m must be a multiple of block_m = {block_m}, got {pass_block_m}")
     B, H, T, _ = q.shape
-    tiles, key_tiles = triton.cdiv(T, block_m), triton.cdiv(T, block_n)
+    programs, tiles, key_tiles = triton.cdiv(T, pass_block_m), triton.cdiv(T, block_m), triton.cdiv(T, block_n)
     if T <= block_n and not with_support:
-        return torch.ones((B, H, tiles), dtype=torch.int64, device=q.device)
+        return torch.ones((B, H, programs), dtype=torch.int64, device=q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     candidates = _tiles(q.dtype).candidates
-    tiles_per_chunk = max(1, (1 << 24) // (T * candidates * block_m))  # whole query tiles per chunk
-    out = torch.zeros((B, H, tiles, key_tiles) if with_support else (B, H, tiles), dtype=torch.int64,
+    programs_per_chunk = max(1, (1 << 24) // (T * candidates * pass_block_m))  # whole programs per chunk
+    out = torch.zeros((B, H, tiles, key_tiles) if with_support else (B, H, programs), dtype=torch.int64,
                       device=q.device)
     for b in range(B):
         for h in range(H):
-            for first in range(0, tiles, tiles_per_chunk):
-                start, stop = first * block_m, min((first + tiles_per_chunk) * block_m, T)
+            for first in range(0, programs, programs_per_chunk):
+                start, stop = first * pass_block_m, min((first + programs_per_chunk) * pass_block_m, T)
                 z = (q[b, h, start:stop].float() @ k[b, h].float().T) * (0.5 * scale)  # [rows, T]
                 rows = torch.arange(start, stop, device=z.device)
                 if causal:
                     z = z.masked_fill(torch.arange(T, device=z.device)[None, :] > rows[:, None], float("-inf"))
                 visible = rows + 1 if causal else torch.full_like(rows, T)
                 passes, zr, bound_last = _solver_passes_of_rows(z, visible, candidates)
-                tile_passes = torch.nn.functional.pad(passes, (0, -(stop - start) % block_m)).view(-1, block_m)
-                tile_passes = tile_passes.amax(-1)  # [tiles in chunk]
+                program_passes = torch.nn.functional.pad(passes, (0, -(stop - start) % pass_block_m))
+                program_passes = program_passes.view(-1, pass_block_m).amax(-1)  # [programs in chunk]
                 if not with_support:
-                    out[b, h, first:first + tile_passes.numel()] = tile_passes
+                    out[b, h, first:first + program_passes.numel()] = program_passes
                     continue
-                # rows solved before their tile's last pass bound the support by tau (-sqrt(max p)), the others by
-                # their lower bracket at the start of that pass; rows of one pass (NaN rows) never mark a tile
-                last = passes == tile_passes.repeat_interleave(block_m)[:stop - start]
+                # rows solved before their program's last pass bound the support by tau (-sqrt(max p)), the others
+                # by their lower bracket at the start of that pass; rows of one pass (NaN rows) never mark a tile
+                row_program_passes = program_passes.repeat_interleave(pass_block_m)[:stop - start]
                 tau = -_entmax15_rows(2 * zr).amax(-1).sqrt()
-                bound = torch.where(last & (not exact), bound_last, tau)
-                hit = zr > bound[:, None]  # [rows, T]
+                bound = torch.where((passes == row_program_passes) & (not exact), bound_last, tau)
+                hit = (zr > bound[:, None]) & (row_program_passes > 1)[:, None]  # [rows, T]
                 hit = torch.nn.functional.pad(hit, (0, -T % block_n, 0, -(stop - start) % block_m))
-                hit = hit.view(-1, block_m, key_tiles, block_n).any(-1).any(1) & (tile_passes > 1)[:, None]
-                out[b, h, first:first + tile_passes.numel()] = hit.long()
+                hit = hit.view(-1, block_m, key_tiles, block_n).any(-1).any(1)
+                first_tile = first * (pass_block_m // block_m)
+                out[b, h, first_tile:first_tile + hit.shape[0]] = hit.long()
     return out.bool() if with_support else out
 
 
@@ -1973,7 +2005,8 @@ def aot_configurations() -> List[AotConfig]:
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
         blocks = dict(BM=t.block_m, BN=t.block_n, BD=t.block_d, BDV=t.block_dv)
-        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, MASK_BN=t.block_n, UPCAST_DOTS=False)
+        solver = dict(MAX_PASSES=_MAX_PASSES, NC=t.candidates, MASK_BM=t.block_m, MASK_BN=t.block_n,
+                      UPCAST_DOTS=False)
         # (label, kernel, candidate list, tile constexprs, other constexprs, alignments compiled: "aligned" for
         # every candidate, "unaligned" for the default, quick: the default in the quick subset)
         both = ("aligned", "unaligned")
@@ -1989,7 +2022,7 @@ def aot_configurations() -> List[AotConfig]:
                 ("tau registers BM={BM}" + suffix, _entmax_tau_kernel, "tau registers" + lists,
                  dict(BM=t.row_block_m, BN=t.row_block_n, BD=t.block_d), dict(ROW_IN_REGISTERS=True, **solver, **fixed),
                  both, not general),
-                ("tau passes BN={BN}" + suffix, _entmax_tau_kernel, "tau passes" + lists, _tau_pass_tiles(t),
+                ("tau passes BM={BM} BN={BN}" + suffix, _entmax_tau_kernel, "tau passes" + lists, _tau_pass_tiles(t),
                  dict(ROW_IN_REGISTERS=False, **solver, **fixed), both, not general),
             ]
             forward_tiles = {}

@@ -131,10 +131,12 @@ def test_entmax_candidates_per_architecture(kernel, dtype):
         assert listed[0].maxnreg is None
         assert listed[0].kwargs == constexprs
         if kernel.startswith("tau passes"):
-            # the threshold passes tune their key tile, a divisor of the support mask's (the mask tile is their OR)
+            # the threshold passes tune their key tile, a divisor of the support mask's (the mask tile is their OR),
+            # and their query rows, a multiple of the mask's (a program writes one mark per mask tile of its rows)
             for config in listed:
                 assert tiles.block_n % config.kwargs["BN"] == 0 or config.kwargs["BN"] == constexprs["BN"]
-                assert {k: v for k, v in config.kwargs.items() if k != "BN"} == {"BM": 16, "BDV": 512}
+                assert config.kwargs["BM"] % tiles.block_m == 0 or config.kwargs["BM"] == constexprs["BM"]
+                assert {k: v for k, v in config.kwargs.items() if k not in ("BM", "BN")} == {"BDV": 512}
             continue
         if kernel == "tau registers":
             # rows in registers tune their query rows (the launcher fills their mask), sm_90's for warpgroup MMA

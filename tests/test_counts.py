@@ -168,13 +168,14 @@ _SOLVER_CASES = [
     pytest.param(2, 7, True, TINY, id="B2-T7-in-registers"),
     pytest.param(2, 27, True, TINY, id="B2-T27-passes"),
     pytest.param(1, 19, False, SKEWED, id="T19-passes-not-causal-BM8-BN4"),
+    pytest.param(2, 27, True, TINY._replace(tau_block_m=16), id="B2-T27-passes-16-row-programs"),
 ]
 
 
 @pytest.mark.parametrize("q_scale, seed, b, t, causal, tile_set", [
     pytest.param(q_scale, seed, *case.values, id=f"{case.id}-q{q_scale:g}")
     for case in _SOLVER_CASES[:2] for q_scale, seed in counts.DISTRIBUTIONS
-] + [pytest.param(4.0, 3, *_SOLVER_CASES[2].values, id=f"{_SOLVER_CASES[2].id}-q4")])
+] + [pytest.param(4.0, 3, *case.values, id=f"{case.id}-q4") for case in _SOLVER_CASES[2:]])
 def test_tau_solver_passes_equal_the_kernels_count(monkeypatch, triton_backend, q_scale, seed, b, t, causal,
                                                    tile_set):
     """The mirror equals the threshold kernel's own count: per query-tile program, the K elements it loaded divided

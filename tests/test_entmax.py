@@ -40,6 +40,8 @@ WIDE_ROWS = TINY._replace(wide_dv_block_m=4, wide_dv_block_dv=32)
 SKEWED_WIDE_ROWS = SKEWED._replace(wide_block_dv=4, wide_dv_block_m=2, wide_dv_block_dv=8)
 #: the threshold passes stream K in 2-key tiles inside the mask's 8-key tiles (each mask tile the OR of four)
 SUB_KEY_TILES = TINY._replace(tau_block_n=2)
+#: the threshold passes' programs take 16 query rows, two of the mask's 8-row tiles (one mark per 8 rows)
+TALL_PASSES = TINY._replace(tau_block_m=16)
 
 #: (forward atol, gradient atol) against float64 on the same inputs; rtol is the same as atol
 TOLERANCES = {torch.float32: (2e-5, 5e-5), torch.float16: (4e-3, 1e-2), torch.bfloat16: (3e-2, 8e-2)}
@@ -423,20 +425,24 @@ def _interpreter_loads_per_program(monkeypatch, tensor):
 
 
 @pytest.mark.parametrize(
-    "q_scale, least_most_passes", [pytest.param(1.0, 3, id="random"), pytest.param(4.0, 2, id="q-x4")]
+    "q_scale, least_most_passes, tile_set",
+    [pytest.param(1.0, 3, TINY, id="random"), pytest.param(4.0, 2, TINY, id="q-x4"),
+     pytest.param(4.0, 2, TALL_PASSES, id="q-x4-16-row-programs")]
 )
-def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monkeypatch, q_scale, least_most_passes):
-    tiles(TINY)
+def test_tau_solver_passes_match_the_kernels_k_loads(triton_backend, tiles, monkeypatch, q_scale, least_most_passes,
+                                                     tile_set):
+    tiles(tile_set)
     b, h, t, d = 1, 2, 45, 8
+    rows = entmax._tau_pass_tiles(tile_set)["BM"]
     q, k, _ = (x.detach() for x in _inputs(b, h, t, d, 1, seed=12))
     q = q * q_scale
     counts = _interpreter_loads_per_program(monkeypatch, k)
     entmax._entmax_tau(q, k, True, d ** -0.5, entmax._whole_sequences(t, q.device))
-    passes = tau_solver_passes(q, k, block_m=8, block_n=8)
-    assert passes.shape == (b, h, 6)
+    passes = tau_solver_passes(q, k, block_m=rows, block_n=8)
+    assert passes.shape == (b, h, -(-t // rows))
     for i_bh in range(b * h):
-        for i_m in range(6):
-            visible_keys = min((i_m + 1) * 8, t)
+        for i_m in range(passes.shape[-1]):
+            visible_keys = min((i_m + 1) * rows, t)
             assert counts[(i_m, i_bh, 0)] == passes[0, i_bh, i_m] * visible_keys * d, (i_m, i_bh)
     assert passes.max() >= least_most_passes  # random rows: some tile needs a second candidate pass
 
@@ -461,7 +467,8 @@ def _visible_tiles(t, block_m, block_n):
     [pytest.param(0.01, None, TINY, id="flat-std0.01"), pytest.param(1.0, None, TINY, id="random"),
      pytest.param(30.0, None, TINY, id="peaked"), pytest.param(1.0, 1e9, TINY, id="scale-1e9"),
      pytest.param(1.0, None, SUB_KEY_TILES, id="random-2-key-threshold-tiles"),
-     pytest.param(30.0, None, SUB_KEY_TILES, id="peaked-2-key-threshold-tiles")],
+     pytest.param(30.0, None, SUB_KEY_TILES, id="peaked-2-key-threshold-tiles"),
+     pytest.param(4.0, None, TALL_PASSES, id="q-x4-16-row-threshold-programs")],
 )
 def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_scale, scale, tile_set):
     """The threshold pass's per-tile mask covers every p > 0, is 0 above the diagonal, equals its PyTorch mirror
@@ -480,7 +487,8 @@ def test_support_mask_is_sound_tight_and_skips_tiles(triton_backend, tiles, q_sc
     mask = support.bool()
     assert not (with_support & ~mask).any(), "a tile with p > 0 is not marked"
     assert not (mask & ~_visible_tiles(t, 8, 8)).any(), "a hidden tile is marked"
-    assert torch.equal(mask.view(b, h, 6, 6), tau_support_tiles(q, k, scale=scale, block_m=8, block_n=8))
+    assert torch.equal(mask.view(b, h, 6, 6), tau_support_tiles(q, k, scale=scale, block_m=8, block_n=8,
+                                                                pass_block_m=entmax._tau_pass_tiles(tile_set)["BM"]))
     assert (mask & ~with_support).sum() <= 0.05 * mask.sum(), "the last pass's bracket should be nearly tight"
     if q_scale == 30.0:  # peaked rows: visible tiles without support are skipped
         assert mask.sum() < _visible_tiles(t, 8, 8).sum() * b * h
@@ -541,6 +549,34 @@ def test_threshold_key_tiles_must_divide_the_mask_tiles(triton_backend, tiles):
         entmax15_attention(q, k, v)
 
 
+def test_threshold_query_rows_must_be_a_multiple_of_the_mask_tiles(triton_backend, tiles):
+    tiles(TINY._replace(tau_block_m=12))
+    q, k, v = _inputs(1, 1, 9, 4, 4)
+    with pytest.raises(ValueError, match="threshold query rows 12 must be a multiple of the support mask's 8"):
+        entmax15_attention(q, k, v)
+
+
+def test_taller_threshold_programs_solve_the_same_tau_and_mark_no_more_tiles(triton_backend, tiles):
+    """Threshold programs of 16 query rows (two 8-row mask tiles, one mark each) give every row the rowmax and tau of
+    8-row programs (a row's solve is its own; the interpreter's dots of 16 rows may round the scores' last bit
+    otherwise), and a mask within theirs (a row solved before its program's last pass bounds its marks by tau, not
+    by its lower bracket) that equals the mirror's."""
+    b, h, t, d, causal = 1, 2, 45, 8, True
+    q, k, _ = (x.detach() for x in _inputs(b, h, t, d, 1, seed=18))
+    q = q * 4.0
+    solved = {}
+    for tile_set in (TINY, TALL_PASSES):
+        tiles(tile_set)
+        solved[tile_set] = entmax._entmax_tau(q, k, causal, d ** -0.5, entmax._whole_sequences(t, q.device))
+    (rowmax, tau, mask), (tall_rowmax, tall_tau, tall_mask) = solved[TINY], solved[TALL_PASSES]
+    rounding = 4e-6 * rowmax.abs().max().item()  # a few fp32 floats of the largest score
+    torch.testing.assert_close(tall_rowmax, rowmax, rtol=0, atol=rounding)
+    torch.testing.assert_close(tall_tau, tau, rtol=0, atol=rounding)
+    assert tall_mask.shape == mask.shape and not (tall_mask.bool() & ~mask.bool()).any()
+    assert torch.equal(tall_mask.bool().view(b, h, 6, 6), tau_support_tiles(
+        q, k, causal=causal, block_m=8, block_n=8, pass_block_m=16))
+
+
 def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_backend, tiles):
     tiles(TINY)
     q, k, _ = (x.detach() for x in _inputs(1, 2, 7, 4, 1, seed=16))
@@ -553,7 +589,8 @@ def test_support_mask_of_rows_in_registers_marks_the_reachable_tiles(triton_back
 
 @pytest.mark.parametrize("causal, tile_set", [pytest.param(True, TINY, id="causal"),
                                                pytest.param(False, TINY, id="not-causal"),
-                                               pytest.param(True, SUB_KEY_TILES, id="causal-2-key-threshold-tiles")])
+                                               pytest.param(True, SUB_KEY_TILES, id="causal-2-key-threshold-tiles"),
+                                               pytest.param(False, TALL_PASSES, id="not-causal-16-row-programs")])
 def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal, tile_set):
     """Tiles mixing sequences: a tile pair is marked wherever a row has p > 0 for a key of its own sequence (with
     2-key threshold tiles, a sequence's first visited key tile may lie inside a mask tile)."""
@@ -582,6 +619,7 @@ def test_support_mask_is_sound_on_packed_sequences(triton_backend, tiles, causal
         pytest.param([5, 1, 12, 9], True, TINY, 3, id="passes-causal"),
         pytest.param([5, 1, 12, 9], False, TINY, 3, id="passes-not-causal"),
         pytest.param([5, 1, 12, 9], True, SUB_KEY_TILES, 3, id="passes-2-key-threshold-tiles-causal"),
+        pytest.param([5, 1, 12, 9], True, TALL_PASSES, 3, id="passes-16-row-threshold-programs-causal"),
         pytest.param([9, 2, 6], False, SKEWED, 3, id="BM8-BN4-not-causal"),
         pytest.param([5, 1, 12, 9], True, WIDE_ROWS, 19, id="4-row-forward-tiles-causal"),
         pytest.param([9, 2, 6], False, SKEWED_WIDE_ROWS, 9, id="2-row-forward-tiles-BN4-not-causal"),

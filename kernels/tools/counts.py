@@ -8,7 +8,8 @@ the kernels' GENERAL variants, printed; ``--decode``: only the KV-cache decoding
    ``entmax15_attention(q, k, v)`` call (B = H = 1) loads from K, divided by what one flash-attention pass with 64-row
    query tiles loads (each query tile reads each visible key once: FA2 = 1.0), for ours and for AdaSplash-2 at its
    default settings where the ``adasplash`` package is installed.
-2. **Threshold solver passes over K per query tile** (mean and max over tiles) at long T, from
+2. **Threshold solver passes over K per program** (mean and max over the threshold kernel's programs of
+   ``Tiles.tau_block_m`` query rows) at long T, from
    ``kernels.entmax.tau_solver_passes``, the PyTorch mirror of the solver's pass count that
    ``tests/test_counts.py`` proves equal to the kernel's own count.
 3. **Key tiles the entmax output kernel visits**: the share of visible (query tile, key tile) pairs that the
@@ -48,7 +49,8 @@ from triton.runtime import interpreter
 
 from kernels.backend import triton_interpreter_enabled, use_backend
 from kernels.block_causal import block_causal_attention
-from kernels.entmax import _tiles, entmax15_attention, entmax_attention, tau_solver_passes, tau_support_tiles
+from kernels.entmax import (_tau_pass_tiles, _tiles, entmax15_attention, entmax_attention, tau_solver_passes,
+                            tau_support_tiles)
 
 #: Query rows per tile of the flash-attention pass that K traffic is measured against.
 FA_BLOCK_M = 64
@@ -363,10 +365,12 @@ def adasplash_status() -> Tuple[Optional[Callable], str]:
 
 def solver_tiles(t: int, dtype: torch.dtype = torch.float32):
     """(block_m, block_n) of the entmax threshold kernel's launch at length ``t`` for ``dtype`` inputs: the row tiles
-    when rows fit in registers (``T <= row_block_n``), else the pass tiles (the launcher's choice,
-    ``kernels.entmax``)."""
+    when rows fit in registers (``T <= row_block_n``), else the passes' query rows per program and the support
+    mask's key tiles (the launcher's choice, ``kernels.entmax``)."""
     tiles = _tiles(dtype)
-    return (tiles.row_block_m, tiles.row_block_n) if t <= tiles.row_block_n else (tiles.block_m, tiles.block_n)
+    if t <= tiles.row_block_n:
+        return tiles.row_block_m, tiles.row_block_n
+    return _tau_pass_tiles(tiles)["BM"], tiles.block_n
 
 
 def counted_solver_passes(counter: InterpreterCounter, kernel: str, name: str = "k") -> Dict[Program, float]:
@@ -399,7 +403,8 @@ def support_tile_stats(t: int, d: int, q_scale: float, seed: int) -> dict:
     i_m = torch.arange(triton.cdiv(t, tiles.block_m))[:, None]
     i_n = torch.arange(triton.cdiv(t, tiles.block_n))[None, :]
     visible = int((i_n * tiles.block_n < torch.clamp((i_m + 1) * tiles.block_m, max=t)).sum())
-    shares = {name: int(tau_support_tiles(q, k, block_m=tiles.block_m, block_n=tiles.block_n, exact=exact).sum())
+    shares = {name: int(tau_support_tiles(q, k, block_m=tiles.block_m, block_n=tiles.block_n,
+                                          pass_block_m=_tau_pass_tiles(tiles)["BM"], exact=exact).sum())
               / visible for name, exact in (("visited", False), ("with_support", True))}
     return {**shares, "visible_tiles": visible, "block_m": tiles.block_m, "block_n": tiles.block_n}
 
@@ -575,7 +580,7 @@ def render_markdown(report: dict) -> str:
            "## K traffic of the causal forward (elements loaded from K / one flash-attention pass with 64-row query "
            "tiles)", "",
            f"Peer: {report['adasplash']}.", ""]
-    header = ["T", "q scale", "ours", "AdaSplash-2", "ours: solver passes per tile (mean / max)",
+    header = ["T", "q scale", "ours", "AdaSplash-2", "ours: solver passes per program (mean / max)",
               "mirror = kernel"]
     rows = []
     for row in traffic:
@@ -586,7 +591,7 @@ def render_markdown(report: dict) -> str:
                      f"{sum(passes) / len(passes):.2f} / {max(passes):g}",
                      "yes" if row["ours"]["mirror_equals_kernel"] else "**no**"])
     out += [_table(header, rows), ""]
-    out += ["## Threshold solver: passes over K per query tile (`tau_solver_passes`, D = 64, causal)", "",
+    out += ["## Threshold solver: passes over K per program (`tau_solver_passes`, D = 64, causal)", "",
             _table(["T", "q scale", "tiles", "mean", "max"],
                    [[str(r["T"]), f"x{r['q_scale']:g}", f"{r['tiles']} of {r['block_m']}x{r['block_n']}",
                      f"{r['mean']:.2f}", str(r["max"])] for r in solver]), ""]
@@ -779,7 +784,7 @@ ALPHA_LENGTHS = (256,)
 def alpha_k_traffic_rows(lengths: Tuple[int, ...], alphas: Tuple[float, ...], head_dim: int = 64,
                          log: Callable[[str], None] = print) -> List[dict]:
     """Forward K traffic (:func:`count_forward_k_traffic`, single flash passes) of causal ``entmax_attention`` at each
-    alpha, length and q distribution, with the threshold kernel's passes over K per query tile
+    alpha, length and q distribution, with the threshold kernel's passes over K per program
     (:func:`counted_solver_passes`)."""
     rows = []
     for t in lengths:
@@ -803,7 +808,7 @@ def alpha_k_traffic_rows(lengths: Tuple[int, ...], alphas: Tuple[float, ...], he
 
 
 def render_alpha_markdown(rows: List[dict]) -> str:
-    header = ["T", "alpha", "q scale", "K loaded / flash pass", "solver passes per tile (mean / max)"]
+    header = ["T", "alpha", "q scale", "K loaded / flash pass", "solver passes per program (mean / max)"]
     body = [[str(r["T"]), f"{r['alpha']:g}", f"x{r['q_scale']:g}", f"{r['ratio']:.2f}",
              f"{r['solver_passes_mean']:.2f} / {r['solver_passes_max']:g}"] for r in rows]
     return "\n".join(["### K traffic of the causal forward at any alpha (fp32, B = H = 1, D = 64, default tiles)", "",
