@@ -197,15 +197,15 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 #: Any alpha (the GENERAL kernels) has lists of its own (`` general`` keys), measured the same way at the report's
 #: any-alpha cases (``--cases alpha=1.25``): its threshold kernel (more code per pass: the powers, sparsemax's closed
-#: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped
-#: sm_90 ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (its candidates keep 64-row
-#: programs; rows in registers: as entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators,
-#: ``Tiles.general_block_mdv``) spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv = 128; fp32 at most 32 rows:
-#: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages; at Dv <= 128 on
-#: sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as often, QK^T twice;
-#: at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above Dv = 128, 32
-#: rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K streamed as
-#: often, V half as often).
+#: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped sm_90
+#: ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (its candidates keep 64-row programs;
+#: rows in registers: as entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators,
+#: ``Tiles.general_block_mdv``) spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv =
+#: 128; fp32 at most 32 rows: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages;
+#: at Dv <= 128 on sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as
+#: often, QK^T twice; at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above
+#: Dv = 128, 32 rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K
+#: streamed as often, V half as often).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
