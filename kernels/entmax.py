@@ -87,7 +87,10 @@ class Tiles(NamedTuple):
     and V streamed once per BM rows, 32 at Dv = 128: twice entmax-1.5's K traffic of that kernel, where Dv chunks
     of 64 would stream K as often and compute QK^T twice) and above it by narrower Dv chunks of the
     ``wide_dv_block_m`` rows (16 rows cannot shrink further on tensor cores: Dv = 512 in two chunks of 256, QK^T
-    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills)."""
+    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills).
+    Without alpha's gradient it takes entmax-1.5's tiles, capped at ``fixed_alpha_block_mdv`` elements (None: no cap;
+    fp32: 4,096, as 64 x 128 spills on sm_90 and 16 x 512 on sm_80), by fewer rows up to Dv = ``wide_block_dv`` and
+    narrower Dv chunks above it."""
 
     block_m: int = 64
     block_n: int = 64
@@ -112,6 +115,7 @@ class Tiles(NamedTuple):
     tau_num_warps: Optional[int] = None
     general_block_mdv: int = 4096
     general_block_m: Optional[int] = None
+    fixed_alpha_block_mdv: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -138,7 +142,7 @@ _DEFAULT_TILES = {
                           bwd_block_d=64, tau_block_d=16, tau_block_n=16, tau_num_warps=4),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
-                         tau_num_warps=4, general_block_m=32),
+                         tau_num_warps=4, general_block_m=32, fixed_alpha_block_mdv=4096),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -896,28 +900,31 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
     return rowmax, tau, support
 
 
-def _forward_tiles(tiles: Tiles, dv: int, store_s: bool = False):
+def _forward_tiles(tiles: Tiles, dv: int, general: bool = False, store_s: bool = False):
     """(candidate list, query rows BM, Dv chunk BDV) of the output kernel (``Tiles``): ``block_m`` rows and one
     chunk of ``block_dv`` or Dv's next power of two for Dv up to ``wide_block_dv``, else ``wide_dv_block_m`` rows
-    and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``store_s`` (any alpha with alpha's gradient:
-    three accumulators; any alpha without it takes entmax-1.5's tiles and lists): the lists ``"fwd general"`` and
-    ``"fwd wide general"``, with BM (one chunk; at most ``general_block_m``) or else BDV cut so that BM x BDV is at
-    most ``general_block_mdv``."""
+    and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``general`` (any alpha): above
+    ``wide_block_dv`` the list ``"fwd wide general"``; with ``store_s`` (alpha's gradient: three accumulators) also
+    ``"fwd general"`` below, and BM (one chunk; at most ``general_block_m``) or else BDV cut so that BM x BDV is at
+    most ``general_block_mdv``; without it (two accumulators, as entmax-1.5) cut to ``fixed_alpha_block_mdv``."""
+    budget = tiles.general_block_mdv if store_s else tiles.fixed_alpha_block_mdv if general else None
     if dv <= tiles.wide_block_dv:
         block_dv = max(tiles.block_dv, triton.next_power_of_2(dv))
-        if not store_s:
-            return "fwd", tiles.block_m, block_dv
-        block_m = min(tiles.general_block_m or tiles.block_m, max(1, tiles.general_block_mdv // block_dv))
+        block_m = tiles.block_m
+        if store_s:
+            block_m = min(tiles.general_block_m or block_m, block_m)
+        if budget is not None:
+            block_m = min(block_m, max(1, budget // block_dv))
         if tiles.block_m % block_m:
             raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
-        return "fwd general", block_m, block_dv
+        return ("fwd general" if store_s else "fwd"), block_m, block_dv
     block_m = tiles.wide_dv_block_m or tiles.block_m
     if tiles.block_m % block_m:
         raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
     block_dv = min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
-    if not store_s:
-        return "fwd wide", block_m, block_dv
-    return "fwd wide general", block_m, min(block_dv, max(1, tiles.general_block_mdv // block_m))
+    if budget is not None:
+        block_dv = min(block_dv, max(1, budget // block_m))
+    return ("fwd wide general" if general else "fwd wide"), block_m, block_dv
 
 
 def _general(general: bool, **flags: bool) -> dict:
@@ -942,7 +949,7 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     store_s = store_s and general
     s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
     ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
-    name, block_m, block_dv = _forward_tiles(tiles, Dv, store_s)
+    name, block_m, block_dv = _forward_tiles(tiles, Dv, general, store_s)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
             alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
@@ -1933,8 +1940,8 @@ def aot_configurations() -> List[AotConfig]:
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
     GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists), the output kernel twice: STORE_S=False
-    at entmax-1.5's tiles and lists, STORE_S=True (alpha's gradient, "alpha-grad") at its own output tiles; compiled
-    by the full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults at Dv =
+    at entmax-1.5's tiles (``Tiles.fixed_alpha_block_mdv``) and Dv <= ``wide_block_dv`` list, STORE_S=True (alpha's
+    gradient, "alpha-grad") at its own output tiles and lists (:func:`_forward_tiles`); compiled by the full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults at Dv =
     64 without alpha's gradient and, with it, those whose tiles are its own at some Dv (fewer rows or narrower Dv
     chunks than entmax-1.5's there), in fp32 and bf16 (fp16 compiles bf16's code)."""
     configs, listed = [], {}
@@ -1963,12 +1970,12 @@ def aot_configurations() -> List[AotConfig]:
             for store_s in (False, True) if general else (False,):
                 forward_tiles = {}
                 for dv in widths:
-                    tiles = _forward_tiles(t, dv, store_s)
+                    tiles = _forward_tiles(t, dv, general, store_s)
                     forward_tiles[tiles] = forward_tiles.get(tiles, False) or tiles[1:] != _forward_tiles(t, dv)[1:]
                 for (name, block_m, block_dv), own in forward_tiles.items():
                     # any alpha in the quick subset: its own tiles (alpha's gradient), else its Dv = 64 tiles
                     quick = not general or torch_dtype != torch.float16 and (
-                        own if store_s else (name, block_m, block_dv) == _forward_tiles(t, 64))
+                        own if store_s else (name, block_m, block_dv) == _forward_tiles(t, 64, general))
                     variants.append((name.replace(" general", "") + " BM={BM} BDV={BDV}" + suffix
                                      + (" alpha-grad" if store_s else ""), _entmax_fwd_kernel, name,
                                      dict(blocks, BM=block_m, BDV=block_dv),

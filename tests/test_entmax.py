@@ -1091,12 +1091,12 @@ def test_sparsemax_threshold_is_the_closed_form_rounded_once(triton_backend, til
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
-    """The default tiles: any alpha's output kernel with alpha's gradient (three accumulators) cuts its rows (one Dv chunk; at most
-    ``general_block_m``) or, above ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements; its rows
-    divide the mask's."""
+    """The default tiles: any alpha's output kernel with alpha's gradient (three accumulators) cuts its rows (one Dv
+    chunk; at most ``general_block_m``) or, above ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements;
+    without it, entmax-1.5's tiles to ``fixed_alpha_block_mdv``; its rows divide the mask's."""
     t = entmax._DEFAULT_TILES[dtype]
     for dv in (1, 16, 33, 64, 100, 128, 129, 256, 512, 1024):
-        name, block_m, block_dv = entmax._forward_tiles(t, dv, store_s=True)
+        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True, store_s=True)
         one_name, one_m, one_dv = entmax._forward_tiles(t, dv)
         assert name == one_name + " general" and block_m * block_dv <= t.general_block_mdv
         assert t.block_m % block_m == 0 and block_m >= 16 and block_dv >= 16
@@ -1105,6 +1105,13 @@ def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
             assert block_m == min(one_m, t.general_block_m or one_m, t.general_block_mdv // one_dv)
         else:
             assert block_m == one_m and block_dv == min(one_dv, t.general_block_mdv // one_m)
+        # without alpha's gradient: entmax-1.5's tiles (wide: any alpha's list) cut to fixed_alpha_block_mdv
+        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True)
+        budget = t.fixed_alpha_block_mdv or one_m * one_dv
+        assert name == (one_name + " general" if dv > t.wide_block_dv else one_name)
+        assert t.block_m % block_m == 0 and block_m * block_dv <= budget and block_m >= 16 and block_dv >= 16
+        assert (block_m, block_dv) == ((min(one_m, budget // one_dv), one_dv) if dv <= t.wide_block_dv else
+                                       (one_m, min(one_dv, budget // one_m)))
 
 
 @pytest.mark.parametrize("dv, tiles_of_rows", [pytest.param(6, (4, 8), id="fewer-rows-one-chunk"),

@@ -353,6 +353,9 @@ def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
     out += [Case("entmax15_attention", f"B={LONG_B} H={LONG_H} T={t} D={d} alpha={ANY_ALPHA}{name} {n}", n,
                  lambda dt=DTYPES[n], learn=learn: _long_entmax_any(t, d, dt, ANY_ALPHA, LONG_H, LONG_H, learn))
             for learn, name in learned for n in ("fp32", "bf16")]
+    # D = Dv = 64 (fp32: other tiles without alpha's gradient than at 128)
+    out += [Case("entmax15_attention", f"B={LONG_B} H={LONG_H} T={t} D={LONG_D[0]} alpha={ANY_ALPHA} fp32", "fp32",
+                 lambda: _long_entmax_any(t, LONG_D[0], torch.float32, ANY_ALPHA, LONG_H, LONG_H))]
     out += [Case("entmax15_attention", f"GQA B={LONG_B} H={GQA_H} Hkv={GQA_HKV} T={t} D={d} bf16", "bf16",
                  lambda: _long_entmax_any(t, d, torch.bfloat16, 1.5, GQA_H, GQA_HKV))]
     out += [Case("adasplash2", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32",
