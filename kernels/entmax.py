@@ -197,7 +197,12 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as often, QK^T twice;
 #: at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above Dv = 128, 32
 #: rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K streamed as
-#: often, V half as often).
+#: often, V half as often). Those three-accumulator tiles and the `` general`` output lists are for alpha's gradient
+#: (STORE_S); without it the output kernel holds two accumulators and takes entmax-1.5's tiles and list at Dv <= 128
+#: (fp32 at most 4,096 elements, ``Tiles.fixed_alpha_block_mdv``: 64 x 128 spills 20-32 bytes on sm_90; 64 x 64
+#: holds 255 registers on sm_80, 220 on sm_90, no spill; 16-bit 64 x 128: 225-255) and above it entmax-1.5's tiles
+#: (fp32 cut to 16 x 256: 16 x 512 spills 8 bytes on sm_80) on any alpha's wide list (entmax-1.5's 64-row sm_90
+#: alternatives spill 32-80 bytes; 16-bit 16 x 512: 225-243 registers).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
