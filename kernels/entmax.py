@@ -1984,8 +1984,8 @@ def aot_configurations() -> List[AotConfig]:
                     variants.append((name.replace(" general", "") + " BM={BM} BDV={BDV}" + suffix
                                      + (" alpha-grad" if store_s else ""), _entmax_fwd_kernel, name,
                                      dict(blocks, BM=block_m, BDV=block_dv),
-                                     dict(MASK_BM=t.block_m, UPCAST_DOTS=False, **fixed,
-                                          **(dict(STORE_S=store_s) if general else {})), both, quick))
+                                     dict(MASK_BM=t.block_m, UPCAST_DOTS=False, STORE_S=store_s, **fixed), both,
+                                     quick))
             for d, dv in _AOT_BWD_HEAD_DIMS:
                 # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks; tiles per
                 # architecture ({arch: constexprs}: _backward_tile_set)
