@@ -83,13 +83,17 @@ class Tiles(NamedTuple):
     (rounded up to powers of two) are at most ``bwd_whole_d``; wider heads reduce QK^T and dP in steps of
     ``bwd_block_d`` features (None: ``block_d``) streamed from memory and accumulate dk and dv of up to ``bwd_wide_d``
     / ``bwd_wide_dv`` features per program (wider: several programs, each recomputing QK^T).
-    The output kernel of any alpha (GENERAL) holds three [BM, BDV] fp32 accumulators (o, w's numerator and alpha's
-    gradient sum s) where entmax-1.5 holds two: its tiles hold at most ``general_block_mdv`` elements
+    The output kernel of any alpha (GENERAL) with alpha's gradient (STORE_S) holds three [BM, BDV] fp32 accumulators
+    (o, w's numerator and alpha's gradient sum s) where entmax-1.5 holds two (as any alpha without alpha's gradient
+    does, at entmax-1.5's tiles): its tiles hold at most ``general_block_mdv`` elements
     (:func:`_forward_tiles`), by fewer query rows up to Dv = ``wide_block_dv`` (one chunk: QK^T once per score, K
     and V streamed once per BM rows, 32 at Dv = 128: twice entmax-1.5's K traffic of that kernel, where Dv chunks
     of 64 would stream K as often and compute QK^T twice) and above it by narrower Dv chunks of the
     ``wide_dv_block_m`` rows (16 rows cannot shrink further on tensor cores: Dv = 512 in two chunks of 256, QK^T
-    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills)."""
+    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills).
+    Without alpha's gradient it takes entmax-1.5's tiles, capped at ``fixed_alpha_block_mdv`` elements (None: no cap;
+    fp32: 4,096, as 64 x 128 spills on sm_90 and 16 x 512 on sm_80), by fewer rows up to Dv = ``wide_block_dv`` and
+    narrower Dv chunks above it."""
 
     block_m: int = 64
     block_n: int = 64
@@ -115,6 +119,7 @@ class Tiles(NamedTuple):
     tau_num_warps: Optional[int] = None
     general_block_mdv: int = 4096
     general_block_m: Optional[int] = None
+    fixed_alpha_block_mdv: Optional[int] = None
 
 
 #: Per input dtype, chosen by compiling for sm_80 and sm_90 as a launch specializes (D = 64, unit feature strides)
@@ -144,7 +149,7 @@ _DEFAULT_TILES = {
                           bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
-                         tau_block_m=128, tau_num_warps=8, general_block_m=32),
+                         tau_block_m=128, tau_num_warps=8, general_block_m=32, fixed_alpha_block_mdv=4096),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -205,7 +210,12 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: at Dv <= 128 on sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as
 #: often, QK^T twice; at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above
 #: Dv = 128, 32 rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K
-#: streamed as often, V half as often).
+#: streamed as often, V half as often). Those three-accumulator tiles and the `` general`` output lists are for alpha's
+#: gradient (STORE_S); without it the output kernel holds two accumulators and takes entmax-1.5's tiles and list at Dv
+#: <= 128 (fp32 at most 4,096 elements, ``Tiles.fixed_alpha_block_mdv``: 64 x 128 spills 20-32 bytes on sm_90; 64 x 64
+#: holds 255 registers on sm_80, 220 on sm_90, no spill; 16-bit 64 x 128: 225-255) and above it entmax-1.5's tiles (fp32
+#: cut to 16 x 256: 16 x 512 spills 8 bytes on sm_80) on any alpha's wide list (entmax-1.5's 64-row sm_90 alternatives
+#: spill 32-80 bytes; 16-bit 16 x 512: 225-243 registers).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
@@ -593,22 +603,24 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
     tl.store(tau + o_row, tl.where(m_bad, float("nan"), tl.where(m_blind, float("inf"), b_tau)), mask=o_m < T)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w", "store_s"])
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
 def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, alpha_rows, s, ent,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
                        stride_vb, stride_vh, stride_vt, stride_vd,
                        stride_sb, stride_sm, stride_sn,
-                       H, T, TK, D, Dv, half_scale, causal, store_w, store_s,
+                       H, T, TK, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
+                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False,
+                       STORE_S: tl.constexpr = False):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v (T query rows, TK keys) with ``p = max(z - tau, 0)^2``; if
     ``store_w``, also w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM),
     cdiv(Dv, BDV), B*H).
     Key tiles whose ``support`` byte (the threshold kernel's mask, tiles MASK_BM x BN; BM divides MASK_BM: a query
     tile reads the entry of the mask tile that holds it) is 0 are skipped before QK^T.
     GENERAL (any alpha, :func:`_entmax_tau_kernel`): ``p = G^r / sum_j G^r`` and ``g = G^(r - 1)`` (= p^(2 - alpha))
-    in place of ``G^2`` and G, r = 1 / (alpha - 1); with ``store_s`` (alpha's gradient) also s (B, H, T, Dv) fp32
+    in place of ``G^2`` and G, r = 1 / (alpha - 1); with STORE_S (alpha's gradient: a constexpr, so that launches
+    without it hold two [BM, BDV] accumulators as entmax-1.5 does, not three) also s (B, H, T, Dv) fp32
     = ``sum_j p_j log(p_j) v_j`` and ent (B, H, T) fp32 = ``sum_j p_j log(p_j)``."""
     tl.static_assert(MASK_BM % BM == 0)
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -629,8 +641,9 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
     b_am1 = _row_alpha(alpha_rows, i_bh % H, o_m, T, GENERAL)
     b_r = 1.0 / b_am1
     if GENERAL:
-        b_s = tl.zeros([BM, BDV], dtype=tl.float32)
         b_psum = tl.zeros([BM], dtype=tl.float32)
+    if STORE_S:
+        b_s = tl.zeros([BM, BDV], dtype=tl.float32)
         b_ent = tl.zeros([BM], dtype=tl.float32)
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
@@ -654,7 +667,7 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
                         b_gg = _powers(b_g, b_r - 1.0)
                         b_u += dot_fp32acc(b_gg.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
                         b_gsum += tl.sum(b_gg, 1)
-                    if store_s != 0:  # p log p = p r ln G
+                    if STORE_S:  # p log p = p r ln G
                         b_plogp = b_p * (b_r * 0.6931471805599453)[:, None] * tl.log2(tl.where(b_g > 0, b_g, 1.0))
                         b_s += dot_fp32acc(b_plogp.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
                         b_ent += tl.sum(b_plogp, 1)
@@ -674,11 +687,10 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
     if store_w != 0:
         b_w = b_u / tl.where(b_gsum > 0, b_gsum, 1.0)[:, None]  # rows past T have no support: no 0 / 0
         tl.store(w + o_out, tl.where((b_tau == b_tau)[:, None], b_w, float("nan")), mask=m_out)
-    if GENERAL:
-        if store_s != 0:
-            tl.store(s + o_out, b_s, mask=m_out)
-            if i_dv == 0:
-                tl.store(ent + i_bh.to(tl.int64) * T + o_m, b_ent, mask=m_m)
+    if STORE_S:
+        tl.store(s + o_out, b_s, mask=m_out)
+        if i_dv == 0:
+            tl.store(ent + i_bh.to(tl.int64) * T + o_m, b_ent, mask=m_m)
 
 
 @triton.jit
@@ -915,32 +927,37 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
     return rowmax, tau, support
 
 
-def _forward_tiles(tiles: Tiles, dv: int, general: bool = False):
+def _forward_tiles(tiles: Tiles, dv: int, general: bool = False, store_s: bool = False):
     """(candidate list, query rows BM, Dv chunk BDV) of the output kernel (``Tiles``): ``block_m`` rows and one
     chunk of ``block_dv`` or Dv's next power of two for Dv up to ``wide_block_dv``, else ``wide_dv_block_m`` rows
-    and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``general`` (any alpha): the lists
-    ``"fwd general"`` and ``"fwd wide general"``, with BM (one chunk; at most ``general_block_m``) or else BDV cut
-    so that BM x BDV is at most ``general_block_mdv``."""
+    and chunks of Dv's next power of two up to ``wide_dv_block_dv``. ``general`` (any alpha): above
+    ``wide_block_dv`` the list ``"fwd wide general"``; with ``store_s`` (alpha's gradient: three accumulators) also
+    ``"fwd general"`` below, and BM (one chunk; at most ``general_block_m``) or else BDV cut so that BM x BDV is at
+    most ``general_block_mdv``; without it (two accumulators, as entmax-1.5) cut to ``fixed_alpha_block_mdv``."""
+    budget = tiles.general_block_mdv if store_s else tiles.fixed_alpha_block_mdv if general else None
     if dv <= tiles.wide_block_dv:
         block_dv = max(tiles.block_dv, triton.next_power_of_2(dv))
-        if not general:
-            return "fwd", tiles.block_m, block_dv
-        block_m = min(tiles.general_block_m or tiles.block_m, max(1, tiles.general_block_mdv // block_dv))
+        block_m = tiles.block_m
+        if store_s:
+            block_m = min(tiles.general_block_m or block_m, block_m)
+        if budget is not None:
+            block_m = min(block_m, max(1, budget // block_dv))
         if tiles.block_m % block_m:
             raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
-        return "fwd general", block_m, block_dv
+        return ("fwd general" if store_s else "fwd"), block_m, block_dv
     block_m = tiles.wide_dv_block_m or tiles.block_m
     if tiles.block_m % block_m:
         raise ValueError(f"output kernel tile {block_m} must divide the support mask's {tiles.block_m}")
     block_dv = min(tiles.wide_dv_block_dv or tiles.wide_block_dv, triton.next_power_of_2(dv))
-    if not general:
-        return "fwd wide", block_m, block_dv
-    return "fwd wide general", block_m, min(block_dv, max(1, tiles.general_block_mdv // block_m))
+    if budget is not None:
+        block_dv = min(block_dv, max(1, budget // block_m))
+    return ("fwd wide general" if general else "fwd wide"), block_m, block_dv
 
 
-def _general(general: bool) -> dict:
-    """The GENERAL constexpr of a launch: passed only for any alpha, so entmax-1.5 launches keep their signature."""
-    return dict(GENERAL=True) if general else {}
+def _general(general: bool, **flags: bool) -> dict:
+    """The GENERAL constexpr of a launch and the any-alpha ``flags`` (the output kernel's STORE_S): passed only for
+    any alpha, so entmax-1.5 launches keep their signature."""
+    return dict(GENERAL=True, **flags) if general else {}
 
 
 def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, sequences: _Sequences,
@@ -959,13 +976,13 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     store_s = store_s and general
     s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
     ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
-    name, block_m, block_dv = _forward_tiles(tiles, Dv, general)
+    name, block_m, block_dv = _forward_tiles(tiles, Dv, general, store_s)
     launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
            (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
             alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
             *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv,
-            scale if general else 0.5 * scale, int(causal), int(store_w), int(store_s)),
-           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
+            scale if general else 0.5 * scale, int(causal), int(store_w)),
+           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general, STORE_S=store_s)),
            _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
                        launch_arch(q.device)),
            device=q.device, bucket=_bucket(B * H, T))
@@ -1997,10 +2014,11 @@ def aot_configurations() -> List[AotConfig]:
     the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
     a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
-    GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists and output tiles), compiled by the
-    full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults whose tiles
-    are its own at some Dv (fewer rows or narrower Dv chunks than entmax-1.5's there), in fp32 and bf16 (fp16
-    compiles bf16's code)."""
+    GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists), the output kernel twice: STORE_S=False
+    at entmax-1.5's tiles (``Tiles.fixed_alpha_block_mdv``) and Dv <= ``wide_block_dv`` list, STORE_S=True (alpha's
+    gradient, "alpha-grad") at its own output tiles and lists (:func:`_forward_tiles`); compiled by the full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults at Dv =
+    64 without alpha's gradient and, with it, those whose tiles are its own at some Dv (fewer rows or narrower Dv
+    chunks than entmax-1.5's there), in fp32 and bf16 (fp16 compiles bf16's code)."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
@@ -2025,15 +2043,20 @@ def aot_configurations() -> List[AotConfig]:
                 ("tau passes BM={BM} BN={BN}" + suffix, _entmax_tau_kernel, "tau passes" + lists, _tau_pass_tiles(t),
                  dict(ROW_IN_REGISTERS=False, **solver, **fixed), both, not general),
             ]
-            forward_tiles = {}
-            for dv in widths:
-                tiles = _forward_tiles(t, dv, general)
-                forward_tiles[tiles] = forward_tiles.get(tiles, False) or tiles[1:] != _forward_tiles(t, dv)[1:]
-            for (name, block_m, block_dv), own in forward_tiles.items():
-                quick = not general or (own and torch_dtype != torch.float16)
-                variants.append((name.replace(" general", "") + " BM={BM} BDV={BDV}" + suffix, _entmax_fwd_kernel,
-                                 name, dict(blocks, BM=block_m, BDV=block_dv),
-                                 dict(MASK_BM=t.block_m, UPCAST_DOTS=False, **fixed), both, quick))
+            for store_s in (False, True) if general else (False,):
+                forward_tiles = {}
+                for dv in widths:
+                    tiles = _forward_tiles(t, dv, general, store_s)
+                    forward_tiles[tiles] = forward_tiles.get(tiles, False) or tiles[1:] != _forward_tiles(t, dv)[1:]
+                for (name, block_m, block_dv), own in forward_tiles.items():
+                    # any alpha in the quick subset: its own tiles (alpha's gradient), else its Dv = 64 tiles
+                    quick = not general or torch_dtype != torch.float16 and (
+                        own if store_s else (name, block_m, block_dv) == _forward_tiles(t, 64, general))
+                    variants.append((name.replace(" general", "") + " BM={BM} BDV={BDV}" + suffix
+                                     + (" alpha-grad" if store_s else ""), _entmax_fwd_kernel, name,
+                                     dict(blocks, BM=block_m, BDV=block_dv),
+                                     dict(MASK_BM=t.block_m, UPCAST_DOTS=False, STORE_S=store_s, **fixed), both,
+                                     quick))
             for d, dv in _AOT_BWD_HEAD_DIMS:
                 # odd head sizes of this width (d - 1: the same powers of two) may take narrower chunks; tiles per
                 # architecture ({arch: constexprs}: _backward_tile_set)

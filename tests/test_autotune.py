@@ -276,8 +276,9 @@ _ENTMAX_DTYPES = {"*fp32": torch.float32, "*fp16": torch.float16, "*bf16": torch
 
 
 def _entmax_list(config):
-    """The candidate list (``kernels.entmax._ALTERNATIVES``) of an AOT configuration: any alpha's threshold and
-    output kernels (GENERAL) have lists of their own."""
+    """The candidate list (``kernels.entmax._ALTERNATIVES``) of an AOT configuration: any alpha's threshold and wide
+    output kernels (GENERAL) and its output kernel with alpha's gradient (STORE_S) have lists of their own."""
     name = next(name for name in ("tau registers", "tau passes", "fwd wide", "fwd", "bwd chunked", "bwd")
                 if config.label.startswith(name))
-    return name + " general" if config.constexprs["GENERAL"] and not name.startswith("bwd") else name
+    own = name != "fwd" and not name.startswith("bwd") or config.constexprs.get("STORE_S", False)
+    return name + " general" if config.constexprs["GENERAL"] and own else name

@@ -1129,12 +1129,12 @@ def test_sparsemax_threshold_is_the_closed_form_rounded_once(triton_backend, til
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
-    """The default tiles: any alpha's output kernel (three accumulators) cuts its rows (one Dv chunk; at most
-    ``general_block_m``) or, above ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements; its rows
-    divide the mask's."""
+    """The default tiles: any alpha's output kernel with alpha's gradient (three accumulators) cuts its rows (one Dv
+    chunk; at most ``general_block_m``) or, above ``wide_block_dv``, its Dv chunks to ``general_block_mdv`` elements;
+    without it, entmax-1.5's tiles to ``fixed_alpha_block_mdv``; its rows divide the mask's."""
     t = entmax._DEFAULT_TILES[dtype]
     for dv in (1, 16, 33, 64, 100, 128, 129, 256, 512, 1024):
-        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True)
+        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True, store_s=True)
         one_name, one_m, one_dv = entmax._forward_tiles(t, dv)
         assert name == one_name + " general" and block_m * block_dv <= t.general_block_mdv
         assert t.block_m % block_m == 0 and block_m >= 16 and block_dv >= 16
@@ -1143,6 +1143,13 @@ def test_any_alpha_output_tiles_hold_at_most_the_general_budget(dtype):
             assert block_m == min(one_m, t.general_block_m or one_m, t.general_block_mdv // one_dv)
         else:
             assert block_m == one_m and block_dv == min(one_dv, t.general_block_mdv // one_m)
+        # without alpha's gradient: entmax-1.5's tiles (wide: any alpha's list) cut to fixed_alpha_block_mdv
+        name, block_m, block_dv = entmax._forward_tiles(t, dv, general=True)
+        budget = t.fixed_alpha_block_mdv or one_m * one_dv
+        assert name == (one_name + " general" if dv > t.wide_block_dv else one_name)
+        assert t.block_m % block_m == 0 and block_m * block_dv <= budget and block_m >= 16 and block_dv >= 16
+        assert (block_m, block_dv) == ((min(one_m, budget // one_dv), one_dv) if dv <= t.wide_block_dv else
+                                       (one_m, min(one_dv, budget // one_m)))
 
 
 @pytest.mark.parametrize("dv, tiles_of_rows", [pytest.param(6, (4, 8), id="fewer-rows-one-chunk"),
@@ -1172,6 +1179,31 @@ def test_any_alpha_output_kernel_takes_tiles_of_its_own(triton_backend, tiles, m
     _assert_close(out, expected, 2e-5, "output")
     for name, grad, want in zip(["q", "k", "v", "alpha"], grads, torch.autograd.grad(expected, leaves, do.double())):
         _assert_close(grad, want, 5e-5, f"d{name}")
+
+
+def test_any_alpha_output_kernel_holds_alphas_gradient_only_when_it_is_needed(triton_backend, tiles, monkeypatch):
+    """Without alpha's gradient (no grad, or a float alpha) the any-alpha output kernel launches STORE_S=False at
+    entmax-1.5's tiles (8 rows: two accumulators); with alpha requiring grad STORE_S=True at its own (4 rows under a
+    budget of 32 elements). Both give the same output."""
+    tiles(TINY._replace(general_block_mdv=32))
+    launched, launch = [], entmax.launch
+
+    def recording(kernel, grid, args, kwargs, candidates, **options):
+        if kernel is entmax._entmax_fwd_kernel:
+            launched.append((kwargs["GENERAL"], kwargs["STORE_S"], candidates[0].kwargs["BM"],
+                             candidates[0].kwargs["BDV"]))
+        launch(kernel, grid, args, kwargs, candidates, **options)
+
+    monkeypatch.setattr(entmax, "launch", recording)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 13, n, generator=generator).requires_grad_() for n in (5, 5, 6))
+    alpha = torch.tensor([1.3, 2.0])
+    with torch.no_grad():
+        plain = kernels.entmax_attention(q, k, v, alpha=alpha)
+    kernels.entmax_attention(q, k, v, alpha=1.25)
+    learned = kernels.entmax_attention(q, k, v, alpha=alpha.clone().requires_grad_())
+    assert launched == [(True, False, 8, 8), (True, False, 8, 8), (True, True, 4, 8)]
+    torch.testing.assert_close(learned.detach(), plain)
 
 
 def test_fused_module_learns_alpha_per_head_like_its_reference_twin(triton_backend, tiles):

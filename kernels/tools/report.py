@@ -271,13 +271,14 @@ def _qkv(b, h, t, d, dv, dtype):
     return q, k, torch.randn(b, h, t, dv, dtype=dtype, requires_grad=True)
 
 
-def _carn_entmax(dtype, alpha=1.5):
+def _carn_entmax(dtype, alpha=1.5, learn_alpha=False):
     """CARN's causal-cue encoder: ``FusedEntmaxCausalAttention(256, 1, out_proj=False)`` with its context (v gets x
     appended: D = 256, Dv = 512), IEMOCAP batch (32 dialogues x 110 utterances), fp32 (carn/model.py); in bf16 for
-    the 16-bit wide-Dv kernels. ``alpha`` other than 1.5: the kernels' GENERAL variants."""
+    the 16-bit wide-Dv kernels. ``alpha`` other than 1.5: the kernels' GENERAL variants (``learn_alpha``: those
+    that also compute alpha's gradient)."""
     from kernels import FusedEntmaxCausalAttention
 
-    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False, alpha=alpha).to(dtype)
+    attention = FusedEntmaxCausalAttention(256, 1, out_proj=False, alpha=alpha, learn_alpha=learn_alpha).to(dtype)
     result = attention.forward_with_context(torch.randn(32, 110, 256, dtype=dtype))
     _backward(result.output, result.context)
 
@@ -304,13 +305,16 @@ def _long_entmax(t, d, dtype):
     _backward(entmax15_attention(*_qkv(LONG_B, LONG_H, t, d, d, dtype)))
 
 
-def _long_entmax_any(t, d, dtype, alpha, heads, kv_heads):
-    """``entmax_attention`` at ``alpha`` (other than 1.5: GENERAL variants) with ``kv_heads`` key heads of
-    ``heads`` query heads (fewer: grouped-query attention)."""
+def _long_entmax_any(t, d, dtype, alpha, heads, kv_heads, learn_alpha=False):
+    """``entmax_attention`` at ``alpha`` (other than 1.5: GENERAL variants; ``learn_alpha``: one per head requiring
+    grad, the variants that also compute alpha's gradient) with ``kv_heads`` key heads of ``heads`` query heads
+    (fewer: grouped-query attention)."""
     from kernels import entmax_attention
 
     q = torch.randn(LONG_B, heads, t, d, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(LONG_B, kv_heads, t, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    if learn_alpha:
+        alpha = torch.full((heads,), alpha, requires_grad=True)
     _backward(entmax_attention(q, k, v, alpha=alpha))
 
 
@@ -340,11 +344,18 @@ def cases(quick: bool = False, all_peer_shapes: bool = True) -> List[Case]:
         out += [Case(op, f"B={LONG_B} H={LONG_H} T={t} D={d} {n}", n,
                      lambda t=t, d=d, dt=DTYPES[n], run=run: run(t, d, dt))
                 for t in LONG_T for d in LONG_D for n in DTYPES]
-    out += [Case("entmax15_attention", f"CARN B=32 H=1 T=110 D=256 Dv=512 alpha={ANY_ALPHA} {n}", n,
-                 lambda dt=DTYPES[n]: _carn_entmax(dt, ANY_ALPHA)) for n in ("fp32", "bf16")]
+    # any alpha: a float alpha (no alpha gradient: the output kernel's STORE_S=False) and a learned one
+    learned = ((False, ""), (True, " learned"))
+    out += [Case("entmax15_attention", f"CARN B=32 H=1 T=110 D=256 Dv=512 alpha={ANY_ALPHA}{name} {n}", n,
+                 lambda dt=DTYPES[n], learn=learn: _carn_entmax(dt, ANY_ALPHA, learn))
+            for learn, name in learned for n in ("fp32", "bf16")]
     t, d = LONG_T[0], LONG_D[1]
-    out += [Case("entmax15_attention", f"B={LONG_B} H={LONG_H} T={t} D={d} alpha={ANY_ALPHA} {n}", n,
-                 lambda dt=DTYPES[n]: _long_entmax_any(t, d, dt, ANY_ALPHA, LONG_H, LONG_H)) for n in ("fp32", "bf16")]
+    out += [Case("entmax15_attention", f"B={LONG_B} H={LONG_H} T={t} D={d} alpha={ANY_ALPHA}{name} {n}", n,
+                 lambda dt=DTYPES[n], learn=learn: _long_entmax_any(t, d, dt, ANY_ALPHA, LONG_H, LONG_H, learn))
+            for learn, name in learned for n in ("fp32", "bf16")]
+    # D = Dv = 64 (fp32: other tiles without alpha's gradient than at 128)
+    out += [Case("entmax15_attention", f"B={LONG_B} H={LONG_H} T={t} D={LONG_D[0]} alpha={ANY_ALPHA} fp32", "fp32",
+                 lambda: _long_entmax_any(t, LONG_D[0], torch.float32, ANY_ALPHA, LONG_H, LONG_H))]
     out += [Case("entmax15_attention", f"GQA B={LONG_B} H={GQA_H} Hkv={GQA_HKV} T={t} D={d} bf16", "bf16",
                  lambda: _long_entmax_any(t, d, torch.bfloat16, 1.5, GQA_H, GQA_HKV))]
     out += [Case("adasplash2", "CARN B=32 H=1 T=110 D=256 Dv=512 fp32", "fp32",
