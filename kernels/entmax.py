@@ -2016,9 +2016,10 @@ def aot_configurations() -> List[AotConfig]:
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
     GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists), the output kernel twice: STORE_S=False
     at entmax-1.5's tiles (``Tiles.fixed_alpha_block_mdv``) and Dv <= ``wide_block_dv`` list, STORE_S=True (alpha's
-    gradient, "alpha-grad") at its own output tiles and lists (:func:`_forward_tiles`); compiled by the full list (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults at Dv =
-    64 without alpha's gradient and, with it, those whose tiles are its own at some Dv (fewer rows or narrower Dv
-    chunks than entmax-1.5's there), in fp32 and bf16 (fp16 compiles bf16's code)."""
+    gradient, "alpha-grad") at its own output tiles and lists (:func:`_forward_tiles`); compiled by the full list
+    (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults at Dv = 64 without
+    alpha's gradient and, with it, those whose tiles are its own at some Dv (fewer rows or narrower Dv chunks than
+    entmax-1.5's there), in fp32 and bf16 (fp16 compiles bf16's code)."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
