@@ -476,7 +476,8 @@ def _softmax_decode_split_kernel(q, k_cache, v_cache, lengths, partial, split_ma
     maximum split_max and sum split_sum (B * H * Tq, n_splits) fp32 (base 2) and the unnormalized partial output
     partial (B * H * Tq, n_splits, Dv) fp32, each K and V tile loaded once for the GQA group's G * Tq rows.
     Program (s, b * Hkv + kv, i) writes features [i * BDV, (i + 1) * BDV) of the partial output (and the maximum and
-    sum, the same in every chunk's program): a Dv wider than BDV reads K once per chunk. D_CHUNKED: D in chunks of BD (:func:`_chunked_key_tile_scores`)."""
+    sum, the same in every chunk's program): a Dv wider than BDV reads K once per chunk. D_CHUNKED: D in chunks of BD
+    (:func:`_chunked_key_tile_scores`)."""
     i_s, i_bkv, i_dv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_kv, i_h, i_q, m_r, row = _group_rows(i_bkv, Hkv, G, Tq, H, BM)
     length = tl.load(lengths + i_b)
