@@ -188,18 +188,18 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: Every candidate compiles without register spills at the report's shapes (``python -m kernels.tools.report --ops
 #: entmax15_attention``; docs/ops.md, "Launch configurations"); 4 warps spill in the output kernel (all dtypes), the
 #: fp32 backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64); its 4-warp
-#: sm_90 candidate takes maxnreg 255 (left to ptxas it stops at 168 and spills 12 bytes at D 64, 16-bit; with the
-#: limit raised: 188, any alpha at D 128 236, no spill). Rows in registers, 16-bit sm_80: 4 warps use 96 registers unforced and spill 8 bytes, 114
-#: capped at 128 (16 resident warps per SM; the 8-warp default: 79, 24); sm_90's 64-row candidates issue warpgroup MMA
-#: (HGMMA) where 16 rows cannot (CARN, T = 110: 16-bit 4 warps 178 registers, fp32 8 warps 238, no spills; 8 resident
-#: warps per SM, the 16-row defaults 16-24). The threshold passes (16-feature chunks) hold 8 resident warps per SM with
-#: every default (128 query rows, 8 warps, 16-key tiles: 153-174 registers), 16 with its 16-bit twin capped at 128
-#: registers (no spill; fp32 spills 84-88 bytes there), 12 with the 64-row candidates in 4 warps (the former defaults,
-#: 150-168 registers, twice the K traffic), 16 with the 16-bit sm_90 candidate (64 rows, 4 warps, 3 stages, maxnreg 128:
-#: 128, no spill; on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 64-row 8-warp ones (142-212); the 16-bit 64-key
-#: candidates keep wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide alternatives trade FLOPs for rows:
-#: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows on sm_90 (HGMMA) with chunks of 256
-#: (16-bit) twice, with chunks of 128 (fp32) four times.
+#: sm_90 candidate takes maxnreg 255 (left to ptxas it stops at 168 and spills 12 bytes at D 64, 16-bit; with the limit
+#: raised: 188, any alpha at D 128 236, no spill). Rows in registers, 16-bit sm_80: 4 warps use 96 registers unforced
+#: and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the 8-warp default: 79, 24); sm_90's 64-row
+#: candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN, T = 110: 16-bit 4 warps 178 registers, fp32 8
+#: warps 238, no spills; 8 resident warps per SM, the 16-row defaults 16-24). The threshold passes (16-feature chunks)
+#: hold 8 resident warps per SM with every default (128 query rows, 8 warps, 16-key tiles: 153-174 registers), 16 with
+#: its 16-bit twin capped at 128 registers (no spill; fp32 spills 84-88 bytes there), 12 with the 64-row candidates in 4
+#: warps (the former defaults, 150-168 registers, twice the K traffic), 16 with the 16-bit sm_90 candidate (64 rows, 4
+#: warps, 3 stages, maxnreg 128: 128, no spill; on sm_80 it spills 16 bytes, fp32 112-140), 8 with the 64-row 8-warp
+#: ones (142-212); the 16-bit 64-key candidates keep wider MMA tiles (sm_90: 4 warps capped at 168 hold 12). The wide
+#: alternatives trade FLOPs for rows: 32 rows with Dv chunks of 256 compute QK^T twice per score (at Dv = 512), 64 rows
+#: on sm_90 (HGMMA) with chunks of 256 (16-bit) twice, with chunks of 128 (fp32) four times.
 #: Any alpha (the GENERAL kernels) has lists of its own (`` general`` keys), measured the same way at the report's
 #: any-alpha cases (``--cases alpha=1.25``): its threshold kernel (more code per pass: the powers, sparsemax's closed
 #: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped sm_90
