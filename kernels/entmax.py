@@ -837,12 +837,24 @@ class _Sequences(NamedTuple):
     end: torch.Tensor
 
 
+#: the caches of every :func:`_shape_constant` function
+_SHAPE_CONSTANT_CACHES: list = []
+
+
+def clear_shape_constants() -> None:
+    """Forget every shape-only tensor (:func:`_shape_constant`): the launch instruments (``kernels.tools``) run the
+    ops with kernels that do not run, so what they build must neither stay nor hide a launch from them."""
+    for cache in _SHAPE_CONSTANT_CACHES:
+        cache.cache_clear()
+
+
 def _shape_constant(build):
     """``build(*key, device)`` (device last) whose tensors depend on its hashable arguments only: built once per key
     (the last 64 keys) and shared afterwards, read-only (nothing writes them), so that a call at a shape seen before
     launches no device operation to rebuild them. Built afresh, uncached, while torch.compile traces or under a fake
     tensor mode (their tensors must not outlive the trace); built outside inference mode (autograd saves them)."""
     cached = functools.lru_cache(maxsize=64)(build)
+    _SHAPE_CONSTANT_CACHES.append(cached)
 
     @functools.wraps(build)
     def get(*key):

@@ -46,8 +46,9 @@ def test_dry_run_writes_every_section(tmp_path):
 
     tests = results["gpu_tests"]
     collected = tests["passed"] + tests["failed"] + tests["errors"] + tests["skipped"]
-    # on a CPU four tests skip: the sync trap, the autotune choice and the two CUDA-graph replays (GPUs only)
-    assert tests["failed"] == tests["errors"] == 0 and tests["passed"] >= collected - 4, tests
+    # on a CPU six tests skip: the sync trap, the autotune choice, the two CUDA-graph replays and the two TMA-variant
+    # comparisons (a Hopper GPU, or the interpreter mode the dry run does not use)
+    assert tests["failed"] == tests["errors"] == 0 and tests["passed"] >= collected - 6, tests
     assert {row["dtype"] for row in results["accuracy"]["rows"]} == {"bfloat16", "float16", "float32"}
 
     timed = [record for record in results["benchmarks"] if record["status"] == "ok"]
@@ -132,8 +133,10 @@ def test_a_bench_file_that_fails_to_import_does_not_stop_the_others(tmp_path, mo
         environment = {key: value for key, value in _environment().items() if not key.startswith("PYTEST_")}
         outcome = gpu_run.run_step("bench", command, {**environment, **extra_env}, 600, log)  # not as an xdist worker
     assert outcome["status"] == "failed", outcome  # a file that does not import is a failure of the step
-    records = {record["nodeid"]: record for record in gpu_run.read_jsonl(tmp_path / "bench.jsonl")}
-    assert records["test_bench_fine.py::test_fine"]["status"] == "ok", records
+    # node ids are relative to the inner run's root directory, which depends on where tmp_path lies
+    records = {record["nodeid"].rsplit("/", 1)[-1]: record for record in gpu_run.read_jsonl(tmp_path / "bench.jsonl")}
+    step_log = (tmp_path / "log").read_text(encoding="utf-8")
+    assert records.get("test_bench_fine.py::test_fine", {}).get("status") == "ok", (records, step_log)
     broken = records["test_bench_broken.py"]
     assert broken["status"] == "error" and "a_module_that_is_not_installed" in broken["reason"], broken
     assert any("| error | collection failed" in line for line in gpu_run.benchmark_tables(list(records.values())))

@@ -201,12 +201,14 @@ def intercepting_launches(capability: int, hook: Callable, autotune_run: Callabl
     """Within the block, every Triton launch, specialized for ``sm_<capability>``, goes to ``hook`` (Triton's
     ``jit_cache_hook``: returning True means nothing compiles or runs), ``Autotuner.run`` is ``autotune_run``,
     ``torch.empty`` and its kin allocate through ``zero_filled``, and the public ops take their Triton path on CPU
-    tensors."""
+    tensors. The entmax op's shape-only tensors are forgotten on entry and exit (:func:`kernels.entmax
+    .clear_shape_constants`)."""
     from triton import knobs
     from triton.runtime import autotuner
     from triton.runtime.driver import driver
 
     from kernels.backend import capturing_launches, triton_interpreter_enabled, use_backend
+    from kernels.entmax import clear_shape_constants
 
     if triton_interpreter_enabled():
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be captured or compiled")
@@ -216,6 +218,7 @@ def intercepting_launches(capability: int, hook: Callable, autotune_run: Callabl
     autotuner.Autotuner.run = autotune_run
     torch.empty, torch.empty_like, torch.empty_strided = map(zero_filled, saved[1:4])
     torch.Tensor.new_empty = zero_filled(saved[4])
+    clear_shape_constants()  # shape-only tensors are built (and their kernels launched) inside the block
     try:
         with knobs.runtime.scope(), capturing_launches(), use_backend("triton"):
             knobs.runtime.jit_cache_hook = hook
@@ -224,6 +227,7 @@ def intercepting_launches(capability: int, hook: Callable, autotune_run: Callabl
         driver._active = previous_driver
         autotuner.Autotuner.run = saved[0]
         torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty = saved[1:]
+        clear_shape_constants()  # built by kernels that did not run: never used after the block
 
 
 @contextlib.contextmanager
