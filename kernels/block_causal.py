@@ -161,6 +161,28 @@ def block_causal_attn_fwd_kernel(
         _store_nan_rows(lse + BM, 1, seqlen - m1, 1, BM, BD)
 
 
+@triton.jit
+def _dq_key_tile(b_q, b_lse, k_desc, v_desc, p_k, p_v, n0, n_visible_end, o_j, o_d, o_m, m_d, m_dv, seqlen,
+                 stride_kt, stride_vt, qk_scale, G, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+                 USE_TMA: tl.constexpr):
+    """Key tile n0 of a pass of the dQ kernel: K and V transposed, [BD, BN] each (through the descriptors with
+    ``USE_TMA``, else from the tile's first rows ``p_k``, ``p_v``), and the probabilities P [BM, BN] of the rows
+    (log2-unit ``b_lse``), zero on the keys the block-causal mask hides."""
+    o_n = n0 + o_j
+    m_n = o_n < seqlen
+    if USE_TMA:
+        b_kt = tl.trans(k_desc.load([n0, 0]))
+        b_vt = tl.trans(v_desc.load([n0, 0]))
+    else:
+        b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :], other=0.)
+        b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :], other=0.)
+    b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])
+    if n0 >= n_visible_end:
+        m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
+        b_p = tl.where(m_allowed, b_p, 0.)
+    return b_kt, b_vt, b_p
+
+
 @triton.jit(do_not_specialize=["T", "H", "G", "is_varlen", "need_dq"])  # no variant per runtime value 1
 def block_causal_attn_bwd_dq_kernel(
     q, k, v, do, dq, lse, delta, cu_seqlens,
@@ -213,24 +235,15 @@ def block_causal_attn_bwd_dq_kernel(
     if USE_TMA:
         k_desc = _sequence_descriptor(k, seqlen, D, stride_kt, BN, BD)
         v_desc = _sequence_descriptor(v, seqlen, DV, stride_vt, BN, BD)
+    else:
+        k_desc, v_desc = None, None
 
     b_delta = tl.zeros([BM], dtype=tl.float32)
     p_k, p_v = k, v
     for n0 in range(0, n_hidden_start, BN):  # first pass: delta
-        o_n = n0 + o_j
-        m_n = o_n < seqlen
-        if USE_TMA:
-            b_kt = tl.trans(k_desc.load([n0, 0]))  # [BD, BN]
-            b_vt = tl.trans(v_desc.load([n0, 0]))  # [BD, BN]
-        else:
-            b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
-                           other=0.)  # [BD, BN]
-            b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
-                           other=0.)  # [BD, BN]
-        b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
-        if n0 >= n_visible_end:
-            m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
-            b_p = tl.where(m_allowed, b_p, 0.)
+        b_kt, b_vt, b_p = _dq_key_tile(b_q, b_lse, k_desc, v_desc, p_k, p_v, n0, n_visible_end, o_j, o_d, o_m,
+                                       m_d, m_dv, seqlen, stride_kt, stride_vt, qk_scale, G, DOT_PRECISION,
+                                       UPCAST_DOTS, USE_TMA)
         b_delta += tl.sum(b_p * dot_fp32acc(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS), 1)
         p_k += BN * stride_kt
         p_v += BN * stride_vt
@@ -245,20 +258,9 @@ def block_causal_attn_bwd_dq_kernel(
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     p_k, p_v = k, v
     for n0 in range(0, n_hidden_start, BN):  # second pass: visible, then partial key tiles
-        o_n = n0 + o_j
-        m_n = o_n < seqlen
-        if USE_TMA:
-            b_kt = tl.trans(k_desc.load([n0, 0]))  # [BD, BN]
-            b_vt = tl.trans(v_desc.load([n0, 0]))  # [BD, BN]
-        else:
-            b_kt = tl.load(p_k + o_j[None, :] * stride_kt + o_d[:, None], mask=m_d[:, None] & m_n[None, :],
-                           other=0.)  # [BD, BN]
-            b_vt = tl.load(p_v + o_j[None, :] * stride_vt + o_d[:, None], mask=m_dv[:, None] & m_n[None, :],
-                           other=0.)  # [BD, BN]
-        b_p = tl.exp2(dot_fp32acc(b_q, b_kt, DOT_PRECISION, UPCAST_DOTS) * qk_scale - b_lse[:, None])  # [BM, BN]
-        if n0 >= n_visible_end:
-            m_allowed = ((o_n[None, :] // G) <= (o_m[:, None] // G)) & m_n[None, :]
-            b_p = tl.where(m_allowed, b_p, 0.)
+        b_kt, b_vt, b_p = _dq_key_tile(b_q, b_lse, k_desc, v_desc, p_k, p_v, n0, n_visible_end, o_j, o_d, o_m,
+                                       m_d, m_dv, seqlen, stride_kt, stride_vt, qk_scale, G, DOT_PRECISION,
+                                       UPCAST_DOTS, USE_TMA)
         b_dp = dot_fp32acc(b_do, b_vt, DOT_PRECISION, UPCAST_DOTS)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += dot_fp32acc(b_ds.to(b_kt.dtype), tl.trans(b_kt), DOT_PRECISION, UPCAST_DOTS)
