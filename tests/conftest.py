@@ -18,6 +18,12 @@ import pytest  # noqa: E402
 from kernels import use_backend  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests first (stable order otherwise): under ``-n 2`` the long runs start on both workers at once
+    and the short tests fill in around them, instead of a long test running alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _poisoned(factory):
     """Wrap an allocation function so floating outputs are NaN and integer ones a huge sentinel."""
 

@@ -189,6 +189,7 @@ def test_triton_backend_matches_reference(triton_backend):
 
 
 # ---------------------------------------------------------------------------------------------- training runs
+@pytest.mark.slow
 def test_short_run_beats_chance(reference_backend, tmp_path):
     config = tiny_config(hidden=32, heads=4, epochs=(3, 1, 3), batch_size=4, lr=3e-3, gen_lr=1e-3,
                          dropout=0.1, dataset_options={"dims": "small", "num_dialogues": (16, 2, 6)})

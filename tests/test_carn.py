@@ -213,6 +213,7 @@ def tiny_embedded(small_embedded):
 TINY_MODEL = {"hidden": 16, "num_heads": 2, "css_dim": 8}
 
 
+@pytest.mark.slow
 def test_short_run_beats_chance(reference_backend, small_embedded, tmp_path):
     # Seeds 0-2 reach WA 48-50 % and UA 37-39 % here (majority-class WA 38.6 %, chance UA 25 %).
     config = TrainConfig(epochs_stage1=3, epochs_stage2=8, batch_size=4, lr=5e-3)
