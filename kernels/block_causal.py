@@ -400,10 +400,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
 #: (kernel, fp32?, head-dim tile) -> autotune candidates per architecture (``kernels._autotune``), the
 #: default first. The defaults were chosen from launch-specialized ahead-of-time compiles at CaM-HG's layer (B 32,
 #: T 330, H 8, D 64; fp32 and bf16) and at T 4096, D 64/128 (bf16, fp16): two pipeline stages (async copies)
-#: everywhere; see docs/ops.md, "Launch configurations". Every candidate compiles without register spills at those shapes
-#: (``python -m kernels.tools.report``, ``kernels/tools/spill_budget.json``). On sm_90, 64-row tiles use wgmma; 32-row tiles
-#: fall back to mma.sync, still tensor cores. The sm_80 defaults fit the 99 KB of shared memory per block of compute
-#: capability 8.6 / 8.9 (``SMALLEST_SHARED_MEMORY``), where they launch untuned; the fp32 backward's A100 tiles at
+#: everywhere; see docs/ops.md, "Launch configurations". Every candidate compiles without register spills at those
+#: shapes (``python -m kernels.tools.report``, ``kernels/tools/spill_budget.json``). On sm_90, 64-row tiles use wgmma;
+#: 32-row tiles fall back to mma.sync, still tensor cores. The sm_80 defaults fit the 99 KB of shared memory per block
+#: of compute capability 8.6 / 8.9 (``SMALLEST_SHARED_MEMORY``), where they launch untuned; the fp32 backward's A100
+#: tiles at
 #: D 128 (dQ 32 x 64 in 8 warps: 112 KB, dK/dV 32 x 32: 100 KB) come second, behind tiles that read K/V (dQ: 32
 #: query rows) or Q/dO (dK/dV: 32 keys) as often in about half the shared memory (56 and 66 KB), and the autotuner
 #: times them there as infinitely slow.

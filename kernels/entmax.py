@@ -117,6 +117,7 @@ class Tiles(NamedTuple):
     tau_block_m: Optional[int] = None
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
+    tau_registers_maxnreg: Optional[int] = None
     general_block_mdv: int = 4096
     general_block_m: Optional[int] = None
     fixed_alpha_block_mdv: Optional[int] = None
@@ -144,9 +145,11 @@ class Tiles(NamedTuple):
 #: (``_ALTERNATIVES``).
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                         bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8),
+                         bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8,
+                         tau_registers_maxnreg=128),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
-                          bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8),
+                          bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8,
+                          tau_registers_maxnreg=128),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
                          tau_block_m=128, tau_num_warps=8, general_block_m=32, fixed_alpha_block_mdv=4096),
@@ -190,9 +193,11 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: fp32 backward and the 16-bit chunked one (28-324 bytes), 3 stages in the 16-bit sm_90 backward (D 64); its 4-warp
 #: sm_90 candidate takes maxnreg 255 (left to ptxas it stops at 168 and spills 12 bytes at D 64, 16-bit; with the limit
 #: raised: 188, any alpha at D 128 236, no spill). Rows in registers, 16-bit sm_80: 4 warps use 96 registers unforced
-#: and spill 8 bytes, 114 capped at 128 (16 resident warps per SM; the 8-warp default: 79, 24); sm_90's 64-row
-#: candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN, T = 110: 16-bit 4 warps 178 registers, fp32 8
-#: warps 238, no spills; 8 resident warps per SM, the 16-row defaults 16-24). The threshold passes (16-feature chunks)
+#: and spill 8 bytes, 114 capped at 128 (16 resident warps per SM); the 8-warp default is capped at 128 too
+#: (``Tiles.tau_registers_maxnreg``: 96 registers, 16 warps per SM; unforced, ptxas stops at 80 and spills 24 bytes at
+#: CARN's D = 256 on sm_80); sm_90's 64-row candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN,
+#: T = 110: 16-bit 4 warps 178 registers, fp32 8 warps 238, no spills; 8 resident warps per SM, the 16-row defaults
+#: 16-24). The threshold passes (16-feature chunks)
 #: hold 8 resident warps per SM with every default (128 query rows, 8 warps, 16-key tiles: 153-174 registers), 16 with
 #: its 16-bit twin capped at 128 registers (no spill; fp32 spills 84-88 bytes there), 12 with the 64-row candidates in 4
 #: warps (the former defaults, 150-168 registers, twice the K traffic), 16 with the 16-bit sm_90 candidate (64 rows, 4
@@ -250,9 +255,13 @@ _ALTERNATIVES = {
 
 
 def _default_options(kernel: str, tiles: Tiles) -> tuple:
-    """``(num_warps, num_stages)`` that ``kernel`` (a key of ``_ALTERNATIVES``) launches with untuned."""
+    """``(num_warps, num_stages)`` that ``kernel`` (a key of ``_ALTERNATIVES``) launches with untuned, and
+    ``{"maxnreg": cap}`` third where the default caps its registers (entmax-1.5's rows in registers,
+    ``Tiles.tau_registers_maxnreg``)."""
     if kernel.startswith("tau passes") and tiles.tau_num_warps is not None:
         return tiles.tau_num_warps, tiles.num_stages
+    if kernel == "tau registers" and tiles.tau_registers_maxnreg is not None:
+        return tiles.num_warps, tiles.num_stages, {"maxnreg": tiles.tau_registers_maxnreg}
     return tiles.num_warps, tiles.num_stages
 
 

@@ -171,27 +171,37 @@ class StreamLinear:
     """``nn.functional.linear(x, weight, bias)`` on the weights taken when the stream is created, for the ``rows``
     rows (utterances x positions) of one step: x (..., in) -> (..., out).
 
-    On the CPU in float32, a map of more than one row runs on oneDNN with the weight packed once here: at 3 rows
-    MKL's GEMM reads the weights at about half its 1-row GEMV's rate, oneDNN's packed GEMM at about 3/4 of it
-    (``bench/stream_latency.py``'s docstring has the numbers). One row, other devices and dtypes: ``F.linear``."""
+    On the CPU in float32 a step is bound by reading the weights, and the layout decides the rate
+    (``bench/stream_latency.py``'s docstring has the numbers): a map of more than one row runs on oneDNN with the
+    weight packed once here (MKL's GEMM reads 3 rows' weights at about half its 1-row rate, oneDNN's packed GEMM at
+    about 3/4 of it); a 1-row map wider than it is deep (out > in) multiplies by a transposed copy, (in, out)
+    contiguous, which MKL's GEMV streams about 1.5x faster than the (out, in) weight. Other devices and dtypes:
+    ``F.linear``."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], rows: int):
         self.weight = weight.detach()
         self.bias = None if bias is None else bias.detach()
-        self.packed = None
-        if rows > 1 and _onednn_linear(self.weight):
+        self.packed = self.transposed = None
+        cpu_float32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        if rows > 1 and cpu_float32 and _onednn_linear():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+        elif rows == 1 and cpu_float32 and self.weight.shape[0] > self.weight.shape[1]:
+            self.transposed = self.weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.transposed is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            y = torch.mm(rows, self.transposed) if self.bias is None else torch.addmm(self.bias, rows, self.transposed)
+            return y.view(*x.shape[:-1], y.shape[-1])
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def _onednn_linear(weight: torch.Tensor) -> bool:
-    """Whether this PyTorch build runs float32 linear maps on ``weight``'s device with oneDNN's packed weights."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+def _onednn_linear() -> bool:
+    """Whether this PyTorch build runs CPU linear maps with oneDNN's packed weights."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -229,3 +229,26 @@ def test_carn_wider_than_one_decoding_tile_streams_on_the_kernels(triton_backend
     with use_backend("reference"):
         offline = model(features, present, valid).logits
     torch.testing.assert_close(streamed(model, features, present, speakers, valid), offline, atol=1e-4, rtol=1e-4)
+
+@pytest.mark.parametrize("rows, out_features, in_features, layout", [
+    pytest.param(1, 24, 8, "transposed", id="1-row-wide"), pytest.param(1, 8, 24, "plain", id="1-row-deep"),
+    pytest.param(3, 24, 8, "packed", id="3-rows")])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_stream_linear_equals_linear_in_each_weight_layout(rows, out_features, in_features, layout, bias):
+    """A stream's linear map gives ``F.linear``'s result on fresh inputs, whichever layout it multiplies by (packed
+    for oneDNN at several rows, transposed at one row of a wide map, the weight itself at one row of a deep one),
+    with leading axes kept, and does not hold the layer's parameters for autograd."""
+    from mer.streaming import StreamLinear, _onednn_linear
+
+    if layout == "packed" and not _onednn_linear():
+        pytest.skip("this PyTorch build has no oneDNN linear")
+    g = torch.Generator().manual_seed(rows * 100 + out_features)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    linear = StreamLinear(layer.weight, layer.bias, rows)
+    assert (linear.packed is not None, linear.transposed is not None) == (layout == "packed", layout == "transposed")
+    x = torch.randn(2, rows, in_features, generator=g)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    got = linear(x)
+    assert got.shape == expected.shape and not got.requires_grad
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
