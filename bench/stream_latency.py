@@ -16,11 +16,11 @@ Why a stream costs several offline forwards on a CPU: a push multiplies every we
 utterance's row (or its 3 nodes' rows), so it reads all the weights (CaM-HG at hidden 512: 99 MB per push; causal
 CARN: 65 MB, its reconstruction decoder not needed) at the rate of a matrix-vector product, bound by memory
 bandwidth, while the offline forward runs the same multiply-adds as matrix products over 110 or 330 rows, bound by
-arithmetic. On one core of the machine measured (AMD EPYC, AVX2, MKL and oneDNN from the PyTorch wheel): 1-row
-``F.linear`` reads weights at 10-11 GB/s, 3-row ``F.linear`` (MKL) at 5-6 GB/s, 3-row oneDNN on packed weights
-(``mer.streaming.StreamLinear``) at 7-8 GB/s, and the offline products run at about 30 GFLOP/s; CaM-HG's linear
-maps of one push then take 12.4 ms, 1.36 s for 110 pushes, 2.8x its offline forward (0.49 s) before any attention
-or elementwise work.
+arithmetic. On one core of the machine measured (AMD EPYC, AVX2, MKL and oneDNN from the PyTorch wheel): a 1-row
+product reads an (out, in) weight at 11 GB/s and an (in, out) one at 17 GB/s when out > in, 3 rows read at 5-6 GB/s
+with MKL and 8.5-9 GB/s with oneDNN on packed weights (``mer.streaming.StreamLinear`` takes the faster form of each);
+CaM-HG's linear maps of one push then take about 9 ms, 2.3x its offline forward over 110 pushes before any
+attention or elementwise work (docs/performance.md, "Streaming on a CPU").
 """
 from __future__ import annotations
 

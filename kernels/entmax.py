@@ -118,6 +118,7 @@ class Tiles(NamedTuple):
     tau_block_n: Optional[int] = None
     tau_num_warps: Optional[int] = None
     tau_registers_maxnreg: Optional[int] = None
+    general_tau_registers_maxnreg: Optional[int] = None
     general_block_mdv: int = 4096
     general_block_m: Optional[int] = None
     fixed_alpha_block_mdv: Optional[int] = None
@@ -152,7 +153,8 @@ _DEFAULT_TILES = {
                           tau_registers_maxnreg=128),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
-                         tau_block_m=128, tau_num_warps=8, general_block_m=32, fixed_alpha_block_mdv=4096),
+                         tau_block_m=128, tau_num_warps=8, general_tau_registers_maxnreg=168,
+                         general_block_m=32, fixed_alpha_block_mdv=4096),
 }
 #: Tests set tiny tiles here so that short sequences cover several, partial and skipped tiles.
 _TILE_OVERRIDE: Optional[Tiles] = None
@@ -209,7 +211,10 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: any-alpha cases (``--cases alpha=1.25``): its threshold kernel (more code per pass: the powers, sparsemax's closed
 #: form) spills (4-48 bytes of stores) with the 16-bit 64/16 4-warp 3-stage candidate on sm_80, the maxnreg-capped sm_90
 #: ones and fp32's 8 warps on sm_80 (128 registers), which its lists leave out (its candidates keep 64-row programs;
-#: rows in registers: as entmax-1.5, 89-159 registers, no spill). Its output kernel (three accumulators,
+#: rows in registers: 89-166 registers, no spill; in the ahead-of-time configurations (``python -m kernels.aot``),
+#: unforced, fp32's 8-warp default stops at 128 on sm_90 and spills 8-16 bytes, capped at 168 it holds 130-133,
+#: ``Tiles.general_tau_registers_maxnreg``; the 16-bit sm_80 4-warp candidate spills 8 bytes capped at 128, unforced
+#: it holds 164). Its output kernel (three accumulators,
 #: ``Tiles.general_block_mdv``) spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv =
 #: 128; fp32 at most 32 rows: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages;
 #: at Dv <= 128 on sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as
@@ -237,7 +242,7 @@ _ALTERNATIVES = {
     ("fwd wide", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 16, "BDV": 256})],
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
     # any alpha (GENERAL)
-    ("tau registers general", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2)]},
+    ("tau registers general", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau registers general", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau passes general", False): {"sm_80": [(8, 3, {"BM": 64, "BN": 64})], "sm_90": [(8, 3, {"BM": 64, "BN": 64})]},
     ("tau passes general", True): {"sm_80": [], "sm_90": [(8, 2, {"BM": 64}), (8, 3, {"BM": 64})]},
@@ -256,12 +261,14 @@ _ALTERNATIVES = {
 
 def _default_options(kernel: str, tiles: Tiles) -> tuple:
     """``(num_warps, num_stages)`` that ``kernel`` (a key of ``_ALTERNATIVES``) launches with untuned, and
-    ``{"maxnreg": cap}`` third where the default caps its registers (entmax-1.5's rows in registers,
-    ``Tiles.tau_registers_maxnreg``)."""
+    ``{"maxnreg": cap}`` third where the default caps its registers (rows in registers:
+    ``Tiles.tau_registers_maxnreg``, any alpha's ``Tiles.general_tau_registers_maxnreg``)."""
     if kernel.startswith("tau passes") and tiles.tau_num_warps is not None:
         return tiles.tau_num_warps, tiles.num_stages
-    if kernel == "tau registers" and tiles.tau_registers_maxnreg is not None:
-        return tiles.num_warps, tiles.num_stages, {"maxnreg": tiles.tau_registers_maxnreg}
+    cap = {"tau registers": tiles.tau_registers_maxnreg,
+           "tau registers general": tiles.general_tau_registers_maxnreg}.get(kernel)
+    if cap is not None:
+        return tiles.num_warps, tiles.num_stages, {"maxnreg": cap}
     return tiles.num_warps, tiles.num_stages
 
 
