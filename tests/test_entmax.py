@@ -535,24 +535,16 @@ def test_wide_dv_output_kernel_computes_qk_once_per_chunk_on_its_own_rows(triton
                   2e-5, "output")
 
 
-def test_output_kernel_rows_must_divide_the_mask_tiles(triton_backend, tiles):
-    tiles(TINY._replace(wide_dv_block_m=3))
-    q, k, v = _inputs(1, 1, 9, 4, 17)
-    with pytest.raises(ValueError, match="output kernel tile 3 must divide the support mask's 8"):
-        entmax15_attention(q, k, v)
-
-
-def test_threshold_key_tiles_must_divide_the_mask_tiles(triton_backend, tiles):
-    tiles(TINY._replace(tau_block_n=3))
-    q, k, v = _inputs(1, 1, 9, 4, 4)
-    with pytest.raises(ValueError, match="threshold key tile 3 must divide the support mask's 8"):
-        entmax15_attention(q, k, v)
-
-
-def test_threshold_query_rows_must_be_a_multiple_of_the_mask_tiles(triton_backend, tiles):
-    tiles(TINY._replace(tau_block_m=12))
-    q, k, v = _inputs(1, 1, 9, 4, 4)
-    with pytest.raises(ValueError, match="threshold query rows 12 must be a multiple of the support mask's 8"):
+@pytest.mark.parametrize("override, dv, message", [
+    pytest.param(dict(wide_dv_block_m=3), 17, "output kernel tile 3 must divide the support mask's 8",
+                 id="output-rows"),
+    pytest.param(dict(tau_block_n=3), 4, "threshold key tile 3 must divide the support mask's 8", id="threshold-keys"),
+    pytest.param(dict(tau_block_m=12), 4, "threshold query rows 12 must be a multiple of the support mask's 8",
+                 id="threshold-rows")])
+def test_kernel_tiles_must_fit_the_mask_tiles(triton_backend, tiles, override, dv, message):
+    tiles(TINY._replace(**override))
+    q, k, v = _inputs(1, 1, 9, 4, dv)
+    with pytest.raises(ValueError, match=message):
         entmax15_attention(q, k, v)
 
 
