@@ -18,7 +18,8 @@ the ones a launch on aligned tensors makes. The kernels mark their runtime flags
 that those never make a new variant. Each line reports the cubin's size and the shared memory a launch requests
 (Triton's ``metadata.shared``, which its launcher compares with the device's per-block maximum; Triton's kernels
 declare no static shared memory). ``python -m kernels.tools.report`` captures exactly the variants that the public ops
-launch at given shapes and reports their registers, spills, occupancy and async copies.
+launch at given shapes, reports their registers, spills, occupancy and async copies, and checks that each is one of
+the configurations listed here (``variant_key``).
 """
 from __future__ import annotations
 
@@ -118,6 +119,28 @@ def configurations(op: str, defaults_only: bool = False) -> List[AotConfig]:
         raise ValueError(f"unknown op {op!r}; known: {sorted(OP_MODULES)}")
     configs = importlib.import_module(OP_MODULES[op]).aot_configurations()
     return [config for config in configs if config.default or not defaults_only]
+
+
+def variant_key(kernel, signature: Dict[str, str], constexprs: Dict[str, Any], divisible: Sequence[str],
+                options: Dict[str, Any]) -> tuple:
+    """What makes a compiled variant of ``kernel``: every argument's type ("constexpr" included), the constexpr
+    values (integers specialized as 1 among them), the 16-divisible arguments and the launch options (num_warps,
+    num_stages, maxnreg). A launch and a configuration with the same key compile the same code."""
+    return (kernel.fn.__module__, kernel.fn.__qualname__, tuple(sorted(signature.items())),
+            tuple(sorted((name, repr(value)) for name, value in constexprs.items())), tuple(sorted(divisible)),
+            *(options.get(name) for name in ("num_warps", "num_stages", "maxnreg")))
+
+
+def config_key(config: AotConfig) -> tuple:
+    """``variant_key`` of a configuration."""
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "maxnreg": config.maxnreg}
+    return variant_key(config.kernel, config.signature, config.constexprs, config.divisible, options)
+
+
+def compiled_variants(capability: int) -> set:
+    """``variant_key`` of every configuration of every op compiled for ``sm_<capability>``."""
+    return {config_key(config) for op in OP_MODULES for config in configurations(op)
+            if config_targets(config, [capability])}
 
 
 TENSOR_CORE_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA")

@@ -73,10 +73,15 @@ def _sequence_descriptor(p, seqlen, width, stride_t, ROWS: tl.constexpr, BD: tl.
     return tl.make_tensor_descriptor(p, shape=[seqlen, width], strides=[stride_t, 1], block_shape=[ROWS, BD])
 
 
-# D and DV are left specializable: a head dim divisible by 16 (all real ones) lets the head-dim mask stay constant
-# over 16 lanes, so 16-bit tiles load as 16-byte vectors and stream through async copies (cp.async, TMA); with a
-# runtime-opaque D the mask split every 16-bit load to 2 bytes, which no async copy takes.
-@triton.jit(do_not_specialize=["T", "H", "G", "is_varlen"])  # no variant per runtime value 1
+# Runtime sizes and flags, and the strides of the (B, H, T) row statistics (T in disguise): never specialized, so that
+# no sequence length or value 1 makes a variant of its own. D and DV are left specializable: a head dim divisible by
+# 16 (all real ones) lets the head-dim mask stay constant over 16 lanes, so 16-bit tiles load as 16-byte vectors and
+# stream through async copies (cp.async, TMA); with a runtime-opaque D the mask split every 16-bit load to 2 bytes,
+# which no async copy takes.
+_NOT_SPECIALIZED = ["T", "H", "G", "is_varlen", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def block_causal_attn_fwd_kernel(
     q, k, v, o, lse, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,
@@ -183,7 +188,7 @@ def _dq_key_tile(b_q, b_lse, k_desc, v_desc, p_k, p_v, n0, n_visible_end, o_j, o
     return b_kt, b_vt, b_p
 
 
-@triton.jit(do_not_specialize=["T", "H", "G", "is_varlen", "need_dq"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["need_dq"])
 def block_causal_attn_bwd_dq_kernel(
     q, k, v, do, dq, lse, delta, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen, need_dq,
@@ -271,7 +276,7 @@ def block_causal_attn_bwd_dq_kernel(
              mask=m_m[:, None] & m_d[None, :])
 
 
-@triton.jit(do_not_specialize=["T", "H", "G", "is_varlen"])  # no variant per runtime value 1
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def block_causal_attn_bwd_dkdv_kernel(
     q, k, v, do, dk, dv, lse, delta, cu_seqlens,
     scale, T, H, G, D, DV, is_varlen,

@@ -306,8 +306,10 @@ def _bucket(batch_heads: int, t: int) -> tuple:
 
 #: Runtime flags and sequence sizes are never specialized (no variant per value 1). D and Dv are: a multiple of 16
 #: makes the feature masks constant over 16 elements, so tiles load as vectors and stream with async copies
-#: (cp.async needs at least 4-byte vectors); D = 1 or Dv = 1 compiles a variant of its own.
+#: (cp.async needs at least 4-byte vectors); D = 1 or Dv = 1 compiles a variant of its own. The support mask's
+#: batch and row strides are sizes in disguise (its tiles per row), never specialized either.
 _NOT_SPECIALIZED = ["H", "T", "TK", "causal"]
+_SUPPORT_NOT_SPECIALIZED = _NOT_SPECIALIZED + ["stride_sb", "stride_sm"]
 
 
 @triton.jit
@@ -499,7 +501,7 @@ def _power_candidate_step(b_t, b_s1, b_s2, b_r, b_lo, b_hi, b_tau, b_done):
     return b_tau, b_lo, b_hi, b_done | m_solved | m_closed
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
+@triton.jit(do_not_specialize=_SUPPORT_NOT_SPECIALIZED)
 def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_rows,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
@@ -619,7 +621,7 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
     tl.store(tau + o_row, tl.where(m_bad, float("nan"), tl.where(m_blind, float("inf"), b_tau)), mask=o_m < T)
 
 
-@triton.jit(do_not_specialize=_NOT_SPECIALIZED + ["store_w"])
+@triton.jit(do_not_specialize=_SUPPORT_NOT_SPECIALIZED + ["store_w"])
 def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, alpha_rows, s, ent,
                        stride_qb, stride_qh, stride_qt, stride_qd,
                        stride_kb, stride_kh, stride_kt, stride_kd,
@@ -2013,6 +2015,10 @@ _FLOAT_SCALARS = ("half_scale", "scale")
 #: q/k/v/do batch, head and row strides): every pointer and the head sizes
 _ALIGNED_ARGS = {"q", "k", "v", "do", "o", "w", "dq", "dk", "dv", "seq_start", "seq_end", "rowmax", "tau",
                  "support", "c", "tile_rows", "tile_counts", "D", "Dv", "alpha_rows", "s", "ent"}
+#: the feature strides of q, k, v, do (o) and the support mask's column stride: 1 on the dense tensors the ops launch
+#: on (the last dim of a (B, T, H, D) projection viewed as (B, H, T, D) too), so every configuration compiles them as
+#: the constexpr 1, as Triton's launcher does
+_UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_sn")
 
 
 def _signature(kernel, dtype: str, constexprs: dict) -> dict:
@@ -2039,8 +2045,8 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
 def aot_configurations() -> List[AotConfig]:
     """Every (kernel, dtype, tiles, candidate) the launchers can launch on a GPU, each for the architectures whose
     candidate list holds it (``_candidates``; causal and store_w are runtime flags, UPCAST_DOTS is set only under
-    the interpreter), with the 16-divisibility of pointers, D, Dv and the q/k/v/do batch, head and row strides that
-    a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
+    the interpreter), with the unit feature strides (``_UNIT_STRIDES``) and the 16-divisibility of pointers, D, Dv and
+    the q/k/v/do batch, head and row strides that a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
     sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
     GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists), the output kernel twice: STORE_S=False
     at entmax-1.5's tiles (``Tiles.fixed_alpha_block_mdv``) and Dv <= ``wide_block_dv`` list, STORE_S=True (alpha's
@@ -2100,9 +2106,10 @@ def aot_configurations() -> List[AotConfig]:
         for label, kernel, name, tiles, fixed, alignments, quick in variants:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
+            units = {arg: 1 for arg in _UNIT_STRIDES if arg in kernel.arg_names}
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles.get(arch, tiles), arch)):
-                constexprs = {**fixed, **config.kwargs}
+                constexprs = {**fixed, **config.kwargs, **units}
                 # a wide output kernel's alternative may be another list's candidate too: compile it once
                 identity = (kernel, dtype, tuple(sorted(constexprs.items())), config.num_warps, config.num_stages,
                             config.maxnreg)
@@ -2123,17 +2130,20 @@ def aot_configurations() -> List[AotConfig]:
 
 
 def _tile_list_candidates(dtype: torch.dtype, arch: str, has_support: bool) -> List[triton.Config]:
-    """The one configuration of :func:`_tile_lists_kernel` that a backward of ``dtype`` at D = Dv = 64 launches on
-    ``arch`` (its tiles: :func:`_backward_tile_set`)."""
-    tiles = _DEFAULT_TILES[dtype]
-    backward = _backward_tiles(_backward_tile_set(dtype, 64, 64, arch), 64, 64)
-    return [triton.Config(_tile_list_constexprs(backward["BM"], backward["BN"], tiles.block_m, tiles.block_n,
-                                                has_support), **_TILE_LISTS_OPTIONS)]
+    """The configurations of :func:`_tile_lists_kernel` that backwards of ``dtype`` launch on ``arch`` at the head
+    sizes compiled ahead of time (``_AOT_BWD_HEAD_DIMS``; its tiles are the backward's: :func:`_backward_tile_set`),
+    one per distinct tiles."""
+    tiles, configs = _DEFAULT_TILES[dtype], {}
+    for d, dv in _AOT_BWD_HEAD_DIMS:
+        backward = _backward_tiles(_backward_tile_set(dtype, d, dv, arch), d, dv)
+        constexprs = _tile_list_constexprs(backward["BM"], backward["BN"], tiles.block_m, tiles.block_n, has_support)
+        configs.setdefault(tuple(constexprs.items()), triton.Config(constexprs, **_TILE_LISTS_OPTIONS))
+    return list(configs.values())
 
 
 def _tile_lists_aot_configurations() -> List[AotConfig]:
-    """The backward's list kernel (:func:`_tile_lists_kernel`) at each dtype's and architecture's default tiles (it
-    reads no input of that dtype: one configuration per distinct tiles), with the support mask (the op's launches:
+    """The backward's list kernel (:func:`_tile_lists_kernel`) at the backward's tiles of each dtype, architecture and
+    compiled head size (it reads no input of that dtype: one configuration per distinct tiles), with the support mask (the op's launches:
     aligned pointers are the default) and without (None given to the backward)."""
     configs, listed = [], set()
     pointers = ("support", "seq_start", "seq_end", "tile_rows", "tile_counts")

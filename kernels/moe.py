@@ -160,7 +160,8 @@ def _gelu_grad(b_x):
     return 0.5 * (1.0 + tl.math.erf(b_x * 0.7071067811865476)) + b_x * 0.3989422804014327 * tl.exp(-0.5 * b_x * b_x)
 
 
-@triton.jit(do_not_specialize=["has_row_mask"])
+# The row count N is never specialized (do_not_specialize): batches of every size run the same compiled kernels.
+@triton.jit(do_not_specialize=["N", "has_row_mask"])
 def _moe_route_kernel(
     x, gate, logits, experts, alpha, row_mask,
     N, D, E,
@@ -344,7 +345,7 @@ def _moe_grouped_wgrad_kernel(
         tl.store(p_db, b_db.to(db.dtype.element_ty), mask=m_n)
 
 
-@triton.jit(do_not_specialize=["weighted"])
+@triton.jit(do_not_specialize=["N", "weighted"])
 def _moe_combine_kernel(
     src, pair_position, alpha, expert_offsets, out,
     N, C,
@@ -397,7 +398,7 @@ def _row_probabilities(logits, o_m, m_keep, E, BE: tl.constexpr):
     return tl.where(m_keep[:, None] & m_e[None, :], b_p, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _moe_aux_loss_kernel(logits, experts, expert_offsets, aux_loss, N, E, BM: tl.constexpr, BE: tl.constexpr):
     """aux_loss (scalar fp32) = E * sum_e f_e * P_e (MoERouting), by one program (a deterministic order): f_e from
     the expert offsets, P_e the mean softmax probability of expert e over the rows kept (experts[n, 0] >= 0)."""
@@ -410,7 +411,7 @@ def _moe_aux_loss_kernel(logits, experts, expert_offsets, aux_loss, N, E, BM: tl
     tl.store(aux_loss, E * tl.sum(b_fraction * b_p, axis=0) / rows)
 
 
-@triton.jit(do_not_specialize=["stride_wn", "stride_wk", "has_d_weights", "has_d_aux"])
+@triton.jit(do_not_specialize=["N", "stride_wn", "stride_wk", "has_d_weights", "has_d_aux"])
 def _moe_router_grad_kernel(
     dy, y_pairs, pair_position, alpha, d_weights, d_aux, logits, experts, expert_offsets, d_logits,
     N, C, E,
@@ -563,7 +564,7 @@ def _grouped_matmul(a, groups, w, alpha, *, gather_a, tiles, scale_rows=False, b
             (a, groups.sorted_pairs, alpha, w, bias_or_w, out, out if pre is None else pre, groups.expert_offsets,
              num_experts, k, nc,
              a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-             0 if bias is None else bias.stride(0), 0 if bias is None else bias.stride(1),
+             0 if bias is None else bias.stride(0), 1 if bias is None else bias.stride(1),  # unit: one variant
              out.stride(0), out.stride(1), *flags),
             dict(BE=MAX_EXPERTS, **_dot_options(a.dtype)), tiles, a.device,
             (shape_bucket(num_pairs), k, nc, w.stride(1) == 1, *flags))
@@ -937,12 +938,13 @@ class Top2MoEReference(Top2MoE):
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-#: per kernel: (argument types, "{t}" = the dtype; the strides that are 1 on dense tensors (the forward's layout);
-#: the constexprs besides the tiles). Every other pointer, stride and feature size is a multiple of 16 at the
+#: per kernel and layout: (argument types, "{t}" = the dtype; "1": the strides that are 1 on dense tensors; the
+#: constexprs besides the tiles), as the launches of ``moe_top2`` forward and backward specialize them
+#: (``tests/test_static_report.py`` checks them against captured launches). Every other pointer, stride and feature size is a multiple of 16 at the
 #: model's shapes, as Triton's launcher specializes it.
 _AOT_KERNELS = {
     "route": (_moe_route_kernel,
-              dict(x="*{t}", gate="*{t}", logits="*fp32", experts="*i64", alpha="*fp32", row_mask="*i1", N="i32",
+              dict(x="*{t}", gate="*{t}", logits="*fp32", experts="*i64", alpha="*fp32", row_mask="*u1", N="i32",
                    D="i32+", E="i32", stride_xn="i32+", stride_xd="1", stride_ge="i32+", stride_gd="1",
                    has_row_mask="i32"), dict(BE=MAX_EXPERTS)),
     "grouped_matmul": (_moe_grouped_matmul_kernel,
@@ -951,6 +953,14 @@ _AOT_KERNELS = {
                             stride_ak="1", stride_we="i32+", stride_wk="i32+", stride_wn="1", stride_be="i32+",
                             stride_bn="1", stride_cm="i32+", stride_cn="1", gather_a="i32", scale_rows="i32",
                             has_bias="i32", epilogue="i32"), dict(BE=MAX_EXPERTS)),
+    # the backward's products with the transposed weight views (dY W2^T, dH W1^T): unit stride_wk
+    "grouped_matmul backward": (_moe_grouped_matmul_kernel,
+                                dict(a="*{t}", sorted_pairs="*i64", pair_weights="*fp32", w="*{t}", bias="*{t}",
+                                     c="*{t}", c_pre="*{t}", expert_offsets="*i64", E="i32", K="i32+", NC="i32+",
+                                     stride_am="i32+", stride_ak="1", stride_we="i32+", stride_wk="1",
+                                     stride_wn="i32+", stride_be="i32+", stride_bn="1", stride_cm="i32+",
+                                     stride_cn="1", gather_a="i32", scale_rows="i32", has_bias="i32", epilogue="i32"),
+                                dict(BE=MAX_EXPERTS)),
     "grouped_wgrad": (_moe_grouped_wgrad_kernel,
                       dict(a="*{t}", b="*{t}", sorted_pairs="*i64", pair_weights="*fp32", dw="*{t}", db="*{t}",
                            expert_offsets="*i64", K="i32+", NC="i32+", stride_am="i32+", stride_ak="1",
@@ -981,14 +991,15 @@ def aot_configurations():
     whose candidates hold it, with the specializations of a launch on dense tensors at the model's shapes (unit
     strides, 16-divisible pointers, strides and feature sizes; ``_AOT_KERNELS``); the default candidate also with
     every argument plain (odd sizes, strided inputs); ``default`` marks the aligned default candidates (the tests'
-    quick subset). The backward's transposed weight views (unit ``stride_wk``)
-    make one more grouped-GEMM variant per candidate, which ``kernels.tools.report`` compiles. The mode flags are
-    runtime arguments: one compiled kernel per dtype covers every mode."""
+    quick subset); the grouped GEMM in both layouts (the backward's transposed weight views: unit ``stride_wk``).
+    The mode flags and the row count are runtime arguments: one compiled kernel per dtype and layout covers every
+    mode and batch size."""
     configs, listed = [], set()
     for kind, (kernel, types, extra) in _AOT_KERNELS.items():
         for dtype, t in _TRITON_TYPES.items():
             dots = "DOT_PRECISION" in kernel.arg_names
-            for config, archs, default in aot_candidates(lambda arch: _kernel_candidates(kind, TILES[(arch, dtype)])):
+            tuned = kind.split()[0]  # the kernel's candidate list
+            for config, archs, default in aot_candidates(lambda arch: _kernel_candidates(tuned, TILES[(arch, dtype)])):
                 if not any("{t}" in ty for ty in types.values()):  # the same kernel for every dtype: listed once
                     if (kind, str(config), archs, default) in listed:
                         continue

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from kernels.aot import AotConfig, config_key
 from kernels.tools.report import (
     BUDGET_PATH,
     SM90_HGMMA_FLOOR,
@@ -82,6 +83,27 @@ def test_capture_records_the_specializations_of_tritons_launcher(compiled_mode, 
     assert _arg(unaligned, "x_ptr") == ("*fp32", [])
     assert _arg(unaligned, "n_cols") == ("i32", [])  # 31
     assert aligned.key != unaligned.key
+
+
+def test_a_launch_matches_the_configuration_of_its_own_specialization_only(compiled_mode):
+    """``variant_key``: a captured launch equals the ahead-of-time configuration with the same types, constexprs
+    (the unit stride as the constant 1), 16-divisible arguments and options, and no configuration that differs in
+    one of them."""
+    x = torch.randn(48, 32)
+    with capturing(90) as launches:
+        probe_kernel[(48,)](x, x.stride(0), x.stride(1), 48, 32, 1, BLOCK=32, num_warps=2, num_stages=3)
+    (launch,) = launches
+    signature = {"x_ptr": "*fp32", "stride_row": "i32", "stride_col": "constexpr", "n_rows": "i32", "n_cols": "i32",
+                 "flag": "i32", "BLOCK": "constexpr"}
+    same = AotConfig("probe", probe_kernel, signature, {"stride_col": 1, "BLOCK": 32}, num_warps=2, num_stages=3,
+                     divisible=("x_ptr", "stride_row", "n_cols"))
+    assert config_key(same) == launch.variant_key()
+    others = [same._replace(signature={**signature, "stride_col": "i32"}, constexprs={"BLOCK": 32}),  # strided
+              same._replace(constexprs={"stride_col": 1, "BLOCK": 64}),
+              same._replace(divisible=("x_ptr", "stride_row")),
+              same._replace(signature={**signature, "x_ptr": "*fp16"}),
+              same._replace(num_warps=4), same._replace(num_stages=2), same._replace(maxnreg=128)]
+    assert all(config_key(other) != launch.variant_key() for other in others)
 
 
 def test_capture_reports_every_autotune_candidate_without_running(compiled_mode):
@@ -243,6 +265,9 @@ def test_quick_report_keeps_the_spill_budget(tmp_path):
     (report_path,) = tmp_path.glob("*.json")
     rows = json.loads(report_path.read_text())["rows"]
     assert not [row for row in rows if "error" in row], output
+    # every variant the ops launch is one that kernels.aot compiles ahead of time (the same code)
+    assert all(row["ahead_of_time"] for row in rows), [(r["kernel"], r["target"]) for r in rows
+                                                       if not r["ahead_of_time"]]
     # Hopper's warpgroup MMA: the number of sm_90 variants that issue it may not fall (SM90_HGMMA_FLOOR)
     summary = mma_summary(rows, "sm_90")
     assert summary["HGMMA"] >= SM90_HGMMA_FLOOR, (summary, [(r["kernel"], r["dtype"], r["config"]) for r in rows
