@@ -75,6 +75,7 @@ def check_batch_heads(batch_heads: int) -> None:
 # (``tl.make_tensor_descriptor``) get them written to a global scratch buffer (128 bytes per descriptor and program),
 # which Triton's launcher asks ``triton.set_allocator``'s allocator for at every launch.
 TMA_ALIGNMENT = 16  # bytes: of a descriptor's base address and of every stride but the last (which must be 1)
+TMA_MAX_BOX = tl.constexpr(256)  # elements: the most a descriptor's tile (box) holds along each dimension
 
 
 def tma_eligible(*tensors: torch.Tensor) -> bool:
@@ -88,6 +89,13 @@ def tma_eligible(*tensors: torch.Tensor) -> bool:
         if any(stride <= 0 or stride * t.element_size() % TMA_ALIGNMENT for stride in t.stride()[:-1]):
             return False
     return True
+
+
+def tma_launch(arch: str, *streamed: torch.Tensor) -> bool:
+    """Whether a launch for ``arch`` (``kernels._autotune.launch_arch``) loads the ``streamed`` tiles through TMA
+    tensor descriptors (the kernels' ``USE_TMA``): on sm_90 when every one meets TMA's alignment (``tma_eligible``);
+    elsewhere, or unaligned, through pointer loads (cp.async when 16-byte aligned)."""
+    return arch == "sm_90" and tma_eligible(*streamed)
 
 
 def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_and_device, check_scale, check_tensor,
                       checked_cu_seqlens)
-from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision, launch_device_of, tma_eligible,
+from ._triton_helpers import (check_batch_heads, dot_fp32acc, fp32_dot_precision, launch_device_of, tma_launch,
                               tma_scratch, upcast_dots_for)
 from ._autotune import ARCH_CAPABILITY, aot_candidates, launch, launch_arch, pick, shape_bucket
 from ._amp import autocast_op
@@ -525,11 +525,9 @@ class _Layout(NamedTuple):
 
 
 def _uses_tma(device: torch.device, *streamed: torch.Tensor) -> bool:
-    """Whether a launch on ``device`` loads the ``streamed`` tiles (forward and dQ: K, V; dK/dV: Q, dO) through TMA
-    tensor descriptors (``USE_TMA``): on sm_90 (``launch_arch``, so the static report's capture chooses as a GPU
-    would) when they meet TMA's alignment (``tma_eligible``); elsewhere, or unaligned, through pointer loads
-    (cp.async when 16-byte aligned)."""
-    return launch_arch(device) == "sm_90" and tma_eligible(*streamed)
+    """``tma_launch`` for a launch on ``device`` (``launch_arch``, so the static report's capture chooses as a GPU
+    would) of the ``streamed`` tiles (forward and dQ: K, V; dK/dV: Q, dO)."""
+    return tma_launch(launch_arch(device), *streamed)
 
 
 def _launch(kernel, grid, args, options: dict, candidates: list[triton.Config], layout: "_Layout",

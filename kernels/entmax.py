@@ -17,7 +17,9 @@
    It visits only the query tiles that the launcher lists: visible ones whose per-tile support mask entry is 1.
 
 Every kernel takes strides (inputs may be non-contiguous views) and accumulates in fp32; D and Dv may be any size
-(features in chunks where a tile cannot hold them whole).
+(features in chunks where a tile cannot hold them whole). On sm_90 the threshold and output kernels load K (and V
+chunks of at most ``TMA_MAX_BOX`` features) through TMA tensor descriptors (``USE_TMA``) when K and V are 16-byte
+aligned (``tma_launch``), pointer loads (cp.async) otherwise and on other GPUs.
 
 ``entmax_attention(q, k, v, alpha=...)`` generalises it (same kernels):
 
@@ -47,7 +49,8 @@ from ._checks import (check_mha_unsupported, check_nonempty, check_same_dtype_an
 from .aot import AotConfig
 from ._autotune import ARCH_CAPABILITY, ARCHS, aot_candidates, launch, launch_arch, shape_bucket
 from ._packing import pack_padding, sequence_ids
-from ._triton_helpers import check_batch_heads, dot_fp32acc, launch_device_of, upcast_dots_for
+from ._triton_helpers import (TMA_MAX_BOX, check_batch_heads, dot_fp32acc, launch_device_of, tma_launch, tma_scratch,
+                              upcast_dots_for)
 from ._amp import autocast_op
 from .backend import use_triton
 
@@ -228,7 +231,7 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: spill 32-80 bytes; 16-bit 16 x 512: 225-243 registers).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
-    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2), (8, 2, {"BM": 64})]},
+    ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2, {"maxnreg": 128}), (8, 2, {"BM": 64})]},
     ("tau passes", False): {"sm_80": [(8, 2, {"maxnreg": 128}), (4, 2, {"BM": 64}), (4, 3, {"BM": 64}),
                                       (8, 3, {"BM": 64, "BN": 64})],
                             "sm_90": [(8, 2, {"maxnreg": 128}), (4, 2, {"BM": 64}), (4, 3, {"BM": 64, "maxnreg": 128}),
@@ -313,10 +316,12 @@ _SUPPORT_NOT_SPECIALIZED = _NOT_SPECIALIZED + ["stride_sb", "stride_sm"]
 
 
 @triton.jit
-def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T, TB, K,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, n0, T, TB, K,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+              B_TMA: tl.constexpr):
     """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows of a outside [0, T) and of b outside
-    [0, TB) read as zeros."""
+    [0, TB) read as zeros. B_TMA: p_b is a TMA descriptor of b's (TB, K) rows (``_key_tiles``) and o_n the BN
+    rows from n0."""
     m_m = o_m < T
     m_n = o_n < TB
     o_m64 = o_m.to(tl.int64)
@@ -327,8 +332,11 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
         m_k = o_k < K
         b_a = tl.load(p_a + o_m64[:, None] * stride_at + o_k[None, :] * stride_ak,
                       mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        b_b = tl.load(p_b + o_n64[None, :] * stride_bt + o_k[:, None] * stride_bk,
-                      mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        if B_TMA:
+            b_b = tl.trans(p_b.load([n0, i_k * BK]))  # [BK, BN]: a transposed view of the tile in shared memory
+        else:
+            b_b = tl.load(p_b + o_n64[None, :] * stride_bt + o_k[:, None] * stride_bk,
+                          mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
         # fp32 inputs: tf32x3 keeps ~fp32 accuracy on tensor cores (plain tf32 costs ~1e-3 relative, and "ieee"
         # compiles to huge FMA code); fp16/bf16 products are exact whatever the precision flag
         b_acc += dot_fp32acc(b_a, b_b, "tf32x3", UPCAST_DOTS)
@@ -336,15 +344,29 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, T,
 
 
 @triton.jit
-def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, half_scale, causal, b_start,
-            b_end, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr):
-    """Halved scores ``z = scale / 2 * q . k`` of query rows o_m (T rows) and keys o_n (TK keys), ``-inf`` outside
-    each row's keys [b_start, b_end) and where the causal mask hides the key (``causal`` takes T = TK)."""
-    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BD,
-                    UPCAST_DOTS) * half_scale
+def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, n0, o_m, T, TK, D, half_scale, causal, b_start,
+            b_end, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+            K_TMA: tl.constexpr):
+    """Halved scores ``z = scale / 2 * q . k`` of query rows o_m (T rows) and the BN keys from n0 (TK keys),
+    ``-inf`` outside each row's keys [b_start, b_end) and where the causal mask hides the key (``causal`` takes
+    T = TK). p_k: pointer, or with K_TMA the descriptor of :func:`_key_tiles`."""
+    o_n = n0 + tl.arange(0, BN)
+    b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, n0, T, TK, D, BM, BN, BD,
+                    UPCAST_DOTS, K_TMA) * half_scale
     m_visible = (o_m[:, None] < T) & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
         & ((o_n[None, :] <= o_m[:, None]) | (causal == 0))
     return tl.where(m_visible, b_z, float("-inf"))  # [BM, BN]
+
+
+@triton.jit
+def _key_tiles(p_k, stride_kt, TK, D, BN: tl.constexpr, BD: tl.constexpr, USE_TMA: tl.constexpr):
+    """K's (TK, D) rows at p_k (unit feature stride) as a TMA descriptor of (BN, BD) tiles with USE_TMA (sm_90: rows
+    past TK and features past D read as zeros, as the masked pointer loads do; p_k and stride_kt 16-byte aligned,
+    which the launchers check: ``_uses_tma``), else p_k itself."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(p_k, shape=[TK, D], strides=[stride_kt, 1], block_shape=[BN, BD])
+    else:
+        return p_k
 
 
 @triton.jit
@@ -509,7 +531,8 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
                        H, T, TK, D, half_scale, causal,
                        ROW_IN_REGISTERS: tl.constexpr, MAX_PASSES: tl.constexpr, NC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, MASK_BM: tl.constexpr,
-                       MASK_BN: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
+                       MASK_BN: tl.constexpr, UPCAST_DOTS: tl.constexpr, USE_TMA: tl.constexpr,
+                       GENERAL: tl.constexpr = False):
     """Row maximum rowmax (B*H, T) fp32 of ``z = scale / 2 * q k^T`` (T query rows, TK keys) and the threshold
     relative to it, tau (B*H, T) fp32: ``sum_j max(z_ij - rowmax_i - tau_i, 0)^2 = 1``. Rows with a NaN or +inf score
     (or visible keys but no finite score) get NaN tau and rowmax 0; rows that see no key get tau = +inf (no
@@ -534,10 +557,11 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)  # alpha - 1 [BM]
+    p_k = _key_tiles(p_k, stride_kt, TK, D, BN, BD, USE_TMA)
 
     if ROW_IN_REGISTERS:
-        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, tl.arange(0, BN), T, TK, D,
-                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+        b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, 0, o_m, T, TK, D,
+                      half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS, USE_TMA)  # [BM, BN]
         if GENERAL:
             b_z = b_z * b_am1[:, None]
         m_bad = tl.max((b_z != b_z).to(tl.int32), 1) > 0
@@ -546,8 +570,8 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
         m_bad = tl.zeros([BM], dtype=tl.int32) > 0
         b_max = tl.full([BM], float("-inf"), dtype=tl.float32)
         for n0 in range(lo, hi, BN):
-            b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN), T, TK,
-                           D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, n0, o_m, T, TK,
+                           D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS, USE_TMA)  # [BM, BN]
             if GENERAL:
                 b_zt = b_zt * b_am1[:, None]
             m_bad = m_bad | (tl.max((b_zt != b_zt).to(tl.int32), 1) > 0)
@@ -591,8 +615,9 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
             o_mt = i_m * (BM // MASK_BM) + tl.arange(0, BM // MASK_BM)  # the program's mask tiles of MASK_BM rows
             p_sup = support + i_bh.to(tl.int64) * stride_sb + o_mt.to(tl.int64) * stride_sm
             for n0 in range(lo, hi, BN):
-                b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, n0 + tl.arange(0, BN),
-                               T, TK, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+                b_zt = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, n0, o_m,
+                               T, TK, D, half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS,
+                               USE_TMA)  # [BM, BN]
                 if GENERAL:
                     b_zt = b_zt * b_am1[:, None]
                 b_zr = b_zt - b_max[:, None]
@@ -629,8 +654,8 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
                        stride_sb, stride_sm, stride_sn,
                        H, T, TK, D, Dv, half_scale, causal, store_w,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False,
-                       STORE_S: tl.constexpr = False):
+                       MASK_BM: tl.constexpr, UPCAST_DOTS: tl.constexpr, USE_TMA: tl.constexpr,
+                       GENERAL: tl.constexpr = False, STORE_S: tl.constexpr = False):
     """o[:, :, :, chunk] (B, H, T, Dv) = p @ v (T query rows, TK keys) with ``p = max(z - tau, 0)^2``; if
     ``store_w``, also w (B, H, T, Dv) fp32 = ``(G @ v) / rowsum(G)``, ``G = max(z - tau, 0)``. Grid (cdiv(T, BM),
     cdiv(Dv, BDV), B*H).
@@ -641,6 +666,7 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
     without it hold two [BM, BDV] accumulators as entmax-1.5 does, not three) also s (B, H, T, Dv) fp32
     = ``sum_j p_j log(p_j) v_j`` and ent (B, H, T) fp32 = ``sum_j p_j log(p_j)``."""
     tl.static_assert(MASK_BM % BM == 0)
+    V_TMA: tl.constexpr = USE_TMA and BDV <= TMA_MAX_BOX  # V tiles through TMA too where a box holds them
     i_m, i_dv, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     p_q = q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
@@ -666,17 +692,23 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     p_sup = support + i_bh.to(tl.int64) * stride_sb + ((i_m * BM) // MASK_BM).to(tl.int64) * stride_sm
+    p_k = _key_tiles(p_k, stride_kt, TK, D, BN, BD, USE_TMA)
+    if V_TMA:
+        p_v = tl.make_tensor_descriptor(p_v, shape=[TK, Dv], strides=[stride_vt, 1], block_shape=[BN, BDV])
     for n0 in range(lo, hi, BN):
         if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
             o_n = n0 + tl.arange(0, BN)
-            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D,
-                          half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS)  # [BM, BN]
+            b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, n0, o_m, T, TK, D,
+                          half_scale, causal, b_start, b_end, BM, BN, BD, UPCAST_DOTS, USE_TMA)  # [BM, BN]
             if GENERAL:
                 b_z = b_z * b_am1[:, None]
             b_g = _probability_roots(b_z, b_max, b_tau)  # [BM, BN]
             if tl.max(tl.max(b_g, 1), 0) > 0:  # the mask is conservative: the tile may still have none
-                b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
-                              mask=(o_n[:, None] < TK) & m_dv[None, :], other=0.0)  # [BN, BDV]
+                if V_TMA:
+                    b_v = p_v.load([n0, i_dv * BDV])  # [BN, BDV]
+                else:
+                    b_v = tl.load(p_v + o_n.to(tl.int64)[:, None] * stride_vt + o_dv[None, :] * stride_vd,
+                                  mask=(o_n[:, None] < TK) & m_dv[None, :], other=0.0)  # [BN, BDV]
                 if GENERAL:
                     b_p = _powers(b_g, b_r)
                     b_o += dot_fp32acc(b_p.to(b_v.dtype), b_v, "tf32x3", UPCAST_DOTS)
@@ -801,8 +833,8 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         if WHOLE:
             b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
         else:
-            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, T, TK, D, BM, BN, BK,
-                            UPCAST_DOTS) * half_scale
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, 0, T, TK, D, BM, BN, BK,
+                            UPCAST_DOTS, False) * half_scale
         if GENERAL:
             b_z = b_z * b_am1[:, None]
         b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
@@ -820,8 +852,8 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
                 b_do = tl.load(p_dom, mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
                 b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
-                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, T, TK, Dv,
-                                 BM, BN, BK, UPCAST_DOTS)  # [BM, BN]
+                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, 0, T, TK, Dv,
+                                 BM, BN, BK, UPCAST_DOTS, False)  # [BM, BN]
                 b_ds = _score_gradients(b_g, b_dp, b_c, q.dtype.element_ty)
                 b_q = tl.load(p_qm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
                 b_dk += dot_fp32acc(tl.trans(b_ds), b_q, "tf32x3", UPCAST_DOTS)
@@ -945,15 +977,18 @@ def _entmax_tau(q, k, causal: bool, scale: float, sequences: _Sequences, alpha_r
         blocks = _tau_pass_tiles(tiles)
     # timing launches restore the mask: the kernel writes only the tiles it visits (the launcher's in registers)
     general = alpha_rows is not None
-    launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
-           (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
-            *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
-           dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates, MASK_BM=tiles.block_m,
-                MASK_BN=tiles.block_n,
-                UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
-           _candidates(("tau registers" if in_registers else "tau passes") + (" general" if general else ""), q.dtype,
-                       blocks, launch_arch(q.device)),
-           device=q.device, bucket=_bucket(B * H, T), restore_value=("support",))
+    arch = launch_arch(q.device)
+    use_tma = tma_launch(arch, k)  # K tiles through TMA descriptors on sm_90
+    with tma_scratch(use_tma):
+        launch(_entmax_tau_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+               (q, k, *sequences, rowmax, tau, support, alpha_rows if general else tau, *q.stride(), *k.stride(),
+                *support.stride(), H, T, TK, D, scale if general else 0.5 * scale, int(causal)),
+               dict(ROW_IN_REGISTERS=in_registers, MAX_PASSES=_MAX_PASSES, NC=tiles.candidates,
+                    MASK_BM=tiles.block_m, MASK_BN=tiles.block_n, UPCAST_DOTS=upcast_dots_for(q.dtype),
+                    USE_TMA=use_tma, **_general(general)),
+               _candidates(("tau registers" if in_registers else "tau passes") + (" general" if general else ""),
+                           q.dtype, blocks, arch),
+               device=q.device, bucket=(*_bucket(B * H, T), use_tma), restore_value=("support",))
     return rowmax, tau, support
 
 
@@ -1007,15 +1042,18 @@ def _entmax_attention_fwd(q, k, v, causal: bool, scale: float, store_w: bool, se
     s = torch.empty((B, H, T, Dv), dtype=torch.float32, device=v.device) if store_s else None
     ent = torch.empty((B, H, T), dtype=torch.float32, device=v.device) if store_s else None
     name, block_m, block_dv = _forward_tiles(tiles, Dv, general, store_s)
-    launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
-           (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
-            alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
-            *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv,
-            scale if general else 0.5 * scale, int(causal), int(store_w)),
-           dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general, STORE_S=store_s)),
-           _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv),
-                       launch_arch(q.device)),
-           device=q.device, bucket=_bucket(B * H, T))
+    arch = launch_arch(q.device)
+    use_tma = tma_launch(arch, k, v)  # K and V tiles (V chunks up to TMA_MAX_BOX) through TMA descriptors on sm_90
+    with tma_scratch(use_tma):
+        launch(_entmax_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BM"]), triton.cdiv(Dv, meta["BDV"]), B * H),
+               (q, k, v, *sequences, rowmax, tau, support, o, tau if w is None else w,  # no store_w: w is any fp32
+                alpha_rows if general else tau, tau if s is None else s, tau if ent is None else ent,
+                *q.stride(), *k.stride(), *v.stride(), *support.stride(), H, T, TK, D, Dv,
+                scale if general else 0.5 * scale, int(causal), int(store_w)),
+               dict(MASK_BM=tiles.block_m, UPCAST_DOTS=upcast_dots_for(q.dtype), USE_TMA=use_tma,
+                    **_general(general, STORE_S=store_s)),
+               _candidates(name, q.dtype, dict(BM=block_m, BN=tiles.block_n, BD=tiles.block_d, BDV=block_dv), arch),
+               device=q.device, bucket=(*_bucket(B * H, T), use_tma))
     return o, rowmax, tau, support, w, s, ent
 
 
@@ -2107,6 +2145,8 @@ def aot_configurations() -> List[AotConfig]:
             aligned = tuple(arg for arg in kernel.arg_names if arg in _ALIGNED_ARGS
                             or (arg.startswith("stride_") and arg[-2] in "qkvo" and arg[-1] in "bht"))
             units = {arg: 1 for arg in _UNIT_STRIDES if arg in kernel.arg_names}
+            if "USE_TMA" in kernel.arg_names:
+                units["USE_TMA"] = False
             for config, capabilities, default in aot_candidates(
                     lambda arch: _candidates(name, torch_dtype, tiles.get(arch, tiles), arch)):
                 constexprs = {**fixed, **config.kwargs, **units}
@@ -2119,13 +2159,20 @@ def aot_configurations() -> List[AotConfig]:
                 signature = _signature(kernel, dtype, constexprs)
                 full = f"{label.format(**config.kwargs)} {dtype} w{config.num_warps}s{config.num_stages}" + (
                     f"r{config.maxnreg}" if config.maxnreg else "")
-                options = dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
-                               capabilities=capabilities)
+                options = dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg)
                 if "aligned" in alignments:
-                    configs.append(AotConfig(full + " aligned", kernel, signature, constexprs, divisible=aligned,
-                                             default=default and quick, **options))
+                    # aligned K and V stream through TMA on sm_90 (``tma_launch``), through pointer loads elsewhere
+                    for use_tma in (False, True) if "USE_TMA" in constexprs else (False,):
+                        on = tuple(c for c in capabilities if (c == ARCH_CAPABILITY["sm_90"]) == use_tma
+                                   or "USE_TMA" not in constexprs)
+                        if on:
+                            configs.append(AotConfig(full + (" tma" if use_tma else "") + " aligned", kernel,
+                                                     signature, {**constexprs, **({"USE_TMA": True} if use_tma else {})},
+                                                     divisible=aligned, default=default and quick, capabilities=on,
+                                                     **options))
                 if default and "unaligned" in alignments:
-                    configs.append(AotConfig(full, kernel, signature, constexprs, default=False, **options))
+                    configs.append(AotConfig(full, kernel, signature, constexprs, default=False,
+                                             capabilities=capabilities, **options))
     return configs + _tile_lists_aot_configurations() + _row_sums_aot_configurations()
 
 

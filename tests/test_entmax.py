@@ -7,6 +7,7 @@ import collections
 
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels import FusedEntmaxCausalAttention, entmax15_attention, reference
@@ -1212,3 +1213,76 @@ def test_fused_module_learns_alpha_per_head_like_its_reference_twin(triton_backe
     for output in outputs:
         output.square().sum().backward()
     torch.testing.assert_close(fused.alpha_logit.grad, twin.alpha_logit.grad, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TMA (sm_90): the threshold and output kernels stream K (and V chunks up to TMA_MAX_BOX features) through tensor
+# descriptors; the interpreter runs them as a GPU reads them (bounds, zero fill, alignment asserts)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _launched_as_on_sm90(monkeypatch):
+    """Launches choose their variant as on sm_90; returns the list of (kernel, USE_TMA) they append to (kernels
+    without the flag: None)."""
+    chosen, launch = [], entmax.launch
+
+    def recording(kernel, grid, args, kwargs, *rest, **options):
+        chosen.append((kernel.fn.__name__, kwargs.get("USE_TMA")))
+        launch(kernel, grid, args, kwargs, *rest, **options)
+
+    monkeypatch.setattr(entmax, "launch_arch", lambda device: "sm_90")
+    monkeypatch.setattr(entmax, "launch", recording)
+    return chosen
+
+
+def _views_into_nan(generator, *shapes, width=32):
+    """Leaf views (..., :n) of NaN-filled buffers with 5 more rows and ``width`` features: a load past the rows or
+    features it may read returns NaN."""
+    views = []
+    for *batch, t, n in shapes:
+        buffer = torch.full((*batch, t + 5, width), float("nan"))
+        buffer[..., :t, :n] = torch.randn(*batch, t, n, generator=generator)
+        views.append(buffer[..., :t, :n].requires_grad_())
+    return views
+
+
+@pytest.mark.parametrize("t, d, dv, alpha, tile_set, v_box", [
+    pytest.param(7, 7, 5, 1.5, TINY, 256, id="in-registers-entmax15"),
+    pytest.param(19, 11, 9, 1.5, TINY, 256, id="passes-partial-tiles"),
+    pytest.param(19, 6, 20, 1.3, WIDE_ROWS, 256, id="any-alpha-wide-dv-chunks"),
+    pytest.param(19, 6, 20, 1.5, WIDE_ROWS, 4, id="v-chunks-wider-than-a-box-through-pointers"),
+])
+def test_tma_loads_stop_at_the_keys_and_the_features(triton_backend, tiles, monkeypatch, t, d, dv, alpha, tile_set,
+                                                     v_box):
+    """sm_90's descriptor path on views into NaN-filled buffers: keys past T and features past D and Dv must read as
+    zeros (the descriptor's shape), as the masked pointer loads do; forward and gradients against float64. V chunks
+    wider than a box (``TMA_MAX_BOX``, here lowered) take pointer loads in the same launch."""
+    tiles(tile_set)
+    monkeypatch.setattr(entmax, "TMA_MAX_BOX", triton.language.constexpr(v_box))
+    chosen = _launched_as_on_sm90(monkeypatch)
+    q, k, v = _views_into_nan(torch.Generator().manual_seed(t * 10 + dv), (1, 2, t, d), (1, 2, t, d), (1, 2, t, dv))
+    _check_general_against_reference(q, k, v, causal=True) if alpha != 1.5 else _check_against_reference(q, k, v)
+    assert ("_entmax_tau_kernel", True) in chosen and ("_entmax_fwd_kernel", True) in chosen, chosen
+    assert not [name for name, tma in chosen if tma is False], chosen
+
+
+def test_tma_loads_of_packed_sequences_with_grouped_heads(triton_backend, tiles, monkeypatch):
+    """Packed query and key sequences of their own lengths, 2 query heads per key head, through descriptors."""
+    tiles(TINY)
+    chosen = _launched_as_on_sm90(monkeypatch)
+    cu_q = torch.tensor([0, 2, 7, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9, 19], dtype=torch.int32)
+    q, k, v = _views_into_nan(torch.Generator().manual_seed(6), (4, 10, 8), (2, 19, 8), (2, 19, 4))
+    q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (rows, heads, n) views
+    _check_general_against_reference(q, k, v, True, cu_q=cu_q, cu_k=cu_k)
+    assert {("_entmax_tau_kernel", True), ("_entmax_fwd_kernel", True)} <= set(chosen), chosen
+
+
+def test_unaligned_keys_take_pointer_loads_on_sm90(triton_backend, tiles, monkeypatch):
+    """K and V 4 bytes past a 16-byte boundary: no descriptor can address them; the launch takes pointer loads."""
+    tiles(TINY)
+    chosen = _launched_as_on_sm90(monkeypatch)
+    q, k, v = _inputs(1, 1, 11, 8, 8)
+    k, v = (torch.randn(1, 1, 11, 9)[..., 1:].requires_grad_() for _ in range(2))
+    _check_against_reference(q, k, v)
+    assert ("_entmax_tau_kernel", False) in chosen and ("_entmax_fwd_kernel", False) in chosen, chosen
