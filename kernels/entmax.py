@@ -18,8 +18,8 @@
 
 Every kernel takes strides (inputs may be non-contiguous views) and accumulates in fp32; D and Dv may be any size
 (features in chunks where a tile cannot hold them whole). On sm_90 the threshold and output kernels load K (and V
-chunks of at most ``TMA_MAX_BOX`` features) through TMA tensor descriptors (``USE_TMA``) when K and V are 16-byte
-aligned (``tma_launch``), pointer loads (cp.async) otherwise and on other GPUs.
+chunks of at most ``TMA_MAX_BOX`` features), the backward with whole heads Q and dO, through TMA tensor descriptors
+(``USE_TMA``) when those are 16-byte aligned (``tma_launch``); pointer loads (cp.async) otherwise and on other GPUs.
 
 ``entmax_attention(q, k, v, alpha=...)`` generalises it (same kernels):
 
@@ -320,7 +320,7 @@ def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, n0
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr,
               B_TMA: tl.constexpr):
     """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows of a outside [0, T) and of b outside
-    [0, TB) read as zeros. B_TMA: p_b is a TMA descriptor of b's (TB, K) rows (``_key_tiles``) and o_n the BN
+    [0, TB) read as zeros. B_TMA: p_b is a TMA descriptor of b's (TB, K) rows (:func:`_row_tiles`) and o_n the BN
     rows from n0."""
     m_m = o_m < T
     m_n = o_n < TB
@@ -349,7 +349,7 @@ def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, n0, o_m, T, TK
             K_TMA: tl.constexpr):
     """Halved scores ``z = scale / 2 * q . k`` of query rows o_m (T rows) and the BN keys from n0 (TK keys),
     ``-inf`` outside each row's keys [b_start, b_end) and where the causal mask hides the key (``causal`` takes
-    T = TK). p_k: pointer, or with K_TMA the descriptor of :func:`_key_tiles`."""
+    T = TK). p_k: pointer, or with K_TMA the descriptor of :func:`_row_tiles`."""
     o_n = n0 + tl.arange(0, BN)
     b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, n0, T, TK, D, BM, BN, BD,
                     UPCAST_DOTS, K_TMA) * half_scale
@@ -359,14 +359,14 @@ def _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, n0, o_m, T, TK
 
 
 @triton.jit
-def _key_tiles(p_k, stride_kt, TK, D, BN: tl.constexpr, BD: tl.constexpr, USE_TMA: tl.constexpr):
-    """K's (TK, D) rows at p_k (unit feature stride) as a TMA descriptor of (BN, BD) tiles with USE_TMA (sm_90: rows
-    past TK and features past D read as zeros, as the masked pointer loads do; p_k and stride_kt 16-byte aligned,
-    which the launchers check: ``_uses_tma``), else p_k itself."""
+def _row_tiles(p, stride_t, rows, width, BR: tl.constexpr, BC: tl.constexpr, USE_TMA: tl.constexpr):
+    """The (rows, width) matrix at p (row stride stride_t, unit feature stride) as a TMA descriptor of (BR, BC) tiles
+    with USE_TMA (sm_90: rows past ``rows`` and features past ``width`` read as zeros, as the masked pointer loads do;
+    p and stride_t 16-byte aligned, which the launchers check: ``tma_launch``), else p itself."""
     if USE_TMA:
-        return tl.make_tensor_descriptor(p_k, shape=[TK, D], strides=[stride_kt, 1], block_shape=[BN, BD])
+        return tl.make_tensor_descriptor(p, shape=[rows, width], strides=[stride_t, 1], block_shape=[BR, BC])
     else:
-        return p_k
+        return p
 
 
 @triton.jit
@@ -557,7 +557,7 @@ def _entmax_tau_kernel(q, k, seq_start, seq_end, rowmax, tau, support, alpha_row
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)  # alpha - 1 [BM]
-    p_k = _key_tiles(p_k, stride_kt, TK, D, BN, BD, USE_TMA)
+    p_k = _row_tiles(p_k, stride_kt, TK, D, BN, BD, USE_TMA)
 
     if ROW_IN_REGISTERS:
         b_z = _scores(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, 0, o_m, T, TK, D,
@@ -692,9 +692,8 @@ def _entmax_fwd_kernel(q, k, v, seq_start, seq_end, rowmax, tau, support, o, w, 
     b_start, b_end = _row_sequences(seq_start, seq_end, o_m, T)
     lo, hi = _visible_keys(i_m, o_m, b_start, b_end, T, TK, causal, BM, BN)
     p_sup = support + i_bh.to(tl.int64) * stride_sb + ((i_m * BM) // MASK_BM).to(tl.int64) * stride_sm
-    p_k = _key_tiles(p_k, stride_kt, TK, D, BN, BD, USE_TMA)
-    if V_TMA:
-        p_v = tl.make_tensor_descriptor(p_v, shape=[TK, Dv], strides=[stride_vt, 1], block_shape=[BN, BDV])
+    p_k = _row_tiles(p_k, stride_kt, TK, D, BN, BD, USE_TMA)
+    p_v = _row_tiles(p_v, stride_vt, TK, Dv, BN, BDV, V_TMA)
     for n0 in range(lo, hi, BN):
         if tl.load(p_sup + (n0 // BN) * stride_sn) != 0:  # tiles of zero probabilities: no QK^T, no V
             o_n = n0 + tl.arange(0, BN)
@@ -768,7 +767,8 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
                        stride_ob, stride_oh, stride_ot, stride_od,
                        H, T, TK, D, Dv, half_scale, scale, causal,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BK: tl.constexpr,
-                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr, GENERAL: tl.constexpr = False):
+                       WHOLE: tl.constexpr, UPCAST_DOTS: tl.constexpr, USE_TMA: tl.constexpr,
+                       GENERAL: tl.constexpr = False):
     """The backward of one key tile (FA2's loop): over the query tiles that see it, ``z = q k^T``, ``G``,
     ``dP = dO v^T`` and ``dS = G (dP - c)``, then dv[:, :, tile] (B, H, TK, Dv) = p^T @ dO, dk[:, :, tile]
     (B, H, TK, D) = scale * dS^T @ q and, by atomic adds, dq (B*H, T, D) fp32 += dS @ k (unscaled; zero-filled by the
@@ -783,7 +783,9 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
     BDV >= Dv still FA2's count, one program per key tile; wider heads take several programs, each recomputing z
     (and dP if it has a dk chunk). Grid (cdiv(TK, BN), 1 if WHOLE else max(cdiv(D, BD), cdiv(Dv, BDV)), B*H).
     GENERAL (any alpha): ``p = G^r`` and ``dS = g (dP - c)`` with ``g = G^(r - 1)`` (= p^(2 - alpha)), r = 1 /
-    (alpha - 1) per row (``alpha_rows``)."""
+    (alpha - 1) per row (``alpha_rows``). USE_TMA (WHOLE only): the Q and dO tiles stream through TMA descriptors
+    (sm_90)."""
+    tl.static_assert(WHOLE or not USE_TMA)
     i_n, i_bh = tl.program_id(0), tl.program_id(2)
     i_c = tl.program_id(1) * (1 - WHOLE)  # 0 (a constant) when WHOLE
     i_b, i_h = i_bh // H, i_bh % H
@@ -809,6 +811,8 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
                       mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BDV]
     b_dk = tl.zeros([BN, BD], dtype=tl.float32)
     b_dv = tl.zeros([BN, BDV], dtype=tl.float32)
+    q_tiles = _row_tiles(p_q, stride_qt, T, D, BM, BD, USE_TMA)
+    do_tiles = _row_tiles(p_do, stride_ot, T, Dv, BM, BDV, USE_TMA)
     # the query tiles to visit, listed by the launcher: a loop without a branch, so that its loads stream with
     # async copies (Triton does not pipeline loads whose dots sit under an ``if``)
     o_list = i_bh.to(tl.int64) * tl.cdiv(TK, BN) + i_n
@@ -825,7 +829,10 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         b_am1 = _row_alpha(alpha_rows, i_h, o_m, T, GENERAL)
         p_qm = p_q + o_m.to(tl.int64)[:, None] * stride_qt + o_d[None, :] * stride_qd
         p_dom = p_do + o_m.to(tl.int64)[:, None] * stride_ot + o_dv[None, :] * stride_od
-        if WHOLE:  # loaded ahead, streamed with async copies
+        if USE_TMA:  # loaded ahead, streamed with async copies
+            b_q = q_tiles.load([m0, 0])  # [BM, BD]
+            b_do = do_tiles.load([m0, 0])  # [BM, BDV]
+        elif WHOLE:
             b_q = tl.load(p_qm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
             b_do = tl.load(p_dom, mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
         m_visible = m_m[:, None] & (o_n[None, :] >= b_start[:, None]) & (o_n[None, :] < b_end[:, None]) \
@@ -1282,13 +1289,15 @@ def _entmax_attention_bwd(do, q, k, v, rowmax, tau, w, causal: bool, scale: floa
     dv = torch.empty((B, H, TK, Dv), dtype=v.dtype, device=v.device)
     chunks = 1 if whole else max(triton.cdiv(D, block_d), triton.cdiv(Dv, block_dv))
     general = alpha_rows is not None
-    launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(TK, block_n), chunks, B * H),
-           (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv, alpha_rows if general else tau,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv, scale if general else 0.5 * scale,
-            scale, int(causal)),
-           dict(UPCAST_DOTS=upcast_dots_for(q.dtype), **_general(general)),
-           _candidates("bwd" if whole else "bwd chunked", q.dtype, blocks, arch),
-           device=q.device, bucket=_bucket(B * H, T), reset_to_zero=("dq",))  # dq: atomic adds
+    use_tma = whole and tma_launch(arch, q, do)  # whole heads: Q and dO tiles through TMA descriptors on sm_90
+    with tma_scratch(use_tma):
+        launch(_entmax_bwd_kernel, lambda meta: (triton.cdiv(TK, block_n), chunks, B * H),
+               (q, k, v, do, *sequences, rowmax, tau, c, rows, counts, dq, dk, dv, alpha_rows if general else tau,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, T, TK, D, Dv,
+                scale if general else 0.5 * scale, scale, int(causal)),
+               dict(UPCAST_DOTS=upcast_dots_for(q.dtype), USE_TMA=use_tma, **_general(general)),
+               _candidates("bwd" if whole else "bwd chunked", q.dtype, blocks, arch),
+               device=q.device, bucket=(*_bucket(B * H, T), use_tma), reset_to_zero=("dq",))  # dq: atomic adds
     if q.dtype == torch.float32:
         return dq.mul_(scale), dk, dv
     return torch.mul(dq, scale, out=torch.empty_like(dq, dtype=q.dtype)), dk, dv  # scale and cast in one operation
@@ -2161,10 +2170,12 @@ def aot_configurations() -> List[AotConfig]:
                     f"r{config.maxnreg}" if config.maxnreg else "")
                 options = dict(num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg)
                 if "aligned" in alignments:
-                    # aligned K and V stream through TMA on sm_90 (``tma_launch``), through pointer loads elsewhere
-                    for use_tma in (False, True) if "USE_TMA" in constexprs else (False,):
+                    # aligned tiles stream through TMA on sm_90 (``tma_launch``; the backward with whole heads
+                    # only), through pointer loads elsewhere
+                    streams = "USE_TMA" in constexprs and constexprs.get("WHOLE", True)
+                    for use_tma in (False, True) if streams else (False,):
                         on = tuple(c for c in capabilities if (c == ARCH_CAPABILITY["sm_90"]) == use_tma
-                                   or "USE_TMA" not in constexprs)
+                                   or not streams)
                         if on:
                             configs.append(AotConfig(full + (" tma" if use_tma else "") + " aligned", kernel,
                                                      signature, {**constexprs, **({"USE_TMA": True} if use_tma else {})},

@@ -1256,14 +1256,16 @@ def test_tma_loads_stop_at_the_keys_and_the_features(triton_backend, tiles, monk
                                                      v_box):
     """sm_90's descriptor path on views into NaN-filled buffers: keys past T and features past D and Dv must read as
     zeros (the descriptor's shape), as the masked pointer loads do; forward and gradients against float64. V chunks
-    wider than a box (``TMA_MAX_BOX``, here lowered) take pointer loads in the same launch."""
+    wider than a box (``TMA_MAX_BOX``, here lowered) take pointer loads in the same launch. The backward (whole
+    heads) streams Q and dO through descriptors when dO's rows are 16-byte multiples too (a fresh fp32 cotangent:
+    Dv a multiple of 4)."""
     tiles(tile_set)
     monkeypatch.setattr(entmax, "TMA_MAX_BOX", triton.language.constexpr(v_box))
     chosen = _launched_as_on_sm90(monkeypatch)
     q, k, v = _views_into_nan(torch.Generator().manual_seed(t * 10 + dv), (1, 2, t, d), (1, 2, t, d), (1, 2, t, dv))
     _check_general_against_reference(q, k, v, causal=True) if alpha != 1.5 else _check_against_reference(q, k, v)
     assert ("_entmax_tau_kernel", True) in chosen and ("_entmax_fwd_kernel", True) in chosen, chosen
-    assert not [name for name, tma in chosen if tma is False], chosen
+    assert ("_entmax_bwd_kernel", dv % 4 == 0) in chosen, chosen
 
 
 def test_tma_loads_of_packed_sequences_with_grouped_heads(triton_backend, tiles, monkeypatch):
@@ -1275,14 +1277,17 @@ def test_tma_loads_of_packed_sequences_with_grouped_heads(triton_backend, tiles,
     q, k, v = _views_into_nan(torch.Generator().manual_seed(6), (4, 10, 8), (2, 19, 8), (2, 19, 4))
     q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (rows, heads, n) views
     _check_general_against_reference(q, k, v, True, cu_q=cu_q, cu_k=cu_k)
-    assert {("_entmax_tau_kernel", True), ("_entmax_fwd_kernel", True)} <= set(chosen), chosen
+    assert {("_entmax_tau_kernel", True), ("_entmax_fwd_kernel", True), ("_entmax_bwd_kernel", True)} <= set(chosen), \
+        chosen
 
 
 def test_unaligned_keys_take_pointer_loads_on_sm90(triton_backend, tiles, monkeypatch):
-    """K and V 4 bytes past a 16-byte boundary: no descriptor can address them; the launch takes pointer loads."""
+    """K and V 4 bytes past a 16-byte boundary: no descriptor can address them; the threshold and output kernels
+    take pointer loads (the backward streams the aligned Q and dO through descriptors)."""
     tiles(TINY)
     chosen = _launched_as_on_sm90(monkeypatch)
     q, k, v = _inputs(1, 1, 11, 8, 8)
     k, v = (torch.randn(1, 1, 11, 9)[..., 1:].requires_grad_() for _ in range(2))
     _check_against_reference(q, k, v)
     assert ("_entmax_tau_kernel", False) in chosen and ("_entmax_fwd_kernel", False) in chosen, chosen
+    assert ("_entmax_bwd_kernel", True) in chosen, chosen
