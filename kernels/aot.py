@@ -3,7 +3,7 @@
 Triton's interpreter accepts programs that a GPU compiler rejects (layouts, shared memory, dot shapes),
 so the tests also compile every configuration a launcher can choose, for sm_80 and sm_90:
 
-    python -m kernels.aot --capability 80 90 [--op entmax15_attention]
+    python -m kernels.aot --capability 80 90 [--op entmax15_attention] [--ptxas]
 
 Each op module lists its configurations with ``aot_configurations() -> list[AotConfig]``.
 Run this without ``TRITON_INTERPRET=1``: interpreted kernels cannot be compiled.
@@ -17,7 +17,8 @@ strides may be given as the constexpr 1, as a launch on dense tensors does. Thos
 the ones a launch on aligned tensors makes. The kernels mark their runtime flags and sizes ``do_not_specialize`` so
 that those never make a new variant. Each line reports the cubin's size and the shared memory a launch requests
 (Triton's ``metadata.shared``, which its launcher compares with the device's per-block maximum; Triton's kernels
-declare no static shared memory). ``python -m kernels.tools.report`` captures exactly the variants that the public ops
+declare no static shared memory); with ``--ptxas`` also its registers and spill bytes (``ptxas -v``), a spill counting
+as a failure. ``python -m kernels.tools.report`` captures exactly the variants that the public ops
 launch at given shapes, reports their registers, spills, occupancy and async copies, and checks that each is one of
 the configurations listed here (``variant_key``).
 """
@@ -97,15 +98,16 @@ def compile_source(source, capability: int, options: Dict[str, Any], *, ptxas_lo
     return kernel, log.getvalue()
 
 
-def compile_config(config: AotConfig, capability: int):
-    """Compile one configuration to PTX and a cubin for ``sm_<capability>``; returns Triton's kernel."""
+def compile_config(config: AotConfig, capability: int, *, ptxas_log: bool = False):
+    """Compile one configuration to PTX and a cubin for ``sm_<capability>``; returns Triton's kernel (with
+    ``ptxas_log``: and the ``ptxas -v`` log, as :func:`compile_source`)."""
     from triton.compiler import ASTSource
 
     source = ASTSource(config.kernel, config.signature, config.constexprs, config.attrs())
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg is not None:
         options["maxnreg"] = config.maxnreg
-    return compile_source(source, capability, options)
+    return compile_source(source, capability, options, ptxas_log=ptxas_log)
 
 
 def config_targets(config: AotConfig, capabilities: Sequence[int]) -> List[int]:
@@ -188,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--match", help="only configurations whose label contains this text")
     parser.add_argument("--async-copies", action="store_true",
                         help="count each cubin's async-copy instructions (cuobjdump -sass; see kernels.tools.report)")
+    parser.add_argument("--ptxas", action="store_true",
+                        help="report each cubin's registers and spill bytes (ptxas -v); a configuration that spills "
+                        "fails")
     args = parser.parse_args(argv)
 
     from kernels.backend import triton_interpreter_enabled
@@ -202,9 +207,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for capability in config_targets(config, args.capability):
                 start = time.perf_counter()
                 try:
-                    compiled = compile_config(config, capability)
-                    status = (f"ok   {len(compiled.asm['cubin']):>7d} B cubin, "
-                              f"{compiled.metadata.shared:>6d} B shared memory")
+                    compiled = compile_config(config, capability, ptxas_log=args.ptxas)
+                    if args.ptxas:
+                        compiled, log = compiled
+                        usage = parse_ptxas_log(log)
+                        spills = usage["spill_store_bytes"] + usage["spill_load_bytes"]
+                        failures += spills > 0
+                    status = ("SPILL" if args.ptxas and spills else "ok   ") + (
+                        f"{len(compiled.asm['cubin']):>7d} B cubin, {compiled.metadata.shared:>6d} B shared memory")
+                    if args.ptxas:
+                        status += (f", {usage['registers']} registers, {usage['spill_store_bytes']} / "
+                                   f"{usage['spill_load_bytes']} B spill stores / loads")
                     if args.async_copies:
                         copies = parse_sass(_cuobjdump(compiled.asm["cubin"], "-sass"))["async_copies"]
                         status += f", {sum(copies.values())} async copies"
@@ -212,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failures += 1
                     status = f"FAIL {type(error).__name__}: {error}".replace("\n", " ")[:2000]
                 print(f"{op} sm_{capability} {config.label}: {status} ({time.perf_counter() - start:.1f}s)", flush=True)
-    print(f"{failures} failed" if failures else "all configurations compiled")
+    print(f"{failures} failed" + (" or spilled" if args.ptxas else "") if failures else "all configurations compiled")
     return 1 if failures else 0
 
 

@@ -93,7 +93,8 @@ class Tiles(NamedTuple):
     and V streamed once per BM rows, 32 at Dv = 128: twice entmax-1.5's K traffic of that kernel, where Dv chunks
     of 64 would stream K as often and compute QK^T twice) and above it by narrower Dv chunks of the
     ``wide_dv_block_m`` rows (16 rows cannot shrink further on tensor cores: Dv = 512 in two chunks of 256, QK^T
-    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (fp32: 32, as 64 x 64 spills).
+    twice per score). ``general_block_m`` (None: ``block_m``) caps those rows further (32: at Dv <= 64, 64 x 64 spills
+    on sm_80, fp32 308 bytes, 16-bit 780-824; sm_90 keeps 64 rows as an autotune candidate).
     Without alpha's gradient it takes entmax-1.5's tiles, capped at ``fixed_alpha_block_mdv`` elements (None: no cap;
     fp32: 4,096, as 64 x 128 spills on sm_90 and 16 x 512 on sm_80), by fewer rows up to Dv = ``wide_block_dv`` and
     narrower Dv chunks above it."""
@@ -150,10 +151,10 @@ class Tiles(NamedTuple):
 _DEFAULT_TILES = {
     torch.float16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
                          bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8,
-                         tau_registers_maxnreg=128),
+                         tau_registers_maxnreg=128, general_block_m=32),
     torch.bfloat16: Tiles(row_block_m=16, wide_dv_block_m=16, wide_dv_block_dv=512, bwd_block_m=32, bwd_block_n=32,
                           bwd_block_d=64, tau_block_d=16, tau_block_m=128, tau_block_n=16, tau_num_warps=8,
-                          tau_registers_maxnreg=128),
+                          tau_registers_maxnreg=128, general_block_m=32),
     torch.float32: Tiles(block_n=16, block_d=32, block_dv=32, row_block_m=16, wide_dv_block_m=16,
                          wide_dv_block_dv=512, bwd_block_m=16, bwd_block_n=16, bwd_block_d=32, tau_block_d=16,
                          tau_block_m=128, tau_num_warps=8, general_tau_registers_maxnreg=168,
@@ -200,7 +201,9 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: raised: 188, any alpha at D 128 236, no spill). Rows in registers, 16-bit sm_80: 4 warps use 96 registers unforced
 #: and spill 8 bytes, 114 capped at 128 (16 resident warps per SM); the 8-warp default is capped at 128 too
 #: (``Tiles.tau_registers_maxnreg``: 96 registers, 16 warps per SM; unforced, ptxas stops at 80 and spills 24 bytes at
-#: CARN's D = 256 on sm_80); sm_90's 64-row candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN,
+#: CARN's D = 256 on sm_80); on sm_90, loading K through TMA, the 4-warp candidates of fp32 and of any alpha's 16-bit
+#: list, unforced, stop at 96 and 80 registers and spill 12 bytes: capped at 128 they hold 127 and 116 (16 warps per
+#: SM); sm_90's 64-row candidates issue warpgroup MMA (HGMMA) where 16 rows cannot (CARN,
 #: T = 110: 16-bit 4 warps 178 registers, fp32 8 warps 238, no spills; 8 resident warps per SM, the 16-row defaults
 #: 16-24). The threshold passes (16-feature chunks)
 #: hold 8 resident warps per SM with every default (128 query rows, 8 warps, 16-key tiles: 153-174 registers), 16 with
@@ -219,7 +222,7 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: ``Tiles.general_tau_registers_maxnreg``; the 16-bit sm_80 4-warp candidate spills 8 bytes capped at 128, unforced
 #: it holds 164). Its output kernel (three accumulators,
 #: ``Tiles.general_block_mdv``) spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv =
-#: 128; fp32 at most 32 rows: 64 x 64 spills 308 bytes on sm_80) it holds 208-233 registers. Its alternatives: 3 stages;
+#: 128; at most 32 rows: 64 x 64 spills 308 bytes on sm_80 in fp32, 780-824 in 16 bits) it holds 175-233 registers. Its alternatives: 3 stages;
 #: at Dv <= 128 on sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as
 #: often, QK^T twice; at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above
 #: Dv = 128, 32 rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K
@@ -245,7 +248,7 @@ _ALTERNATIVES = {
     ("fwd wide", True): {"sm_80": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 16, "BDV": 256})],
                          "sm_90": [(8, 3), (8, 2, {"BM": 32, "BDV": 256}), (8, 2, {"BM": 64, "BDV": 128})]},
     # any alpha (GENERAL)
-    ("tau registers general", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
+    ("tau registers general", False): {"sm_80": [(4, 2)], "sm_90": [(4, 2, {"maxnreg": 128})]},
     ("tau registers general", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2)]},
     ("tau passes general", False): {"sm_80": [(8, 3, {"BM": 64, "BN": 64})], "sm_90": [(8, 3, {"BM": 64, "BN": 64})]},
     ("tau passes general", True): {"sm_80": [], "sm_90": [(8, 2, {"BM": 64}), (8, 3, {"BM": 64})]},
@@ -319,9 +322,9 @@ _SUPPORT_NOT_SPECIALIZED = _NOT_SPECIALIZED + ["stride_sb", "stride_sm"]
 def _row_dots(p_a, stride_at, stride_ak, p_b, stride_bt, stride_bk, o_m, o_n, n0, T, TB, K,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST_DOTS: tl.constexpr,
               B_TMA: tl.constexpr):
-    """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32; rows of a outside [0, T) and of b outside
-    [0, TB) read as zeros. B_TMA: p_b is a TMA descriptor of b's (TB, K) rows (:func:`_row_tiles`) and o_n the BN
-    rows from n0."""
+    """``a[o_m] . b[o_n]`` over K features in chunks of BK, in fp32, o_n the BN rows of b from n0; rows of a outside
+    [0, T) and of b outside [0, TB) read as zeros. B_TMA: p_b is a TMA descriptor of b's (TB, K) rows
+    (:func:`_row_tiles`)."""
     m_m = o_m < T
     m_n = o_n < TB
     o_m64 = o_m.to(tl.int64)
@@ -840,8 +843,8 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
         if WHOLE:
             b_z = dot_fp32acc(b_q, tl.trans(b_k), "tf32x3", UPCAST_DOTS) * half_scale
         else:
-            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, 0, T, TK, D, BM, BN, BK,
-                            UPCAST_DOTS, False) * half_scale
+            b_z = _row_dots(p_q, stride_qt, stride_qd, p_k, stride_kt, stride_kd, o_m, o_n, n0, T, TK, D, BM, BN,
+                            BK, UPCAST_DOTS, False) * half_scale
         if GENERAL:
             b_z = b_z * b_am1[:, None]
         b_g = _probability_roots(tl.where(m_visible, b_z, float("-inf")), b_max, b_tau)  # [BM, BN]
@@ -859,7 +862,7 @@ def _entmax_bwd_kernel(q, k, v, do, seq_start, seq_end, rowmax, tau, c, tile_row
                 b_do = tl.load(p_dom, mask=m_m[:, None] & m_dv[None, :], other=0.0)  # [BM, BDV]
                 b_dv += dot_fp32acc(tl.trans(b_p.to(b_do.dtype)), b_do, "tf32x3", UPCAST_DOTS)
             if has_dk:
-                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, 0, T, TK, Dv,
+                b_dp = _row_dots(p_do, stride_ot, stride_od, p_v, stride_vt, stride_vd, o_m, o_n, n0, T, TK, Dv,
                                  BM, BN, BK, UPCAST_DOTS, False)  # [BM, BN]
                 b_ds = _score_gradients(b_g, b_dp, b_c, q.dtype.element_ty)
                 b_q = tl.load(p_qm, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]

@@ -349,6 +349,45 @@ def test_block_causal_tma_and_pointer_variants_match(dtype, monkeypatch):
         assert_matches(ours, same, truth, TOLERANCE["block_causal"][dtype])
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16")])
+def test_entmax_tma_and_pointer_variants_match(dtype, monkeypatch):
+    """On sm_90 the entmax threshold and output kernels stream K and V, the backward (whole heads) Q and dO, through
+    TMA descriptors (``USE_TMA``): that variant, the pointer-load variant (``tma_launch`` forced off) and unaligned
+    inputs (the threshold and output kernels fall back by themselves) all match float64, each launch taking the
+    variant expected. On the CPU (``KERNELS_GPU_TESTS_ON_CPU=interpreter``) launches choose as on sm_90."""
+    import kernels.entmax as module
+
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
+        pytest.skip("the TMA variants launch on sm_90 only")
+    if DEVICE.type != "cuda":
+        if OURS != "triton":
+            pytest.skip("needs the kernels: a Hopper GPU or KERNELS_GPU_TESTS_ON_CPU=interpreter")
+        monkeypatch.setattr(module, "launch_arch", lambda device: "sm_90")
+    tensors, cotangents = random_attention_inputs((1, 2, 37, 16, 16) if TINY else (1, 4, 4096, 64, 64), dtype)
+    chosen, launch = {}, module.launch
+
+    def recording(kernel, grid, args, kwargs, *rest, **options):
+        if "USE_TMA" in kwargs:
+            chosen[kernel.fn.__name__] = kwargs["USE_TMA"]
+        launch(kernel, grid, args, kwargs, *rest, **options)
+
+    monkeypatch.setattr(module, "launch", recording)
+    same = op_case(reference.entmax15_attention_reference, tensors, cotangents, dtype)()
+    truth = op_case(reference.entmax15_attention_reference, tensors, cotangents, torch.float64)()
+    unaligned = {name: _two_bytes_off(tensor) if name in "kv" else tensor for name, tensor in tensors.items()}
+    kernels = ("_entmax_tau_kernel", "_entmax_fwd_kernel", "_entmax_bwd_kernel")
+    for variant, inputs, expected in (("TMA", tensors, (True, True, True)),
+                                      ("pointer loads", tensors, (False, False, False)),
+                                      ("unaligned K and V", unaligned, (False, False, True))):
+        chosen.clear()
+        with monkeypatch.context() as forced, use_backend(OURS):
+            if variant == "pointer loads":
+                forced.setattr(module, "tma_launch", lambda arch, *streamed: False)
+            ours = op_case(entmax15_attention, inputs, cotangents, dtype)()
+        assert chosen == dict(zip(kernels, expected)), (variant, chosen)
+        assert_matches(ours, same, truth, TOLERANCE["entmax"][dtype])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The modules at the models' shapes
 # ----------------------------------------------------------------------------------------------------------------
