@@ -222,16 +222,16 @@ def _tau_pass_tiles(tiles: Tiles) -> dict:
 #: ``Tiles.general_tau_registers_maxnreg``; the 16-bit sm_80 4-warp candidate spills 8 bytes capped at 128, unforced
 #: it holds 164). Its output kernel (three accumulators,
 #: ``Tiles.general_block_mdv``) spilled 24-840 bytes at entmax-1.5's tiles; at its own (32 x 128, 16 x 256 above Dv =
-#: 128; at most 32 rows: 64 x 64 spills 308 bytes on sm_80 in fp32, 780-824 in 16 bits) it holds 175-233 registers. Its alternatives: 3 stages;
-#: at Dv <= 128 on sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with 32 rows, V half as
-#: often, QK^T twice; at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80, left out there); above
-#: Dv = 128, 32 rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256 computes it twice; K
-#: streamed as often, V half as often). Those three-accumulator tiles and the `` general`` output lists are for alpha's
-#: gradient (STORE_S); without it the output kernel holds two accumulators and takes entmax-1.5's tiles and list at Dv
-#: <= 128 (fp32 at most 4,096 elements, ``Tiles.fixed_alpha_block_mdv``: 64 x 128 spills 20-32 bytes on sm_90; 64 x 64
-#: holds 255 registers on sm_80, 220 on sm_90, no spill; 16-bit 64 x 128: 225-255) and above it entmax-1.5's tiles (fp32
-#: cut to 16 x 256: 16 x 512 spills 8 bytes on sm_80) on any alpha's wide list (entmax-1.5's 64-row sm_90 alternatives
-#: spill 32-80 bytes; 16-bit 16 x 512: 225-243 registers).
+#: 128; at most 32 rows: 64 x 64 spills 308 bytes on sm_80 in fp32, 780-824 in 16 bits) it holds 175-233 registers. Its
+#: alternatives: 3 stages; at Dv <= 128 on sm_90, 64 rows with Dv chunks of 64 (at Dv = 128 K streamed as often as with
+#: 32 rows, V half as often, QK^T twice; at Dv <= 64 fp32's K traffic of entmax-1.5; 16-bit: 255 registers on sm_80,
+#: left out there); above Dv = 128, 32 rows with chunks of 128 (at Dv = 512 QK^T four times per score where 16 x 256
+#: computes it twice; K streamed as often, V half as often). Those three-accumulator tiles and the `` general`` output
+#: lists are for alpha's gradient (STORE_S); without it the output kernel holds two accumulators and takes entmax-1.5's
+#: tiles and list at Dv <= 128 (fp32 at most 4,096 elements, ``Tiles.fixed_alpha_block_mdv``: 64 x 128 spills 20-32
+#: bytes on sm_90; 64 x 64 holds 255 registers on sm_80, 220 on sm_90, no spill; 16-bit 64 x 128: 225-255) and above it
+#: entmax-1.5's tiles (fp32 cut to 16 x 256: 16 x 512 spills 8 bytes on sm_80) on any alpha's wide list (entmax-1.5's
+#: 64-row sm_90 alternatives spill 32-80 bytes; 16-bit 16 x 512: 225-243 registers).
 _ALTERNATIVES = {
     ("tau registers", False): {"sm_80": [(4, 2, {"maxnreg": 128})], "sm_90": [(4, 2), (4, 2, {"BM": 64})]},
     ("tau registers", True): {"sm_80": [(4, 2)], "sm_90": [(4, 2, {"maxnreg": 128}), (8, 2, {"BM": 64})]},
@@ -2096,14 +2096,14 @@ def aot_configurations() -> List[AotConfig]:
     """Every (kernel, dtype, tiles, candidate) the launchers can launch on a GPU, each for the architectures whose
     candidate list holds it (``_candidates``; causal and store_w are runtime flags, UPCAST_DOTS is set only under
     the interpreter), with the unit feature strides (``_UNIT_STRIDES``) and the 16-divisibility of pointers, D, Dv and
-    the q/k/v/do batch, head and row strides that a launch on aligned tensors with D, Dv multiples of 16 gets; the default candidates also without it (odd head
-    sizes). ``default`` marks the aligned default candidates (the tests' quick subset). Each is listed again with
-    GENERAL=True (any alpha, label suffix "any-alpha", its own candidate lists), the output kernel twice: STORE_S=False
-    at entmax-1.5's tiles (``Tiles.fixed_alpha_block_mdv``) and Dv <= ``wide_block_dv`` list, STORE_S=True (alpha's
-    gradient, "alpha-grad") at its own output tiles and lists (:func:`_forward_tiles`); compiled by the full list
-    (``pytest -m full_aot``); of those, the quick subset holds the output kernel's defaults at Dv = 64 without
-    alpha's gradient and, with it, those whose tiles are its own at some Dv (fewer rows or narrower Dv chunks than
-    entmax-1.5's there), in fp32 and bf16 (fp16 compiles bf16's code)."""
+    the q/k/v/do batch, head and row strides that a launch on aligned tensors with D, Dv multiples of 16 gets; the
+    default candidates also without it (odd head sizes). ``default`` marks the aligned default candidates (the tests'
+    quick subset). Each is listed again with GENERAL=True (any alpha, label suffix "any-alpha", its own candidate
+    lists), the output kernel twice: STORE_S=False at entmax-1.5's tiles (``Tiles.fixed_alpha_block_mdv``) and Dv <=
+    ``wide_block_dv`` list, STORE_S=True (alpha's gradient, "alpha-grad") at its own output tiles and lists
+    (:func:`_forward_tiles`); compiled by the full list (``pytest -m full_aot``); of those, the quick subset holds the
+    output kernel's defaults at Dv = 64 without alpha's gradient and, with it, those whose tiles are its own at some Dv
+    (fewer rows or narrower Dv chunks than entmax-1.5's there), in fp32 and bf16 (fp16 compiles bf16's code)."""
     configs, listed = [], {}
     for torch_dtype, dtype in _TRITON_DTYPES.items():
         t = _DEFAULT_TILES[torch_dtype]
@@ -2180,10 +2180,10 @@ def aot_configurations() -> List[AotConfig]:
                         on = tuple(c for c in capabilities if (c == ARCH_CAPABILITY["sm_90"]) == use_tma
                                    or not streams)
                         if on:
+                            tma = {"USE_TMA": True} if use_tma else {}
                             configs.append(AotConfig(full + (" tma" if use_tma else "") + " aligned", kernel,
-                                                     signature, {**constexprs, **({"USE_TMA": True} if use_tma else {})},
-                                                     divisible=aligned, default=default and quick, capabilities=on,
-                                                     **options))
+                                                     signature, {**constexprs, **tma}, divisible=aligned,
+                                                     default=default and quick, capabilities=on, **options))
                 if default and "unaligned" in alignments:
                     configs.append(AotConfig(full, kernel, signature, constexprs, default=False,
                                              capabilities=capabilities, **options))
@@ -2204,8 +2204,8 @@ def _tile_list_candidates(dtype: torch.dtype, arch: str, has_support: bool) -> L
 
 def _tile_lists_aot_configurations() -> List[AotConfig]:
     """The backward's list kernel (:func:`_tile_lists_kernel`) at the backward's tiles of each dtype, architecture and
-    compiled head size (it reads no input of that dtype: one configuration per distinct tiles), with the support mask (the op's launches:
-    aligned pointers are the default) and without (None given to the backward)."""
+    compiled head size (it reads no input of that dtype: one configuration per distinct tiles), with the support mask
+    (the op's launches: aligned pointers are the default) and without (None given to the backward)."""
     configs, listed = [], set()
     pointers = ("support", "seq_start", "seq_end", "tile_rows", "tile_counts")
     for torch_dtype in _TRITON_DTYPES:

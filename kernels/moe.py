@@ -940,8 +940,8 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 #: per kernel and layout: (argument types, "{t}" = the dtype; "1": the strides that are 1 on dense tensors; the
 #: constexprs besides the tiles), as the launches of ``moe_top2`` forward and backward specialize them
-#: (``tests/test_static_report.py`` checks them against captured launches). Every other pointer, stride and feature size is a multiple of 16 at the
-#: model's shapes, as Triton's launcher specializes it.
+#: (``tests/test_static_report.py`` checks them against captured launches). Every other pointer, stride and feature
+#: size is a multiple of 16 at the model's shapes, as Triton's launcher specializes it.
 _AOT_KERNELS = {
     "route": (_moe_route_kernel,
               dict(x="*{t}", gate="*{t}", logits="*fp32", experts="*i64", alpha="*fp32", row_mask="*u1", N="i32",

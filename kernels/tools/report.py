@@ -572,7 +572,8 @@ def not_ahead_of_time(rows: Sequence[Dict[str, Any]]) -> List[str]:
     """Our launched variants that no configuration of ``kernels.aot`` compiles, each in a line."""
     return [f"{row['op']} | {'; '.join(row['cases'])} | {row['kernel']} | {row['target']}: "
             f"{row['config'] or 'untuned'}, constexprs {row['constexprs']}, =1 {row['equal_to_1']}, "
-            f"divisible {row['divisible_by_16']}" for row in rows if row["op"] not in PEERS and not row["ahead_of_time"]]
+            f"divisible {row['divisible_by_16']}"
+            for row in rows if row["op"] not in PEERS and not row["ahead_of_time"]]
 
 
 def rewritten_budget(rows: Sequence[Dict[str, Any]], budget: Dict[str, Dict[str, int]],
