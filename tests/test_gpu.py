@@ -312,6 +312,26 @@ def _two_bytes_off(tensor: torch.Tensor) -> torch.Tensor:
     return buffer[1:].view(tensor.shape).copy_(tensor)
 
 
+def _recording_tma_choices(module, monkeypatch) -> list:
+    """Launches of ``module``'s kernels choose as on sm_90 (skipped on other GPUs, and on a CPU unless the kernels run
+    in the interpreter); returns the list of (kernel name, USE_TMA) that launches with the flag append to."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
+        pytest.skip("the TMA variants launch on sm_90 only")
+    if DEVICE.type != "cuda":
+        if OURS != "triton":
+            pytest.skip("needs the kernels: a Hopper GPU or KERNELS_GPU_TESTS_ON_CPU=interpreter")
+        monkeypatch.setattr(module, "launch_arch", lambda device: "sm_90")
+    chosen, launch = [], module.launch
+
+    def recording(kernel, grid, args, kwargs, *rest, **options):
+        if "USE_TMA" in kwargs:
+            chosen.append((kernel.fn.__name__, kwargs["USE_TMA"]))
+        launch(kernel, grid, args, kwargs, *rest, **options)
+
+    monkeypatch.setattr(module, "launch", recording)
+    return chosen
+
+
 @pytest.mark.parametrize("dtype", [pytest.param(FP32, id="fp32"), pytest.param(BF16, id="bf16")])
 def test_block_causal_tma_and_pointer_variants_match(dtype, monkeypatch):
     """On sm_90 the block-causal kernels stream aligned tiles through TMA tensor descriptors (``USE_TMA``; forward
@@ -320,20 +340,8 @@ def test_block_causal_tma_and_pointer_variants_match(dtype, monkeypatch):
     expected. On the CPU (``KERNELS_GPU_TESTS_ON_CPU=interpreter``) launches choose as on sm_90."""
     import kernels.block_causal as module
 
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
-        pytest.skip("the TMA variants launch on sm_90 only")
-    if DEVICE.type != "cuda":
-        if OURS != "triton":
-            pytest.skip("needs the kernels: a Hopper GPU or KERNELS_GPU_TESTS_ON_CPU=interpreter")
-        monkeypatch.setattr(module, "launch_arch", lambda device: "sm_90")
+    chosen = _recording_tma_choices(module, monkeypatch)
     tensors, cotangents = random_attention_inputs((1, 2, 37, 16, 16) if TINY else (1, 4, 4096, 64, 64), dtype)
-    chosen, launch = [], module.launch
-
-    def recording(kernel, grid, args, kwargs, *rest, **options):
-        chosen.append(kwargs["USE_TMA"])
-        launch(kernel, grid, args, kwargs, *rest, **options)
-
-    monkeypatch.setattr(module, "launch", recording)
     reference_op = reference.block_causal_attention_reference
     same = op_case(reference_op, tensors, cotangents, dtype, group_size=3)()
     truth = op_case(reference_op, tensors, cotangents, torch.float64, group_size=3)()
@@ -345,7 +353,7 @@ def test_block_causal_tma_and_pointer_variants_match(dtype, monkeypatch):
             if variant == "pointer loads":
                 forced.setattr(module, "_uses_tma", lambda device, *streamed: False)
             ours = op_case(block_causal_attention, inputs, cotangents, dtype, group_size=3)()
-        assert chosen == [expected] * 3, (variant, chosen)
+        assert [tma for _, tma in chosen] == [expected] * 3, (variant, chosen)
         assert_matches(ours, same, truth, TOLERANCE["block_causal"][dtype])
 
 
@@ -357,21 +365,8 @@ def test_entmax_tma_and_pointer_variants_match(dtype, monkeypatch):
     variant expected. On the CPU (``KERNELS_GPU_TESTS_ON_CPU=interpreter``) launches choose as on sm_90."""
     import kernels.entmax as module
 
-    if DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] != 9:
-        pytest.skip("the TMA variants launch on sm_90 only")
-    if DEVICE.type != "cuda":
-        if OURS != "triton":
-            pytest.skip("needs the kernels: a Hopper GPU or KERNELS_GPU_TESTS_ON_CPU=interpreter")
-        monkeypatch.setattr(module, "launch_arch", lambda device: "sm_90")
+    chosen = _recording_tma_choices(module, monkeypatch)
     tensors, cotangents = random_attention_inputs((1, 2, 37, 16, 16) if TINY else (1, 4, 4096, 64, 64), dtype)
-    chosen, launch = {}, module.launch
-
-    def recording(kernel, grid, args, kwargs, *rest, **options):
-        if "USE_TMA" in kwargs:
-            chosen[kernel.fn.__name__] = kwargs["USE_TMA"]
-        launch(kernel, grid, args, kwargs, *rest, **options)
-
-    monkeypatch.setattr(module, "launch", recording)
     same = op_case(reference.entmax15_attention_reference, tensors, cotangents, dtype)()
     truth = op_case(reference.entmax15_attention_reference, tensors, cotangents, torch.float64)()
     unaligned = {name: _two_bytes_off(tensor) if name in "kv" else tensor for name, tensor in tensors.items()}
@@ -384,7 +379,7 @@ def test_entmax_tma_and_pointer_variants_match(dtype, monkeypatch):
             if variant == "pointer loads":
                 forced.setattr(module, "tma_launch", lambda arch, *streamed: False)
             ours = op_case(entmax15_attention, inputs, cotangents, dtype)()
-        assert chosen == dict(zip(kernels, expected)), (variant, chosen)
+        assert dict(chosen) == dict(zip(kernels, expected)), (variant, chosen)
         assert_matches(ours, same, truth, TOLERANCE["entmax"][dtype])
 
 
